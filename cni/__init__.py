@@ -1,0 +1,1 @@
+"""The CNI plugin: pod set-up at creation time."""

@@ -1,0 +1,1 @@
+"""Desired state: what the cluster says this node should have, as one typed immutable model."""

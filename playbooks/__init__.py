@@ -1,0 +1,1 @@
+"""Playbooks: operational procedures -- set-up scripts and the throwaway lab."""

@@ -1,0 +1,1 @@
+"""Reconciling: plan, apply and drift over the probed and the rendered state."""
