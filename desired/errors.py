@@ -27,7 +27,7 @@ class ValidationError(WeftError):
         self.obj = obj
         self.field = field
         self.message = message
-        super().__init__(f"{where}: {obj}: {field}: {message}")
+        super().__init__(f"{where}: {obj}: {field}: {message}" if field else f"{where}: {obj}: {message}")
 
 
 class InvalidDesiredState(WeftError):

@@ -1,0 +1,453 @@
+"""Kubernetes objects (as plain dicts, from YAML or the API server) -> the validated model.
+
+Both sources hand over the same dict shapes, so validation is one code path. Every problem is
+collected with the file, the object and the field path, and the whole load fails if any is
+found: a half-understood desired state is never applied.
+
+NetworkPolicy is converted the way Calico does it: tier "default", order 1000, Allow rules,
+named "knp.default.<name>", selecting pods of its own namespace.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from desired.endpoints import host_iface_name
+from desired.errors import InvalidDesiredState, ValidationError
+from desired.model import (
+    EGRESS, INGRESS, Action, ClusterState, ContainerPort, EntityMatch, Endpoint, NamedPort, Namespace,
+    Node, Policy, PortRange, Rule,
+)
+from desired.selectors import OPERATORS, Requirement, Selector
+
+# Namespaces every API server has; a manifest directory need not declare them.
+BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+UNDERSTOOD_KINDS = ("Namespace", "Pod", "Node", "NetworkPolicy")
+
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_K8S_PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+_POLICY_SPEC_FIELDS = {"podSelector", "policyTypes", "ingress", "egress"}
+_INGRESS_FIELDS = {"from", "ports"}
+_EGRESS_FIELDS = {"to", "ports"}
+_PEER_FIELDS = {"podSelector", "namespaceSelector", "ipBlock"}
+_PORT_FIELDS = {"protocol", "port", "endPort"}
+
+
+@dataclass
+class _Checker:
+    """Collects problems for one object; `where` and `obj` prefix every message."""
+    where: str
+    obj: str
+    errors: list[ValidationError] = field(default_factory=list)
+
+    def fail(self, path: str, message: str) -> None:
+        self.errors.append(ValidationError(self.where, self.obj, path, message))
+
+    def typed(self, value: Any, path: str, kind: type | tuple, what: str, default: Any = None) -> Any:
+        if value is None:
+            return default
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(path, f"must be {what}, got {value!r}")
+            return default
+        return value
+
+    def known_fields(self, mapping: dict, path: str, allowed: set[str]) -> None:
+        for key in sorted(set(mapping) - allowed):
+            self.fail(f"{path}.{key}" if path else key, f"unknown field (known: {', '.join(sorted(allowed))})")
+
+
+def build_cluster_state(objects: Iterable[tuple[str, dict]]) -> ClusterState:
+    """Validate and convert (where, object) pairs; raise InvalidDesiredState listing every problem."""
+    errors: list[ValidationError] = []
+    by_kind: dict[str, list[tuple[_Checker, dict]]] = {k: [] for k in UNDERSTOOD_KINDS}
+    ignored: list[str] = []
+    for where, raw in _flatten_lists(objects):
+        if not isinstance(raw, dict):
+            errors.append(ValidationError(where, "document", "", f"must be a mapping, got {type(raw).__name__}"))
+            continue
+        if not isinstance(raw.get("kind"), str) or not raw["kind"]:
+            name = (raw.get("metadata") or {}).get("name") if isinstance(raw.get("metadata"), dict) else None
+            errors.append(ValidationError(where, f"object {name!r}", "kind", "missing"))
+            continue
+        _sort_into(by_kind, ignored, where, raw, errors)
+
+    namespaces = _namespaces(by_kind["Namespace"])
+    nodes = {}
+    for check, raw in by_kind["Node"]:
+        name = _name(check, raw)
+        nodes[name] = Node(name, _labels(check, raw.get("metadata", {}).get("labels"), "metadata.labels"))
+    endpoints = []
+    for check, raw in by_kind["Pod"]:
+        ep = _endpoint(check, raw, namespaces)
+        if ep is not None:
+            endpoints.append(ep)
+    policies = [_network_policy(check, raw, namespaces) for check, raw in by_kind["NetworkPolicy"]]
+    _check_unique(errors, [(c, r) for group in by_kind.values() for c, r in group])
+    if errors:
+        raise InvalidDesiredState(errors)
+    return ClusterState(
+        namespaces=namespaces,
+        endpoints=tuple(sorted(endpoints, key=lambda e: (e.namespace, e.pod))),
+        policies=tuple(sorted((p for p in policies if p), key=lambda p: p.key)),
+        nodes=nodes,
+        ignored_kinds=tuple(sorted(set(ignored))),
+    )
+
+
+def _flatten_lists(objects):
+    """`kind: List` documents (as `kubectl get -o yaml` writes them) stand for their items."""
+    for where, raw in objects:
+        if isinstance(raw, dict) and str(raw.get("kind", "")).endswith("List") and isinstance(raw.get("items"), list):
+            yield from ((where, item) for item in raw["items"])
+        else:
+            yield where, raw
+
+
+def _sort_into(by_kind, ignored, where, raw, errors) -> None:
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    meta = raw.get("metadata") if isinstance(raw, dict) and isinstance(raw.get("metadata"), dict) else {}
+    if kind not in by_kind:
+        ignored.append(f"{raw.get('apiVersion', '?')}/{kind}" if isinstance(raw, dict) else str(kind))
+        return
+    ns = meta.get("namespace") or ("default" if kind in ("Pod", "NetworkPolicy") else None)
+    label = f"{kind} {ns + '/' if ns else ''}{meta.get('name')}"
+    check = _Checker(where, label, errors)
+    api = raw.get("apiVersion")
+    expected = "networking.k8s.io/v1" if kind == "NetworkPolicy" else "v1"
+    if api != expected:
+        check.fail("apiVersion", f"must be {expected!r} for kind {kind}, got {api!r}")
+        return
+    if not isinstance(raw.get("metadata"), dict):
+        check.fail("metadata", "missing")
+        return
+    by_kind[kind].append((check, raw))
+
+
+def _check_unique(errors, checked) -> None:
+    seen = set()
+    for check, raw in checked:
+        meta = raw["metadata"]
+        key = (raw["kind"], meta.get("namespace"), meta.get("name"))
+        if key in seen:
+            check.fail("metadata.name", "defined more than once")
+        seen.add(key)
+
+
+def _name(check: _Checker, raw: dict) -> str:
+    name = raw["metadata"].get("name")
+    if not isinstance(name, str) or not name or not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
+        check.fail("metadata.name", f"must be a DNS subdomain name, got {name!r}")
+        return str(name)
+    return name
+
+
+def _labels(check: _Checker, raw: Any, path: str) -> dict[str, str]:
+    labels = check.typed(raw, path, dict, "a mapping of label keys to values", {})
+    good = {}
+    for key, value in labels.items():
+        if not _valid_label_key(key):
+            check.fail(f"{path}.{key}", "invalid label key")
+        elif not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME.match(value):
+            check.fail(f"{path}.{key}", f"invalid label value {value!r}")
+        else:
+            good[key] = value
+    return good
+
+
+def _valid_label_key(key: Any) -> bool:
+    if not isinstance(key, str) or not key:
+        return False
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _namespaces(checked) -> dict[str, Namespace]:
+    result = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
+    for check, raw in checked:
+        name = _name(check, raw)
+        labels = _labels(check, raw["metadata"].get("labels"), "metadata.labels")
+        labels[NAMESPACE_NAME_LABEL] = name   # the API server always sets it
+        result[name] = Namespace(name, labels)
+    return result
+
+
+def _namespace_of(check: _Checker, raw: dict, namespaces) -> str | None:
+    ns = raw["metadata"].get("namespace") or "default"
+    if ns not in namespaces:
+        check.fail("metadata.namespace", f"namespace {ns!r} does not exist")
+        return None
+    return ns
+
+
+def _ip(check: _Checker, value: Any, path: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        check.fail(path, f"invalid IP address {value!r}")
+        return None
+
+
+def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
+    name = _name(check, raw)
+    ns = _namespace_of(check, raw, namespaces)
+    labels = _labels(check, raw["metadata"].get("labels"), "metadata.labels")
+    spec = check.typed(raw.get("spec"), "spec", dict, "a mapping", {})
+    status = check.typed(raw.get("status"), "status", dict, "a mapping", {})
+    ports = []
+    for ci, container in enumerate(check.typed(spec.get("containers"), "spec.containers", list, "a list", [])):
+        if not isinstance(container, dict):
+            check.fail(f"spec.containers[{ci}]", "must be a mapping")
+            continue
+        for pi, port in enumerate(check.typed(container.get("ports"), f"spec.containers[{ci}].ports", list, "a list", [])):
+            path = f"spec.containers[{ci}].ports[{pi}]"
+            if not isinstance(port, dict):
+                check.fail(path, "must be a mapping")
+                continue
+            number = check.typed(port.get("containerPort"), f"{path}.containerPort", int, "an integer")
+            if number is None or not 1 <= number <= 65535:
+                check.fail(f"{path}.containerPort", f"must be 1-65535, got {port.get('containerPort')!r}")
+                continue
+            proto = _protocol(check, port.get("protocol"), f"{path}.protocol")
+            pname = port.get("name")
+            if pname is not None and (not isinstance(pname, str) or len(pname) > 15 or not _PORT_NAME.match(pname)):
+                check.fail(f"{path}.name", f"must be an IANA service name (<= 15 lowercase letters, digits, '-'), got {pname!r}")
+                continue
+            if pname and proto:
+                ports.append(ContainerPort(pname, number, proto))
+    ips = []
+    pod_ips = status.get("podIPs")
+    if pod_ips:
+        for i, entry in enumerate(check.typed(pod_ips, "status.podIPs", list, "a list", [])):
+            value = entry.get("ip") if isinstance(entry, dict) else None
+            ip = _ip(check, value, f"status.podIPs[{i}].ip")
+            if ip:
+                ips.append(ip)
+    elif status.get("podIP"):
+        ip = _ip(check, status.get("podIP"), "status.podIP")
+        if ip:
+            ips.append(ip)
+    node = spec.get("nodeName")
+    if node is not None and not isinstance(node, str):
+        check.fail("spec.nodeName", "must be a string")
+        return None
+    # Calico's rules: host-networked pods are not workload endpoints, finished pods no longer are.
+    if ns is None or not node or not ips or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    return Endpoint(
+        namespace=ns, pod=name, node=node, iface=host_iface_name(ns, name), ips=tuple(dict.fromkeys(ips)),
+        labels=labels, ports=tuple(sorted(set(ports), key=lambda p: (p.name, p.protocol, p.port))),
+    )
+
+
+def _protocol(check: _Checker, value: Any, path: str) -> str | None:
+    if value is None:
+        return "tcp"
+    proto = _K8S_PROTOCOLS.get(value) if isinstance(value, str) else None
+    if proto is None:
+        check.fail(path, f"must be one of TCP, UDP, SCTP, got {value!r}")
+    return proto
+
+
+def _selector(check: _Checker, raw: Any, path: str) -> Selector | None:
+    """A Kubernetes LabelSelector; None (with a recorded error) if invalid."""
+    raw = check.typed(raw, path, dict, "a label selector mapping", None)
+    if raw is None:
+        return None
+    before = len(check.errors)
+    check.known_fields(raw, path, {"matchLabels", "matchExpressions"})
+    reqs = []
+    for key, value in check.typed(raw.get("matchLabels"), f"{path}.matchLabels", dict, "a mapping", {}).items():
+        if not _valid_label_key(key):
+            check.fail(f"{path}.matchLabels.{key}", "invalid label key")
+        elif not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME.match(value):
+            check.fail(f"{path}.matchLabels.{key}", f"invalid label value {value!r}")
+        else:
+            reqs.append(Requirement(key, "In", (value,)))
+    exprs = check.typed(raw.get("matchExpressions"), f"{path}.matchExpressions", list, "a list", [])
+    for i, expr in enumerate(exprs):
+        epath = f"{path}.matchExpressions[{i}]"
+        if not isinstance(expr, dict):
+            check.fail(epath, "must be a mapping")
+            continue
+        check.known_fields(expr, epath, {"key", "operator", "values"})
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if not _valid_label_key(key):
+            check.fail(f"{epath}.key", f"invalid label key {key!r}")
+        if op not in OPERATORS:
+            check.fail(f"{epath}.operator", f"must be one of {', '.join(OPERATORS)}, got {op!r}")
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            check.fail(f"{epath}.values", "must be a list of strings")
+            continue
+        if op in ("In", "NotIn") and not values:
+            check.fail(f"{epath}.values", f"must be non-empty for operator {op}")
+        elif op in ("Exists", "DoesNotExist") and values:
+            check.fail(f"{epath}.values", f"must be empty for operator {op}")
+        else:
+            reqs.append(Requirement(key, op, tuple(sorted(set(values)))))
+    if len(check.errors) != before:
+        return None
+    return Selector.of(reqs)
+
+
+def _network_policy(check: _Checker, raw: dict, namespaces) -> Policy | None:
+    name = _name(check, raw)
+    ns = _namespace_of(check, raw, namespaces)
+    spec = check.typed(raw.get("spec"), "spec", dict, "a mapping", None)
+    if spec is None:
+        check.fail("spec", "missing")
+        return None
+    before = len(check.errors)
+    check.known_fields(spec, "spec", _POLICY_SPEC_FIELDS)
+    if "podSelector" not in spec:
+        check.fail("spec.podSelector", "missing (use {} to select every pod of the namespace)")
+    pod_selector = _selector(check, spec.get("podSelector") or {}, "spec.podSelector")
+    ingress_raw = check.typed(spec.get("ingress"), "spec.ingress", list, "a list", [])
+    egress_raw = check.typed(spec.get("egress"), "spec.egress", list, "a list", [])
+    types_raw = spec.get("policyTypes")
+    if types_raw is None:
+        # The Kubernetes default: Ingress always, Egress when there are egress rules.
+        types = {INGRESS} | ({EGRESS} if egress_raw else set())
+    else:
+        types = set()
+        for i, t in enumerate(check.typed(types_raw, "spec.policyTypes", list, "a list", [])):
+            if t not in (INGRESS, EGRESS):
+                check.fail(f"spec.policyTypes[{i}]", f"must be Ingress or Egress, got {t!r}")
+            types.add(t)
+    ingress = [r for i, rule in enumerate(ingress_raw)
+               for r in _k8s_rule(check, rule, f"spec.ingress[{i}]", ns, INGRESS)]
+    egress = [r for i, rule in enumerate(egress_raw)
+              for r in _k8s_rule(check, rule, f"spec.egress[{i}]", ns, EGRESS)]
+    if len(check.errors) != before or ns is None or pod_selector is None:
+        return None
+    return Policy(
+        name=f"knp.default.{name}", namespace=ns, selector=pod_selector, types=frozenset(types),
+        ingress=tuple(ingress) if INGRESS in types else (), egress=tuple(egress) if EGRESS in types else (),
+        origin=f"NetworkPolicy {ns}/{name}",
+    )
+
+
+def _k8s_rule(check: _Checker, raw: Any, path: str, ns: str | None, direction: str) -> list[Rule]:
+    """One Kubernetes rule -> Calico rules: one per (peer, protocol) pair, all Allow."""
+    if not isinstance(raw, dict):
+        check.fail(path, "must be a mapping")
+        return []
+    peer_key = "from" if direction == INGRESS else "to"
+    check.known_fields(raw, path, _INGRESS_FIELDS if direction == INGRESS else _EGRESS_FIELDS)
+    peers_raw = check.typed(raw.get(peer_key), f"{path}.{peer_key}", list, "a list", [])
+    ports_raw = check.typed(raw.get("ports"), f"{path}.ports", list, "a list", [])
+    peers = [_peer(check, p, f"{path}.{peer_key}[{i}]", ns) for i, p in enumerate(peers_raw)] or [EntityMatch()]
+    port_groups = _port_groups(check, ports_raw, f"{path}.ports") if ports_raw else {None: ()}
+    rules = []
+    for peer in peers:
+        if peer is None:
+            continue
+        for proto, ports in sorted(port_groups.items(), key=lambda kv: kv[0] or ""):
+            if direction == INGRESS:
+                rules.append(Rule(Action.ALLOW, proto, source=peer, destination=EntityMatch(ports=ports)))
+            else:
+                dest = EntityMatch(peer.nets, peer.not_nets, peer.selector, peer.namespace_selector,
+                                   peer.namespace, ports)
+                rules.append(Rule(Action.ALLOW, proto, destination=dest))
+    return rules
+
+
+def _peer(check: _Checker, raw: Any, path: str, ns: str | None) -> EntityMatch | None:
+    if not isinstance(raw, dict):
+        check.fail(path, "must be a mapping")
+        return None
+    check.known_fields(raw, path, _PEER_FIELDS)
+    present = [k for k in ("podSelector", "namespaceSelector", "ipBlock") if raw.get(k) is not None]
+    if not present:
+        check.fail(path, "must have podSelector, namespaceSelector or ipBlock")
+        return None
+    if "ipBlock" in present:
+        if len(present) > 1:
+            check.fail(path, "ipBlock cannot be combined with podSelector or namespaceSelector")
+            return None
+        return _ip_block(check, raw["ipBlock"], f"{path}.ipBlock")
+    pod_sel = _selector(check, raw.get("podSelector"), f"{path}.podSelector") if "podSelector" in present else None
+    ns_sel = _selector(check, raw.get("namespaceSelector"), f"{path}.namespaceSelector") \
+        if "namespaceSelector" in present else None
+    if "namespaceSelector" in present:
+        return EntityMatch(selector=pod_sel, namespace_selector=ns_sel)
+    return EntityMatch(selector=pod_sel, namespace=ns)
+
+
+def _ip_block(check: _Checker, raw: Any, path: str) -> EntityMatch | None:
+    if not isinstance(raw, dict):
+        check.fail(path, "must be a mapping")
+        return None
+    check.known_fields(raw, path, {"cidr", "except"})
+    try:
+        cidr = ipaddress.ip_network(raw.get("cidr"), strict=False)
+    except (ValueError, TypeError):
+        check.fail(f"{path}.cidr", f"invalid CIDR {raw.get('cidr')!r}")
+        return None
+    excepts = []
+    for i, value in enumerate(check.typed(raw.get("except"), f"{path}.except", list, "a list", [])):
+        try:
+            net = ipaddress.ip_network(value, strict=False)
+        except (ValueError, TypeError):
+            check.fail(f"{path}.except[{i}]", f"invalid CIDR {value!r}")
+            continue
+        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:
+            check.fail(f"{path}.except[{i}]", f"{value} must be strictly within cidr {cidr}")
+            continue
+        excepts.append(str(net))
+    return EntityMatch(nets=(str(cidr),), not_nets=tuple(sorted(set(excepts))))
+
+
+def _port_groups(check: _Checker, ports_raw: list, path: str) -> dict[str | None, tuple]:
+    """Ports of one rule grouped by protocol; an entry with no port opens the whole protocol."""
+    groups: dict[str | None, set | None] = {}
+    for i, entry in enumerate(ports_raw):
+        ppath = f"{path}[{i}]"
+        if not isinstance(entry, dict):
+            check.fail(ppath, "must be a mapping")
+            continue
+        check.known_fields(entry, ppath, _PORT_FIELDS)
+        proto = _protocol(check, entry.get("protocol"), f"{ppath}.protocol")
+        port, end = entry.get("port"), entry.get("endPort")
+        if proto is None:
+            continue
+        if port is None:
+            if end is not None:
+                check.fail(f"{ppath}.endPort", "requires port")
+            groups[proto] = None      # every port of this protocol
+            continue
+        spec = _port(check, port, end, ppath)
+        if spec is not None and groups.get(proto, set()) is not None:
+            groups.setdefault(proto, set()).add(spec)
+    return {proto: tuple(sorted(ports, key=_port_order)) if ports else () for proto, ports in groups.items()}
+
+
+def _port_order(p) -> tuple:
+    return (0, p.start, p.end, "") if isinstance(p, PortRange) else (1, 0, 0, p.name)
+
+
+def _port(check: _Checker, port: Any, end: Any, path: str):
+    if isinstance(port, str):
+        if end is not None:
+            check.fail(f"{path}.endPort", "cannot be used with a named port")
+            return None
+        if len(port) > 15 or not _PORT_NAME.match(port):
+            check.fail(f"{path}.port", f"must be 1-65535 or an IANA service name, got {port!r}")
+            return None
+        return NamedPort(port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        check.fail(f"{path}.port", f"must be 1-65535 or a port name, got {port!r}")
+        return None
+    if end is None:
+        return PortRange(port, port)
+    if not isinstance(end, int) or isinstance(end, bool) or not port <= end <= 65535:
+        check.fail(f"{path}.endPort", f"must be an integer from port ({port}) to 65535, got {end!r}")
+        return None
+    return PortRange(port, end)

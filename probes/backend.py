@@ -1,0 +1,46 @@
+"""Which iptables backend (nf_tables or legacy) this node uses, and its tools.
+
+The two backends keep separate rule sets; writing to the wrong one leaves the real firewall
+untouched. weft follows where its own chains already are, else the system's `iptables`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from probes.runner import Runner
+
+BACKENDS = ("nft", "legacy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+
+    @property
+    def save(self) -> list[str]:
+        return [f"iptables-{self.name}-save"]
+
+    @property
+    def restore(self) -> list[str]:
+        # legacy takes one host-wide lock shared by all namespaces: always wait for it.
+        return [f"iptables-{self.name}-restore", "--noflush"] + (["-w", "5"] if self.name == "legacy" else [])
+
+
+def detect(runner: Runner, preference: str = "auto") -> Backend:
+    if preference in BACKENDS:
+        return Backend(preference)
+    if _legacy_has_weft(runner):
+        return Backend("legacy")
+    version = runner.run(["iptables", "-V"])
+    match = re.search(r"\((nf_tables|legacy)\)", version)
+    return Backend("legacy" if match and match.group(1) == "legacy" else "nft")
+
+
+def _legacy_has_weft(runner: Runner) -> bool:
+    # Reading the file is free and, unlike running iptables-legacy-save, never loads modules.
+    names = Path("/proc/net/ip_tables_names")
+    if not names.exists() or "filter" not in names.read_text().split():
+        return False
+    return ":weft-" in runner.run(["iptables-legacy-save", "-t", "filter"])

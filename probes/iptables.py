@@ -1,0 +1,40 @@
+"""Read back weft's chains and hook rules from iptables-save, leaving everything else alone."""
+from __future__ import annotations
+
+from renderers.dataplane import PREFIX, Chain, Hooks
+
+BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT")}
+
+
+def _is_weft_rule(rule: str) -> bool:
+    return f"-j {PREFIX}" in rule or f"-g {PREFIX}" in rule or '--comment "weft:' in rule
+
+
+def parse_save(text: str, table: str) -> tuple[dict[tuple[str, str], Chain], dict[tuple[str, str], Hooks]]:
+    """weft's chains (every rule) and weft's rules in built-in chains, from iptables-save output."""
+    in_table = False
+    chains: dict[str, list[str]] = {}
+    builtin: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            in_table = line[1:] == table
+        elif not in_table or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if name.startswith(PREFIX):
+                chains[name] = []
+            elif name in BUILTIN.get(table, ()):
+                builtin[name] = []
+        elif line.startswith("-A "):
+            name = line[3:].split(" ", 1)[0]
+            if name in chains:
+                chains[name].append(line)
+            elif name in builtin:
+                builtin[name].append(line)
+    hooks = {}
+    for name, rules in builtin.items():
+        ours = tuple(r for r in rules if _is_weft_rule(r))
+        if ours:
+            hooks[(table, name)] = Hooks(table, name, ours, at_top=tuple(rules[:len(ours)]) == ours)
+    return {(table, n): Chain(table, n, tuple(r)) for n, r in chains.items()}, hooks

@@ -1,0 +1,107 @@
+"""The `weft` command: plan, apply, drift, lab.
+
+Exit codes are for machines: 0 success / no changes, 1 error, 2 changes pending or drift found
+(plan with --detailed-exitcode, drift).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+
+from desired.errors import WeftError
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_dir", metavar="DIR",
+                   help="read the desired state from YAML manifests in DIR (default: the Kubernetes API server)")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    p.add_argument("--context", help="kubeconfig context to use")
+    p.add_argument("--node", default=socket.gethostname(), help="this node's name (default: the hostname)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where weft keeps its lock and state (default: /var/lib/weft)")
+    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
+                   help="iptables backend (default: where weft's chains are, else the system's iptables)")
+    p.add_argument("--output", choices=("text", "json"), default="text")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="weft", description=__doc__.split("\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="show what apply would change")
+    _common(plan)
+    plan.add_argument("--out", metavar="FILE", help="save the plan for `weft apply FILE`")
+    plan.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when there are changes")
+    plan.add_argument("--destroy", action="store_true", help="plan the removal of everything weft owns")
+    apply = sub.add_parser("apply", help="make the kernel match the desired state (or a saved plan)")
+    _common(apply)
+    apply.add_argument("plan_file", nargs="?", metavar="PLAN", help="a plan saved by `weft plan --out`")
+    apply.add_argument("--destroy", action="store_true", help="remove everything weft owns")
+    drift = sub.add_parser("drift", help="report where the kernel differs from the desired state (exit 2)")
+    _common(drift)
+    lab = sub.add_parser("lab", help="run the built-in example in a throwaway network-namespace lab")
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "lab":
+        from playbooks.lab import main as lab_main
+        return lab_main(args.lab_args)
+    try:
+        return _dispatch(args)
+    except WeftError as exc:
+        if args.output == "json":
+            print(json.dumps({"format_version": 1, "error": str(exc)}))
+        print(f"weft: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args) -> int:
+    from probes.runner import Runner
+    from reconciler import drift as driftmod
+    from reconciler import plan as planmod
+    from reconciler import run
+
+    opts = run.Options(node=args.node, state_dir=args.state_dir or run.default_state_dir(),
+                       from_dir=args.from_dir, kubeconfig=args.kubeconfig, context=args.context,
+                       backend=args.iptables_backend)
+    runner = Runner()
+    if args.command == "plan":
+        plan = run.make_plan(opts, runner, destroy=args.destroy)
+        if args.out:
+            planmod.save_plan(plan, args.out)
+        _emit(args, plan.to_json(), planmod.format_text(plan)
+              + (f"\nSaved the plan to {args.out}; apply it with `weft apply {args.out}`.\n" if args.out else ""))
+        return EXIT_CHANGES if args.detailed_exitcode and not plan.changes.empty else EXIT_OK
+    if args.command == "apply":
+        saved = planmod.load_plan(args.plan_file) if args.plan_file else None
+        plan = run.apply(opts, runner, saved, destroy=args.destroy)
+        report = plan.to_json() | {"commands": runner.writes}
+        text = ("No changes. The kernel already matches.\n" if plan.changes.empty else
+                planmod.format_text(plan) + "\n" + planmod.summary_line(plan.changes, "Apply complete") + "\n")
+        _emit(args, report, text)
+        return EXIT_OK
+    plan = run.make_plan(opts, runner)
+    items = driftmod.drift_items(plan.changes)
+    _emit(args, {"format_version": driftmod.FORMAT_VERSION, "node": opts.node, "drifted": bool(items),
+                 "items": items}, driftmod.format_text(opts.node, items))
+    return EXIT_CHANGES if items else EXIT_OK
+
+
+def _emit(args, data: dict, text: str) -> None:
+    if args.output == "json":
+        print(json.dumps(data, indent=1, sort_keys=True))
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""One reconcile run: read desired state, probe the kernel, render, diff, apply, verify."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from desired.errors import WeftError
+from desired.model import ClusterState
+from probes import probe_dataplane
+from probes.backend import Backend, detect
+from probes.runner import Runner
+from reconciler.apply import execute
+from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff
+from reconciler.plan import Plan, PlanError
+from renderers.dataplane import EMPTY, Chain, Dataplane, Hooks, IpSet
+from renderers.iptables import render_node
+
+
+@dataclass(frozen=True)
+class Options:
+    node: str
+    state_dir: Path
+    from_dir: str | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
+    backend: str = "auto"
+    lock_timeout: float = 300.0
+
+
+def load_desired(opts: Options) -> ClusterState:
+    from desired.kubernetes import build_cluster_state
+    if opts.from_dir:
+        from desired.manifests import load_manifest_dir
+        objects = load_manifest_dir(opts.from_dir)
+    else:
+        from desired.kube import load_objects
+        objects = [("api", obj) for obj in load_objects(kubeconfig=opts.kubeconfig, context=opts.context)]
+    return build_cluster_state(objects)
+
+
+def desired_dataplane(opts: Options, destroy: bool = False) -> Dataplane:
+    return EMPTY if destroy else render_node(load_desired(opts), opts.node)
+
+
+def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
+    return _plan_and_probe(opts, runner, destroy)[0]
+
+
+def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane]:
+    """Validate the desired state before touching the kernel at all, then compare."""
+    desired = desired_dataplane(opts, destroy)
+    backend = detect(runner, opts.backend)
+    actual = probe_dataplane(runner, backend)
+    return Plan(opts.node, backend.name, actual.fingerprint(), diff(desired, actual)), actual
+
+
+def lock(opts: Options) -> FileLock:
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(opts.state_dir / "weft.lock"), timeout=opts.lock_timeout)
+
+
+def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy: bool = False) -> Plan:
+    """Apply a fresh plan (or exactly `plan_file`), under the node's lock; verify the result."""
+    try:
+        with lock(opts):
+            if plan_file is None:
+                plan, before = _plan_and_probe(opts, runner, destroy)
+                backend = Backend(plan.backend)
+            else:
+                plan = plan_file
+                if plan.node != opts.node:
+                    raise PlanError(f"the plan is for node {plan.node!r}, not {opts.node!r}")
+                backend = detect(runner, plan.backend)
+                before = probe_dataplane(runner, backend)
+                if before.fingerprint() != plan.base_fingerprint:
+                    raise PlanError("the saved plan is stale: the kernel state changed since it was made; "
+                                    "run `weft plan` again")
+            if plan.changes.empty:
+                return plan
+            execute(plan.changes, backend, runner)
+            after = probe_dataplane(runner, backend)
+            leftover = diff(simulate(before, plan.changes), after)
+            if not leftover.empty:
+                raise WeftError(f"after apply the kernel still differs from the plan in "
+                                f"{len(leftover.chains)} chains, {len(leftover.sets)} sets, "
+                                f"{len(leftover.hooks)} hook chains; see `weft drift`")
+            return plan
+    except Timeout as exc:
+        raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:.0f}s") from exc
+
+
+def simulate(actual: Dataplane, changes: Changes) -> Dataplane:
+    """The kernel state `changes` should produce from `actual`. Pure."""
+    sets = dict(actual.ipsets)
+    for s in changes.sets:
+        if s.action in (CREATE, REPLACE):
+            sets[s.name] = IpSet(s.name, s.type, frozenset(s.add), s.family)
+        elif s.action == UPDATE:
+            old = sets[s.name]
+            sets[s.name] = IpSet(s.name, s.type, (old.members - set(s.remove)) | set(s.add), s.family)
+        else:
+            sets.pop(s.name, None)
+    chains = dict(actual.chains)
+    for c in changes.chains:
+        if c.action == DELETE:
+            chains.pop((c.table, c.name), None)
+        else:
+            chains[(c.table, c.name)] = Chain(c.table, c.name, c.rules)
+    hooks = dict(actual.hooks)
+    for h in changes.hooks:
+        if h.rules:
+            hooks[(h.table, h.chain)] = Hooks(h.table, h.chain, h.rules, True)
+        else:
+            hooks.pop((h.table, h.chain), None)
+    return Dataplane(chains, sets, hooks)
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("WEFT_STATE_DIR", "/var/lib/weft"))

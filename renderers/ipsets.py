@@ -1,0 +1,75 @@
+"""IP sets for policy rules: peers matched by selectors, multi-CIDR nets, named ports.
+
+A rule refers to a set by a name derived from what the set means (its selector, its nets),
+so two rules meaning the same peers share one set, the same meaning always gets the same name,
+and a chain's length never depends on how many pods match.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+
+from desired.index import EndpointIndex
+from desired.model import EntityMatch
+from renderers.dataplane import PREFIX, IpSet
+
+
+def short_hash(*parts: str, length: int = 20) -> str:
+    """A stable lowercase name fragment for `parts` (base32 of sha256; no '-' or '_')."""
+    digest = hashlib.sha256("\0".join(parts).encode()).digest()
+    return base64.b32encode(digest).decode().lower()[:length]
+
+
+def entity_key(entity: EntityMatch) -> str:
+    sel = entity.selector.canonical() if entity.selector is not None else "-"
+    nssel = entity.namespace_selector.canonical() if entity.namespace_selector is not None else "-"
+    return f"selector={sel};namespaceSelector={nssel};namespace={entity.namespace or '-'}"
+
+
+def ipset_net(net: str) -> list[str]:
+    """A CIDR as `ipset save` prints members of a hash:net set (a /32 is a bare address;
+    /0 cannot be stored, so it becomes two /1s)."""
+    network = ipaddress.ip_network(net, strict=False)
+    if network.prefixlen == 0:
+        return [str(n) for n in network.subnets(1)]
+    return [str(network.network_address)] if network.prefixlen == network.max_prefixlen else [str(network)]
+
+
+class SetCatalog:
+    """Collects the sets the rendered rules refer to, with their members."""
+
+    def __init__(self, index: EndpointIndex):
+        self.index = index
+        self.sets: dict[str, IpSet] = {}
+
+    def peers(self, entity: EntityMatch) -> str:
+        key = entity_key(entity)
+        name = f"{PREFIX}s-{short_hash('peers', key)}"
+        if name not in self.sets:
+            eps = self.index.endpoints
+            members = frozenset(ip for i in self.index.match(entity) for ip in eps[i].ips if ":" not in ip)
+            self.sets[name] = IpSet(name, "hash:ip", members, about=f"endpoints matching {key}")
+        return name
+
+    def nets(self, nets: tuple[str, ...]) -> str:
+        normal = sorted({m for n in nets for m in ipset_net(n)})
+        name = f"{PREFIX}n-{short_hash('nets', *normal)}"
+        self.sets.setdefault(name, IpSet(name, "hash:net", frozenset(normal), about="nets " + ", ".join(nets)))
+        return name
+
+    def named_port(self, entity: EntityMatch, port_name: str, protocol: str | None) -> str:
+        """(address, protocol:port) of endpoints matching `entity` that have a port of that name."""
+        key = entity_key(entity)
+        name = f"{PREFIX}p-{short_hash('named-port', key, port_name, protocol or '*')}"
+        if name not in self.sets:
+            eps = self.index.endpoints
+            members = frozenset(
+                f"{ip},{cp.protocol}:{cp.port}"
+                for i in self.index.match(entity) for cp in eps[i].ports
+                if cp.name == port_name and (protocol is None or cp.protocol == protocol)
+                for ip in eps[i].ips if ":" not in ip
+            )
+            about = f"port {port_name!r}/{protocol or 'any'} of endpoints matching {key}"
+            self.sets[name] = IpSet(name, "hash:ip,port", members, about=about)
+        return name

@@ -1,0 +1,247 @@
+"""The filter-table chains this node needs, in the exact text iptables-save prints.
+
+Flow of a forwarded packet (Felix's design, with weft's names):
+
+  FORWARD -> weft-FORWARD: established/related accepted at once (fast path), invalid dropped;
+    from a pod:  weft-from-wl-dispatch -> weft-fw-<iface> (the pod's egress policy)
+    to a pod:    weft-to-wl-dispatch   -> weft-tw-<iface> (the pod's ingress policy)
+    then ACCEPT. An endpoint chain drops what its policies deny, RETURNs what they allow.
+  INPUT -> weft-INPUT: traffic from pods to the host passes the pod's egress policy, then
+    RETURNs to the host's own INPUT rules (weft does not override the host firewall).
+
+Endpoint chains walk the tiers in order; in each tier the applicable policies are tried in
+order: an Allow sets the accept mark and returns, Deny drops, Pass sets the pass mark which
+skips the rest of the tier; a tier that had policies and neither passed nor allowed drops.
+An endpoint that no policy selects for a direction is open in that direction.
+Unknown weft interfaces fall through the dispatch chains to DROP (fail closed).
+
+Every rule carries a comment "weft:<id>", a hash of its chain, its text and the id of the rule
+before it, so a rule can be recognised (and a moved rule is a different rule).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import itertools
+from dataclasses import dataclass
+
+from desired.index import EndpointIndex
+from desired.model import EGRESS, INGRESS, Action, ClusterState, Endpoint, EntityMatch, NamedPort, Policy, Rule
+from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks
+from renderers.ipsets import SetCatalog, short_hash
+
+TABLE = "filter"
+MARK_ACCEPT = "0x10000"
+MARK_PASS = "0x20000"
+MARK_ALL = "0x30000"
+WL_GLOB = PREFIX.rstrip("-") + "+"            # matches every weft host-side veth: "weft+"
+FORWARD_CHAIN = f"{PREFIX}FORWARD"
+INPUT_CHAIN = f"{PREFIX}INPUT"
+FROM_DISPATCH = f"{PREFIX}from-wl-dispatch"
+TO_DISPATCH = f"{PREFIX}to-wl-dispatch"
+HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
+MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One iptables rule before its comment is added: the parts in iptables-save's order."""
+    matches: str = ""        # "-s ... -d ... -i ... -o ... -p ..." (the base matches)
+    extra: str = ""          # "-m ..." modules, printed after the comment
+    target: str = ""         # "-j ..." / "-g ..."
+
+
+def rule_id(chain: str, previous: str, body: str) -> str:
+    digest = hashlib.sha256(f"{chain}\0{previous}\0{body}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:16]
+
+
+def chain_lines(chain: str, specs: list[Spec]) -> tuple[str, ...]:
+    lines, previous = [], ""
+    for spec in specs:
+        body = " ".join(p for p in (spec.matches, spec.extra, spec.target) if p)
+        previous = rule_id(chain, previous, body)
+        parts = [f"-A {chain}", spec.matches, f'-m comment --comment "weft:{previous}"', spec.extra, spec.target]
+        lines.append(" ".join(p for p in parts if p))
+    return tuple(lines)
+
+
+def base_matches(src: str = "", dst: str = "", in_if: str = "", out_if: str = "", proto: str = "") -> str:
+    parts = [f"-s {src}" if src else "", f"-d {dst}" if dst else "", f"-i {in_if}" if in_if else "",
+             f"-o {out_if}" if out_if else "", f"-p {proto}" if proto else ""]
+    return " ".join(p for p in parts if p)
+
+
+def policy_chain_name(policy: Policy, direction: str) -> str:
+    return f"{PREFIX}p{'i' if direction == INGRESS else 'o'}-{short_hash('policy', policy.tier, policy.key)}"
+
+
+def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: SetCatalog) -> Dataplane:
+    local = state.local_endpoints(node)
+    chains: dict[str, Chain] = {}
+
+    def add(name: str, specs: list[Spec], about: str) -> None:
+        chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
+
+    add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
+    add(INPUT_CHAIN, _input_specs(), "entry from INPUT: pod traffic to this host")
+    add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
+    add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
+
+    applying = _policies_by_endpoint(state, node, local, index)
+    for ep in local:
+        for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
+            policies = applying[ep.key][direction]
+            name = f"{PREFIX}{kind}-{ep.iface}"
+            add(name, _endpoint_specs(policies, direction, state),
+                f"{direction.lower()} of pod {ep.key} ({len(policies)} policies)")
+            for policy in policies:
+                pname = policy_chain_name(policy, direction)
+                if pname not in chains:
+                    rules = policy.ingress if direction == INGRESS else policy.egress
+                    specs = [s for rule in rules for s in _rule_specs(rule, sets)]
+                    add(pname, specs, f"{direction.lower()} rules of {policy.origin or policy.key}")
+
+    hooks = {}
+    for builtin, target in HOOKED.items():
+        hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+    return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks)
+
+
+def _forward_specs() -> list[Spec]:
+    specs = []
+    for flag in ("-i", "-o"):
+        specs.append(Spec(f"{flag} {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"))
+    for flag in ("-i", "-o"):
+        specs.append(Spec(f"{flag} {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"))
+    specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
+    specs.append(Spec(f"-o {WL_GLOB}", target=f"-j {TO_DISPATCH}"))
+    specs.append(Spec(f"-i {WL_GLOB}", target="-j ACCEPT"))
+    specs.append(Spec(f"-o {WL_GLOB}", target="-j ACCEPT"))
+    return specs
+
+
+def _input_specs() -> list[Spec]:
+    return [
+        Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
+        Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"),
+        Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"),
+    ]
+
+
+def _dispatch(local: tuple[Endpoint, ...], flag: str, kind: str) -> list[Spec]:
+    specs = [Spec(f"{flag} {ep.iface}", target=f"-g {PREFIX}{kind}-{ep.iface}") for ep in local]
+    specs.append(Spec(target="-j DROP"))     # a weft interface weft does not know: fail closed
+    return specs
+
+
+def _sort_key(order: float | None, name: str) -> tuple:
+    return (order is None, order or 0.0, name)
+
+
+def _policies_by_endpoint(state: ClusterState, node: str, local, index: EndpointIndex) -> dict:
+    """For each local endpoint and direction: its applicable policies in evaluation order."""
+    local_positions = frozenset(i for i, ep in enumerate(index.endpoints) if ep.node == node)
+    result = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
+    for policy in state.policies:
+        selected = index.select(policy.selector) & local_positions
+        if policy.namespace is not None:
+            selected &= index.in_namespaces((policy.namespace,))
+        for i in selected:
+            ep = index.endpoints[i]
+            for direction in policy.types:
+                result[ep.key][direction].append(policy)
+    tiers = state.tiers
+    for per_dir in result.values():
+        for policies in per_dir.values():
+            policies.sort(key=lambda p: (_sort_key(tiers[p.tier].order, p.tier), _sort_key(p.order, p.key)))
+    return result
+
+
+def _endpoint_specs(policies: list[Policy], direction: str, state: ClusterState) -> list[Spec]:
+    specs = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")] if policies else []
+    for _tier, group in itertools.groupby(policies, key=lambda p: p.tier):
+        specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
+        for policy in group:
+            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {policy_chain_name(policy, direction)}"))
+            specs.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"))
+        specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
+    return specs
+
+
+def _rule_specs(rule: Rule, sets: SetCatalog) -> list[Spec]:
+    """One policy rule as iptables rules (several when ports must be split); [] if it can
+    never match an IPv4 packet (e.g. its nets are all IPv6)."""
+    src = _side(rule.source, "src", rule.protocol, sets)
+    dst = _side(rule.destination, "dst", rule.protocol, sets)
+    if src is None or dst is None:
+        return []
+    target = {
+        Action.ALLOW: f"-j MARK --set-xmark {MARK_ACCEPT}/{MARK_ACCEPT}",
+        Action.PASS: f"-j MARK --set-xmark {MARK_PASS}/{MARK_PASS}",
+        Action.DENY: "-j DROP",
+        Action.LOG: '-j LOG --log-prefix "weft-policy "',
+    }[rule.action]
+    base = base_matches(src=src.net, dst=dst.net, proto=rule.protocol or "")
+    specs = [Spec(base, " ".join(p for p in (sp, dp, src.sets, dst.sets) if p), target)
+             for sp, dp in itertools.product(src.ports, dst.ports)]
+    mark = {Action.ALLOW: MARK_ACCEPT, Action.PASS: MARK_PASS}.get(rule.action)
+    if mark:
+        specs.append(Spec(extra=f"-m mark --mark {mark}/{mark}", target="-j RETURN"))
+    return specs
+
+
+@dataclass(frozen=True)
+class _Side:
+    net: str                  # for -s / -d
+    sets: str                 # set matches
+    ports: tuple[str, ...]    # alternatives (OR); ("",) for any port
+
+
+def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> _Side | None:
+    nets = [n for n in entity.nets if ipaddress.ip_network(n).version == 4]
+    not_nets = [n for n in entity.not_nets if ipaddress.ip_network(n).version == 4]
+    if entity.nets and not nets:
+        return None
+    if any(ipaddress.ip_network(n).prefixlen == 0 for n in not_nets):
+        return None
+    net, matches = "", []
+    if len(nets) == 1:
+        network = ipaddress.ip_network(nets[0])
+        net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0
+    elif nets:
+        matches.append(f"-m set --match-set {sets.nets(tuple(nets))} {direction}")
+    if not_nets:
+        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets))} {direction}")
+    if entity.has_endpoint_constraint:
+        matches.append(f"-m set --match-set {sets.peers(entity)} {direction}")
+    ports = _port_alternatives(entity, direction, protocol, sets)
+    return _Side(net, " ".join(matches), ports)
+
+
+def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> tuple[str, ...]:
+    if not entity.ports:
+        return ("",)
+    flag = "--dports" if direction == "dst" else "--sports"
+    numeric = [p for p in entity.ports if not isinstance(p, NamedPort)]
+    alternatives, chunk, used = [], [], 0
+    for p in numeric:
+        text, cost = (str(p.start), 1) if p.start == p.end else (f"{p.start}:{p.end}", 2)
+        if used + cost > MULTIPORT_MAX:
+            alternatives.append(f"-m multiport {flag} {','.join(chunk)}")
+            chunk, used = [], 0
+        chunk.append(text)
+        used += cost
+    if chunk:
+        alternatives.append(f"-m multiport {flag} {','.join(chunk)}")
+    for p in entity.ports:
+        if isinstance(p, NamedPort):
+            alternatives.append(f"-m set --match-set {sets.named_port(entity, p.name, protocol)} {direction},{direction}")
+    return tuple(alternatives)
+
+
+def render_node(state: ClusterState, node: str) -> Dataplane:
+    """Everything weft should own on `node`, as kernel text. A pure function of its input."""
+    index = EndpointIndex(state)
+    return render_filter(state, node, index, SetCatalog(index))
