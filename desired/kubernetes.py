@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from desired.endpoints import host_iface_name
 from desired.errors import InvalidDesiredState, ValidationError
 from desired.model import (
-    EGRESS, INGRESS, Action, ClusterState, ContainerPort, EntityMatch, Endpoint, NamedPort, Namespace,
-    Node, Policy, PortRange, Rule,
+    EGRESS,
+    INGRESS,
+    Action,
+    ClusterState,
+    ContainerPort,
+    Endpoint,
+    EntityMatch,
+    NamedPort,
+    Namespace,
+    Node,
+    Policy,
+    PortRange,
+    Rule,
 )
 from desired.selectors import OPERATORS, Requirement, Selector
 
@@ -205,7 +217,8 @@ def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
         if not isinstance(container, dict):
             check.fail(f"spec.containers[{ci}]", "must be a mapping")
             continue
-        for pi, port in enumerate(check.typed(container.get("ports"), f"spec.containers[{ci}].ports", list, "a list", [])):
+        container_ports = check.typed(container.get("ports"), f"spec.containers[{ci}].ports", list, "a list", [])
+        for pi, port in enumerate(container_ports):
             path = f"spec.containers[{ci}].ports[{pi}]"
             if not isinstance(port, dict):
                 check.fail(path, "must be a mapping")
@@ -217,7 +230,7 @@ def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
             proto = _protocol(check, port.get("protocol"), f"{path}.protocol")
             pname = port.get("name")
             if pname is not None and (not isinstance(pname, str) or len(pname) > 15 or not _PORT_NAME.match(pname)):
-                check.fail(f"{path}.name", f"must be an IANA service name (<= 15 lowercase letters, digits, '-'), got {pname!r}")
+                check.fail(f"{path}.name", f"must be an IANA service name (<= 15 of a-z, 0-9, '-'), got {pname!r}")
                 continue
             if pname and proto:
                 ports.append(ContainerPort(pname, number, proto))

@@ -7,14 +7,14 @@ actions, entity matches over labels, nets and ports.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Mapping
+from enum import StrEnum
 
 from desired.selectors import Selector
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     ALLOW = "Allow"
     DENY = "Deny"
     PASS = "Pass"

@@ -7,8 +7,8 @@ endpoints, so they share one ipset.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -45,7 +45,7 @@ class Selector:
     requirements: tuple[Requirement, ...] = ()
 
     @classmethod
-    def of(cls, requirements) -> "Selector":
+    def of(cls, requirements) -> Selector:
         return cls(tuple(sorted(set(requirements))))
 
     def matches(self, labels: Mapping[str, str]) -> bool:

@@ -56,7 +56,8 @@ def _rule_items(kind: str, name: str, have: tuple[str, ...], want: tuple[str, ..
 def format_text(node: str, items: list[dict]) -> str:
     if not items:
         return f"No drift: the kernel of node {node} matches the desired state.\n"
-    out = [f"Drift on node {node}: {len(items)} item{'s' if len(items) != 1 else ''} differ from the desired state.", ""]
+    plural = "s" if len(items) != 1 else ""
+    out = [f"Drift on node {node}: {len(items)} item{plural} differ from the desired state.", ""]
     for it in items:
         detail = it.get("member") or it.get("rule") or ""
         out.append(f"  {it['problem']:<18} {it['kind']:<12} {it['name']}" + (f"\n      {detail}" if detail else ""))

@@ -43,7 +43,7 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, data: dict, source: str = "plan") -> "Plan":
+    def from_json(cls, data: dict, source: str = "plan") -> Plan:
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
             got = data.get("format_version") if isinstance(data, dict) else None
             raise PlanError(f"{source}: not a weft plan of format_version {FORMAT_VERSION} (got {got!r})")

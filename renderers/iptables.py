@@ -27,7 +27,17 @@ import itertools
 from dataclasses import dataclass
 
 from desired.index import EndpointIndex
-from desired.model import EGRESS, INGRESS, Action, ClusterState, Endpoint, EntityMatch, NamedPort, Policy, Rule
+from desired.model import (
+    EGRESS,
+    INGRESS,
+    Action,
+    ClusterState,
+    Endpoint,
+    EntityMatch,
+    NamedPort,
+    Policy,
+    Rule,
+)
 from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks
 from renderers.ipsets import SetCatalog, short_hash
 
@@ -164,7 +174,8 @@ def _endpoint_specs(policies: list[Policy], direction: str, state: ClusterState)
     for _tier, group in itertools.groupby(policies, key=lambda p: p.tier):
         specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
         for policy in group:
-            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {policy_chain_name(policy, direction)}"))
+            chain = policy_chain_name(policy, direction)
+            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {chain}"))
             specs.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"))
         specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
     return specs
@@ -237,7 +248,8 @@ def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None
         alternatives.append(f"-m multiport {flag} {','.join(chunk)}")
     for p in entity.ports:
         if isinstance(p, NamedPort):
-            alternatives.append(f"-m set --match-set {sets.named_port(entity, p.name, protocol)} {direction},{direction}")
+            name = sets.named_port(entity, p.name, protocol)
+            alternatives.append(f"-m set --match-set {name} {direction},{direction}")
     return tuple(alternatives)
 
 
