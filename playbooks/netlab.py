@@ -1,0 +1,257 @@
+"""A throwaway node in network namespaces, wired the way Calico wires pods, for demos and tests.
+
+The node is a namespace of its own with one veth per pod and nothing else: no uplink, no default
+route, so lab traffic cannot leave the lab. Each pod namespace gets `eth0` with its /32 and a
+default route to 169.254.1.1 on the host side of its veth; the node routes each pod's /32 to that
+pod's veth. weft then programs the node namespace exactly as it would a real node, and `matrix()`
+shows what the policies let through. Only addresses in 198.18.0.0/15 (RFC 2544 benchmarking) are
+accepted, and every namespace and process the lab makes is removed on close, also after a failure
+half-way through `create()` or a Ctrl-C.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from desired.endpoints import host_iface_name
+
+log = logging.getLogger(__name__)
+
+LAB_NETWORK = ipaddress.ip_network("198.18.0.0/15")
+GATEWAY_IP = "169.254.1.1"
+HOST_SIDE_MAC = "ee:ee:ee:ee:ee:ee"  # Calico's fixed host-side MAC: the pod's gateway neighbour
+DEFAULT_PROBES = (("tcp", 80), ("tcp", 81), ("udp", 80), ("udp", 81))
+READY_TIMEOUT = 10.0
+
+
+class LabError(RuntimeError):
+    """The lab could not be built; the message names the command and what the kernel said."""
+
+
+@dataclass(frozen=True)
+class LabPod:
+    namespace: str
+    name: str
+    ip: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def pods_from_manifests(directory: str | Path, node: str) -> list[LabPod]:
+    """Pods of YAML manifests in `directory` (all *.yaml / *.yml, multi-document) whose
+    spec.nodeName == node, with their status.podIP.
+
+    Pods without an IP yet (Pending) are left out: there is nothing to wire for them.
+    """
+    paths = sorted(p for p in Path(directory).iterdir() if p.suffix in (".yaml", ".yml"))
+    pods = []
+    for path in paths:
+        for doc in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader):
+            if not doc or doc.get("kind") != "Pod":
+                continue
+            spec, status, meta = doc.get("spec") or {}, doc.get("status") or {}, doc["metadata"]
+            if spec.get("nodeName") == node and status.get("podIP"):
+                pods.append(LabPod(meta.get("namespace", "default"), meta["name"], status["podIP"]))
+    return pods
+
+
+def check_lab_addresses(pods: Sequence[LabPod]) -> None:
+    """Refuse any address outside the lab range before touching the kernel (network safety)."""
+    for pod in pods:
+        try:
+            address = ipaddress.IPv4Address(pod.ip)
+        except ValueError:
+            raise ValueError(f"pod {pod.key}: {pod.ip!r} is not an IPv4 address") from None
+        if address not in LAB_NETWORK:
+            raise ValueError(f"pod {pod.key}: {pod.ip} is outside the lab range {LAB_NETWORK}")
+
+
+def run(argv: list[str], *, input: str | None = None) -> str:
+    """Run a set-up command; a failure becomes a LabError that says which command and why."""
+    done = subprocess.run(argv, input=input, text=True, capture_output=True)
+    if done.returncode != 0:
+        shown = " ".join(argv) + (f" <<< {input.strip()!r}" if input else "")
+        raise LabError(f"{shown} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def ip_batch(netns: str, commands: list[str]) -> None:
+    """One `ip` process per namespace and step instead of one per command."""
+    run(["ip", "-n", netns, "-batch", "-"], input="\n".join(commands) + "\n")
+
+
+def remove_netns(name: str) -> None:
+    """Kill whatever still runs in namespace `name`, then delete it; quiet if it is already gone.
+
+    A namespace is only freed when its last process exits, so the kill comes first.
+    """
+    if not Path("/run/netns", name).exists():
+        return
+    pids = subprocess.run(["ip", "netns", "pids", name], text=True, capture_output=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    done = subprocess.run(["ip", "netns", "del", name], text=True, capture_output=True)
+    if done.returncode != 0:
+        log.warning("could not delete network namespace %s: %s", name, done.stderr.strip())
+
+
+class NodeLab:
+    """One throwaway node: a network namespace for the node, one per pod, a veth pair for each pod."""
+
+    def __init__(self, pods: Sequence[LabPod], ports: Sequence[int] = (80, 81), prefix: str | None = None):
+        self.pods = list(pods)
+        self.ports = [int(port) for port in ports]
+        self.prefix = prefix or f"weft-lab-{secrets.token_hex(3)}"
+        self.node_netns = f"{self.prefix}-node"
+        self._pod_netns = {pod.key: f"{self.prefix}-{i}" for i, pod in enumerate(self.pods)}
+        self._servers: list[subprocess.Popen] = []
+
+    def __enter__(self) -> NodeLab:
+        self.create()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def netns_names(self) -> list[str]:
+        """Every namespace this lab owns, pods first (deleting them removes their veths)."""
+        return [*self._pod_netns.values(), self.node_netns]
+
+    def pod_netns(self, pod: LabPod) -> str:
+        return self._pod_netns[pod.key]
+
+    def create(self) -> None:
+        """Build the node, wire and start every pod; on any failure or Ctrl-C remove what was built."""
+        check_lab_addresses(self.pods)
+        try:
+            self._create_node()
+            for pod in self.pods:
+                self._wire_pod(pod)
+                self._servers.append(self._start_server(pod))
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_node(self) -> None:
+        run(["ip", "netns", "add", self.node_netns])
+        ip_batch(self.node_netns, ["link set lo up"])
+        self.node_run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+
+    def _wire_pod(self, pod: LabPod) -> None:
+        netns, host_iface = self.pod_netns(pod), host_iface_name(pod.namespace, pod.name)
+        run(["ip", "netns", "add", netns])
+        ip_batch(self.node_netns, [
+            f"link add {host_iface} address {HOST_SIDE_MAC} type veth peer name eth0 netns {netns}",
+            f"link set {host_iface} up",
+            f"route add {pod.ip}/32 dev {host_iface} scope link",
+        ])
+        ip_batch(netns, [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add {pod.ip}/32 dev eth0",
+            f"neigh add {GATEWAY_IP} lladdr {HOST_SIDE_MAC} dev eth0 nud permanent",
+            f"route add default via {GATEWAY_IP} dev eth0 onlink",
+        ])
+
+    def _start_server(self, pod: LabPod) -> subprocess.Popen:
+        """Start the pod's server in its own process group, so close() can kill it whole."""
+        argv = [sys.executable, "-m", "playbooks.podserver", *map(str, self.ports)]
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.pod_netns(pod), *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+
+    def _wait_ready(self) -> None:
+        """Wait for every server's "ready" line: the servers start in parallel, the wait is shared."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        for pod, server in zip(self.pods, self._servers, strict=True):
+            ready, _, _ = select.select([server.stdout], [], [], max(deadline - time.monotonic(), 0))
+            line = server.stdout.readline() if ready else ""
+            if line.strip() != "ready":
+                if server.poll() is None:
+                    server.kill()
+                raise LabError(f"server in pod {pod.key} did not start: {line}{server.stderr.read().strip()}")
+
+    def close(self) -> None:
+        """Stop the servers and delete every namespace; safe to call twice or on a half-built lab."""
+        for server in self._servers:
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            server.wait()
+            server.stdout.close()
+            server.stderr.close()
+        self._servers.clear()
+        for name in self.netns_names:
+            remove_netns(name)
+
+    def node_run(self, argv: list[str], *, input: str | None = None, check: bool = False,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run argv inside the node namespace (ip netns exec), text mode, stdout/stderr captured."""
+        return subprocess.run(["ip", "netns", "exec", self.node_netns, *argv], input=input, text=True,
+                              capture_output=True, check=check, timeout=timeout)
+
+    def matrix(self, probes: Sequence[tuple[str, int]] = DEFAULT_PROBES,
+               timeout: float = 1.0) -> dict[tuple[str, str, str, int], bool]:
+        """Probe every ordered pod pair (src != dst and src == dst both included) on each (proto, port):
+        key (src.key, dst.key, proto, port) -> connected?
+
+        One prober per source pod, all in parallel, so the whole matrix costs about one timeout.
+        """
+        cases = [(dst, proto, port) for dst in self.pods for proto, port in probes]
+        request = json.dumps({"timeout": timeout, "targets": [
+            {"ip": dst.ip, "proto": proto, "port": port} for dst, proto, port in cases]})
+        with ThreadPoolExecutor(max_workers=max(len(self.pods), 1)) as pool:
+            rows = pool.map(lambda src: self._probe_from(src, request, timeout), self.pods)
+            return {
+                (src.key, dst.key, proto, port): connected
+                for src, row in zip(self.pods, rows, strict=True)
+                for (dst, proto, port), connected in zip(cases, row, strict=True)
+            }
+
+    def _probe_from(self, src: LabPod, request: str, timeout: float) -> list[bool]:
+        """One prober process per source pod; all its targets are probed concurrently inside it."""
+        argv = ["ip", "netns", "exec", self.pod_netns(src), sys.executable, "-m", "playbooks.podprobe"]
+        done = subprocess.run(argv, input=request, text=True, capture_output=True, timeout=timeout * 2 + 30)
+        if done.returncode != 0:
+            raise LabError(f"prober in pod {src.key} failed ({done.returncode}): {done.stderr.strip()}")
+        return json.loads(done.stdout)
+
+
+def format_matrix(pods: Sequence[LabPod], matrix: dict) -> str:
+    """Human table like the upstream netpol e2e tests print: one table per (proto, port),
+    rows = from, columns = to, '.' for connected and 'X' for blocked ('?' if not probed)."""
+    probes = list(dict.fromkeys((proto, port) for _, _, proto, port in matrix))
+    keys = [pod.key for pod in pods]
+    width = max([len(key) for key in keys] + [1]) + 1
+    tables = []
+    for proto, port in probes:
+        lines = [f"{proto.upper()}/{port}  (rows: from, columns: to; . connected, X blocked)",
+                 "-".ljust(width) + "".join(key.ljust(width) for key in keys).rstrip()]
+        for src in keys:
+            cells = [{True: ".", False: "X"}.get(matrix.get((src, dst, proto, port)), "?") for dst in keys]
+            lines.append(src.ljust(width) + "".join(cell.ljust(width) for cell in cells).rstrip())
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)

@@ -1,0 +1,52 @@
+"""The lab's stand-in for agnhost: answers TCP and UDP on every given port until killed.
+
+Run inside a pod namespace as `python -m playbooks.podserver 80 81`. TCP: accept, send b"ok\\n",
+close. UDP: echo each datagram back to its sender. Prints "ready" once every socket is bound, so
+the lab can wait for it instead of sleeping. Standard library only: it starts once per pod.
+"""
+import selectors
+import socket
+import sys
+
+TCP_REPLY = b"ok\n"
+
+
+def bind_all(ports: list[int]) -> selectors.DefaultSelector:
+    """Bind TCP listeners and UDP sockets on 0.0.0.0 for each port, registered on one selector."""
+    selector = selectors.DefaultSelector()
+    for port in ports:
+        tcp = socket.create_server(("0.0.0.0", port), backlog=256)
+        tcp.setblocking(False)
+        selector.register(tcp, selectors.EVENT_READ, "tcp")
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", port))
+        udp.setblocking(False)
+        selector.register(udp, selectors.EVENT_READ, "udp")
+    return selector
+
+
+def answer(sock: socket.socket, proto: str) -> None:
+    """Serve one ready socket; a peer that vanished mid-answer is not the server's problem."""
+    try:
+        if proto == "tcp":
+            conn, _ = sock.accept()
+            with conn:
+                conn.settimeout(1.0)
+                conn.sendall(TCP_REPLY)
+        else:
+            data, peer = sock.recvfrom(2048)
+            sock.sendto(data, peer)
+    except OSError:
+        pass
+
+
+def main(argv: list[str]) -> None:
+    selector = bind_all([int(port) for port in argv])
+    print("ready", flush=True)
+    while True:
+        for key, _ in selector.select():
+            answer(key.fileobj, key.data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
