@@ -235,10 +235,17 @@ def _selects(selector: Mapping, labels: Mapping) -> bool:
             return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        ok = {"In": lambda: key in labels and labels[key] in values,
-              "NotIn": lambda: key not in labels or labels[key] not in values,
-              "Exists": lambda: key in labels,
-              "DoesNotExist": lambda: key not in labels}[op]()
+        has, value = key in labels, labels.get(key)
+        if op == "In":
+            ok = has and value in values
+        elif op == "NotIn":
+            ok = not has or value not in values
+        elif op == "Exists":
+            ok = has
+        elif op == "DoesNotExist":
+            ok = not has
+        else:
+            raise ValueError(f"operator {op!r}")
         if not ok:
             return False
     return True

@@ -13,15 +13,33 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.matrices import (
-    BASE_CLUSTER, CONTAINER_PORTS, NAMESPACE_LABELS, NAMESPACES, POD_IPS, POD_KEYS, POD_LABELS,
-    PROBES, SCENARIOS, Expect, all_open, cli_missing, describe, diff, format_table, kernel_state,
-    pods, probes, reference_matrix, weft, weft_leftovers, write_source,
+    BASE_CLUSTER,
+    CONTAINER_PORTS,
+    NAMESPACE_LABELS,
+    NAMESPACES,
+    POD_IPS,
+    POD_KEYS,
+    POD_LABELS,
+    PROBES,
+    SCENARIOS,
+    Expect,
+    all_open,
+    cli_missing,
+    describe,
+    diff,
+    format_table,
+    kernel_state,
+    pods,
+    probes,
+    reference_matrix,
+    weft,
+    weft_leftovers,
+    write_source,
 )
 
 
