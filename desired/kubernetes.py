@@ -38,7 +38,14 @@ from desired.selectors import OPERATORS, Requirement, Selector
 # Namespaces every API server has; a manifest directory need not declare them.
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-UNDERSTOOD_KINDS = ("Namespace", "Pod", "Node", "NetworkPolicy")
+# (apiVersion, kind) understood so far; other objects (e.g. Calico's kinds until they are
+# supported) are listed as ignored, not rejected.
+UNDERSTOOD = {
+    ("v1", "Namespace"): "Namespace",
+    ("v1", "Pod"): "Pod",
+    ("v1", "Node"): "Node",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "NetworkPolicy",
+}
 
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -88,7 +95,7 @@ class _Checker:
 def build_cluster_state(objects: Iterable[tuple[str, dict]]) -> ClusterState:
     """Validate and convert (where, object) pairs; raise InvalidDesiredState listing every problem."""
     errors: list[ValidationError] = []
-    by_kind: dict[str, list[tuple[_Checker, dict]]] = {k: [] for k in UNDERSTOOD_KINDS}
+    by_kind: dict[str, list[tuple[_Checker, dict]]] = {k: [] for k in UNDERSTOOD.values()}
     ignored: list[str] = []
     seen: set[tuple] = set()
     for where, raw in _flatten_lists(objects):
@@ -133,16 +140,11 @@ def _flatten_lists(objects):
 
 
 def _sort_into(by_kind, ignored, seen, where, raw, errors) -> None:
-    kind = raw["kind"]
-    if kind not in by_kind:
-        ignored.append(f"{raw.get('apiVersion', '?')}/{kind}")
+    kind = UNDERSTOOD.get((raw.get("apiVersion"), raw["kind"]))
+    if kind is None:
+        ignored.append(f"{raw.get('apiVersion', '?')}/{raw['kind']}")
         return
     check = _Checker(where, raw, errors)
-    api = raw.get("apiVersion")
-    expected = "networking.k8s.io/v1" if kind == "NetworkPolicy" else "v1"
-    if api != expected:
-        check.fail("apiVersion", f"must be {expected!r} for kind {kind}, got {api!r}")
-        return
     meta = raw.get("metadata")
     if not isinstance(meta, dict):
         check.fail("metadata", "missing")

@@ -27,6 +27,7 @@ class Plan:
     backend: str
     base_fingerprint: str        # the kernel state the plan was made against
     changes: Changes
+    ignored: tuple[str, ...] = ()   # apiVersion/kind of objects weft does not understand (yet)
 
     def to_json(self) -> dict:
         return {
@@ -35,6 +36,7 @@ class Plan:
             "backend": self.backend,
             "base_fingerprint": self.base_fingerprint,
             "summary": self.changes.summary(),
+            "ignored_kinds": list(self.ignored),
             "changes": {
                 "ipsets": [asdict(s) for s in self.changes.sets],
                 "chains": [asdict(c) for c in self.changes.chains],
@@ -54,7 +56,8 @@ class Plan:
                 tuple(ChainChange(**_tuples(c)) for c in ch["chains"]),
                 tuple(HookChange(**_tuples(h)) for h in ch["hooks"]),
             )
-            return cls(data["node"], data["backend"], data["base_fingerprint"], changes)
+            return cls(data["node"], data["backend"], data["base_fingerprint"], changes,
+                       tuple(data.get("ignored_kinds", ())))
         except (KeyError, TypeError) as exc:
             raise PlanError(f"{source}: malformed plan ({exc})") from exc
 
@@ -85,9 +88,10 @@ def summary_line(changes: Changes, verb: str = "Plan") -> str:
 
 def format_text(plan: Plan) -> str:
     changes = plan.changes
+    note = f"Ignored objects of kinds weft does not handle: {', '.join(plan.ignored)}\n\n" if plan.ignored else ""
     if changes.empty:
-        return (f"No changes. The kernel of node {plan.node} matches the desired state "
-                f"(iptables {plan.backend} backend).\n")
+        return note + (f"No changes. The kernel of node {plan.node} matches the desired state "
+                       f"(iptables {plan.backend} backend).\n")
     out = [f"weft will perform the following actions on node {plan.node} (iptables {plan.backend} backend):", ""]
     for s in changes.sets:
         out.extend(_set_block(s))
@@ -96,7 +100,7 @@ def format_text(plan: Plan) -> str:
     for h in changes.hooks:
         out.extend(_hook_block(h))
     out.append(summary_line(changes))
-    return "\n".join(out) + "\n"
+    return note + "\n".join(out) + "\n"
 
 
 def _set_block(s: SetChange) -> list[str]:

@@ -41,8 +41,12 @@ def load_desired(opts: Options) -> ClusterState:
     return build_cluster_state(objects)
 
 
-def desired_dataplane(opts: Options, destroy: bool = False) -> Dataplane:
-    return EMPTY if destroy else render_node(load_desired(opts), opts.node)
+def desired_dataplane(opts: Options, destroy: bool = False) -> tuple[Dataplane, tuple[str, ...]]:
+    """What this node should have, and the kinds of objects that were ignored."""
+    if destroy:
+        return EMPTY, ()
+    state = load_desired(opts)
+    return render_node(state, opts.node), state.ignored_kinds
 
 
 def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
@@ -51,10 +55,10 @@ def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
 
 def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane]:
     """Validate the desired state before touching the kernel at all, then compare."""
-    desired = desired_dataplane(opts, destroy)
+    desired, ignored = desired_dataplane(opts, destroy)
     backend = detect(runner, opts.backend)
     actual = probe_dataplane(runner, backend)
-    return Plan(opts.node, backend.name, actual.fingerprint(), diff(desired, actual)), actual
+    return Plan(opts.node, backend.name, actual.fingerprint(), diff(desired, actual), ignored), actual
 
 
 def lock(opts: Options) -> FileLock:
