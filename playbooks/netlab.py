@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +221,7 @@ class NodeLab:
 
         One prober per source pod, all in parallel, so the whole matrix costs about one timeout.
         """
+        self._forget_flows()
         cases = [(dst, proto, port) for dst in self.pods for proto, port in probes]
         request = json.dumps({"timeout": timeout, "targets": [
             {"ip": dst.ip, "proto": proto, "port": port} for dst, proto, port in cases]})
@@ -230,6 +232,18 @@ class NodeLab:
                 for src, row in zip(self.pods, rows, strict=True)
                 for (dst, proto, port), connected in zip(cases, row, strict=True)
             }
+
+    def _forget_flows(self) -> None:
+        """Flush the node's conntrack table, so every probe is a new flow judged by the policy in force now.
+
+        Probes reuse ephemeral source ports: a UDP flow an earlier matrix left established (30 s)
+        would let the same 5-tuple through a rule that now blocks it.
+        """
+        if shutil.which("conntrack"):
+            run(["ip", "netns", "exec", self.node_netns, "conntrack", "-F"])
+        else:
+            log.warning("conntrack (Debian package conntrack) is not installed: the lab cannot flush old flows, "
+                        "so a probe may pass as part of a flow an earlier matrix established")
 
     def _probe_from(self, src: LabPod, request: str, timeout: float) -> list[bool]:
         """One prober process per source pod; all its targets are probed concurrently inside it."""

@@ -5,6 +5,7 @@ the root namespace's links, addresses, routes and rules are exactly as they were
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,15 +96,40 @@ def test_no_policy_everything_connects_and_close_leaves_nothing(example_pods):
     lab.close()  # a second close is harmless
 
 
+STALE_FLOW = """
+import socket, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", 40000))
+    sock.settimeout(0.5)
+    sock.connect((sys.argv[1], 80))
+    sock.send(b"again")
+    try:
+        print(sock.recv(64) == b"again")
+    except OSError:
+        print(False)
+"""
+
+
 def test_matrix_counts_dropped_and_rejected_paths_as_blocked(example_pods):
-    """A DROP waits out the probe timeout, a REJECT fails fast: both must read as blocked, nothing else."""
+    """A DROP waits out the probe timeout, a REJECT fails fast: both must read as blocked, nothing else.
+
+    A flow established before the rules (same 5-tuple each time) must not outlive a matrix either.
+    """
     pods = example_pods[:3]
     with NodeLab(pods) as lab:
+        def same_udp_flow_to_x_c() -> bool:
+            argv = ["ip", "netns", "exec", lab.pod_netns(pods[0]), sys.executable, "-c", STALE_FLOW, pods[2].ip]
+            return sh(*argv).strip() == "True"
+
         lab.node_run(["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"],
                      check=True)
+        assert same_udp_flow_to_x_c()
         lab.node_run(["iptables", "-A", "FORWARD", "-d", pods[1].ip, "-p", "tcp", "-j", "DROP"], check=True)
         lab.node_run(["iptables", "-A", "FORWARD", "-d", pods[2].ip, "-j", "REJECT"], check=True)
+        assert same_udp_flow_to_x_c()  # still established: the kernel's view, not the policy's
         matrix = lab.matrix(timeout=0.5)
+        assert not same_udp_flow_to_x_c()  # matrix() forgot old flows
     dropped = {(src, "x/b", "tcp", port) for src in ("x/a", "x/c") for port in (80, 81)}
     rejected = {(src, "x/c", proto, port) for src in ("x/a", "x/b") for proto in ("tcp", "udp") for port in (80, 81)}
     assert {key for key, connected in matrix.items() if not connected} == dropped | rejected
@@ -164,33 +190,36 @@ sys.exit(2 if verb == "plan" else 0)
 """
 
 
-def run_lab_main(tmp_path, monkeypatch, fail: str | None) -> list[dict]:
-    """lab.main against a stand-in weft that logs each call and REJECTs traffic to y/a while applied."""
+def run_lab_main(tmp_path, monkeypatch, capsys, fail: str | None):
+    """lab.main against a stand-in weft that logs each call and REJECTs traffic to y/a while applied.
+
+    Returns the logged calls and the captured output, after checking the lab left nothing behind.
+    """
     log = tmp_path / "weft.log"
     script = tmp_path / "fake_weft.py"
     script.write_text(FAKE_WEFT.format(log=str(log), fail=fail))
     monkeypatch.setattr(lab_cli, "WEFT", [sys.executable, str(script)])
-    netns_before = set(sh("ip", "netns", "list").split())
     assert lab_cli.main(["--timeout", "0.5"]) == (1 if fail else 0)
-    assert not (set(sh("ip", "netns", "list").split()) - netns_before)
+    output = capsys.readouterr()
+    prefix = re.search(r"node namespace (\S+)-node", output.out).group(1)
+    assert [name for name in sh("ip", "netns", "list").split() if name.startswith(prefix + "-")] == []
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert not Path(calls[0]["argv"][2]).parent.exists()  # the temporary manifests and state are gone
-    return calls
+    return calls, output
 
 
 def test_lab_main_runs_every_step_with_weft_in_the_node(example_pods, tmp_path, monkeypatch, capsys):
-    calls = run_lab_main(tmp_path, monkeypatch, fail=None)
+    calls, output = run_lab_main(tmp_path, monkeypatch, capsys, fail=None)
     assert [call["argv"][:2] for call in calls] == [
         ["plan", "--from"], ["apply", "--from"], ["drift", "--from"], ["apply", "--destroy"]]
     assert all("--node" in call["argv"] and "--state-dir" in call["argv"] for call in calls)
     node_links = sorted(["lo", *(host_iface_name(pod.namespace, pod.name) for pod in example_pods)])
     assert all(call["links"] == node_links for call in calls)  # weft ran in the node namespace
-    out = capsys.readouterr().out
     # the fake's REJECT while applied: 8 pods x 4 probes, to y/a and (replies) from it
-    assert out.count("324 of 324 probes connected") == 2 and "260 of 324 probes connected" in out
+    assert output.out.count("324 of 324 probes connected") == 2 and "260 of 324 probes connected" in output.out
 
 
 def test_lab_main_stops_and_cleans_up_when_a_step_fails(tmp_path, monkeypatch, capsys):
-    calls = run_lab_main(tmp_path, monkeypatch, fail="plan")
+    calls, output = run_lab_main(tmp_path, monkeypatch, capsys, fail="plan")
     assert [call["argv"][0] for call in calls] == ["plan"]
-    assert "weft plan exited 1" in capsys.readouterr().err
+    assert "weft plan exited 1" in output.err
