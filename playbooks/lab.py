@@ -96,6 +96,8 @@ def print_keep(lab: NodeLab, workdir: Path) -> None:
     for pod in lab.pods:
         print(f"pod {pod.key:<5} ip netns exec {lab.pod_netns(pod)} bash    # {pod.ip}")
     print(f"manifests and weft state: {workdir}")
+    weft_args = f"--from {workdir / 'manifests'} --node {NODE} --state-dir {workdir / 'state'}"
+    print(f"apply the example policies again: ip netns exec {lab.node_netns} {' '.join(WEFT)} apply {weft_args}")
     names = " ".join(lab.netns_names)
     print(f"remove it: for ns in {names}; do ip netns pids $ns | xargs -r kill; ip netns del $ns; done;"
           f" rm -rf {workdir}")
@@ -121,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         except (LabError, StepFailed, subprocess.TimeoutExpired) as err:
             print(f"\nweft lab: FAILED: {err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("\nweft lab: interrupted", file=sys.stderr)
+            return 130
         finally:
             if args.keep and created:
                 print_keep(lab, workdir)
