@@ -72,8 +72,12 @@ def pods_from_manifests(directory: str | Path, node: str) -> list[LabPod]:
     return pods
 
 
-def check_lab_addresses(pods: Sequence[LabPod]) -> None:
-    """Refuse any address outside the lab range before touching the kernel (network safety)."""
+def check_lab_pods(pods: Sequence[LabPod]) -> None:
+    """Refuse any address outside the lab range (network safety) and pods named twice, before
+    touching the kernel."""
+    keys = [pod.key for pod in pods]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"pods named more than once: {sorted({key for key in keys if keys.count(key) > 1})}")
     for pod in pods:
         try:
             address = ipaddress.IPv4Address(pod.ip)
@@ -125,6 +129,7 @@ class NodeLab:
         self.node_netns = f"{self.prefix}-node"
         self._pod_netns = {pod.key: f"{self.prefix}-{i}" for i, pod in enumerate(self.pods)}
         self._servers: list[subprocess.Popen] = []
+        self._created: list[str] = []  # the namespaces close() may remove: only those this lab made
 
     def __enter__(self) -> NodeLab:
         self.create()
@@ -143,7 +148,7 @@ class NodeLab:
 
     def create(self) -> None:
         """Build the node, wire and start every pod; on any failure or Ctrl-C remove what was built."""
-        check_lab_addresses(self.pods)
+        check_lab_pods(self.pods)
         try:
             self._create_node()
             for pod in self.pods:
@@ -154,14 +159,23 @@ class NodeLab:
             self.close()
             raise
 
+    def _add_netns(self, name: str) -> None:
+        """Create a namespace and own it; one that already existed (explicit prefix) is not ours."""
+        self._created.append(name)  # before the command: a Ctrl-C during it must not leak the namespace
+        try:
+            run(["ip", "netns", "add", name])
+        except LabError:
+            self._created.remove(name)
+            raise
+
     def _create_node(self) -> None:
-        run(["ip", "netns", "add", self.node_netns])
+        self._add_netns(self.node_netns)
         ip_batch(self.node_netns, ["link set lo up"])
         self.node_run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
 
     def _wire_pod(self, pod: LabPod) -> None:
         netns, host_iface = self.pod_netns(pod), host_iface_name(pod.namespace, pod.name)
-        run(["ip", "netns", "add", netns])
+        self._add_netns(netns)
         ip_batch(self.node_netns, [
             f"link add {host_iface} address {HOST_SIDE_MAC} type veth peer name eth0 netns {netns}",
             f"link set {host_iface} up",
@@ -205,8 +219,8 @@ class NodeLab:
             server.stdout.close()
             server.stderr.close()
         self._servers.clear()
-        for name in self.netns_names:
-            remove_netns(name)
+        while self._created:
+            remove_netns(self._created.pop())
 
     def node_run(self, argv: list[str], *, input: str | None = None, check: bool = False,
                  timeout: float = 120) -> subprocess.CompletedProcess:

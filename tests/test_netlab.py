@@ -162,11 +162,26 @@ def test_failed_create_leaves_nothing(example_pods, monkeypatch, failure):
     assert_gone(lab, seen["pids"])
 
 
-def test_address_outside_lab_range_is_refused_before_anything_is_built():
-    lab = NodeLab([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "10.1.2.3")])
-    with pytest.raises(ValueError, match="outside the lab range"):
+@pytest.mark.parametrize("pods, error", [
+    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "10.1.2.3")], "outside the lab range"),
+    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "198.18.1.300")], "not an IPv4 address"),
+    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "a", "198.18.1.12")], "named more than once"),
+])
+def test_bad_pods_are_refused_before_anything_is_built(pods, error):
+    lab = NodeLab(pods)
+    with pytest.raises(ValueError, match=error):
         lab.create()
     assert_gone(lab, [])
+
+
+def test_a_lab_never_removes_namespaces_it_did_not_make(example_pods):
+    """A second lab given a prefix already in use fails, and the first lab is left whole."""
+    with NodeLab(example_pods[:2]) as first:
+        pids = lab_pids(first)
+        with pytest.raises(LabError, match="File exists"):
+            NodeLab(example_pods[:2], prefix=first.prefix).create()
+        assert lab_pids(first) == pids and len(pids) == 2
+        assert all(first.matrix(probes=[("tcp", 80)], timeout=0.5).values())
 
 
 def test_format_matrix():
