@@ -4,7 +4,7 @@ Reads {"timeout": seconds, "targets": [{"ip": ..., "proto": "tcp"|"udp", "port":
 JSON on stdin and prints a JSON list of booleans in the same order. Probes run concurrently, so a
 whole row of the matrix costs about one timeout however many targets are dropped. A refused
 connection (REJECT, ICMP unreachable) fails fast; a dropped one waits out the timeout; both are
-False. Standard library only: it starts once per source pod per matrix.
+False. Standard library only, so it can start without site-packages (`python -I -S podprobe.py`).
 """
 import json
 import socket

@@ -1,8 +1,8 @@
 """The lab's stand-in for agnhost: answers TCP and UDP on every given port until killed.
 
-Run inside a pod namespace as `python -m playbooks.podserver 80 81`. TCP: accept, send b"ok\\n",
-close. UDP: echo each datagram back to its sender. Prints "ready" once every socket is bound, so
-the lab can wait for it instead of sleeping. Standard library only: it starts once per pod.
+Run inside a pod namespace as `python -I -S podserver.py 80 81`. TCP: accept, send b"ok\\n", close.
+UDP: echo each datagram back to its sender. Prints "ready" once every socket is bound, so the lab
+can wait for it instead of sleeping. Standard library only, so it can start without site-packages.
 """
 import selectors
 import socket
