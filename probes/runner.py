@@ -22,10 +22,12 @@ class KernelCommandError(WeftError):
 class Runner:
     """Runs commands; remembers what it ran that writes to the kernel (reported by `apply`)."""
     writes: list[str] = field(default_factory=list)
+    bytes_written: int = 0          # input fed to kernel-writing commands, for `apply` reports
 
     def run(self, argv: list[str], stdin: str | None = None, *, writes: bool = False) -> str:
         if writes:
             self.writes.append(" ".join(argv))
+            self.bytes_written += len(stdin.encode()) if stdin else 0
         try:
             proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
         except FileNotFoundError as exc:

@@ -84,7 +84,7 @@ def _dispatch(args) -> int:
     if args.command == "apply":
         saved = planmod.load_plan(args.plan_file) if args.plan_file else None
         plan = run.apply(opts, runner, saved, destroy=args.destroy)
-        report = plan.to_json() | {"commands": runner.writes}
+        report = plan.to_json() | {"commands": runner.writes, "bytes_written": runner.bytes_written}
         text = ("No changes. The kernel already matches.\n" if plan.changes.empty else
                 planmod.format_text(plan) + "\n" + planmod.summary_line(plan.changes, "Apply complete") + "\n")
         _emit(args, report, text)
