@@ -26,9 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from desired.endpoints import host_iface_name
+from desired.manifests import load_manifest_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +61,16 @@ def pods_from_manifests(directory: str | Path, node: str) -> list[LabPod]:
     """Pods of YAML manifests in `directory` (all *.yaml / *.yml, multi-document) whose
     spec.nodeName == node, with their status.podIP.
 
-    Pods without an IP yet (Pending) are left out: there is nothing to wire for them.
+    Read with weft's own `--from` loader, so the lab wires exactly the pods weft will see. Pods
+    without an IP yet (Pending) are left out: there is nothing to wire for them.
     """
-    paths = sorted(p for p in Path(directory).iterdir() if p.suffix in (".yaml", ".yml"))
     pods = []
-    for path in paths:
-        for doc in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader):
-            if not doc or doc.get("kind") != "Pod":
-                continue
-            spec, status, meta = doc.get("spec") or {}, doc.get("status") or {}, doc["metadata"]
-            if spec.get("nodeName") == node and status.get("podIP"):
-                pods.append(LabPod(meta.get("namespace", "default"), meta["name"], status["podIP"]))
+    for _, doc in load_manifest_dir(directory):
+        if not isinstance(doc, dict) or doc.get("kind") != "Pod":
+            continue
+        spec, status, meta = doc.get("spec") or {}, doc.get("status") or {}, doc["metadata"]
+        if spec.get("nodeName") == node and status.get("podIP"):
+            pods.append(LabPod(meta.get("namespace", "default"), meta["name"], status["podIP"]))
     return pods
 
 
