@@ -395,3 +395,9 @@ def state_diff(before: Mapping[str, str], after: Mapping[str, str]) -> str:
             parts.append("".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True),
                                                       f"{name} before", f"{name} after")))
     return "\n".join(parts)
+
+
+def is_no_op(report: Mapping) -> bool:
+    """An `apply --output json` report of a run that changed nothing."""
+    summary = report.get("summary") or {}
+    return report.get("commands") == [] and all(summary.get(k) == 0 for k in ("add", "change", "destroy"))

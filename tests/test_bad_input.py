@@ -18,6 +18,7 @@ from tests.matrices import (
     SCENARIOS,
     cli_missing,
     describe,
+    is_no_op,
     kernel_state,
     state_diff,
     weft,
@@ -210,5 +211,5 @@ def test_good_input_after_bad_is_a_no_op(applied):
     done = weft(lab, ["apply", "--output", "json"], good, state)
     assert done.returncode == 0, describe(done)
     report = json.loads(done.stdout)
-    assert report["commands"] == [] and report["summary"] == {"add": 0, "change": 0, "destroy": 0}, report
+    assert is_no_op(report), report
     assert not state_diff(recorded, kernel_state(lab))

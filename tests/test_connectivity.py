@@ -33,6 +33,7 @@ from tests.matrices import (
     describe,
     diff,
     format_table,
+    is_no_op,
     kernel_state,
     pods,
     probes,
@@ -366,7 +367,7 @@ def test_scenario(weft_lab, state_dir, tmp_path, scenario):
         check_matrix(lab, step.expect.matrix(), context)
 
         again = run_json(lab, ["apply", "--output", "json"], source, state_dir)
-        assert again["commands"] == [] and again["summary"] == {"add": 0, "change": 0, "destroy": 0}, \
+        assert is_no_op(again), \
             f"{context}: second apply is not a no-op: {json.dumps(again, indent=1)}"
         plan = weft(lab, ["plan", "--detailed-exitcode"], source, state_dir)
         assert plan.returncode == 0, f"{context}: plan after apply is not clean\n{describe(plan)}"
@@ -384,4 +385,4 @@ def test_destroy_reopens_everything(weft_lab, state_dir, tmp_path):
     assert not weft_leftovers(kernel_state(lab))
     check_matrix(lab, all_open(), "after apply --destroy")
     again = run_json(lab, ["apply", "--destroy", "--output", "json"], source, state_dir)
-    assert again["commands"] == [], f"second destroy is not a no-op: {again}"
+    assert is_no_op(again), f"second destroy is not a no-op: {again}"
