@@ -1,8 +1,5 @@
-"""Kubernetes objects (as plain dicts, from YAML or the API server) -> the validated model.
-
-Both sources hand over the same dict shapes, so validation is one code path. Every problem is
-collected with the file, the object and the field path, and the whole load fails if any is
-found: a half-understood desired state is never applied.
+"""Converters for Kubernetes' own kinds: one object (a plain dict, from YAML or the API
+server) -> its model value, recording every problem with its field path (see desired.loader).
 
 NetworkPolicy is converted the way Calico does it: tier "default", order 1000, Allow rules,
 named "knp.default.<name>", selecting pods of its own namespace.
@@ -11,18 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
-from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
 from desired.endpoints import host_iface_name
-from desired.errors import InvalidDesiredState, ValidationError
 from desired.model import (
     EGRESS,
     INGRESS,
     Action,
-    ClusterState,
     ContainerPort,
     Endpoint,
     EntityMatch,
@@ -34,21 +27,19 @@ from desired.model import (
     Rule,
 )
 from desired.selectors import OPERATORS, Requirement, Selector
+from desired.validation import (
+    Checker,
+    ip_of,
+    labels_of,
+    name_of,
+    namespace_of,
+    valid_label_key,
+    valid_label_value,
+)
 
 # Namespaces every API server has; a manifest directory need not declare them.
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-# (apiVersion, kind) understood so far; other objects (e.g. Calico's kinds until they are
-# supported) are listed as ignored, not rejected.
-UNDERSTOOD = {
-    ("v1", "Namespace"): "Namespace",
-    ("v1", "Pod"): "Pod",
-    ("v1", "Node"): "Node",
-    ("networking.k8s.io/v1", "NetworkPolicy"): "NetworkPolicy",
-}
-
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _K8S_PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _POLICY_SPEC_FIELDS = {"podSelector", "policyTypes", "ingress", "egress"}
@@ -58,177 +49,21 @@ _PEER_FIELDS = {"podSelector", "namespaceSelector", "ipBlock"}
 _PORT_FIELDS = {"protocol", "port", "endPort"}
 
 
-class _Checker:
-    """Collects problems for one object; file and "Kind namespace/name" prefix every message.
-
-    The object's label is made only when a problem is found: most objects have none, and
-    there are tens of thousands of them.
-    """
-    __slots__ = ("where", "raw", "errors")
-
-    def __init__(self, where: str, raw: dict, errors: list[ValidationError]):
-        self.where, self.raw, self.errors = where, raw, errors
-
-    @property
-    def obj(self) -> str:
-        kind = self.raw.get("kind")
-        meta = self.raw.get("metadata") if isinstance(self.raw.get("metadata"), dict) else {}
-        ns = meta.get("namespace") or ("default" if kind in ("Pod", "NetworkPolicy") else None)
-        return f"{kind} {ns + '/' if ns else ''}{meta.get('name')}"
-
-    def fail(self, path: str, message: str) -> None:
-        self.errors.append(ValidationError(self.where, self.obj, path, message))
-
-    def typed(self, value: Any, path: str, kind: type | tuple, what: str, default: Any = None) -> Any:
-        if value is None:
-            return default
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.fail(path, f"must be {what}, got {value!r}")
-            return default
-        return value
-
-    def known_fields(self, mapping: dict, path: str, allowed: set[str]) -> None:
-        for key in sorted(set(mapping) - allowed):
-            self.fail(f"{path}.{key}" if path else key, f"unknown field (known: {', '.join(sorted(allowed))})")
+def namespace(check: Checker, raw: dict) -> Namespace:
+    name = name_of(check, raw)
+    labels = labels_of(check, raw["metadata"].get("labels"), "metadata.labels")
+    return Namespace(name, {**labels, NAMESPACE_NAME_LABEL: name})   # the API server always sets it
 
 
-def build_cluster_state(objects: Iterable[tuple[str, dict]]) -> ClusterState:
-    """Validate and convert (where, object) pairs; raise InvalidDesiredState listing every problem."""
-    errors: list[ValidationError] = []
-    by_kind: dict[str, list[tuple[_Checker, dict]]] = {k: [] for k in UNDERSTOOD.values()}
-    ignored: list[str] = []
-    seen: set[tuple] = set()
-    for where, raw in _flatten_lists(objects):
-        if not isinstance(raw, dict):
-            errors.append(ValidationError(where, "document", "", f"must be a mapping, got {type(raw).__name__}"))
-            continue
-        if not isinstance(raw.get("kind"), str) or not raw["kind"]:
-            name = (raw.get("metadata") or {}).get("name") if isinstance(raw.get("metadata"), dict) else None
-            errors.append(ValidationError(where, f"object {name!r}", "kind", "missing"))
-            continue
-        _sort_into(by_kind, ignored, seen, where, raw, errors)
-
-    namespaces = _namespaces(by_kind["Namespace"])
-    nodes = {}
-    for check, raw in by_kind["Node"]:
-        name = _name(check, raw)
-        nodes[name] = Node(name, _labels(check, raw.get("metadata", {}).get("labels"), "metadata.labels"))
-    endpoints = []
-    for check, raw in by_kind["Pod"]:
-        ep = _endpoint(check, raw, namespaces)
-        if ep is not None:
-            endpoints.append(ep)
-    policies = [_network_policy(check, raw, namespaces) for check, raw in by_kind["NetworkPolicy"]]
-    if errors:
-        raise InvalidDesiredState(errors)
-    return ClusterState(
-        namespaces=namespaces,
-        endpoints=tuple(sorted(endpoints, key=lambda e: (e.namespace, e.pod))),
-        policies=tuple(sorted((p for p in policies if p), key=lambda p: p.key)),
-        nodes=nodes,
-        ignored_kinds=tuple(sorted(set(ignored))),
-    )
+def node(check: Checker, raw: dict) -> Node:
+    return Node(name_of(check, raw), labels_of(check, raw["metadata"].get("labels"), "metadata.labels"))
 
 
-def _flatten_lists(objects):
-    """`kind: List` documents (as `kubectl get -o yaml` writes them) stand for their items."""
-    for where, raw in objects:
-        if isinstance(raw, dict) and str(raw.get("kind", "")).endswith("List") and isinstance(raw.get("items"), list):
-            yield from ((where, item) for item in raw["items"])
-        else:
-            yield where, raw
-
-
-def _sort_into(by_kind, ignored, seen, where, raw, errors) -> None:
-    kind = UNDERSTOOD.get((raw.get("apiVersion"), raw["kind"]))
-    if kind is None:
-        ignored.append(f"{raw.get('apiVersion', '?')}/{raw['kind']}")
-        return
-    check = _Checker(where, raw, errors)
-    meta = raw.get("metadata")
-    if not isinstance(meta, dict):
-        check.fail("metadata", "missing")
-        return
-    key = (kind, meta.get("namespace") or "default", meta.get("name"))
-    if key in seen:
-        check.fail("metadata.name", "defined more than once")
-        return
-    seen.add(key)
-    by_kind[kind].append((check, raw))
-
-
-def _name(check: _Checker, raw: dict) -> str:
-    name = raw["metadata"].get("name")
-    if not isinstance(name, str) or not name or not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
-        check.fail("metadata.name", f"must be a DNS subdomain name, got {name!r}")
-        return str(name)
-    return name
-
-
-def _labels(check: _Checker, raw: Any, path: str) -> dict[str, str]:
-    labels = check.typed(raw, path, dict, "a mapping of label keys to values", {})
-    try:
-        problems = _label_problems(tuple(labels.items()))
-    except TypeError:                       # an unhashable value: certainly not a string
-        problems = _label_problems(tuple((k, repr(v) + "\0") for k, v in labels.items()))
-    for key, message in problems:
-        check.fail(f"{path}.{key}", message)
-    return {k: v for k, v in labels.items() if k not in dict(problems)} if problems else labels
-
-
-@lru_cache(maxsize=4096)
-def _label_problems(items: tuple) -> tuple[tuple[str, str], ...]:
-    """Many pods share one label set (a Deployment's replicas): check each set once."""
-    problems = []
-    for key, value in items:
-        if not _valid_label_key(key):
-            problems.append((key, "invalid label key"))
-        elif not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME.match(value):
-            problems.append((key, f"invalid label value {value!r}"))
-    return tuple(problems)
-
-
-def _valid_label_key(key: Any) -> bool:
-    if not isinstance(key, str) or not key:
-        return False
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
-        return False
-    return 0 < len(name) <= 63 and bool(_LABEL_NAME.match(name))
-
-
-def _namespaces(checked) -> dict[str, Namespace]:
-    result = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
-    for check, raw in checked:
-        name = _name(check, raw)
-        labels = _labels(check, raw["metadata"].get("labels"), "metadata.labels")
-        labels = {**labels, NAMESPACE_NAME_LABEL: name}   # the API server always sets it
-        result[name] = Namespace(name, labels)
-    return result
-
-
-def _namespace_of(check: _Checker, raw: dict, namespaces) -> str | None:
-    ns = raw["metadata"].get("namespace") or "default"
-    if ns not in namespaces:
-        check.fail("metadata.namespace", f"namespace {ns!r} does not exist")
-        return None
-    return ns
-
-
-def _ip(check: _Checker, value: Any, path: str) -> str | None:
-    try:
-        if isinstance(value, str) and "." in value:     # IPv4: the common case, checked 20x cheaper
-            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value))
-        return str(ipaddress.ip_address(value))
-    except (ValueError, TypeError, OSError):
-        check.fail(path, f"invalid IP address {value!r}")
-        return None
-
-
-def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
-    name = _name(check, raw)
-    ns = _namespace_of(check, raw, namespaces)
-    labels = _labels(check, raw["metadata"].get("labels"), "metadata.labels")
+def endpoint(check: Checker, raw: dict) -> Endpoint | None:
+    """A Pod: a workload endpoint when it is scheduled, has an address and is not host-networked."""
+    name = name_of(check, raw)
+    ns = namespace_of(raw)
+    labels = labels_of(check, raw["metadata"].get("labels"), "metadata.labels")
     spec = check.typed(raw.get("spec"), "spec", dict, "a mapping", {})
     status = check.typed(raw.get("status"), "status", dict, "a mapping", {})
     ports = _container_ports(check, spec)
@@ -237,11 +72,11 @@ def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
     if pod_ips:
         for i, entry in enumerate(check.typed(pod_ips, "status.podIPs", list, "a list", [])):
             value = entry.get("ip") if isinstance(entry, dict) else None
-            ip = _ip(check, value, f"status.podIPs[{i}].ip")
+            ip = ip_of(check, value, f"status.podIPs[{i}].ip")
             if ip:
                 ips.append(ip)
     elif status.get("podIP"):
-        ip = _ip(check, status.get("podIP"), "status.podIP")
+        ip = ip_of(check, status.get("podIP"), "status.podIP")
         if ip:
             ips.append(ip)
     node = spec.get("nodeName")
@@ -249,7 +84,7 @@ def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
         check.fail("spec.nodeName", "must be a string")
         return None
     # Calico's rules: host-networked pods are not workload endpoints, finished pods no longer are.
-    if ns is None or not node or not ips or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+    if not node or not ips or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
         return None
     return Endpoint(
         namespace=ns, pod=name, node=node, iface=host_iface_name(ns, name), ips=tuple(dict.fromkeys(ips)),
@@ -257,7 +92,7 @@ def _endpoint(check: _Checker, raw: dict, namespaces) -> Endpoint | None:
     )
 
 
-def _container_ports(check: _Checker, spec: dict) -> tuple[ContainerPort, ...]:
+def _container_ports(check: Checker, spec: dict) -> tuple[ContainerPort, ...]:
     """Named container ports of a pod (the only ones policy can refer to by name)."""
     containers = check.typed(spec.get("containers"), "spec.containers", list, "a list", [])
     entries = []
@@ -305,7 +140,7 @@ def _check_ports(entries: tuple) -> tuple[tuple[ContainerPort, ...], tuple[tuple
     return tuple(sorted(ports, key=lambda p: (p.name, p.protocol, p.port))), tuple(problems)
 
 
-def _protocol(check: _Checker, value: Any, path: str) -> str | None:
+def _protocol(check: Checker, value: Any, path: str) -> str | None:
     if value is None:
         return "tcp"
     proto = _K8S_PROTOCOLS.get(value) if isinstance(value, str) else None
@@ -314,7 +149,7 @@ def _protocol(check: _Checker, value: Any, path: str) -> str | None:
     return proto
 
 
-def _selector(check: _Checker, raw: Any, path: str) -> Selector | None:
+def _selector(check: Checker, raw: Any, path: str) -> Selector | None:
     """A Kubernetes LabelSelector; None (with a recorded error) if invalid."""
     raw = check.typed(raw, path, dict, "a label selector mapping", None)
     if raw is None:
@@ -323,9 +158,9 @@ def _selector(check: _Checker, raw: Any, path: str) -> Selector | None:
     check.known_fields(raw, path, {"matchLabels", "matchExpressions"})
     reqs = []
     for key, value in check.typed(raw.get("matchLabels"), f"{path}.matchLabels", dict, "a mapping", {}).items():
-        if not _valid_label_key(key):
+        if not valid_label_key(key):
             check.fail(f"{path}.matchLabels.{key}", "invalid label key")
-        elif not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME.match(value):
+        elif not valid_label_value(value):
             check.fail(f"{path}.matchLabels.{key}", f"invalid label value {value!r}")
         else:
             reqs.append(Requirement(key, "In", (value,)))
@@ -337,7 +172,7 @@ def _selector(check: _Checker, raw: Any, path: str) -> Selector | None:
             continue
         check.known_fields(expr, epath, {"key", "operator", "values"})
         key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        if not _valid_label_key(key):
+        if not valid_label_key(key):
             check.fail(f"{epath}.key", f"invalid label key {key!r}")
         if op not in OPERATORS:
             check.fail(f"{epath}.operator", f"must be one of {', '.join(OPERATORS)}, got {op!r}")
@@ -356,9 +191,9 @@ def _selector(check: _Checker, raw: Any, path: str) -> Selector | None:
     return Selector.of(reqs)
 
 
-def _network_policy(check: _Checker, raw: dict, namespaces) -> Policy | None:
-    name = _name(check, raw)
-    ns = _namespace_of(check, raw, namespaces)
+def network_policy(check: Checker, raw: dict) -> Policy | None:
+    name = name_of(check, raw)
+    ns = namespace_of(raw)
     spec = check.typed(raw.get("spec"), "spec", dict, "a mapping", None)
     if spec is None:
         check.fail("spec", "missing")
@@ -384,7 +219,7 @@ def _network_policy(check: _Checker, raw: dict, namespaces) -> Policy | None:
                for r in _k8s_rule(check, rule, f"spec.ingress[{i}]", ns, INGRESS)]
     egress = [r for i, rule in enumerate(egress_raw)
               for r in _k8s_rule(check, rule, f"spec.egress[{i}]", ns, EGRESS)]
-    if len(check.errors) != before or ns is None or pod_selector is None:
+    if len(check.errors) != before or pod_selector is None:
         return None
     return Policy(
         name=f"knp.default.{name}", namespace=ns, selector=pod_selector, types=frozenset(types),
@@ -393,7 +228,7 @@ def _network_policy(check: _Checker, raw: dict, namespaces) -> Policy | None:
     )
 
 
-def _k8s_rule(check: _Checker, raw: Any, path: str, ns: str | None, direction: str) -> list[Rule]:
+def _k8s_rule(check: Checker, raw: Any, path: str, ns: str | None, direction: str) -> list[Rule]:
     """One Kubernetes rule -> Calico rules: one per (peer, protocol) pair, all Allow."""
     if not isinstance(raw, dict):
         check.fail(path, "must be a mapping")
@@ -418,7 +253,7 @@ def _k8s_rule(check: _Checker, raw: Any, path: str, ns: str | None, direction: s
     return rules
 
 
-def _peer(check: _Checker, raw: Any, path: str, ns: str | None) -> EntityMatch | None:
+def _peer(check: Checker, raw: Any, path: str, ns: str | None) -> EntityMatch | None:
     if not isinstance(raw, dict):
         check.fail(path, "must be a mapping")
         return None
@@ -440,7 +275,7 @@ def _peer(check: _Checker, raw: Any, path: str, ns: str | None) -> EntityMatch |
     return EntityMatch(selector=pod_sel, namespace=ns)
 
 
-def _ip_block(check: _Checker, raw: Any, path: str) -> EntityMatch | None:
+def _ip_block(check: Checker, raw: Any, path: str) -> EntityMatch | None:
     if not isinstance(raw, dict):
         check.fail(path, "must be a mapping")
         return None
@@ -464,7 +299,7 @@ def _ip_block(check: _Checker, raw: Any, path: str) -> EntityMatch | None:
     return EntityMatch(nets=(str(cidr),), not_nets=tuple(sorted(set(excepts))))
 
 
-def _port_groups(check: _Checker, ports_raw: list, path: str) -> dict[str | None, tuple]:
+def _port_groups(check: Checker, ports_raw: list, path: str) -> dict[str | None, tuple]:
     """Ports of one rule grouped by protocol; an entry with no port opens the whole protocol."""
     groups: dict[str | None, set | None] = {}
     for i, entry in enumerate(ports_raw):
@@ -492,7 +327,7 @@ def _port_order(p) -> tuple:
     return (0, p.start, p.end, "") if isinstance(p, PortRange) else (1, 0, 0, p.name)
 
 
-def _port(check: _Checker, port: Any, end: Any, path: str):
+def _port(check: Checker, port: Any, end: Any, path: str):
     if isinstance(port, str):
         if end is not None:
             check.fail(f"{path}.endPort", "cannot be used with a named port")

@@ -31,7 +31,7 @@ class Options:
 
 
 def load_desired(opts: Options) -> ClusterState:
-    from desired.kubernetes import build_cluster_state
+    from desired.loader import build_cluster_state
     if opts.from_dir:
         from desired.manifests import load_manifest_dir
         objects = load_manifest_dir(opts.from_dir)
