@@ -33,6 +33,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import yaml
+
 # --- The base cluster (playbooks/example/cluster.yaml), as its contract states it. -------------
 
 NAMESPACES = ("x", "y", "z")
@@ -191,10 +193,12 @@ def _index(seq, item):
 
 # --- An independent reference evaluator (cross-check only). -------------------------------------
 
-def reference_matrix(policies: Iterable[Mapping]) -> dict[Cell, bool]:
+def reference_matrix(policies: Iterable[Mapping], relabel: Mapping[str, Mapping] = {}) -> dict[Cell, bool]:
     """The matrix the Kubernetes semantics give for `policies` (NetworkPolicy dicts) on the lab
-    cluster. Written apart from the hand tables so the two can catch each other's mistakes."""
+    cluster (with `relabel`, see `write_source`). Written apart from the hand tables so the two
+    can catch each other's mistakes."""
     policies = [p for p in policies if p]
+    pod_labels, ns_labels = labels_after(relabel)
     selected = {"ingress": set(), "egress": set()}
     allowed = {"ingress": set(), "egress": set()}
     for pol in policies:
@@ -202,7 +206,7 @@ def reference_matrix(policies: Iterable[Mapping]) -> dict[Cell, bool]:
         spec = pol.get("spec") or {}
         types = spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
         subjects = [k for k in POD_KEYS
-                    if k.split("/")[0] == ns and _selects(spec.get("podSelector") or {}, POD_LABELS[k])]
+                    if k.split("/")[0] == ns and _selects(spec.get("podSelector") or {}, pod_labels[k])]
         for ptype, direction, section, peer_key in (("Ingress", "ingress", "ingress", "from"),
                                                     ("Egress", "egress", "egress", "to")):
             if ptype not in types:
@@ -211,7 +215,8 @@ def reference_matrix(policies: Iterable[Mapping]) -> dict[Cell, bool]:
             for rule in spec.get(section) or []:
                 peers = rule.get(peer_key)
                 others = POD_KEYS if not peers else [
-                    k for k in POD_KEYS if any(_peer_matches(peer, ns, k) for peer in peers)]
+                    k for k in POD_KEYS if any(_peer_matches(peer, ns, k, pod_labels, ns_labels)
+                                              for peer in peers)]
                 for subject in subjects:
                     for other in others:
                         src, dst = (other, subject) if direction == "ingress" else (subject, other)
@@ -251,7 +256,21 @@ def _selects(selector: Mapping, labels: Mapping) -> bool:
     return True
 
 
-def _peer_matches(peer: Mapping, policy_ns: str, pod: str) -> bool:
+def labels_after(relabel: Mapping[str, Mapping]) -> tuple[dict, dict]:
+    """Pod and namespace labels of the lab cluster once `relabel` is applied."""
+    pod_labels, ns_labels = dict(POD_LABELS), dict(NAMESPACE_LABELS)
+    for target, labels in relabel.items():
+        kind, _, name = target.partition(" ")
+        if kind == "pod":
+            pod_labels[name] = dict(labels)
+        elif kind == "namespace":
+            ns_labels[name] = {**labels, "kubernetes.io/metadata.name": name}
+        else:
+            raise ValueError(f"relabel target {target!r}: 'pod ns/name' or 'namespace name'")
+    return pod_labels, ns_labels
+
+
+def _peer_matches(peer: Mapping, policy_ns: str, pod: str, pod_labels, ns_labels) -> bool:
     if "ipBlock" in peer:
         ip = ipaddress.ip_address(POD_IPS[pod])
         block = peer["ipBlock"]
@@ -259,11 +278,11 @@ def _peer_matches(peer: Mapping, policy_ns: str, pod: str) -> bool:
             ip in ipaddress.ip_network(e) for e in block.get("except") or [])
     pod_ns = pod.split("/")[0]
     if "namespaceSelector" in peer:
-        if not _selects(peer["namespaceSelector"] or {}, NAMESPACE_LABELS[pod_ns]):
+        if not _selects(peer["namespaceSelector"] or {}, ns_labels[pod_ns]):
             return False
     elif pod_ns != policy_ns:
         return False
-    return "podSelector" not in peer or _selects(peer["podSelector"] or {}, POD_LABELS[pod])
+    return "podSelector" not in peer or _selects(peer["podSelector"] or {}, pod_labels[pod])
 
 
 def _ports_match(ports, proto: str, port: int) -> bool:
@@ -299,10 +318,28 @@ def cli_missing() -> str | None:
     return None
 
 
-def write_source(directory: Path, *policy_files: Path, texts: Mapping[str, str] = {}) -> Path:
-    """A --from directory: the base cluster, the given policy files, and extra files by text."""
+def write_source(directory: Path, *policy_files: Path, texts: Mapping[str, str] = {},
+                 relabel: Mapping[str, Mapping] = {}) -> Path:
+    """A --from directory: the base cluster, the given policy files, and extra files by text.
+
+    `relabel` replaces the labels of cluster objects: {"pod x/c": {"pod": "b"}, "namespace y":
+    {"ns": "x"}} (a namespace keeps its automatic kubernetes.io/metadata.name label).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(BASE_CLUSTER, directory / "cluster.yaml")
+    if relabel:
+        docs = [d for d in yaml.safe_load_all(BASE_CLUSTER.read_text()) if d]
+        left = dict(relabel)
+        for doc in docs:
+            meta = doc["metadata"]
+            target = (f"pod {meta.get('namespace')}/{meta['name']}" if doc["kind"] == "Pod"
+                      else f"namespace {meta['name']}" if doc["kind"] == "Namespace" else None)
+            if target in left:
+                meta["labels"] = dict(left.pop(target))
+        if left:
+            raise ValueError(f"relabel: no such objects {sorted(left)}")
+        (directory / "cluster.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    else:
+        shutil.copy(BASE_CLUSTER, directory / "cluster.yaml")
     for i, path in enumerate(policy_files):
         shutil.copy(path, directory / f"policies-{i}-{path.name}")
     for name, text in texts.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import yaml
@@ -48,6 +48,7 @@ from tests.matrices import (
 class Step:
     policies: str | None        # a file under tests/scenarios/, or None: no policy at all
     expect: Expect
+    relabel: dict = field(default_factory=dict)   # label changes to the base cluster (write_source)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ SCENARIO_LIST = [
         .isolate_ingress("y/b")
         .allow_ingress(dst="y/b", src="x/*", ports="tcp/80")),
 
+    one("peers-times-ports",
+        Expect().isolate_ingress(["x/a", "y/b", "z/c"])
+        .allow_ingress(dst="x/a", src=["x/b", "y/c"], ports=["tcp/80", "udp/81"])
+        .allow_ingress(dst="z/c", ports="tcp/81")),            # y/b: SCTP only, no TCP/UDP
+
     one("match-expressions",
         Expect().isolate_ingress(["y/a", "y/c", "z/b"])
         .allow_ingress(dst="y/a", src=["x/a", "x/c", "z/a", "z/c"])
@@ -144,6 +150,17 @@ SCENARIO_LIST = [
         Step("policy-update/2-modified.yaml",
              Expect().isolate_ingress("x/a")
              .allow_ingress(dst="x/a", src="z/*", ports="tcp/81")),
+        Step("policy-update/3-moved.yaml",
+             Expect().isolate_ingress("x/c")
+             .allow_ingress(dst="x/c", src="z/*", ports="tcp/81")),
+    )),
+
+    Scenario("label-change", (
+        Step("label-change/policy.yaml",
+             Expect().isolate_ingress("z/a").allow_ingress(dst="z/a", src="x/b")),
+        Step("label-change/policy.yaml",
+             Expect().isolate_ingress("z/a").allow_ingress(dst="z/a", src=["x/c", "y/b"]),
+             relabel={"pod x/b": {"pod": "bee"}, "pod x/c": {"pod": "b"}, "namespace y": {"ns": "x"}}),
     )),
 
     Scenario("policy-delete", (
@@ -177,6 +194,15 @@ def test_every_scenario_file_is_used():
     assert files == used
 
 
+def test_relabelled_cluster_is_written(tmp_path):
+    relabel = {"pod x/c": {"pod": "b"}, "namespace y": {"ns": "x"}}
+    docs = yaml.safe_load_all((write_source(tmp_path, relabel=relabel) / "cluster.yaml").read_text())
+    labels = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d["metadata"].get("labels")
+              for d in docs if d}
+    assert labels[("Pod", "x", "c")] == {"pod": "b"} and labels[("Namespace", None, "y")] == {"ns": "x"}
+    assert labels[("Pod", "x", "b")] == {"pod": "b"} and labels[("Namespace", None, "z")] == {"ns": "z"}
+
+
 @pytest.mark.parametrize("scenario, index, step", all_steps())
 def test_scenario_yaml_is_a_valid_policy_set(scenario, index, step):
     names = set()
@@ -197,7 +223,7 @@ def test_hand_written_matrix_agrees_with_reference_model(scenario, index, step):
     expected = step.expect.matrix()
     assert len(expected) == len(POD_KEYS) ** 2 * len(PROBES)
     assert all(expected[(k, k, pr, po)] for k in POD_KEYS for pr, po in PROBES)
-    differences = diff(expected, reference_matrix(load_policies(step)))
+    differences = diff(expected, reference_matrix(load_policies(step), step.relabel))
     assert not differences, "\n".join(["hand table vs reference model:", *differences])
 
 
@@ -355,7 +381,9 @@ def test_scenario(weft_lab, state_dir, tmp_path, scenario):
     for i, step in enumerate(scenario.steps):
         context = f"{scenario.name} step {i + 1} ({step.policies or 'no policies'})"
         files = [SCENARIOS / step.policies] if step.policies else []
-        source = write_source(tmp_path / f"step-{i + 1}", *files)
+        source = write_source(tmp_path / f"step-{i + 1}", *files, relabel=step.relabel)
+        if step.relabel:
+            context += f" with labels {step.relabel}"
 
         plan = weft(lab, ["plan", "--detailed-exitcode"], source, state_dir)
         assert plan.returncode == 2, f"{context}: plan should report pending changes\n{describe(plan)}"
