@@ -7,8 +7,9 @@ milliseconds. Results are the same as `Selector.matches` on each endpoint.
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
+from desired.calico_selector import Expr
 from desired.model import ClusterState, Endpoint, EntityMatch
 from desired.selectors import Selector
 
@@ -29,6 +30,7 @@ class EndpointIndex:
         self._by_label, self._by_key, self._by_ns = by_label, by_key, by_ns
         self.select = lru_cache(maxsize=None)(self._select)
         self.match = lru_cache(maxsize=None)(self._match)
+        self.select_expr = lru_cache(maxsize=None)(self._select_expr)
 
     def _select(self, selector: Selector) -> frozenset[int]:
         result = self._all
@@ -41,6 +43,26 @@ class EndpointIndex:
             if not result:
                 break
         return frozenset(result)
+
+    def _select_expr(self, expr: Expr | Selector) -> frozenset[int]:
+        """Endpoints matching a Calico selector expression (a Selector is accepted too); equivalent
+        spellings share one cache entry because the normal form is what gets evaluated."""
+        if isinstance(expr, Selector):
+            return self.select(expr)
+        normal = expr.normalize()
+        return normal.select(self) if normal == expr else self.select_expr(normal)
+
+    @cached_property
+    def _values_by_key(self) -> dict[str, dict[str, set[int]]]:
+        values: dict[str, dict[str, set[int]]] = defaultdict(dict)
+        for (key, value), positions in self._by_label.items():
+            values[key][value] = positions
+        return dict(values)
+
+    def label_values(self, key: str) -> dict[str, set[int]]:
+        """value -> endpoints for one label key: what `contains` / `starts with` / `ends with` scan,
+        so their cost is the number of distinct values, not of endpoints."""
+        return self._values_by_key.get(key, {})
 
     def in_namespaces(self, namespaces) -> frozenset[int]:
         return frozenset().union(*(self._by_ns.get(n, ()) for n in namespaces))
