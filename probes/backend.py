@@ -23,6 +23,10 @@ class Backend:
         return [f"iptables-{self.name}-save"]
 
     @property
+    def list_chain(self) -> list[str]:
+        return [f"iptables-{self.name}"] + (["-w", "5"] if self.name == "legacy" else [])
+
+    @property
     def restore(self) -> list[str]:
         # legacy takes one host-wide lock shared by all namespaces: always wait for it.
         return [f"iptables-{self.name}-restore", "--noflush"] + (["-w", "5"] if self.name == "legacy" else [])

@@ -6,6 +6,20 @@ from renderers.dataplane import PREFIX, Chain, Hooks
 BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT")}
 
 
+def as_save(listing: str, table: str) -> str:
+    """`iptables -S CHAIN` output in iptables-save's form ("-N x" declares, "-P" sets a policy)."""
+    lines = [f"*{table}"]
+    for line in listing.splitlines():
+        if line.startswith("-N "):
+            lines.append(f":{line[3:]} - [0:0]")
+        elif line.startswith("-P "):
+            name, policy = line[3:].split(" ", 1)
+            lines.append(f":{name} {policy} [0:0]")
+        else:
+            lines.append(line)
+    return "\n".join(lines + ["COMMIT"])
+
+
 def _is_weft_rule(rule: str) -> bool:
     return f"-j {PREFIX}" in rule or f"-g {PREFIX}" in rule or '--comment "weft:' in rule
 

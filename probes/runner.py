@@ -17,6 +17,26 @@ _BENIGN = ("# Warning: iptables-legacy tables present", "# Table `")
 class KernelCommandError(WeftError):
     """A kernel tool failed; the message carries its command line and what it said."""
 
+    def __init__(self, message: str, said: str = ""):
+        super().__init__(message)
+        self.said = said
+
+
+@dataclass
+class Pending:
+    """A started command; `result()` waits for it and checks what it said."""
+    argv: list[str]
+    proc: subprocess.Popen
+    stdin: str | None
+
+    def result(self) -> str:
+        out, err = self.proc.communicate(self.stdin)
+        problems = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(_BENIGN)]
+        if self.proc.returncode != 0 or problems:
+            said = "\n".join(problems) or out.strip() or f"exit code {self.proc.returncode}"
+            raise KernelCommandError(f"{' '.join(self.argv)} failed (exit {self.proc.returncode}): {said}", said)
+        return out
+
 
 @dataclass
 class Runner:
@@ -24,16 +44,17 @@ class Runner:
     writes: list[str] = field(default_factory=list)
     bytes_written: int = 0          # input fed to kernel-writing commands, for `apply` reports
 
-    def run(self, argv: list[str], stdin: str | None = None, *, writes: bool = False) -> str:
+    def start(self, argv: list[str], stdin: str | None = None, *, writes: bool = False) -> Pending:
+        """Start `argv` without waiting: reads of the kernel can overlap other work."""
         if writes:
             self.writes.append(" ".join(argv))
             self.bytes_written += len(stdin.encode()) if stdin else 0
         try:
-            proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         except FileNotFoundError as exc:
             raise KernelCommandError(f"{argv[0]}: not installed ({exc.strerror})") from exc
-        problems = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(_BENIGN)]
-        if proc.returncode != 0 or problems:
-            said = "\n".join(problems) or proc.stdout.strip() or f"exit code {proc.returncode}"
-            raise KernelCommandError(f"{' '.join(argv)} failed (exit {proc.returncode}): {said}")
-        return proc.stdout
+        return Pending(argv, proc, stdin)
+
+    def run(self, argv: list[str], stdin: str | None = None, *, writes: bool = False) -> str:
+        return self.start(argv, stdin, writes=writes).result()

@@ -8,8 +8,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from desired.errors import WeftError
-from desired.model import ClusterState
-from probes import probe_dataplane
+from probes import probe_dataplane, probe_some, start_probe
 from probes.backend import Backend, detect
 from probes.runner import Runner
 from reconciler.apply import execute
@@ -30,23 +29,25 @@ class Options:
     lock_timeout: float = 300.0
 
 
-def load_desired(opts: Options) -> ClusterState:
-    from desired.loader import build_cluster_state
-    if opts.from_dir:
-        from desired.manifests import load_manifest_dir
-        objects = load_manifest_dir(opts.from_dir)
-    else:
-        from desired.kube import load_objects
-        objects = [("api", obj) for obj in load_objects(kubeconfig=opts.kubeconfig, context=opts.context)]
-    return build_cluster_state(objects)
-
-
 def desired_dataplane(opts: Options, destroy: bool = False) -> tuple[Dataplane, tuple[str, ...]]:
-    """What this node should have, and the kinds of objects that were ignored."""
+    """What this node should have, and the kinds of objects that were ignored.
+
+    When the desired state did not change since the last run (same token), the dataplane
+    rendered then is used as it is: rendering is a pure function of the state.
+    """
+    from desired import sources
     if destroy:
         return EMPTY, ()
-    state = load_desired(opts)
-    return render_node(state, opts.node), state.ignored_kinds
+    reading = sources.read(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
+    rendered = reading.cache.rendered_for(opts.node)
+    if rendered is None:
+        state = reading.state()
+        rendered = (render_node(state, opts.node), state.ignored_kinds)
+        reading.cache.rendered[opts.node] = (reading.token, rendered)
+        reading.dirty = True
+    if reading.dirty:
+        sources.commit(opts.state_dir, reading)
+    return rendered
 
 
 def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
@@ -55,9 +56,14 @@ def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
 
 def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane]:
     """Validate the desired state before touching the kernel at all, then compare."""
-    desired, ignored = desired_dataplane(opts, destroy)
     backend = detect(runner, opts.backend)
-    actual = probe_dataplane(runner, backend)
+    probing = start_probe(runner, backend)        # the kernel dumps run while the desired state is read
+    try:
+        desired, ignored = desired_dataplane(opts, destroy)
+    except BaseException:
+        _reap(probing)
+        raise
+    actual = probing()
     return Plan(opts.node, backend.name, actual.fingerprint(), diff(desired, actual), ignored), actual
 
 
@@ -85,8 +91,7 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
             if plan.changes.empty:
                 return plan
             execute(plan.changes, backend, runner)
-            after = probe_dataplane(runner, backend)
-            leftover = diff(simulate(before, plan.changes), after)
+            leftover = verify(runner, backend, before, plan.changes)
             if not leftover.empty:
                 raise WeftError(f"after apply the kernel still differs from the plan in "
                                 f"{len(leftover.chains)} chains, {len(leftover.sets)} sets, "
@@ -94,6 +99,32 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
             return plan
     except Timeout as exc:
         raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:.0f}s") from exc
+
+
+VERIFY_ONE_BY_ONE = 40      # up to this many changed items, read back just those
+
+
+def verify(runner: Runner, backend: Backend, before: Dataplane, changes: Changes) -> Changes:
+    """What still differs from what `changes` should have made of `before` (empty when all landed)."""
+    expected = simulate(before, changes)
+    if len(changes.chains) + len(changes.sets) + len(changes.hooks) > VERIFY_ONE_BY_ONE:
+        return diff(expected, probe_dataplane(runner, backend))
+    chains = {(c.table, c.name) for c in changes.chains}
+    sets = {s.name for s in changes.sets}
+    hooks = {(h.table, h.chain) for h in changes.hooks}
+    after = probe_some(runner, backend, [n for _t, n in chains], sets, [c for _t, c in hooks])
+    expected = Dataplane({k: v for k, v in expected.chains.items() if k in chains},
+                         {k: v for k, v in expected.ipsets.items() if k in sets},
+                         {k: v for k, v in expected.hooks.items() if k in hooks})
+    return diff(expected, after)
+
+
+def _reap(probing) -> None:
+    """Wait for started dumps so no child outlives a failed read."""
+    try:
+        probing()
+    except Exception:  # noqa: BLE001 - the read's own error is the one to report
+        pass
 
 
 def simulate(actual: Dataplane, changes: Changes) -> Dataplane:

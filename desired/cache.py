@@ -1,0 +1,76 @@
+"""What one run leaves for the next, so the next reads and renders only what changed.
+
+One file in the state dir, replaced atomically: the source's cursors (API watch positions or
+manifest file digests), the converted objects (a pickled blob, unpickled only when something
+changed), and the last rendered dataplane per node. It is valid only for the same source and
+the same weft code; anything unreadable is simply a cache miss (a full read).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+CACHE_FORMAT = 1
+CACHE_FILE = "desired.cache"
+
+
+@lru_cache(maxsize=1)
+def code_token() -> str:
+    """Changes whenever the code that reads, converts or renders does (an upgrade, an edit)."""
+    import desired
+    import renderers
+    parts = [str(CACHE_FORMAT)]
+    for package in (desired, renderers):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            st = path.stat()
+            parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@dataclass
+class DesiredCache:
+    source: str                                  # "api:<server>" or "dir:<absolute path>"
+    token: str                                   # changes whenever the desired objects change
+    cursors: dict = field(default_factory=dict)  # per-source positions (resourceVersions, digests)
+    objects_blob: bytes = b""                    # pickle of the source's object table
+    rendered: dict = field(default_factory=dict)  # node -> (token, rendered value)
+    code: str = ""
+
+    def objects(self):
+        return pickle.loads(self.objects_blob) if self.objects_blob else {}
+
+    def set_objects(self, objects) -> None:
+        self.objects_blob = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def rendered_for(self, node: str):
+        token, value = self.rendered.get(node, (None, None))
+        return value if token == self.token else None
+
+
+def load(state_dir: Path, source: str) -> DesiredCache | None:
+    try:
+        with open(state_dir / CACHE_FILE, "rb") as f:
+            cache = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError):
+        return None
+    if not isinstance(cache, DesiredCache) or cache.source != source or cache.code != code_token():
+        return None
+    return cache
+
+
+def save(state_dir: Path, cache: DesiredCache) -> None:
+    cache.code = code_token()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".desired.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(cache, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, state_dir / CACHE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,203 @@
+"""Reading the desired state incrementally, from the API server or a manifest directory.
+
+At thousands of nodes, every node re-listing every pod each run would flatten the API server
+(the reason Calico has Typha). So a run reads what changed since the last one:
+  - API server: one tiny list says whether anything at all changed; if so, a watch per kind
+    from its last position returns the changes (a 410 means that kind is listed again);
+  - manifest directory: only files whose content changed are parsed again.
+Only changed objects are converted again; the model is re-assembled from the cached rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from desired import cache as cachemod
+from desired.errors import InvalidDesiredState, SourceError, ValidationError
+from desired.loader import Converted, assemble, convert_object, flatten_lists
+from desired.model import ClusterState
+
+_WORKERS = 4
+
+
+@dataclass
+class Reading:
+    """A read of the desired state: its token, and the state itself, built only if asked for."""
+    token: str
+    cache: cachemod.DesiredCache
+    _build: Callable[[], ClusterState]
+    _state: ClusterState | None = None
+    dirty: bool = True                  # the cache must be saved for the next run
+
+    def state(self) -> ClusterState:
+        if self._state is None:
+            self._state = self._build()
+        return self._state
+
+
+def read(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
+         context: str | None = None) -> Reading:
+    if from_dir:
+        return _read_dir(state_dir, Path(from_dir).resolve())
+    return _read_api(state_dir, kubeconfig, context)
+
+
+def commit(state_dir: Path, reading: Reading) -> None:
+    """Keep this read for the next run (only once it was valid: an invalid object is read again)."""
+    cachemod.save(state_dir, reading.cache)
+    reading.dirty = False
+
+
+def _assembled(table: dict) -> Callable[[], ClusterState]:
+    def build() -> ClusterState:
+        converted = [v for v in table.values() if isinstance(v, Converted)]
+        ignored = [v for v in table.values() if isinstance(v, str)]
+        return assemble(converted, ignored)
+    return build
+
+
+# ---- manifest directory --------------------------------------------------------------------
+
+def _read_dir(state_dir: Path, root: Path) -> Reading:
+    from desired.manifests import manifest_files, parse_manifest_file
+    source = f"dir:{root}"
+    cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
+    files = manifest_files(root)
+    try:
+        contents = {str(p): p.read_bytes() for p in files}
+    except OSError as exc:
+        raise SourceError(f"{exc.filename}: cannot read: {exc.strerror}") from exc
+    digests = {path: hashlib.sha256(data).hexdigest() for path, data in contents.items()}
+    if digests == cache.cursors and cache.token:
+        return Reading(cache.token, cache, lambda: _dir_state(cache.objects()), dirty=False)
+    per_file = cache.objects() if cache.cursors else {}
+    per_file = {path: entries for path, entries in per_file.items() if digests.get(path) == cache.cursors.get(path)}
+    errors: list[ValidationError] = []
+    for path in digests:
+        if path in per_file:
+            continue
+        documents = parse_manifest_file(path, contents[path], errors)
+        entries = [convert_object(where, raw, errors) for where, raw in flatten_lists(documents)]
+        per_file[path] = [e for e in entries if e is not None]
+    if errors:
+        raise InvalidDesiredState(errors)
+    state = _dir_state(per_file)                       # validates across files before caching
+    cache.cursors, cache.token = digests, uuid.uuid4().hex
+    cache.set_objects(per_file)
+    return Reading(cache.token, cache, lambda: state, state)
+
+
+def _dir_state(per_file: dict) -> ClusterState:
+    table: dict[tuple, Converted | str] = {}
+    errors = []
+    for path in sorted(per_file):
+        for entry in per_file[path]:
+            if isinstance(entry, str):
+                table[("ignored", len(table))] = entry
+                continue
+            key = (entry.kind, entry.namespace, entry.name)
+            if key in table:
+                errors.append(ValidationError(entry.where, entry.label, "metadata.name", "defined more than once"))
+            table[key] = entry
+    if errors:
+        raise InvalidDesiredState(errors)
+    return _assembled(table)()
+
+
+# ---- API server -----------------------------------------------------------------------------
+
+def _read_api(state_dir: Path, kubeconfig: str | None, context: str | None) -> Reading:
+    from desired import kube
+    with kube.make_api_client(kubeconfig, context) as api:
+        source = f"api:{api.configuration.host}"
+        cache = cachemod.load(state_dir, source)
+        now = kube.current_resource_version(api)
+        if cache is None or not cache.token:
+            return _full_list(api, cachemod.DesiredCache(source, token=""), now)
+        if now and now == cache.cursors.get("*"):
+            return Reading(cache.token, cache, _assembled_from(cache), dirty=False)
+        return _watch_changes(api, cache, now)
+
+
+def _assembled_from(cache: cachemod.DesiredCache) -> Callable[[], ClusterState]:
+    return lambda: _assembled(cache.objects())()
+
+
+def _key(obj: dict) -> tuple:
+    meta = obj.get("metadata") or {}
+    return (obj.get("apiVersion"), obj.get("kind"), meta.get("namespace"), meta.get("name"))
+
+
+def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
+    from desired import kube
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
+        listed = list(pool.map(lambda r: kube.list_kind(api, r), kube.RESOURCES))
+    errors: list[ValidationError] = []
+    table = {}
+    for items, _rv in listed:
+        for obj in items:
+            entry = convert_object("api", obj, errors)
+            if entry is not None:
+                table[_key(obj)] = entry
+    if errors:
+        raise InvalidDesiredState(errors)
+    state = _assembled(table)()
+    cache.cursors = {r.plural + "." + r.api_version: rv for r, (_i, rv) in zip(kube.RESOURCES, listed, strict=True)}
+    # Every list began after `before`: while the cluster's version is still `before`, nothing
+    # changed (versions are opaque: compared for equality only).
+    cache.cursors["*"] = before
+    cache.token = uuid.uuid4().hex
+    cache.set_objects(table)
+    return Reading(cache.token, cache, lambda: state, state)
+
+
+def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
+    from desired import kube
+
+    def one(resource):
+        cursor = cache.cursors.get(resource.plural + "." + resource.api_version, "")
+        try:
+            if not cursor:
+                raise kube.WatchExpired(resource.kind)
+            return resource, "events", kube.watch_since(api, resource, cursor)
+        except kube.WatchExpired:
+            return resource, "list", kube.list_kind(api, resource)
+
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-watch") as pool:
+        results = list(pool.map(one, kube.RESOURCES))
+    if not any(how == "list" or data[0] for _r, how, data in results):
+        cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
+        return Reading(cache.token, cache, _assembled_from(cache))
+    table = cache.objects()
+    errors: list[ValidationError] = []
+    changed = False
+    for resource, how, (items, cursor) in results:
+        cache.cursors[resource.plural + "." + resource.api_version] = cursor
+        if how == "list":
+            for key in [k for k in table if k[:2] == (resource.api_version, resource.kind)]:
+                del table[key]
+            changes = [("ADDED", obj) for obj in items]
+            changed = True
+        else:
+            changes = items
+        for kind, obj in changes:
+            key = _key(obj)
+            if kind == "DELETED":
+                changed |= table.pop(key, None) is not None
+                continue
+            entry = convert_object("api", obj, errors)
+            if entry is not None and table.get(key) != entry:
+                table[key] = entry
+                changed = True
+    if errors:
+        raise InvalidDesiredState(errors)
+    state = _assembled(table)()
+    cache.cursors["*"] = ""                 # positions are per kind now; check them next run
+    if changed:
+        cache.token = uuid.uuid4().hex
+        cache.set_objects(table)
+    return Reading(cache.token, cache, lambda: state, state)
