@@ -54,6 +54,8 @@ RESOURCES: tuple[Resource, ...] = (
     _calico("GlobalNetworkSet", "globalnetworksets", False),
     _calico("NetworkSet", "networksets", True),
     _calico("IPPool", "ippools", False),
+    _calico("IPAMBlock", "ipamblocks", False),
+    _calico("BlockAffinity", "blockaffinities", False),
     _calico("BGPConfiguration", "bgpconfigurations", False),
     _calico("BGPPeer", "bgppeers", False),
     _calico("HostEndpoint", "hostendpoints", False),

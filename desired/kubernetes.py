@@ -206,8 +206,9 @@ def network_policy(check: Checker, raw: dict) -> Policy | None:
     ingress_raw = check.typed(spec.get("ingress"), "spec.ingress", list, "a list", [])
     egress_raw = check.typed(spec.get("egress"), "spec.egress", list, "a list", [])
     types_raw = spec.get("policyTypes")
-    if types_raw is None:
-        # The Kubernetes default: Ingress always, Egress when there are egress rules.
+    if not types_raw:
+        # The API server's default for a missing or empty list: Ingress always, Egress when
+        # there are egress rules.
         types = {INGRESS} | ({EGRESS} if egress_raw else set())
     else:
         types = set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from desired import kubernetes
+from desired import bgp, ipam, kubernetes
 from desired.errors import InvalidDesiredState, ValidationError
 from desired.model import ClusterState, Namespace
 from desired.validation import Checker, namespace_of, object_label
@@ -32,6 +32,15 @@ KINDS: dict[tuple[str, str], Kind] = {
     ("v1", "Pod"): Kind("Pod", True, kubernetes.endpoint, "endpoints"),
     ("networking.k8s.io/v1", "NetworkPolicy"): Kind("NetworkPolicy", True, kubernetes.network_policy, "policies"),
 }
+# Calico's kinds come in two apiVersions: the CRDs' storage form and the v3 API's (same fields).
+CALICO_API_VERSIONS = ("crd.projectcalico.org/v1", "projectcalico.org/v3")
+for _api in CALICO_API_VERSIONS:
+    KINDS[(_api, "IPPool")] = Kind("IPPool", False, ipam.ippool, "ippools")
+    KINDS[(_api, "IPAMBlock")] = Kind("IPAMBlock", False, ipam.ipam_block, "blocks")
+    KINDS[(_api, "BlockAffinity")] = Kind("BlockAffinity", False, ipam.block_affinity, "blocks")
+    KINDS[(_api, "BGPConfiguration")] = Kind("BGPConfiguration", False, bgp.bgp_configuration, "bgp_configurations")
+    KINDS[(_api, "BGPPeer")] = Kind("BGPPeer", False, bgp.bgp_peer, "bgp_peers")
+KINDS[("v1", "Secret")] = Kind("Secret", True, bgp.secret, "secrets")
 
 
 @dataclass(frozen=True)

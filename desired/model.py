@@ -119,9 +119,100 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class NodeBGP:
+    """A node's BGP identity, as Calico keeps it (Node spec.bgp, or projectcalico.org/*
+    annotations on the Kubernetes Node)."""
+    ipv4_address: str | None = None         # "198.18.0.1/24": the address and its subnet
+    ipv6_address: str | None = None
+    as_number: int | None = None            # None: the BGPConfiguration's asNumber
+    route_reflector_cluster_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)
+    bgp: NodeBGP | None = None
+    addresses: tuple[str, ...] = ()         # status.addresses of type InternalIP
+
+
+@dataclass(frozen=True)
+class IPPool:
+    """Calico IPPool: where pod addresses come from, carved into blocks with node affinity."""
+    name: str
+    cidr: str
+    block_size: int                         # prefix length of its blocks (26 for IPv4 by default)
+    node_selector: object = None            # a Calico selector Expr over node labels (None: all nodes)
+    disabled: bool = False
+    disable_bgp_export: bool = False
+    nat_outgoing: bool = False
+
+
+@dataclass(frozen=True)
+class Block:
+    """An address block owned by one node (Calico IPAMBlock affinity / confirmed BlockAffinity)."""
+    cidr: str
+    node: str
+    origin: str = ""                        # "IPAMBlock 198-18-4-0-26": where the claim is recorded
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Community:
+    name: str
+    value: str                              # "aa:nn" or "aa:nn:mm"
+
+
+@dataclass(frozen=True)
+class PrefixAdvertisement:
+    cidr: str
+    communities: tuple[str, ...]            # community values (names already resolved)
+
+
+@dataclass(frozen=True)
+class BGPConfiguration:
+    """Calico BGPConfiguration: "default" (cluster-wide) or "node.<name>" (one node's override)."""
+    name: str
+    as_number: int | None = None            # default 64512 when unset everywhere
+    node_to_node_mesh: bool | None = None   # default True
+    listen_port: int | None = None          # default 179
+    log_severity: str | None = None         # default "Info"
+    service_cluster_ips: tuple[str, ...] = ()
+    service_external_ips: tuple[str, ...] = ()
+    service_loadbalancer_ips: tuple[str, ...] = ()
+    communities: tuple[Community, ...] = ()
+    prefix_advertisements: tuple[PrefixAdvertisement, ...] = ()
+
+
+@dataclass(frozen=True)
+class BGPPeer:
+    """Calico BGPPeer: an explicit peer of every node, one node, or the nodes a selector picks."""
+    name: str
+    peer_ip: str | None = None              # address (port separately); None with peer_selector
+    peer_port: int | None = None
+    as_number: int | None = None
+    node: str | None = None
+    node_selector: object = None            # Calico selector Expr over node labels
+    peer_selector: object = None            # Calico selector Expr: peer with the nodes it selects
+    password: SecretKeyRef | None = None
+    keep_original_next_hop: bool = False
+    next_hop_mode: str | None = None        # Auto / Self / Keep
+    max_restart_time: str | None = None     # a duration, e.g. "120s"
+    keepalive_time: str | None = None
+    ttl_security: int | None = None
+    source_address: str = "UseNodeIP"       # UseNodeIP / None
+
+
+@dataclass(frozen=True)
+class Secret:
+    namespace: str
+    name: str
+    data: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)   # decoded
 
 
 @dataclass(frozen=True)
@@ -139,6 +230,11 @@ class ClusterState:
     nodes: Mapping[str, Node]
     tiers: Mapping[str, Tier] = field(default_factory=lambda: {"default": Tier("default", 1_000_000.0)})
     ignored_kinds: tuple[str, ...] = ()    # kinds seen and not understood, reported to the user
+    ippools: tuple[IPPool, ...] = ()
+    blocks: tuple[Block, ...] = ()
+    bgp_configurations: tuple[BGPConfiguration, ...] = ()
+    bgp_peers: tuple[BGPPeer, ...] = ()
+    secrets: tuple[Secret, ...] = ()
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         return tuple(sorted((e for e in self.endpoints if e.node == node), key=lambda e: e.iface))

@@ -4,29 +4,34 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from probes import ipsets, iptables
-from probes.backend import Backend
+from probes.backend import Backend, table_label
 from probes.runner import KernelCommandError, Runner
 from renderers.dataplane import Dataplane, Hooks
 
 TABLE = "filter"
 
 
-def start_probe(runner: Runner, backend: Backend) -> Callable[[], Dataplane]:
+def start_probe(runner: Runner, backend: Backend, others: Iterable[Backend] = ()) -> Callable[[], Dataplane]:
     """Start reading weft's chains, hook rules and sets; call the result to get them.
 
-    Both dumps run at once, and the caller can read the desired state meanwhile.
+    The dumps run at once, and the caller can read the desired state meanwhile. Chains of
+    `others` (backends this run does not use) come under tables labelled "filter@<backend>".
     """
-    rules = runner.start(backend.save + ["-t", TABLE])
+    rules = {b: runner.start(b.save + ["-t", TABLE]) for b in (backend, *others)}
     sets = runner.start(["ipset", "save"])
 
     def finish() -> Dataplane:
-        chains, hooks = iptables.parse_save(rules.result(), TABLE)
+        chains, hooks = {}, {}
+        for b, pending in rules.items():
+            found, found_hooks = iptables.parse_save(pending.result(), TABLE, table_label(TABLE, b, backend))
+            chains.update(found)
+            hooks.update(found_hooks)
         return Dataplane(chains, ipsets.parse_save(sets.result()), hooks)
     return finish
 
 
-def probe_dataplane(runner: Runner, backend: Backend) -> Dataplane:
-    return start_probe(runner, backend)()
+def probe_dataplane(runner: Runner, backend: Backend, others: Iterable[Backend] = ()) -> Dataplane:
+    return start_probe(runner, backend, others)()
 
 
 def probe_some(runner: Runner, backend: Backend, chains: Iterable[str], sets: Iterable[str],

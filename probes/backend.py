@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from probes.runner import Runner
+from probes.runner import KernelCommandError, Runner
 
 BACKENDS = ("nft", "legacy")
 
@@ -32,6 +32,17 @@ class Backend:
         return [f"iptables-{self.name}-restore", "--noflush"] + (["-w", "5"] if self.name == "legacy" else [])
 
 
+def table_label(table: str, backend: Backend, chosen: Backend) -> str:
+    """How a table of `backend` is named in a Dataplane: "filter", or "filter@legacy" when it is
+    not the backend this run uses (weft's leftovers there are to be removed)."""
+    return table if backend == chosen else f"{table}@{backend.name}"
+
+
+def table_backend(label: str, chosen: Backend) -> Backend:
+    _, _, name = label.partition("@")
+    return Backend(name) if name else chosen
+
+
 def detect(runner: Runner, preference: str = "auto") -> Backend:
     if preference in BACKENDS:
         return Backend(preference)
@@ -48,3 +59,18 @@ def _legacy_has_weft(runner: Runner) -> bool:
     if not names.exists() or "filter" not in names.read_text().split():
         return False
     return ":weft-" in runner.run(["iptables-legacy-save", "-t", "filter"])
+
+
+def other_has_weft(runner: Runner, chosen: Backend) -> Backend | None:
+    """The other backend, if weft's chains are there too (left by a run with the other backend).
+
+    Both backends filter packets, and ipsets are shared by both: such leftovers cannot be ignored.
+    """
+    other = Backend("nft" if chosen.name == "legacy" else "legacy")
+    if other.name == "legacy":
+        return other if _legacy_has_weft(runner) else None
+    try:
+        runner.run(other.list_chain + ["-t", "filter", "-S", "weft-FORWARD"])
+    except KernelCommandError:
+        return None
+    return other

@@ -24,8 +24,13 @@ def _is_weft_rule(rule: str) -> bool:
     return f"-j {PREFIX}" in rule or f"-g {PREFIX}" in rule or '--comment "weft:' in rule
 
 
-def parse_save(text: str, table: str) -> tuple[dict[tuple[str, str], Chain], dict[tuple[str, str], Hooks]]:
-    """weft's chains (every rule) and weft's rules in built-in chains, from iptables-save output."""
+def parse_save(text: str, table: str, label: str | None = None
+               ) -> tuple[dict[tuple[str, str], Chain], dict[tuple[str, str], Hooks]]:
+    """weft's chains (every rule) and weft's rules in built-in chains, from iptables-save output.
+
+    `label` names the table in the result (default: `table`), see probes.backend.table_label.
+    """
+    label = label or table
     in_table = False
     chains: dict[str, list[str]] = {}
     builtin: dict[str, list[str]] = {}
@@ -50,5 +55,5 @@ def parse_save(text: str, table: str) -> tuple[dict[tuple[str, str], Chain], dic
     for name, rules in builtin.items():
         ours = tuple(r for r in rules if _is_weft_rule(r))
         if ours:
-            hooks[(table, name)] = Hooks(table, name, ours, at_top=tuple(rules[:len(ours)]) == ours)
-    return {(table, n): Chain(table, n, tuple(r)) for n, r in chains.items()}, hooks
+            hooks[(label, name)] = Hooks(label, name, ours, at_top=tuple(rules[:len(ours)]) == ours)
+    return {(label, n): Chain(label, n, tuple(r)) for n, r in chains.items()}, hooks

@@ -1,7 +1,10 @@
 """Executing a change set: the restore inputs (pure) and running them (side effects).
 
 Order, so that no rule ever refers to a set that is not there:
-  1. ipset restore: create new sets, update members, put type-replaced sets aside;
+  0. only when a set must change type (it was tampered with): the chains that refer to it are
+     emptied first, since the kernel cannot rename, swap or destroy a set in use; the node
+     fails closed for those policies until step 2 refills them;
+  1. ipset restore: create new sets, update members, recreate type-replaced sets;
   2. iptables-restore --noflush, one transaction: chains declared (flushed) and refilled,
      removed chains emptied then deleted, hook rules fixed;
   3. ipset restore: destroy sets no longer referenced.
@@ -12,21 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from probes.backend import Backend
+from probes.backend import Backend, table_backend
 from probes.runner import KernelCommandError, Runner
-from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes
-from renderers.ipsets import short_hash
-
-
-def _aside(name: str) -> str:
-    return f"weft-t-{short_hash('aside', name)}"
+from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, names_set
 
 
 @dataclass(frozen=True)
 class RestoreInputs:
+    iptables_first: dict[str, str]     # per table label, see probes.backend.table_label
     ipset_before: str
     ipset_undo: str
-    iptables: str
+    iptables: dict[str, str]
     ipset_after: str
 
 
@@ -35,13 +34,10 @@ def restore_inputs(changes: Changes) -> RestoreInputs:
     for s in changes.sets:
         if s.action in (CREATE, REPLACE):
             if s.action == REPLACE:
-                before.append(f"rename {s.name} {_aside(s.name)}")
+                before.append(f"destroy {s.name}")
             before.append(f"create {s.name} {s.type} family {s.family}")
             before.extend(f"add {s.name} {m}" for m in s.add)
             undo.append(f"destroy {s.name}")
-            if s.action == REPLACE:
-                undo.append(f"rename {_aside(s.name)} {s.name}")
-                after.append(f"destroy {_aside(s.name)}")
         elif s.action == UPDATE:
             before.extend(f"del {s.name} {m}" for m in s.remove)
             before.extend(f"add {s.name} {m}" for m in s.add)
@@ -50,22 +46,36 @@ def restore_inputs(changes: Changes) -> RestoreInputs:
         elif s.action == DELETE:
             after.append(f"destroy {s.name}")
 
-    tables: dict[str, list[str]] = {}
-    for table in sorted({c.table for c in changes.chains} | {h.table for h in changes.hooks}):
-        lines = tables.setdefault(table, [f"*{table}"])
-        written = [c for c in changes.chains if c.table == table]
+    replaced = [s.name for s in changes.sets if s.action == REPLACE]
+    users = [c for c in changes.chains if any(names_set(r, name) for r in c.previous for name in replaced)]
+    first = {label: f"*{_table(label)}\n" + "".join(f":{c.name} - [0:0]\n" for c in users if c.table == label)
+             + "COMMIT\n" for label in sorted({c.table for c in users})}
+    return RestoreInputs(first, _script(before), _script(reversed(undo)), _iptables_inputs(changes), _script(after))
+
+
+def _table(label: str) -> str:
+    """"filter@legacy" -> "filter": the label says which backend, the text names the table."""
+    return label.partition("@")[0]
+
+
+def _iptables_inputs(changes: Changes) -> dict[str, str]:
+    """One iptables-restore input per table label (the other backend's leftovers go apart)."""
+    inputs = {}
+    for label in sorted({c.table for c in changes.chains} | {h.table for h in changes.hooks}):
+        lines = [f"*{_table(label)}"]
+        written = [c for c in changes.chains if c.table == label]
         lines.extend(f":{c.name} - [0:0]" for c in written)           # declaring flushes
         for c in written:
             lines.extend(c.rules)
         for h in changes.hooks:
-            if h.table != table:
+            if h.table != label:
                 continue
             lines.extend("-D" + r[2:] for r in h.previous)               # "-A X ..." -> "-D X ..."
             lines.extend(f"-I {h.chain} {i + 1}" + r[2 + len(h.chain) + 1:] for i, r in enumerate(h.rules))
         lines.extend(f"-X {c.name}" for c in written if c.action == DELETE)
         lines.append("COMMIT")
-    iptables = "".join("\n".join(lines) + "\n" for lines in tables.values())
-    return RestoreInputs(_script(before), _script(reversed(undo)), iptables, _script(after))
+        inputs[label] = "\n".join(lines) + "\n"
+    return inputs
 
 
 def _script(lines) -> str:
@@ -76,13 +86,16 @@ def _script(lines) -> str:
 def execute(changes: Changes, backend: Backend, runner: Runner) -> None:
     """Apply `changes`; on failure, leave the previous rules in force and raise."""
     inputs = restore_inputs(changes)
+    for label, text in inputs.iptables_first.items():
+        runner.run(table_backend(label, backend).restore, text, writes=True)
     if inputs.ipset_before:
         runner.run(["ipset", "restore"], inputs.ipset_before, writes=True)
-    if inputs.iptables:
+    # This run's backend first: the one transaction whose failure must leave all as it was.
+    for label, text in sorted(inputs.iptables.items(), key=lambda kv: "@" in kv[0]):
         try:
-            runner.run(backend.restore, inputs.iptables, writes=True)
+            runner.run(table_backend(label, backend).restore, text, writes=True)
         except KernelCommandError:
-            if inputs.ipset_undo:
+            if inputs.ipset_undo and "@" not in label:
                 runner.run(["ipset", "restore"], inputs.ipset_undo, writes=True)
             raise
     if inputs.ipset_after:

@@ -27,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default: where weft's chains are, else the system's iptables)")
     p.add_argument("--output", choices=("text", "json"), default="text")
+    p.add_argument("--lock-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long apply waits for another weft run on this node (default 300)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +74,7 @@ def _dispatch(args) -> int:
 
     opts = run.Options(node=args.node, state_dir=args.state_dir or run.default_state_dir(),
                        from_dir=args.from_dir, kubeconfig=args.kubeconfig, context=args.context,
-                       backend=args.iptables_backend)
+                       backend=args.iptables_backend, lock_timeout=args.lock_timeout)
     runner = Runner()
     if args.command == "plan":
         plan = run.make_plan(opts, runner, destroy=args.destroy)

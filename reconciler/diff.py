@@ -41,6 +41,7 @@ class HookChange:
     action: str
     rules: tuple[str, ...] = ()
     previous: tuple[str, ...] = ()
+    previous_at_top: bool = True     # whether the kernel has weft's rules first in the chain
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def diff(desired: Dataplane, actual: Dataplane) -> Changes:
         have = actual.chains.get(key)
         if have is None:
             chains.append(ChainChange(want.table, want.name, CREATE, want.rules, (), want.about))
-        elif have.rules != want.rules or any(_names_set(r, s) for s in replaced for r in want.rules):
+        elif have.rules != want.rules or any(names_set(r, s) for s in replaced for r in want.rules):
             chains.append(ChainChange(want.table, want.name, UPDATE, want.rules, have.rules, want.about))
     for key, have in sorted(actual.chains.items()):
         if key not in desired.chains:
@@ -99,9 +100,10 @@ def diff(desired: Dataplane, actual: Dataplane) -> Changes:
             continue
         table, chain = key
         action = CREATE if have is None else DELETE if want is None else UPDATE
-        hooks.append(HookChange(table, chain, action, want.rules if want else (), have.rules if have else ()))
+        hooks.append(HookChange(table, chain, action, want.rules if want else (), have.rules if have else (),
+                                have.at_top if have else True))
     return Changes(tuple(sets), tuple(chains), tuple(hooks))
 
 
-def _names_set(rule: str, set_name: str) -> bool:
+def names_set(rule: str, set_name: str) -> bool:
     return f"--match-set {set_name} " in rule

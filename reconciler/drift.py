@@ -35,10 +35,9 @@ def drift_items(changes: Changes) -> list[dict]:
             items.extend(_rule_items("rule", name, c.previous, c.rules))
     for h in changes.hooks:
         name = f"{h.table}/{h.chain}"
-        if h.rules and set(h.rules) == set(h.previous) and len(h.rules) == len(h.previous):
+        items.extend(_rule_items("hook", name, h.previous, h.rules))
+        if h.rules and set(h.rules) <= set(h.previous) and not h.previous_at_top:
             items.append({"kind": "hook", "name": name, "rule": h.rules[0], "problem": "not first in chain"})
-        else:
-            items.extend(_rule_items("hook", name, h.previous, h.rules))
     return items
 
 
@@ -56,8 +55,8 @@ def _rule_items(kind: str, name: str, have: tuple[str, ...], want: tuple[str, ..
 def format_text(node: str, items: list[dict]) -> str:
     if not items:
         return f"No drift: the kernel of node {node} matches the desired state.\n"
-    plural = "s" if len(items) != 1 else ""
-    out = [f"Drift on node {node}: {len(items)} item{plural} differ from the desired state.", ""]
+    count = "1 item differs" if len(items) == 1 else f"{len(items)} items differ"
+    out = [f"Drift on node {node}: {count} from the desired state.", ""]
     for it in items:
         detail = it.get("member") or it.get("rule") or ""
         out.append(f"  {it['problem']:<18} {it['kind']:<12} {it['name']}" + (f"\n      {detail}" if detail else ""))

@@ -9,7 +9,7 @@ from filelock import FileLock, Timeout
 
 from desired.errors import WeftError
 from probes import probe_dataplane, probe_some, start_probe
-from probes.backend import Backend, detect
+from probes.backend import Backend, detect, other_has_weft, table_backend
 from probes.runner import Runner
 from reconciler.apply import execute
 from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff
@@ -57,7 +57,10 @@ def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
 def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane]:
     """Validate the desired state before touching the kernel at all, then compare."""
     backend = detect(runner, opts.backend)
-    probing = start_probe(runner, backend)        # the kernel dumps run while the desired state is read
+    # weft's chains left in the other backend (a run with the other --iptables-backend) still
+    # filter packets: they are read too, and never desired, so the plan removes them.
+    others = [b for b in (other_has_weft(runner, backend),) if b]
+    probing = start_probe(runner, backend, others)   # the dumps run while the desired state is read
     try:
         desired, ignored = desired_dataplane(opts, destroy)
     except BaseException:
@@ -84,7 +87,7 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                 if plan.node != opts.node:
                     raise PlanError(f"the plan is for node {plan.node!r}, not {opts.node!r}")
                 backend = detect(runner, plan.backend)
-                before = probe_dataplane(runner, backend)
+                before = probe_dataplane(runner, backend, [b for b in (other_has_weft(runner, backend),) if b])
                 if before.fingerprint() != plan.base_fingerprint:
                     raise PlanError("the saved plan is stale: the kernel state changed since it was made; "
                                     "run `weft plan` again")
@@ -98,7 +101,7 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                                 f"{len(leftover.hooks)} hook chains; see `weft drift`")
             return plan
     except Timeout as exc:
-        raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:.0f}s") from exc
+        raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:g}s") from exc
 
 
 VERIFY_ONE_BY_ONE = 40      # up to this many changed items, read back just those
@@ -107,8 +110,9 @@ VERIFY_ONE_BY_ONE = 40      # up to this many changed items, read back just thos
 def verify(runner: Runner, backend: Backend, before: Dataplane, changes: Changes) -> Changes:
     """What still differs from what `changes` should have made of `before` (empty when all landed)."""
     expected = simulate(before, changes)
-    if len(changes.chains) + len(changes.sets) + len(changes.hooks) > VERIFY_ONE_BY_ONE:
-        return diff(expected, probe_dataplane(runner, backend))
+    elsewhere = {table_backend(c.table, backend) for c in (*changes.chains, *changes.hooks)} - {backend}
+    if elsewhere or len(changes.chains) + len(changes.sets) + len(changes.hooks) > VERIFY_ONE_BY_ONE:
+        return diff(expected, probe_dataplane(runner, backend, sorted(elsewhere, key=lambda b: b.name)))
     chains = {(c.table, c.name) for c in changes.chains}
     sets = {s.name for s in changes.sets}
     hooks = {(h.table, h.chain) for h in changes.hooks}

@@ -161,18 +161,35 @@ def test_auto_backend_keeps_using_legacy(node_ns, tmp_path):
     assert auto.state() == first
 
 
-def test_weft_rules_left_in_the_other_backend_are_not_ignored(node_ns, tmp_path):
-    """A node whose backend changed (applied with nft, then with legacy): the nft copy of weft's
-    chains is still hooked into FORWARD and INPUT and still filters every packet. It is weft's,
-    so drift must not call the node clean, and `apply --destroy` must remove it too."""
+def test_switching_backend_moves_weft_rules(node_ns, tmp_path):
+    """apply with nft, then with legacy: the nft copy of weft's chains (still hooked into FORWARD
+    and INPUT, still filtering every packet) is removed by the legacy run, not left behind."""
     nft, src, _ = applied(node_ns, tmp_path, CLUSTER + POLICIES, "nft")
     WeftNode(node_ns, nft.state_dir, "legacy").weft("apply", from_dir=src)
-    assert ":weft-FORWARD" in iptables_save(node_ns, "nft") and ":weft-FORWARD" in iptables_save(node_ns, "legacy")
+    assert ":weft-FORWARD" not in iptables_save(node_ns, "nft") and "weft-" not in iptables_save(node_ns, "nft")
+    assert ":weft-FORWARD" in iptables_save(node_ns, "legacy")
     auto = WeftNode(node_ns, nft.state_dir, None)
+    auto.weft("drift", from_dir=src, expect=0)
+    auto.weft("apply", "--destroy")
+    assert weft_names(node_ns) == []
+
+
+def test_weft_rules_left_in_the_other_backend_are_not_ignored(node_ns, tmp_path):
+    """weft's chains found in the backend this run does not use (copied there by hand: a crash
+    between two backends, an old node image) are weft's: drift names them, apply removes them."""
+    legacy, src, _ = applied(node_ns, tmp_path, CLUSTER + POLICIES, "legacy")
+    leftover = "\n".join(ln for ln in iptables_save(node_ns, "legacy").splitlines() if not ln.startswith("#")) + "\n"
+    subprocess.run(["ip", "netns", "exec", node_ns, "iptables-nft-restore", "--noflush"], input=leftover,
+                   text=True, check=True)
+    assert ":weft-FORWARD" in iptables_save(node_ns, "nft")
+    auto = WeftNode(node_ns, legacy.state_dir, None)
     drift = auto.weft("drift", from_dir=src, expect=None)
     assert drift.returncode == 2, "weft's rules in the nft backend are not reported:\n" + describe(drift)
-    destroy = auto.weft("apply", "--destroy", expect=None)
-    assert destroy.returncode == 0, describe(destroy)
+    assert "filter@nft/weft-FORWARD" in drift.stdout
+    auto.weft("apply", from_dir=src)
+    assert "weft-" not in iptables_save(node_ns, "nft")
+    auto.weft("drift", from_dir=src, expect=0)
+    auto.weft("apply", "--destroy")
     assert weft_names(node_ns) == []
 
 
@@ -256,7 +273,7 @@ def test_hook_drift_is_repaired_around_foreign_rules(node_ns, tmp_path, case):
         expected = {("hook", "filter/FORWARD", "not first in chain", jump)}
     if "duplicate" in case:
         node.sh(node.iptables, "-A", "FORWARD", *shlex.split(jump)[2:])
-        expected = {("hook", "filter/FORWARD", "unexpected", jump)}
+        expected = (expected or set()) | {("hook", "filter/FORWARD", "unexpected", jump)}
     foreign_before = node.state()["nft"]["foreign"]
 
     items, text = drift_items(node, src)

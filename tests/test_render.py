@@ -37,7 +37,7 @@ def render(objects: list[dict]) -> tuple:
 def kernel_input(dp: Dataplane) -> str:
     """Exactly what an apply on a bare node would feed the kernel tools."""
     inputs = restore_inputs(diff(dp, EMPTY))
-    return "\n".join([inputs.ipset_before, inputs.iptables, inputs.ipset_after])
+    return "\n".join([inputs.ipset_before, *inputs.iptables.values(), inputs.ipset_after])
 
 
 def policy_rules(state, dp: Dataplane, key: str, direction: str = INGRESS) -> tuple[str, ...]:
@@ -128,7 +128,7 @@ from renderers.iptables import render_node
 objects = json.load(sys.stdin)
 dp = render_node(build_cluster_state([("test.yaml", o) for o in objects]), "n1")
 i = restore_inputs(diff(dp, EMPTY))
-print("\\n".join([i.ipset_before, i.iptables, i.ipset_after]))
+print("\\n".join([i.ipset_before, *i.iptables.values(), i.ipset_after]))
 """
 
 
