@@ -11,6 +11,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from desired.bgp import as_number_of
 from desired.endpoints import host_iface_name
 from desired.model import (
     EGRESS,
@@ -22,6 +23,7 @@ from desired.model import (
     NamedPort,
     Namespace,
     Node,
+    NodeBGP,
     Policy,
     PortRange,
     Rule,
@@ -55,8 +57,65 @@ def namespace(check: Checker, raw: dict) -> Namespace:
     return Namespace(name, {**labels, NAMESPACE_NAME_LABEL: name})   # the API server always sets it
 
 
+# Calico's Kubernetes-datastore annotations on a Node that carry its BGP identity.
+_BGP_ANNOTATIONS = {
+    "ipv4": "projectcalico.org/IPv4Address",
+    "ipv6": "projectcalico.org/IPv6Address",
+    "as": "projectcalico.org/ASNumber",
+    "rr": "projectcalico.org/RouteReflectorClusterID",
+}
+
+
 def node(check: Checker, raw: dict) -> Node:
-    return Node(name_of(check, raw), labels_of(check, raw["metadata"].get("labels"), "metadata.labels"))
+    """A Node: labels, its InternalIP addresses, and its BGP identity from Calico's annotations."""
+    name = name_of(check, raw)
+    labels = labels_of(check, raw["metadata"].get("labels"), "metadata.labels")
+    annotations = check.typed(raw["metadata"].get("annotations"), "metadata.annotations", dict, "a mapping", {})
+    status = check.typed(raw.get("status"), "status", dict, "a mapping", {})
+    addresses = []
+    for i, entry in enumerate(check.typed(status.get("addresses"), "status.addresses", list, "a list", [])):
+        if isinstance(entry, dict) and entry.get("type") == "InternalIP":
+            ip = ip_of(check, entry.get("address"), f"status.addresses[{i}].address")
+            if ip:
+                addresses.append(ip)
+    return Node(name, labels, _node_bgp(check, annotations), tuple(dict.fromkeys(addresses)))
+
+
+def _node_bgp(check: Checker, annotations: dict) -> NodeBGP | None:
+    """None when the node has none of Calico's BGP annotations (BGP is off for it)."""
+    values = {k: annotations.get(key) for k, key in _BGP_ANNOTATIONS.items()}
+    if all(v is None for v in values.values()):
+        return None
+    path = "metadata.annotations." + "{}"
+    ipv4 = _interface(check, values["ipv4"], 4, path.format(_BGP_ANNOTATIONS["ipv4"]))
+    ipv6 = _interface(check, values["ipv6"], 6, path.format(_BGP_ANNOTATIONS["ipv6"]))
+    as_number = None
+    if values["as"] is not None:
+        as_number = as_number_of(check, values["as"], path.format(_BGP_ANNOTATIONS["as"]))
+    cluster_id = values["rr"] or None
+    if cluster_id is not None:
+        try:
+            cluster_id = str(ipaddress.IPv4Address(cluster_id))
+        except ValueError:
+            check.fail(path.format(_BGP_ANNOTATIONS["rr"]),
+                       f"must be a route reflector cluster ID in IPv4 form (e.g. 244.0.0.1), got {cluster_id!r}")
+            cluster_id = None
+    return NodeBGP(ipv4, ipv6, as_number, cluster_id)
+
+
+def _interface(check: Checker, value, version: int, path: str) -> str | None:
+    """"198.18.0.1/24": the node's address and its subnet (a bare address means a /32 or /128)."""
+    if value is None or value == "":
+        return None
+    try:
+        iface = ipaddress.ip_interface(value)
+    except (ValueError, TypeError):
+        iface = None
+    if iface is None or iface.version != version:
+        check.fail(path, f"must be an IPv{version} address with its prefix length (e.g. "
+                         f"{'198.18.0.1/24' if version == 4 else '2001:db8::1/64'}), got {value!r}")
+        return None
+    return str(iface)
 
 
 def endpoint(check: Checker, raw: dict) -> Endpoint | None:
