@@ -47,9 +47,10 @@ class DesiredCache:
     def set_objects(self, objects) -> None:
         self.objects_blob = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def rendered_for(self, node: str):
-        token, value = self.rendered.get(node, (None, None))
-        return value if token == self.token else None
+    def rendered_for(self, node: str, key: str):
+        """What was rendered for `node` from exactly these inputs (`key`), or None."""
+        have, value = self.rendered.get(node, (None, None))
+        return value if have == key else None
 
 
 def load(state_dir: Path, source: str) -> DesiredCache | None:

@@ -143,7 +143,10 @@ def endpoint(check: Checker, raw: dict) -> Endpoint | None:
         check.fail("spec.nodeName", "must be a string")
         return None
     # Calico's rules: host-networked pods are not workload endpoints, finished pods no longer are.
-    if not node or not ips or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
+    # A scheduled pod without an address yet is kept: its node programs its policy before the
+    # CNI plugin wires it (the interface name is known in advance), and takes its address from
+    # the node's own IPAM allocations.
+    if not node or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
         return None
     return Endpoint(
         namespace=ns, pod=name, node=node, iface=host_iface_name(ns, name), ips=tuple(dict.fromkeys(ips)),

@@ -8,7 +8,7 @@ actions, entity matches over labels, nets and ports.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from desired.selectors import Selector
@@ -238,3 +238,12 @@ class ClusterState:
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         return tuple(sorted((e for e in self.endpoints if e.node == node), key=lambda e: e.iface))
+
+    def with_local_addresses(self, node: str, addresses: Mapping[str, tuple[str, ...]]) -> ClusterState:
+        """This state with the addresses this node's IPAM gave its pods ("ns/pod" -> ips): they are
+        known here before the API server's pod status shows them."""
+        if not addresses:
+            return self
+        endpoints = tuple(replace(e, ips=addresses[e.key]) if e.node == node and e.key in addresses else e
+                          for e in self.endpoints)
+        return replace(self, endpoints=endpoints)

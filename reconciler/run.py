@@ -1,6 +1,7 @@
 """One reconcile run: read desired state, probe the kernel, render, diff, apply, verify."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,13 +9,16 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from desired.errors import WeftError
+from desired.model import Endpoint
 from probes import probe_dataplane, probe_some, start_probe
 from probes.backend import Backend, detect, other_has_weft, table_backend
 from probes.runner import Runner
 from reconciler.apply import execute
 from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff
+from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
 from reconciler.plan import Plan, PlanError
 from renderers.dataplane import EMPTY, Chain, Dataplane, Hooks, IpSet
+from renderers.endpoint import EndpointSnapshot, make_snapshot
 from renderers.iptables import render_node
 
 
@@ -29,32 +33,59 @@ class Options:
     lock_timeout: float = 300.0
 
 
-def desired_dataplane(opts: Options, destroy: bool = False) -> tuple[Dataplane, tuple[str, ...]]:
-    """What this node should have, and the kinds of objects that were ignored.
+@dataclass(frozen=True)
+class Desired:
+    """What this node should have: the dataplane, the kinds ignored on the way, and the
+    snapshot a CNI ADD needs to program a new pod alone (renderers.endpoint)."""
+    dataplane: Dataplane
+    ignored: tuple[str, ...] = ()
+    snapshot: EndpointSnapshot | None = None
 
-    When the desired state did not change since the last run (same token), the dataplane
-    rendered then is used as it is: rendering is a pure function of the state.
+
+def local_allocations(state_dir: Path) -> list:
+    """The addresses this node's IPAM gave its pods (the CNI plugin's records)."""
+    try:
+        from cni.ipam import read_allocations
+    except ImportError:
+        return []
+    return list(read_allocations(state_dir))
+
+
+def desired_state(opts: Options, destroy: bool = False) -> Desired:
+    """The desired dataplane of this node.
+
+    Local pods take their addresses from the node's IPAM allocations, and pods the CNI plugin
+    wired that the desired state does not show yet are kept, closed where a policy might
+    apply. When neither the desired state nor the allocations changed since the last run, the
+    dataplane rendered then is used as it is: rendering is a pure function of both.
     """
     from desired import sources
     if destroy:
-        return EMPTY, ()
+        return Desired(EMPTY)
+    allocations = local_allocations(opts.state_dir)
     reading = sources.read(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
-    rendered = reading.cache.rendered_for(opts.node)
-    if rendered is None:
+    key = reading.token + ":" + hashlib.sha256(repr(sorted(
+        (a.namespace, a.pod, a.iface, tuple(a.ips)) for a in allocations)).encode()).hexdigest()[:16]
+    desired = reading.cache.rendered_for(opts.node, key)
+    if desired is None:
         state = reading.state()
-        rendered = (render_node(state, opts.node), state.ignored_kinds)
-        reading.cache.rendered[opts.node] = (reading.token, rendered)
+        addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
+        state = state.with_local_addresses(opts.node, addresses)
+        pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
+        dataplane = render_node(state, opts.node, pending)
+        desired = Desired(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key))
+        reading.cache.rendered[opts.node] = (key, desired)
         reading.dirty = True
     if reading.dirty:
         sources.commit(opts.state_dir, reading)
-    return rendered
+    return desired
 
 
 def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
     return _plan_and_probe(opts, runner, destroy)[0]
 
 
-def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane]:
+def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane, Desired]:
     """Validate the desired state before touching the kernel at all, then compare."""
     backend = detect(runner, opts.backend)
     # weft's chains left in the other backend (a run with the other --iptables-backend) still
@@ -62,25 +93,27 @@ def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan,
     others = [b for b in (other_has_weft(runner, backend),) if b]
     probing = start_probe(runner, backend, others)   # the dumps run while the desired state is read
     try:
-        desired, ignored = desired_dataplane(opts, destroy)
+        desired = desired_state(opts, destroy)
     except BaseException:
         _reap(probing)
         raise
     actual = probing()
-    return Plan(opts.node, backend.name, actual.fingerprint(), diff(desired, actual), ignored), actual
+    plan = Plan(opts.node, backend.name, actual.fingerprint(), diff(desired.dataplane, actual), desired.ignored)
+    return plan, actual, desired
 
 
 def lock(opts: Options) -> FileLock:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(opts.state_dir / "weft.lock"), timeout=opts.lock_timeout)
+    return FileLock(str(opts.state_dir / LOCK_FILE), timeout=opts.lock_timeout)
 
 
 def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy: bool = False) -> Plan:
     """Apply a fresh plan (or exactly `plan_file`), under the node's lock; verify the result."""
     try:
         with lock(opts):
+            desired = None
             if plan_file is None:
-                plan, before = _plan_and_probe(opts, runner, destroy)
+                plan, before, desired = _plan_and_probe(opts, runner, destroy)
                 backend = Backend(plan.backend)
             else:
                 plan = plan_file
@@ -91,17 +124,26 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                 if before.fingerprint() != plan.base_fingerprint:
                     raise PlanError("the saved plan is stale: the kernel state changed since it was made; "
                                     "run `weft plan` again")
-            if plan.changes.empty:
-                return plan
-            execute(plan.changes, backend, runner)
-            leftover = verify(runner, backend, before, plan.changes)
-            if not leftover.empty:
-                raise WeftError(f"after apply the kernel still differs from the plan in "
-                                f"{len(leftover.chains)} chains, {len(leftover.sets)} sets, "
-                                f"{len(leftover.hooks)} hook chains; see `weft drift`")
+            if not plan.changes.empty:
+                execute(plan.changes, backend, runner)
+                leftover = verify(runner, backend, before, plan.changes)
+                if not leftover.empty:
+                    raise WeftError(f"after apply the kernel still differs from the plan in "
+                                    f"{len(leftover.chains)} chains, {len(leftover.sets)} sets, "
+                                    f"{len(leftover.hooks)} hook chains; see `weft drift`")
+            _keep_snapshot(opts, desired)
             return plan
     except Timeout as exc:
         raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:g}s") from exc
+
+
+def _keep_snapshot(opts: Options, desired: Desired | None) -> None:
+    """Leave the CNI plugin what it needs, once the kernel matches the state it describes."""
+    if desired is None or desired.snapshot is None:
+        return
+    current = load_snapshot(opts.state_dir)
+    if current is None or current.token != desired.snapshot.token:
+        save_snapshot(opts.state_dir, desired.snapshot)
 
 
 VERIFY_ONE_BY_ONE = 40      # up to this many changed items, read back just those
@@ -117,10 +159,15 @@ def verify(runner: Runner, backend: Backend, before: Dataplane, changes: Changes
     sets = {s.name for s in changes.sets}
     hooks = {(h.table, h.chain) for h in changes.hooks}
     after = probe_some(runner, backend, [n for _t, n in chains], sets, [c for _t, c in hooks])
-    expected = Dataplane({k: v for k, v in expected.chains.items() if k in chains},
-                         {k: v for k, v in expected.ipsets.items() if k in sets},
-                         {k: v for k, v in expected.hooks.items() if k in hooks})
-    return diff(expected, after)
+    part = Dataplane({k: v for k, v in expected.chains.items() if k in chains},
+                     {k: v for k, v in expected.ipsets.items() if k in sets},
+                     {k: v for k, v in expected.hooks.items() if k in hooks})
+    leftover = diff(part, after)
+    if leftover.empty:
+        return leftover
+    # A per-chain read can misreport (iptables-nft calls some chains "incompatible"): a full
+    # dump has the last word before an apply is declared failed.
+    return diff(expected, probe_dataplane(runner, backend))
 
 
 def _reap(probing) -> None:

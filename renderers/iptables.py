@@ -87,8 +87,13 @@ def policy_chain_name(policy: Policy, direction: str) -> str:
     return f"{PREFIX}p{'i' if direction == INGRESS else 'o'}-{short_hash('policy', policy.tier, policy.key)}"
 
 
-def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: SetCatalog) -> Dataplane:
-    local = state.local_endpoints(node)
+def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: SetCatalog,
+                  pending: tuple[Endpoint, ...] = ()) -> Dataplane:
+    """`pending`: local pods wired by the CNI plugin that the desired state does not show yet
+    (their labels are unknown): closed wherever a policy of their namespace could apply."""
+    known = state.local_endpoints(node)
+    local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
+                         key=lambda e: e.iface))
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
@@ -99,12 +104,16 @@ def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: Se
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
-    applying = _policies_by_endpoint(state, node, local, index)
+    applying = _policies_by_endpoint(state, node, known, index)
     for ep in local:
         for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
-            policies = applying[ep.key][direction]
             name = f"{PREFIX}{kind}-{ep.iface}"
-            add(name, _endpoint_specs(policies, direction, state),
+            if ep.key not in applying:
+                closed = might_apply(state.policies, ep.namespace, direction)
+                add(name, pending_specs(closed), f"{direction.lower()} of pod {ep.key}, not in the desired state yet")
+                continue
+            policies = applying[ep.key][direction]
+            add(name, endpoint_specs(policies, direction),
                 f"{direction.lower()} of pod {ep.key} ({len(policies)} policies)")
             for policy in policies:
                 pname = policy_chain_name(policy, direction)
@@ -162,14 +171,29 @@ def _policies_by_endpoint(state: ClusterState, node: str, local, index: Endpoint
             ep = index.endpoints[i]
             for direction in policy.types:
                 result[ep.key][direction].append(policy)
-    tiers = state.tiers
     for per_dir in result.values():
-        for policies in per_dir.values():
-            policies.sort(key=lambda p: (_sort_key(tiers[p.tier].order, p.tier), _sort_key(p.order, p.key)))
+        for direction, policies in per_dir.items():
+            per_dir[direction] = order_policies(policies, state.tiers)
     return result
 
 
-def _endpoint_specs(policies: list[Policy], direction: str, state: ClusterState) -> list[Spec]:
+def might_apply(policies, namespace: str, direction: str) -> bool:
+    """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
+    return any(direction in p.types and p.namespace in (None, namespace) for p in policies)
+
+
+def pending_specs(closed: bool) -> list[Spec]:
+    """A pod whose labels are not known yet: dropped where a policy might select it (fail
+    closed, until a run knows the pod), open where none could."""
+    return [Spec(target="-j DROP")] if closed else []
+
+
+def order_policies(policies, tiers) -> list:
+    """Evaluation order: tiers by (order, name), then policies by (order, name); unset last."""
+    return sorted(policies, key=lambda p: (_sort_key(tiers[p.tier].order, p.tier), _sort_key(p.order, p.key)))
+
+
+def endpoint_specs(policies: list[Policy], direction: str) -> list[Spec]:
     specs = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")] if policies else []
     for _tier, group in itertools.groupby(policies, key=lambda p: p.tier):
         specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
@@ -253,7 +277,7 @@ def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None
     return tuple(alternatives)
 
 
-def render_node(state: ClusterState, node: str) -> Dataplane:
+def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = ()) -> Dataplane:
     """Everything weft should own on `node`, as kernel text. A pure function of its input."""
     index = EndpointIndex(state)
-    return render_filter(state, node, index, SetCatalog(index))
+    return render_filter(state, node, index, SetCatalog(index), pending)
