@@ -1,0 +1,371 @@
+"""The desired model -> one node's BIRD 2 configuration. Pure and deterministic.
+
+Who peers with whom follows Calico's confd (facts, not code): a full node-to-node mesh unless
+BGPConfiguration turns it off (route-reflector nodes stay out of it), global and node-specific
+BGPPeers by peerIP or peerSelector, with the reverse peering added between two nodes so every
+node-to-node session is configured at both ends; global wins over node-specific, explicit over
+mesh. The node with the lower address is passive towards another node, so two nodes never race
+to open the same session. A route reflector treats every iBGP peer of another cluster ID as its
+client.
+
+What moves where:
+  - the node's own blocks: blackhole routes in BIRD's static protocol `weft_blocks_vN`, sent to
+    the kernel (so addresses of the block not in use are dropped here, not bounced back) and
+    exported, aggregated, to every peer (blocks of a pool with disableBGPExport are not);
+  - service ranges (BGPConfiguration serviceClusterIPs/ExternalIPs/LoadBalancerIPs): static
+    `weft_services_vN`, exported only to peers that are not weft nodes, never to the kernel;
+  - imported: only routes inside some IPPool, and never one of the node's own blocks;
+  - learned routes go to the kernel through `weft_kernel_vN`, which carries BIRD's own route
+    protocol ("proto bird"). BIRD never learns kernel routes (`learn off`), so the per-pod /32
+    routes weft's CNI plugin writes (route protocol 201) are neither exported nor touched.
+Protocol names say the peer's kind and address (`Mesh_198_18_0_2`, `Node_...`, `Global_...`,
+`..._port_1790` for another port): `weft status` maps them back with `parse_protocol_name`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jinja2
+
+from desired.bgp import DEFAULT_AS_NUMBER, duration_seconds, secret_value
+from desired.errors import InvalidDesiredState, ValidationError, WeftError
+from desired.model import BGPConfiguration, BGPPeer, ClusterState, Node
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "bgp-config"
+BGP_PORT = 179
+KINDS = {"Mesh": "node-to-node mesh", "Node": "node specific", "Global": "global"}
+_NAME = re.compile(r"^(Mesh|Node|Global)_([0-9A-Fa-f_]+?)(?:_port_(\d+))?$")
+_LOG_CLASSES = {
+    "Debug": "all",
+    "Info": "{ info, remote, warning, error, auth, fatal, bug, trace }",
+    "Warning": "{ warning, error, auth, fatal, bug }",
+    "Error": "{ error, auth, fatal, bug }",
+    "Fatal": "{ fatal, bug }",
+}
+_DEBUG = {"Debug": "all", "Info": "{ states }"}
+_PASSWORD = re.compile(r'^(\s*password\s+)"[^"\n]*"', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Session:
+    """One BGP session of this node: a `protocol bgp` block."""
+    name: str                     # BIRD protocol name, e.g. Mesh_198_18_0_2
+    kind: str                     # Mesh | Node | Global
+    family: int                   # 4 or 6
+    address: str
+    port: int
+    peer_as: int
+    local_as: int
+    local_address: str | None     # None: the kernel picks the source (sourceAddress: None)
+    peer_node: str | None         # the weft node at that address, if it is one
+    passive: bool
+    hops: int | None              # None: directly connected; 0: multihop to any distance; N: N hops
+    ttl_security: bool
+    password: str | None
+    next_hop: str | None          # "self" | "keep" | None (BIRD's default)
+    rr_client: bool
+    rr_cluster_id: str | None
+    restart_time: int | None
+    keepalive_time: int | None
+    export: str                   # "node" or "external": which export filter
+    origin: str                   # why it exists, for the description
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the configuration holds for one address family."""
+    version: int
+    pools: tuple[str, ...]
+    own_blocks: tuple[str, ...]
+    exported_blocks: tuple[str, ...]
+    services: tuple[str, ...]
+    communities: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]   # (cidr, standard, large)
+
+    @property
+    def suffix(self) -> str:
+        return f"v{self.version}"
+
+
+def render_bird_config(state: ClusterState, node: str, *, socket_path: str | None = None,
+                       router_id: str | None = None, hold_time: int | None = None,
+                       log_target: str = "syslog") -> str:
+    """BIRD's whole configuration for `node`, byte-identical for the same inputs.
+
+    `hold_time` (seconds) applies to every session (the lab uses a short one); `log_target` is
+    "syslog", "stderr" or a file path. Raises InvalidDesiredState for a BGPPeer whose password
+    Secret is missing, WeftError when the node has no address to use as router ID.
+    """
+    me = state.nodes.get(node)
+    config = effective_configuration(state, node)
+    my_v4 = _address(me, 4)
+    router_id = router_id or my_v4
+    if router_id is None:
+        raise WeftError(f"node {node} has no IPv4 BGP address (Node annotation projectcalico.org/IPv4Address) "
+                        "to use as BIRD's router ID")
+    sessions = bgp_sessions(state, node)
+    families = _families(state, node, me, config)
+    severity = config.log_severity or "Info"
+    target = log_target if log_target in ("syslog", "stderr") else f'"{_bird_string(log_target, "log file")}"'
+    return _template().render(
+        node=node, router_id=str(ipaddress.IPv4Address(router_id)), socket_path=socket_path,
+        log_target=target, log_classes=_LOG_CLASSES[severity], debug=_DEBUG.get(severity, "off"),
+        families=families, sessions=sessions, reflect=_cluster_id(me) is not None, hold_time=hold_time,
+        listen_port=_listen_port(state, node),
+    )
+
+
+def redact(text: str) -> str:
+    """The configuration with every BGP password replaced, for plans, diffs and logs."""
+    return _PASSWORD.sub(r'\1"(redacted)"', text)
+
+
+def parse_protocol_name(name: str) -> tuple[str, str, int | None] | None:
+    """`Mesh_198_18_0_2` -> ("Mesh", "198.18.0.2", None); None for weft's other protocols."""
+    match = _NAME.match(name)
+    if not match:
+        return None
+    parts = match.group(2).split("_")
+    text = ".".join(parts) if len(parts) == 4 and all(p.isdigit() for p in parts) else ":".join(parts)
+    try:
+        address = str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+    return match.group(1), address, int(match.group(3)) if match.group(3) else None
+
+
+def protocol_name(kind: str, address: str, port: int) -> str:
+    name = f"{kind}_{address.replace('.', '_').replace(':', '_')}"
+    return name if port == BGP_PORT else f"{name}_port_{port}"
+
+
+# --- configuration --------------------------------------------------------------------------
+
+def effective_configuration(state: ClusterState, node: str) -> BGPConfiguration:
+    """BGPConfiguration "default" with "node.<node>" on top (each field the node sets wins)."""
+    by_name = {c.name: c for c in state.bgp_configurations}
+    base = by_name.get("default") or BGPConfiguration("default")
+    override = by_name.get(f"node.{node}")
+    if override is None:
+        return base
+    merged = {f: getattr(override, f) if getattr(override, f) not in (None, ()) else getattr(base, f)
+              for f in BGPConfiguration.__dataclass_fields__ if f != "name"}
+    return BGPConfiguration(name=f"node.{node}", **merged)
+
+
+def _address(node: Node | None, version: int) -> str | None:
+    bgp = node.bgp if node else None
+    text = (bgp.ipv4_address if version == 4 else bgp.ipv6_address) if bgp else None
+    return str(ipaddress.ip_interface(text).ip) if text else None
+
+
+def _subnet(node: Node, version: int):
+    text = node.bgp.ipv4_address if version == 4 else node.bgp.ipv6_address
+    return ipaddress.ip_interface(text).network
+
+
+def _cluster_id(node: Node | None) -> str | None:
+    return node.bgp.route_reflector_cluster_id if node and node.bgp else None
+
+
+def _as_of(state: ClusterState, node: Node) -> int:
+    if node.bgp and node.bgp.as_number:
+        return node.bgp.as_number
+    default = next((c for c in state.bgp_configurations if c.name == "default"), None)
+    return (default.as_number if default else None) or DEFAULT_AS_NUMBER
+
+
+def _listen_port(state: ClusterState, node: str) -> int:
+    return effective_configuration(state, node).listen_port or BGP_PORT
+
+
+def _matches(selector, node: Node) -> bool:
+    return selector.matches(node.labels)
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Peering:
+    kind: str
+    family: int
+    address: str
+    port: int
+    peer_as: int
+    peer_node: Node | None
+    peer: BGPPeer | None
+
+
+def bgp_sessions(state: ClusterState, node: str) -> tuple[Session, ...]:
+    """Every BGP session `node` should have, sorted by protocol name."""
+    me = state.nodes.get(node)
+    if me is None or me.bgp is None:
+        return ()
+    found: dict[tuple[int, str, int], _Peering] = {}
+
+    def emit(p: _Peering) -> None:
+        if not p.address or _address(me, p.family) is None or p.address == _address(me, p.family):
+            return
+        found.setdefault((p.family, p.address, p.port), p)   # the first kind to claim an address wins
+
+    peers = sorted(state.bgp_peers, key=lambda p: p.name)
+    others = [n for name, n in sorted(state.nodes.items()) if name != node and n.bgp is not None]
+    for glob in (True, False):
+        for p in peers:
+            if (p.node is None and p.node_selector is None) == glob and _applies_to(p, me):
+                for peering in _forward(state, p, others, "Global" if glob else "Node"):
+                    emit(peering)
+    for p in peers:
+        if me in _reverse_locals(state, p):
+            for other in others:
+                if _applies_to(p, other):
+                    for version in _reverse_families(p):
+                        emit(_node_peering(state, "Node", version, other, p))
+    config = effective_configuration(state, node)
+    if config.node_to_node_mesh is not False and _cluster_id(me) is None:
+        for other in others:
+            if _cluster_id(other) is None:
+                for version in (4, 6):
+                    emit(_node_peering(state, "Mesh", version, other, None))
+    local_as = _as_of(state, me)
+    return tuple(sorted((_session(state, me, local_as, p) for p in found.values()),
+                        key=lambda s: s.name))
+
+
+def _applies_to(p: BGPPeer, node: Node) -> bool:
+    if p.node is not None:
+        return p.node == node.name
+    return p.node_selector is None or _matches(p.node_selector, node)
+
+
+def _node_peering(state: ClusterState, kind: str, version: int, other: Node, p: BGPPeer | None) -> _Peering:
+    return _Peering(kind, version, _address(other, version) or "", _listen_port(state, other.name),
+                    _as_of(state, other), other, p)
+
+
+def _forward(state: ClusterState, p: BGPPeer, others: list[Node], kind: str) -> list[_Peering]:
+    if p.peer_selector is not None:
+        return [_node_peering(state, kind, v, n, p) for n in others if _matches(p.peer_selector, n) for v in (4, 6)]
+    version = ipaddress.ip_address(p.peer_ip).version
+    node = next((n for n in _nodes_at(state, p) if n in others), None)
+    port = p.peer_port or (_listen_port(state, node.name) if node else BGP_PORT)
+    return [_Peering(kind, version, p.peer_ip, port, p.as_number, node, p)]
+
+
+def _nodes_at(state: ClusterState, p: BGPPeer) -> list[Node]:
+    """Nodes a peerIP BGPPeer names: same address, same AS, and same port when one is given."""
+    return [n for _, n in sorted(state.nodes.items())
+            if n.bgp and p.peer_ip in (_address(n, 4), _address(n, 6)) and _as_of(state, n) == p.as_number
+            and (p.peer_port is None or p.peer_port == _listen_port(state, n.name))]
+
+
+def _reverse_locals(state: ClusterState, p: BGPPeer) -> list[Node]:
+    """The nodes that are the *peer* side of `p`: they get the reverse peering."""
+    if p.peer_selector is not None:
+        return [n for _, n in sorted(state.nodes.items()) if n.bgp and _matches(p.peer_selector, n)]
+    return _nodes_at(state, p)
+
+
+def _reverse_families(p: BGPPeer) -> tuple[int, ...]:
+    return (4, 6) if p.peer_selector is not None else (ipaddress.ip_address(p.peer_ip).version,)
+
+
+def _session(state: ClusterState, me: Node, local_as: int, p: _Peering) -> Session:
+    peer = p.peer
+    my_address = _address(me, p.family)
+    ttl = peer.ttl_security if peer else None
+    if ttl:
+        hops = None if ttl == 1 else ttl
+    else:
+        hops = None if ipaddress.ip_address(p.address) in _subnet(me, p.family) else 0
+    next_hop = None
+    if peer and peer.next_hop_mode == "Self":
+        next_hop = "self"
+    elif peer and (peer.next_hop_mode == "Keep" or (peer.keep_original_next_hop and p.peer_as != local_as)):
+        next_hop = "keep"
+    my_cid = _cluster_id(me)
+    rr_client = bool(my_cid) and p.peer_as == local_as and _cluster_id(p.peer_node) != my_cid
+    origin = (f"node-to-node mesh with node {p.peer_node.name}" if peer is None else
+              f"BGPPeer {peer.name}" + (f" (node {p.peer_node.name})" if p.peer_node else ""))
+    return Session(
+        name=protocol_name(p.kind, p.address, p.port), kind=p.kind, family=p.family, address=p.address,
+        port=p.port, peer_as=p.peer_as, local_as=local_as,
+        local_address=None if peer and peer.source_address == "None" else my_address,
+        peer_node=p.peer_node.name if p.peer_node else None,
+        passive=p.peer_node is not None and ipaddress.ip_address(p.address) > ipaddress.ip_address(my_address),
+        hops=hops, ttl_security=bool(ttl), password=_password(state, peer),
+        next_hop=next_hop, rr_client=rr_client, rr_cluster_id=my_cid if rr_client else None,
+        restart_time=round(duration_seconds(peer.max_restart_time)) if peer and peer.max_restart_time else None,
+        keepalive_time=round(duration_seconds(peer.keepalive_time)) if peer and peer.keepalive_time else None,
+        export="node" if p.peer_node is not None else "external", origin=origin,
+    )
+
+
+def _password(state: ClusterState, peer: BGPPeer | None) -> str | None:
+    if peer is None or peer.password is None:
+        return None
+    ref = peer.password
+    value = secret_value(state.secrets, ref)
+    where = f"BGPPeer {peer.name}"
+    if value is None:
+        raise InvalidDesiredState([ValidationError(
+            "desired state", where, "spec.password.secretKeyRef",
+            f"no Secret {ref.name!r} with key {ref.key!r} in namespace calico-system or kube-system")])
+    if not value or len(value.encode()) > 80 or not value.isprintable() or '"' in value:
+        raise InvalidDesiredState([ValidationError(
+            "desired state", where, "spec.password.secretKeyRef",
+            f"Secret {ref.name!r} key {ref.key!r}: a BGP password must be 1-80 bytes of printable text "
+            "without double quotes (BIRD cannot quote them)")])
+    return value
+
+
+# --- address families -----------------------------------------------------------------------
+
+def _families(state: ClusterState, node: str, me: Node | None, config: BGPConfiguration) -> tuple[Family, ...]:
+    pools = sorted(state.ippools, key=lambda p: (ipaddress.ip_network(p.cidr).version, p.cidr))
+    own = sorted({b.cidr for b in state.blocks if b.node == node}, key=_net_key)
+    no_export = [ipaddress.ip_network(p.cidr) for p in pools if p.disable_bgp_export]
+    exported = [b for b in own if not any(_within(b, pool) for pool in no_export)]
+    services = sorted({*config.service_cluster_ips, *config.service_external_ips,
+                       *config.service_loadbalancer_ips}, key=_net_key)
+    families = []
+    for version in (4, 6):
+        def mine(cidrs, v=version):
+            return tuple(c for c in cidrs if ipaddress.ip_network(c).version == v)
+        pool_cidrs = mine([p.cidr for p in pools])
+        if version == 6 and not pool_cidrs and not mine(own) and _address(me, 6) is None:
+            continue
+        rules = []
+        for advert in config.prefix_advertisements:
+            if ipaddress.ip_network(advert.cidr).version == version and advert.communities:
+                standard = tuple(f"({c.replace(':', ', ')})" for c in advert.communities if c.count(":") == 1)
+                large = tuple(f"({c.replace(':', ', ')})" for c in advert.communities if c.count(":") == 2)
+                rules.append((advert.cidr, standard, large))
+        families.append(Family(version, pool_cidrs, mine(own), mine(exported), mine(services), tuple(rules)))
+    return tuple(families)
+
+
+def _net_key(cidr: str):
+    net = ipaddress.ip_network(cidr)
+    return net.version, net.network_address, net.prefixlen
+
+
+def _within(cidr: str, pool) -> bool:
+    net = ipaddress.ip_network(cidr)
+    return net.version == pool.version and net.subnet_of(pool)
+
+
+def _bird_string(value: str, what: str) -> str:
+    if '"' in value or "\n" in value:
+        raise WeftError(f"{what} {value!r} cannot be written in BIRD's configuration (a double quote or newline)")
+    return value
+
+
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    return env.get_template("bird.conf.j2")
