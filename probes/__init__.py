@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable
 
 from probes import ipsets, iptables
 from probes.backend import Backend, table_label
+from probes.routes import start_route_probe
 from probes.runner import KernelCommandError, Runner
 from renderers.dataplane import Dataplane, Hooks
 
@@ -19,6 +20,7 @@ def start_probe(runner: Runner, backend: Backend, others: Iterable[Backend] = ()
     """
     rules = {b: runner.start(b.save + ["-t", TABLE]) for b in (backend, *others)}
     sets = runner.start(["ipset", "save"])
+    routing = start_route_probe(runner)
 
     def finish() -> Dataplane:
         chains, hooks = {}, {}
@@ -26,7 +28,8 @@ def start_probe(runner: Runner, backend: Backend, others: Iterable[Backend] = ()
             found, found_hooks = iptables.parse_save(pending.result(), TABLE, table_label(TABLE, b, backend))
             chains.update(found)
             hooks.update(found_hooks)
-        return Dataplane(chains, ipsets.parse_save(sets.result()), hooks)
+        routes, links, occupied = routing()
+        return Dataplane(chains, ipsets.parse_save(sets.result()), hooks, routes, links, occupied)
     return finish
 
 

@@ -98,5 +98,56 @@ def execute(changes: Changes, backend: Backend, runner: Runner) -> None:
             if inputs.ipset_undo and "@" not in label:
                 runner.run(["ipset", "restore"], inputs.ipset_undo, writes=True)
             raise
+    apply_routing(changes, runner)
     if inputs.ipset_after:
         runner.run(["ipset", "restore"], inputs.ipset_after, writes=True)
+
+
+def apply_routing(changes: Changes, runner: Runner) -> None:
+    """Interface sysctls (files under /proc/sys) and routes (netlink), after the policy is in
+    place: a new pod becomes reachable only once its rules are."""
+    for link in changes.links:
+        for key, value in link.sysctls:
+            runner.writes.append(f"sysctl {key.replace('/', '.')}={value}")
+            try:
+                with open(f"/proc/sys/{key}", "w") as f:
+                    f.write(value)
+            except OSError as exc:
+                raise KernelCommandError(f"setting {key.replace('/', '.')}={value}: {exc.strerror}") from None
+    if not changes.routes:
+        return
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from cni.wiring import ROUTE_PROTOCOL
+    with IPRoute() as ipr:
+        for r in changes.routes:
+            what = f"route {'del' if r.action == DELETE else 'replace'} {r.dst}" + (f" dev {r.dev}" if r.dev else "")
+            runner.writes.append(f"netlink {what}")
+            try:
+                if r.action == DELETE:
+                    _delete_route(ipr, r.dst, ROUTE_PROTOCOL)
+                elif r.type == "blackhole":
+                    ipr.route("replace", dst=r.dst, proto=ROUTE_PROTOCOL, type="blackhole")
+                else:
+                    index = ipr.link_lookup(ifname=r.dev)
+                    if not index:
+                        raise KernelCommandError(f"{what}: no interface {r.dev}")
+                    ipr.route("replace", dst=r.dst, oif=index[0], proto=ROUTE_PROTOCOL,
+                              scope=0 if ":" in r.dst else 253)     # IPv4 /32: scope link
+            except NetlinkError as exc:
+                raise KernelCommandError(f"{what}: {exc.args[1] if len(exc.args) > 1 else exc}") from None
+
+
+def _delete_route(ipr, dst: str, proto: int) -> None:
+    """The kernel matches a deletion on scope too: weft's IPv4 pod routes are scope link, its
+    blackholes and IPv6 routes scope universe; one of the two is the route's."""
+    from pyroute2.netlink.exceptions import NetlinkError
+    for scope in (253, 0):
+        try:
+            ipr.route("del", dst=dst, proto=proto, scope=scope)
+            return
+        except NetlinkError as exc:
+            if exc.code != 3:                 # ESRCH: not with this scope
+                raise
+    raise KernelCommandError(f"route del {dst}: no such route")

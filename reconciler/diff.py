@@ -6,7 +6,7 @@ ever considered, so foreign state cannot appear here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from renderers.dataplane import Dataplane
 
@@ -45,18 +45,39 @@ class HookChange:
 
 
 @dataclass(frozen=True)
+class RouteChange:
+    dst: str
+    action: str                      # create / update / delete
+    dev: str | None = None           # the desired route (create/update)
+    type: str = "unicast"
+    previous_dev: str | None = None
+    previous_type: str | None = None
+    about: str = ""
+
+
+@dataclass(frozen=True)
+class LinkChange:
+    iface: str
+    action: str                      # update: some sysctls differ
+    sysctls: tuple[tuple[str, str], ...] = ()    # (key, desired value) that differ
+    previous: tuple[tuple[str, str], ...] = ()   # (key, kernel value) of the same keys
+    about: str = ""
+
+
+@dataclass(frozen=True)
 class Changes:
     sets: tuple[SetChange, ...] = ()
     chains: tuple[ChainChange, ...] = ()
     hooks: tuple[HookChange, ...] = ()
-    counts: dict = field(default_factory=dict, compare=False)
+    routes: tuple[RouteChange, ...] = ()
+    links: tuple[LinkChange, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.sets or self.chains or self.hooks)
+        return not (self.sets or self.chains or self.hooks or self.routes or self.links)
 
     def summary(self) -> dict[str, int]:
-        items = [c.action for c in (*self.sets, *self.chains, *self.hooks)]
+        items = [c.action for c in (*self.sets, *self.chains, *self.hooks, *self.routes, *self.links)]
         return {
             "add": items.count(CREATE),
             "change": items.count(UPDATE) + items.count(REPLACE),
@@ -102,7 +123,37 @@ def diff(desired: Dataplane, actual: Dataplane) -> Changes:
         action = CREATE if have is None else DELETE if want is None else UPDATE
         hooks.append(HookChange(table, chain, action, want.rules if want else (), have.rules if have else (),
                                 have.at_top if have else True))
-    return Changes(tuple(sets), tuple(chains), tuple(hooks))
+    return Changes(tuple(sets), tuple(chains), tuple(hooks), *_routing(desired, actual))
+
+
+def _routing(desired: Dataplane, actual: Dataplane) -> tuple[tuple[RouteChange, ...], tuple[LinkChange, ...]]:
+    """Routes and interface settings. A route through an interface that does not exist (the pod
+    is not wired yet, or gone) cannot be wanted, nor one to a destination another tool routes;
+    interfaces are the CNI plugin's to create and delete, so only the settings of the ones that
+    exist are compared."""
+    present = actual.links
+    routes = []
+    for dst, want in sorted(desired.routes.items()):
+        if (want.dev is not None and want.dev not in present) or dst in actual.occupied:
+            continue
+        have = actual.routes.get(dst)
+        if have is None:
+            routes.append(RouteChange(dst, CREATE, want.dev, want.type, about=want.about))
+        elif have != want:
+            routes.append(RouteChange(dst, UPDATE, want.dev, want.type, have.dev, have.type, want.about))
+    for dst, have in sorted(actual.routes.items()):
+        want = desired.routes.get(dst)
+        if want is None or (want.dev is not None and want.dev not in present):
+            routes.append(RouteChange(dst, DELETE, previous_dev=have.dev, previous_type=have.type))
+    links = []
+    for iface, want in sorted(desired.links.items()):
+        have = dict(present[iface].sysctls) if iface in present else None
+        if have is None:
+            continue
+        wrong = tuple((k, v) for k, v in want.sysctls if have.get(k) != v)
+        if wrong:
+            links.append(LinkChange(iface, UPDATE, wrong, tuple((k, have.get(k, "")) for k, _ in wrong), want.about))
+    return tuple(routes), tuple(links)
 
 
 def names_set(rule: str, set_name: str) -> bool:

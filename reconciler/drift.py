@@ -33,6 +33,14 @@ def drift_items(changes: Changes) -> list[dict]:
             items.append({"kind": "chain", "name": name, "problem": "unexpected"})
         else:
             items.extend(_rule_items("rule", name, c.previous, c.rules))
+    for r in changes.routes:
+        problem = {CREATE: "missing", DELETE: "unexpected"}.get(r.action, "changed")
+        items.append({"kind": "route", "name": r.dst, "problem": problem,
+                      "rule": f"dev {r.previous_dev or r.dev}" if r.type != "blackhole" else "blackhole"})
+    for link in changes.links:
+        for (key, want), (_, have) in zip(link.sysctls, link.previous, strict=True):
+            items.append({"kind": "sysctl", "name": link.iface, "problem": f"is {have or '(unset)'}, want {want}",
+                          "member": key.replace("/", ".")})
     for h in changes.hooks:
         name = f"{h.table}/{h.chain}"
         items.extend(_rule_items("hook", name, h.previous, h.rules))

@@ -10,7 +10,17 @@ import json
 from dataclasses import asdict, dataclass
 
 from desired.errors import WeftError
-from reconciler.diff import CREATE, DELETE, REPLACE, ChainChange, Changes, HookChange, SetChange
+from reconciler.diff import (
+    CREATE,
+    DELETE,
+    REPLACE,
+    ChainChange,
+    Changes,
+    HookChange,
+    LinkChange,
+    RouteChange,
+    SetChange,
+)
 
 FORMAT_VERSION = 1
 _SYMBOL = {CREATE: "+", DELETE: "-", "update": "~", REPLACE: "-/+"}
@@ -41,6 +51,8 @@ class Plan:
                 "ipsets": [asdict(s) for s in self.changes.sets],
                 "chains": [asdict(c) for c in self.changes.chains],
                 "hooks": [asdict(h) for h in self.changes.hooks],
+                "routes": [asdict(r) for r in self.changes.routes],
+                "links": [asdict(link) for link in self.changes.links],
             },
         }
 
@@ -55,11 +67,18 @@ class Plan:
                 tuple(SetChange(**_tuples(s)) for s in ch["ipsets"]),
                 tuple(ChainChange(**_tuples(c)) for c in ch["chains"]),
                 tuple(HookChange(**_tuples(h)) for h in ch["hooks"]),
+                tuple(RouteChange(**r) for r in ch.get("routes", ())),
+                tuple(LinkChange(**{**link, "sysctls": _pairs(link["sysctls"]), "previous": _pairs(link["previous"])})
+                      for link in ch.get("links", ())),
             )
             return cls(data["node"], data["backend"], data["base_fingerprint"], changes,
                        tuple(data.get("ignored_kinds", ())))
         except (KeyError, TypeError) as exc:
             raise PlanError(f"{source}: malformed plan ({exc})") from exc
+
+
+def _pairs(items) -> tuple:
+    return tuple((k, v) for k, v in items)
 
 
 def _tuples(d: dict) -> dict:
@@ -99,6 +118,10 @@ def format_text(plan: Plan) -> str:
         out.extend(_chain_block(c))
     for h in changes.hooks:
         out.extend(_hook_block(h))
+    for r in changes.routes:
+        out.extend(_route_block(r))
+    for link in changes.links:
+        out.extend(_link_block(link))
     out.append(summary_line(changes))
     return note + "\n".join(out) + "\n"
 
@@ -118,6 +141,29 @@ def _chain_block(c: ChainChange) -> list[str]:
 def _hook_block(h: HookChange) -> list[str]:
     head = f"  # weft's rules in built-in chain {h.table}/{h.chain} will be {_VERB[h.action]}"
     return [head, f"  {_SYMBOL[h.action]} hook {h.table}/{h.chain} {{", *_rule_lines(h.previous, h.rules), "    }", ""]
+
+
+def _route_text(dst: str, dev: str | None, kind: str | None) -> str:
+    return f"{dst} dev {dev}" if kind != "blackhole" else f"blackhole {dst}"
+
+
+def _route_block(r: RouteChange) -> list[str]:
+    head = f"  # route {r.dst} will be {_VERB[r.action]}" + (f"  ({r.about})" if r.about else "")
+    lines = [head]
+    if r.action != CREATE:
+        lines.append(f"  - route {_route_text(r.dst, r.previous_dev, r.previous_type)}")
+    if r.action != DELETE:
+        lines.append(f"  + route {_route_text(r.dst, r.dev, r.type)}")
+    return lines + [""]
+
+
+def _link_block(link: LinkChange) -> list[str]:
+    head = f"  # settings of interface {link.iface} will be updated in-place"
+    head += f"  ({link.about})" if link.about else ""
+    lines = [head, f"  ~ interface {link.iface} {{"]
+    for (key, want), (_, have) in zip(link.sysctls, link.previous, strict=True):
+        lines.append(f"      ~ {key.replace('/', '.')} = {have or '(unset)'} -> {want}")
+    return lines + ["    }", ""]
 
 
 def _rule_lines(before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:

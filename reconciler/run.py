@@ -12,12 +12,13 @@ from desired.errors import WeftError
 from desired.model import Endpoint
 from probes import probe_dataplane, probe_some, start_probe
 from probes.backend import Backend, detect, other_has_weft, table_backend
+from probes.routes import start_route_probe
 from probes.runner import Runner
 from reconciler.apply import execute
 from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff
 from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
 from reconciler.plan import Plan, PlanError
-from renderers.dataplane import EMPTY, Chain, Dataplane, Hooks, IpSet
+from renderers.dataplane import EMPTY, Chain, Dataplane, Hooks, IpSet, Link, Route
 from renderers.endpoint import EndpointSnapshot, make_snapshot
 from renderers.iptables import render_node
 
@@ -159,9 +160,13 @@ def verify(runner: Runner, backend: Backend, before: Dataplane, changes: Changes
     sets = {s.name for s in changes.sets}
     hooks = {(h.table, h.chain) for h in changes.hooks}
     after = probe_some(runner, backend, [n for _t, n in chains], sets, [c for _t, c in hooks])
+    if changes.routes or changes.links:
+        after = Dataplane(after.chains, after.ipsets, after.hooks, *start_route_probe(runner)())
+    else:
+        after = Dataplane(after.chains, after.ipsets, after.hooks, expected.routes, expected.links)
     part = Dataplane({k: v for k, v in expected.chains.items() if k in chains},
                      {k: v for k, v in expected.ipsets.items() if k in sets},
-                     {k: v for k, v in expected.hooks.items() if k in hooks})
+                     {k: v for k, v in expected.hooks.items() if k in hooks}, expected.routes, expected.links)
     leftover = diff(part, after)
     if leftover.empty:
         return leftover
@@ -201,7 +206,17 @@ def simulate(actual: Dataplane, changes: Changes) -> Dataplane:
             hooks[(h.table, h.chain)] = Hooks(h.table, h.chain, h.rules, True)
         else:
             hooks.pop((h.table, h.chain), None)
-    return Dataplane(chains, sets, hooks)
+    routes = dict(actual.routes)
+    for r in changes.routes:
+        if r.action == DELETE:
+            routes.pop(r.dst, None)
+        else:
+            routes[r.dst] = Route(r.dst, r.dev, r.type)
+    links = dict(actual.links)
+    for link in changes.links:
+        links[link.iface] = Link(link.iface, tuple(sorted({**dict(links[link.iface].sysctls), **dict(link.sysctls)}
+                                                            .items())))
+    return Dataplane(chains, sets, hooks, routes, links)
 
 
 def default_state_dir() -> Path:

@@ -40,10 +40,32 @@ class Hooks:
 
 
 @dataclass(frozen=True)
+class Route:
+    """A route weft owns (marked with its route protocol), as `ip -j route` shows it."""
+    dst: str                        # "198.18.1.11/32"
+    dev: str | None = None          # None for a blackhole
+    type: str = "unicast"           # unicast / blackhole
+    about: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A pod's host-side interface and the sysctls weft sets on it ("net/ipv4/conf/X/rp_filter")."""
+    iface: str
+    sysctls: tuple[tuple[str, str], ...]
+    about: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
 class Dataplane:
     chains: Mapping[tuple[str, str], Chain]
     ipsets: Mapping[str, IpSet]
     hooks: Mapping[tuple[str, str], Hooks]
+    routes: Mapping[str, Route] = field(default_factory=dict)   # by destination
+    links: Mapping[str, Link] = field(default_factory=dict)     # by interface; probed: every weft interface
+    # Probed only: destinations another tool routes (another route protocol). weft never
+    # replaces those routes: a pod routed by someone else stays theirs.
+    occupied: frozenset[str] = field(default=frozenset(), compare=False)
 
     def to_json(self) -> dict:
         return {
@@ -52,6 +74,8 @@ class Dataplane:
                        for n, s in sorted(self.ipsets.items())},
             "hooks": {f"{t}/{c}": {"rules": list(h.rules), "at_top": h.at_top}
                       for (t, c), h in sorted(self.hooks.items())},
+            "routes": {d: {"dev": r.dev, "type": r.type} for d, r in sorted(self.routes.items())},
+            "links": {i: dict(link.sysctls) for i, link in sorted(self.links.items())},
         }
 
     def fingerprint(self) -> str:

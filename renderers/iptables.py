@@ -40,6 +40,7 @@ from desired.model import (
 )
 from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks
 from renderers.ipsets import SetCatalog, short_hash
+from renderers.routes import render_links, render_routes
 
 TABLE = "filter"
 MARK_ACCEPT = "0x10000"
@@ -125,7 +126,8 @@ def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: Se
     hooks = {}
     for builtin, target in HOOKED.items():
         hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-    return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks)
+    return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
+                     render_routes(local), render_links(local))
 
 
 def _forward_specs() -> list[Spec]:
