@@ -184,8 +184,9 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
             changed = True
         else:
             changes = items
-        for kind, obj in changes:
-            key = _key(obj)
+        # Only each object's last event counts: an invalid version fixed since is not an error.
+        latest = {_key(obj): (kind, obj) for kind, obj in changes}
+        for key, (kind, obj) in latest.items():
             if kind == "DELETED":
                 changed |= table.pop(key, None) is not None
                 continue
