@@ -1,0 +1,208 @@
+"""BIRD configuration rendering, without a kernel: who peers with whom, what is exported and
+imported, determinism, passwords; every rendered file is checked by `bird -p`."""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+
+import pytest
+
+from desired.calico_selector import parse_selector
+from desired.errors import InvalidDesiredState
+from desired.model import (
+    BGPConfiguration,
+    BGPPeer,
+    Block,
+    ClusterState,
+    Community,
+    IPPool,
+    Node,
+    NodeBGP,
+    PrefixAdvertisement,
+    Secret,
+    SecretKeyRef,
+)
+from renderers.bird import bgp_sessions, parse_protocol_name, protocol_name, redact, render_bird_config
+
+needs_bird = pytest.mark.skipif(shutil.which("bird") is None, reason="needs bird (Debian package bird2)")
+
+
+def node(i: int, labels: dict | None = None, asn: int | None = None, rr: str | None = None,
+         v6: bool = False) -> Node:
+    return Node(f"node-{i}", labels or {}, NodeBGP(f"198.18.0.{i}/24", f"2001:db8::{i}/64" if v6 else None, asn, rr))
+
+
+def cluster(nodes: list[Node], **fields) -> ClusterState:
+    blocks = tuple(Block(f"198.18.4.{64 * (int(n.name.split('-')[1]) - 1)}/26", n.name) for n in nodes)
+    base = dict(namespaces={}, endpoints=(), policies=(), nodes={n.name: n for n in nodes},
+                ippools=(IPPool("pool", "198.18.4.0/22", 26),), blocks=blocks)
+    return ClusterState(**(base | fields))
+
+
+def names(state: ClusterState, node: str) -> list[str]:
+    return [s.name for s in bgp_sessions(state, node)]
+
+
+def bird_check(text: str, tmp_path) -> None:
+    path = tmp_path / "bird.conf"
+    path.write_text(text)
+    done = subprocess.run(["bird", "-p", "-c", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + "\n" + text
+
+
+def test_full_mesh_lower_address_is_passive():
+    state = cluster([node(1), node(2), node(3)])
+    assert names(state, "node-1") == ["Mesh_198_18_0_2", "Mesh_198_18_0_3"]
+    one = {s.name: s for s in bgp_sessions(state, "node-1")}
+    three = {s.name: s for s in bgp_sessions(state, "node-3")}
+    assert all(s.passive for s in one.values()) and not any(s.passive for s in three.values())
+    assert bgp_sessions(state, "node-2")[0].passive is False and bgp_sessions(state, "node-2")[1].passive is True
+    assert all(s.hops is None for s in one.values())                  # same subnet: direct
+
+
+def test_mesh_off_and_nodes_without_bgp():
+    state = cluster([node(1), node(2), Node("node-3")],
+                    bgp_configurations=(BGPConfiguration("default", node_to_node_mesh=False),))
+    assert names(state, "node-1") == []
+    state = cluster([node(1), node(2), Node("node-3")])
+    assert names(state, "node-1") == ["Mesh_198_18_0_2"]              # node-3 has BGP off
+    assert bgp_sessions(state, "node-3") == ()
+
+
+def test_route_reflector_and_clients():
+    rr = node(1, {"rr": "true"}, rr="244.0.0.1")
+    state = cluster([rr, node(2), node(3)], bgp_peers=(
+        BGPPeer("to-rr", node_selector=parse_selector("all()"), peer_selector=parse_selector("has(rr)")),))
+    # mesh stays on for the clients; the RR is out of the mesh and reaches them by reverse peerings
+    assert names(state, "node-1") == ["Node_198_18_0_2", "Node_198_18_0_3"]
+    assert all(s.rr_client and s.rr_cluster_id == "244.0.0.1" for s in bgp_sessions(state, "node-1"))
+    assert names(state, "node-2") == ["Mesh_198_18_0_3", "Node_198_18_0_1"]
+    assert not any(s.rr_client for s in bgp_sessions(state, "node-2"))
+    off = replace(state, bgp_configurations=(BGPConfiguration("default", node_to_node_mesh=False),))
+    assert names(off, "node-2") == ["Node_198_18_0_1"]                 # clients peer only with the RR
+    assert "rr client;" in render_bird_config(state, "node-1")
+    assert "source = RTS_BGP && net ~ [ 198.18.4.0/22+ ]" in render_bird_config(state, "node-1")
+    assert "source = RTS_BGP && net ~" not in render_bird_config(state, "node-2")
+
+
+def test_global_wins_over_node_specific_and_explicit_over_mesh():
+    state = cluster([node(1), node(2)], bgp_peers=(
+        BGPPeer("a-node", peer_ip="198.18.0.2", as_number=64512, node="node-1"),
+        BGPPeer("b-global", peer_ip="198.18.0.2", as_number=64512),
+        BGPPeer("tor", peer_ip="198.18.0.254", as_number=65001, node_selector=parse_selector("rack == 'a'"))))
+    assert names(state, "node-1") == ["Global_198_18_0_2"]
+    state = replace(state, nodes={**state.nodes, "node-1": replace(state.nodes["node-1"], labels={"rack": "a"})})
+    assert names(state, "node-1") == ["Global_198_18_0_2", "Node_198_18_0_254"]
+    assert names(state, "node-2") == ["Node_198_18_0_1"]              # the reverse of b-global
+    tor = bgp_sessions(state, "node-1")[1]
+    assert (tor.peer_as, tor.local_as, tor.export, tor.passive) == (65001, 64512, "external", False)
+    assert tor.peer_node is None
+
+
+def test_peer_ip_of_a_node_gets_the_reverse_peering_only_with_matching_as():
+    state = cluster([node(1), node(2), node(3)], bgp_configurations=(
+        BGPConfiguration("default", node_to_node_mesh=False),), bgp_peers=(
+        BGPPeer("one-to-three", peer_ip="198.18.0.3", as_number=64512, node="node-1"),))
+    assert names(state, "node-1") == ["Node_198_18_0_3"] and names(state, "node-3") == ["Node_198_18_0_1"]
+    assert names(state, "node-2") == []
+    other_as = replace(state, bgp_peers=(replace(state.bgp_peers[0], as_number=65000),))
+    assert names(other_as, "node-3") == []                            # not that node: an external router
+    assert bgp_sessions(other_as, "node-1")[0].export == "external"
+
+
+def test_ebgp_by_node_as_and_ports():
+    state = cluster([node(1, asn=65101), node(2, asn=65102)], bgp_configurations=(
+        BGPConfiguration("default", listen_port=1790),))
+    (s,) = bgp_sessions(state, "node-1")
+    assert (s.local_as, s.peer_as, s.port, s.name) == (65101, 65102, 1790, "Mesh_198_18_0_2_port_1790")
+    assert "local 198.18.0.1 port 1790 as 65101;" in render_bird_config(state, "node-1")
+
+
+def test_exports_own_blocks_only_and_imports_pools_only():
+    state = cluster([node(1), node(2)], ippools=(IPPool("pool", "198.18.4.0/22", 26),
+                                               IPPool("quiet", "198.18.8.0/24", 26, disable_bgp_export=True)),
+                    blocks=(Block("198.18.4.0/26", "node-1"), Block("198.18.8.0/26", "node-1"),
+                            Block("198.18.4.64/26", "node-2")))
+    text = render_bird_config(state, "node-1")
+    assert 'if proto = "weft_blocks_v4" && net ~ [ 198.18.4.0/26 ] then' in text
+    assert "route 198.18.8.0/26 blackhole;" in text                    # still a blackhole here
+    assert "if net ~ [ 198.18.4.0/26+, 198.18.8.0/26+ ] then reject;" in text
+    assert "if net ~ [ 198.18.4.0/22+, 198.18.8.0/24+ ] then accept;" in text
+    assert "198.18.4.64" not in text
+    assert "learn off;" in text and "import none;" in text
+
+
+def test_services_to_external_peers_and_communities():
+    state = cluster([node(1), node(2)], bgp_configurations=(BGPConfiguration(
+        "default", service_cluster_ips=("198.19.0.0/16",), service_external_ips=("198.19.9.9/32",),
+        communities=(Community("lab", "65001:100"),),
+        prefix_advertisements=(PrefixAdvertisement("198.18.4.0/22", ("65001:100", "65001:1:2")),)),),
+        bgp_peers=(BGPPeer("tor", peer_ip="198.18.0.254", as_number=65001),))
+    text = render_bird_config(state, "node-1")
+    external = text[text.index("filter weft_export_external_v4"):text.index("filter weft_kernel_v4_out")]
+    to_nodes = text[text.index("filter weft_export_node_v4"):text.index("filter weft_export_external_v4")]
+    assert 'proto = "weft_services_v4"' in external and "weft_services" not in to_nodes
+    assert "route 198.19.0.0/16 blackhole;" in text and "route 198.19.9.9/32 blackhole;" in text
+    assert "bgp_community.add((65001, 100));" in text and "bgp_large_community.add((65001, 1, 2));" in text
+    kernel = text[text.index("filter weft_kernel_v4_out"):]
+    assert "weft_services" not in kernel.split("}")[0]
+
+
+def test_password_from_secret_redacted_and_missing():
+    peer = BGPPeer("tor", peer_ip="198.18.0.254", as_number=65001, password=SecretKeyRef("bgp", "tor"))
+    state = cluster([node(1)], bgp_peers=(peer,), secrets=(Secret("kube-system", "bgp", {"tor": "s3cr3t"}),))
+    text = render_bird_config(state, "node-1")
+    assert 'password "s3cr3t";' in text
+    assert "s3cr3t" not in redact(text) and 'password "(redacted)";' in redact(text)
+    with pytest.raises(InvalidDesiredState, match=r"BGPPeer tor: spec.password.secretKeyRef: no Secret 'bgp'"):
+        render_bird_config(replace(state, secrets=()), "node-1")
+    bad = replace(state, secrets=(Secret("calico-system", "bgp", {"tor": 'a"b'}),))
+    with pytest.raises(InvalidDesiredState, match="double quotes"):
+        render_bird_config(bad, "node-1")
+
+
+def test_deterministic_whatever_the_input_order():
+    nodes = [node(i, {"rack": "a" if i % 2 else "b"}) for i in range(1, 9)]
+    peers = tuple(BGPPeer(f"p{i}", peer_ip=f"198.18.1.{i}", as_number=65000 + i) for i in range(10))
+    state = cluster(nodes, bgp_peers=peers)
+    first = render_bird_config(state, "node-3")
+    rng = random.Random(7)
+    for _ in range(5):
+        shuffled = nodes[:]
+        rng.shuffle(shuffled)
+        again = cluster(shuffled, bgp_peers=tuple(rng.sample(peers, len(peers))),
+                        blocks=tuple(rng.sample(state.blocks, len(state.blocks))))
+        assert render_bird_config(again, "node-3") == first
+    assert not re.search(r"\d{4}-\d{2}-\d{2}", first)                 # no timestamps
+
+
+def test_protocol_names_map_back():
+    for kind, address, port in [("Mesh", "198.18.0.2", 179), ("Global", "2001:db8::1", 179),
+                                ("Node", "198.18.0.254", 1790)]:
+        name = protocol_name(kind, address, port)
+        assert parse_protocol_name(name) == (kind, address, None if port == 179 else port)
+    assert parse_protocol_name("weft_kernel_v4") is None
+
+
+@needs_bird
+def test_rendered_configs_pass_bird_check(tmp_path):
+    rr = node(1, {"rr": "true"}, rr="244.0.0.1", v6=True)
+    state = cluster([rr, node(2, v6=True), node(3, asn=65003)],
+                    ippools=(IPPool("pool", "198.18.4.0/22", 26), IPPool("v6", "2001:db8:1::/48", 122)),
+                    blocks=(Block("198.18.4.0/26", "node-1"), Block("2001:db8:1::/122", "node-2")),
+                    bgp_configurations=(BGPConfiguration(
+                        "default", log_severity="Debug", service_loadbalancer_ips=("198.19.0.0/24",),
+                        prefix_advertisements=(PrefixAdvertisement("198.18.4.0/22", ("1:2",)),)),),
+                    bgp_peers=(BGPPeer("to-rr", node_selector=parse_selector("all()"),
+                                       peer_selector=parse_selector("has(rr)")),
+                               BGPPeer("tor", peer_ip="198.18.9.1", peer_port=1790, as_number=65001, ttl_security=3,
+                                       next_hop_mode="Self", keepalive_time="3s", max_restart_time="90s",
+                                       source_address="None", password=SecretKeyRef("bgp", "k")),
+                               BGPPeer("tor6", peer_ip="2001:db8::fe", as_number=65001, keep_original_next_hop=True)),
+                    secrets=(Secret("calico-system", "bgp", {"k": "pw"}),))
+    for n in state.nodes:
+        bird_check(render_bird_config(state, n, hold_time=9, log_target="stderr"), tmp_path)
+    assert "Global_2001_db8__fe" in names(state, "node-2")
