@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from probes import probe_dataplane, probe_some
 from probes.backend import Backend, table_backend
+from probes.routes import start_route_probe
 from probes.runner import KernelCommandError, Runner
-from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, names_set
+from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff, names_set, simulate
+from renderers.dataplane import Dataplane
 
 
 @dataclass(frozen=True)
@@ -151,3 +154,31 @@ def _delete_route(ipr, dst: str, proto: int) -> None:
             if exc.code != 3:                 # ESRCH: not with this scope
                 raise
     raise KernelCommandError(f"route del {dst}: no such route")
+
+
+VERIFY_ONE_BY_ONE = 40      # up to this many changed items, read back just those
+
+
+def verify(runner: Runner, backend: Backend, before: Dataplane, changes: Changes) -> Changes:
+    """What still differs from what `changes` should have made of `before` (empty when all landed)."""
+    expected = simulate(before, changes)
+    elsewhere = {table_backend(c.table, backend) for c in (*changes.chains, *changes.hooks)} - {backend}
+    if elsewhere or len(changes.chains) + len(changes.sets) + len(changes.hooks) > VERIFY_ONE_BY_ONE:
+        return diff(expected, probe_dataplane(runner, backend, sorted(elsewhere, key=lambda b: b.name)))
+    chains = {(c.table, c.name) for c in changes.chains}
+    sets = {s.name for s in changes.sets}
+    hooks = {(h.table, h.chain) for h in changes.hooks}
+    after = probe_some(runner, backend, [n for _t, n in chains], sets, [c for _t, c in hooks])
+    if changes.routes or changes.links:
+        after = Dataplane(after.chains, after.ipsets, after.hooks, *start_route_probe(runner)())
+    else:
+        after = Dataplane(after.chains, after.ipsets, after.hooks, expected.routes, expected.links)
+    part = Dataplane({k: v for k, v in expected.chains.items() if k in chains},
+                     {k: v for k, v in expected.ipsets.items() if k in sets},
+                     {k: v for k, v in expected.hooks.items() if k in hooks}, expected.routes, expected.links)
+    leftover = diff(part, after)
+    if leftover.empty:
+        return leftover
+    # A per-chain read can misreport (iptables-nft calls some chains "incompatible"): a full
+    # dump has the last word before an apply is declared failed.
+    return diff(expected, probe_dataplane(runner, backend))

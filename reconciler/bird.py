@@ -18,6 +18,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -99,9 +100,8 @@ def apply_bird(change: BirdChange, socket: str | None) -> list[str]:
         problem = probe.check_config(staged)
         if problem:
             staged.unlink(missing_ok=True)
-            problem = problem.replace(str(staged), f"{path} (new)")
-            raise WeftError(f"BIRD rejected the new configuration for {path}: {problem}\n"
-                            f"The old configuration stays live.")
+            raise WeftError(f"BIRD rejected the new configuration for {path}: "
+                            f"{_locate(problem, str(staged), change.new)}\nThe old configuration stays live.")
         os.replace(staged, path)
         _sync_dir(path.parent)
     if not probe.running(socket):
@@ -116,6 +116,23 @@ def apply_bird(change: BirdChange, socket: str | None) -> list[str]:
             _write(path, change.old)     # the file again says what BIRD runs
         raise WeftError(f"BIRD refused to load {path}: {answer.strip()}\nIt keeps running its old configuration.")
     return commands
+
+
+def _locate(problem: str, staged: str, text: str) -> str:
+    """BIRD's message with its file:line:column replaced by the protocol and the object behind it."""
+    match = re.match(re.escape(staged) + r":(\d+):\d+\s*(.*)", problem, re.DOTALL)
+    if not match:
+        return problem.replace(staged, "the new file")
+    number, message = int(match.group(1)), match.group(2)
+    lines = text.splitlines()[:number]
+    where = f"line {number}"
+    block = next((ln for ln in reversed(lines) if ln.startswith(("protocol ", "filter ", "function "))), None)
+    if block:
+        where += f", in {block.rstrip(' {')}"
+        origin = lines[lines.index(block) - 1] if lines.index(block) > 0 else ""
+        if origin.startswith("# BGPPeer ") or origin.startswith("# node-to-node"):
+            where += f" ({origin[2:]})"
+    return f"{where}: {message}"
 
 
 def _write(path: Path, text: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from renderers.dataplane import Dataplane
+from renderers.dataplane import Chain, Dataplane, Hooks, IpSet, Link, Route
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
 
@@ -158,3 +158,39 @@ def _routing(desired: Dataplane, actual: Dataplane) -> tuple[tuple[RouteChange, 
 
 def names_set(rule: str, set_name: str) -> bool:
     return f"--match-set {set_name} " in rule
+
+
+def simulate(actual: Dataplane, changes: Changes) -> Dataplane:
+    """The kernel state `changes` should produce from `actual`. Pure."""
+    sets = dict(actual.ipsets)
+    for s in changes.sets:
+        if s.action in (CREATE, REPLACE):
+            sets[s.name] = IpSet(s.name, s.type, frozenset(s.add), s.family)
+        elif s.action == UPDATE:
+            old = sets[s.name]
+            sets[s.name] = IpSet(s.name, s.type, (old.members - set(s.remove)) | set(s.add), s.family)
+        else:
+            sets.pop(s.name, None)
+    chains = dict(actual.chains)
+    for c in changes.chains:
+        if c.action == DELETE:
+            chains.pop((c.table, c.name), None)
+        else:
+            chains[(c.table, c.name)] = Chain(c.table, c.name, c.rules)
+    hooks = dict(actual.hooks)
+    for h in changes.hooks:
+        if h.rules:
+            hooks[(h.table, h.chain)] = Hooks(h.table, h.chain, h.rules, True)
+        else:
+            hooks.pop((h.table, h.chain), None)
+    routes = dict(actual.routes)
+    for r in changes.routes:
+        if r.action == DELETE:
+            routes.pop(r.dst, None)
+        else:
+            routes[r.dst] = Route(r.dst, r.dev, r.type)
+    links = dict(actual.links)
+    for link in changes.links:
+        links[link.iface] = Link(link.iface, tuple(sorted({**dict(links[link.iface].sysctls), **dict(link.sysctls)}
+                                                            .items())))
+    return Dataplane(chains, sets, hooks, routes, links)

@@ -10,15 +10,14 @@ from filelock import FileLock, Timeout
 
 from desired.errors import WeftError
 from desired.model import Endpoint
-from probes import probe_dataplane, probe_some, start_probe
-from probes.backend import Backend, detect, other_has_weft, table_backend
-from probes.routes import start_route_probe
+from probes import probe_dataplane, start_probe
+from probes.backend import Backend, detect, other_has_weft
 from probes.runner import Runner
-from reconciler.apply import execute
-from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff
+from reconciler.apply import execute, verify
+from reconciler.diff import diff
 from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
 from reconciler.plan import Plan, PlanError
-from renderers.dataplane import EMPTY, Chain, Dataplane, Hooks, IpSet, Link, Route
+from renderers.dataplane import EMPTY, Dataplane
 from renderers.endpoint import EndpointSnapshot, make_snapshot
 from renderers.iptables import render_node
 
@@ -129,9 +128,9 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                 execute(plan.changes, backend, runner)
                 leftover = verify(runner, backend, before, plan.changes)
                 if not leftover.empty:
-                    raise WeftError(f"after apply the kernel still differs from the plan in "
-                                    f"{len(leftover.chains)} chains, {len(leftover.sets)} sets, "
-                                    f"{len(leftover.hooks)} hook chains; see `weft drift`")
+                    s = leftover.summary()
+                    raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
+                                    f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
             _keep_snapshot(opts, desired)
             return plan
     except Timeout as exc:
@@ -147,76 +146,12 @@ def _keep_snapshot(opts: Options, desired: Desired | None) -> None:
         save_snapshot(opts.state_dir, desired.snapshot)
 
 
-VERIFY_ONE_BY_ONE = 40      # up to this many changed items, read back just those
-
-
-def verify(runner: Runner, backend: Backend, before: Dataplane, changes: Changes) -> Changes:
-    """What still differs from what `changes` should have made of `before` (empty when all landed)."""
-    expected = simulate(before, changes)
-    elsewhere = {table_backend(c.table, backend) for c in (*changes.chains, *changes.hooks)} - {backend}
-    if elsewhere or len(changes.chains) + len(changes.sets) + len(changes.hooks) > VERIFY_ONE_BY_ONE:
-        return diff(expected, probe_dataplane(runner, backend, sorted(elsewhere, key=lambda b: b.name)))
-    chains = {(c.table, c.name) for c in changes.chains}
-    sets = {s.name for s in changes.sets}
-    hooks = {(h.table, h.chain) for h in changes.hooks}
-    after = probe_some(runner, backend, [n for _t, n in chains], sets, [c for _t, c in hooks])
-    if changes.routes or changes.links:
-        after = Dataplane(after.chains, after.ipsets, after.hooks, *start_route_probe(runner)())
-    else:
-        after = Dataplane(after.chains, after.ipsets, after.hooks, expected.routes, expected.links)
-    part = Dataplane({k: v for k, v in expected.chains.items() if k in chains},
-                     {k: v for k, v in expected.ipsets.items() if k in sets},
-                     {k: v for k, v in expected.hooks.items() if k in hooks}, expected.routes, expected.links)
-    leftover = diff(part, after)
-    if leftover.empty:
-        return leftover
-    # A per-chain read can misreport (iptables-nft calls some chains "incompatible"): a full
-    # dump has the last word before an apply is declared failed.
-    return diff(expected, probe_dataplane(runner, backend))
-
-
 def _reap(probing) -> None:
     """Wait for started dumps so no child outlives a failed read."""
     try:
         probing()
     except Exception:  # noqa: BLE001 - the read's own error is the one to report
         pass
-
-
-def simulate(actual: Dataplane, changes: Changes) -> Dataplane:
-    """The kernel state `changes` should produce from `actual`. Pure."""
-    sets = dict(actual.ipsets)
-    for s in changes.sets:
-        if s.action in (CREATE, REPLACE):
-            sets[s.name] = IpSet(s.name, s.type, frozenset(s.add), s.family)
-        elif s.action == UPDATE:
-            old = sets[s.name]
-            sets[s.name] = IpSet(s.name, s.type, (old.members - set(s.remove)) | set(s.add), s.family)
-        else:
-            sets.pop(s.name, None)
-    chains = dict(actual.chains)
-    for c in changes.chains:
-        if c.action == DELETE:
-            chains.pop((c.table, c.name), None)
-        else:
-            chains[(c.table, c.name)] = Chain(c.table, c.name, c.rules)
-    hooks = dict(actual.hooks)
-    for h in changes.hooks:
-        if h.rules:
-            hooks[(h.table, h.chain)] = Hooks(h.table, h.chain, h.rules, True)
-        else:
-            hooks.pop((h.table, h.chain), None)
-    routes = dict(actual.routes)
-    for r in changes.routes:
-        if r.action == DELETE:
-            routes.pop(r.dst, None)
-        else:
-            routes[r.dst] = Route(r.dst, r.dev, r.type)
-    links = dict(actual.links)
-    for link in changes.links:
-        links[link.iface] = Link(link.iface, tuple(sorted({**dict(links[link.iface].sysctls), **dict(link.sysctls)}
-                                                            .items())))
-    return Dataplane(chains, sets, hooks, routes, links)
 
 
 def default_state_dir() -> Path:
