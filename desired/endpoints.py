@@ -13,3 +13,17 @@ def host_iface_name(namespace: str, pod: str) -> str:
     """The host-side veth name of pod `namespace/pod`."""
     digest = hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()
     return HOST_IFACE_PREFIX + digest[:11]
+
+
+# weft's own routes (to pods, blackholes for its blocks) carry this route protocol, so a
+# process with no memory can tell them from everyone else's: `ip route show proto 201`.
+ROUTE_PROTOCOL = 201
+
+
+def host_sysctls(host_iface: str, ipv6: bool) -> dict[str, str]:
+    """The host side's settings: forward the pod's traffic, drop what it sends from an address
+    that is not routed back through it (strict rp_filter: no spoofing), take no router adverts."""
+    out = {f"net/ipv4/conf/{host_iface}/forwarding": "1", f"net/ipv4/conf/{host_iface}/rp_filter": "1"}
+    if ipv6:
+        out |= {f"net/ipv6/conf/{host_iface}/forwarding": "1", f"net/ipv6/conf/{host_iface}/accept_ra": "0"}
+    return out

@@ -9,8 +9,7 @@ import ipaddress
 import json
 from collections.abc import Callable
 
-from cni.wiring import ROUTE_PROTOCOL, host_sysctls
-from desired.endpoints import HOST_IFACE_PREFIX
+from desired.endpoints import HOST_IFACE_PREFIX, ROUTE_PROTOCOL, host_sysctls
 from probes.runner import Runner
 from renderers.dataplane import Link, Route
 

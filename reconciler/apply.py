@@ -122,7 +122,7 @@ def apply_routing(changes: Changes, runner: Runner) -> None:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from cni.wiring import ROUTE_PROTOCOL
+    from desired.endpoints import ROUTE_PROTOCOL
     with IPRoute() as ipr:
         for r in changes.routes:
             what = f"route {'del' if r.action == DELETE else 'replace'} {r.dst}" + (f" dev {r.dev}" if r.dev else "")

@@ -2,11 +2,11 @@
 
 Each local pod with an address gets a route to it through its host-side interface, marked with
 weft's route protocol (so weft recognises and removes only its own), and the host-side sysctls
-the CNI plugin sets (cni.wiring is the one definition of both).
+the CNI plugin sets (desired.endpoints is the one definition of both).
 """
 from __future__ import annotations
 
-from cni.wiring import host_sysctls
+from desired.endpoints import host_sysctls
 from desired.model import Endpoint
 from renderers.dataplane import Link, Route
 
