@@ -45,6 +45,14 @@ class BirdChange:
     action: str              # create | update | reload (the file is current, BIRD runs an older one)
     note: str = ""           # for the plan: e.g. why there is no reload
 
+    def public(self) -> dict:
+        """asdict() with BGP passwords redacted: for JSON output and saved plans, which must not
+        carry secrets (apply then renders the config again rather than trusting the document)."""
+        data = asdict(self)
+        data["old"] = redact(self.old) if self.old is not None else None
+        data["new"] = redact(self.new)
+        return data
+
 
 def config_path(state_dir: Path) -> Path:
     return Path(state_dir) / CONFIG_NAME
@@ -83,7 +91,8 @@ def _loaded(socket: str, path: Path) -> bool:
         return True                     # BIRD went away meanwhile: nothing to reload
     if last is None:
         return False
-    return last >= datetime.fromtimestamp(path.stat().st_mtime).replace(microsecond=0)
+    written = datetime.fromtimestamp(path.stat().st_mtime)
+    return last >= written.replace(microsecond=written.microsecond // 1000 * 1000)   # BIRD shows ms
 
 
 def apply_bird(change: BirdChange, socket: str | None) -> list[str]:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weft: error: {exc}", file=sys.stderr)
         return 1
     if args.output == "json":
-        print(json.dumps({"change": asdict(change) if change else None, "commands": commands}, indent=1))
+        print(json.dumps({"change": change.public() if change else None, "commands": commands}, indent=1))
     else:
         sys.stdout.write(format_bird_change(change) if change else "No changes. BIRD's configuration is current.\n")
     return 2 if change and not args.apply else 0

@@ -59,10 +59,8 @@ def format_text(data: dict) -> str:
              for p in data["peers"]]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    table = [rule] + [("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-                      for r in rows[:1]] + [rule]
-    table += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows[1:]]
-    table.append(rule)
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    table = [rule, lines[0], rule, *lines[1:], rule]
     out = [f"BIRD is running (control socket {data['socket']}).", "", "BGP peers", *table, ""]
     out.append("This node's blocks: " + (", ".join(data["blocks"]) or "none"))
     out.append("")
