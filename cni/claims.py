@@ -1,0 +1,95 @@
+"""Claiming an address block for a node through the Kubernetes API, with optimistic concurrency.
+
+A claim creates the block's IPAMBlock, named after its CIDR ("198-18-4-0-26") with
+`spec.affinity: host:<node>`. Creating an object that exists fails with 409 AlreadyExists, so of
+two nodes racing for one block exactly one wins; the loser moves on to the next free block. The
+winner then records a confirmed BlockAffinity ("<node>-198-18-4-0-26"), as Calico does. A block
+already created for this node (a claim whose node.json entry a reconcile run replaced, or a
+crash after the create) is taken back as it is.
+
+weft keeps per-address allocations on the node (cni/ipam.py), not in the IPAMBlock: the block's
+`allocations`/`unallocated` fields are written once, empty, because Calico's CRD requires them.
+
+Only the claim path imports the Kubernetes client (0.5 s): a node claims a block once per 64 pods.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from cni.ipam import ClaimUnavailable, Exhausted
+from desired.ipam import AFFINITY_HOST_PREFIX, block_name
+from desired.kube import CALICO_API_VERSION
+
+BLOCKS_PATH = f"/apis/{CALICO_API_VERSION}/ipamblocks"
+AFFINITIES_PATH = f"/apis/{CALICO_API_VERSION}/blockaffinities"
+
+
+def ipam_block_object(cidr: str, node: str) -> dict:
+    size = ipaddress.ip_network(cidr).num_addresses
+    return {"apiVersion": CALICO_API_VERSION, "kind": "IPAMBlock", "metadata": {"name": block_name(cidr)},
+            "spec": {"cidr": cidr, "affinity": AFFINITY_HOST_PREFIX + node, "strictAffinity": False,
+                     "allocations": [None] * size, "unallocated": list(range(size)), "attributes": [],
+                     "deleted": False}}
+
+
+def block_affinity_object(cidr: str, node: str) -> dict:
+    return {"apiVersion": CALICO_API_VERSION, "kind": "BlockAffinity",
+            "metadata": {"name": f"{node}-{block_name(cidr)}"},
+            "spec": {"node": node, "cidr": cidr, "state": "confirmed", "deleted": "false"}}
+
+
+def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, context: str | None = None,
+                *, skip: set[str] = frozenset(), timeout: float = 10.0) -> dict:
+    """Claim the first free block of `pools` (node.json pool entries, in order) for `node`.
+
+    Returns the block as node.json lists it ({"cidr", "pool", "origin"}). `skip`: CIDRs not to
+    take back even if they are already this node's (they are known, and full). Raises Exhausted
+    naming the pools when every block of them belongs to some node, ClaimUnavailable when the API
+    server cannot be used.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    from desired.errors import SourceError
+    from desired.kube import make_api_client, request
+
+    try:
+        with make_api_client(kubeconfig, context) as api:
+            existing = request(api, "GET", BLOCKS_PATH, timeout=timeout).get("items") or []
+            owners = {(b.get("spec") or {}).get("cidr"): (b.get("spec") or {}).get("affinity") for b in existing}
+            for pool in pools:
+                for net in ipaddress.ip_network(pool["cidr"]).subnets(new_prefix=pool["block_size"]):
+                    cidr = str(net)
+                    if cidr in skip or (cidr in owners and owners[cidr] != AFFINITY_HOST_PREFIX + node):
+                        continue
+                    if cidr not in owners and not _create_block(api, request, ApiException, cidr, node, timeout):
+                        continue
+                    _confirm_affinity(api, request, ApiException, cidr, node, timeout)
+                    return {"cidr": cidr, "pool": pool["name"], "origin": f"IPAMBlock {block_name(cidr)}"}
+    except ApiException as exc:
+        raise ClaimUnavailable(f"claiming a block for node {node!r}: the API server answered "
+                               f"HTTP {exc.status} {exc.reason}") from None
+    except SourceError as exc:
+        raise ClaimUnavailable(f"claiming a block for node {node!r}: {exc}") from None
+    names = ", ".join(f"{p['name']} ({p['cidr']})" for p in pools) or "none"
+    raise Exhausted(f"IPPool {names} is exhausted: every block is claimed by a node, none is free for {node!r}")
+
+
+def _create_block(api, request, ApiException, cidr: str, node: str, timeout: float) -> bool:
+    """Create the block's IPAMBlock; True if it is (now or already) this node's."""
+    try:
+        request(api, "POST", BLOCKS_PATH, body=ipam_block_object(cidr, node), timeout=timeout)
+        return True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    # Someone created it first: it is ours only if that someone was this node.
+    current = request(api, "GET", f"{BLOCKS_PATH}/{block_name(cidr)}", timeout=timeout)
+    return (current.get("spec") or {}).get("affinity") == AFFINITY_HOST_PREFIX + node
+
+
+def _confirm_affinity(api, request, ApiException, cidr: str, node: str, timeout: float) -> None:
+    try:
+        request(api, "POST", AFFINITIES_PATH, body=block_affinity_object(cidr, node), timeout=timeout)
+    except ApiException as exc:
+        if exc.status != 409:            # already recorded (by us: the name holds the node)
+            raise
