@@ -1,0 +1,391 @@
+"""weft's CNI plugin: the executable the container runtime runs as /opt/cni/bin/weft.
+
+One call per CNI command (spec 1.1.0): ADD allocates the pod an address from the node's own
+blocks (cni/ipam.py), wires it (cni/wiring.py) and puts the endpoint's policy in the kernel before
+it answers; DEL undoes that and may be repeated; CHECK reads everything back; GC releases what the
+runtime no longer knows; STATUS says whether an ADD could succeed; VERSION lists the versions.
+
+Its import path is kept thin (stdlib, cni/, desired.endpoints): the runtime waits for it on every
+pod start. Network configuration keys weft reads, besides the spec's:
+
+    "node"        this node's name (default: the hostname), as the desired state names it
+    "state_dir"   weft's state directory (default /var/lib/weft), shared with the reconcile run
+    "manifests"   a manifest directory, or
+    "kubeconfig"  a kubeconfig ("context" optional): where to read pools and blocks when no
+                  reconcile run has left them in the state dir yet, and (kubeconfig) where to
+                  claim new blocks
+    "mtu"         the pod interface's MTU (default 1500)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from cni import ipam, spec, wiring
+from cni.spec import CniError
+
+DEFAULT_STATE_DIR = "/var/lib/weft"
+
+
+class Config:
+    """The network configuration's keys weft uses, checked."""
+    __slots__ = ("raw", "version", "network", "node", "state_dir", "manifests", "kubeconfig", "context", "mtu",
+                 "prev_result", "dns", "valid")
+
+    def __init__(self, raw: dict, command: str):
+        self.raw, self.version, self.network = raw, raw["cniVersion"], raw["name"]
+        self.node = _string(raw, "node") or os.uname().nodename
+        self.state_dir = _string(raw, "state_dir") or DEFAULT_STATE_DIR
+        self.manifests, self.kubeconfig, self.context = (_string(raw, k) for k in ("manifests", "kubeconfig",
+                                                                                   "context"))
+        if self.manifests and self.kubeconfig:
+            raise CniError(spec.INVALID_CONFIG, "invalid network configuration",
+                           "give either \"manifests\" or \"kubeconfig\", not both")
+        mtu = raw.get("mtu", wiring.DEFAULT_MTU)
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
+            raise CniError(spec.INVALID_CONFIG, "invalid network configuration", f"mtu {mtu!r}: must be 68-65535")
+        self.mtu = mtu
+        ipam_conf = raw.get("ipam") or {}
+        if not isinstance(ipam_conf, dict) or ipam_conf.get("type") not in (None, "", "weft"):
+            raise CniError(spec.UNSUPPORTED_FIELD, "unsupported field",
+                           f"ipam={ipam_conf!r}: weft allocates from its own IPPools; leave ipam out")
+        if raw.get("ipMasq"):
+            raise CniError(spec.UNSUPPORTED_FIELD, "unsupported field",
+                           "ipMasq=true: weft does not masquerade per network; set natOutgoing on the IPPool")
+        prev = raw.get("prevResult")
+        if prev is not None and not isinstance(prev, dict):
+            raise CniError(spec.INVALID_CONFIG, "invalid network configuration", "prevResult must be an object")
+        self.prev_result = prev
+        self.dns = raw.get("dns") if isinstance(raw.get("dns"), dict) else {}
+        self.valid = _valid_attachments(raw) if command == "GC" else set()
+
+    def source(self) -> dict | None:
+        if self.manifests:
+            return ipam.source_of(from_dir=self.manifests)
+        if self.kubeconfig:
+            return ipam.source_of(kubeconfig=self.kubeconfig, context=self.context)
+        return None
+
+
+def _string(raw: dict, key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise CniError(spec.INVALID_CONFIG, "invalid network configuration", f"{key} {value!r}: must be a string")
+    return value
+
+
+def _valid_attachments(raw: dict) -> set[tuple[str, str]]:
+    entries = raw.get("cni.dev/valid-attachments", raw.get("cni.dev/attachments", []))
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("containerID"), str) and isinstance(e.get("ifname"), str)
+            for e in entries):
+        raise CniError(spec.INVALID_CONFIG, "invalid network configuration",
+                       "cni.dev/valid-attachments must be a list of {\"containerID\", \"ifname\"}")
+    return {(e["containerID"], e["ifname"]) for e in entries}
+
+
+def pod_identity(inv: spec.Invocation, required: bool) -> tuple[str, str] | None:
+    """(namespace, pod) from CNI_ARGS, as the kubelet passes them."""
+    namespace, pod = inv.args.get("K8S_POD_NAMESPACE"), inv.args.get("K8S_POD_NAME")
+    if namespace and pod:
+        return namespace, pod
+    if required:
+        raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_ARGS",
+                       "K8S_POD_NAMESPACE and K8S_POD_NAME must be set in CNI_ARGS: weft names the pod's host "
+                       "interface after them")
+    return None
+
+
+def host_iface(namespace: str, pod: str) -> str:
+    from desired.endpoints import host_iface_name
+    return host_iface_name(namespace, pod)
+
+
+# ---- the node's IPAM state -------------------------------------------------------------------
+
+def node_ipam(conf: Config) -> dict:
+    """node.json; if no reconcile run has written it, read the desired state once and write it."""
+    try:
+        doc = ipam.read_node_ipam(conf.state_dir)
+    except ipam.Unavailable as exc:
+        raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", str(exc)) from None
+    if doc is not None:
+        return doc
+    source = conf.source()
+    if source is None:
+        raise CniError(spec.DESIRED_STATE, "no IPAM state for this node yet",
+                       f"no reconcile run has written {conf.state_dir}/ipam/node.json and the network "
+                       "configuration names no source (\"manifests\" or \"kubeconfig\")")
+    from desired.errors import WeftError
+    from desired.sources import read
+    try:
+        state = read(_path(conf.state_dir), source.get("manifests"), source.get("kubeconfig"),
+                     source.get("context")).state()
+    except WeftError as exc:
+        raise CniError(spec.DESIRED_STATE, "cannot read the desired state", str(exc)) from None
+    node = state.nodes.get(conf.node)
+    ipam.write_node_ipam(conf.state_dir, conf.node, state.ippools, state.blocks, source,
+                         node.labels if node else None)
+    return ipam.read_node_ipam(conf.state_dir)
+
+
+def _path(text: str):
+    from pathlib import Path
+    return Path(text)
+
+
+def _claimer(conf: Config, doc: dict):
+    """Block claims through the API server, when the source is one; None for a manifest directory."""
+    source = conf.source() or doc.get("source") or {}
+    if "manifests" in source:
+        return None
+
+    def claim(node_doc: dict, family: int) -> dict:
+        from cni.claims import claim_block
+        pools = [p for p in node_doc["pools"] if p["selects_node"] and not p["disabled"]
+                 and (":" in p["cidr"]) == (family == 6)]
+        return claim_block(conf.node, pools, source.get("kubeconfig"), source.get("context"),
+                           skip={b["cidr"] for b in node_doc["blocks"]})
+    return claim
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+def cmd_add(inv: spec.Invocation, conf: Config) -> dict:
+    namespace, pod = pod_identity(inv, required=True)
+    if not spec.netns_exists(inv.netns):
+        raise CniError(spec.UNKNOWN_CONTAINER, "the container's network namespace does not exist",
+                       f"CNI_NETNS={inv.netns}")
+    iface = host_iface(namespace, pod)
+    alias = wiring.alias_for(inv.container_id, inv.ifname)
+    store = ipam.Store(conf.state_dir)
+    with ipam.pod_lock(conf.state_dir, iface):
+        doc = node_ipam(conf)
+        try:
+            allocation, created = store.allocate(conf.network, inv.container_id, inv.ifname, namespace, pod, iface,
+                                                 claim=_claimer(conf, doc))
+        except ipam.Exhausted as exc:
+            raise CniError(spec.NO_ADDRESS, "no address for the pod", str(exc)) from None
+        except ipam.IpamError as exc:
+            code = spec.TRY_AGAIN_LATER if isinstance(exc, ipam.ClaimUnavailable) else spec.DESIRED_STATE
+            raise CniError(code, "cannot allocate an address", str(exc)) from None
+        wired = False
+        try:
+            if iface in wiring.host_links():
+                # A leftover: this attachment's own (a crashed ADD) or an older sandbox's of the same pod.
+                wiring.delete_host_side(iface)
+            wired = True
+            pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias)
+            _add_endpoint(conf, namespace, pod, iface, allocation.ips)
+        except (wiring.WiringError, CniError) as exc:
+            _undo_add(conf, inv, iface, alias, wired, created, store)
+            if isinstance(exc, CniError):
+                raise
+            raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc)) from None
+        except BaseException:
+            _undo_add(conf, inv, iface, alias, wired, created, store)
+            raise
+    return result(inv, conf, iface, pod_mac, allocation.ips)
+
+
+def _add_endpoint(conf: Config, namespace: str, pod: str, iface: str, ips: tuple[str, ...]) -> None:
+    """The endpoint's rules, in the kernel before ADD returns: a pod under a policy never runs open."""
+    from desired.errors import WeftError
+    from reconciler.endpoint import add_endpoint
+    try:
+        add_endpoint(_path(conf.state_dir), namespace, pod, iface, tuple(ips))
+    except WeftError as exc:
+        raise CniError(spec.POLICY_FAILED, "cannot put the pod's policy in place", str(exc)) from None
+
+
+def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired: bool, created: bool,
+              store: ipam.Store) -> None:
+    """A failed ADD leaves nothing behind: the wiring it made, the rules, the address it took."""
+    try:
+        if wired:
+            link = wiring.link_info(iface)
+            if link is not None and link.get("ifalias") in (alias, None):
+                wiring.delete_host_side(iface)      # the pod side goes with it
+            _remove_endpoint(conf, iface)
+    finally:
+        if created:
+            store.release(conf.network, inv.container_id, inv.ifname)
+
+
+def _remove_endpoint(conf: Config, iface: str) -> None:
+    from reconciler.endpoint import remove_endpoint
+    remove_endpoint(_path(conf.state_dir), iface)
+
+
+def result(inv: spec.Invocation, conf: Config, iface: str, pod_mac: str, ips) -> dict:
+    interfaces = [{"name": iface, "mac": wiring.HOST_MAC, "mtu": conf.mtu},
+                  {"name": inv.ifname, "mac": pod_mac, "mtu": conf.mtu, "sandbox": inv.netns}]
+    addresses, routes = [], []
+    for ip in ips:
+        v6 = ":" in ip
+        gateway = wiring.GATEWAY_V6 if v6 else wiring.GATEWAY_V4
+        addresses.append({"address": f"{ip}/{128 if v6 else 32}", "gateway": gateway, "interface": 1})
+        routes.append({"dst": "::/0" if v6 else "0.0.0.0/0", "gw": gateway})
+    ours = {"interfaces": interfaces, "ips": addresses, "routes": routes, "dns": conf.dns}
+    return spec.format_result(spec.merge_results(conf.prev_result, ours), conf.version)
+
+
+def cmd_del(inv: spec.Invocation, conf: Config) -> None:
+    """Undo ADD as far as anything of it is left; success when nothing is (DEL twice, unknown container)."""
+    store = ipam.Store(conf.state_dir)
+    try:
+        allocation = store.get(conf.network, inv.container_id, inv.ifname)
+    except ipam.Unavailable as exc:
+        raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", str(exc)) from None
+    identity = pod_identity(inv, required=False)
+    iface = allocation.iface if allocation else (host_iface(*identity) if identity else None)
+    if iface is None:
+        return                                   # nothing recorded and no pod named: nothing of ours
+    with ipam.pod_lock(conf.state_dir, iface):
+        teardown(conf, inv.container_id, inv.ifname, iface, allocation, store)
+
+
+def teardown(conf: Config, container_id: str, ifname: str, iface: str, allocation, store: ipam.Store) -> None:
+    """Remove one attachment: its interface and rules if it still owns them, then its addresses.
+
+    Deleting the host side deletes the pod side too (a veth pair goes as one), so the pod's
+    namespace need not be entered, nor even exist any more.
+    """
+    alias = wiring.alias_for(container_id, ifname)
+    owner = store.iface_owner(iface)
+    ours = owner is None or (owner.container_id, owner.ifname, owner.network) == (container_id, ifname, conf.network)
+    try:
+        if iface in wiring.host_links():
+            found = (wiring.link_info(iface) or {}).get("ifalias")
+            if found == alias or (found is None and allocation is not None and ours):
+                wiring.delete_host_side(iface)
+        if ours and iface not in wiring.host_links():
+            _remove_endpoint(conf, iface)
+    except wiring.WiringError as exc:
+        raise CniError(spec.WIRING_FAILED, "cannot remove the pod's interface", str(exc)) from None
+    store.release(conf.network, container_id, ifname)
+
+
+def cmd_check(inv: spec.Invocation, conf: Config) -> None:
+    if not spec.netns_exists(inv.netns):
+        raise CniError(spec.UNKNOWN_CONTAINER, "the container's network namespace does not exist",
+                       f"CNI_NETNS={inv.netns}")
+    allocation = ipam.Store(conf.state_dir).get(conf.network, inv.container_id, inv.ifname)
+    if allocation is None:
+        raise CniError(spec.CHECK_FAILED, "CHECK failed",
+                       f"no address is allocated to container {inv.container_id} interface {inv.ifname}")
+    problems = []
+    if conf.prev_result is not None:
+        listed = {ip.get("address", "").split("/")[0] for ip in conf.prev_result.get("ips") or ()
+                  if isinstance(ip, dict)}
+        problems += [f"address {ip} of prevResult is not allocated to this attachment"
+                     for ip in sorted(listed - set(allocation.ips)) if ip]
+    alias = wiring.alias_for(inv.container_id, inv.ifname)
+    problems += wiring.check(inv.netns, inv.ifname, allocation.iface, list(allocation.ips), conf.mtu, alias)
+    from reconciler.endpoint import check_endpoint
+    problems += check_endpoint(_path(conf.state_dir), allocation.namespace, allocation.pod, allocation.iface)
+    if problems:
+        raise CniError(spec.CHECK_FAILED, "CHECK failed", "; ".join(problems))
+
+
+def cmd_gc(inv: spec.Invocation, conf: Config) -> None:
+    """Release every attachment of this network the runtime does not list as valid, and remove
+    weft interfaces whose attachment is not valid either; report all failures at the end."""
+    store = ipam.Store(conf.state_dir)
+    errors = []
+    try:
+        stale = store.stale(conf.network, conf.valid)
+    except ipam.Unavailable as exc:
+        raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", str(exc)) from None
+    for allocation in stale:
+        try:
+            with ipam.pod_lock(conf.state_dir, allocation.iface):
+                teardown(conf, allocation.container_id, allocation.ifname, allocation.iface, allocation, store)
+        except CniError as exc:
+            errors.append(str(exc))
+    errors += _gc_interfaces(conf, store)
+    if errors:
+        raise CniError(spec.WIRING_FAILED, "GC could not remove everything", "; ".join(errors))
+
+
+def _gc_interfaces(conf: Config, store: ipam.Store) -> list[str]:
+    """Host interfaces that name an attachment (alias) nobody holds an address for any more."""
+    import json
+    out = wiring._run([wiring.IP, "-j", "link", "show", "type", "veth"], check=False)
+    held = {(a.container_id, a.ifname) for a in ipam.read_allocations(conf.state_dir)}
+    errors = []
+    for link in json.loads(out) if out.strip() else []:
+        alias = link.get("ifalias") or ""
+        if not alias.startswith(wiring.ALIAS_PREFIX):
+            continue
+        container_id, _, ifname = alias[len(wiring.ALIAS_PREFIX):].rpartition(":")
+        if (container_id, ifname) in held or (container_id, ifname) in conf.valid:
+            continue
+        try:
+            with ipam.pod_lock(conf.state_dir, link["ifname"]):
+                wiring.delete_host_side(link["ifname"])
+                if store.iface_owner(link["ifname"]) is None:
+                    _remove_endpoint(conf, link["ifname"])
+        except wiring.WiringError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def cmd_status(inv: spec.Invocation, conf: Config) -> None:
+    """Ready when the node's IPAM state is readable and a new pod would get an address."""
+    try:
+        doc = node_ipam(conf)
+        allocations = ipam.read_allocations(conf.state_dir)
+    except (CniError, ipam.Unavailable) as exc:
+        raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", str(exc)) from None
+    fams = ipam.families(doc)
+    if not fams:
+        raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", f"no enabled IPPool selects node {doc['node']!r}")
+    if _claimer(conf, doc) is not None:
+        return                                     # more blocks can be claimed from the API server
+    used = {ip for a in allocations for ip in a.ips}
+    for family in fams:
+        if ipam._next_free(ipam.usable_blocks(doc, family), used, None) is None:
+            raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", ipam.exhausted_message(doc, family, used))
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
+def run(environ, stdin: bytes) -> tuple[int, dict | None]:
+    """One invocation: (exit code, JSON object for stdout or None)."""
+    config = None
+    try:
+        inv = spec.Invocation(environ)
+        config = spec.parse_config(stdin, inv.command)
+        if inv.command == "VERSION":
+            return 0, spec.version_result(config)
+        out = COMMANDS[inv.command](inv, Config(config, inv.command))
+        return 0, out
+    except CniError as exc:
+        return 1, exc.to_json(spec.config_version(config))
+    except Exception as exc:                      # a bug: still answer in the protocol
+        import traceback
+        traceback.print_exc()
+        return 1, CniError(spec.INTERNAL, "internal error", f"{type(exc).__name__}: {exc}").to_json(
+            spec.config_version(config))
+
+
+def main() -> int:
+    try:
+        stdin = sys.stdin.buffer.read()
+    except OSError as exc:
+        code, out = 1, CniError(spec.IO_FAILURE, "cannot read the network configuration from stdin",
+                                exc.strerror or str(exc)).to_json(spec.LATEST)
+    else:
+        code, out = run(os.environ, stdin)
+    if out is not None:
+        spec.emit(out, sys.stdout)
+    if code:
+        print(f"weft-cni: {os.environ.get('CNI_COMMAND', '?')}: {out['msg']}"
+              + (f": {out['details']}" if out.get("details") else ""), file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

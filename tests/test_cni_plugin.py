@@ -1,0 +1,503 @@
+"""The CNI plugin on a real kernel, called exactly as a container runtime calls it.
+
+Each test gets a node namespace (tests/nodens.py: `wtr-<pid>-<n>`, always removed) with its own
+state dir and manifest directory (an IPPool in 198.18.0.0/15 and the node's blocks), and pod
+namespaces made the same way. The plugin runs inside the node namespace (nsenter), with CNI_*
+variables and the network configuration on stdin, from the launcher `python -m cni.install`
+writes. Nothing is done in the root namespace.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cni import spec
+from cni.install import install
+from cni.wiring import GATEWAY_V4, HOST_MAC, ROUTE_PROTOCOL
+from desired.endpoints import host_iface_name
+from tests.nodens import REPO, WeftNode, in_ns, namespace, node_netns, policy, usable, write_manifests
+
+pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
+
+NODE = "n1"
+POOL = {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool", "metadata": {"name": "pods"},
+        "spec": {"cidr": "198.18.0.0/16", "blockSize": 26}}
+
+
+def block(cidr: str, node: str = NODE) -> dict:
+    return {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+            "metadata": {"name": cidr.replace(".", "-").replace(":", "-").replace("/", "-")},
+            "spec": {"cidr": cidr, "affinity": f"host:{node}"}}
+
+
+@pytest.fixture(scope="session")
+def plugin_binary(tmp_path_factory) -> str:
+    return str(install(tmp_path_factory.mktemp("cni-bin") / "weft"))
+
+
+class CniNode:
+    """A node namespace, its state dir and manifests, pod namespaces, and the plugin called in it."""
+
+    def __init__(self, ns: str, tmp_path: Path, binary: str, stack: contextlib.ExitStack):
+        self.ns, self.binary, self.stack = ns, binary, stack
+        self.state_dir, self.manifests = tmp_path / "state", tmp_path / "manifests"
+        self.pods: dict[str, str] = {}             # pod name -> its namespace's name
+        self.config = {"cniVersion": "1.1.0", "name": "weft", "type": "weft", "node": NODE,
+                       "state_dir": str(self.state_dir), "manifests": str(self.manifests), "mtu": 1400}
+        self.write([block("198.18.4.0/26")])
+
+    def write(self, objects: list[dict]) -> None:
+        write_manifests(self.manifests, [POOL, *objects])
+
+    def pod_ns(self, name: str) -> str:
+        if name not in self.pods:
+            self.pods[name] = self.stack.enter_context(node_netns())
+        return self.pods[name]
+
+    def env(self, command: str, pod: str, cid: str | None = None, ifname: str = "eth0", k8s_ns: str = "x",
+            sandbox: str | None = None) -> dict:
+        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid or f"c-{pod}",
+                "CNI_NETNS": f"/run/netns/{self.pod_ns(sandbox or pod)}", "CNI_IFNAME": ifname,
+                "CNI_PATH": "/opt/cni/bin",
+                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_ns};K8S_POD_NAME={pod}"}
+
+    def start(self, env: dict, stdin: bytes | None = None, **config) -> subprocess.Popen:
+        data = stdin if stdin is not None else json.dumps({**self.config, **config}).encode()
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", self.binary], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        proc.stdin.write(data)
+        proc.stdin.close()
+        return proc
+
+    def call(self, env: dict, stdin: bytes | None = None, **config) -> tuple[int, dict | None, str]:
+        proc = self.start(env, stdin, **config)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout=60)
+        return proc.returncode, json.loads(out) if out.strip() else None, err.decode()
+
+    def ok(self, command: str, pod: str, **kw) -> dict | None:
+        config = kw.pop("config", {})
+        code, out, err = self.call(self.env(command, pod, **kw), **config)
+        assert code == 0, f"{command} {pod}: {out} {err}"
+        return out
+
+    def add(self, pod: str, **kw) -> str:
+        """ADD; the pod's IPv4 address."""
+        out = self.ok("ADD", pod, **kw)
+        return next(ip["address"].split("/")[0] for ip in out["ips"] if "." in ip["address"])
+
+    def sh(self, *argv: str, check: bool = True) -> str:
+        return in_ns(self.ns, *argv, check=check)
+
+    def links(self) -> list[str]:
+        return sorted(link["ifname"] for link in json.loads(self.sh("ip", "-j", "link", "show")))
+
+    def weft_routes(self) -> str:
+        return self.sh("ip", "route", "show", "proto", str(ROUTE_PROTOCOL))
+
+    def allocations(self) -> list[dict]:
+        path = self.state_dir / "ipam" / "allocations.json"
+        return json.loads(path.read_text())["allocations"] if path.exists() else []
+
+    def ipam_check(self) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-m", "cni.ipam_cli", "check",
+                               "--state-dir", str(self.state_dir)], capture_output=True, text=True, cwd=REPO)
+
+    def weft_chains(self) -> list[str]:
+        return [ln for ln in self.sh("iptables-nft-save", "-t", "filter").splitlines()
+                if ln.startswith(":weft-fw-") or ln.startswith(":weft-tw-")]
+
+    def clean(self) -> None:
+        """Nothing of any pod is left: no interface, route, address record or per-pod chain."""
+        assert self.links() == ["lo"]
+        assert self.weft_routes() == ""
+        assert self.allocations() == []
+        assert self.weft_chains() == []
+
+
+@pytest.fixture
+def node(tmp_path, plugin_binary):
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(node_netns())
+        yield CniNode(ns, tmp_path, plugin_binary, stack)
+
+
+def pod_sh(node: CniNode, pod: str, *argv: str) -> str:
+    return in_ns(node.pod_ns(pod), *argv)
+
+
+# ---- ADD ------------------------------------------------------------------------------------
+
+def test_add_wires_the_pod_calico_style(node):
+    out = node.ok("ADD", "a")
+    iface = host_iface_name("x", "a")
+    assert out == {"cniVersion": "1.1.0", "dns": {},
+                   "interfaces": [{"name": iface, "mac": HOST_MAC, "mtu": 1400},
+                                  {"name": "eth0", "mac": out["interfaces"][1]["mac"], "mtu": 1400,
+                                   "sandbox": f"/run/netns/{node.pod_ns('a')}"}],
+                   "ips": [{"address": "198.18.4.0/32", "gateway": GATEWAY_V4, "interface": 1}],
+                   "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY_V4}]}
+    host = json.loads(node.sh("ip", "-j", "-d", "link", "show", iface))[0]
+    assert (host["address"], host["mtu"], host["ifalias"], "UP" in host["flags"]) == (
+        HOST_MAC, 1400, "weft:c-a:eth0", True)
+    assert node.weft_routes().split() == ["198.18.4.0", "dev", iface, "scope", "link"]
+    for key, value in (("ipv4/conf/{}/forwarding", "1"), ("ipv4/conf/{}/rp_filter", "1")):
+        assert node.sh("cat", f"/proc/sys/net/{key.format(iface)}").strip() == value
+    assert node.sh("cat", "/proc/sys/net/ipv4/conf/lo/forwarding").strip() == "0", "host-side sysctls only"
+    pod = json.loads(pod_sh(node, "a", "ip", "-j", "addr", "show", "eth0"))[0]
+    assert [(a["local"], a["prefixlen"]) for a in pod["addr_info"] if a["family"] == "inet"] == [("198.18.4.0", 32)]
+    assert pod_sh(node, "a", "ip", "route").strip() == f"default via {GATEWAY_V4} dev eth0 onlink"
+    assert pod_sh(node, "a", "ip", "neigh").split() == [GATEWAY_V4, "dev", "eth0", "lladdr", HOST_MAC, "PERMANENT"]
+
+
+@pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
+def test_add_answers_in_the_configs_version(node, version):
+    out = node.ok("ADD", "a", config={"cniVersion": version})
+    assert out["cniVersion"] == version
+    assert ("version" in out["ips"][0]) == (version < "1.0.0")
+    assert ("mtu" in out["interfaces"][0]) == (version == "1.1.0")
+
+
+def test_add_chained_after_another_plugin_keeps_its_result(node):
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "dummy"}], "ips": [], "dns": {"nameservers": ["1.1.1.1"]}}
+    out = node.ok("ADD", "a", config={"cniVersion": "1.0.0", "prevResult": prev})
+    assert [i["name"] for i in out["interfaces"]] == ["dummy", host_iface_name("x", "a"), "eth0"]
+    assert out["ips"][0]["interface"] == 2 and out["dns"] == {"nameservers": ["1.1.1.1"]}
+
+
+def test_add_after_a_crash_between_allocation_and_wiring_returns_the_same_address(node):
+    """The plugin died after recording the address, before or half-way through wiring."""
+    first = node.add("a")
+    iface = host_iface_name("x", "a")
+    node.sh("ip", "link", "del", iface)                 # as if the wiring never happened...
+    node.sh("ip", "link", "add", iface, "type", "veth", "peer", "name", "halfmade")   # ...or half did
+    assert node.add("a") == first
+    assert node.links() == ["lo", iface]
+    assert node.call(node.env("CHECK", "a"))[0] == 0
+
+
+def test_a_new_sandbox_of_the_same_pod_takes_over_and_the_old_del_leaves_it_alone(node):
+    old = node.add("a", cid="old")
+    new = node.add("a", cid="new", sandbox="a-new")
+    assert old != new
+    node.ok("DEL", "a", cid="old")
+    assert node.call(node.env("CHECK", "a", cid="new", sandbox="a-new"))[0] == 0
+    assert [a["container_id"] for a in node.allocations()] == ["new"]
+
+
+# ---- DEL ------------------------------------------------------------------------------------
+
+def test_del_removes_everything_and_may_be_repeated(node):
+    node.add("a")
+    node.ok("DEL", "a")
+    node.clean()
+    node.ok("DEL", "a")                                    # twice
+    node.ok("DEL", "b", cid="never-added")                 # an unknown container
+    env = node.env("DEL", "a")
+    del env["CNI_NETNS"]                                   # optional for DEL
+    assert node.call(env)[0] == 0
+    node.clean()
+
+
+def test_del_after_the_pod_namespace_is_gone(node, tmp_path):
+    node.add("a")
+    subprocess.run(["ip", "netns", "del", node.pod_ns("a")], check=True)
+    code, out, err = node.call(node.env("DEL", "a"))
+    assert code == 0, (out, err)
+    node.clean()
+
+
+# ---- CHECK ----------------------------------------------------------------------------------
+
+def test_check_passes_after_add_and_names_each_thing_tampered_with(node):
+    result = node.ok("ADD", "a")
+    iface = host_iface_name("x", "a")
+    env = node.env("CHECK", "a")
+    assert node.call(env, prevResult=result)[0] == 0
+    tamper = [
+        (["ip", "route", "del", "198.18.4.0/32"], f"host route 198.18.4.0 dev {iface} proto 201 is missing"),
+        (["sysctl", "-qw", f"net.ipv4.conf.{iface}.rp_filter=0"], f"sysctl net.ipv4.conf.{iface}.rp_filter is 0"),
+        (["nsenter", f"--net=/run/netns/{node.pod_ns('a')}", "ip", "neigh", "del", GATEWAY_V4, "dev", "eth0"],
+         "permanent neighbour 169.254.1.1"),
+        (["nsenter", f"--net=/run/netns/{node.pod_ns('a')}", "ip", "addr", "del", "198.18.4.0/32", "dev", "eth0"],
+         "address 198.18.4.0/32 is missing on eth0"),
+        (["iptables-nft", "-F", "weft-from-wl-dispatch"], f"no rule for interface {iface} in chain"),
+    ]
+    for argv, expected in tamper:
+        node.sh(*argv)
+        code, out, _ = node.call(env, prevResult=result)
+        assert (code, out["code"]) == (1, spec.CHECK_FAILED) and expected in out["details"], out
+    node.sh("ip", "link", "set", iface, "down")
+    assert f"host interface {iface} is down" in node.call(env)[1]["details"]
+    node.sh("ip", "link", "del", iface)
+    assert f"host interface {iface} is missing" in node.call(env)[1]["details"]
+
+
+def test_check_without_an_allocation_or_with_a_foreign_prev_result_fails(node):
+    code, out, _ = node.call(node.env("CHECK", "a"))
+    assert out["code"] == spec.CHECK_FAILED and "no address is allocated" in out["details"]
+    node.add("a")
+    foreign = {"cniVersion": "1.1.0", "ips": [{"address": "198.18.9.9/32"}]}
+    code, out, _ = node.call(node.env("CHECK", "a"), prevResult=foreign)
+    assert "198.18.9.9 of prevResult is not allocated" in out["details"]
+
+
+# ---- GC and STATUS --------------------------------------------------------------------------
+
+def test_gc_releases_what_is_not_valid_and_removes_leaked_interfaces(node):
+    for pod in ("a", "b", "c"):
+        node.add(pod)
+    node.sh("ip", "link", "add", "weftleaked0000", "type", "veth", "peer", "name", "leakpeer")
+    node.sh("ip", "link", "set", "weftleaked0000", "alias", "weft:gone:eth0")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"}
+    valid = [{"containerID": "c-b", "ifname": "eth0"}]
+    code, out, err = node.call(env, **{"cni.dev/valid-attachments": valid})
+    assert (code, out) == (0, None), err
+    assert node.links() == ["lo", host_iface_name("x", "b")]
+    assert [a["container_id"] for a in node.allocations()] == ["c-b"]
+    assert len(node.weft_routes().splitlines()) == 1
+    assert node.ipam_check().returncode == 0
+
+
+def test_status_says_when_the_pool_is_exhausted_and_add_names_the_pool(node):
+    small = {**POOL, "spec": {"cidr": "198.18.8.0/24", "blockSize": 30}}
+    write_manifests(node.manifests, [small, block("198.18.8.0/30")])
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "STATUS"}
+    assert node.call(env)[0] == 0
+    for pod in "abcd":
+        node.add(pod)
+    code, out, _ = node.call(env)
+    assert out["code"] == spec.NOT_AVAILABLE and "IPPool pods (198.18.8.0/24) is exhausted" in out["details"]
+    code, out, _ = node.call(node.env("ADD", "e"))
+    assert out["code"] == spec.NO_ADDRESS and "IPPool pods (198.18.8.0/24) is exhausted" in out["details"]
+    assert node.links().count(host_iface_name("x", "e")) == 0
+    (node.state_dir / "ipam" / "allocations.json").write_text("{garbage")
+    code, out, _ = node.call(env)
+    assert out["code"] == spec.NOT_AVAILABLE and "allocations.json" in out["details"]
+
+
+# ---- traffic and policy ----------------------------------------------------------------------
+
+SERVER = "import socket,sys; s=socket.create_server(('0.0.0.0',80)); print('ready',flush=True)\n" \
+         "while True:\n c,_=s.accept(); c.sendall(b'ok'); c.close()"
+PROBE = "import socket,sys\ntry:\n s=socket.create_connection((sys.argv[1],80),timeout=1); print(s.recv(2)==b'ok')\n" \
+        "except OSError: print(False)"
+
+
+def serve(node: CniNode, pod: str) -> subprocess.Popen:
+    proc = subprocess.Popen(["ip", "netns", "exec", node.pod_ns(pod), sys.executable, "-I", "-S", "-c", SERVER],
+                            stdout=subprocess.PIPE, text=True)
+    node.stack.callback(proc.kill)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def reaches(node: CniNode, src: str, ip: str) -> bool:
+    return pod_sh(node, src, sys.executable, "-I", "-S", "-c", PROBE, ip).strip() == "True"
+
+
+def test_pods_reach_each_other_and_a_default_deny_is_in_force_when_add_returns(node, tmp_path):
+    node.write([block("198.18.4.0/26"), namespace("x"), namespace("guarded"),
+                policy("guarded", "deny-all", {"podSelector": {}, "policyTypes": ["Ingress"]})])
+    WeftNode(node.ns, node.state_dir).weft("apply", from_dir=node.manifests)   # the node's last reconcile run
+    node.add("client")
+    open_ip = node.add("open")
+    serve(node, "open")
+    assert reaches(node, "client", open_ip)
+    # The guarded pod's server is listening before ADD: the probe right after ADD returns must fail.
+    serve(node, "guarded-pod")
+    guarded_ip = node.add("guarded-pod", k8s_ns="guarded")
+    assert not reaches(node, "client", guarded_ip)
+    assert reaches(node, "client", open_ip), "only the guarded pod is closed"
+
+
+# ---- many at once, and killed half-way ------------------------------------------------------
+
+def test_thirty_parallel_adds_and_dels_leave_no_duplicate_and_no_leak(node):
+    node.write([block("198.18.4.0/26")])
+    pods = [f"p{i:02d}" for i in range(30)]
+    for pod in pods:
+        node.pod_ns(pod)
+
+    def run(command: str, pod: str):
+        return node.call(node.env(command, pod))
+
+    with ThreadPoolExecutor(30) as pool:
+        added = list(pool.map(lambda p: run("ADD", p), pods))
+    assert [code for code, _, _ in added] == [0] * 30, [out for code, out, _ in added if code]
+    ips = [out["ips"][0]["address"] for _, out, _ in added]
+    assert len(set(ips)) == 30
+    assert len(node.links()) == 31 and len(node.weft_routes().splitlines()) == 30
+    done = node.ipam_check()
+    assert done.returncode == 0, done.stdout + done.stderr
+    with ThreadPoolExecutor(30) as pool:
+        deleted = list(pool.map(lambda p: run("DEL", p), pods))
+    assert [code for code, _, _ in deleted] == [0] * 30
+    node.clean()
+    assert node.ipam_check().returncode == 0
+
+
+def test_kill_9_at_any_point_of_add_then_del_and_add_again_is_clean(node):
+    """SIGKILL the plugin at spread-out moments of ADD; the runtime then DELs (as after any failed
+    ADD) and ADDs again: every time the end state is exactly one good attachment, then nothing."""
+    start = time.monotonic()
+    node.ok("DEL", "a", cid="warm-up")
+    node.add("a", cid="timing")
+    duration = time.monotonic() - start
+    node.ok("DEL", "a", cid="timing")
+    rng = random.Random(4)
+    left = set()
+    for attempt in range(8):
+        proc = node.start(node.env("ADD", "a", cid=f"k{attempt}"))
+        time.sleep(rng.uniform(0, duration))
+        os.killpg(proc.pid, signal.SIGKILL)      # the plugin and whatever it was running (ip, iptables-restore)
+        proc.wait()
+        left.add((bool(node.allocations()), len(node.links()) > 1, bool(node.weft_chains())))
+        node.ok("DEL", "a", cid=f"k{attempt}")
+        assert node.links() == ["lo"] and node.weft_routes() == "" and node.allocations() == []
+        node.add("a", cid=f"k{attempt}")
+        assert node.call(node.env("CHECK", "a", cid=f"k{attempt}"))[0] == 0
+        node.ok("DEL", "a", cid=f"k{attempt}")
+    node.clean()
+    assert len(left) > 1, f"every kill left the same state {left}: the kill points are not spread over ADD"
+    print("states the kills left (allocation, interface, chains):", sorted(left))
+
+
+# ---- bad input leaves nothing behind ----------------------------------------------------------
+
+@pytest.mark.parametrize("case, code", [
+    ("malformed JSON", spec.DECODE_FAILURE),
+    ("unsupported cniVersion", spec.INCOMPATIBLE_VERSION),
+    ("missing CNI_NETNS", spec.INVALID_ENVIRONMENT),
+    ("netns path that does not exist", spec.UNKNOWN_CONTAINER),
+    ("interface name too long", spec.INVALID_ENVIRONMENT),
+    ("interface exists in the pod", spec.WIRING_FAILED),
+])
+def test_bad_input_gets_the_specs_error_and_leaves_nothing(node, case, code):
+    env, stdin = node.env("ADD", "a"), None
+    if case == "malformed JSON":
+        stdin = b'{"cniVersion": "1.1.0", "name": '
+    elif case == "unsupported cniVersion":
+        stdin = json.dumps({**node.config, "cniVersion": "0.2.0"}).encode()
+    elif case == "missing CNI_NETNS":
+        del env["CNI_NETNS"]
+    elif case == "netns path that does not exist":
+        env["CNI_NETNS"] = "/run/netns/wtr-does-not-exist"
+    elif case == "interface name too long":
+        env["CNI_IFNAME"] = "eth0-much-too-long"
+    else:
+        pod_sh(node, "a", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "other")
+    returned, out, err = node.call(env, stdin)
+    assert (returned, out["code"]) == (1, code), (out, err)
+    assert err.strip(), "a line for the runtime's log on stderr"
+    assert node.links() == ["lo"] and node.weft_routes() == "" and node.allocations() == []
+
+
+# ---- IPv6, and blocks claimed through the API ----------------------------------------------------
+
+def test_dual_stack_pod_gets_a_128_and_a_link_local_gateway(node):
+    if not Path("/proc/sys/net/ipv6").exists():
+        pytest.skip("IPv6 is not enabled in this kernel")
+    v6pool = {**POOL, "metadata": {"name": "pods6"}, "spec": {"cidr": "2001:2::/48", "blockSize": 122}}
+    node.write([block("198.18.4.0/26"), v6pool, block("2001:2::/122")])
+    out = node.ok("ADD", "a")
+    assert [ip["address"] for ip in out["ips"]] == ["198.18.4.0/32", "2001:2::/128"]
+    assert "2001:2:: dev" in node.sh("ip", "-6", "route", "show", "proto", str(ROUTE_PROTOCOL))
+    assert pod_sh(node, "a", "ip", "-6", "route", "show", "default").startswith("default via fe80::ecee:eeff:feee:eeee")
+    assert node.call(node.env("CHECK", "a"))[0] == 0
+    node.ok("DEL", "a")
+    node.clean()
+
+
+def test_lab_node_creates_its_pods_through_the_plugin(tmp_path, plugin_binary):
+    """NodeLab(cni=...) calls the plugin as a runtime would; pods get the pool's addresses and connect."""
+    from playbooks.netlab import LabCni, LabPod, NodeLab
+    from tests.nodens import pod as pod_manifest
+    manifests = write_manifests(tmp_path / "m", [POOL, block("198.18.4.0/26", "lab-node"), namespace("x"),
+                                                 pod_manifest("x", "a", "198.18.200.1", node="lab-node"),
+                                                 pod_manifest("x", "b", "198.18.200.2", node="lab-node")])
+    state = tmp_path / "state"
+
+    def first_run(lab):
+        done = lab.node_run([sys.executable, "-m", "reconciler.cli", "apply", "--from", str(manifests), "--node",
+                             "lab-node", "--state-dir", str(state)])
+        assert done.returncode == 0, done.stderr
+
+    cni = LabCni(plugin_binary, {"node": "lab-node", "state_dir": str(state), "manifests": str(manifests)}, first_run)
+    with NodeLab([LabPod("x", "a", "198.18.200.1"), LabPod("x", "b", "198.18.200.2")], cni=cni) as lab:
+        assert sorted(p.ip for p in lab.pods) == ["198.18.4.0", "198.18.4.1"]
+        assert all(lab.matrix(probes=[("tcp", 80)], timeout=0.5).values())
+    assert json.loads((state / "ipam" / "allocations.json").read_text())["allocations"] == []
+
+
+@contextlib.contextmanager
+def entered(ns: str):
+    """This thread inside namespace `ns` for the `with` block (sockets opened there stay there)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    home, there = os.open("/proc/thread-self/ns/net", os.O_RDONLY), os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(there, clone_newnet) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if libc.setns(home, clone_newnet) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(home)
+        os.close(there)
+
+
+@contextlib.contextmanager
+def api_in_netns(ns: str, objects: list[dict]):
+    """A FakeKubeAPI listening on 127.0.0.1 inside the node's namespace, where the plugin runs."""
+    from tests.kubeapi import FakeKubeAPI
+    fake = FakeKubeAPI(objects, crds=True)
+    with entered(ns):
+        fake.__enter__()
+    try:
+        yield fake
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_blocks_are_claimed_through_the_api_when_the_node_has_none_free(node, tmp_path):
+    from cni.claims import BLOCKS_PATH
+    pool = {**POOL, "spec": {"cidr": "198.18.32.0/25", "blockSize": 26}}
+    taken = block("198.18.32.0/26", node="elsewhere")
+    with api_in_netns(node.ns, [pool, taken]) as fake:
+        del node.config["manifests"]
+        node.config["kubeconfig"] = fake.write_kubeconfig(tmp_path / "kubeconfig")
+        assert node.add("a") == "198.18.32.64"
+        assert node.add("b") == "198.18.32.65"
+        assert fake.requests.count(("POST", BLOCKS_PATH)) == 1, "one claim serves the whole block"
+        stored = request_json(fake, node.ns, f"{BLOCKS_PATH}/198-18-32-64-26")
+        assert stored["spec"]["affinity"] == f"host:{NODE}"
+        affinity = request_json(fake, node.ns, "/apis/crd.projectcalico.org/v1/blockaffinities/n1-198-18-32-64-26")
+        assert affinity["spec"] == {"node": NODE, "cidr": "198.18.32.64/26", "state": "confirmed", "deleted": "false"}
+        blocks = json.loads((node.state_dir / "ipam" / "node.json").read_text())["blocks"]
+        assert [(b["cidr"], b.get("claimed")) for b in blocks] == [("198.18.32.64/26", True)]
+        code, out, _ = node.call(node.env("ADD", "c"), **{"cniVersion": "1.1.0"})
+        assert code == 0                                  # 62 more addresses before another claim
+    code, out, _ = node.call(node.env("ADD", "d"))
+    assert code == 0, "claims are not on the path while the node has free addresses"
+
+
+def request_json(fake, ns: str, path: str) -> dict:
+    import urllib.request
+    req = urllib.request.Request(fake.url + path, headers={"Authorization": f"Bearer {fake.token}"})
+    with entered(ns):
+        return json.loads(urllib.request.urlopen(req, timeout=5).read())
