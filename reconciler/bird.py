@@ -137,7 +137,8 @@ def _locate(problem: str, staged: str, text: str) -> str:
     where = f"line {number}"
     block = next((ln for ln in reversed(lines) if ln.startswith(("protocol ", "filter ", "function "))), None)
     if block:
-        where += f", in {block.rstrip(' {')}"
+        words = block.split()
+        where += f", in {words[0]} {words[2] if words[0] == 'protocol' and len(words) > 2 else words[1]}"
         origin = lines[lines.index(block) - 1] if lines.index(block) > 0 else ""
         if origin.startswith("# BGPPeer ") or origin.startswith("# node-to-node"):
             where += f" ({origin[2:]})"
