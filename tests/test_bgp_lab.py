@@ -50,7 +50,7 @@ TOR_PEER = bgp_peer("tor", peerIP=TOR_IP, asNumber=TOR_AS)
 
 @contextlib.contextmanager
 def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None = None,
-            labels: dict | None = None, pods: int = 1, tor: bool = False, full_apply: bool = False):
+            labels: dict | None = None, pods: int = 1, tor: bool | str = False, full_apply: bool = False):
     """A lab with BIRD configured and running on every node, all sessions Established."""
     lab = MultiNodeLab(nodes, pods, labels=labels)
     try:
@@ -61,7 +61,7 @@ def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None =
         for node in lab.nodes:
             lab.start_bird(node)
         if tor:
-            lab.add_router("tor", f"{TOR_IP}/24", tor_config(lab))
+            lab.add_router("tor", f"{TOR_IP}/24", tor_config(lab, tor if isinstance(tor, str) else None))
         lab.wait_established()
         yield lab
     finally:
@@ -71,12 +71,14 @@ def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None =
         assert not [n for n in names if n in left], "the lab left namespaces behind"
 
 
-def tor_config(lab: MultiNodeLab) -> str:
+def tor_config(lab: MultiNodeLab, password: str | None = None) -> str:
     """A plain BIRD as top-of-rack router: eBGP to every node, keeps what it learns to itself."""
+    auth = f'password "{password}";' if password else ""
     peers = "\n".join(f"""protocol bgp node{i} {{
   local {TOR_IP} as {TOR_AS};
   neighbor {node.ip} as 64512;
   connect delay time 1;
+  {auth}
   ipv4 {{ import all; export none; }};
 }}""" for i, node in enumerate(lab.nodes))
     return f"router id {TOR_IP};\ntimeformat protocol iso long ms;\nprotocol device {{}}\n{peers}\n"
@@ -183,12 +185,17 @@ def test_route_reflector_clients_learn_each_other_via_the_rr():
 # --- external router -------------------------------------------------------------------------
 
 def test_tor_router_over_ebgp_receives_blocks_and_service_ranges():
-    with bgp_lab(2, extra=[TOR_PEER], tor=True) as lab:
+    """The ToR session also proves the BGP password (TCP MD5) read from a Secret."""
+    secret = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}},
+              {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp", "namespace": "kube-system"},
+               "stringData": {"tor": "s3cr3t-md5"}}]
+    tor_peer = bgp_peer("tor", peerIP=TOR_IP, asNumber=TOR_AS, password={"secretKeyRef": {"name": "bgp", "key": "tor"}})
+    with bgp_lab(2, extra=[*secret, tor_peer], tor="s3cr3t-md5") as lab:
         one, two = lab.nodes
         assert "Global_198_18_0_254" in lab.sessions(one)
         lab.wait_routes(one, [two.block])
         assert _eventually(lambda: tor_routes(lab) == {one.block, two.block}), tor_routes(lab)
-        lab.write_manifests([TOR_PEER, bgp_config(serviceClusterIPs=[{"cidr": "198.19.0.0/16"}],
+        lab.write_manifests([*secret, tor_peer, bgp_config(serviceClusterIPs=[{"cidr": "198.19.0.0/16"}],
                                                   serviceExternalIPs=[{"cidr": "198.19.200.0/24"}])])
         apply_all_bird(lab)
         want = {one.block, two.block, "198.19.0.0/16", "198.19.200.0/24"}
