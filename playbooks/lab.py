@@ -4,7 +4,9 @@ Builds the example cluster's node (playbooks/example/cluster.yaml), shows who re
 policy, runs `weft plan` and `weft apply` with the example policies inside the node namespace,
 shows the matrix again, checks `weft drift` reports nothing, removes weft's state with
 `weft apply --destroy`, confirms everything is open again, and removes the lab. Nothing outside
-the lab's own namespaces is touched.
+the lab's own namespaces is touched. With --cni the pods are created by weft's CNI plugin, called as
+a container runtime calls it, after a first `weft apply` of the cluster alone (the node's reconcile
+run before any pod arrives).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from playbooks.netlab import LabError, NodeLab, format_matrix, pods_from_manifests
+from playbooks.netlab import LabCni, LabError, NodeLab, format_matrix, pods_from_manifests
 
 EXAMPLE_DIR = Path(__file__).parent / "example"
 NODE = "lab-node"
@@ -34,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="weft lab", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true",
                         help="leave the lab up at the end and print how to enter and remove it")
+    parser.add_argument("--cni", action="store_true",
+                        help="create the pods through weft's CNI plugin, as a container runtime does")
     parser.add_argument("--timeout", type=float, default=1.0,
                         help="seconds a probe waits for an answer before the path counts as blocked")
     return parser.parse_args(argv)
@@ -90,6 +94,17 @@ def demo(lab: NodeLab, manifests: Path, state: Path, timeout: float) -> None:
         raise StepFailed("apply --destroy left some path blocked: weft's rules were not all removed")
 
 
+def cni_runtime(workdir: Path, state: Path) -> LabCni:
+    """This environment's plugin, with the example cluster (pools, the node's block) but not the policies:
+    the no-policy matrix comes first."""
+    cluster = workdir / "cluster"
+    cluster.mkdir()
+    shutil.copy(EXAMPLE_DIR / "cluster.yaml", cluster)
+    return LabCni(str(Path(sys.executable).parent / "weft-cni"),
+                  {"node": NODE, "state_dir": str(state), "manifests": str(cluster)},
+                  node_setup=lambda lab: weft(lab, "apply", cluster, state))
+
+
 def print_keep(lab: NodeLab, workdir: Path) -> None:
     section("The lab is still up (--keep)")
     print(f"node:      ip netns exec {lab.node_netns} bash")
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     state.mkdir()
     for path in EXAMPLE_DIR.glob("*.yaml"):
         shutil.copy(path, manifests)
-    lab = NodeLab(pods_from_manifests(manifests, NODE))
+    lab = NodeLab(pods_from_manifests(manifests, NODE), cni=cni_runtime(workdir, state) if args.cni else None)
     created = False
     with sigterm_as_exit():
         try:

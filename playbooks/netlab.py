@@ -7,6 +7,11 @@ pod's veth. weft then programs the node namespace exactly as it would a real nod
 shows what the policies let through. Only addresses in 198.18.0.0/15 (RFC 2544 benchmarking) are
 accepted, and every namespace and process the lab makes is removed on close, also after a failure
 half-way through `create()` or a Ctrl-C.
+
+With `cni=LabCni(...)` the lab does not wire pods itself: it creates each pod's namespace and calls
+the CNI plugin in the node's namespace exactly as a container runtime would (CNI_* variables, the
+network configuration on stdin), takes the pod's address from the plugin's result, and calls DEL
+when it closes.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +60,17 @@ class LabPod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class LabCni:
+    """Create the lab's pods through a CNI plugin instead of wiring them directly."""
+    binary: str                            # the plugin executable, e.g. .venv/bin/weft-cni
+    config: Mapping                        # the network configuration's plugin keys (node, state_dir, manifests)
+    node_setup: Callable[[NodeLab], None] | None = None   # once the node exists, before the first pod
+    cni_version: str = "1.1.0"
+    network: str = "weft"
+    ifname: str = "eth0"
 
 
 def pods_from_manifests(directory: str | Path, node: str) -> list[LabPod]:
@@ -124,8 +140,11 @@ def remove_netns(name: str) -> None:
 class NodeLab:
     """One throwaway node: a network namespace for the node, one per pod, a veth pair for each pod."""
 
-    def __init__(self, pods: Sequence[LabPod], ports: Sequence[int] = (80, 81), prefix: str | None = None):
+    def __init__(self, pods: Sequence[LabPod], ports: Sequence[int] = (80, 81), prefix: str | None = None,
+                 cni: LabCni | None = None):
         self.pods = list(pods)
+        self.cni = cni
+        self._cni_added: list[LabPod] = []   # pods the plugin ADDed: close() DELs them
         self.ports = [int(port) for port in ports]
         self.prefix = prefix or f"weft-lab-{secrets.token_hex(3)}"
         self.node_netns = f"{self.prefix}-node"
@@ -153,8 +172,13 @@ class NodeLab:
         check_lab_pods(self.pods)
         try:
             self._create_node()
-            for pod in self.pods:
-                self._wire_pod(pod)
+            if self.cni and self.cni.node_setup:
+                self.cni.node_setup(self)
+            for i, pod in enumerate(self.pods):
+                if self.cni:
+                    self.pods[i] = pod = self._add_pod_cni(pod)
+                else:
+                    self._wire_pod(pod)
                 self._servers.append(self._start_server(pod))
             self._wait_ready()
         except BaseException:
@@ -191,6 +215,37 @@ class NodeLab:
             f"route add default via {GATEWAY_IP} dev eth0 onlink",
         ])
 
+    def _add_pod_cni(self, pod: LabPod) -> LabPod:
+        """The runtime's part (namespace, loopback), then the plugin's ADD; the pod with its new address."""
+        netns = self.pod_netns(pod)
+        self._add_netns(netns)
+        ip_batch(netns, ["link set lo up"])
+        self._cni_added.append(pod)
+        result = self._cni_call("ADD", pod)
+        addresses = [ip["address"].split("/")[0] for ip in result.get("ips", ()) if "." in ip["address"]]
+        if not addresses:
+            raise LabError(f"CNI ADD of pod {pod.key} gave no IPv4 address: {result}")
+        wired = LabPod(pod.namespace, pod.name, addresses[0])
+        check_lab_pods([wired])                # network safety: the plugin's pools must be lab addresses
+        return wired
+
+    def _cni_call(self, command: str, pod: LabPod) -> dict | None:
+        """One plugin call in the node's namespace, with the environment and stdin a runtime gives."""
+        cni = self.cni
+        container_id = self.pod_netns(pod)     # stable per pod, and unique
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
+               "CNI_CONTAINERID": container_id, "CNI_NETNS": f"/run/netns/{self.pod_netns(pod)}",
+               "CNI_IFNAME": cni.ifname, "CNI_PATH": str(Path(cni.binary).parent),
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
+                           f"K8S_POD_INFRA_CONTAINER_ID={container_id}"}
+        config = {"cniVersion": cni.cni_version, "name": cni.network, "type": "weft", **cni.config}
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{self.node_netns}", cni.binary], env=env,
+                              input=json.dumps(config), text=True, capture_output=True, timeout=120)
+        if done.returncode != 0:
+            raise LabError(f"CNI {command} of pod {pod.key} failed ({done.returncode}): "
+                           f"{done.stdout.strip() or done.stderr.strip()}")
+        return json.loads(done.stdout) if done.stdout.strip() else None
+
     def _start_server(self, pod: LabPod) -> subprocess.Popen:
         """Start the pod's server in its own process group, so close() can kill it whole."""
         return subprocess.Popen(
@@ -220,6 +275,12 @@ class NodeLab:
             server.stdout.close()
             server.stderr.close()
         self._servers.clear()
+        while self._cni_added:
+            pod = self._cni_added.pop()
+            try:
+                self._cni_call("DEL", pod)
+            except (LabError, subprocess.TimeoutExpired) as exc:
+                log.warning("%s", exc)
         while self._created:
             remove_netns(self._created.pop())
 
