@@ -53,11 +53,15 @@ class LabNode:
     name: str
     address: str                   # "198.18.0.1/24"
     block: str                     # this node's IPAM block
-    pods: list[LabPod]
     netlab: NodeLab
     state_dir: Path
     bird: subprocess.Popen | None = None
     labels: dict = field(default_factory=dict)
+
+    @property
+    def pods(self) -> list[LabPod]:
+        """The node's pods, with the addresses they really have (the CNI plugin's, when it wired them)."""
+        return self.netlab.pods
 
     @property
     def ip(self) -> str:
@@ -90,7 +94,7 @@ class MultiNodeLab:
     """N nodes on one fabric, `pods_per_node` pods each; `labels` per node name for selectors."""
 
     def __init__(self, nodes: int = 2, pods_per_node: int = 2, *, workdir: Path | None = None,
-                 labels: dict[str, dict] | None = None, ports: Sequence[int] = (80, 81)):
+                 labels: dict[str, dict] | None = None, ports: Sequence[int] = (80, 81), cni: bool = False):
         if not 1 <= nodes <= 16:
             raise ValueError("a lab has 1 to 16 nodes (one /26 block each in 198.18.4.0/22)")
         self.prefix = f"{PREFIX}-{os.getpid()}-{next(_counter)}{secrets.token_hex(2)}"
@@ -101,6 +105,8 @@ class MultiNodeLab:
         self.nodes: list[LabNode] = []
         self.routers: dict[str, tuple[str, subprocess.Popen]] = {}    # name -> (netns, BIRD)
         self._created: list[str] = []
+        self.cni = cni
+        self._wired = not cni            # pod addresses known (the manifests can say them)
         blocks = list(POOL.subnets(new_prefix=BLOCK_PREFIX))
         for i in range(nodes):
             name = f"node-{i + 1}"
@@ -108,9 +114,10 @@ class MultiNodeLab:
             pods = [LabPod(NAMESPACE, f"n{i + 1}-{chr(ord('a') + j)}", str(block.network_address + 2 + j))
                     for j in range(pods_per_node)]
             state_dir = self.workdir / name
+            netlab = NodeLab(pods, ports, prefix=f"{self.prefix}-n{i + 1}",
+                             **({"cni": self._lab_cni(name, state_dir)} if cni else {}))
             self.nodes.append(LabNode(name, f"{FABRIC.network_address + 1 + i}/{FABRIC.prefixlen}", str(block),
-                                      pods, NodeLab(pods, ports, prefix=f"{self.prefix}-n{i + 1}"), state_dir,
-                                      labels=dict((labels or {}).get(name, {}))))
+                                      netlab, state_dir, labels=dict((labels or {}).get(name, {}))))
 
     def __enter__(self) -> MultiNodeLab:
         self.create()
@@ -123,6 +130,25 @@ class MultiNodeLab:
     def pods(self) -> list[LabPod]:
         return [pod for node in self.nodes for pod in node.pods]
 
+    def _lab_cni(self, name: str, state_dir: Path):
+        """Pods through weft's CNI plugin, as a container runtime calls it in the node's namespace;
+        the node's first `weft apply` (its IPAM state) runs before the first pod."""
+        try:
+            from playbooks.netlab import LabCni
+        except ImportError:
+            raise LabError("this checkout's playbooks.netlab cannot create pods through the CNI plugin") from None
+        plugin = Path(sys.executable).parent / "weft-cni"
+
+        def first_run(netlab: NodeLab) -> None:
+            (state_dir).mkdir(parents=True, exist_ok=True)
+            done = netlab.node_run([*WEFT, "apply", "--from", str(self.manifests), "--node", name,
+                                    "--state-dir", str(state_dir)])
+            if done.returncode != 0:
+                raise LabError(f"weft apply on {name} exited {done.returncode}: {done.stderr.strip()}")
+
+        return LabCni(str(plugin), {"node": name, "state_dir": str(state_dir), "manifests": str(self.manifests)},
+                      node_setup=first_run)
+
     def node(self, name: str) -> LabNode:
         return next(n for n in self.nodes if n.name == name)
 
@@ -134,11 +160,13 @@ class MultiNodeLab:
         try:
             self._add_netns(self.fabric_netns)
             ip_batch(self.fabric_netns, ["link set lo up", "link add br0 type bridge", "link set br0 up"])
-            for node in self.nodes:
-                node.netlab.create()
-                node.state_dir.mkdir(parents=True, exist_ok=True)
-                self._plug(node.netns, f"p-{node.name}", node.address)
             self.write_manifests()
+            for node in self.nodes:
+                node.state_dir.mkdir(parents=True, exist_ok=True)
+                node.netlab.create()
+                self._plug(node.netns, f"p-{node.name}", node.address)
+            self._wired = True
+            self.write_manifests()       # now with every pod's address, as kubelets would report them
         except BaseException:
             self.close()
             raise
@@ -179,7 +207,8 @@ class MultiNodeLab:
                                 "metadata": {"namespace": pod.namespace, "name": pod.name,
                                              "labels": {"pod": pod.name, "node": node.name}},
                                 "spec": {"nodeName": node.name, "containers": [{"name": "c", "image": "pause"}]},
-                                "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}})
+                                "status": {"phase": "Running", **({"podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}
+                                                                  if self._wired else {})}})
         return objects
 
     def write_manifests(self, extra: Iterable[dict] = (), node_annotations: dict[str, dict] | None = None) -> Path:
@@ -335,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pods", type=int, default=2, help="pods per node (default 2)")
     parser.add_argument("--keep", action="store_true", help="leave the lab up and print how to remove it")
     parser.add_argument("--timeout", type=float, default=1.0, help="seconds a probe waits")
+    parser.add_argument("--wire", choices=("cni", "direct"), default="cni",
+                        help="create pods through weft's CNI plugin (default) or wire them directly")
     return parser.parse_args(argv)
 
 
@@ -373,10 +404,15 @@ def demo(lab: MultiNodeLab, timeout: float) -> None:
         print(format_matrix(lab.pods, lab.matrix(timeout=timeout)))
 
 
+def has_lab_cni() -> bool:
+    import playbooks.netlab
+    return hasattr(playbooks.netlab, "LabCni") and (Path(sys.executable).parent / "weft-cni").exists()
+
+
 def main(argv: list[str] | None = None) -> int:
     from playbooks.lab import StepFailed, section, sigterm_as_exit
     args = parse_args(argv)
-    lab = MultiNodeLab(args.nodes, args.pods)
+    lab = MultiNodeLab(args.nodes, args.pods, cni=args.wire == "cni" and has_lab_cni())
     with sigterm_as_exit():
         try:
             section(f"Building {args.nodes} nodes on fabric {FABRIC} (pool {POOL}, one /{BLOCK_PREFIX} per node)")
