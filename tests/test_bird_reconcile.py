@@ -69,7 +69,8 @@ def test_rejected_config_names_the_peer_and_leaves_the_file(tmp_path):
     before = (tmp_path / "bird.conf").read_text()
     bad = replace(state(), bgp_peers=(BGPPeer("tor", peer_ip="198.18.0.254", as_number=65001,
                                               keepalive_time="300s"),))
-    with pytest.raises(WeftError, match=r"in protocol Global_198_18_0_254 \(BGPPeer tor\): Keepalive time must be at most"):
+    named = r"in protocol Global_198_18_0_254 \(BGPPeer tor\): Keepalive time must be at most"
+    with pytest.raises(WeftError, match=named):
         apply_bird(plan_bird(bad, "node-1", tmp_path, None), None)
     assert (tmp_path / "bird.conf").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bird.conf"]
