@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m reconciler.bird`: plan (and with --apply, apply) BIRD's configuration alone,
     until `weft apply` does it as part of a run. Exit 0 no change / applied, 2 changes planned
     (without --apply), 1 error."""
+    from filelock import FileLock
+
     from desired import sources
     from reconciler.run import default_state_dir
     parser = argparse.ArgumentParser(prog="python -m reconciler.bird", description=main.__doc__.split("\n")[0])
@@ -214,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state_dir = args.state_dir or default_state_dir()
     try:
-        state = sources.read(state_dir, args.from_dir, args.kubeconfig).state()
-        change = plan_bird(state, args.node, state_dir, args.socket)
-        commands = apply_bird(change, args.socket) if change and args.apply else []
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(state_dir / "weft.lock"), timeout=300):     # the node lock `weft apply` holds
+            state = sources.read(state_dir, args.from_dir, args.kubeconfig).state()
+            change = plan_bird(state, args.node, state_dir, args.socket)
+            commands = apply_bird(change, args.socket) if change and args.apply else []
     except WeftError as exc:
         print(f"weft: error: {exc}", file=sys.stderr)
         return 1
