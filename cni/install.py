@@ -17,12 +17,16 @@ from pathlib import Path
 DEFAULT_DEST = "/opt/cni/bin/weft"
 
 
-def launcher_text(python: str | None = None) -> str:
+def launcher_paths() -> list[str]:
+    """What the launcher puts on sys.path: weft's code, then this environment's site-packages."""
     root = str(Path(__file__).resolve().parent.parent)          # the directory holding cni/ and desired/
-    paths = [root] + [p for p in dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))
-                      if p != root]
+    site = dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))
+    return [root] + [p for p in site if p != root]
+
+
+def launcher_text(python: str | None = None) -> str:
     return (f"#!{python or sys.executable} -IS\n"
-            f"import sys; sys.path[:0] = {paths!r}\n"
+            f"import sys; sys.path[:0] = {launcher_paths()!r}\n"
             "from cni.plugin import main; sys.exit(main())\n")
 
 

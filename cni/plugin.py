@@ -251,14 +251,16 @@ def teardown(conf: Config, container_id: str, ifname: str, iface: str, allocatio
     Deleting the host side deletes the pod side too (a veth pair goes as one), so the pod's
     namespace need not be entered, nor even exist any more.
     """
-    alias = wiring.alias_for(container_id, ifname)
     owner = store.iface_owner(iface)
     ours = owner is None or (owner.container_id, owner.ifname, owner.network) == (container_id, ifname, conf.network)
     try:
         if iface in wiring.host_links():
-            found = (wiring.link_info(iface) or {}).get("ifalias")
-            if found == alias or (found is None and allocation is not None and ours):
-                wiring.delete_host_side(iface)
+            if owner is not None and ours:
+                wiring.delete_host_side(iface)      # the records say it is ours: no need to ask the kernel
+            elif owner is None:                     # nobody's on record: only if its alias names this attachment
+                found = (wiring.link_info(iface) or {}).get("ifalias")
+                if found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None):
+                    wiring.delete_host_side(iface)
         if ours and iface not in wiring.host_links():
             _remove_endpoint(conf, iface)
     except wiring.WiringError as exc:
