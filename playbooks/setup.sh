@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-packages=(iptables ipset iproute2 bird2 bpftool python3-bpfcc conntrack python3-venv python3-pip)
+packages=(iptables ipset iproute2 bird2 bpftool python3-bpfcc conntrack python3-venv python3-pip containernetworking-plugins)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
