@@ -31,11 +31,8 @@ from pathlib import Path
 import yaml
 
 from desired.ipam import block_name
-from desired.loader import build_cluster_state
-from desired.manifests import load_manifest_dir
 from playbooks.netlab import PROBER, LabError, LabPod, NodeLab, format_matrix, ip_batch, remove_netns, run
 from probes import bird as probe
-from reconciler.bird import apply_bird, plan_bird
 
 FABRIC = ipaddress.ip_network("198.18.0.0/24")
 POOL = ipaddress.ip_network("198.18.4.0/22")
@@ -232,17 +229,12 @@ class MultiNodeLab:
         return node.netlab.node_run(argv)
 
     def apply(self, node: LabNode) -> list[str]:
-        """`weft apply` on the node, then BIRD's configuration (written, checked, reloaded if BIRD
-        runs); the BIRD commands run. Raises LabError when weft fails."""
-        done = self.weft(node, "apply")
+        """`weft apply` on the node (policy, routes and BIRD's configuration: written, checked,
+        reloaded if BIRD runs); the BIRD commands it ran. Raises LabError when weft fails."""
+        done = self.weft(node, "apply", "--bird-socket", node.socket, "--output", "json")
         if done.returncode != 0:
             raise LabError(f"weft apply on {node.name} exited {done.returncode}: {done.stderr.strip()}")
-        return self.apply_bird(node)
-
-    def apply_bird(self, node: LabNode) -> list[str]:
-        state = build_cluster_state(load_manifest_dir(self.manifests))
-        change = plan_bird(state, node.name, node.state_dir, node.socket)
-        return apply_bird(change, node.socket) if change else []
+        return [c for c in json.loads(done.stdout)["commands"] if c.startswith(("bird ", "birdc "))]
 
     def apply_all(self) -> None:
         with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:

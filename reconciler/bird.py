@@ -62,15 +62,26 @@ def default_socket(state_dir: Path) -> str:
     return str(Path(state_dir) / SOCKET_NAME)
 
 
-def plan_bird(state: ClusterState, node: str, state_dir: Path, socket: str | None) -> BirdChange | None:
-    """The change BIRD needs, or None when the live file is exactly what the desired state renders
-    and BIRD (if running) has loaded it. None too when BGP is off for the node."""
+def desired_config(state: ClusterState, node: str, state_dir: Path, socket: str | None) -> str | None:
+    """BIRD's configuration for `node`, or None when BGP is off for it (no BGP address)."""
     me = state.nodes.get(node)
     if me is None or me.bgp is None or not (me.bgp.ipv4_address or me.bgp.ipv6_address):
         return None
+    return render_bird_config(state, node, socket_path=socket or default_socket(state_dir))
+
+
+def plan_bird(state: ClusterState, node: str, state_dir: Path, socket: str | None) -> BirdChange | None:
+    """The change BIRD needs, or None when the live file is exactly what the desired state renders
+    and BIRD (if running) has loaded it. None too when BGP is off for the node."""
+    return plan_config(desired_config(state, node, state_dir, socket), state_dir, socket)
+
+
+def plan_config(new: str | None, state_dir: Path, socket: str | None) -> BirdChange | None:
+    """plan_bird for an already rendered configuration (None: BGP is off, BIRD is left alone)."""
+    if new is None:
+        return None
     socket = socket or default_socket(state_dir)
     path = config_path(state_dir)
-    new = render_bird_config(state, node, socket_path=socket)
     old = probe.read_live(path)
     up = probe.running(socket)
     if old == new:
@@ -93,6 +104,24 @@ def _loaded(socket: str, path: Path) -> bool:
         return False
     written = datetime.fromtimestamp(path.stat().st_mtime)
     return last >= written.replace(microsecond=written.microsecond // 1000 * 1000)   # BIRD shows ms
+
+
+def check_bird(change: BirdChange) -> None:
+    """Raise WeftError (BIRD's message) if BIRD would reject the new configuration: called before
+    anything else of a run is applied, so a rejected config changes nothing at all."""
+    if change.action == RELOAD:
+        return
+    path = Path(change.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.check")
+    _write(staged, change.new)
+    try:
+        problem = probe.check_config(staged)
+    finally:
+        staged.unlink(missing_ok=True)
+    if problem:
+        raise WeftError(f"BIRD rejected the new configuration for {path}: "
+                        f"{_locate(problem, str(staged), change.new)}\nThe old configuration stays live.")
 
 
 def apply_bird(change: BirdChange, socket: str | None) -> list[str]:

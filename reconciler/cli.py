@@ -1,4 +1,4 @@
-"""The `weft` command: plan, apply, drift, lab.
+"""The `weft` command: plan, apply, drift, status, lab.
 
 Exit codes are for machines: 0 success / no changes, 1 error, 2 changes pending or drift found
 (plan with --detailed-exitcode, drift).
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from desired.errors import WeftError
+from reconciler import status
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -27,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default: where weft's chains are, else the system's iptables)")
     p.add_argument("--output", choices=("text", "json"), default="text")
+    p.add_argument("--bird-socket", metavar="PATH",
+                   help="BIRD's control socket (default: <state dir>/bird.ctl)")
     p.add_argument("--lock-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long apply waits for another weft run on this node (default 300)")
 
@@ -45,16 +48,23 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--destroy", action="store_true", help="remove everything weft owns")
     drift = sub.add_parser("drift", help="report where the kernel differs from the desired state (exit 2)")
     _common(drift)
-    lab = sub.add_parser("lab", help="run the built-in example in a throwaway network-namespace lab")
+    lab = sub.add_parser("lab", help="run the built-in example in a throwaway network-namespace lab "
+                                     "(--nodes N: the multi-node BGP lab)")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    status.add_parser(sub)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "lab":
+        if any(a == "--nodes" or a.startswith("--nodes=") for a in args.lab_args):
+            from playbooks.multinode import main as multinode_main
+            return multinode_main(args.lab_args)
         from playbooks.lab import main as lab_main
         return lab_main(args.lab_args)
+    if args.command == "status":
+        return status.run(args)
     try:
         return _dispatch(args)
     except WeftError as exc:
@@ -68,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from probes.runner import Runner
+    from reconciler import bird, run
     from reconciler import drift as driftmod
     from reconciler import plan as planmod
-    from reconciler import run
 
     opts = run.Options(node=args.node, state_dir=args.state_dir or run.default_state_dir(),
                        from_dir=args.from_dir, kubeconfig=args.kubeconfig, context=args.context,
-                       backend=args.iptables_backend, lock_timeout=args.lock_timeout)
+                       backend=args.iptables_backend, lock_timeout=args.lock_timeout,
+                       bird_socket=args.bird_socket)
     runner = Runner()
     if args.command == "plan":
         plan = run.make_plan(opts, runner, destroy=args.destroy)
@@ -82,17 +93,17 @@ def _dispatch(args) -> int:
             planmod.save_plan(plan, args.out)
         _emit(args, plan.to_json(), planmod.format_text(plan)
               + (f"\nSaved the plan to {args.out}; apply it with `weft apply {args.out}`.\n" if args.out else ""))
-        return EXIT_CHANGES if args.detailed_exitcode and not plan.changes.empty else EXIT_OK
+        return EXIT_CHANGES if args.detailed_exitcode and not plan.empty else EXIT_OK
     if args.command == "apply":
         saved = planmod.load_plan(args.plan_file) if args.plan_file else None
         plan = run.apply(opts, runner, saved, destroy=args.destroy)
         report = plan.to_json() | {"commands": runner.writes, "bytes_written": runner.bytes_written}
-        text = ("No changes. The kernel already matches.\n" if plan.changes.empty else
-                planmod.format_text(plan) + "\n" + planmod.summary_line(plan.changes, "Apply complete") + "\n")
+        text = ("No changes. The kernel already matches.\n" if plan.empty else
+                planmod.format_text(plan) + "\n" + planmod.summary_line(plan, "Apply complete") + "\n")
         _emit(args, report, text)
         return EXIT_OK
     plan = run.make_plan(opts, runner)
-    items = driftmod.drift_items(plan.changes)
+    items = driftmod.drift_items(plan.changes) + (bird.bird_drift_items(plan.bird) if plan.bird else [])
     _emit(args, {"format_version": driftmod.FORMAT_VERSION, "node": opts.node, "drifted": bool(items),
                  "items": items}, driftmod.format_text(opts.node, items))
     return EXIT_CHANGES if items else EXIT_OK

@@ -6,10 +6,12 @@ and the changed lines, then a summary line.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 
 from desired.errors import WeftError
+from reconciler.bird import BirdChange, format_bird_change
 from reconciler.diff import (
     CREATE,
     DELETE,
@@ -38,6 +40,23 @@ class Plan:
     base_fingerprint: str        # the kernel state the plan was made against
     changes: Changes
     ignored: tuple[str, ...] = ()   # apiVersion/kind of objects weft does not understand (yet)
+    bird: BirdChange | None = None  # BIRD's configuration (passwords redacted when loaded from a file)
+    bird_sha: tuple[str, str] | None = None   # sha256 of the live and the new BIRD file
+
+    @property
+    def empty(self) -> bool:
+        return self.changes.empty and self.bird is None
+
+    def summary(self) -> dict[str, int]:
+        counts = self.changes.summary()
+        if self.bird is not None:
+            counts["add" if self.bird.action == "create" else "change"] += 1
+        return counts
+
+    def bird_digests(self) -> tuple[str, str] | None:
+        if self.bird is None:
+            return None
+        return self.bird_sha or (_sha(self.bird.old or ""), _sha(self.bird.new))
 
     def to_json(self) -> dict:
         return {
@@ -45,7 +64,7 @@ class Plan:
             "node": self.node,
             "backend": self.backend,
             "base_fingerprint": self.base_fingerprint,
-            "summary": self.changes.summary(),
+            "summary": self.summary(),
             "ignored_kinds": list(self.ignored),
             "changes": {
                 "ipsets": [asdict(s) for s in self.changes.sets],
@@ -53,6 +72,8 @@ class Plan:
                 "hooks": [asdict(h) for h in self.changes.hooks],
                 "routes": [asdict(r) for r in self.changes.routes],
                 "links": [asdict(link) for link in self.changes.links],
+                "bird": None if self.bird is None else self.bird.public() | dict(
+                    zip(("old_sha256", "new_sha256"), self.bird_digests(), strict=True)),
             },
         }
 
@@ -71,8 +92,10 @@ class Plan:
                 tuple(LinkChange(**{**link, "sysctls": _pairs(link["sysctls"]), "previous": _pairs(link["previous"])})
                       for link in ch.get("links", ())),
             )
+            bird = ch.get("bird")
+            sha = (bird.pop("old_sha256"), bird.pop("new_sha256")) if bird else None
             return cls(data["node"], data["backend"], data["base_fingerprint"], changes,
-                       tuple(data.get("ignored_kinds", ())))
+                       tuple(data.get("ignored_kinds", ())), BirdChange(**bird) if bird else None, sha)
         except (KeyError, TypeError) as exc:
             raise PlanError(f"{source}: malformed plan ({exc})") from exc
 
@@ -100,15 +123,19 @@ def load_plan(path: str) -> Plan:
     return Plan.from_json(data, path)
 
 
-def summary_line(changes: Changes, verb: str = "Plan") -> str:
-    s = changes.summary()
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def summary_line(plan: Plan, verb: str = "Plan") -> str:
+    s = plan.summary()
     return f"{verb}: {s['add']} to add, {s['change']} to change, {s['destroy']} to destroy."
 
 
 def format_text(plan: Plan) -> str:
     changes = plan.changes
     note = f"Ignored objects of kinds weft does not handle: {', '.join(plan.ignored)}\n\n" if plan.ignored else ""
-    if changes.empty:
+    if plan.empty:
         return note + (f"No changes. The kernel of node {plan.node} matches the desired state "
                        f"(iptables {plan.backend} backend).\n")
     out = [f"weft will perform the following actions on node {plan.node} (iptables {plan.backend} backend):", ""]
@@ -122,7 +149,9 @@ def format_text(plan: Plan) -> str:
         out.extend(_route_block(r))
     for link in changes.links:
         out.extend(_link_block(link))
-    out.append(summary_line(changes))
+    if plan.bird is not None:
+        out.append(format_bird_change(plan.bird))
+    out.append(summary_line(plan))
     return note + "\n".join(out) + "\n"
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -13,6 +13,7 @@ from desired.model import Endpoint
 from probes import probe_dataplane, start_probe
 from probes.backend import Backend, detect, other_has_weft
 from probes.runner import Runner
+from reconciler import bird
 from reconciler.apply import execute, verify
 from reconciler.diff import diff
 from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
@@ -31,6 +32,7 @@ class Options:
     context: str | None = None
     backend: str = "auto"
     lock_timeout: float = 300.0
+    bird_socket: str | None = None      # BIRD's control socket (default <state dir>/bird.ctl)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Desired:
     dataplane: Dataplane
     ignored: tuple[str, ...] = ()
     snapshot: EndpointSnapshot | None = None
+    bird_config: str | None = None      # None: BGP is off for this node (BIRD is left alone)
 
 
 def local_allocations(state_dir: Path) -> list:
@@ -64,8 +67,8 @@ def desired_state(opts: Options, destroy: bool = False) -> Desired:
         return Desired(EMPTY)
     allocations = local_allocations(opts.state_dir)
     reading = sources.read(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
-    key = reading.token + ":" + hashlib.sha256(repr(sorted(
-        (a.namespace, a.pod, a.iface, tuple(a.ips)) for a in allocations)).encode()).hexdigest()[:16]
+    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, sorted(
+        (a.namespace, a.pod, a.iface, tuple(a.ips)) for a in allocations))).encode()).hexdigest()[:16]
     desired = reading.cache.rendered_for(opts.node, key)
     if desired is None:
         state = reading.state()
@@ -73,12 +76,24 @@ def desired_state(opts: Options, destroy: bool = False) -> Desired:
         state = state.with_local_addresses(opts.node, addresses)
         pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
         dataplane = render_node(state, opts.node, pending)
-        desired = Desired(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key))
+        state = _with_peer_secrets(opts, state)
+        desired = Desired(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key),
+                          bird.desired_config(state, opts.node, opts.state_dir, opts.bird_socket))
         reading.cache.rendered[opts.node] = (key, desired)
         reading.dirty = True
     if reading.dirty:
         sources.commit(opts.state_dir, reading)
     return desired
+
+
+def _with_peer_secrets(opts: Options, state):
+    """BGP passwords: from the API server weft reads only the Secrets peers refer to."""
+    if opts.from_dir or not any(p.password for p in state.bgp_peers):
+        return state
+    from desired.bgp import fetch_peer_secrets
+    from desired.kube import make_api_client
+    with make_api_client(opts.kubeconfig, opts.context) as api:
+        return replace(state, secrets=state.secrets + fetch_peer_secrets(api, state.bgp_peers))
 
 
 def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
@@ -98,7 +113,9 @@ def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan,
         _reap(probing)
         raise
     actual = probing()
-    plan = Plan(opts.node, backend.name, actual.fingerprint(), diff(desired.dataplane, actual), desired.ignored)
+    bird_change = bird.plan_config(desired.bird_config, opts.state_dir, opts.bird_socket)
+    plan = Plan(opts.node, backend.name, actual.fingerprint(), diff(desired.dataplane, actual), desired.ignored,
+                bird_change)
     return plan, actual, desired
 
 
@@ -124,6 +141,9 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                 if before.fingerprint() != plan.base_fingerprint:
                     raise PlanError("the saved plan is stale: the kernel state changed since it was made; "
                                     "run `weft plan` again")
+                plan = _with_current_bird(opts, plan)
+            if plan.bird is not None:
+                bird.check_bird(plan.bird)      # a config BIRD rejects stops the run before any change
             if not plan.changes.empty:
                 execute(plan.changes, backend, runner)
                 leftover = verify(runner, backend, before, plan.changes)
@@ -131,10 +151,25 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                     s = leftover.summary()
                     raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
                                     f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
+            if plan.bird is not None:
+                runner.writes.extend(bird.apply_bird(plan.bird, opts.bird_socket))
             _keep_snapshot(opts, desired)
             return plan
     except Timeout as exc:
         raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:g}s") from exc
+
+
+def _with_current_bird(opts: Options, plan: Plan) -> Plan:
+    """A saved plan carries BIRD's file with passwords redacted: render it again, and refuse the
+    plan if what it would write, or what it would replace, is no longer what was planned."""
+    if plan.bird is None:
+        return plan
+    current = bird.plan_config(desired_state(opts).bird_config, opts.state_dir, opts.bird_socket)
+    now = replace(plan, bird=current, bird_sha=None).bird_digests()
+    if current is None or now != plan.bird_digests():
+        raise PlanError("the saved plan is stale: BIRD's configuration (the live file or the desired one) "
+                        "changed since it was made; run `weft plan` again")
+    return replace(plan, bird=current, bird_sha=None)
 
 
 def _keep_snapshot(opts: Options, desired: Desired | None) -> None:

@@ -22,10 +22,11 @@ import pytest
 
 from desired import loader
 from desired.endpoints import host_iface_name
-from desired.errors import InvalidDesiredState, WeftError
+from desired.errors import InvalidDesiredState
 from desired.loader import build_cluster_state
 from desired.manifests import load_manifest_dir
 from playbooks.multinode import NAMESPACE, MultiNodeLab, has_lab_cni
+from playbooks.netlab import LabError
 from probes import bird as probe
 from reconciler import bird as birdmod
 from reconciler import status
@@ -58,7 +59,7 @@ def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None =
         lab.create()
         lab.write_manifests(extra or [], annotations)
         for node in lab.nodes:
-            lab.apply(node) if full_apply else lab.apply_bird(node)
+            lab.apply(node)
         for node in lab.nodes:
             lab.start_bird(node)
         if tor:
@@ -99,7 +100,7 @@ def reconfigured_at(node) -> object:
 
 
 def apply_all_bird(lab: MultiNodeLab) -> dict[str, list[str]]:
-    return {node.name: lab.apply_bird(node) for node in lab.nodes}
+    return {node.name: lab.apply(node) for node in lab.nodes}
 
 
 # --- full mesh -----------------------------------------------------------------------------
@@ -268,13 +269,16 @@ def test_config_bird_rejects_is_reported_and_never_goes_live():
         live, since, loaded = one.config.read_text(), lab.sessions(one)["Mesh_198_18_0_2"].since, reconfigured_at(one)
         # valid for weft's checks, but BIRD wants keepalive <= hold time (240 s by default)
         lab.write_manifests([bgp_peer("tor", peerIP=TOR_IP, asNumber=TOR_AS, keepaliveTime="300s")])
-        with pytest.raises(WeftError) as info:
-            lab.apply_bird(one)
+        before = lab.weft(one, "plan", "--output", "json").stdout
+        with pytest.raises(LabError) as info:
+            lab.apply(one)
         message = str(info.value)
         assert "Keepalive time must be at most hold time" in message and "BGPPeer tor" in message
         assert "Global_198_18_0_254" in message and "old configuration stays live" in message
         assert one.config.read_text() == live and reconfigured_at(one) == loaded
-        assert not list(one.state_dir.glob(".bird.conf.new*"))
+        assert not list(one.state_dir.glob(".bird.conf.*"))
+        # nothing else of the run was applied either: the same plan is still pending
+        assert lab.weft(one, "plan", "--output", "json").stdout == before
         assert lab.sessions(one)["Mesh_198_18_0_2"].since == since
         code, err = _run_bird_main(lab, one)
         assert code == 1 and "Keepalive time" in err
