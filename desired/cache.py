@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CACHE_FILE = "desired.cache"
 
 
@@ -37,15 +37,21 @@ class DesiredCache:
     source: str                                  # "api:<server>" or "dir:<absolute path>"
     token: str                                   # changes whenever the desired objects change
     cursors: dict = field(default_factory=dict)  # per-source positions (resourceVersions, digests)
-    objects_blob: bytes = b""                    # pickle of the source's object table
+    blobs: dict = field(default_factory=dict)     # group (a kind, a file) -> pickle of its objects
     rendered: dict = field(default_factory=dict)  # node -> (token, rendered value)
     code: str = ""
 
-    def objects(self):
-        return pickle.loads(self.objects_blob) if self.objects_blob else {}
+    def groups(self) -> dict:
+        """The converted objects, by group."""
+        return {group: pickle.loads(blob) for group, blob in self.blobs.items()}
 
-    def set_objects(self, objects) -> None:
-        self.objects_blob = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
+    def set_groups(self, groups: dict, changed=None) -> None:
+        """Keep `groups`; only those in `changed` (all when None) are pickled again: one changed
+        policy does not re-pickle ten thousand pods."""
+        for group in groups if changed is None else changed:
+            if group in groups:
+                self.blobs[group] = pickle.dumps(groups[group], protocol=pickle.HIGHEST_PROTOCOL)
+        self.blobs = {g: b for g, b in self.blobs.items() if g in groups}
 
     def rendered_for(self, node: str, key: str):
         """What was rendered for `node` from exactly these inputs (`key`), or None."""

@@ -214,7 +214,7 @@ def current_resource_version(api_client, *, timeout: float = 30.0) -> str:
     return (page.get("metadata") or {}).get("resourceVersion", "")
 
 
-def watch_since(api_client, resource: Resource, resource_version: str, *, quiet: float = 0.2,
+def watch_since(api_client, resource: Resource, resource_version: str, *, quiet: float = 0.1,
                 timeout: float = 30.0) -> tuple[list[tuple[str, dict]], str]:
     """The (type, object) events of `resource` after `resource_version`, and where they end.
 

@@ -73,9 +73,10 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
         raise SourceError(f"{exc.filename}: cannot read: {exc.strerror}") from exc
     digests = {path: hashlib.sha256(data).hexdigest() for path, data in contents.items()}
     if digests == cache.cursors and cache.token:
-        return Reading(cache.token, cache, lambda: _dir_state(cache.objects()), dirty=False)
-    per_file = cache.objects() if cache.cursors else {}
+        return Reading(cache.token, cache, lambda: _dir_state(cache.groups()), dirty=False)
+    per_file = cache.groups() if cache.cursors else {}
     per_file = {path: entries for path, entries in per_file.items() if digests.get(path) == cache.cursors.get(path)}
+    changed = set(digests) - set(per_file)
     errors: list[ValidationError] = []
     for path in digests:
         if path in per_file:
@@ -87,7 +88,7 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
         raise InvalidDesiredState(errors)
     state = _dir_state(per_file)                       # validates across files before caching
     cache.cursors, cache.token = digests, uuid.uuid4().hex
-    cache.set_objects(per_file)
+    cache.set_groups(per_file, changed)
     return Reading(cache.token, cache, lambda: state, state)
 
 
@@ -124,7 +125,19 @@ def _read_api(state_dir: Path, kubeconfig: str | None, context: str | None) -> R
 
 
 def _assembled_from(cache: cachemod.DesiredCache) -> Callable[[], ClusterState]:
-    return lambda: _assembled(cache.objects())()
+    return lambda: _assembled(_flat(cache.groups()))()
+
+
+def _flat(groups: dict) -> dict:
+    return {key: entry for group in groups.values() for key, entry in group.items()}
+
+
+def _by_kind(table: dict) -> dict:
+    """An API object table grouped by (apiVersion, kind): the cache's unit of (re)pickling."""
+    groups: dict = {}
+    for key, entry in table.items():
+        groups.setdefault(key[:2], {})[key] = entry
+    return groups
 
 
 def _key(obj: dict) -> tuple:
@@ -151,7 +164,7 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     # changed (versions are opaque: compared for equality only).
     cache.cursors["*"] = before
     cache.token = uuid.uuid4().hex
-    cache.set_objects(table)
+    cache.set_groups(_by_kind(table))
     return Reading(cache.token, cache, lambda: state, state)
 
 
@@ -167,14 +180,16 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
         except kube.WatchExpired:
             return resource, "list", kube.list_kind(api, resource)
 
-    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-watch") as pool:
+    # Every watch ends with a quiet gap: wait for all of them at once, not a few at a time.
+    with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
         results = list(pool.map(one, kube.RESOURCES))
     if not any(how == "list" or data[0] for _r, how, data in results):
         cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
         return Reading(cache.token, cache, _assembled_from(cache))
-    table = cache.objects()
+    table = _flat(cache.groups())
     errors: list[ValidationError] = []
     changed = False
+    touched = set()
     for resource, how, (items, cursor) in results:
         cache.cursors[resource.plural + "." + resource.api_version] = cursor
         if how == "list":
@@ -182,23 +197,27 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
                 del table[key]
             changes = [("ADDED", obj) for obj in items]
             changed = True
+            touched.add((resource.api_version, resource.kind))
         else:
             changes = items
         # Only each object's last event counts: an invalid version fixed since is not an error.
         latest = {_key(obj): (kind, obj) for kind, obj in changes}
         for key, (kind, obj) in latest.items():
             if kind == "DELETED":
-                changed |= table.pop(key, None) is not None
+                if table.pop(key, None) is not None:
+                    changed = True
+                    touched.add(key[:2])
                 continue
             entry = convert_object("api", obj, errors)
             if entry is not None and table.get(key) != entry:
                 table[key] = entry
                 changed = True
+                touched.add(key[:2])
     if errors:
         raise InvalidDesiredState(errors)
     state = _assembled(table)()
     cache.cursors["*"] = ""                 # positions are per kind now; check them next run
     if changed:
         cache.token = uuid.uuid4().hex
-        cache.set_objects(table)
+        cache.set_groups(_by_kind(table), touched)
     return Reading(cache.token, cache, lambda: state, state)
