@@ -6,6 +6,7 @@ must never believe a change landed when the kernel said otherwise.
 from __future__ import annotations
 
 import subprocess
+import threading
 from dataclasses import dataclass, field
 
 from desired.errors import WeftError
@@ -22,15 +23,25 @@ class KernelCommandError(WeftError):
         self.said = said
 
 
-@dataclass
 class Pending:
-    """A started command; `result()` waits for it and checks what it said."""
-    argv: list[str]
-    proc: subprocess.Popen
-    stdin: str | None
+    """A started command; `result()` waits for it and checks what it said.
+
+    Its output is read as it comes, in a thread: a dump larger than a pipe's buffer (ipset save
+    prints megabytes) would otherwise stall until someone asks for the result.
+    """
+
+    def __init__(self, argv: list[str], proc: subprocess.Popen, stdin: str | None):
+        self.argv, self.proc = argv, proc
+        self._out: tuple[str, str] = ("", "")
+        self._reader = threading.Thread(target=self._read, args=(stdin,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stdin: str | None) -> None:
+        self._out = self.proc.communicate(stdin)
 
     def result(self) -> str:
-        out, err = self.proc.communicate(self.stdin)
+        self._reader.join()
+        out, err = self._out
         problems = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(_BENIGN)]
         if self.proc.returncode != 0 or problems:
             said = "\n".join(problems) or out.strip() or f"exit code {self.proc.returncode}"
