@@ -26,6 +26,8 @@ import os
 import time
 from collections import namedtuple
 
+from desired.errors import WeftError
+
 IPAM_DIR = "ipam"
 NODE_FILE = "node.json"
 ALLOCATIONS_FILE = "allocations.json"
@@ -39,7 +41,7 @@ Allocation.__doc__ = """One attachment's addresses. `active` is False once a new
 pod (a new sandbox) took over the host interface: the address stays held until this one's DEL."""
 
 
-class IpamError(Exception):
+class IpamError(WeftError):
     """An IPAM failure a user can act on; the message says what and where."""
 
 
@@ -49,6 +51,10 @@ class Unavailable(IpamError):
 
 class Exhausted(IpamError):
     """No free address in the node's blocks (and no block can be claimed)."""
+
+
+class SecondInterface(IpamError):
+    """The sandbox already has a weft interface: weft wires one per pod (the host side is named after the pod)."""
 
 
 class ClaimUnavailable(IpamError):
@@ -256,6 +262,9 @@ class Store:
             changed = False
             for r in records:                       # a new sandbox of the pod takes over its interface
                 if r is not mine and r["iface"] == iface and r.get("active", True):
+                    if r["container_id"] == container_id and r["network"] == network:
+                        raise SecondInterface(f"pod {namespace}/{pod} already has weft interface {r['ifname']} in "
+                                              f"this sandbox; weft wires one interface per pod")
                     r["active"], changed = False, True
             if mine is not None:
                 if not mine.get("active", True):

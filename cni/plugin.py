@@ -166,6 +166,8 @@ def cmd_add(inv: spec.Invocation, conf: Config) -> dict:
                                                  claim=_claimer(conf, doc))
         except ipam.Exhausted as exc:
             raise CniError(spec.NO_ADDRESS, "no address for the pod", str(exc)) from None
+        except ipam.SecondInterface as exc:
+            raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_IFNAME", f"{inv.ifname}: {exc}") from None
         except ipam.IpamError as exc:
             code = spec.TRY_AGAIN_LATER if isinstance(exc, ipam.ClaimUnavailable) else spec.DESIRED_STATE
             raise CniError(code, "cannot allocate an address", str(exc)) from None
@@ -200,16 +202,26 @@ def _add_endpoint(conf: Config, namespace: str, pod: str, iface: str, ips: tuple
 
 def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired: bool, created: bool,
               store: ipam.Store) -> None:
-    """A failed ADD leaves nothing behind: the wiring it made, the rules, the address it took."""
-    try:
-        if wired:
+    """A failed ADD leaves nothing behind: the wiring it made, the rules, the address it took.
+
+    Each step is tried whatever the others do; what fails is logged (the runtime's DEL retries it),
+    and the ADD's own error is the one reported.
+    """
+    from desired.errors import WeftError
+    steps = []
+    if wired:
+        def unwire():
             link = wiring.link_info(iface)
             if link is not None and link.get("ifalias") in (alias, None):
                 wiring.delete_host_side(iface)      # the pod side goes with it
-            _remove_endpoint(conf, iface)
-    finally:
-        if created:
-            store.release(conf.network, inv.container_id, inv.ifname)
+        steps += [unwire, lambda: _remove_endpoint(conf, iface)]
+    if created:
+        steps.append(lambda: store.release(conf.network, inv.container_id, inv.ifname))
+    for step in steps:
+        try:
+            step()
+        except (wiring.WiringError, WeftError, OSError) as exc:
+            print(f"weft-cni: ADD: undoing the failed ADD: {exc}", file=sys.stderr)
 
 
 def _remove_endpoint(conf: Config, iface: str) -> None:

@@ -38,15 +38,16 @@ def alias_for(container_id: str, ifname: str) -> str:
     return f"{ALIAS_PREFIX}{container_id}:{ifname}"
 
 
-def _ip_binary() -> str:
+def _binary(name: str) -> str:
+    """An absolute path: a runtime's PATH for plugins may be minimal."""
     for directory in ("/usr/sbin", "/sbin", "/usr/bin", "/bin"):
-        path = f"{directory}/ip"
+        path = f"{directory}/{name}"
         if os.access(path, os.X_OK):
             return path
-    return "ip"
+    return name
 
 
-IP = _ip_binary()
+IP, NSENTER = _binary("ip"), _binary("nsenter")
 
 
 def _run(argv: list[str], commands: list[str] | None = None, check: bool = True) -> str:
@@ -63,7 +64,7 @@ def _run(argv: list[str], commands: list[str] | None = None, check: bool = True)
 
 
 def _in_netns(netns: str) -> list[str]:
-    return ["nsenter", f"--net={netns}", IP]
+    return [NSENTER, f"--net={netns}", IP]
 
 
 def host_links() -> set[str]:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from tests.nodens import REPO, WeftNode, in_ns, namespace, node_netns, policy, u
 pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
 
 NODE = "n1"
+NSENTER = shutil.which("nsenter") or "nsenter"
 POOL = {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool", "metadata": {"name": "pods"},
         "spec": {"cidr": "198.18.0.0/16", "blockSize": 26}}
 
@@ -73,7 +75,7 @@ class CniNode:
 
     def start(self, env: dict, stdin: bytes | None = None, **config) -> subprocess.Popen:
         data = stdin if stdin is not None else json.dumps({**self.config, **config}).encode()
-        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", self.binary], env=env,
+        proc = subprocess.Popen([NSENTER, f"--net=/run/netns/{self.ns}", self.binary], env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
         proc.stdin.write(data)
@@ -194,6 +196,14 @@ def test_a_new_sandbox_of_the_same_pod_takes_over_and_the_old_del_leaves_it_alon
     node.ok("DEL", "a", cid="old")
     assert node.call(node.env("CHECK", "a", cid="new", sandbox="a-new"))[0] == 0
     assert [a["container_id"] for a in node.allocations()] == ["new"]
+
+
+def test_a_second_weft_interface_in_one_sandbox_is_refused(node):
+    node.add("a")
+    code, out, _ = node.call(node.env("ADD", "a", ifname="net1"))
+    assert (code, out["code"]) == (1, spec.INVALID_ENVIRONMENT) and "one interface per pod" in out["details"]
+    assert node.call(node.env("CHECK", "a"))[0] == 0, "the first interface is untouched"
+    assert len(node.allocations()) == 1
 
 
 # ---- DEL ------------------------------------------------------------------------------------
@@ -401,6 +411,14 @@ def test_bad_input_gets_the_specs_error_and_leaves_nothing(node, case, code):
     returned, out, err = node.call(env, stdin)
     assert (returned, out["code"]) == (1, code), (out, err)
     assert err.strip(), "a line for the runtime's log on stderr"
+    assert node.links() == ["lo"] and node.weft_routes() == "" and node.allocations() == []
+
+
+def test_add_whose_policy_cannot_be_programmed_fails_and_leaves_nothing(node):
+    env = node.env("ADD", "a")
+    env["PATH"] = "/nonexistent"                       # no iptables for add_endpoint: it must fail
+    code, out, err = node.call(env)
+    assert (code, out["code"]) == (1, spec.POLICY_FAILED), (out, err)
     assert node.links() == ["lo"] and node.weft_routes() == "" and node.allocations() == []
 
 
