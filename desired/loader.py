@@ -99,8 +99,11 @@ def assemble(converted: Iterable[Converted], ignored: Iterable[str] = ()) -> Clu
     namespaces.update((n.name, n) for n in fields.pop("namespaces"))
     errors = [ValidationError(c.where, c.label, "metadata.namespace", f"namespace {c.namespace!r} does not exist")
               for c in items if c.namespace is not None and c.namespace not in namespaces]
+    errors += ipam.check_state(items)          # pools do not overlap, blocks inside pools, one owner each
     if errors:
         raise InvalidDesiredState(errors)
+    # A block is often recorded twice (its IPAMBlock and its BlockAffinity): one claim each.
+    fields["blocks"] = list({(b.cidr, b.node): b for b in fields["blocks"]}.values())
     return ClusterState(
         namespaces=namespaces,
         nodes={n.name: n for n in fields.pop("nodes")},

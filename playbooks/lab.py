@@ -4,9 +4,9 @@ Builds the example cluster's node (playbooks/example/cluster.yaml), shows who re
 policy, runs `weft plan` and `weft apply` with the example policies inside the node namespace,
 shows the matrix again, checks `weft drift` reports nothing, removes weft's state with
 `weft apply --destroy`, confirms everything is open again, and removes the lab. Nothing outside
-the lab's own namespaces is touched. With --cni the pods are created by weft's CNI plugin, called as
-a container runtime calls it, after a first `weft apply` of the cluster alone (the node's reconcile
-run before any pod arrives).
+the lab's own namespaces is touched. The pods are created by weft's CNI plugin, called as a
+container runtime calls it (env vars + stdin config), after a first `weft apply` of the cluster
+alone (the node's reconcile run before any pod arrives); --no-cni wires them directly.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="weft lab", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true",
                         help="leave the lab up at the end and print how to enter and remove it")
-    parser.add_argument("--cni", action="store_true",
-                        help="create the pods through weft's CNI plugin, as a container runtime does")
+    parser.add_argument("--no-cni", dest="cni", action="store_false",
+                        help="wire the pods directly instead of through weft's CNI plugin (which is "
+                             "called as a container runtime calls it, by default)")
     parser.add_argument("--timeout", type=float, default=1.0,
                         help="seconds a probe waits for an answer before the path counts as blocked")
     return parser.parse_args(argv)

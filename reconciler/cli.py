@@ -1,4 +1,4 @@
-"""The `weft` command: plan, apply, drift, status, lab.
+"""The `weft` command: plan, apply, drift, status, ipam, lab.
 
 Exit codes are for machines: 0 success / no changes, 1 error, 2 changes pending or drift found
 (plan with --detailed-exitcode, drift).
@@ -11,6 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
+from cni import ipam_cli
 from desired.errors import WeftError
 from reconciler import status
 
@@ -52,19 +53,21 @@ def parser() -> argparse.ArgumentParser:
                                      "(--nodes N: the multi-node BGP lab)")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
     status.add_parser(sub)
+    ipam_cli.add_parsers(sub)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lab"]:          # the lab parses its own options (argparse's REMAINDER drops "--x")
+        return _lab(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "lab":
-        if any(a == "--nodes" or a.startswith("--nodes=") for a in args.lab_args):
-            from playbooks.multinode import main as multinode_main
-            return multinode_main(args.lab_args)
-        from playbooks.lab import main as lab_main
-        return lab_main(args.lab_args)
+        return _lab(args.lab_args)
     if args.command == "status":
         return status.run(args)
+    if args.command == "ipam":
+        return ipam_cli.run(args)
     try:
         return _dispatch(args)
     except WeftError as exc:
@@ -74,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _lab(argv: list[str]) -> int:
+    if any(a == "--nodes" or a.startswith("--nodes=") for a in argv):
+        from playbooks.multinode import main as multinode_main
+        return multinode_main(argv)
+    from playbooks.lab import main as lab_main
+    return lab_main(argv)
 
 
 def _dispatch(args) -> int:

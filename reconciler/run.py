@@ -43,15 +43,14 @@ class Desired:
     ignored: tuple[str, ...] = ()
     snapshot: EndpointSnapshot | None = None
     bird_config: str | None = None      # None: BGP is off for this node (BIRD is left alone)
+    ipam: tuple = ()                    # (pools, blocks, node labels): what the CNI plugin allocates from
 
 
 def local_allocations(state_dir: Path) -> list:
     """The addresses this node's IPAM gave its pods (the CNI plugin's records)."""
-    try:
-        from cni.ipam import read_allocations
-    except ImportError:
-        return []
-    return list(read_allocations(state_dir))
+    from cni.ipam import read_allocations
+    # An inactive record is an old sandbox of the pod whose interface a newer one took over.
+    return [a for a in read_allocations(state_dir) if a.active]
 
 
 def desired_state(opts: Options, destroy: bool = False) -> Desired:
@@ -77,8 +76,10 @@ def desired_state(opts: Options, destroy: bool = False) -> Desired:
         pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
         dataplane = render_node(state, opts.node, pending)
         state = _with_peer_secrets(opts, state)
+        me = state.nodes.get(opts.node)
         desired = Desired(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key),
-                          bird.desired_config(state, opts.node, opts.state_dir, opts.bird_socket))
+                          bird.desired_config(state, opts.node, opts.state_dir, opts.bird_socket),
+                          (state.ippools, state.blocks, dict(me.labels) if me else {}))
         reading.cache.rendered[opts.node] = (key, desired)
         reading.dirty = True
     if reading.dirty:
@@ -113,6 +114,11 @@ def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan,
         _reap(probing)
         raise
     actual = probing()
+    if destroy:
+        # A running pod's wiring (its route, its interface settings) belongs to the pod: it goes
+        # with the pod (CNI DEL), not with weft's policy. Routes to pods that are gone do go.
+        live = {dst: r for dst, r in actual.routes.items() if r.dev in actual.links}
+        desired = Desired(Dataplane({}, {}, {}, live, actual.links))
     bird_change = bird.plan_config(desired.bird_config, opts.state_dir, opts.bird_socket)
     plan = Plan(opts.node, backend.name, actual.fingerprint(), diff(desired.dataplane, actual), desired.ignored,
                 bird_change)
@@ -153,7 +159,7 @@ def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy:
                                     f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
             if plan.bird is not None:
                 runner.writes.extend(bird.apply_bird(plan.bird, opts.bird_socket))
-            _keep_snapshot(opts, desired)
+            _leave_for_cni(opts, desired)
             return plan
     except Timeout as exc:
         raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:g}s") from exc
@@ -172,13 +178,18 @@ def _with_current_bird(opts: Options, plan: Plan) -> Plan:
     return replace(plan, bird=current, bird_sha=None)
 
 
-def _keep_snapshot(opts: Options, desired: Desired | None) -> None:
-    """Leave the CNI plugin what it needs, once the kernel matches the state it describes."""
+def _leave_for_cni(opts: Options, desired: Desired | None) -> None:
+    """Leave the CNI plugin what it needs, once the kernel matches the state it describes: the
+    snapshot to program a new pod's policy, and the pools and blocks it allocates from."""
     if desired is None or desired.snapshot is None:
         return
     current = load_snapshot(opts.state_dir)
     if current is None or current.token != desired.snapshot.token:
         save_snapshot(opts.state_dir, desired.snapshot)
+    from cni.ipam import source_of, write_node_ipam
+    pools, blocks, labels = desired.ipam
+    write_node_ipam(opts.state_dir, opts.node, pools, blocks,
+                    source_of(opts.from_dir, opts.kubeconfig, opts.context), labels)
 
 
 def _reap(probing) -> None:

@@ -214,7 +214,7 @@ def run_lab_main(tmp_path, monkeypatch, capsys, fail: str | None):
     script = tmp_path / "fake_weft.py"
     script.write_text(FAKE_WEFT.format(log=str(log), fail=fail))
     monkeypatch.setattr(lab_cli, "WEFT", [sys.executable, str(script)])
-    assert lab_cli.main(["--timeout", "0.5"]) == (1 if fail else 0)
+    assert lab_cli.main(["--no-cni", "--timeout", "0.5"]) == (1 if fail else 0)
     output = capsys.readouterr()
     prefix = re.search(r"node namespace (\S+)-node", output.out).group(1)
     assert [name for name in sh("ip", "netns", "list").split() if name.startswith(prefix + "-")] == []

@@ -78,7 +78,7 @@ def test_route_of_a_gone_pod_is_removed_and_foreign_routes_stay(node, tmp_path):
     node.weft("apply", from_dir=node.src)
     assert weft_routes(node.ns) == {"198.18.3.12": b}
     node.weft("apply", "--destroy")
-    assert weft_routes(node.ns) == {}
+    assert weft_routes(node.ns) == {"198.18.3.12": b}, "a running pod's route goes with the pod, not with destroy"
     after = in_ns(node.ns, "ip", "route", "show", "proto", "static") + in_ns(node.ns, "ip", "route", "show",
                                                                              "proto", "boot")
     assert after == foreign
