@@ -6,17 +6,17 @@ untouched. weft follows where its own chains already are, else the system's `ipt
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from pathlib import Path
+from collections import namedtuple
 
 from probes.runner import KernelCommandError, Runner
 
 BACKENDS = ("nft", "legacy")
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
+class Backend(namedtuple("Backend", "name")):
+    """A backend by name ("nft", "legacy") and its tools. A plain tuple: it is on the CNI
+    plugin's hot path, where every import counts."""
+    __slots__ = ()
 
     @property
     def save(self) -> list[str]:
@@ -55,8 +55,11 @@ def detect(runner: Runner, preference: str = "auto") -> Backend:
 
 def _legacy_has_weft(runner: Runner) -> bool:
     # Reading the file is free and, unlike running iptables-legacy-save, never loads modules.
-    names = Path("/proc/net/ip_tables_names")
-    if not names.exists() or "filter" not in names.read_text().split():
+    try:
+        with open("/proc/net/ip_tables_names") as f:
+            if "filter" not in f.read().split():
+                return False
+    except FileNotFoundError:
         return False
     return ":weft-" in runner.run(["iptables-legacy-save", "-t", "filter"])
 

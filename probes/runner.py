@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from dataclasses import dataclass, field
 
 from desired.errors import WeftError
 
@@ -49,11 +48,12 @@ class Pending:
         return out
 
 
-@dataclass
 class Runner:
     """Runs commands; remembers what it ran that writes to the kernel (reported by `apply`)."""
-    writes: list[str] = field(default_factory=list)
-    bytes_written: int = 0          # input fed to kernel-writing commands, for `apply` reports
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.bytes_written = 0      # input fed to kernel-writing commands, for `apply` reports
 
     def start(self, argv: list[str], stdin: str | None = None, *, writes: bool = False) -> Pending:
         """Start `argv` without waiting: reads of the kernel can overlap other work."""

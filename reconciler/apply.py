@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from probes import probe_dataplane, probe_some
 from probes.backend import Backend, table_backend
+from probes.dataplane import probe_dataplane, probe_some
 from probes.routes import start_route_probe
 from probes.runner import KernelCommandError, Runner
 from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff, names_set, simulate

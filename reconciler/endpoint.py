@@ -12,29 +12,30 @@ The CNI plugin calls these; they must be quick and must never race a reconcile r
 from __future__ import annotations
 
 import fcntl
+import json
 import os
-import pickle
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from desired.errors import WeftError
 from probes.backend import Backend, detect
 from probes.runner import KernelCommandError, Runner
-from renderers.endpoint import EndpointSnapshot, endpoint_chains
-from renderers.iptables import FROM_DISPATCH, TABLE, TO_DISPATCH
+from renderers.rules import chain_lines, pending_specs
 
+# Standard library and weft's light modules only: this is on the CNI plugin's hot path.
 LOCK_FILE = "weft.lock"
-SNAPSHOT_FILE = "endpoints.snapshot"
+SNAPSHOT_FILE = "endpoints.json"
 LOCK_TIMEOUT = 60.0
+TABLE = "filter"
+FROM_DISPATCH = "weft-from-wl-dispatch"      # renderers.iptables names them the same
+TO_DISPATCH = "weft-to-wl-dispatch"
 
 
 @contextmanager
-def node_lock(state_dir: Path, shared: bool, timeout: float = LOCK_TIMEOUT, name: str = LOCK_FILE) -> Iterator[None]:
+def node_lock(state_dir, shared: bool, timeout: float = LOCK_TIMEOUT, name: str = LOCK_FILE):
     """The node lock (the same file and flock the reconcile run holds exclusively)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, name), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -43,7 +44,7 @@ def node_lock(state_dir: Path, shared: bool, timeout: float = LOCK_TIMEOUT, name
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise WeftError(f"{state_dir / name}: a weft run held the node lock for "
+                    raise WeftError(f"{os.path.join(state_dir, name)}: a weft run held the node lock for "
                                     f"{timeout:g}s") from None
                 time.sleep(0.005)
         yield
@@ -51,20 +52,32 @@ def node_lock(state_dir: Path, shared: bool, timeout: float = LOCK_TIMEOUT, name
         os.close(fd)                      # closing releases the flock
 
 
-def save_snapshot(state_dir: Path, snap: EndpointSnapshot) -> None:
-    tmp = state_dir / f".{SNAPSHOT_FILE}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump(snap, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, state_dir / SNAPSHOT_FILE)
+def save_snapshot(state_dir, snap: dict) -> None:
+    """Left by the reconcile run (renderers.endpoint.make_snapshot), replaced atomically."""
+    tmp = os.path.join(state_dir, f".{SNAPSHOT_FILE}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(snap, f, separators=(",", ":"))
+    os.replace(tmp, os.path.join(state_dir, SNAPSHOT_FILE))
 
 
-def load_snapshot(state_dir: Path) -> EndpointSnapshot | None:
+def load_snapshot(state_dir) -> dict | None:
     try:
-        with open(state_dir / SNAPSHOT_FILE, "rb") as f:
-            snap = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError):
+        with open(os.path.join(state_dir, SNAPSHOT_FILE)) as f:
+            snap = json.load(f)
+    except (OSError, ValueError):
         return None
-    return snap if isinstance(snap, EndpointSnapshot) else None
+    return snap if isinstance(snap, dict) and snap.get("format") == 1 else None
+
+
+def endpoint_chains(snap: dict | None, namespace: str, pod: str, iface: str) -> dict[str, tuple[str, ...]]:
+    """The pod's egress (weft-fw-) and ingress (weft-tw-) chains, as iptables-save lines: as the
+    last run rendered them if it knew the pod, else closed where a policy might apply."""
+    fw, tw = f"weft-fw-{iface}", f"weft-tw-{iface}"
+    known = snap["pods"].get(f"{namespace}/{pod}") if snap else None
+    if known:
+        return {fw: tuple(known["fw"]), tw: tuple(known["tw"])}
+    egress, ingress = (True, True) if snap is None else snap["closed"].get(namespace, snap["default"])
+    return {fw: chain_lines(fw, pending_specs(egress)), tw: chain_lines(tw, pending_specs(ingress))}
 
 
 def _backend(runner: Runner) -> Backend:
@@ -86,7 +99,7 @@ def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]
     return [ln for ln in lines or () if f" {flag} {iface} " in ln + " "]
 
 
-def add_endpoint(state_dir: Path, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
+def add_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
     """Make sure the pod's policy is in the kernel before it runs; raise WeftError if not."""
     runner = Runner()
     with node_lock(state_dir, shared=True):
@@ -114,7 +127,7 @@ def add_endpoint(state_dir: Path, namespace: str, pod: str, iface: str, ips: tup
         runner.run(backend.restore, "\n".join(lines) + "\n", writes=True)
 
 
-def remove_endpoint(state_dir: Path, iface: str) -> None:
+def remove_endpoint(state_dir, iface: str) -> None:
     """Remove the pod's chains and dispatch rules; nothing to do is fine (idempotent)."""
     runner = Runner()
     with node_lock(state_dir, shared=True):
@@ -129,7 +142,7 @@ def remove_endpoint(state_dir: Path, iface: str) -> None:
         runner.run(backend.restore, "\n".join(lines) + "\n", writes=True)
 
 
-def check_endpoint(state_dir: Path, namespace: str, pod: str, iface: str) -> list[str]:
+def check_endpoint(state_dir, namespace: str, pod: str, iface: str) -> list[str]:
     """What is missing of the pod's policy plumbing (empty when all is there)."""
     runner = Runner()
     backend = _backend(runner)
@@ -146,7 +159,7 @@ def check_endpoint(state_dir: Path, namespace: str, pod: str, iface: str) -> lis
     return problems
 
 
-def _first_run(state_dir: Path, runner: Runner) -> None:
+def _first_run(state_dir, runner: Runner) -> None:
     """weft's base chains and hooks, for a node where no reconcile run happened yet: without
     them no policy is enforced at all. Pods not in any snapshot stay closed where needed."""
     from desired.model import ClusterState

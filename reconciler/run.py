@@ -10,8 +10,8 @@ from filelock import FileLock, Timeout
 
 from desired.errors import WeftError
 from desired.model import Endpoint
-from probes import probe_dataplane, start_probe
 from probes.backend import Backend, detect, other_has_weft
+from probes.dataplane import probe_dataplane, start_probe
 from probes.runner import Runner
 from reconciler import bird
 from reconciler.apply import execute, verify
@@ -19,7 +19,7 @@ from reconciler.diff import diff
 from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
 from reconciler.plan import Plan, PlanError
 from renderers.dataplane import EMPTY, Dataplane
-from renderers.endpoint import EndpointSnapshot, make_snapshot
+from renderers.endpoint import make_snapshot
 from renderers.iptables import render_node
 
 
@@ -41,7 +41,7 @@ class Desired:
     snapshot a CNI ADD needs to program a new pod alone (renderers.endpoint)."""
     dataplane: Dataplane
     ignored: tuple[str, ...] = ()
-    snapshot: EndpointSnapshot | None = None
+    snapshot: dict | None = None            # renderers.endpoint.make_snapshot
     bird_config: str | None = None      # None: BGP is off for this node (BIRD is left alone)
     ipam: tuple = ()                    # (pools, blocks, node labels): what the CNI plugin allocates from
 
@@ -184,7 +184,7 @@ def _leave_for_cni(opts: Options, desired: Desired | None) -> None:
     if desired is None or desired.snapshot is None:
         return
     current = load_snapshot(opts.state_dir)
-    if current is None or current.token != desired.snapshot.token:
+    if current is None or current.get("token") != desired.snapshot["token"]:
         save_snapshot(opts.state_dir, desired.snapshot)
     from cni.ipam import source_of, write_node_ipam
     pools, blocks, labels = desired.ipam

@@ -15,13 +15,10 @@ skips the rest of the tier; a tier that had policies and neither passed nor allo
 An endpoint that no policy selects for a direction is open in that direction.
 Unknown weft interfaces fall through the dispatch chains to DROP (fail closed).
 
-Every rule carries a comment "weft:<id>", a hash of its chain, its text and the id of the rule
-before it, so a rule can be recognised (and a moved rule is a different rule).
+Every rule carries a comment "weft:<id>" (renderers.rules).
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 import itertools
 from dataclasses import dataclass
@@ -41,6 +38,7 @@ from desired.model import (
 from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks
 from renderers.ipsets import SetCatalog, short_hash
 from renderers.routes import render_links, render_routes
+from renderers.rules import Spec, base_matches, chain_lines, pending_specs
 
 TABLE = "filter"
 MARK_ACCEPT = "0x10000"
@@ -53,35 +51,6 @@ FROM_DISPATCH = f"{PREFIX}from-wl-dispatch"
 TO_DISPATCH = f"{PREFIX}to-wl-dispatch"
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One iptables rule before its comment is added: the parts in iptables-save's order."""
-    matches: str = ""        # "-s ... -d ... -i ... -o ... -p ..." (the base matches)
-    extra: str = ""          # "-m ..." modules, printed after the comment
-    target: str = ""         # "-j ..." / "-g ..."
-
-
-def rule_id(chain: str, previous: str, body: str) -> str:
-    digest = hashlib.sha256(f"{chain}\0{previous}\0{body}".encode()).digest()
-    return base64.urlsafe_b64encode(digest).decode()[:16]
-
-
-def chain_lines(chain: str, specs: list[Spec]) -> tuple[str, ...]:
-    lines, previous = [], ""
-    for spec in specs:
-        body = " ".join(p for p in (spec.matches, spec.extra, spec.target) if p)
-        previous = rule_id(chain, previous, body)
-        parts = [f"-A {chain}", spec.matches, f'-m comment --comment "weft:{previous}"', spec.extra, spec.target]
-        lines.append(" ".join(p for p in parts if p))
-    return tuple(lines)
-
-
-def base_matches(src: str = "", dst: str = "", in_if: str = "", out_if: str = "", proto: str = "") -> str:
-    parts = [f"-s {src}" if src else "", f"-d {dst}" if dst else "", f"-i {in_if}" if in_if else "",
-             f"-o {out_if}" if out_if else "", f"-p {proto}" if proto else ""]
-    return " ".join(p for p in parts if p)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -182,12 +151,6 @@ def _policies_by_endpoint(state: ClusterState, node: str, local, index: Endpoint
 def might_apply(policies, namespace: str, direction: str) -> bool:
     """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
     return any(direction in p.types and p.namespace in (None, namespace) for p in policies)
-
-
-def pending_specs(closed: bool) -> list[Spec]:
-    """A pod whose labels are not known yet: dropped where a policy might select it (fail
-    closed, until a run knows the pod), open where none could."""
-    return [Spec(target="-j DROP")] if closed else []
 
 
 def order_policies(policies, tiers) -> list:
