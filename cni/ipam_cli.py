@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cni import ipam, wiring
 from desired.endpoints import HOST_IFACE_PREFIX
+from reconciler.output import emit
 
 EXIT_OK, EXIT_ERROR, EXIT_PROBLEMS = 0, 1, 2
 DEFAULT_STATE_DIR = Path("/var/lib/weft")
@@ -52,10 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _emit(args, data: dict, text: str) -> None:
-    if args.output == "json":
-        print(json.dumps(data, indent=1, sort_keys=True))
-    else:
-        sys.stdout.write(text)
+    emit(args.output, data, text)
 
 
 def show(node_doc: dict | None, allocations: list[ipam.Allocation]) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 from cni import ipam_cli
 from desired.errors import WeftError
 from reconciler import status
+from reconciler.output import emit
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -121,10 +122,7 @@ def _dispatch(args) -> int:
 
 
 def _emit(args, data: dict, text: str) -> None:
-    if args.output == "json":
-        print(json.dumps(data, indent=1, sort_keys=True))
-    else:
-        sys.stdout.write(text)
+    emit(args.output, data, text)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@ Exit 0 when BIRD answers, 1 when it does not (like calicoctl's "process is not r
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 from probes import bird as probe
+from reconciler.output import emit
 from renderers.bird import KINDS, parse_protocol_name
 
 FORMAT_VERSION = 1
@@ -82,8 +81,5 @@ def run(args) -> int:
         data = collect(socket)
     except probe.BirdCommandError as exc:
         data = {"format_version": FORMAT_VERSION, "socket": socket, "running": False, "error": str(exc)}
-    if args.output == "json":
-        print(json.dumps(data, indent=1, sort_keys=True))
-    else:
-        sys.stdout.write(format_text(data) if "error" not in data else f"weft: error: {data['error']}\n")
+    emit(args.output, data, format_text(data) if "error" not in data else f"weft: error: {data['error']}\n")
     return 0 if data["running"] else 1
