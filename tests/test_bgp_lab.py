@@ -298,10 +298,16 @@ def test_hand_edited_bird_file_is_drift_and_apply_repairs_it():
         assert {(i["problem"], i["rule"].strip()) for i in items} == {
             ("missing", "connect retry time 5;"), ("unexpected", "connect retry time 60;")}
         assert all(i["kind"] == "bird-config" and i["name"] == str(one.config) for i in items)
+        # the same through the weft command: drift exits 2 naming the file and the lines
+        drift = lab.weft(one, "drift", "--bird-socket", one.socket, "--output", "json")
+        assert drift.returncode == 2, drift.stderr
+        assert {(i["kind"], i["name"], i["problem"]) for i in json.loads(drift.stdout)["items"]} == {
+            ("bird-config", str(one.config), "missing"), ("bird-config", str(one.config), "unexpected")}
         text = birdmod.format_bird_change(change)
         assert "-  connect retry time 60;" in text.replace("      ", "") and "~ bird" in text
-        commands = birdmod.apply_bird(change, None)
+        commands = lab.apply(one)                        # weft apply repairs it
         assert one.config.read_text() == good and any("configure" in c for c in commands)
+        assert lab.weft(one, "drift", "--bird-socket", one.socket).returncode == 0
         assert birdmod.plan_bird(state, one.name, one.state_dir, None) is None
         one.config.unlink()
         missing = birdmod.plan_bird(state, one.name, one.state_dir, None)
