@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+from functools import cache
 
 from desired.index import EndpointIndex
 from desired.model import EntityMatch
 from renderers.dataplane import PREFIX, IpSet
 
 
+@cache
 def short_hash(*parts: str, length: int = 20) -> str:
     """A stable lowercase name fragment for `parts` (base32 of sha256; no '-' or '_')."""
     digest = hashlib.sha256("\0".join(parts).encode()).digest()

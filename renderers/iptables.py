@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from dataclasses import dataclass
+from functools import cache
 
 from desired.index import EndpointIndex
 from desired.model import (
@@ -200,15 +201,15 @@ class _Side:
 
 
 def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> _Side | None:
-    nets = [n for n in entity.nets if ipaddress.ip_network(n).version == 4]
-    not_nets = [n for n in entity.not_nets if ipaddress.ip_network(n).version == 4]
+    nets = [n for n in entity.nets if _network(n).version == 4]
+    not_nets = [n for n in entity.not_nets if _network(n).version == 4]
     if entity.nets and not nets:
         return None
-    if any(ipaddress.ip_network(n).prefixlen == 0 for n in not_nets):
+    if any(_network(n).prefixlen == 0 for n in not_nets):
         return None
     net, matches = "", []
     if len(nets) == 1:
-        network = ipaddress.ip_network(nets[0])
+        network = _network(nets[0])
         net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0
     elif nets:
         matches.append(f"-m set --match-set {sets.nets(tuple(nets))} {direction}")
@@ -218,6 +219,12 @@ def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCa
         matches.append(f"-m set --match-set {sets.peers(entity)} {direction}")
     ports = _port_alternatives(entity, direction, protocol, sets)
     return _Side(net, " ".join(matches), ports)
+
+
+@cache
+def _network(net: str):
+    """Nets repeat across rules (a namespace's every policy allows the same CIDRs): parse once."""
+    return ipaddress.ip_network(net)
 
 
 def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> tuple[str, ...]:
