@@ -25,14 +25,15 @@ never as the expectation itself.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import ipaddress
+import os
 import re
 import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import pytest
 import yaml
 
 # --- The base cluster (playbooks/example/cluster.yaml), as its contract states it. -------------
@@ -311,11 +312,10 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 NODE = "lab-node"
 
 
-def cli_missing() -> str | None:
-    """Why the weft CLI cannot be run yet, or None."""
-    if importlib.util.find_spec("reconciler.cli") is None:
-        return "reconciler/cli.py is not there yet"
-    return None
+def require_lab() -> None:
+    """Skip unless this process can build a lab node (root: namespaces, iptables)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces and programs iptables")
 
 
 def write_source(directory: Path, *policy_files: Path, texts: Mapping[str, str] = {},

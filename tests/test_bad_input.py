@@ -8,18 +8,16 @@ the recorded state exactly as it was (weft validates everything before it writes
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 
 import pytest
 
 from tests.matrices import (
-    BASE_CLUSTER,
     SCENARIOS,
-    cli_missing,
     describe,
     is_no_op,
     kernel_state,
+    require_lab,
     state_diff,
     weft,
     write_source,
@@ -170,13 +168,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def applied(tmp_path_factory):
     """A lab node with the good policies applied; yields (lab, source dir, state dir, recorded state)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces and programs iptables")
-    if not BASE_CLUSTER.exists():
-        pytest.skip(f"{BASE_CLUSTER} is not there yet")
-    reason = cli_missing()
-    if reason:
-        pytest.skip(reason)
+    require_lab()
     from playbooks.netlab import NodeLab, pods_from_manifests
 
     source = write_source(tmp_path_factory.mktemp("good"), *GOOD_POLICIES)

@@ -11,7 +11,6 @@ must leave nothing weft owns behind.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,7 +28,6 @@ from tests.matrices import (
     SCENARIOS,
     Expect,
     all_open,
-    cli_missing,
     describe,
     diff,
     format_table,
@@ -38,6 +36,7 @@ from tests.matrices import (
     pods,
     probes,
     reference_matrix,
+    require_lab,
     weft,
     weft_leftovers,
     write_source,
@@ -280,14 +279,8 @@ def test_base_cluster_matches_the_contract():
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces and programs iptables")
-    if not BASE_CLUSTER.exists():
-        pytest.skip(f"{BASE_CLUSTER} is not there yet")
-    try:
-        from playbooks.netlab import NodeLab, pods_from_manifests
-    except ImportError as e:
-        pytest.skip(f"playbooks/netlab.py is not usable yet: {e}")
+    require_lab()
+    from playbooks.netlab import NodeLab, pods_from_manifests
     cluster_dir = write_source(tmp_path_factory.mktemp("cluster"))
     node = NodeLab(pods_from_manifests(cluster_dir, "lab-node"))
     with node:
@@ -307,9 +300,6 @@ def weft_lab(lab, state_dir, tmp_path):
     If it does not, the leftovers are flushed here by hand (so the next scenario starts clean)
     and the test errors with what was left.
     """
-    reason = cli_missing()
-    if reason:
-        pytest.skip(reason)
     yield lab
     source = write_source(tmp_path / "destroy-source")
     done = weft(lab, ["apply", "--destroy"], source, state_dir)

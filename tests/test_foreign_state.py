@@ -9,19 +9,17 @@ lines taken out, is byte-for-byte what it was; after the destroy there is nothin
 """
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
 from tests.matrices import (
-    BASE_CLUSTER,
     SCENARIOS,
     Expect,
-    cli_missing,
     describe,
     diff,
     kernel_state,
+    require_lab,
     state_diff,
     weft,
     weft_leftovers,
@@ -102,13 +100,7 @@ def weft_hooks(save: str) -> list[tuple[str, str, int]]:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root: builds network namespaces and programs iptables")
-    if not BASE_CLUSTER.exists():
-        pytest.skip(f"{BASE_CLUSTER} is not there yet")
-    reason = cli_missing()
-    if reason:
-        pytest.skip(reason)
+    require_lab()
     from playbooks.netlab import NodeLab, pods_from_manifests
 
     cluster = write_source(tmp_path_factory.mktemp("cluster"))
