@@ -44,6 +44,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def guarded(body, also: tuple = ()) -> int:
+    """Run a lab's steps: 0 when they pass, 1 (saying why) when one fails, 130 on Ctrl-C.
+    Removing the lab is the caller's `finally`."""
+    try:
+        body()
+    except (LabError, StepFailed, subprocess.TimeoutExpired, *also) as err:
+        print(f"\nweft lab: FAILED: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nweft lab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def section(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
@@ -129,19 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(path, manifests)
     lab = NodeLab(pods_from_manifests(manifests, NODE), cni=cni_runtime(workdir, state) if args.cni else None)
     created = False
+
+    def steps() -> None:
+        nonlocal created
+        section(f"Building the lab from {EXAMPLE_DIR / 'cluster.yaml'} (node {NODE})")
+        lab.create()
+        created = True
+        print(f"node namespace {lab.node_netns}, {len(lab.pods)} pods")
+        demo(lab, manifests, state, args.timeout)
+
     with sigterm_as_exit():
         try:
-            section(f"Building the lab from {EXAMPLE_DIR / 'cluster.yaml'} (node {NODE})")
-            lab.create()
-            created = True
-            print(f"node namespace {lab.node_netns}, {len(lab.pods)} pods")
-            demo(lab, manifests, state, args.timeout)
-        except (LabError, StepFailed, subprocess.TimeoutExpired) as err:
-            print(f"\nweft lab: FAILED: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\nweft lab: interrupted", file=sys.stderr)
-            return 130
+            code = guarded(steps)
+            if code:
+                return code
         finally:
             if args.keep and created:
                 print_keep(lab, workdir)

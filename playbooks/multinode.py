@@ -402,23 +402,23 @@ def has_lab_cni() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from playbooks.lab import StepFailed, section, sigterm_as_exit
+    from playbooks.lab import guarded, section, sigterm_as_exit
     args = parse_args(argv)
     lab = MultiNodeLab(args.nodes, args.pods, cni=args.wire == "cni" and has_lab_cni())
+
+    def steps() -> None:
+        section(f"Building {args.nodes} nodes on fabric {FABRIC} (pool {POOL}, one /{BLOCK_PREFIX} per node)")
+        lab.create()
+        for node in lab.nodes:
+            print(f"{node.name}: {node.netns}  {node.address}  block {node.block}  "
+                  f"pods {', '.join(p.ip for p in node.pods)}")
+        demo(lab, args.timeout)
+
     with sigterm_as_exit():
         try:
-            section(f"Building {args.nodes} nodes on fabric {FABRIC} (pool {POOL}, one /{BLOCK_PREFIX} per node)")
-            lab.create()
-            for node in lab.nodes:
-                print(f"{node.name}: {node.netns}  {node.address}  block {node.block}  "
-                      f"pods {', '.join(p.ip for p in node.pods)}")
-            demo(lab, args.timeout)
-        except (LabError, StepFailed, subprocess.TimeoutExpired, OSError) as err:
-            print(f"\nweft lab: FAILED: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\nweft lab: interrupted", file=sys.stderr)
-            return 130
+            code = guarded(steps, also=(OSError,))
+            if code:
+                return code
         finally:
             if args.keep:
                 section("The lab is still up (--keep)")

@@ -60,15 +60,11 @@ def probe_some(runner: Runner, backend: Backend, chains: Iterable[str], sets: It
     return Dataplane(found_chains, found_sets, hooks)
 
 
-# How the tools say "no such chain / set" (iptables-nft 1.8.9 calls a missing chain "incompatible").
-_MISSING = ("does not exist", "No chain/target/match", "is incompatible, use 'nft' tool")
-
-
 def _unless_missing(pending) -> str | None:
     try:
         return pending.result()
     except KernelCommandError as exc:
-        if any(m in exc.said for m in _MISSING):
+        if exc.missing:
             return None
         raise
 

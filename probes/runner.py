@@ -14,12 +14,21 @@ from desired.errors import WeftError
 _BENIGN = ("# Warning: iptables-legacy tables present", "# Table `")
 
 
+# How the tools say "no such chain / set" (iptables-nft 1.8.9 calls a missing chain "incompatible").
+_MISSING = ("does not exist", "No chain/target/match", "is incompatible, use 'nft' tool")
+
+
 class KernelCommandError(WeftError):
     """A kernel tool failed; the message carries its command line and what it said."""
 
     def __init__(self, message: str, said: str = ""):
         super().__init__(message)
         self.said = said
+
+    @property
+    def missing(self) -> bool:
+        """The tool failed only because the chain or set asked for does not exist."""
+        return any(m in self.said for m in _MISSING)
 
 
 class Pending:

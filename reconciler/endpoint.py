@@ -20,15 +20,12 @@ from contextlib import contextmanager
 from desired.errors import WeftError
 from probes.backend import Backend, detect
 from probes.runner import KernelCommandError, Runner
-from renderers.rules import chain_lines, pending_specs
+from renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, chain_lines, pending_specs
 
 # Standard library and weft's light modules only: this is on the CNI plugin's hot path.
 LOCK_FILE = "weft.lock"
 SNAPSHOT_FILE = "endpoints.json"
 LOCK_TIMEOUT = 60.0
-TABLE = "filter"
-FROM_DISPATCH = "weft-from-wl-dispatch"      # renderers.iptables names them the same
-TO_DISPATCH = "weft-to-wl-dispatch"
 
 
 @contextmanager
@@ -89,7 +86,7 @@ def _listing(runner: Runner, backend: Backend, chain: str) -> list[str] | None:
     try:
         out = runner.run(backend.list_chain + ["-t", TABLE, "-S", chain])
     except KernelCommandError as exc:
-        if "No chain" in exc.said or "incompatible" in exc.said or "does not exist" in exc.said:
+        if exc.missing:
             return None
         raise
     return [ln for ln in out.splitlines() if ln.startswith("-A ")]

@@ -39,17 +39,14 @@ from desired.model import (
 from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks
 from renderers.ipsets import SetCatalog, short_hash
 from renderers.routes import render_links, render_routes
-from renderers.rules import Spec, base_matches, chain_lines, pending_specs
+from renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, base_matches, chain_lines, pending_specs
 
-TABLE = "filter"
 MARK_ACCEPT = "0x10000"
 MARK_PASS = "0x20000"
 MARK_ALL = "0x30000"
 WL_GLOB = PREFIX.rstrip("-") + "+"            # matches every weft host-side veth: "weft+"
 FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
-FROM_DISPATCH = f"{PREFIX}from-wl-dispatch"
-TO_DISPATCH = f"{PREFIX}to-wl-dispatch"
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
 

@@ -15,6 +15,10 @@ from collections import namedtuple
 # comment, and the target ("-j ..." / "-g ...").
 Spec = namedtuple("Spec", "matches extra target", defaults=("", "", ""))
 
+TABLE = "filter"
+FROM_DISPATCH = "weft-from-wl-dispatch"    # pod egress: one branch per local pod interface
+TO_DISPATCH = "weft-to-wl-dispatch"        # pod ingress
+
 
 def rule_id(chain: str, previous: str, body: str) -> str:
     digest = hashlib.sha256(f"{chain}\0{previous}\0{body}".encode()).digest()
