@@ -27,7 +27,7 @@ def launcher_paths() -> list[str]:
 def launcher_text(python: str | None = None) -> str:
     return (f"#!{python or sys.executable} -IS\n"
             f"import sys; sys.path[:0] = {launcher_paths()!r}\n"
-            "from cni.plugin import main; sys.exit(main())\n")
+            "from cni.client import main; sys.exit(main())\n")
 
 
 def install(dest: str | os.PathLike = DEFAULT_DEST, python: str | None = None) -> Path:

@@ -26,6 +26,7 @@ import os
 import time
 from collections import namedtuple
 
+from cni.groupcommit import GroupCommit
 from desired.errors import WeftError
 
 IPAM_DIR = "ipam"
@@ -239,9 +240,6 @@ class Store:
         self.dir = ipam_dir(state_dir)
         self.path = os.path.join(self.dir, ALLOCATIONS_FILE)
 
-    def _load(self) -> dict:
-        return _read_json(self.path) or {"format": FORMAT, "cursor": {}, "allocations": []}
-
     def get(self, network: str, container_id: str, ifname: str) -> Allocation | None:
         for a in read_allocations(self.state_dir):
             if (a.network, a.container_id, a.ifname) == (network, container_id, ifname):
@@ -253,47 +251,65 @@ class Store:
         """The attachment's addresses: its existing ones, or new ones, one per family the node's
         pools give. Returns (allocation, created). `claim(node_doc, family)` is asked for a new
         block (a dict like node.json's) when the node's blocks are full; without it that is Exhausted.
+        Attachments allocated at once by threads of this process share one write (cni.groupcommit).
         """
-        with Lock(os.path.join(self.dir, LOCK_FILE)):
-            state = self._load()
-            records = state["allocations"]
-            key = (network, container_id, ifname)
-            mine = next((r for r in records if (r["network"], r["container_id"], r["ifname"]) == key), None)
-            changed = False
-            for r in records:                       # a new sandbox of the pod takes over its interface
-                if r is not mine and r["iface"] == iface and r.get("active", True):
-                    if r["container_id"] == container_id and r["network"] == network:
-                        raise SecondInterface(f"pod {namespace}/{pod} already has weft interface {r['ifname']} in "
-                                              f"this sandbox; weft wires one interface per pod")
-                    r["active"], changed = False, True
-            if mine is not None:
-                if not mine.get("active", True):
-                    mine["active"], changed = True, True
-                if changed:
-                    atomic_write(self.path, state)
-                return _allocation(mine), False
-            node_doc = read_node_ipam(self.state_dir)
-            if node_doc is None:
-                raise Unavailable(f"{os.path.join(self.dir, NODE_FILE)} is missing")
-            used = {ip for r in records for ip in r["ips"]}
-            ips = []
-            fams = families(node_doc)
-            if not fams:
-                raise Exhausted(f"no enabled IPPool selects node {node_doc['node']!r} "
-                                f"(pools: {', '.join(p['name'] for p in node_doc['pools']) or 'none'})")
-            for family in fams:
+        return _WRITES.run(self.dir, self._allocate, (network, container_id, ifname, namespace, pod, iface, claim))
+
+    def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
+        """Forget the attachment's addresses; None when it had none (DEL twice, unknown container)."""
+        return _WRITES.run(self.dir, self._release, (network, container_id, ifname))
+
+    def _allocate(self, state: dict, network: str, container_id: str, ifname: str, namespace: str, pod: str,
+                  iface: str, claim) -> tuple[tuple[Allocation, bool], bool]:
+        """((allocation, created), whether `state` changed). Raises before changing anything."""
+        records = state["allocations"]
+        key = (network, container_id, ifname)
+        mine = next((r for r in records if (r["network"], r["container_id"], r["ifname"]) == key), None)
+        taken_over = []                         # a new sandbox of the pod takes over its interface
+        for r in records:
+            if r is not mine and r["iface"] == iface and r.get("active", True):
+                if r["container_id"] == container_id and r["network"] == network:
+                    raise SecondInterface(f"pod {namespace}/{pod} already has weft interface {r['ifname']} in "
+                                          f"this sandbox; weft wires one interface per pod")
+                taken_over.append(r)
+        if mine is not None:
+            changed = bool(taken_over) or not mine.get("active", True)
+            for r in taken_over:
+                r["active"] = False
+            mine["active"] = True
+            return (_allocation(mine), False), changed
+        node_doc = read_node_ipam(self.state_dir)
+        if node_doc is None:
+            raise Unavailable(f"{os.path.join(self.dir, NODE_FILE)} is missing")
+        used = {ip for r in records for ip in r["ips"]}
+        ips = []
+        fams = families(node_doc)
+        if not fams:
+            raise Exhausted(f"no enabled IPPool selects node {node_doc['node']!r} "
+                            f"(pools: {', '.join(p['name'] for p in node_doc['pools']) or 'none'})")
+        for family in fams:
+            ip = _next_free(usable_blocks(node_doc, family), used, state["cursor"].get(str(family)))
+            if ip is None and claim is not None:
+                node_doc = self._add_block(claim(node_doc, family))
                 ip = _next_free(usable_blocks(node_doc, family), used, state["cursor"].get(str(family)))
-                if ip is None and claim is not None:
-                    node_doc = self._add_block(claim(node_doc, family))
-                    ip = _next_free(usable_blocks(node_doc, family), used, state["cursor"].get(str(family)))
-                if ip is None:
-                    raise Exhausted(exhausted_message(node_doc, family, used))
-                ips.append(ip)
-                state["cursor"][str(family)] = ip
-            new = Allocation(namespace, pod, iface, tuple(ips), container_id, ifname, network, True, time.time())
-            records.append(_record(new))
-            atomic_write(self.path, state)
-            return new, True
+            if ip is None:
+                raise Exhausted(exhausted_message(node_doc, family, used))
+            ips.append(ip)
+        for r in taken_over:
+            r["active"] = False
+        for ip in ips:
+            state["cursor"]["6" if ":" in ip else "4"] = ip
+        new = Allocation(namespace, pod, iface, tuple(ips), container_id, ifname, network, True, time.time())
+        records.append(_record(new))
+        return (new, True), True
+
+    def _release(self, state: dict, network: str, container_id: str, ifname: str) -> tuple[Allocation | None, bool]:
+        key = (network, container_id, ifname)
+        gone = [r for r in state["allocations"] if (r["network"], r["container_id"], r["ifname"]) == key]
+        if not gone:
+            return None, False
+        state["allocations"] = [r for r in state["allocations"] if r not in gone]
+        return _allocation(gone[0]), True
 
     def _add_block(self, block: dict) -> dict:
         """Record a block the plugin claimed in node.json (the IPAM lock is held)."""
@@ -304,18 +320,6 @@ class Store:
             atomic_write(path, doc)
         return doc
 
-    def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
-        """Forget the attachment's addresses; None when it had none (DEL twice, unknown container)."""
-        with Lock(os.path.join(self.dir, LOCK_FILE)):
-            state = self._load()
-            key = (network, container_id, ifname)
-            gone = [r for r in state["allocations"] if (r["network"], r["container_id"], r["ifname"]) == key]
-            if not gone:
-                return None
-            state["allocations"] = [r for r in state["allocations"] if r not in gone]
-            atomic_write(self.path, state)
-            return _allocation(gone[0])
-
     def stale(self, network: str, valid: set[tuple[str, str]]) -> list[Allocation]:
         """The network's attachments that are not in `valid` ((container id, ifname) pairs): GC's work."""
         return [a for a in read_allocations(self.state_dir)
@@ -324,6 +328,30 @@ class Store:
     def iface_owner(self, iface: str) -> Allocation | None:
         """The active attachment that holds `iface`, if any."""
         return next((a for a in read_allocations(self.state_dir) if a.iface == iface and a.active), None)
+
+
+def _write_batch(ipam_path: str, calls) -> None:
+    """One read-modify-write of allocations.json for a batch of allocate/release calls."""
+    with Lock(os.path.join(ipam_path, LOCK_FILE)):
+        path = os.path.join(ipam_path, ALLOCATIONS_FILE)
+        state = _read_json(path) or {"format": FORMAT, "cursor": {}, "allocations": []}
+        changed, outcomes = False, []
+        for call in calls:
+            step, args = call.args
+            try:
+                result, did = step(state, *args)
+            except Exception as exc:
+                outcomes.append((call, None, exc))
+            else:
+                changed |= did
+                outcomes.append((call, result, None))
+        if changed:
+            atomic_write(path, state)           # if this fails, every call of the batch fails
+        for call, result, error in outcomes:
+            call.settle(result, error)
+
+
+_WRITES = GroupCommit(_write_batch)
 
 
 def _next_free(blocks: list[str], used: set[str], cursor: str | None) -> str | None:

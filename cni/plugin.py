@@ -15,6 +15,7 @@ pod start. Network configuration keys weft reads, besides the spec's:
                   reconcile run has left them in the state dir yet, and (kubeconfig) where to
                   claim new blocks
     "mtu"         the pod interface's MTU (default 1500)
+    "helper"      false: never hand the call to the resident helper (cni/helper.py); default true
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class Config:
         if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
             raise CniError(spec.INVALID_CONFIG, "invalid network configuration", f"mtu {mtu!r}: must be 68-65535")
         self.mtu = mtu
+        if not isinstance(raw.get("helper", True), bool):
+            raise CniError(spec.INVALID_CONFIG, "invalid network configuration",
+                           f"helper {raw['helper']!r}: must be true or false")
         ipam_conf = raw.get("ipam") or {}
         if not isinstance(ipam_conf, dict) or ipam_conf.get("type") not in (None, "", "weft"):
             raise CniError(spec.UNSUPPORTED_FIELD, "unsupported field",
@@ -385,19 +389,45 @@ def run(environ, stdin: bytes) -> tuple[int, dict | None]:
             spec.config_version(config))
 
 
-def main() -> int:
-    try:
-        stdin = sys.stdin.buffer.read()
-    except OSError as exc:
-        code, out = 1, CniError(spec.IO_FAILURE, "cannot read the network configuration from stdin",
-                                exc.strerror or str(exc)).to_json(spec.LATEST)
-    else:
-        code, out = run(os.environ, stdin)
-    if out is not None:
-        spec.emit(out, sys.stdout)
+def respond(environ, stdin: bytes) -> tuple[int, bytes, bytes]:
+    """One invocation as the runtime sees it: (exit code, stdout, stderr)."""
+    code, out = run(environ, stdin)
+    stdout = spec.dumps(out).encode() if out is not None else b""
+    stderr = b""
     if code:
-        print(f"weft-cni: {os.environ.get('CNI_COMMAND', '?')}: {out['msg']}"
-              + (f": {out['details']}" if out.get("details") else ""), file=sys.stderr)
+        stderr = (f"weft-cni: {environ.get('CNI_COMMAND', '?')}: {out['msg']}"
+                  + (f": {out['details']}" if out.get("details") else "") + "\n").encode()
+    return code, stdout, stderr
+
+
+def helper_settings(stdin: bytes) -> tuple[bool, str]:
+    """Whether the configuration lets the resident helper (cni/helper.py) serve it, and its state dir."""
+    import json
+    try:
+        raw = json.loads(stdin)
+    except ValueError:
+        return True, DEFAULT_STATE_DIR
+    if not isinstance(raw, dict):
+        return True, DEFAULT_STATE_DIR
+    state_dir = raw.get("state_dir")
+    return raw.get("helper", True) is not False, state_dir if isinstance(state_dir, str) and state_dir \
+        else DEFAULT_STATE_DIR
+
+
+def main(stdin: bytes | None = None) -> int:
+    """The plugin in this process (cni/client.py calls it when no helper answers)."""
+    if stdin is None:
+        try:
+            stdin = sys.stdin.buffer.read()
+        except OSError as exc:
+            out = CniError(spec.IO_FAILURE, "cannot read the network configuration from stdin",
+                           exc.strerror or str(exc)).to_json(spec.LATEST)
+            sys.stdout.write(spec.dumps(out))
+            return 1
+    code, stdout, stderr = respond(os.environ, stdin)
+    sys.stdout.buffer.write(stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(stderr)
     return code
 
 

@@ -210,9 +210,9 @@ def format_result(result: dict, version: str) -> dict:
     return out
 
 
-def emit(obj: dict, stream) -> None:
-    stream.write(json.dumps(obj, indent=2) + "\n")
-    stream.flush()
+def dumps(obj: dict) -> str:
+    """A result or error as the plugin prints it on stdout."""
+    return json.dumps(obj, indent=2) + "\n"
 
 
 def netns_exists(path: str) -> bool:

@@ -17,6 +17,7 @@ import os
 import time
 from contextlib import contextmanager
 
+from cni.groupcommit import Call, GroupCommit
 from desired.errors import WeftError
 from probes.backend import Backend, detect
 from probes.runner import KernelCommandError, Runner
@@ -96,47 +97,88 @@ def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]
     return [ln for ln in lines or () if f" {flag} {iface} " in ln + " "]
 
 
-def add_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
-    """Make sure the pod's policy is in the kernel before it runs; raise WeftError if not."""
+def _run_batch(key: tuple[str, str], calls: list[Call]) -> None:
+    """All calls in one transaction; if that fails, each on its own, so each gets its own error."""
+    kind, state_dir = key
+    work = _add_lines if kind == "add" else _remove_lines
+    try:
+        _restore(state_dir, work, [call.args for call in calls])
+    except Exception:
+        if len(calls) == 1:
+            raise
+        for call in calls:
+            try:
+                _restore(state_dir, work, [call.args])
+            except Exception as single:
+                call.settle(error=single)
+            else:
+                call.settle()
+    else:
+        for call in calls:
+            call.settle()
+
+
+# Pods added or removed at once by one process (the CNI helper's threads) share one listing of
+# the dispatch chains and one iptables-restore.
+_BATCHES = GroupCommit(_run_batch)
+
+
+def _restore(state_dir: str, work, pods: list[tuple]) -> None:
     runner = Runner()
     with node_lock(state_dir, shared=True):
         backend = _backend(runner)
         from_lines = _listing(runner, backend, FROM_DISPATCH)
-        if from_lines is None:
+        if from_lines is None and work is _add_lines:
             _first_run(state_dir, runner)            # weft never ran here: put its base in place
             from_lines = _listing(runner, backend, FROM_DISPATCH)
+        if from_lines is None:
+            return                                   # weft never ran here: no pod of ours to remove
         to_lines = _listing(runner, backend, TO_DISPATCH)
+        lines = work(state_dir, pods, from_lines, to_lines)
+        if lines:
+            runner.run(backend.restore, "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n", writes=True)
+
+
+def _add_lines(state_dir: str, pods: list[tuple], from_lines: list[str], to_lines: list[str]) -> list[str]:
+    """Each pod's two chains and its dispatch rules, unless a reconcile run already programmed it
+    (its dispatch rules exist: a rule can only jump to a chain that exists)."""
+    chains, rules = {}, []
+    snap = load_snapshot(state_dir) if pods else None
+    for iface, namespace, pod in pods:
         have_from = _dispatch_rules(from_lines, "-i", iface)
         have_to = _dispatch_rules(to_lines, "-o", iface)
-        fw, tw = f"weft-fw-{iface}", f"weft-tw-{iface}"
-        if have_from and have_to and _listing(runner, backend, fw) is not None \
-                and _listing(runner, backend, tw) is not None:
-            return                                   # a reconcile run already programmed this pod
-        chains = endpoint_chains(load_snapshot(state_dir), namespace, pod, iface)
-        lines = [f"*{TABLE}"] + [f":{name} - [0:0]" for name in chains]
-        for rules in chains.values():
-            lines.extend(rules)
+        if have_from and have_to:
+            continue
+        chains.update(endpoint_chains(snap, namespace, pod, iface))
         if not have_from:
-            lines.append(f'-I {FROM_DISPATCH} 1 -i {iface} -m comment --comment "weft:cni" -g {fw}')
+            rules.append(f'-I {FROM_DISPATCH} 1 -i {iface} -m comment --comment "weft:cni" -g weft-fw-{iface}')
         if not have_to:
-            lines.append(f'-I {TO_DISPATCH} 1 -o {iface} -m comment --comment "weft:cni" -g {tw}')
-        lines.append("COMMIT")
-        runner.run(backend.restore, "\n".join(lines) + "\n", writes=True)
+            rules.append(f'-I {TO_DISPATCH} 1 -o {iface} -m comment --comment "weft:cni" -g weft-tw-{iface}')
+    lines = [f":{name} - [0:0]" for name in chains]
+    for body in chains.values():
+        lines.extend(body)
+    return lines + rules
+
+
+def _remove_lines(state_dir: str, pods: list[tuple], from_lines: list[str], to_lines: list[str]) -> list[str]:
+    """Each pod's dispatch rules, then its chains: declared first (which creates a missing one),
+    so that deleting them needs no look-up and cannot fail because one is already gone."""
+    stale, chains = [], []
+    for iface, *_ in pods:
+        stale += [("-D" + ln[2:]) for ln in _dispatch_rules(from_lines, "-i", iface)]
+        stale += [("-D" + ln[2:]) for ln in _dispatch_rules(to_lines, "-o", iface)]
+        chains += [f"weft-fw-{iface}", f"weft-tw-{iface}"]
+    return [*stale, *(f":{c} - [0:0]" for c in chains), *(f"-X {c}" for c in chains)]
+
+
+def add_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
+    """Make sure the pod's policy is in the kernel before it runs; raise WeftError if not."""
+    _BATCHES.run(("add", str(state_dir)), iface, namespace, pod)
 
 
 def remove_endpoint(state_dir, iface: str) -> None:
     """Remove the pod's chains and dispatch rules; nothing to do is fine (idempotent)."""
-    runner = Runner()
-    with node_lock(state_dir, shared=True):
-        backend = _backend(runner)
-        stale = [("-D" + ln[2:]) for chain, flag in ((FROM_DISPATCH, "-i"), (TO_DISPATCH, "-o"))
-                 for ln in _dispatch_rules(_listing(runner, backend, chain), flag, iface)]
-        existing = [c for c in (f"weft-fw-{iface}", f"weft-tw-{iface}") if _listing(runner, backend, c) is not None]
-        if not stale and not existing:
-            return
-        lines = [f"*{TABLE}", *stale, *(f":{c} - [0:0]" for c in existing), *(f"-X {c}" for c in existing),
-                 "COMMIT"]
-        runner.run(backend.restore, "\n".join(lines) + "\n", writes=True)
+    _BATCHES.run(("remove", str(state_dir)), iface)
 
 
 def check_endpoint(state_dir, namespace: str, pod: str, iface: str) -> list[str]:

@@ -1,0 +1,101 @@
+"""The executable's entry point: hand the call to the node's resident helper, else run the plugin here.
+
+A new Python process per pod costs its start-up (~12 ms here) plus the plugin's imports and
+work (~60 ms more); with 20 pods at once on 2 cores those add up to most of a second. So this
+module imports nothing but `_socket` (the C module: `socket` alone would cost ~10 ms): it
+passes the CNI_* variables, PATH and stdin to the helper listening in this network namespace
+(cni/helper.py), and copies its answer to stdout, stderr and the exit code. The helper runs the
+very same `cni.plugin.respond` in a warm process.
+
+When no helper answers (none started yet, or it died mid-call), or it declines (another copy of
+weft's code, another PATH or mount namespace, the configuration says "helper": false), the plugin runs in this
+process as before; after a successful call this process then starts a helper for the next ones.
+Every command is safe to run again after a helper died half-way: ADD of a known attachment
+returns its address and rewires, DEL is idempotent.
+"""
+from __future__ import annotations
+
+import _socket
+import os
+import sys
+
+ADDRESS = b"\0weft-cni"          # abstract socket: one name per network namespace, gone with its process
+CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASSED = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_NETNS", b"CNI_IFNAME", b"CNI_ARGS", b"CNI_PATH", b"PATH")
+NO_HELPER, DECLINED = "none", "declined"
+
+
+def mount_namespace() -> bytes:
+    """This process's mount namespace: CNI_NETNS paths (bind mounts) mean the same file only
+    to processes that share it."""
+    st = os.stat("/proc/self/ns/mnt")
+    return b"%d:%d" % (st.st_dev, st.st_ino)
+
+
+def request(environ: dict[bytes, bytes], stdin: bytes) -> bytes:
+    """The wire format: a line with the length of the environment block, the block ("K=V\\0"...),
+    then stdin to the end (the client shuts its side down)."""
+    block = b"".join(k + b"=" + v + b"\0" for k, v in environ.items())
+    return b"%d\n" % len(block) + block + stdin
+
+
+def ask_helper(stdin: bytes) -> tuple[int, bytes, bytes] | str:
+    """(exit code, stdout, stderr) from the helper, or why it did not answer."""
+    environ = {k: v for k, v in os.environb.items() if k in PASSED}
+    environ[b"WEFT_CODE"] = CODE_ROOT.encode()
+    environ[b"WEFT_MNTNS"] = mount_namespace()
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(ADDRESS)
+        except OSError:
+            return NO_HELPER
+        try:
+            sock.sendall(request(environ, stdin))
+            sock.shutdown(_socket.SHUT_WR)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError:
+            return NO_HELPER                      # it died while serving us
+    finally:
+        sock.close()
+    header, _, body = b"".join(chunks).partition(b"\n")
+    fields = header.split()
+    if len(fields) == 2 and fields[0] == b"-":
+        return NO_HELPER if fields[1] == b"stale" else DECLINED
+    try:
+        code, length = int(fields[0]), int(fields[1])
+    except (IndexError, ValueError):
+        return NO_HELPER                          # cut short: it died before answering in full
+    if len(body) < length:
+        return NO_HELPER
+    return code, body[:length], body[length:]
+
+
+def main() -> int:
+    try:
+        stdin = sys.stdin.buffer.read()
+    except OSError:
+        from cni import plugin
+        return plugin.main()                      # it reports the read error in the protocol
+    answer = ask_helper(stdin)
+    if not isinstance(answer, str):
+        code, stdout, stderr = answer
+        sys.stdout.buffer.write(stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(stderr)
+        return code
+    from cni import plugin
+    code = plugin.main(stdin)
+    if answer == NO_HELPER and code == 0 and os.environ.get("CNI_COMMAND") not in ("VERSION", None):
+        from cni import helper
+        helper.start(stdin)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The CNI plugin's resident helper: one warm process per node network namespace that serves the
+plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and not the imports.
+
+- Found by an abstract unix socket name (cni.client.ADDRESS): such names are per network
+  namespace, so each node namespace has its own helper and no file is left behind. Only callers
+  with this process's user id are served (SO_PEERCRED).
+- Started by the client after a call it had to run itself (cni.client.main); a second helper in
+  the same namespace cannot bind the name and exits at once.
+- Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; the
+  threads' policy steps are batched (reconciler.endpoint) into one iptables-restore.
+- Declines, and the client runs the call itself, when the caller's weft code, PATH or mount
+  namespace (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
+  "helper": false. When weft's code changed on disk it answers "stale" and exits; the next call
+  starts a fresh helper.
+- Exits when idle for IDLE_EXIT seconds, or when every state dir it served is gone.
+Its log (tracebacks, failed undo steps) is <state_dir>/cni-helper.log of the call that started it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+from cni import client, plugin
+
+IDLE_EXIT = 600.0
+LOG_FILE = "cni-helper.log"
+
+
+def _weft_files() -> dict[str, int]:
+    """mtime of every weft module this process loaded: a change means new code was installed."""
+    root = client.CODE_ROOT + os.sep
+    stamps = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if path.startswith(root):
+            try:
+                stamps[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                stamps[path] = -1
+    return stamps
+
+
+class Helper:
+    def __init__(self, listener: socket.socket, idle_exit: float):
+        self.listener, self.idle_exit = listener, idle_exit
+        self.stamps = _weft_files()
+        self.path = os.environ.get("PATH", "")
+        self.mount_ns = os.fsdecode(client.mount_namespace())
+        self.state_dirs: set[str] = set()
+        self.busy = 0
+        self.last = time.monotonic()
+        self.stopping = False
+        self.lock = threading.Condition()
+
+    def serve(self) -> None:
+        self.listener.settimeout(1.0)
+        while not self.stopping:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                self._maybe_stop()
+                continue
+            except OSError:
+                break                             # closed by a handler that found the code stale
+            with self.lock:
+                self.busy += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        with self.lock:                           # let calls in progress finish
+            self.lock.wait_for(lambda: self.busy == 0)
+
+    def _maybe_stop(self) -> None:
+        with self.lock:
+            if self.busy:
+                return
+            idle = time.monotonic() - self.last > self.idle_exit
+            gone = bool(self.state_dirs) and not any(os.path.isdir(d) for d in self.state_dirs)
+            if idle or gone or self._stale():
+                self._stop()
+
+    def _stale(self) -> bool:
+        for path, stamp in _weft_files().items():  # modules imported since (lazily) join as they are
+            self.stamps.setdefault(path, stamp)
+        return any(_mtime(path) != stamp for path, stamp in self.stamps.items())
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self.listener.close()                     # the name is free for a new helper at once
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                    struct.calcsize("3i")))
+                if uid != os.getuid():
+                    return
+                environ, stdin = _read_request(conn)
+                conn.sendall(self._answer(environ, stdin))
+        except Exception as exc:                  # a broken caller must not take the helper down
+            print(f"weft-cni helper: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            with self.lock:
+                self.busy -= 1
+                self.last = time.monotonic()
+                self.lock.notify_all()
+
+    def _answer(self, environ: dict[str, str], stdin: bytes) -> bytes:
+        wanted, state_dir = plugin.helper_settings(stdin)
+        if (environ.pop("WEFT_CODE", None), environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) \
+                != (client.CODE_ROOT, self.mount_ns, self.path) or not wanted:
+            return b"- declined\n"
+        with self.lock:
+            if self.stopping or self._stale():
+                self._stop()
+                return b"- stale\n"
+            self.state_dirs.add(os.path.abspath(state_dir))
+        code, stdout, stderr = plugin.respond(environ, stdin)
+        sys.stderr.flush()
+        return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _read_request(conn: socket.socket) -> tuple[dict[str, str], bytes]:
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    header, _, rest = b"".join(chunks).partition(b"\n")
+    length = int(header)
+    environ = {}
+    for pair in rest[:length].split(b"\0"):
+        key, sep, value = pair.partition(b"=")
+        if sep:
+            environ[os.fsdecode(key)] = os.fsdecode(value)
+    return environ, rest[length:]
+
+
+def start(stdin: bytes) -> None:
+    """Start a helper in this network namespace for the calls to come, detached from this call
+    (its own session, no inherited pipes: the runtime waits for our stdout to close)."""
+    import subprocess
+    wanted, state_dir = plugin.helper_settings(stdin)
+    if not wanted:
+        return
+    paths = [p for p in sys.path if p]
+    code = f"import sys; sys.path[:0] = {paths!r}; from cni.helper import main; sys.exit(main())"
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        log = open(os.path.join(state_dir, LOG_FILE), "ab")
+    except OSError:
+        return
+    with log:
+        try:
+            subprocess.Popen([sys.executable, "-IS", "-c", code], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
+                             env={"PATH": os.environ.get("PATH", "")})
+        except OSError:
+            pass                                  # no helper: every call runs in its own process
+
+
+def main(idle_exit: float = IDLE_EXIT) -> int:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(client.ADDRESS)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return 0                              # another helper serves this namespace
+        raise
+    listener.listen(256)
+    import reconciler.endpoint  # noqa: F401  (warm: ADD's policy step)
+    Helper(listener, idle_exit).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
