@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from cni import client, plugin
+from cni import client
 
 IDLE_EXIT = 600.0
 LOG_FILE = "cni-helper.log"
@@ -88,8 +88,14 @@ class Helper:
         return any(_mtime(path) != stamp for path, stamp in self.stamps.items())
 
     def _stop(self) -> None:
+        """Free the name for a new helper at once: shutdown() also wakes the accept() blocked in
+        serve(), which would otherwise keep the socket (and its name) alive."""
         self.stopping = True
-        self.listener.close()                     # the name is free for a new helper at once
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -109,6 +115,7 @@ class Helper:
                 self.lock.notify_all()
 
     def _answer(self, environ: dict[str, str], stdin: bytes) -> bytes:
+        from cni import plugin
         wanted, state_dir = plugin.helper_settings(stdin)
         if (environ.pop("WEFT_CODE", None), environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) \
                 != (client.CODE_ROOT, self.mount_ns, self.path) or not wanted:
@@ -148,6 +155,8 @@ def start(stdin: bytes) -> None:
     """Start a helper in this network namespace for the calls to come, detached from this call
     (its own session, no inherited pipes: the runtime waits for our stdout to close)."""
     import subprocess
+
+    from cni import plugin
     wanted, state_dir = plugin.helper_settings(stdin)
     if not wanted:
         return
@@ -175,7 +184,8 @@ def main(idle_exit: float = IDLE_EXIT) -> int:
         if exc.errno == errno.EADDRINUSE:
             return 0                              # another helper serves this namespace
         raise
-    listener.listen(256)
+    listener.listen(256)          # callers from now on wait in the backlog while the plugin is imported
+    import cni.plugin  # noqa: F401
     import reconciler.endpoint  # noqa: F401  (warm: ADD's policy step)
     Helper(listener, idle_exit).serve()
     return 0

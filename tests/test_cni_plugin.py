@@ -83,7 +83,10 @@ class CniNode:
         return proc
 
     def call(self, env: dict, stdin: bytes | None = None, **config) -> tuple[int, dict | None, str]:
-        proc = self.start(env, stdin, **config)
+        return self.finish(self.start(env, stdin, **config))
+
+    @staticmethod
+    def finish(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
         out, err = proc.stdout.read(), proc.stderr.read()
         proc.wait(timeout=60)
         return proc.returncode, json.loads(out) if out.strip() else None, err.decode()
@@ -360,28 +363,148 @@ def test_thirty_parallel_adds_and_dels_leave_no_duplicate_and_no_leak(node):
 
 def test_kill_9_at_any_point_of_add_then_del_and_add_again_is_clean(node):
     """SIGKILL the plugin at spread-out moments of ADD; the runtime then DELs (as after any failed
-    ADD) and ADDs again: every time the end state is exactly one good attachment, then nothing."""
+    ADD) and ADDs again: every time the end state is exactly one good attachment, then nothing.
+    The plugin runs in its own process here ("helper": false); killing the helper is tested below."""
+    own = {"helper": False}
     start = time.monotonic()
-    node.ok("DEL", "a", cid="warm-up")
-    node.add("a", cid="timing")
+    node.ok("DEL", "a", cid="warm-up", config=own)
+    node.add("a", cid="timing", config=own)
     duration = time.monotonic() - start
-    node.ok("DEL", "a", cid="timing")
+    node.ok("DEL", "a", cid="timing", config=own)
     rng = random.Random(4)
     left = set()
     for attempt in range(8):
-        proc = node.start(node.env("ADD", "a", cid=f"k{attempt}"))
+        proc = node.start(node.env("ADD", "a", cid=f"k{attempt}"), **own)
         time.sleep(rng.uniform(0, duration))
         os.killpg(proc.pid, signal.SIGKILL)      # the plugin and whatever it was running (ip, iptables-restore)
         proc.wait()
         left.add((bool(node.allocations()), len(node.links()) > 1, bool(node.weft_chains())))
-        node.ok("DEL", "a", cid=f"k{attempt}")
+        node.ok("DEL", "a", cid=f"k{attempt}", config=own)
         assert node.links() == ["lo"] and node.weft_routes() == "" and node.allocations() == []
-        node.add("a", cid=f"k{attempt}")
-        assert node.call(node.env("CHECK", "a", cid=f"k{attempt}"))[0] == 0
-        node.ok("DEL", "a", cid=f"k{attempt}")
+        node.add("a", cid=f"k{attempt}", config=own)
+        assert node.call(node.env("CHECK", "a", cid=f"k{attempt}"), **own)[0] == 0
+        node.ok("DEL", "a", cid=f"k{attempt}", config=own)
     node.clean()
+    assert helper_pids(node) == [], "\"helper\": false started a helper"
     assert len(left) > 1, f"every kill left the same state {left}: the kill points are not spread over ADD"
     print("states the kills left (allocation, interface, chains):", sorted(left))
+
+
+# ---- the resident helper (cni/helper.py) ------------------------------------------------------
+
+def helper_pids(node: CniNode) -> list[int]:
+    """The helper processes in the node's namespace."""
+    pids = []
+    for pid in node.sh("ip", "netns", "pids", node.ns, check=False).split():
+        with contextlib.suppress(OSError):
+            if b"cni.helper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+    return pids
+
+
+def wait_for_helper(node: CniNode, other_than: int | None = None) -> int:
+    """The pid of the helper, once it listens (its abstract socket is in the namespace's table) and
+    any second one, started by a call that came while the first was starting, has given way."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = [p for p in helper_pids(node) if p != other_than]
+        if len(pids) == 1 and "@weft-cni" in node.sh("cat", "/proc/net/unix"):
+            return pids[0]
+        time.sleep(0.05)
+    raise AssertionError("no helper started in the node namespace")
+
+
+def gone(pid: int, within: float = 10) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_first_call_starts_a_helper_that_serves_the_next_ones(node):
+    assert helper_pids(node) == []
+    node.add("a")                                  # no helper yet: done in the plugin's process, which starts one
+    helper = wait_for_helper(node)
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        proc = node.start(node.env("ADD", "b"))
+        time.sleep(1)
+        assert proc.poll() is None, "ADD did not wait for the stopped helper: the helper did not serve it"
+    finally:
+        os.kill(helper, signal.SIGCONT)
+    code, out, err = node.finish(proc)
+    assert code == 0, (out, err)
+    assert out["ips"][0]["address"] == "198.18.4.1/32"
+    assert node.call(node.env("CHECK", "b"))[0] == 0
+    node.ok("DEL", "a")
+    node.ok("DEL", "b")
+    node.clean()
+
+
+def test_a_call_from_another_mount_namespace_is_left_to_the_plugin(node, tmp_path):
+    """CNI_NETNS is a path: a bind mount the caller sees may not exist for the helper. Here the
+    pod's namespace is mounted only in the caller's own mount namespace: served by the helper,
+    ADD would fail to enter it."""
+    node.add("a")
+    wait_for_helper(node)
+    target = tmp_path / "private-netns"
+    target.touch()
+    env = node.env("ADD", "b")
+    script = f"mount --bind {env['CNI_NETNS']} {target} && exec {NSENTER} --net=/run/netns/{node.ns} {node.binary}"
+    env["CNI_NETNS"] = str(target)
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
+                          input=json.dumps(node.config).encode(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert node.call(node.env("CHECK", "b"))[0] == 0
+    node.ok("DEL", "a")
+    node.ok("DEL", "b")
+    node.clean()
+
+
+def test_a_helper_killed_during_add_leaves_the_call_to_the_plugin(node):
+    node.add("warm-up")
+    rng = random.Random(7)
+    helper = None
+    for attempt in range(6):
+        helper = wait_for_helper(node, other_than=helper)
+        proc = node.start(node.env("ADD", f"k{attempt}"))
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(helper, signal.SIGKILL)
+        code, out, err = node.finish(proc)
+        assert code == 0, (out, err)
+        assert node.call(node.env("CHECK", f"k{attempt}"))[0] == 0
+    for pod in ["warm-up", *(f"k{attempt}" for attempt in range(6))]:
+        node.ok("DEL", pod)
+    node.clean()
+    assert node.ipam_check().returncode == 0
+
+
+def test_new_code_on_disk_replaces_the_helper(node):
+    node.add("a")
+    old = wait_for_helper(node)
+    assert node.call(node.env("CHECK", "a"))[0] == 0   # served: the helper has noted its code's mtimes
+    source = Path(spec.__file__)
+    before = source.stat()
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))   # as an upgrade would
+    try:
+        node.add("b")                              # the old helper answers "stale" and goes
+        assert gone(old), "the stale helper is still running"
+        assert wait_for_helper(node, other_than=old)
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    node.ok("DEL", "a")
+    node.ok("DEL", "b")
+    node.clean()
+
+
+def test_the_helper_exits_when_its_state_dir_is_gone(node):
+    node.add("a")
+    helper = wait_for_helper(node)
+    node.ok("DEL", "a")
+    shutil.rmtree(node.state_dir)
+    assert gone(helper), "the helper outlived the node's state dir"
 
 
 # ---- bad input leaves nothing behind ----------------------------------------------------------
