@@ -2,25 +2,26 @@
 
 A new Python process per pod costs its start-up (~12 ms here) plus the plugin's imports and
 work (~60 ms more); with 20 pods at once on 2 cores those add up to most of a second. So this
-module imports nothing but `_socket` (the C module: `socket` alone would cost ~10 ms): it
+module imports nothing but built-in C modules: `_socket` (`socket` would cost ~10 ms) and
+`posix` (`os` costs ~2 ms, its import of _collections_abc the most; Python's start-up with -S
+does not import it). It
 passes the CNI_* variables, PATH and stdin to the helper listening in this network namespace
 (cni/helper.py), and copies its answer to stdout, stderr and the exit code. The helper runs the
 very same `cni.plugin.respond` in a warm process.
 
-When no helper answers (none started yet, or it died mid-call), or it declines (another copy of
-weft's code, another PATH or mount namespace, the configuration says "helper": false), the plugin runs in this
-process as before; after a successful call this process then starts a helper for the next ones.
+When no helper answers (none started yet, it died mid-call, or it retired because weft's code
+changed), or it declines (another PATH or mount namespace, the configuration says "helper":
+false), the plugin runs in this process as before; after a successful call this process then
+starts a helper for the next ones.
 Every command is safe to run again after a helper died half-way: ADD of a known attachment
 returns its address and rewires, DEL is idempotent.
 """
-from __future__ import annotations
-
 import _socket
-import os
+import posix
 import sys
 
 ADDRESS = b"\0weft-cni"          # abstract socket: one name per network namespace, gone with its process
-CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_ROOT = (__file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}").rsplit("/", 2)[0]
 PASSED = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_NETNS", b"CNI_IFNAME", b"CNI_ARGS", b"CNI_PATH", b"PATH")
 NO_HELPER, DECLINED = "none", "declined"
 
@@ -28,7 +29,7 @@ NO_HELPER, DECLINED = "none", "declined"
 def mount_namespace() -> bytes:
     """This process's mount namespace: CNI_NETNS paths (bind mounts) mean the same file only
     to processes that share it."""
-    st = os.stat("/proc/self/ns/mnt")
+    st = posix.stat("/proc/self/ns/mnt")
     return b"%d:%d" % (st.st_dev, st.st_ino)
 
 
@@ -41,7 +42,7 @@ def request(environ: dict[bytes, bytes], stdin: bytes) -> bytes:
 
 def ask_helper(stdin: bytes) -> tuple[int, bytes, bytes] | str:
     """(exit code, stdout, stderr) from the helper, or why it did not answer."""
-    environ = {k: v for k, v in os.environb.items() if k in PASSED}
+    environ = {k: v for k, v in posix.environ.items() if k in PASSED}
     environ[b"WEFT_CODE"] = CODE_ROOT.encode()
     environ[b"WEFT_MNTNS"] = mount_namespace()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -91,7 +92,7 @@ def main() -> int:
         return code
     from cni import plugin
     code = plugin.main(stdin)
-    if answer == NO_HELPER and code == 0 and os.environ.get("CNI_COMMAND") not in ("VERSION", None):
+    if answer == NO_HELPER and code == 0 and posix.environ.get(b"CNI_COMMAND") not in (b"VERSION", None):
         from cni import helper
         helper.start(stdin)
     return code

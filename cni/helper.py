@@ -8,9 +8,10 @@ plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and
   the same namespace cannot bind the name and exits at once.
 - Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; the
   threads' policy steps are batched (reconciler.endpoint) into one iptables-restore.
-- Declines, and the client runs the call itself, when the caller's weft code, PATH or mount
-  namespace (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
-  "helper": false. When weft's code changed on disk it answers "stale" and exits; the next call
+- Declines, and the client runs the call itself, when the caller's PATH or mount namespace
+  (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
+  "helper": false. When weft's code changed on disk, or the caller runs weft from another
+  directory (an upgrade installed elsewhere), it answers "stale" and exits; the caller then
   starts a fresh helper.
 - Exits when idle for IDLE_EXIT seconds, or when every state dir it served is gone.
 Its log (tracebacks, failed undo steps) is <state_dir>/cni-helper.log of the call that started it.
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 
-from cni import client
+from cni import client, groupcommit
 
 IDLE_EXIT = 600.0
 LOG_FILE = "cni-helper.log"
@@ -117,15 +118,20 @@ class Helper:
     def _answer(self, environ: dict[str, str], stdin: bytes) -> bytes:
         from cni import plugin
         wanted, state_dir = plugin.helper_settings(stdin)
-        if (environ.pop("WEFT_CODE", None), environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) \
-                != (client.CODE_ROOT, self.mount_ns, self.path) or not wanted:
+        if (environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) != (self.mount_ns, self.path) or not wanted:
             return b"- declined\n"
         with self.lock:
-            if self.stopping or self._stale():
-                self._stop()
+            if self.stopping or self._stale() or environ.pop("WEFT_CODE", None) != client.CODE_ROOT:
+                self._stop()                      # weft was upgraded (in place, or installed elsewhere)
                 return b"- stale\n"
             self.state_dirs.add(os.path.abspath(state_dir))
-        code, stdout, stderr = plugin.respond(environ, stdin)
+        with self.lock:
+            groupcommit.in_flight += 1
+        try:
+            code, stdout, stderr = plugin.respond(environ, stdin)
+        finally:
+            with self.lock:
+                groupcommit.in_flight -= 1
         sys.stderr.flush()
         return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
 

@@ -104,7 +104,7 @@ def atomic_write(path: str, data: dict) -> None:
     tmp = path + ".tmp"               # fixed name: writers hold the lock, one at a time
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+        os.write(fd, (json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n").encode())  # C encoder
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -17,7 +17,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from cni.groupcommit import Call, GroupCommit
+from cni.groupcommit import Call, GroupCommit, together_or_alone
 from desired.errors import WeftError
 from probes.backend import Backend, detect
 from probes.runner import KernelCommandError, Runner
@@ -98,24 +98,9 @@ def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]
 
 
 def _run_batch(key: tuple[str, str], calls: list[Call]) -> None:
-    """All calls in one transaction; if that fails, each on its own, so each gets its own error."""
     kind, state_dir = key
     work = _add_lines if kind == "add" else _remove_lines
-    try:
-        _restore(state_dir, work, [call.args for call in calls])
-    except Exception:
-        if len(calls) == 1:
-            raise
-        for call in calls:
-            try:
-                _restore(state_dir, work, [call.args])
-            except Exception as single:
-                call.settle(error=single)
-            else:
-                call.settle()
-    else:
-        for call in calls:
-            call.settle()
+    together_or_alone(calls, lambda pods: _restore(state_dir, work, pods))
 
 
 # Pods added or removed at once by one process (the CNI helper's threads) share one listing of
