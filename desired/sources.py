@@ -183,21 +183,26 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
     # Every watch ends with a quiet gap: wait for all of them at once, not a few at a time.
     with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
         results = list(pool.map(one, kube.RESOURCES))
-    if not any(how == "list" or data[0] for _r, how, data in results):
+    for resource, _how, (_items, cursor) in results:
+        cache.cursors[resource.plural + "." + resource.api_version] = cursor
+    # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)
+    # is a change only where the list differs from what is cached; an empty list of a kind of
+    # which nothing is cached changes nothing, and no cached objects need to be read for it.
+    if not any(items if how == "events" else items or (r.api_version, r.kind) in cache.blobs
+               for r, how, (items, _c) in results):
         cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
         return Reading(cache.token, cache, _assembled_from(cache))
     table = _flat(cache.groups())
     errors: list[ValidationError] = []
-    changed = False
     touched = set()
-    for resource, how, (items, cursor) in results:
-        cache.cursors[resource.plural + "." + resource.api_version] = cursor
+    for resource, how, (items, _cursor) in results:
         if how == "list":
-            for key in [k for k in table if k[:2] == (resource.api_version, resource.kind)]:
-                del table[key]
-            changes = [("ADDED", obj) for obj in items]
-            changed = True
-            touched.add((resource.api_version, resource.kind))
+            # The list is the whole kind: what is cached and not listed is gone.
+            group = (resource.api_version, resource.kind)
+            listed = {_key(obj) for obj in items}
+            changes = [("DELETED", {"apiVersion": k[0], "kind": k[1], "metadata": {"namespace": k[2], "name": k[3]}})
+                       for k in table if k[:2] == group and k not in listed]
+            changes += [("ADDED", obj) for obj in items]
         else:
             changes = items
         # Only each object's last event counts: an invalid version fixed since is not an error.
@@ -205,19 +210,17 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
         for key, (kind, obj) in latest.items():
             if kind == "DELETED":
                 if table.pop(key, None) is not None:
-                    changed = True
                     touched.add(key[:2])
                 continue
             entry = convert_object("api", obj, errors)
             if entry is not None and table.get(key) != entry:
                 table[key] = entry
-                changed = True
                 touched.add(key[:2])
     if errors:
         raise InvalidDesiredState(errors)
     state = _assembled(table)()
     cache.cursors["*"] = ""                 # positions are per kind now; check them next run
-    if changed:
+    if touched:
         cache.token = uuid.uuid4().hex
         cache.set_groups(_by_kind(table), touched)
     return Reading(cache.token, cache, lambda: state, state)

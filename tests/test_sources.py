@@ -66,6 +66,17 @@ def test_api_changes_arrive_through_watches_and_match_a_full_read(api, tmp_path)
     assert state.endpoints == fresh.endpoints and state.policies == fresh.policies
 
 
+def test_api_run_after_a_change_with_nothing_new_keeps_the_token(api, tmp_path):
+    """Kinds listed again (Calico CRDs that are not installed have no watch position) are a
+    change only where the list differs: an unchanged desired state is not rendered again."""
+    committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
+    api.put(pod("y", "c", "198.18.5.3", {"app": "web"}))
+    changed, _ = committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
+    again, state = committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
+    assert again.token == changed.token
+    assert "y/c" in keys(state)[0]
+
+
 def test_api_watch_too_old_lists_that_kind_again(api, tmp_path):
     committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
     api.put(pod("x", "late", "198.18.5.4"))
