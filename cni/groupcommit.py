@@ -16,8 +16,8 @@ import time
 # While others are in flight, a batch's leader lingers a little for them to join its batch: one
 # more pod in a batch costs far less than one more batch.
 in_flight = 0
-LINGER_GAP = 0.003                     # go when no call joined for this long,
-LINGER_MAX = 0.012                     # or after this long in all
+LINGER_GAP = 0.008                     # go when no call joined for this long,
+LINGER_MAX = 0.030                     # or after this long in all
 
 
 class Call:

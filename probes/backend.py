@@ -5,6 +5,7 @@ untouched. weft follows where its own chains already are, else the system's `ipt
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import namedtuple
 
@@ -48,9 +49,24 @@ def detect(runner: Runner, preference: str = "auto") -> Backend:
         return Backend(preference)
     if _legacy_has_weft(runner):
         return Backend("legacy")
-    version = runner.run(["iptables", "-V"])
-    match = re.search(r"\((nf_tables|legacy)\)", version)
-    return Backend("legacy" if match and match.group(1) == "legacy" else "nft")
+    return Backend(_system_backend(runner))
+
+
+_SYSTEM_BACKEND: dict[str, str] = {}
+
+
+def _system_backend(runner: Runner) -> str:
+    """The backend of the system's `iptables`, from its `-V`; remembered per binary (resolved
+    through the alternatives symlinks), as the CNI helper asks again for every batch of pods."""
+    binary = next((os.path.realpath(f"{d}/iptables") for d in os.environ.get("PATH", "").split(":")
+                   if d and os.access(f"{d}/iptables", os.X_OK)), None)
+    if binary in _SYSTEM_BACKEND:
+        return _SYSTEM_BACKEND[binary]
+    match = re.search(r"\((nf_tables|legacy)\)", runner.run(["iptables", "-V"]))
+    name = "legacy" if match and match.group(1) == "legacy" else "nft"
+    if binary is not None:
+        _SYSTEM_BACKEND[binary] = name
+    return name
 
 
 def _legacy_has_weft(runner: Runner) -> bool:
