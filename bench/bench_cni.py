@@ -2,8 +2,10 @@
 
 Every plugin is run the same way, as a container runtime runs it: a new process in the node's
 network namespace, CNI_* variables, the network configuration on stdin, one fresh pod namespace
-per ADD. Prints p50/p99 wall latency per case, then where one weft ADD's time goes: interpreter
-start-up, imports, and the work itself (IPAM, wiring, the endpoint's policy), measured apart.
+per ADD. Prints p50/p99 wall latency per case -- weft served by its resident helper (the usual
+case: the node's first call starts it), and with "helper": false (every call does all the work
+in its own process) -- then where one weft ADD's time goes: interpreter start-up, imports, and
+the work itself (IPAM, wiring, the endpoint's policy), measured apart.
 Targets (issue #3): ADD alone <= 50 ms; 20 concurrent p50 <= 150 ms, p99 <= 400 ms.
 
 Run as root:  .venv/bin/python -m bench.bench_cni [--rounds N]
@@ -107,7 +109,10 @@ def startup_and_imports(python: str, paths: list[str], repeat: int = 15) -> dict
     return {
         "start-up, -I -S (the installed launcher)": lean,
         "start-up with site (the console script)": median([python, "-c", "pass"]),
-        "imports: cni.plugin (stdlib + cni/)": median([python, "-IS", "-c", setup + "; import cni.plugin"]) - lean,
+        "imports: cni.client (all a call the helper serves)": median(
+            [python, "-IS", "-c", setup + "; import cni.client"]) - lean,
+        "imports: cni.plugin (a call without the helper)": median(
+            [python, "-IS", "-c", setup + "; import cni.plugin"]) - lean,
         "imports: reconciler.endpoint (add_endpoint)": median(
             [python, "-IS", "-c", setup + "; import cni.plugin, reconciler.endpoint"])
         - median([python, "-IS", "-c", setup + "; import cni.plugin"]),
@@ -162,6 +167,7 @@ def inside(opts) -> int:
     config = weft_config(state, manifests)
     bench.run_case([launcher], config, 1, 1)                  # first ADD: reads the manifests, writes node.json
     cases = [("weft (installed launcher)", [launcher], config),
+             ("weft, \"helper\": false", [launcher], {**config, "helper": False}),
              ("weft (weft-cni console script)", [console], config)]
     if (REFERENCE_DIR / "ptp").exists():
         cases.append(("ptp + host-local (Debian)", [str(REFERENCE_DIR / "ptp")], reference_config(work)))
@@ -177,7 +183,7 @@ def inside(opts) -> int:
             t = bench.run_case(binary, conf, rounds, concurrent)
             print(f"{name + ', ' + label:<46} {ms(statistics.median(t['ADD']))} {ms(percentile(t['ADD'], 99))}   "
                   f"{ms(statistics.median(t['DEL']))} {ms(percentile(t['DEL'], 99))}   n={len(t['ADD'])}")
-    print("\nWhere one weft ADD's time goes (medians, ms):")
+    print("\nWhere one weft ADD's time goes (medians, ms; the work is what the helper does per pod alone):")
     for key, value in startup_and_imports(sys.executable, launcher_paths()).items():
         print(f"  {key:<52} {ms(value)}")
     for key, value in work_breakdown(bench, state).items():
