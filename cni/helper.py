@@ -6,8 +6,9 @@ plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and
   with this process's user id are served (SO_PEERCRED).
 - Started by the client after a call it had to run itself (cni.client.main); a second helper in
   the same namespace cannot bind the name and exits at once.
-- Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; the
-  threads' policy steps are batched (reconciler.endpoint) into one iptables-restore.
+- Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; calls
+  for one attachment run one after the other, in the order they came; the threads' IPAM writes,
+  host-side wiring and policy steps are batched (cni.groupcommit).
 - Declines, and the client runs the call itself, when the caller's PATH or mount namespace
   (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
   "helper": false. When weft's code changed on disk, or the caller runs weft from another
@@ -53,6 +54,7 @@ class Helper:
         self.path = os.environ.get("PATH", "")
         self.mount_ns = os.fsdecode(client.mount_namespace())
         self.state_dirs: set[str] = set()
+        self.attachments: dict[tuple[str, str], tuple[threading.Lock, int]] = {}
         self.busy = 0
         self.last = time.monotonic()
         self.stopping = False
@@ -125,15 +127,32 @@ class Helper:
                 self._stop()                      # weft was upgraded (in place, or installed elsewhere)
                 return b"- stale\n"
             self.state_dirs.add(os.path.abspath(state_dir))
-        with self.lock:
             groupcommit.in_flight += 1
+            attachment = self._attachment(environ, +1)
         try:
-            code, stdout, stderr = plugin.respond(environ, stdin)
+            with attachment:
+                code, stdout, stderr = plugin.respond(environ, stdin)
         finally:
             with self.lock:
                 groupcommit.in_flight -= 1
+                self._attachment(environ, -1)
         sys.stderr.flush()
         return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
+
+
+    def _attachment(self, environ: dict[str, str], count: int) -> threading.Lock:
+        """The lock of the call's attachment (container id, ifname), held while the call runs: a
+        DEL (or a new ADD) waits for an ADD still in progress, even when that ADD's caller was
+        killed (the runtime then DELs at once). Kept while any call holds it (self.lock held)."""
+        key = (environ.get("CNI_CONTAINERID", ""), environ.get("CNI_IFNAME", ""))
+        lock, users = self.attachments.get(key, (None, 0))
+        if lock is None:
+            lock = threading.Lock()
+        if users + count:
+            self.attachments[key] = (lock, users + count)
+        else:
+            self.attachments.pop(key, None)
+        return lock
 
 
 def _mtime(path: str) -> int:

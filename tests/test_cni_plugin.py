@@ -481,6 +481,27 @@ def test_a_helper_killed_during_add_leaves_the_call_to_the_plugin(node):
     assert node.ipam_check().returncode == 0
 
 
+def test_the_runtimes_del_after_a_killed_add_waits_for_the_helper_to_finish_it(node):
+    """SIGKILL the caller while the helper may be serving its ADD; the runtime DELs at once. The
+    ADD is finished before the DEL, never after it: the DEL leaves nothing."""
+    node.add("warm-up")
+    wait_for_helper(node)
+    rng = random.Random(11)
+    for attempt in range(6):
+        proc = node.start(node.env("ADD", "a", cid=f"k{attempt}"))
+        time.sleep(rng.uniform(0.005, 0.04))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        node.ok("DEL", "a", cid=f"k{attempt}")
+        assert node.links() == ["lo", host_iface_name("x", "warm-up")], f"attempt {attempt}"
+        assert [a["pod"] for a in node.allocations()] == ["warm-up"], f"attempt {attempt}"
+        node.add("a", cid=f"k{attempt}")
+        assert node.call(node.env("CHECK", "a", cid=f"k{attempt}"))[0] == 0
+        node.ok("DEL", "a", cid=f"k{attempt}")
+    node.ok("DEL", "warm-up")
+    node.clean()
+
+
 def test_new_code_on_disk_replaces_the_helper(node):
     node.add("a")
     old = wait_for_helper(node)
