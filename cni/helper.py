@@ -86,9 +86,9 @@ class Helper:
                 self._stop()
 
     def _stale(self) -> bool:
-        for path, stamp in _weft_files().items():  # modules imported since (lazily) join as they are
-            self.stamps.setdefault(path, stamp)
-        return any(_mtime(path) != stamp for path, stamp in self.stamps.items())
+        """Whether a weft module this process loaded changed on disk since (modules imported
+        lazily, after start, are noted as they come)."""
+        return any(self.stamps.setdefault(path, now) != now for path, now in _weft_files().items())
 
     def _stop(self) -> None:
         """Free the name for a new helper at once: shutdown() also wakes the accept() blocked in
@@ -109,6 +109,8 @@ class Helper:
                     return
                 environ, stdin = _read_request(conn)
                 conn.sendall(self._answer(environ, stdin))
+        except (BrokenPipeError, ConnectionResetError):
+            pass                                  # the caller was killed; its call was completed
         except Exception as exc:                  # a broken caller must not take the helper down
             print(f"weft-cni helper: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
@@ -153,13 +155,6 @@ class Helper:
         else:
             self.attachments.pop(key, None)
         return lock
-
-
-def _mtime(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return -1
 
 
 def _read_request(conn: socket.socket) -> tuple[dict[str, str], bytes]:
