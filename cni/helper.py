@@ -29,7 +29,7 @@ import time
 
 from cni import client, groupcommit
 
-IDLE_EXIT = 600.0
+IDLE_EXIT = 120.0
 LOG_FILE = "cni-helper.log"
 
 
