@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 CACHE_FILE = "desired.cache"
 
 
@@ -38,7 +38,10 @@ class DesiredCache:
     token: str                                   # changes whenever the desired objects change
     cursors: dict = field(default_factory=dict)  # per-source positions (resourceVersions, digests)
     blobs: dict = field(default_factory=dict)     # group (a kind, a file) -> pickle of its objects
+    digests: dict = field(default_factory=dict)   # group -> sha256 of its blob
+    kinds: dict = field(default_factory=dict)     # group -> the model kinds of its objects ("Pod", ...)
     rendered: dict = field(default_factory=dict)  # node -> (token, rendered value)
+    bases: dict = field(default_factory=dict)     # node -> what its rendered sets' members came from
     code: str = ""
 
     def groups(self) -> dict:
@@ -50,13 +53,35 @@ class DesiredCache:
         policy does not re-pickle ten thousand pods."""
         for group in groups if changed is None else changed:
             if group in groups:
-                self.blobs[group] = pickle.dumps(groups[group], protocol=pickle.HIGHEST_PROTOCOL)
+                value = groups[group]
+                self.blobs[group] = blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                self.digests[group] = hashlib.sha256(blob).hexdigest()
+                entries = value.values() if isinstance(value, dict) else value
+                self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
         self.blobs = {g: b for g, b in self.blobs.items() if g in groups}
+        self.digests = {g: d for g, d in self.digests.items() if g in groups}
+        self.kinds = {g: k for g, k in self.kinds.items() if g in groups}
+
+    def basis(self, kinds) -> str:
+        """A digest that changes whenever any object of `kinds` does (the groups holding them),
+        read without unpickling a thing."""
+        kinds = frozenset(kinds)
+        parts = sorted(f"{g!r}={self.digests.get(g, '?')}" for g in self.blobs if self.kinds.get(g, kinds) & kinds)
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def rendered_for(self, node: str, key: str):
         """What was rendered for `node` from exactly these inputs (`key`), or None."""
         have, value = self.rendered.get(node, (None, None))
         return value if have == key else None
+
+    def keep_render(self, node: str, key: str, value, basis: str) -> None:
+        self.rendered[node] = (key, value)
+        self.bases[node] = basis
+
+    def last_render(self, node: str, basis: str):
+        """The last value rendered for `node` if its `basis` was this one (whatever its key), else None."""
+        _key, value = self.rendered.get(node, (None, None))
+        return value if basis and self.bases.get(node) == basis else None
 
 
 def load(state_dir: Path, source: str) -> DesiredCache | None:

@@ -41,6 +41,8 @@ for _api in CALICO_API_VERSIONS:
     KINDS[(_api, "BGPConfiguration")] = Kind("BGPConfiguration", False, bgp.bgp_configuration, "bgp_configurations")
     KINDS[(_api, "BGPPeer")] = Kind("BGPPeer", False, bgp.bgp_peer, "bgp_peers")
 KINDS[("v1", "Secret")] = Kind("Secret", True, bgp.secret, "secrets")
+# The kinds whose objects become endpoints or namespaces: what selectors are evaluated over.
+ENDPOINT_KINDS = frozenset(k.name for k in KINDS.values() if k.field in ("endpoints", "namespaces"))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from desired.errors import WeftError
+from desired.loader import ENDPOINT_KINDS
 from desired.model import Endpoint
 from probes.backend import Backend, detect, other_has_weft
 from probes.dataplane import probe_dataplane, start_probe
@@ -66,21 +67,25 @@ def desired_state(opts: Options, destroy: bool = False) -> Desired:
         return Desired(EMPTY)
     allocations = local_allocations(opts.state_dir)
     reading = sources.read(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
-    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, sorted(
-        (a.namespace, a.pod, a.iface, tuple(a.ips)) for a in allocations))).encode()).hexdigest()[:16]
+    addressed = hashlib.sha256(repr(sorted((a.namespace, a.pod, a.iface, tuple(a.ips))
+                                           for a in allocations)).encode()).hexdigest()[:16]
+    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, addressed)).encode()).hexdigest()[:16]
     desired = reading.cache.rendered_for(opts.node, key)
     if desired is None:
         state = reading.state()
         addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
         state = state.with_local_addresses(opts.node, addresses)
         pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
-        dataplane = render_node(state, opts.node, pending)
+        # What set members are computed from: every endpoint (as addressed here) and namespace.
+        basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
+        last = reading.cache.last_render(opts.node, basis)
+        dataplane = render_node(state, opts.node, pending, last.dataplane.ipsets if last else None)
         state = _with_peer_secrets(opts, state)
         me = state.nodes.get(opts.node)
         desired = Desired(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key),
                           bird.desired_config(state, opts.node, opts.state_dir, opts.bird_socket),
                           (state.ippools, state.blocks, dict(me.labels) if me else {}))
-        reading.cache.rendered[opts.node] = (key, desired)
+        reading.cache.keep_render(opts.node, key, desired, basis)
         reading.dirty = True
     if reading.dirty:
         sources.commit(opts.state_dir, reading)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+from collections.abc import Callable, Mapping
 from functools import cache
 
 from desired.index import EndpointIndex
@@ -39,20 +40,36 @@ def ipset_net(net: str) -> list[str]:
 
 
 class SetCatalog:
-    """Collects the sets the rendered rules refer to, with their members."""
+    """Collects the sets the rendered rules refer to, with their members.
 
-    def __init__(self, index: EndpointIndex):
-        self.index = index
+    `index` may be a function that builds the index: it is built only when some set's members
+    must be computed. `reuse` holds sets of a previous render whose members were computed from
+    the same endpoints and namespaces (the caller vouches for that): a peers or named-port set
+    found there is taken as it is (its meaning is its name; nets sets cost nothing to make).
+    """
+
+    def __init__(self, index: EndpointIndex | Callable[[], EndpointIndex], reuse: Mapping[str, IpSet] | None = None):
+        self._index = index
+        self.reuse = reuse or {}
         self.sets: dict[str, IpSet] = {}
+
+    @property
+    def index(self) -> EndpointIndex:
+        if not isinstance(self._index, EndpointIndex):
+            self._index = self._index()
+        return self._index
 
     def peers(self, entity: EntityMatch) -> str:
         key = entity_key(entity)
         name = f"{PREFIX}s-{short_hash('peers', key)}"
         if name not in self.sets:
-            eps = self.index.endpoints
-            members = frozenset(ip for i in self.index.match(entity) for ip in eps[i].ips if ":" not in ip)
-            self.sets[name] = IpSet(name, "hash:ip", members, about=f"endpoints matching {key}")
+            self.sets[name] = self.reuse.get(name) or self._peers(name, entity, key)
         return name
+
+    def _peers(self, name: str, entity: EntityMatch, key: str) -> IpSet:
+        eps = self.index.endpoints
+        members = frozenset(ip for i in self.index.match(entity) for ip in eps[i].ips if ":" not in ip)
+        return IpSet(name, "hash:ip", members, about=f"endpoints matching {key}")
 
     def nets(self, nets: tuple[str, ...]) -> str:
         normal = sorted({m for n in nets for m in ipset_net(n)})
@@ -65,13 +82,16 @@ class SetCatalog:
         key = entity_key(entity)
         name = f"{PREFIX}p-{short_hash('named-port', key, port_name, protocol or '*')}"
         if name not in self.sets:
-            eps = self.index.endpoints
-            members = frozenset(
-                f"{ip},{cp.protocol}:{cp.port}"
-                for i in self.index.match(entity) for cp in eps[i].ports
-                if cp.name == port_name and (protocol is None or cp.protocol == protocol)
-                for ip in eps[i].ips if ":" not in ip
-            )
-            about = f"port {port_name!r}/{protocol or 'any'} of endpoints matching {key}"
-            self.sets[name] = IpSet(name, "hash:ip,port", members, about=about)
+            self.sets[name] = self.reuse.get(name) or self._named_port(name, entity, key, port_name, protocol)
         return name
+
+    def _named_port(self, name: str, entity: EntityMatch, key: str, port_name: str, protocol: str | None) -> IpSet:
+        eps = self.index.endpoints
+        members = frozenset(
+            f"{ip},{cp.protocol}:{cp.port}"
+            for i in self.index.match(entity) for cp in eps[i].ports
+            if cp.name == port_name and (protocol is None or cp.protocol == protocol)
+            for ip in eps[i].ips if ":" not in ip
+        )
+        about = f"port {port_name!r}/{protocol or 'any'} of endpoints matching {key}"
+        return IpSet(name, "hash:ip,port", members, about=about)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import cache
 
 from desired.index import EndpointIndex
@@ -36,7 +37,7 @@ from desired.model import (
     Policy,
     Rule,
 )
-from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks
+from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks, IpSet
 from renderers.ipsets import SetCatalog, short_hash
 from renderers.routes import render_links, render_routes
 from renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, base_matches, chain_lines, pending_specs
@@ -55,8 +56,19 @@ def policy_chain_name(policy: Policy, direction: str) -> str:
     return f"{PREFIX}p{'i' if direction == INGRESS else 'o'}-{short_hash('policy', policy.tier, policy.key)}"
 
 
-def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: SetCatalog,
-                  pending: tuple[Endpoint, ...] = ()) -> Dataplane:
+def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (),
+                reuse: Mapping[str, IpSet] | None = None) -> Dataplane:
+    """Everything weft should own on `node`, as kernel text. A pure function of its input.
+
+    `reuse`: the sets of a previous render whose members were computed from the same endpoints
+    (as addressed here) and namespaces; the caller vouches for that. A peer or named-port set
+    found there is taken as it is, and the index of every endpoint is built only for sets that
+    are not: the result equals a render without `reuse`.
+    """
+    return _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
+
+
+def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tuple[Endpoint, ...]) -> Dataplane:
     """`pending`: local pods wired by the CNI plugin that the desired state does not show yet
     (their labels are unknown): closed wherever a policy of their namespace could apply."""
     known = state.local_endpoints(node)
@@ -72,7 +84,7 @@ def render_filter(state: ClusterState, node: str, index: EndpointIndex, sets: Se
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
-    applying = _policies_by_endpoint(state, node, known, index)
+    applying = _policies_by_endpoint(state, known)
     for ep in local:
         for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
             name = f"{PREFIX}{kind}-{ep.iface}"
@@ -128,12 +140,15 @@ def _sort_key(order: float | None, name: str) -> tuple:
     return (order is None, order or 0.0, name)
 
 
-def _policies_by_endpoint(state: ClusterState, node: str, local, index: EndpointIndex) -> dict:
-    """For each local endpoint and direction: its applicable policies in evaluation order."""
-    local_positions = frozenset(i for i, ep in enumerate(index.endpoints) if ep.node == node)
+def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict:
+    """For each local endpoint and direction: its applicable policies in evaluation order.
+
+    Selection is per endpoint, so an index of the local endpoints alone selects the same ones
+    as the index of every endpoint would, at a fraction of the cost."""
+    index = EndpointIndex(replace(state, endpoints=local))
     result = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
     for policy in state.policies:
-        selected = index.select(policy.selector) & local_positions
+        selected = index.select(policy.selector)
         if policy.namespace is not None:
             selected &= index.in_namespaces((policy.namespace,))
         for i in selected:
@@ -146,9 +161,25 @@ def _policies_by_endpoint(state: ClusterState, node: str, local, index: Endpoint
     return result
 
 
-def might_apply(policies, namespace: str, direction: str) -> bool:
+def might_apply(policies, namespace: str | None, direction: str) -> bool:
     """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
-    return any(direction in p.types and p.namespace in (None, namespace) for p in policies)
+    scopes = _scopes(policies)
+    return (direction, None) in scopes or (direction, namespace) in scopes
+
+
+_last_scopes: tuple = ((), frozenset())
+
+
+def _scopes(policies) -> frozenset:
+    """(direction, namespace or None) of every policy. The snapshot asks for each namespace of the
+    same policies: the last tuple's answer is kept (the reference keeps its identity valid)."""
+    global _last_scopes
+    if _last_scopes[0] is policies:
+        return _last_scopes[1]
+    scopes = frozenset((d, p.namespace) for p in policies for d in p.types)
+    if isinstance(policies, tuple):
+        _last_scopes = (policies, scopes)
+    return scopes
 
 
 def order_policies(policies, tiers) -> list:
@@ -244,9 +275,3 @@ def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None
             name = sets.named_port(entity, p.name, protocol)
             alternatives.append(f"-m set --match-set {name} {direction},{direction}")
     return tuple(alternatives)
-
-
-def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = ()) -> Dataplane:
-    """Everything weft should own on `node`, as kernel text. A pure function of its input."""
-    index = EndpointIndex(state)
-    return render_filter(state, node, index, SetCatalog(index), pending)
