@@ -5,17 +5,21 @@ from renderers.dataplane import PREFIX, IpSet
 
 
 def parse_save(text: str) -> dict[str, IpSet]:
-    header: dict[str, tuple[str, str]] = {}
-    members: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 3 or not parts[1].startswith(PREFIX):
+    """weft's sets in `ipset save` output: each set's "create" line, then its "add" lines.
+
+    A node's sets print megabytes: the text is cut at the "create" lines and each of weft's
+    sets takes its members by slicing, which is several times faster than splitting every line.
+    """
+    sets = {}
+    for block in ("\n" + text).split("\ncreate ")[1:]:
+        header, _, body = block.partition("\n")
+        parts = header.split()
+        if len(parts) < 2 or not parts[0].startswith(PREFIX):
             continue
-        if parts[0] == "create":
-            opts = parts[3:]
-            family = opts[opts.index("family") + 1] if "family" in opts else "inet"
-            header[parts[1]] = (parts[2], family)
-            members[parts[1]] = set()
-        elif parts[0] == "add":
-            members.setdefault(parts[1], set()).add(parts[2])
-    return {n: IpSet(n, t, frozenset(members[n]), f) for n, (t, f) in header.items()}
+        name, opts = parts[0], parts[2:]
+        family = opts[opts.index("family") + 1] if "family" in opts else "inet"
+        add = f"add {name} "
+        start = len(add)
+        members = frozenset(line[start:].split(" ", 1)[0] for line in body.split("\n") if line.startswith(add))
+        sets[name] = IpSet(name, parts[1], members, family)
+    return sets
