@@ -13,8 +13,8 @@ import threading
 import time
 
 # How many calls this process is serving at once (the CNI helper keeps it; 0 in a plain plugin run).
-# While others are in flight, a batch's leader lingers a little for them to join its batch: one
-# more pod in a batch costs far less than one more batch.
+# While others are in flight, the leader of a batch that costs processes (`linger=True`) waits a
+# little for them to join: one more pod in such a batch costs far less than one more batch.
 in_flight = 0
 LINGER_GAP = 0.008                     # go when no call joined for this long,
 LINGER_MAX = 0.030                     # or after this long in all
@@ -37,8 +37,8 @@ class GroupCommit:
     """`work(key, calls)` does a batch of calls with the same key and settles each; an exception
     it raises becomes the error of every call it had not settled."""
 
-    def __init__(self, work):
-        self._work = work
+    def __init__(self, work, linger: bool = False):
+        self._work, self._linger = work, linger
         self._queue: list[Call] = []
         self._queue_lock = threading.Condition()
         self._leader = threading.Lock()
@@ -52,7 +52,7 @@ class GroupCommit:
             if not call.done:
                 with self._queue_lock:
                     deadline = time.monotonic() + LINGER_MAX
-                    while in_flight > len(self._queue) and time.monotonic() < deadline:
+                    while self._linger and in_flight > len(self._queue) and time.monotonic() < deadline:
                         if not self._queue_lock.wait(LINGER_GAP):
                             break
                     batch, self._queue = self._queue, []

@@ -175,6 +175,9 @@ def cmd_add(inv: spec.Invocation, conf: Config) -> dict:
         except ipam.IpamError as exc:
             code = spec.TRY_AGAIN_LATER if isinstance(exc, ipam.ClaimUnavailable) else spec.DESIRED_STATE
             raise CniError(code, "cannot allocate an address", str(exc)) from None
+        # The endpoint's policy goes in while the pod is wired: neither needs the other, and ADD
+        # returns only when both are done.
+        policy = _Background(_add_endpoint, conf, namespace, pod, iface, allocation.ips)
         wired = False
         try:
             if iface in wiring.host_links():
@@ -182,16 +185,37 @@ def cmd_add(inv: spec.Invocation, conf: Config) -> dict:
                 wiring.delete_host_side(iface)
             wired = True
             pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias)
-            _add_endpoint(conf, namespace, pod, iface, allocation.ips)
-        except (wiring.WiringError, CniError) as exc:
+        except BaseException as exc:
+            policy.join()
             _undo_add(conf, inv, iface, alias, wired, created, store)
-            if isinstance(exc, CniError):
-                raise
-            raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc)) from None
-        except BaseException:
-            _undo_add(conf, inv, iface, alias, wired, created, store)
+            if isinstance(exc, wiring.WiringError):
+                raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc)) from None
             raise
+        failed = policy.join()
+        if failed is not None:
+            _undo_add(conf, inv, iface, alias, wired, created, store)
+            raise failed
     return result(inv, conf, iface, pod_mac, allocation.ips)
+
+
+class _Background:
+    """fn(*args) in a thread of its own; join() waits and returns what it raised, or None."""
+
+    def __init__(self, fn, *args):
+        import threading
+        self.error: BaseException | None = None
+
+        def target():
+            try:
+                fn(*args)
+            except BaseException as exc:          # handed to the caller by join()
+                self.error = exc
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self) -> BaseException | None:
+        self.thread.join()
+        return self.error
 
 
 def _add_endpoint(conf: Config, namespace: str, pod: str, iface: str, ips: tuple[str, ...]) -> None:
@@ -218,7 +242,8 @@ def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired:
             link = wiring.link_info(iface)
             if link is not None and link.get("ifalias") in (alias, None):
                 wiring.delete_host_side(iface)      # the pod side goes with it
-        steps += [unwire, lambda: _remove_endpoint(conf, iface)]
+        steps.append(unwire)
+    steps.append(lambda: _remove_endpoint(conf, iface))
     if created:
         steps.append(lambda: store.release(conf.network, inv.container_id, inv.ifname))
     for step in steps:

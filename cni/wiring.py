@@ -165,7 +165,7 @@ def _host_side_batch(_key, calls) -> None:
     together_or_alone(calls, lambda hosts: _run([IP, "-batch", "-"], [line for (lines,) in hosts for line in lines]))
 
 
-_HOST_SIDE = GroupCommit(_host_side_batch)
+_HOST_SIDE = GroupCommit(_host_side_batch, linger=True)
 
 
 def _write_sysctl(key: str, value: str) -> None:

@@ -105,7 +105,7 @@ def _run_batch(key: tuple[str, str], calls: list[Call]) -> None:
 
 # Pods added or removed at once by one process (the CNI helper's threads) share one listing of
 # the dispatch chains and one iptables-restore.
-_BATCHES = GroupCommit(_run_batch)
+_BATCHES = GroupCommit(_run_batch, linger=True)
 
 
 def _restore(state_dir: str, work, pods: list[tuple]) -> None:
