@@ -180,9 +180,12 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
         except kube.WatchExpired:
             return resource, "list", kube.list_kind(api, resource)
 
-    # Every watch ends with a quiet gap: wait for all of them at once, not a few at a time.
+    # Every watch ends with a quiet gap: wait for all of them at once, not a few at a time, and
+    # unpickle the cached objects meanwhile (needed unless nothing changed, and nearly free).
     with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
-        results = list(pool.map(one, kube.RESOURCES))
+        watches = [pool.submit(one, r) for r in kube.RESOURCES]
+        groups = cache.groups()
+        results = [w.result() for w in watches]
     for resource, _how, (_items, cursor) in results:
         cache.cursors[resource.plural + "." + resource.api_version] = cursor
     # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)
@@ -192,7 +195,7 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
                for r, how, (items, _c) in results):
         cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
         return Reading(cache.token, cache, _assembled_from(cache))
-    table = _flat(cache.groups())
+    table = _flat(groups)
     errors: list[ValidationError] = []
     touched = set()
     for resource, how, (items, _cursor) in results:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,12 +114,15 @@ def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan,
     # filter packets: they are read too, and never desired, so the plan removes them.
     others = [b for b in (other_has_weft(runner, backend),) if b]
     probing = start_probe(runner, backend, others)   # the dumps run while the desired state is read
-    try:
-        desired = desired_state(opts, destroy)
-    except BaseException:
-        _reap(probing)
-        raise
-    actual = probing()
+    # ... and are parsed meanwhile too: reading waits on the API server (a watch's quiet gap).
+    with ThreadPoolExecutor(1, thread_name_prefix="weft-probe") as pool:
+        parsed = pool.submit(probing)
+        try:
+            desired = desired_state(opts, destroy)
+        except BaseException:
+            parsed.exception()          # no child outlives a failed read; the read's error is the one
+            raise
+        actual = parsed.result()
     if destroy:
         # A running pod's wiring (its route, its interface settings) belongs to the pod: it goes
         # with the pod (CNI DEL), not with weft's policy. Routes to pods that are gone do go.
@@ -195,14 +199,6 @@ def _leave_for_cni(opts: Options, desired: Desired | None) -> None:
     pools, blocks, labels = desired.ipam
     write_node_ipam(opts.state_dir, opts.node, pools, blocks,
                     source_of(opts.from_dir, opts.kubeconfig, opts.context), labels)
-
-
-def _reap(probing) -> None:
-    """Wait for started dumps so no child outlives a failed read."""
-    try:
-        probing()
-    except Exception:  # noqa: BLE001 - the read's own error is the one to report
-        pass
 
 
 def default_state_dir() -> Path:
