@@ -84,13 +84,16 @@ class DesiredCache:
         return value if basis and self.bases.get(node) == basis else None
 
 
-def load(state_dir: Path, source: str) -> DesiredCache | None:
+def load(state_dir: Path, source: str | None = None) -> DesiredCache | None:
+    """The cache of `source` (of any source when None: the caller checks), or None."""
     try:
         with open(state_dir / CACHE_FILE, "rb") as f:
             cache = pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError):
         return None
-    if not isinstance(cache, DesiredCache) or cache.source != source or cache.code != code_token():
+    if not isinstance(cache, DesiredCache) or cache.code != code_token():
+        return None
+    if source is not None and cache.source != source:
         return None
     return cache
 

@@ -10,6 +10,9 @@ Only changed objects are converted again; the model is re-assembled from the cac
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import signal
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +44,42 @@ class Reading:
 
 def read(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
          context: str | None = None) -> Reading:
+    with start(state_dir, from_dir, kubeconfig, context) as reading:
+        return reading.finish()
+
+
+def start(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
+          context: str | None = None) -> _Started:
+    """Begin a read; `finish()` gives the Reading. Reading the API server begins at once, in a
+    child process, so the caller's own work (starting the kernel dumps) overlaps it too."""
     if from_dir:
-        return _read_dir(state_dir, Path(from_dir).resolve())
-    return _read_api(state_dir, kubeconfig, context)
+        return _Started(lambda: _read_dir(state_dir, Path(from_dir).resolve()))
+    cache = cachemod.load(state_dir)
+    child = _ApiChild(kubeconfig, context, cache).__enter__()
+    return _Started(lambda: _read_api(child, cache, kubeconfig, context), child)
+
+
+class _Started:
+    def __init__(self, finish: Callable[[], Reading], child: _ApiChild | None = None):
+        self._finish, self.child = finish, child
+
+    def finish(self) -> Reading:
+        try:
+            return self._finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Reap the child (killed if its answers were not all read); idempotent."""
+        if self.child is not None:
+            child, self.child = self.child, None
+            child.__exit__(None, None, None)
+
+    def __enter__(self) -> _Started:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def commit(state_dir: Path, reading: Reading) -> None:
@@ -111,17 +147,104 @@ def _dir_state(per_file: dict) -> ClusterState:
 
 # ---- API server -----------------------------------------------------------------------------
 
-def _read_api(state_dir: Path, kubeconfig: str | None, context: str | None) -> Reading:
+def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig: str | None,
+              context: str | None) -> Reading:
+    """Importing the official client costs ~0.4 s of CPU, most of a run that finds little to do.
+    So a forked child imports it and asks the API server what changed, on the other core, while
+    this process goes on with its own work (starting and parsing the kernel's dumps, unpickling
+    the cached objects); the child hands back only the answers."""
+    # While the child imports the client: the cached objects, needed unless nothing changed.
+    groups = cache.groups() if cache is not None and cache.token else {}
+    what, source, *rest = child.receive()
+    if what == "full":
+        from desired import kube
+        with kube.make_api_client(kubeconfig, context) as api:
+            now = kube.current_resource_version(api)
+            return _full_list(api, cachemod.DesiredCache(source, token=""), now)
+    (now,) = rest
+    if what == "same":
+        return Reading(cache.token, cache, lambda: _assembled(_flat(groups))(), dirty=False)
+    (results,) = child.receive()
+    return _watch_changes(cache, now, results, groups)
+
+
+def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str | None,
+             cache: cachemod.DesiredCache | None) -> None:
+    """The child's part: ("full", source) when the cache is of no use (a full list follows, in
+    the parent), ("same", source, now) when nothing changed, else ("moved", source, now) and
+    then (results,), the watches' (resource, "events"|"list", (items, cursor)) for every kind."""
     from desired import kube
     with kube.make_api_client(kubeconfig, context) as api:
         source = f"api:{api.configuration.host}"
-        cache = cachemod.load(state_dir, source)
+        if cache is None or cache.source != source or not cache.token:
+            send(("full", source))
+            return
         now = kube.current_resource_version(api)
-        if cache is None or not cache.token:
-            return _full_list(api, cachemod.DesiredCache(source, token=""), now)
         if now and now == cache.cursors.get("*"):
-            return Reading(cache.token, cache, _assembled_from(cache), dirty=False)
-        return _watch_changes(api, cache, now)
+            send(("same", source, now))
+            return
+        send(("moved", source, now))
+        send((_watch_all(api, cache.cursors),))
+
+
+class _ApiChild:
+    """A forked process running `_ask_api`; its messages are pickles on a pipe. It only reads
+    the API server and exits (os._exit: nothing of the parent's is flushed or cleaned twice);
+    leaving the block reaps it, killing it first if its answers were not all read."""
+
+    def __init__(self, kubeconfig: str | None, context: str | None, cache: cachemod.DesiredCache | None):
+        self.args = (kubeconfig, context, cache)
+        self.done = False
+
+    def __enter__(self) -> _ApiChild:
+        read_end, write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:                       # the child
+            code = 0
+            try:
+                os.close(read_end)
+                with os.fdopen(write_end, "wb") as out:
+                    def send(message: tuple) -> None:
+                        pickle.dump(message, out, protocol=pickle.HIGHEST_PROTOCOL)
+                        out.flush()
+                    try:
+                        _ask_api(send, *self.args)
+                    except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent
+                        send(("error", _portable(exc)))
+            except BaseException:  # noqa: BLE001 - the pipe is gone: the parent is gone or failing
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self.input = os.fdopen(read_end, "rb")
+        return self
+
+    def receive(self) -> tuple:
+        try:
+            message = pickle.load(self.input)
+        except EOFError:
+            raise SourceError("reading the Kubernetes API: the reading process ended without an answer") from None
+        self.done = message[0] in ("error", "full", "same") or len(message) == 1   # its last message
+        if message[0] == "error":
+            raise message[1]
+        return message
+
+    def __exit__(self, *exc) -> None:
+        self.input.close()
+        try:
+            if not self.done:
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ChildProcessError, ProcessLookupError):
+            pass
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else a SourceError saying what it was."""
+    try:
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001
+        return SourceError(f"reading the Kubernetes API: {type(exc).__name__}: {exc}")
 
 
 def _assembled_from(cache: cachemod.DesiredCache) -> Callable[[], ClusterState]:
@@ -168,11 +291,13 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     return Reading(cache.token, cache, lambda: state, state)
 
 
-def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
+def _watch_all(api, cursors: dict) -> list:
+    """Each kind's events since its cursor; a kind without one, or whose events are no longer
+    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once."""
     from desired import kube
 
     def one(resource):
-        cursor = cache.cursors.get(resource.plural + "." + resource.api_version, "")
+        cursor = cursors.get(resource.plural + "." + resource.api_version, "")
         try:
             if not cursor:
                 raise kube.WatchExpired(resource.kind)
@@ -180,12 +305,11 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
         except kube.WatchExpired:
             return resource, "list", kube.list_kind(api, resource)
 
-    # Every watch ends with a quiet gap: wait for all of them at once, not a few at a time, and
-    # unpickle the cached objects meanwhile (needed unless nothing changed, and nearly free).
     with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
-        watches = [pool.submit(one, r) for r in kube.RESOURCES]
-        groups = cache.groups()
-        results = [w.result() for w in watches]
+        return list(pool.map(one, kube.RESOURCES))
+
+
+def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups: dict) -> Reading:
     for resource, _how, (_items, cursor) in results:
         cache.cursors[resource.plural + "." + resource.api_version] = cursor
     # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)
@@ -194,7 +318,7 @@ def _watch_changes(api, cache: cachemod.DesiredCache, now: str) -> Reading:
     if not any(items if how == "events" else items or (r.api_version, r.kind) in cache.blobs
                for r, how, (items, _c) in results):
         cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
-        return Reading(cache.token, cache, _assembled_from(cache))
+        return Reading(cache.token, cache, lambda: _assembled(_flat(groups))())
     table = _flat(groups)
     errors: list[ValidationError] = []
     touched = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def local_allocations(state_dir: Path) -> list:
     return [a for a in read_allocations(state_dir) if a.active]
 
 
-def desired_state(opts: Options, destroy: bool = False) -> Desired:
+def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired:
     """The desired dataplane of this node.
 
     Local pods take their addresses from the node's IPAM allocations, and pods the CNI plugin
@@ -67,7 +68,8 @@ def desired_state(opts: Options, destroy: bool = False) -> Desired:
     if destroy:
         return Desired(EMPTY)
     allocations = local_allocations(opts.state_dir)
-    reading = sources.read(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
+    started = started or sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
+    reading = started.finish()
     addressed = hashlib.sha256(repr(sorted((a.namespace, a.pod, a.iface, tuple(a.ips))
                                            for a in allocations)).encode()).hexdigest()[:16]
     key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, addressed)).encode()).hexdigest()[:16]
@@ -109,29 +111,38 @@ def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
 
 def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane, Desired]:
     """Validate the desired state before touching the kernel at all, then compare."""
-    backend = detect(runner, opts.backend)
-    # weft's chains left in the other backend (a run with the other --iptables-backend) still
-    # filter packets: they are read too, and never desired, so the plan removes them.
-    others = [b for b in (other_has_weft(runner, backend),) if b]
-    probing = start_probe(runner, backend, others)   # the dumps run while the desired state is read
-    # ... and are parsed meanwhile too: reading waits on the API server (a watch's quiet gap).
-    with ThreadPoolExecutor(1, thread_name_prefix="weft-probe") as pool:
-        parsed = pool.submit(probing)
-        try:
-            desired = desired_state(opts, destroy)
-        except BaseException:
-            parsed.exception()          # no child outlives a failed read; the read's error is the one
-            raise
-        actual = parsed.result()
+    from desired import sources
+    # The read begins first (from the API server it runs in a child process), then the kernel's
+    # dumps; the dumps are parsed (and fingerprinted) in a worker while the read is finished.
+    reading = nullcontext() if destroy else sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
+    with reading as started:
+        backend = detect(runner, opts.backend)
+        # weft's chains left in the other backend (a run with the other --iptables-backend) still
+        # filter packets: they are read too, and never desired, so the plan removes them.
+        others = [b for b in (other_has_weft(runner, backend),) if b]
+        probing = start_probe(runner, backend, others)
+        with ThreadPoolExecutor(1, thread_name_prefix="weft-probe") as pool:
+            parsed = pool.submit(_parsed, probing)
+            try:
+                desired = desired_state(opts, destroy, started)
+            except BaseException:
+                parsed.exception()          # no dump outlives a failed read; the read's error is the one
+                raise
+            actual, fingerprint = parsed.result()
     if destroy:
         # A running pod's wiring (its route, its interface settings) belongs to the pod: it goes
         # with the pod (CNI DEL), not with weft's policy. Routes to pods that are gone do go.
         live = {dst: r for dst, r in actual.routes.items() if r.dev in actual.links}
         desired = Desired(Dataplane({}, {}, {}, live, actual.links))
     bird_change = bird.plan_config(desired.bird_config, opts.state_dir, opts.bird_socket)
-    plan = Plan(opts.node, backend.name, actual.fingerprint(), diff(desired.dataplane, actual), desired.ignored,
+    plan = Plan(opts.node, backend.name, fingerprint, diff(desired.dataplane, actual), desired.ignored,
                 bird_change)
     return plan, actual, desired
+
+
+def _parsed(probing) -> tuple[Dataplane, str]:
+    actual = probing()
+    return actual, actual.fingerprint()
 
 
 def lock(opts: Options) -> FileLock:

@@ -8,11 +8,13 @@ on disk; parsing is counted to prove unchanged files are not parsed again.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 
 from desired import manifests, sources
-from desired.errors import InvalidDesiredState
+from desired.errors import InvalidDesiredState, SourceError
 from desired.loader import build_cluster_state
 from tests.kubeapi import FakeKubeAPI
 from tests.nodens import namespace, pod, policy, write_manifests
@@ -95,6 +97,39 @@ def test_api_invalid_change_is_refused_and_read_again_until_fixed(api, tmp_path)
     api.put(pod("x", "bad", "198.18.5.9"))
     _, state = committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
     assert "x/bad" in keys(state)[0]
+
+
+def _children() -> list[int]:
+    """This process's child processes (zombies included)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_api_read_errors_come_from_the_reading_child_and_it_is_reaped(tmp_path):
+    """The API is read in a forked child: its failure is this read's error, and no child is left."""
+    before = set(_children())
+    config = tmp_path / "kubeconfig"
+    with FakeKubeAPI() as dead:
+        dead.write_kubeconfig(config)
+    with pytest.raises(SourceError, match="no answer from the API server"):
+        sources.read(tmp_path / "s", None, str(config))
+    assert set(_children()) <= before
+
+
+def test_api_read_abandoned_before_its_answer_leaves_no_child(api, tmp_path):
+    committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
+    api.put(pod("y", "c", "198.18.5.3"))
+    before = set(_children())
+    with sources.start(tmp_path / "s", None, api.kubeconfig) as started:
+        assert started.child is not None
+    assert set(_children()) <= before
 
 
 # --- manifest directory ----------------------------------------------------------------------
