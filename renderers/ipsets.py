@@ -21,7 +21,8 @@ from renderers.dataplane import PREFIX, IpSet
 def short_hash(*parts: str, length: int = 20) -> str:
     """A stable lowercase name fragment for `parts` (base32 of sha256; no '-' or '_')."""
     digest = hashlib.sha256("\0".join(parts).encode()).digest()
-    return base64.b32encode(digest).decode().lower()[:length]
+    # base32 turns each 5 bytes into 8 characters on their own: encode only the bytes needed.
+    return base64.b32encode(digest[:5 * -(-length // 8)]).decode().lower()[:length]
 
 
 def entity_key(entity: EntityMatch) -> str:
