@@ -151,10 +151,8 @@ def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig:
               context: str | None) -> Reading:
     """Importing the official client costs ~0.4 s of CPU, most of a run that finds little to do.
     So a forked child imports it and asks the API server what changed, on the other core, while
-    this process goes on with its own work (starting and parsing the kernel's dumps, unpickling
-    the cached objects); the child hands back only the answers."""
-    # While the child imports the client: the cached objects, needed unless nothing changed.
-    groups = cache.groups() if cache is not None and cache.token else {}
+    this process goes on with its own work (starting and parsing the kernel's dumps; once the
+    cluster's version moved, unpickling the cached objects); the child hands back only answers."""
     what, source, *rest = child.receive()
     if what == "full":
         from desired import kube
@@ -163,7 +161,10 @@ def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig:
             return _full_list(api, cachemod.DesiredCache(source, token=""), now)
     (now,) = rest
     if what == "same":
-        return Reading(cache.token, cache, lambda: _assembled(_flat(groups))(), dirty=False)
+        return Reading(cache.token, cache, _assembled_from(cache), dirty=False)
+    # The cluster moved: unpickle the cached objects while the child waits out its watches'
+    # quiet gap (not before: a run with nothing to do needs none of them).
+    groups = cache.groups()
     (results,) = child.receive()
     return _watch_changes(cache, now, results, groups)
 
