@@ -9,6 +9,7 @@ Only changed objects are converted again; the model is re-assembled from the cac
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import pickle
@@ -202,6 +203,7 @@ class _ApiChild:
         self.pid = os.fork()
         if self.pid == 0:                       # the child
             code = 0
+            gc.disable()                        # it lives for one import and a few requests
             try:
                 os.close(read_end)
                 with os.fdopen(write_end, "wb") as out:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from desired.cache import gc_paused
 from desired.errors import WeftError
 from desired.loader import ENDPOINT_KINDS
 from desired.model import Endpoint
@@ -115,7 +116,7 @@ def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan,
     # The read begins first (from the API server it runs in a child process), then the kernel's
     # dumps; the dumps are parsed (and fingerprinted) in a worker while the read is finished.
     reading = nullcontext() if destroy else sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
-    with reading as started:
+    with reading as started, gc_paused():
         backend = detect(runner, opts.backend)
         # weft's chains left in the other backend (a run with the other --iptables-backend) still
         # filter packets: they are read too, and never desired, so the plan removes them.
