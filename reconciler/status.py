@@ -10,7 +10,6 @@ from pathlib import Path
 
 from probes import bird as probe
 from reconciler.output import emit
-from renderers.bird import KINDS, parse_protocol_name
 
 FORMAT_VERSION = 1
 BLOCKS_PROTOCOLS = ("weft_blocks_v4", "weft_blocks_v6")
@@ -30,6 +29,7 @@ def collect(socket: str) -> dict:
             "peers": [], "blocks": [], "other_bgp": []}
     if not data["running"]:
         return data
+    from renderers.bird import KINDS, parse_protocol_name  # not on every weft command's import path
     routes = probe.show_routes(socket)
     by_protocol: dict[str, list] = {}
     for route in routes:

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import jinja2
-
 from desired.bgp import DEFAULT_AS_NUMBER, duration_seconds, secret_value
 from desired.errors import InvalidDesiredState, ValidationError, WeftError
 from desired.model import BGPConfiguration, BGPPeer, ClusterState, Node
@@ -365,7 +363,10 @@ def _bird_string(value: str, what: str) -> str:
 
 
 @cache
-def _template() -> jinja2.Template:
+def _template():
+    """The template, loaded on first use: jinja2 costs ~30 ms to import, and most runs render no
+    BIRD config (BGP off, or nothing changed)."""
+    import jinja2
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     return env.get_template("bird.conf.j2")
