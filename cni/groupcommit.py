@@ -22,12 +22,12 @@ LINGER_MAX = 0.030                     # or after this long in all
 
 class Call:
     """One caller's request in a batch; the batch's work settles it with a result or an error."""
-    __slots__ = ("key", "args", "result", "error", "settled", "done")
+    __slots__ = ("key", "args", "result", "error", "settled")
 
     def __init__(self, key, args: tuple):
         self.key, self.args = key, args
         self.result = self.error = None
-        self.settled = self.done = False
+        self.settled = False
 
     def settle(self, result=None, error: BaseException | None = None) -> None:
         self.result, self.error, self.settled = result, error, True
@@ -49,29 +49,32 @@ class GroupCommit:
             self._queue.append(call)
             self._queue_lock.notify_all()
         with self._leader:
-            if not call.done:
-                with self._queue_lock:
-                    deadline = time.monotonic() + LINGER_MAX
-                    while self._linger and in_flight > len(self._queue) and time.monotonic() < deadline:
-                        if not self._queue_lock.wait(LINGER_GAP):
-                            break
-                    batch, self._queue = self._queue, []
-                groups: dict = {}
-                for queued in batch:
-                    groups.setdefault(queued.key, []).append(queued)
-                for group_key, calls in groups.items():
-                    try:
-                        self._work(group_key, calls)
-                    except BaseException as exc:
-                        for unsettled in calls:
-                            if not unsettled.settled:
-                                unsettled.settle(error=exc)
-                    finally:
-                        for settled in calls:
-                            settled.done = True
+            if not call.settled:                  # no earlier leader took it: lead a batch
+                self._lead(self._take_batch())
         if call.error is not None:
             raise call.error
         return call.result
+
+    def _take_batch(self) -> list[Call]:
+        with self._queue_lock:
+            deadline = time.monotonic() + LINGER_MAX
+            while self._linger and in_flight > len(self._queue) and time.monotonic() < deadline:
+                if not self._queue_lock.wait(LINGER_GAP):
+                    break
+            batch, self._queue = self._queue, []
+        return batch
+
+    def _lead(self, batch: list[Call]) -> None:
+        groups: dict = {}
+        for queued in batch:
+            groups.setdefault(queued.key, []).append(queued)
+        for group_key, calls in groups.items():
+            try:
+                self._work(group_key, calls)
+            except BaseException as exc:
+                for call in calls:
+                    if not call.settled:
+                        call.settle(error=exc)
 
 
 def together_or_alone(calls: list[Call], do) -> None:

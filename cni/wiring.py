@@ -61,11 +61,7 @@ def _run(argv: list[str], commands: list[str] | None = None, check: bool = True,
     stdin = "".join(c + "\n" for c in commands) if commands else None
     where = f" (in {netns})" if netns else ""
     try:
-        if netns is None:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        else:
-            proc = _start_in_netns(netns, argv, stdin is not None)
+        proc = _start(argv, stdin is not None) if netns is None else _start_in_netns(netns, argv, stdin is not None)
         out, err = proc.communicate(stdin)
     except OSError as exc:
         raise WiringError(f"{argv[0]}{where}: {exc.strerror}") from None
@@ -89,13 +85,17 @@ def _start_in_netns(netns: str, argv: list[str], with_stdin: bool) -> subprocess
         except OSError as exc:
             raise WiringError(f"cannot enter network namespace {netns}: {exc.strerror}") from None
         try:
-            return subprocess.Popen(argv, stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            return _start(argv, with_stdin)
         finally:
             _setns(home)                       # cannot fail: it is where this thread came from
     finally:
         os.close(target)
         os.close(home)
+
+
+def _start(argv: list[str], with_stdin: bool) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _setns(fd: int) -> None:
