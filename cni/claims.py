@@ -47,25 +47,23 @@ def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, con
     naming the pools when every block of them belongs to some node, ClaimUnavailable when the API
     server cannot be used.
     """
-    from kubernetes.client.exceptions import ApiException
-
     from desired.errors import SourceError
-    from desired.kube import make_api_client, request
+    from desired.kube import ApiError, connect
 
     try:
-        with make_api_client(kubeconfig, context) as api:
-            existing = request(api, "GET", BLOCKS_PATH, timeout=timeout).get("items") or []
+        with connect(kubeconfig, context) as api:
+            existing = api.request("GET", BLOCKS_PATH, timeout=timeout).get("items") or []
             owners = {(b.get("spec") or {}).get("cidr"): (b.get("spec") or {}).get("affinity") for b in existing}
             for pool in pools:
                 for net in ipaddress.ip_network(pool["cidr"]).subnets(new_prefix=pool["block_size"]):
                     cidr = str(net)
                     if cidr in skip or (cidr in owners and owners[cidr] != AFFINITY_HOST_PREFIX + node):
                         continue
-                    if cidr not in owners and not _create_block(api, request, ApiException, cidr, node, timeout):
+                    if cidr not in owners and not _create_block(api, cidr, node, timeout):
                         continue
-                    _confirm_affinity(api, request, ApiException, cidr, node, timeout)
+                    _confirm_affinity(api, cidr, node, timeout)
                     return {"cidr": cidr, "pool": pool["name"], "origin": f"IPAMBlock {block_name(cidr)}"}
-    except ApiException as exc:
+    except ApiError as exc:
         raise ClaimUnavailable(f"claiming a block for node {node!r}: the API server answered "
                                f"HTTP {exc.status} {exc.reason}") from None
     except SourceError as exc:
@@ -74,22 +72,24 @@ def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, con
     raise Exhausted(f"IPPool {names} is exhausted: every block is claimed by a node, none is free for {node!r}")
 
 
-def _create_block(api, request, ApiException, cidr: str, node: str, timeout: float) -> bool:
+def _create_block(api, cidr: str, node: str, timeout: float) -> bool:
     """Create the block's IPAMBlock; True if it is (now or already) this node's."""
+    from desired.kube import ApiError
     try:
-        request(api, "POST", BLOCKS_PATH, body=ipam_block_object(cidr, node), timeout=timeout)
+        api.request("POST", BLOCKS_PATH, body=ipam_block_object(cidr, node), timeout=timeout)
         return True
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status != 409:
             raise
     # Someone created it first: it is ours only if that someone was this node.
-    current = request(api, "GET", f"{BLOCKS_PATH}/{block_name(cidr)}", timeout=timeout)
+    current = api.request("GET", f"{BLOCKS_PATH}/{block_name(cidr)}", timeout=timeout)
     return (current.get("spec") or {}).get("affinity") == AFFINITY_HOST_PREFIX + node
 
 
-def _confirm_affinity(api, request, ApiException, cidr: str, node: str, timeout: float) -> None:
+def _confirm_affinity(api, cidr: str, node: str, timeout: float) -> None:
+    from desired.kube import ApiError
     try:
-        request(api, "POST", AFFINITIES_PATH, body=block_affinity_object(cidr, node), timeout=timeout)
-    except ApiException as exc:
+        api.request("POST", AFFINITIES_PATH, body=block_affinity_object(cidr, node), timeout=timeout)
+    except ApiError as exc:
         if exc.status != 409:            # already recorded (by us: the name holds the node)
             raise

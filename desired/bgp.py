@@ -331,19 +331,17 @@ def secret_value(secrets, ref: SecretKeyRef) -> str | None:
     return None
 
 
-def fetch_peer_secrets(api_client, peers) -> tuple[Secret, ...]:
+def fetch_peer_secrets(api, peers) -> tuple[Secret, ...]:
     """From the API server: the Secrets the peers' passwords refer to, one targeted GET each
     (weft does not list Secrets). A Secret found nowhere is left out; the renderer then names
     the BGPPeer whose password is missing."""
-    from kubernetes.client.exceptions import ApiException
-
-    from desired.kube import request
+    from desired.kube import ApiError
     found = []
     for name in sorted({p.password.name for p in peers if p.password is not None}):
         for ns in SECRET_NAMESPACES:
             try:
-                raw = request(api_client, "GET", f"/api/v1/namespaces/{ns}/secrets/{name}")
-            except ApiException as exc:
+                raw = api.request("GET", f"/api/v1/namespaces/{ns}/secrets/{name}")
+            except ApiError as exc:
                 if exc.status in (403, 404):
                     continue
                 raise

@@ -1,20 +1,25 @@
 """Read the desired state from the Kubernetes API server as plain manifest-shaped dicts.
 
-The official client does auth, TLS and kubeconfig handling; its typed models are skipped
-(deserialising 10k pods into V1Pod costs ~2 s against ~0.3 s for json.loads), so every list
-is fetched raw and parsed with json. Lists are paginated (`limit` + `continue`) so one huge
+The official client finds the configuration and resolves credentials (kubeconfig, exec
+plugins, the service account); requests then go over urllib3, as the client sends them, but
+skipping its typed models (deserialising 10k pods into V1Pod costs ~2 s against ~0.3 s for
+json.loads): every list is fetched raw and parsed with json. Lists are paginated (`limit` + `continue`) so one huge
 response never has to be built by the API server, and a list whose continue token expires
 mid-way is restarted, since a half-old, half-new list would mix two snapshots.
 
-`kubernetes` is imported inside the functions: it costs ~0.5 s and the CNI plugin, which
-must answer the kubelet quickly, never needs it.
+`kubernetes` is imported only to resolve a configuration: it costs ~0.25 s of CPU, and a
+reconcile run that finds nothing to do, or the CNI plugin, should not pay it (see connect).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from desired.errors import SourceError
@@ -73,7 +78,7 @@ def load_objects(kubeconfig: str | None = None, context: str | None = None, page
     `timeout` bounds each request (connect and each read), so a dead API server fails the run
     instead of hanging it. Objects come in RESOURCES order, each kind in the server's order.
     """
-    with make_api_client(kubeconfig, context) as api:
+    with connect(kubeconfig, context) as api:
         def one(resource: Resource) -> list[dict]:
             return list_kind(api, resource, page_size, timeout=timeout)[0]
 
@@ -85,15 +90,13 @@ def load_objects(kubeconfig: str | None = None, context: str | None = None, page
     return [obj for objs in per_kind for obj in objs]
 
 
-def list_kind(api_client, resource: Resource, page_size: int = 500, *,
+def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
               timeout: float = 30.0) -> tuple[list[dict], str]:
     """All objects of one resource (all namespaces) and the list's resourceVersion.
 
     The resourceVersion is where a watch can start without missing a change. A CRD that is not
     installed yields ([], "").
     """
-    from kubernetes.client.exceptions import ApiException
-
     path = resource.path()
     for _ in range(EXPIRED_RELIST_ATTEMPTS):
         items: list[dict] = []
@@ -101,89 +104,314 @@ def list_kind(api_client, resource: Resource, page_size: int = 500, *,
         try:
             while True:
                 query = [("limit", page_size)] + ([("continue", token)] if token else [])
-                page = request(api_client, "GET", path, query=query, timeout=timeout)
+                page = api.request("GET", path, query=query, timeout=timeout)
                 head = {"apiVersion": resource.api_version, "kind": resource.kind}
                 items.extend(head | item for item in page.get("items") or ())
                 meta = page.get("metadata") or {}
                 token = meta.get("continue")
                 if not token:
                     return items, meta.get("resourceVersion", "")
-        except ApiException as e:
+        except ApiError as e:
             if e.status == 404 and resource.crd:
                 return [], ""
             if e.status == 410 and token:
                 continue  # the snapshot behind the continue token is gone: list again
-            raise _source_error(api_client, f"listing {resource.kind} ({path})", e) from None
+            raise _source_error(api, f"listing {resource.kind} ({path})", e) from None
     raise SourceError(
-        f"listing {resource.kind} ({path}) from {api_client.configuration.host}: the continue token "
+        f"listing {resource.kind} ({path}) from {api.host}: the continue token "
         f"expired {EXPIRED_RELIST_ATTEMPTS} times in a row (HTTP 410 Expired); the list changes faster "
         f"than it can be paged: retry, or raise the page size")
 
 
-def request(api_client, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
-            body: dict | None = None, timeout: float = 30.0) -> dict:
-    """One JSON request through the client's auth and TLS, without its typed models.
+class ApiError(Exception):
+    """A non-2xx answer of the API server; `body` is what it sent (a Status, usually)."""
 
-    Raises the client's ApiException for a non-2xx answer (callers decide what 404/409/410
-    mean) and SourceError when the server cannot be reached.
-    """
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
+    def __init__(self, status: int, reason: str, body: bytes = b""):
+        super().__init__(status, reason, body)
+        self.status, self.reason, self.body = status, reason, body
 
-    params = api_client.param_serialize(
-        method=method, resource_path=path, query_params=query or [],
-        header_params={"Accept": "application/json", "Content-Type": "application/json"},
-        body=body, auth_settings=["BearerToken"])
-    try:
-        response = api_client.call_api(*params, _request_timeout=(timeout, timeout))
-        data = response.read()
-    except urllib3.exceptions.HTTPError as e:
+    def __str__(self) -> str:
+        return f"HTTP {self.status} {self.reason}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The API server and how to reach it, as the official client resolved it from a kubeconfig
+    or the service account: what every request of weft's needs, and nothing of the client."""
+    host: str
+    authorization: str | None = None        # the Authorization header, e.g. "Bearer ..."
+    verify: bool = True
+    ca_pem: str | None = None               # None: the system's trust store
+    cert_pem: str | None = None             # client certificate and key (TLS client auth)
+    key_pem: str | None = None
+    assert_hostname: str | bool | None = None
+    server_hostname: str | None = None      # SNI / the name the certificate must carry
+    proxy: str | None = None
+    proxy_headers: dict | None = None
+
+
+class Connection:
+    """Requests to the API server over urllib3, as the official client sends them, without its
+    import (~0.25 s of CPU: most of a run that finds nothing to do) nor its typed models.
+
+    `renew`: resolves the profile anew through the official client. A connection made from a
+    kept profile (see connect) calls it once when the server refuses the credentials or the
+    TLS handshake fails, since tokens expire and certificates rotate, then retries."""
+
+    def __init__(self, profile: Profile, renew: Callable[[], Profile] | None = None):
+        self._renew, self._lock = renew, threading.Lock()
+        self._files: list[int] = []             # kept open until close(): pools made earlier use them
+        self._use(profile)
+
+    def _use(self, profile: Profile) -> None:
+        import ssl
+
+        import urllib3
+        self.profile, self.host = profile, profile.host
+        args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
+                                "ca_cert_data": profile.ca_pem}
+        if profile.cert_pem and profile.key_pem:
+            files = [_memory_file(profile.cert_pem), _memory_file(profile.key_pem)]
+            self._files += files
+            args["cert_file"], args["key_file"] = (f"/proc/self/fd/{fd}" for fd in files)
+        if profile.assert_hostname is not None:
+            args["assert_hostname"] = profile.assert_hostname
+        if profile.server_hostname:
+            args["server_hostname"] = profile.server_hostname
+        if profile.proxy:
+            if profile.proxy.startswith("socks"):
+                from urllib3.contrib.socks import SOCKSProxyManager
+                self._pool = SOCKSProxyManager(profile.proxy, headers=profile.proxy_headers, **args)
+            else:
+                self._pool = urllib3.ProxyManager(profile.proxy, proxy_headers=profile.proxy_headers, **args)
+        else:
+            self._pool = urllib3.PoolManager(**args)
+        self._headers = {"Accept": "application/json", "User-Agent": "weft"}
+        if profile.authorization:
+            self._headers["Authorization"] = profile.authorization
+
+    def request(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
+                body: dict | None = None, timeout: float = 30.0) -> dict:
+        """One JSON request. Raises ApiError for a non-2xx answer (callers decide what 404, 409
+        or 410 mean) and SourceError when the server cannot be reached."""
+        response = self.open(method, path, query=query, body=body, timeout=(timeout, timeout))
+        try:
+            data = response.read()
+        except _http_errors() as e:
+            raise self._unreachable(method, path, e) from None
+        finally:
+            response.release_conn()
+        if not 200 <= response.status <= 299:
+            raise ApiError(response.status, response.reason or "", data)
+        return json.loads(data)
+
+    def open(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
+             body: dict | None = None, timeout: tuple[float, float] = (30.0, 30.0)):
+        """The response, unread (any status), for streaming; the caller releases it."""
+        from urllib.parse import urlencode
+
+        import urllib3
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in (1, 2):
+            profile, url = self.profile, self.host + path + ("?" + urlencode(query) if query else "")
+            headers = self._headers | ({"Content-Type": "application/json"} if data is not None else {})
+            try:
+                response = self._pool.request(method, url, body=data, headers=headers, preload_content=False,
+                                              timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+            except urllib3.exceptions.SSLError as e:
+                if attempt == 1 and self._renewed(profile):
+                    continue
+                raise self._unreachable(method, path, e) from None
+            except _http_errors() as e:
+                raise self._unreachable(method, path, e) from None
+            if response.status == 401 and attempt == 1 and self._renewed(profile):
+                response.release_conn()
+                continue
+            return response
+        raise AssertionError("unreachable")
+
+    def _renewed(self, used: Profile) -> bool:
+        """Resolve the profile anew (once per connection); True if there is a new one to try."""
+        with self._lock:
+            if self.profile is not used:
+                return True                     # another thread renewed it meanwhile
+            if self._renew is None:
+                return False
+            renew, self._renew = self._renew, None
+            self._use(renew())
+            return True
+
+    def _unreachable(self, method: str, path: str, e: Exception) -> SourceError:
         reason = getattr(e, "reason", None) or e
-        raise SourceError(f"{method} {path}: no answer from the API server at "
-                          f"{api_client.configuration.host}: {reason}") from None
-    if not 200 <= response.status <= 299:
-        raise ApiException(http_resp=response)
-    return json.loads(data)
+        return SourceError(f"{method} {path}: no answer from the API server at {self.host}: {reason}")
+
+    def close(self) -> None:
+        self._pool.clear()
+        for fd in self._files:
+            os.close(fd)
+        self._files = []
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def make_api_client(kubeconfig: str | None = None, context: str | None = None):
-    """An ApiClient configured the way kubectl finds its config.
+def _http_errors() -> tuple[type[BaseException], ...]:
+    import urllib3
+    return (urllib3.exceptions.HTTPError, OSError)
 
-    Order: the explicit path, then $KUBECONFIG (a colon-separated list, merged), then
-    ~/.kube/config, then the pod's service account. Refreshed credentials are not written back:
-    a reconcile run only reads.
+
+def _memory_file(pem: str) -> int:
+    """A file in memory holding `pem` (ssl loads client certificates from paths only)."""
+    fd = os.memfd_create("weft-tls", os.MFD_CLOEXEC)
+    os.write(fd, pem.encode())
+    return fd
+
+
+PROFILE_MAX_AGE = 600.0     # seconds a kept profile is used before it is resolved anew
+
+
+def connect(kubeconfig: str | None = None, context: str | None = None, *,
+            keep: Path | None = None) -> Connection:
+    """A connection to the API server that the kubeconfig (found the way kubectl finds it, see
+    configuration) or the pod's service account names.
+
+    `keep`: a file (written mode 0600: it holds credentials) where the resolved profile is kept
+    for later runs. It is used, without loading the official client at all, while the config
+    files it came from are unchanged and for PROFILE_MAX_AGE at most; refused credentials or a
+    failed TLS handshake resolve it anew.
     """
+    if keep is None:
+        return Connection(resolve(kubeconfig, context))
+    key = _profile_key(kubeconfig, context)
+
+    def renew() -> Profile:
+        profile = resolve(kubeconfig, context)
+        _keep_profile(keep, key, profile)
+        return profile
+
+    kept = _kept_profile(keep, key)
+    return Connection(kept, renew) if kept else Connection(renew(), None)
+
+
+def resolve(kubeconfig: str | None = None, context: str | None = None) -> Profile:
+    """The profile the official client resolves (credentials refreshed, e.g. by an exec plugin)."""
+    cfg = configuration(kubeconfig, context)
+    proxy = cfg.proxy
+    if proxy:
+        from kubernetes.client.rest import should_bypass_proxies
+        if should_bypass_proxies(cfg.host, cfg.no_proxy or ""):
+            proxy = None
+    auth = cfg.auth_settings().get("BearerToken")
+    return Profile(
+        host=cfg.host.rstrip("/"),
+        authorization=auth["value"] if auth else None,
+        verify=bool(cfg.verify_ssl),
+        ca_pem=cfg.ca_cert_data or _read_text(cfg.ssl_ca_cert),
+        cert_pem=_read_text(cfg.cert_file),
+        key_pem=_read_text(cfg.key_file),
+        assert_hostname=cfg.assert_hostname,
+        server_hostname=cfg.tls_server_name or None,
+        proxy=proxy or None,
+        proxy_headers=dict(cfg.proxy_headers) if proxy and cfg.proxy_headers else None)
+
+
+def _read_text(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def _config_files(kubeconfig: str | None) -> tuple[str, list[str]]:
+    """Where the configuration comes from (described for messages) and the files it is read
+    from, in kubectl's order: the explicit path, $KUBECONFIG (a colon-separated list, merged),
+    ~/.kube/config, else the pod's service account."""
+    home_config = os.path.expanduser("~/.kube/config")
+    env = os.environ.get("KUBECONFIG")
+    if kubeconfig:
+        return f"kubeconfig {kubeconfig}", kubeconfig.split(os.pathsep)
+    if env:
+        return f"KUBECONFIG={env}", env.split(os.pathsep)
+    if os.path.exists(home_config):
+        return f"kubeconfig {home_config}", [home_config]
+    return "in-cluster service account", []
+
+
+IN_CLUSTER_FILES = ("/var/run/secrets/kubernetes.io/serviceaccount/token",
+                    "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+
+
+def _profile_key(kubeconfig: str | None, context: str | None) -> list:
+    """What a kept profile was resolved from: the files' identities and the environment."""
+    _source, files = _config_files(kubeconfig)
+    stats = []
+    for path in files or IN_CLUSTER_FILES:
+        try:
+            st = os.stat(path)
+            stats.append([path, st.st_ino, st.st_size, st.st_mtime_ns])
+        except OSError:
+            stats.append([path, None])
+    env = [os.environ.get(v) for v in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")]
+    return [kubeconfig, context, stats, env if not files else None]
+
+
+def _kept_profile(keep: Path, key: list) -> Profile | None:
+    import time
+    try:
+        with open(keep) as f:
+            kept = json.load(f)
+        if kept["key"] != key or not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE:
+            return None
+        return Profile(**kept["profile"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None                             # none kept, or unreadable: resolve anew
+
+
+def _keep_profile(keep: Path, key: list, profile: Profile) -> None:
+    import dataclasses
+    import time
+    text = json.dumps({"key": key, "at": time.time(), "profile": dataclasses.asdict(profile)})
+    temp = keep.with_name(f".{keep.name}.{os.getpid()}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(temp, keep)
+    except OSError:
+        with contextlib.suppress(OSError):     # a read-only state dir: no profile is kept
+            os.unlink(temp)
+
+
+def configuration(kubeconfig: str | None = None, context: str | None = None):
+    """The official client's Configuration, found the way kubectl finds it (see _config_files).
+    Refreshed credentials are not written back: a reconcile run only reads."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
     cfg = client.Configuration()
-    home_config = os.path.expanduser("~/.kube/config")
-    env = os.environ.get("KUBECONFIG")
-    if kubeconfig:
-        source = f"kubeconfig {kubeconfig}"
-    elif env:
-        kubeconfig, source = env, f"KUBECONFIG={env}"
-    elif os.path.exists(home_config):
-        kubeconfig, source = home_config, f"kubeconfig {home_config}"
+    source, files = _config_files(kubeconfig)
     try:
-        if kubeconfig:
-            if os.pathsep not in kubeconfig and not os.path.exists(kubeconfig):
-                raise ConfigException(f"{kubeconfig}: no such file")
-            config.load_kube_config(config_file=kubeconfig, context=context,
+        if files:
+            if len(files) == 1 and not os.path.exists(files[0]):
+                raise ConfigException(f"{files[0]}: no such file")
+            config.load_kube_config(config_file=os.pathsep.join(files), context=context,
                                     client_configuration=cfg, persist_config=False)
         else:
-            source = "in-cluster service account"
             config.load_incluster_config(client_configuration=cfg)
     except (ConfigException, OSError, ValueError) as e:
-        if kubeconfig:
+        if files:
             raise SourceError(f"cannot use {source}: {e}") from None
         raise SourceError(
             "no Kubernetes API configuration found: tried --kubeconfig (not given), $KUBECONFIG "
-            f"(not set), {home_config} (not found) and the in-cluster service account ({e})") from None
-    return client.ApiClient(configuration=cfg)
+            f"(not set), {os.path.expanduser('~/.kube/config')} (not found) and the in-cluster "
+            f"service account ({e})") from None
+    return cfg
 
 
-def _source_error(api_client, what: str, e) -> SourceError:
+def _source_error(api: Connection, what: str, e: ApiError) -> SourceError:
     """A SourceError that says which request failed and what the server said."""
     message = ""
     try:
@@ -194,9 +422,7 @@ def _source_error(api_client, what: str, e) -> SourceError:
         reason = e.reason
     hint = {401: " (check the kubeconfig's credentials)",
             403: " (the user needs list permission on this resource)"}.get(e.status, "")
-    text = f"{what} from {api_client.configuration.host}: HTTP {e.status} {reason}"
-    if e.status == 0:  # the client's way of reporting a TLS failure
-        text = f"{what} from {api_client.configuration.host}: {e.reason}"
+    text = f"{what} from {api.host}: HTTP {e.status} {reason}"
     return SourceError(text + (f": {message}" if message else "") + hint)
 
 
@@ -204,17 +430,16 @@ class WatchExpired(Exception):
     """The events after a resourceVersion are no longer kept (410): the kind must be listed anew."""
 
 
-def current_resource_version(api_client, *, timeout: float = 30.0) -> str:
+def current_resource_version(api: Connection, *, timeout: float = 30.0) -> str:
     """The cluster's resourceVersion now: the cheapest list there is (one namespace)."""
-    from kubernetes.client.exceptions import ApiException
     try:
-        page = request(api_client, "GET", "/api/v1/namespaces", query=[("limit", 1)], timeout=timeout)
-    except ApiException as e:
-        raise _source_error(api_client, "reading the resourceVersion (/api/v1/namespaces)", e) from None
+        page = api.request("GET", "/api/v1/namespaces", query=[("limit", 1)], timeout=timeout)
+    except ApiError as e:
+        raise _source_error(api, "reading the resourceVersion (/api/v1/namespaces)", e) from None
     return (page.get("metadata") or {}).get("resourceVersion", "")
 
 
-def watch_since(api_client, resource: Resource, resource_version: str, *, quiet: float = 0.1,
+def watch_since(api: Connection, resource: Resource, resource_version: str, *, quiet: float = 0.1,
                 timeout: float = 30.0) -> tuple[list[tuple[str, dict]], str]:
     """The (type, object) events of `resource` after `resource_version`, and where they end.
 
@@ -222,29 +447,20 @@ def watch_since(api_client, resource: Resource, resource_version: str, *, quiet:
     A change still in flight then is not lost: the returned resourceVersion is that of the last
     event received, so the next run's watch starts right after it.
     """
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
     query = [("watch", "true"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
              ("timeoutSeconds", max(1, int(timeout)))]
-    params = api_client.param_serialize(method="GET", resource_path=resource.path(), query_params=query,
-                                        header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
     head = {"apiVersion": resource.api_version, "kind": resource.kind}
     events: list[tuple[str, dict]] = []
     last = resource_version
-    try:
-        # The client hands back the urllib3 response unread: stream it.
-        response = api_client.call_api(*params, _request_timeout=(timeout, quiet)).response
-    except urllib3.exceptions.HTTPError as e:
-        raise SourceError(f"watching {resource.kind}: no answer from the API server at "
-                          f"{api_client.configuration.host}: {getattr(e, 'reason', None) or e}") from None
+    response = api.open("GET", resource.path(), query=query, timeout=(timeout, quiet))
     try:
         if response.status == 410:
             raise WatchExpired(resource.kind)
         if response.status == 404 and resource.crd:
             return [], resource_version
         if not 200 <= response.status <= 299:
-            raise _source_error(api_client, f"watching {resource.kind}", ApiException(http_resp=response))
+            error = ApiError(response.status, response.reason or "", response.read())
+            raise _source_error(api, f"watching {resource.kind}", error)
         buffer = b""
         try:
             for chunk in response.stream(65536):
@@ -262,7 +478,7 @@ def watch_since(api_client, resource: Resource, resource_version: str, *, quiet:
                     last = (obj.get("metadata") or {}).get("resourceVersion") or last
                     if kind != "BOOKMARK":
                         events.append((kind, head | obj))
-        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError, TimeoutError):
+        except _http_errors():
             pass                                           # quiet: caught up for this run
     finally:
         response.release_conn()

@@ -26,6 +26,7 @@ from desired.loader import Converted, assemble, convert_object, flatten_lists
 from desired.model import ClusterState
 
 _WORKERS = 4
+API_PROFILE = "api-connection.json"     # desired.kube.connect keeps the resolved connection there
 
 
 @dataclass
@@ -56,8 +57,9 @@ def start(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
     if from_dir:
         return _Started(lambda: _read_dir(state_dir, Path(from_dir).resolve()))
     cache = cachemod.load(state_dir)
-    child = _ApiChild(kubeconfig, context, cache).__enter__()
-    return _Started(lambda: _read_api(child, cache, kubeconfig, context), child)
+    keep = state_dir / API_PROFILE
+    child = _ApiChild(kubeconfig, context, cache, keep).__enter__()
+    return _Started(lambda: _read_api(child, cache, kubeconfig, context, keep), child)
 
 
 class _Started:
@@ -149,15 +151,14 @@ def _dir_state(per_file: dict) -> ClusterState:
 # ---- API server -----------------------------------------------------------------------------
 
 def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig: str | None,
-              context: str | None) -> Reading:
-    """Importing the official client costs ~0.4 s of CPU, most of a run that finds little to do.
-    So a forked child imports it and asks the API server what changed, on the other core, while
-    this process goes on with its own work (starting and parsing the kernel's dumps; once the
-    cluster's version moved, unpickling the cached objects); the child hands back only answers."""
+              context: str | None, keep: Path) -> Reading:
+    """A forked child asks the API server what changed, on the other core, while this process
+    goes on with its own work (starting and parsing the kernel's dumps; once the cluster's
+    version moved, unpickling the cached objects); the child hands back only answers."""
     what, source, *rest = child.receive()
     if what == "full":
         from desired import kube
-        with kube.make_api_client(kubeconfig, context) as api:
+        with kube.connect(kubeconfig, context, keep=keep) as api:
             now = kube.current_resource_version(api)
             return _full_list(api, cachemod.DesiredCache(source, token=""), now)
     (now,) = rest
@@ -171,13 +172,13 @@ def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig:
 
 
 def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str | None,
-             cache: cachemod.DesiredCache | None) -> None:
+             cache: cachemod.DesiredCache | None, keep: Path) -> None:
     """The child's part: ("full", source) when the cache is of no use (a full list follows, in
     the parent), ("same", source, now) when nothing changed, else ("moved", source, now) and
     then (results,), the watches' (resource, "events"|"list", (items, cursor)) for every kind."""
     from desired import kube
-    with kube.make_api_client(kubeconfig, context) as api:
-        source = f"api:{api.configuration.host}"
+    with kube.connect(kubeconfig, context, keep=keep) as api:
+        source = f"api:{api.host}"
         if cache is None or cache.source != source or not cache.token:
             send(("full", source))
             return
@@ -194,8 +195,9 @@ class _ApiChild:
     the API server and exits (os._exit: nothing of the parent's is flushed or cleaned twice);
     leaving the block reaps it, killing it first if its answers were not all read."""
 
-    def __init__(self, kubeconfig: str | None, context: str | None, cache: cachemod.DesiredCache | None):
-        self.args = (kubeconfig, context, cache)
+    def __init__(self, kubeconfig: str | None, context: str | None, cache: cachemod.DesiredCache | None,
+                 keep: Path):
+        self.args = (kubeconfig, context, cache, keep)
         self.done = False
 
     def __enter__(self) -> _ApiChild:

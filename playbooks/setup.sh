@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything weft and its tests need on Debian 12, as root; safe to re-run.
 #   system packages: iptables, ipset, iproute2 (the data plane), bird2 (BGP), bpftool and
-#     python3-bpfcc (eBPF), conntrack, python3-venv
+#     python3-bpfcc (eBPF), conntrack, python3-venv, openssl (the tests' TLS certificates)
 #   .venv: made from Debian's /usr/bin/python3 with --system-site-packages, because bcc is
 #     Debian's python3-bpfcc (the PyPI package named "bcc" is an unrelated project), then
 #     weft installed in it, editable, with its test tools.
@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-packages=(iptables ipset iproute2 bird2 bpftool python3-bpfcc conntrack python3-venv python3-pip containernetworking-plugins)
+packages=(iptables ipset iproute2 bird2 bpftool python3-bpfcc conntrack python3-venv python3-pip containernetworking-plugins openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -101,8 +101,9 @@ def _with_peer_secrets(opts: Options, state):
     if opts.from_dir or not any(p.password for p in state.bgp_peers):
         return state
     from desired.bgp import fetch_peer_secrets
-    from desired.kube import make_api_client
-    with make_api_client(opts.kubeconfig, opts.context) as api:
+    from desired.kube import connect
+    from desired.sources import API_PROFILE
+    with connect(opts.kubeconfig, opts.context, keep=opts.state_dir / API_PROFILE) as api:
         return replace(state, secrets=state.secrets + fetch_peer_secrets(api, state.bgp_peers))
 
 

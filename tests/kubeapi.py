@@ -29,6 +29,8 @@ import bisect
 import contextlib
 import json
 import os
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
@@ -127,18 +130,50 @@ class _Event(NamedTuple):
     old: _Entry | None
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A test CA, a certificate for 127.0.0.1 it signed, and a client certificate it signed."""
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, directory: Path, ca_name: str = "weft-test-ca") -> TLSFiles:
+        """Made with the openssl command (EC P-256, valid for a day)."""
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+        def key_and_csr(name: str, subject: str) -> None:
+            run("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", f"/CN={ca_name}")
+        for name, subject, ext in (("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n"),
+                                   ("client", "/CN=weft-test-user", "extendedKeyUsage=clientAuth\n")):
+            key_and_csr(name, subject)
+            (directory / f"{name}.ext").write_text(ext)
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
+        return cls(*(directory / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")))
+
+
 class FakeKubeAPI:
     """An in-memory Kubernetes API server on 127.0.0.1 (see the module docstring).
 
     `max_page` caps every list page whatever `limit` the client asks (to force pagination);
     `token` is the bearer token requests must carry (None: no auth); `history` is how many
-    events are retained for watches and continued lists.
+    events are retained for watches and continued lists. `tls`: serve https with these files,
+    requiring a client certificate signed by their CA.
     """
 
     def __init__(self, objects: Iterable[dict] = (), *, max_page: int | None = None,
                  crds: bool | Iterable[str] | None = None, token: str | None = DEFAULT_TOKEN,
-                 history: int = 10_000):
-        self.max_page, self.token, self.history = max_page, token, history
+                 history: int = 10_000, tls: TLSFiles | None = None):
+        self.max_page, self.token, self.history, self.tls = max_page, token, history, tls
         self.requests: list[tuple[str, str]] = []
         self.on_request: Callable[[str, str], None] | None = None  # called before serving each request
         self.url = ""
@@ -164,7 +199,16 @@ class FakeKubeAPI:
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.request_queue_size = 64
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "http"
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.server_cert, self.tls.server_key)
+            context.load_verify_locations(self.tls.ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
+                                                      do_handshake_on_connect=False)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                          name="fake-kube-api", daemon=True).start()
         return self
@@ -178,11 +222,20 @@ class FakeKubeAPI:
             self._server.server_close()
 
     def write_kubeconfig(self, path, *, token: str | None = None) -> str:
-        """A kubeconfig for this server (plain http, a token user); `token` overrides the right one."""
+        """A kubeconfig for this server (a token user; with tls, the CA and the client certificate
+        inline, as kubeadm writes them); `token` overrides the right one."""
+        cluster: dict = {"server": self.url}
+        user: dict = {"token": token or self.token or "none"}
+        if self.tls:
+            def inline(p: Path) -> str:
+                return base64.b64encode(p.read_bytes()).decode()
+            cluster["certificate-authority-data"] = inline(self.tls.ca)
+            user |= {"client-certificate-data": inline(self.tls.client_cert),
+                     "client-key-data": inline(self.tls.client_key)}
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": token or self.token or "none"}}],
+            "clusters": [{"name": "fake", "cluster": cluster}],
+            "users": [{"name": "fake", "user": user}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
         }
         with open(path, "w") as f:
@@ -600,9 +653,9 @@ class KubeSource:
     """
 
     def __init__(self, kubeconfig: str, fake: FakeKubeAPI | None):
-        from desired.kube import make_api_client
+        from desired.kube import connect
         self.kubeconfig, self.fake = kubeconfig, fake
-        self.api_client = make_api_client(kubeconfig)
+        self.api = connect(kubeconfig)
         self.namespace = f"weft-test-{uuid.uuid4().hex[:8]}"
         self._cluster_scoped: list[str] = []
         self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}})
@@ -632,15 +685,14 @@ class KubeSource:
         server drops status on create. A CRD the cluster lacks skips the test.
         """
         import pytest
-        from kubernetes.client.exceptions import ApiException
 
-        from desired.kube import request
+        from desired.kube import ApiError
 
         if KINDS.get((obj["apiVersion"], obj["kind"]), ("", True))[1]:
             obj = {**obj, "metadata": {"namespace": self.namespace, **obj["metadata"]}}
         try:
-            stored = request(self.api_client, "POST", self.path(obj), body=obj)
-        except ApiException as e:
+            stored = self.api.request("POST", self.path(obj), body=obj)
+        except ApiError as e:
             if e.status == 404 and obj["apiVersion"] not in BUILTIN_API_VERSIONS:
                 pytest.skip(f"{obj['kind']} ({obj['apiVersion']}) is not installed on this cluster")
             raise
@@ -648,18 +700,23 @@ class KubeSource:
         if "namespace" not in stored["metadata"]:
             self._cluster_scoped.append(self.path(obj, name))
         if obj.get("status") and stored.get("status") != obj["status"]:
-            stored = request(self.api_client, "PUT", self.path(obj, name) + "/status",
+            stored = self.api.request("PUT", self.path(obj, name) + "/status",
                              body={**stored, "status": obj["status"]})
         return stored
 
-    def close(self) -> None:
-        from desired.kube import request
+    def official_client(self):
+        """The official client's typed API client, for tests of the wire contract itself."""
+        from kubernetes import client
 
+        from desired.kube import configuration
+        return client.ApiClient(configuration=configuration(self.kubeconfig))
+
+    def close(self) -> None:
         if self.real:   # a fake dies with its objects
             for path in reversed(self._cluster_scoped):
                 with contextlib.suppress(Exception):
-                    request(self.api_client, "DELETE", path)
-        self.api_client.close()
+                    self.api.request("DELETE", path)
+        self.api.close()
 
 
 @contextlib.contextmanager

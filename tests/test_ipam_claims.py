@@ -17,7 +17,6 @@ import pytest
 from cni import ipam
 from cni.claims import AFFINITIES_PATH, BLOCKS_PATH, block_affinity_object, claim_block, ipam_block_object
 from desired.ipam import block_name
-from desired.kube import request
 from desired.loader import build_cluster_state
 
 
@@ -37,7 +36,7 @@ def cluster(kube_source):
         for path in (f"{BLOCKS_PATH}/{block_name(cidr)}",
                      *(f"{AFFINITIES_PATH}/{node}-{block_name(cidr)}" for node in ("n1", "n2", "n3", "n4"))):
             try:
-                request(kube_source.api_client, "DELETE", path)
+                kube_source.api.request("DELETE", path)
             except Exception:  # noqa: BLE001 - absent is fine
                 pass
 
@@ -69,7 +68,7 @@ def test_nodes_racing_for_one_block_exactly_one_wins(cluster):
         assert len(winners) == 1, results
         assert all(f"IPPool {pool['name']} ({pool['cidr']}) is exhausted" in str(r)
                    for n, r in results.items() if n not in winners)
-        stored = request(source.api_client, "GET", f"{BLOCKS_PATH}/{block_name(pool['cidr'])}")
+        stored = source.api.request("GET", f"{BLOCKS_PATH}/{block_name(pool['cidr'])}")
         assert stored["spec"]["affinity"] == f"host:{winners[0]}"
         if source.fake:
             contested += source.fake.requests.count(("POST", BLOCKS_PATH)) > 1
@@ -91,8 +90,8 @@ def test_claimed_objects_read_back_as_the_nodes_block(cluster):
     pool = fresh_pool()
     block = claim(source, "n1", [pool], made)
     assert block == {"cidr": pool["cidr"], "pool": pool["name"], "origin": f"IPAMBlock {block_name(pool['cidr'])}"}
-    objects = [request(source.api_client, "GET", f"{BLOCKS_PATH}/{block_name(pool['cidr'])}"),
-               request(source.api_client, "GET", f"{AFFINITIES_PATH}/n1-{block_name(pool['cidr'])}"),
+    objects = [source.api.request("GET", f"{BLOCKS_PATH}/{block_name(pool['cidr'])}"),
+               source.api.request("GET", f"{AFFINITIES_PATH}/n1-{block_name(pool['cidr'])}"),
                {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool", "metadata": {"name": pool["name"]},
                 "spec": {"cidr": pool["cidr"], "blockSize": 26}}]
     state = build_cluster_state(("api", o) for o in objects)

@@ -16,7 +16,7 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from desired.errors import SourceError
-from desired.kube import CALICO_API_VERSION, RESOURCES, load_objects, request
+from desired.kube import CALICO_API_VERSION, RESOURCES, ApiError, configuration, connect, load_objects
 from tests.kubeapi import FakeKubeAPI
 
 NEVER = "weft-test == 'never'"   # Calico selector matching nothing: harmless on a live cluster
@@ -77,7 +77,7 @@ def fake(tmp_path):
 @pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: f"{r.api_version}/{r.kind}")
 def test_each_kind_comes_back_shaped_like_a_manifest(kube_source, resource):
     if resource.kind == "Namespace":
-        stored = request(kube_source.api_client, "GET", f"/api/v1/namespaces/{kube_source.namespace}")
+        stored = kube_source.api.request("GET", f"/api/v1/namespaces/{kube_source.namespace}")
     else:
         stored = kube_source.create(manifest(resource.kind, resource.api_version, kube_source.namespace,
                                              kube_source.namespace[-8:]))
@@ -124,15 +124,14 @@ def test_server_page_cap_is_followed_with_continue_tokens(fake):
 
 def test_continued_list_is_a_consistent_snapshot(fake):
     """Objects changed between pages show as they were when the list began, as on a real server."""
-    from desired.kube import make_api_client
-    with make_api_client(fake.kubeconfig) as api:
-        first = request(api, "GET", "/api/v1/pods", query=[("limit", 2)])
+    with connect(fake.kubeconfig) as api:
+        first = api.request("GET", "/api/v1/pods", query=[("limit", 2)])
         fake.delete("Pod", "ns1", "p5")
         fake.put(pod("p9"))
         names = [p["metadata"]["name"] for p in first["items"]]
         token = first["metadata"]["continue"]
         while token:
-            page = request(api, "GET", "/api/v1/pods", query=[("limit", 2), ("continue", token)])
+            page = api.request("GET", "/api/v1/pods", query=[("limit", 2), ("continue", token)])
             assert page["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
             names += [p["metadata"]["name"] for p in page["items"]]
             token = page["metadata"].get("continue")
@@ -237,20 +236,21 @@ def configmap(name, **data):
 
 def test_watch_streams_changes_after_a_resource_version(kube_source):
     """ConfigMaps, not pods: a real cluster deletes pods gracefully (MODIFIED first)."""
-    ns, api = kube_source.namespace, kube_source.api_client
+    ns, api = kube_source.namespace, kube_source.api
     kube_source.create(configmap("a"))
-    since = request(api, "GET", f"/api/v1/namespaces/{ns}/configmaps")["metadata"]["resourceVersion"]
+    since = api.request("GET", f"/api/v1/namespaces/{ns}/configmaps")["metadata"]["resourceVersion"]
     b = kube_source.create(configmap("b", v="1"))
-    request(api, "PUT", f"/api/v1/namespaces/{ns}/configmaps/b", body={**b, "data": {"v": "2"}})
-    request(api, "DELETE", f"/api/v1/namespaces/{ns}/configmaps/a")
+    api.request("PUT", f"/api/v1/namespaces/{ns}/configmaps/b", body={**b, "data": {"v": "2"}})
+    api.request("DELETE", f"/api/v1/namespaces/{ns}/configmaps/a")
 
     seen = []
     stream = watch.Watch()
-    for event in stream.stream(k8s.CoreV1Api(api).list_namespaced_config_map, ns, resource_version=since,
-                               timeout_seconds=10, _request_timeout=15):
-        seen.append((event["type"], event["object"].metadata.name))
-        if len(seen) == 3:
-            stream.stop()
+    with kube_source.official_client() as official:
+        for event in stream.stream(k8s.CoreV1Api(official).list_namespaced_config_map, ns, resource_version=since,
+                                   timeout_seconds=10, _request_timeout=15):
+            seen.append((event["type"], event["object"].metadata.name))
+            if len(seen) == 3:
+                stream.stop()
     assert seen == [("ADDED", "b"), ("MODIFIED", "b"), ("DELETED", "a")]
 
 
@@ -273,11 +273,10 @@ def test_watch_wire_format_is_chunked_json_lines_with_a_bookmark(fake):
 
 
 def test_watch_from_a_compacted_resource_version_is_expired(fake):
-    from desired.kube import make_api_client
     since = fake.resource_version
     fake.put(pod("new"))
     fake.compact()
-    with make_api_client(fake.kubeconfig) as api, pytest.raises(ApiException) as expired:
+    with k8s.ApiClient(configuration(fake.kubeconfig)) as api, pytest.raises(ApiException) as expired:
         for _ in watch.Watch().stream(k8s.CoreV1Api(api).list_namespaced_pod, "ns1",
                                       resource_version=since, timeout_seconds=5):
             pass
@@ -299,25 +298,25 @@ def test_watch_ends_when_the_server_stops():
 def test_create_twice_is_already_exists(kube_source):
     cm = configmap("once", a="1")
     kube_source.create(cm)
-    with pytest.raises(ApiException) as conflict:
+    with pytest.raises(ApiError) as conflict:
         kube_source.create(cm)
     assert conflict.value.status == 409 and json.loads(conflict.value.body)["reason"] == "AlreadyExists"
 
 
 def test_update_with_a_stale_resource_version_conflicts(kube_source):
-    api, path = kube_source.api_client, f"/api/v1/namespaces/{kube_source.namespace}/configmaps/cas"
+    api, path = kube_source.api, f"/api/v1/namespaces/{kube_source.namespace}/configmaps/cas"
     stale = kube_source.create(configmap("cas", owner="a"))
-    fresh = request(api, "PUT", path, body={**stale, "data": {"owner": "b"}})
+    fresh = api.request("PUT", path, body={**stale, "data": {"owner": "b"}})
     assert int(fresh["metadata"]["resourceVersion"]) > int(stale["metadata"]["resourceVersion"])
 
-    with pytest.raises(ApiException) as conflict:
-        request(api, "PUT", path, body={**stale, "data": {"owner": "c"}})
+    with pytest.raises(ApiError) as conflict:
+        api.request("PUT", path, body={**stale, "data": {"owner": "c"}})
     assert conflict.value.status == 409 and json.loads(conflict.value.body)["reason"] == "Conflict"
-    assert request(api, "GET", path)["data"] == {"owner": "b"}
+    assert api.request("GET", path)["data"] == {"owner": "b"}
 
-    request(api, "DELETE", path)
-    with pytest.raises(ApiException) as gone:
-        request(api, "GET", path)
+    api.request("DELETE", path)
+    with pytest.raises(ApiError) as gone:
+        api.request("GET", path)
     assert gone.value.status == 404
 
 
@@ -325,21 +324,21 @@ def test_custom_resource_update_needs_a_resource_version(kube_source):
     created = kube_source.create(manifest("GlobalNetworkSet", CALICO_API_VERSION, "", kube_source.namespace[-8:]))
     path = f"/apis/{CALICO_API_VERSION}/globalnetworksets/{created['metadata']['name']}"
     unconditional = {**created, "metadata": {"name": created["metadata"]["name"]}}
-    with pytest.raises(ApiException) as invalid:
-        request(kube_source.api_client, "PUT", path, body=unconditional)
+    with pytest.raises(ApiError) as invalid:
+        kube_source.api.request("PUT", path, body=unconditional)
     assert invalid.value.status == 422
 
 
 def test_status_subresource_changes_only_status(kube_source):
-    api, ns = kube_source.api_client, kube_source.namespace
+    api, ns = kube_source.api, kube_source.namespace
     created = kube_source.create(pod("s", ns))
     path = f"/api/v1/namespaces/{ns}/pods/s/status"
-    updated = request(api, "PUT", path, body={**created, "spec": {}, "status": {"phase": "Running",
+    updated = api.request("PUT", path, body={**created, "spec": {}, "status": {"phase": "Running",
                                                                                 "podIP": "198.18.1.9"}})
     assert updated["status"]["podIP"] == "198.18.1.9" and updated["spec"] == created["spec"]
 
 
 def test_create_in_a_missing_namespace_is_not_found(kube_source):
-    with pytest.raises(ApiException) as missing:
+    with pytest.raises(ApiError) as missing:
         kube_source.create({**configmap("x"), "metadata": {"name": "x", "namespace": "weft-test-absent"}})
     assert missing.value.status == 404
