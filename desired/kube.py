@@ -443,17 +443,19 @@ def watch_since(api: Connection, resource: Resource, resource_version: str, *, q
                 timeout: float = 30.0) -> tuple[list[tuple[str, dict]], str]:
     """The (type, object) events of `resource` after `resource_version`, and where they end.
 
-    The server sends what it has at once; reading stops after `quiet` seconds without data.
-    A change still in flight then is not lost: the returned resourceVersion is that of the last
-    event received, so the next run's watch starts right after it.
+    The server sends what it has at once; reading stops after `quiet` seconds without data
+    (after its answer began: a server slow to answer has `timeout`). A change still in flight
+    then is not lost: the returned resourceVersion is that of the last event received, so the
+    next run's watch starts right after it.
     """
     query = [("watch", "true"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
              ("timeoutSeconds", max(1, int(timeout)))]
     head = {"apiVersion": resource.api_version, "kind": resource.kind}
     events: list[tuple[str, dict]] = []
     last = resource_version
-    response = api.open("GET", resource.path(), query=query, timeout=(timeout, quiet))
+    response = api.open("GET", resource.path(), query=query, timeout=(timeout, timeout))
     try:
+        response.connection.sock.settimeout(quiet)     # urllib3 sets it anew for the next request
         if response.status == 410:
             raise WatchExpired(resource.kind)
         if response.status == 404 and resource.crd:

@@ -119,3 +119,18 @@ def test_bgp_passwords_come_from_the_secrets_peers_name(tls, tmp_path):
         asked = [path for method, path in server.requests if "/secrets/" in path]
     assert asked == ["/api/v1/namespaces/calico-system/secrets/absent", "/api/v1/namespaces/kube-system/secrets/absent",
                      "/api/v1/namespaces/calico-system/secrets/bgp", "/api/v1/namespaces/kube-system/secrets/bgp"]
+
+
+def test_a_watch_the_server_answers_slowly_is_read_whole(server, tmp_path):
+    """The quiet gap ends a watch once its answer began; a slow start is not a quiet server."""
+    import time
+
+    from desired.kube import RESOURCES, watch_since
+    namespaces_kind = next(r for r in RESOURCES if r.kind == "Namespace")
+    since = server.resource_version
+    server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}})
+    server.on_request = lambda method, path: "watch=true" in path and time.sleep(0.5)
+    with connect(server.write_kubeconfig(tmp_path / "kubeconfig")) as api:
+        events, last = watch_since(api, namespaces_kind, since, quiet=0.1)
+    assert [(kind, obj["metadata"]["name"]) for kind, obj in events] == [("ADDED", "late")]
+    assert last == server.resource_version
