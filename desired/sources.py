@@ -22,7 +22,6 @@ from pathlib import Path
 
 from desired import cache as cachemod
 from desired.errors import InvalidDesiredState, SourceError, ValidationError
-from desired.loader import Converted, assemble, convert_object, flatten_lists
 from desired.model import ClusterState
 
 _WORKERS = 4
@@ -93,6 +92,7 @@ def commit(state_dir: Path, reading: Reading) -> None:
 
 def _assembled(table: dict) -> Callable[[], ClusterState]:
     def build() -> ClusterState:
+        from desired.loader import Converted, assemble
         converted = [v for v in table.values() if isinstance(v, Converted)]
         ignored = [v for v in table.values() if isinstance(v, str)]
         return assemble(converted, ignored)
@@ -102,6 +102,7 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 # ---- manifest directory --------------------------------------------------------------------
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
+    from desired.loader import convert_object, flatten_lists
     from desired.manifests import manifest_files, parse_manifest_file
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
@@ -132,7 +133,7 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
 
 
 def _dir_state(per_file: dict) -> ClusterState:
-    table: dict[tuple, Converted | str] = {}
+    table: dict[tuple, object] = {}             # a Converted entry, or an ignored kind's name
     errors = []
     for path in sorted(per_file):
         for entry in per_file[path]:
@@ -275,6 +276,7 @@ def _key(obj: dict) -> tuple:
 
 def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     from desired import kube
+    from desired.loader import convert_object
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
         listed = list(pool.map(lambda r: kube.list_kind(api, r), kube.RESOURCES))
     errors: list[ValidationError] = []
@@ -315,6 +317,7 @@ def _watch_all(api, cursors: dict) -> list:
 
 
 def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups: dict) -> Reading:
+    from desired.loader import convert_object
     for resource, _how, (_items, cursor) in results:
         cache.cursors[resource.plural + "." + resource.api_version] = cursor
     # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)

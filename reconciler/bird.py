@@ -23,11 +23,13 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from desired.errors import WeftError
-from desired.model import ClusterState
 from probes import bird as probe
-from renderers.bird import redact, render_bird_config
+
+if TYPE_CHECKING:
+    from desired.model import ClusterState
 
 CONFIG_NAME = "bird.conf"
 SOCKET_NAME = "bird.ctl"
@@ -49,9 +51,14 @@ class BirdChange:
         """asdict() with BGP passwords redacted: for JSON output and saved plans, which must not
         carry secrets (apply then renders the config again rather than trusting the document)."""
         data = asdict(self)
-        data["old"] = redact(self.old) if self.old is not None else None
-        data["new"] = redact(self.new)
+        data["old"] = _redact(self.old) if self.old is not None else None
+        data["new"] = _redact(self.new)
         return data
+
+
+def _redact(config: str) -> str:
+    from renderers.bird import redact  # the renderer (jinja2, the BGP model): only where BGP is on
+    return redact(config)
 
 
 def config_path(state_dir: Path) -> Path:
@@ -67,6 +74,7 @@ def desired_config(state: ClusterState, node: str, state_dir: Path, socket: str 
     me = state.nodes.get(node)
     if me is None or me.bgp is None or not (me.bgp.ipv4_address or me.bgp.ipv6_address):
         return None
+    from renderers.bird import render_bird_config
     return render_bird_config(state, node, socket_path=socket or default_socket(state_dir))
 
 
@@ -201,7 +209,7 @@ def format_bird_change(change: BirdChange) -> str:
     lines = [f"  # BIRD configuration {change.path} will be {verb} ({how})", f"  {symbol} bird {change.path} {{"]
     if change.note:
         lines.append(f"      # {change.note}")
-    diff = difflib.unified_diff(redact(change.old or "").splitlines(), redact(change.new).splitlines(),
+    diff = difflib.unified_diff(_redact(change.old or "").splitlines(), _redact(change.new).splitlines(),
                                 fromfile=f"{change.path} (live)" if change.old is not None else "/dev/null",
                                 tofile=f"{change.path} (desired)", lineterm="", n=2)
     lines += [f"      {line}" for line in diff]
@@ -215,7 +223,7 @@ def bird_drift_items(change: BirdChange) -> list[dict]:
     if change.action == RELOAD:
         return [{"kind": "bird-config", "name": change.path, "problem": "not loaded by BIRD"}]
     items = []
-    have, want = redact(change.old or "").splitlines(), redact(change.new).splitlines()
+    have, want = _redact(change.old or "").splitlines(), _redact(change.new).splitlines()
     matcher = difflib.SequenceMatcher(a=have, b=want, autojunk=False)
     for op, a0, a1, b0, b1 in matcher.get_opcodes():
         if op != "equal":

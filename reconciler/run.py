@@ -12,8 +12,6 @@ from filelock import FileLock, Timeout
 
 from desired.cache import gc_paused
 from desired.errors import WeftError
-from desired.loader import ENDPOINT_KINDS
-from desired.model import Endpoint
 from probes.backend import Backend, detect, other_has_weft
 from probes.dataplane import probe_dataplane, start_probe
 from probes.runner import Runner
@@ -23,8 +21,6 @@ from reconciler.diff import diff
 from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
 from reconciler.plan import Plan, PlanError
 from renderers.dataplane import EMPTY, Dataplane
-from renderers.endpoint import make_snapshot
-from renderers.iptables import render_node
 
 
 @dataclass(frozen=True)
@@ -76,6 +72,11 @@ def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired
     key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, addressed)).encode()).hexdigest()[:16]
     desired = reading.cache.rendered_for(opts.node, key)
     if desired is None:
+        # Only a run with something to render needs the model, the converters and the renderers.
+        from desired.loader import ENDPOINT_KINDS
+        from desired.model import Endpoint
+        from renderers.endpoint import make_snapshot
+        from renderers.iptables import render_node
         state = reading.state()
         addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
         state = state.with_local_addresses(opts.node, addresses)
