@@ -6,7 +6,6 @@ Both sides use the kernel's own printed form (iptables-save lines, ipset save me
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -79,9 +78,23 @@ class Dataplane:
         }
 
     def fingerprint(self) -> str:
-        """Identifies this exact state; a saved plan is valid only against the state it was made on."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        """Identifies this exact state; a saved plan is valid only against the state it was made on.
+        What to_json holds, fed to the hash directly (no JSON of 50k set members to build)."""
+        h = hashlib.sha256()
+        for (t, n), c in sorted(self.chains.items()):
+            h.update(f"\0chain {t}/{n}\n".encode())
+            h.update("\n".join(c.rules).encode())
+        for n, s in sorted(self.ipsets.items()):
+            h.update(f"\0set {n} {s.type} {s.family}\n".encode())
+            h.update("\n".join(sorted(s.members)).encode())
+        for (t, c), hooks in sorted(self.hooks.items()):
+            h.update(f"\0hooks {t}/{c} {hooks.at_top}\n".encode())
+            h.update("\n".join(hooks.rules).encode())
+        for d, r in sorted(self.routes.items()):
+            h.update(f"\0route {d} {r.dev} {r.type}".encode())
+        for i, link in sorted(self.links.items()):
+            h.update(f"\0link {i} {link.sysctls}".encode())
+        return h.hexdigest()
 
 
 EMPTY = Dataplane({}, {}, {})

@@ -118,6 +118,27 @@ def test_render_is_deterministic_in_any_input_order():
         assert other.fingerprint() == dp.fingerprint()
 
 
+def test_fingerprint_changes_with_every_part_of_the_state():
+    """A saved plan is refused when any of it changed: a rule, a set member, a hook, a route, a sysctl."""
+    from dataclasses import replace
+
+    from renderers.dataplane import Link, Route
+    _, dp = render(RICH)
+    chain_key, chain = next(iter(dp.chains.items()))
+    set_name, ipset = next(iter(dp.ipsets.items()))
+    hook_key, hooks = next(iter(dp.hooks.items()))
+    variants = [
+        replace(dp, chains={**dp.chains, chain_key: replace(chain, rules=chain.rules[:-1])}),
+        replace(dp, ipsets={**dp.ipsets, set_name: replace(ipset, members=ipset.members | {"198.18.9.9"})}),
+        replace(dp, ipsets={**dp.ipsets, set_name: replace(ipset, family="inet6")}),
+        replace(dp, hooks={**dp.hooks, hook_key: replace(hooks, at_top=not hooks.at_top)}),
+        replace(dp, routes={**dp.routes, "198.18.9.9/32": Route("198.18.9.9/32", "weftabc")}),
+        replace(dp, links={**dp.links, "weftabc": Link("weftabc", (("net/ipv4/conf/weftabc/rp_filter", "1"),))}),
+    ]
+    prints = {dp.fingerprint(), *(v.fingerprint() for v in variants)}
+    assert len(prints) == len(variants) + 1
+
+
 RENDER_SNIPPET = """
 import json, sys
 from desired.loader import build_cluster_state
