@@ -6,10 +6,13 @@ Exit codes are for machines: 0 success / no changes, 1 error, 2 changes pending 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from cni import ipam_cli
 from desired.errors import WeftError
@@ -125,5 +128,21 @@ def _emit(args, data: dict, text: str) -> None:
     emit(args.output, data, text)
 
 
+def command() -> NoReturn:
+    """The `weft` console command: main(), then out without the interpreter's teardown.
+
+    Freeing, one by one, the objects a run over a large cluster leaves in modules costs ~25 ms,
+    a tenth of a run with nothing to do; the process is ending anyway. Exit handlers still run
+    (the official client removes its temporary credential files in one) and output is flushed.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        atexit._run_exitfuncs()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
