@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.installed import compile_weft
+
 REPO = Path(__file__).resolve().parent.parent
 NODE = "bench-node"
 REFERENCE_DIR = Path("/usr/lib/cni")
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return inside(opts)
     if os.geteuid() != 0:
         raise SystemExit("bench_cni: run as root (it creates network namespaces)")
+    compile_weft()
     prefix = f"wcb-{uuid.uuid4().hex[:6]}"
     node = f"{prefix}-node"
     subprocess.run(["ip", "netns", "add", node], check=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.installed import compile_weft
 from bench.synthetic import NODE, cluster
 from tests.kubeapi import FakeKubeAPI
 
@@ -63,7 +64,6 @@ def weft(state: Path, source: list[str], *extra: str) -> list[str]:
 
 
 REPEATS = 3      # (b) and (c) are measured this many times; the median is printed
-PACKAGES = ("cni", "desired", "probes", "reconciler", "renderers")
 
 
 def changed_policy(objs: list[dict], round: int = 0) -> dict:
@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.inside:
         return inside(opts)
-    # Measure weft as installed (bytecode compiled, as pip does), not a checkout compiling its
-    # modules on every run (an edited tree, or PYTHONDONTWRITEBYTECODE).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *PACKAGES], check=True,
-                   stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+    compile_weft()
     ns = f"weft-bench-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
