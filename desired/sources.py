@@ -261,11 +261,12 @@ def _flat(groups: dict) -> dict:
     return {key: entry for group in groups.values() for key, entry in group.items()}
 
 
-def _by_kind(table: dict) -> dict:
-    """An API object table grouped by (apiVersion, kind): the cache's unit of (re)pickling."""
+def _grouped(table: dict) -> dict:
+    """An API object table grouped by (apiVersion, kind, namespace): the cache's unit of
+    (re)pickling, so a changed pod or policy re-pickles its namespace's objects, not the kind's."""
     groups: dict = {}
     for key, entry in table.items():
-        groups.setdefault(key[:2], {})[key] = entry
+        groups.setdefault(key[:3], {})[key] = entry
     return groups
 
 
@@ -294,7 +295,7 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     # changed (versions are opaque: compared for equality only).
     cache.cursors["*"] = before
     cache.token = uuid.uuid4().hex
-    cache.set_groups(_by_kind(table))
+    cache.set_groups(_grouped(table))
     return Reading(cache.token, cache, lambda: state, state)
 
 
@@ -323,7 +324,8 @@ def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups
     # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)
     # is a change only where the list differs from what is cached; an empty list of a kind of
     # which nothing is cached changes nothing, and no cached objects need to be read for it.
-    if not any(items if how == "events" else items or (r.api_version, r.kind) in cache.blobs
+    cached_kinds = {group[:2] for group in cache.blobs}
+    if not any(items if how == "events" else items or (r.api_version, r.kind) in cached_kinds
                for r, how, (items, _c) in results):
         cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
         return Reading(cache.token, cache, lambda: _assembled(_flat(groups))())
@@ -345,17 +347,17 @@ def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups
         for key, (kind, obj) in latest.items():
             if kind == "DELETED":
                 if table.pop(key, None) is not None:
-                    touched.add(key[:2])
+                    touched.add(key[:3])
                 continue
             entry = convert_object("api", obj, errors)
             if entry is not None and table.get(key) != entry:
                 table[key] = entry
-                touched.add(key[:2])
+                touched.add(key[:3])
     if errors:
         raise InvalidDesiredState(errors)
     state = _assembled(table)()
     cache.cursors["*"] = ""                 # positions are per kind now; check them next run
     if touched:
         cache.token = uuid.uuid4().hex
-        cache.set_groups(_by_kind(table), touched)
+        cache.set_groups(_grouped(table), touched)
     return Reading(cache.token, cache, lambda: state, state)

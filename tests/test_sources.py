@@ -68,6 +68,18 @@ def test_api_changes_arrive_through_watches_and_match_a_full_read(api, tmp_path)
     assert state.endpoints == fresh.endpoints and state.policies == fresh.policies
 
 
+def test_api_change_repickles_only_its_namespace_of_its_kind(api, tmp_path):
+    """One pod changed re-pickles that namespace's pods: not every pod of the cluster."""
+    from desired import cache
+    committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
+    before = dict(cache.load(tmp_path / "s").digests)
+    api.put(pod("y", "c", "198.18.5.3", {"app": "web"}))
+    committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
+    after = cache.load(tmp_path / "s").digests
+    assert {g for g in after if after[g] != before.get(g)} == {("v1", "Pod", "y")}
+    assert after.keys() == before.keys()
+
+
 def test_api_run_after_a_change_with_nothing_new_keeps_the_token(api, tmp_path):
     """Kinds listed again (Calico CRDs that are not installed have no watch position) are a
     change only where the list differs: an unchanged desired state is not rendered again."""
