@@ -19,10 +19,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from desired import cache as cachemod
 from desired.errors import InvalidDesiredState, SourceError, ValidationError
-from desired.model import ClusterState
+
+if TYPE_CHECKING:
+    from desired.model import ClusterState
 
 _WORKERS = 4
 API_PROFILE = "api-connection.json"     # desired.kube.connect keeps the resolved connection there

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probes import bird as probe
 from reconciler.output import emit
 
 FORMAT_VERSION = 1
@@ -25,6 +24,7 @@ def add_parser(subparsers) -> None:
 
 def collect(socket: str) -> dict:
     """Everything status shows, as data. {"running": False, ...} when BIRD does not answer."""
+    from probes import bird as probe  # here: the parser is built on every weft command's path
     data = {"format_version": FORMAT_VERSION, "socket": socket, "running": probe.running(socket),
             "peers": [], "blocks": [], "other_bgp": []}
     if not data["running"]:
@@ -74,6 +74,7 @@ def format_text(data: dict) -> str:
 
 
 def run(args) -> int:
+    from probes import bird as probe
     from reconciler.bird import default_socket
     from reconciler.run import default_state_dir
     socket = args.socket or default_socket(args.state_dir or default_state_dir())
