@@ -218,13 +218,15 @@ class Connection:
             try:
                 response = self._pool.request(method, url, body=data, headers=headers, preload_content=False,
                                               timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
-            except urllib3.exceptions.SSLError as e:
-                if attempt == 1 and self._renewed(profile):
+            except _http_errors() as e:
+                # A failed handshake comes wrapped, after urllib3's retries, as MaxRetryError.
+                tls = isinstance(e, urllib3.exceptions.SSLError) or isinstance(
+                    getattr(e, "reason", None), urllib3.exceptions.SSLError)
+                if tls and attempt == 1 and self._renewed(profile):
                     continue
                 raise self._unreachable(method, path, e) from None
-            except _http_errors() as e:
-                raise self._unreachable(method, path, e) from None
             if response.status == 401 and attempt == 1 and self._renewed(profile):
+                response.drain_conn()
                 response.release_conn()
                 continue
             return response
@@ -483,5 +485,6 @@ def watch_since(api: Connection, resource: Resource, resource_version: str, *, q
         except _http_errors():
             pass                                           # quiet: caught up for this run
     finally:
+        response.close()            # the watch is still open: its connection cannot serve another request
         response.release_conn()
     return events, last

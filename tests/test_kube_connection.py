@@ -74,6 +74,19 @@ def test_refused_credentials_are_resolved_anew(server, tmp_path):
     assert json.loads(keep.read_text())["profile"]["authorization"] == f"Bearer {server.token}"
 
 
+def test_a_kept_ca_the_server_no_longer_matches_is_resolved_anew(server, tmp_path_factory, tmp_path):
+    """The cluster's CA was rotated: the handshake with the kept profile fails, the kubeconfig's new CA works."""
+    kubeconfig, keep = server.write_kubeconfig(tmp_path / "kubeconfig"), tmp_path / "api.json"
+    connect(kubeconfig, keep=keep).close()
+    kept = json.loads(keep.read_text())
+    kept["profile"]["ca_pem"] = TLSFiles.make(tmp_path_factory.mktemp("old"), ca_name="old-ca").ca.read_text()
+    keep.write_text(json.dumps(kept))
+
+    with connect(kubeconfig, keep=keep) as api:
+        assert namespaces(api) == ["ns1"]
+    assert json.loads(keep.read_text())["profile"]["ca_pem"] == server.tls.ca.read_text()
+
+
 def test_credentials_refused_after_renewal_are_an_error(server, tmp_path):
     renewals = []
 
