@@ -20,11 +20,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from desired.model import BGPPeer, Block, ClusterState, IPPool, Node, NodeBGP
-from playbooks.multinode import MultiNodeLab
-from probes import bird as probe
-from reconciler.bird import format_bird_change, plan_bird
-from renderers.bird import render_bird_config
+from weft.model.cluster import BGPPeer, Block, ClusterState, IPPool, Node, NodeBGP
+from weft.playbooks.multinode import MultiNodeLab
+from weft.probes import bird as probe
+from weft.reconciler.bird import format_bird_change, plan_bird
+from weft.renderers.bird import render_bird_config
 
 
 def synthetic(peers: int, blocks: int) -> ClusterState:

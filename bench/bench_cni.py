@@ -123,8 +123,9 @@ def startup_and_imports(python: str, paths: list[str], repeat: int = 15) -> dict
 
 def work_breakdown(bench: Bench, state: Path, repeat: int = 15) -> dict[str, float]:
     """The plugin's own steps in this process (no start-up): IPAM, wiring, the endpoint's policy."""
-    from cni import ipam, wiring
-    from reconciler.endpoint import add_endpoint, remove_endpoint
+    from weft.cni import wiring
+    from weft.reconciler.endpoint import add_endpoint, remove_endpoint
+    from weft.store import ipam
     store = ipam.Store(state)
     steps: dict[str, list[float]] = {"IPAM: allocate (flock, choose, fsync + rename)": [],
                                      "wiring: veth, pod side, sysctls, host route (ip x2)": [],
@@ -160,9 +161,9 @@ def inside(opts) -> int:
                "metadata": {"name": f"198-18-{n}-0-26"}, "spec": {"cidr": f"198.18.{n}.0/26",
                                                                 "affinity": f"host:{NODE}"}} for n in (8, 9)]
     (manifests / "ipam.yaml").write_text(yaml.safe_dump_all([pool, *blocks]))
-    subprocess.run([sys.executable, "-m", "reconciler.cli", "apply", "--from", str(manifests), "--node", NODE,
+    subprocess.run([sys.executable, "-m", "weft.reconciler.cli", "apply", "--from", str(manifests), "--node", NODE,
                     "--state-dir", str(state)], check=True, capture_output=True, cwd=REPO)
-    from cni.install import install, launcher_paths
+    from weft.cni.install import install, launcher_paths
     launcher = str(install(work / "bin" / "weft"))
     console = str(Path(sys.executable).parent / "weft-cni")
     bench = Bench(opts.prefix, work)

@@ -50,7 +50,7 @@ def weft(state: Path, source: list[str], *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "reconciler.cli",
+        "weft.reconciler.cli",
         "apply",
         *source,
         "--node",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from cni.ipam import ClaimUnavailable, Exhausted
-from desired.ipam import AFFINITY_HOST_PREFIX, block_name
-from desired.kube import CALICO_API_VERSION
+from weft.desired.api import CALICO_API_VERSION
+from weft.desired.kinds.ipam import AFFINITY_HOST_PREFIX, block_name
+from weft.store.ipam import ClaimUnavailable, Exhausted
 
 BLOCKS_PATH = f"/apis/{CALICO_API_VERSION}/ipamblocks"
 AFFINITIES_PATH = f"/apis/{CALICO_API_VERSION}/blockaffinities"
@@ -47,8 +47,8 @@ def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, con
     naming the pools when every block of them belongs to some node, ClaimUnavailable when the API
     server cannot be used.
     """
-    from desired.errors import SourceError
-    from desired.kube import ApiError, connect
+    from weft.desired.api import ApiError, connect
+    from weft.model.errors import SourceError
 
     try:
         with connect(kubeconfig, context) as api:
@@ -74,7 +74,7 @@ def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, con
 
 def _create_block(api, cidr: str, node: str, timeout: float) -> bool:
     """Create the block's IPAMBlock; True if it is (now or already) this node's."""
-    from desired.kube import ApiError
+    from weft.desired.api import ApiError
     try:
         api.request("POST", BLOCKS_PATH, body=ipam_block_object(cidr, node), timeout=timeout)
         return True
@@ -87,7 +87,7 @@ def _create_block(api, cidr: str, node: str, timeout: float) -> bool:
 
 
 def _confirm_affinity(api, cidr: str, node: str, timeout: float) -> None:
-    from desired.kube import ApiError
+    from weft.desired.api import ApiError
     try:
         api.request("POST", AFFINITIES_PATH, body=block_affinity_object(cidr, node), timeout=timeout)
     except ApiError as exc:

@@ -24,6 +24,7 @@ ADDRESS = b"\0weft-cni"          # abstract socket: one name per network namespa
 CODE_ROOT = (__file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}").rsplit("/", 2)[0]
 PASSED = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_NETNS", b"CNI_IFNAME", b"CNI_ARGS", b"CNI_PATH", b"PATH")
 NO_HELPER, DECLINED = "none", "declined"
+HELPER_LOG = "cni-helper.log"   # in the state dir of the call that started the helper
 
 
 def mount_namespace() -> bytes:
@@ -81,7 +82,7 @@ def main() -> int:
     try:
         stdin = sys.stdin.buffer.read()
     except OSError:
-        from cni import plugin
+        from weft.cni import plugin
         return plugin.main()                      # it reports the read error in the protocol
     answer = ask_helper(stdin)
     if not isinstance(answer, str):
@@ -90,12 +91,37 @@ def main() -> int:
         sys.stdout.flush()
         sys.stderr.buffer.write(stderr)
         return code
-    from cni import plugin
+    from weft.cni import plugin
     code = plugin.main(stdin)
     if answer == NO_HELPER and code == 0 and posix.environ.get(b"CNI_COMMAND") not in (b"VERSION", None):
-        from cni import helper
-        helper.start(stdin)
+        start_helper(stdin)
     return code
+
+
+def start_helper(stdin: bytes) -> None:
+    """Start a helper in this network namespace for the calls to come, detached from this call
+    (its own session, no inherited pipes: the runtime waits for our stdout to close)."""
+    import os
+    import subprocess
+
+    from weft.cni import plugin
+    wanted, state_dir = plugin.helper_settings(stdin)
+    if not wanted:
+        return
+    paths = [p for p in sys.path if p]
+    code = f"import sys; sys.path[:0] = {paths!r}; from weft.cni.helper import main; sys.exit(main())"
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        log = open(os.path.join(state_dir, HELPER_LOG), "ab")
+    except OSError:
+        return
+    with log:
+        try:
+            subprocess.Popen([sys.executable, "-IS", "-c", code], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
+                             env={"PATH": os.environ.get("PATH", "")})
+        except OSError:
+            pass                                  # no helper: every call runs in its own process
 
 
 if __name__ == "__main__":

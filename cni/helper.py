@@ -27,10 +27,10 @@ import sys
 import threading
 import time
 
-from cni import client, groupcommit
+from weft.cni import client
+from weft.store import groupcommit
 
 IDLE_EXIT = 120.0
-LOG_FILE = "cni-helper.log"
 
 
 def _weft_files() -> dict[str, int]:
@@ -120,7 +120,7 @@ class Helper:
                 self.lock.notify_all()
 
     def _answer(self, environ: dict[str, str], stdin: bytes) -> bytes:
-        from cni import plugin
+        from weft.cni import plugin
         wanted, state_dir = plugin.helper_settings(stdin)
         if (environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) != (self.mount_ns, self.path) or not wanted:
             return b"- declined\n"
@@ -171,31 +171,6 @@ def _read_request(conn: socket.socket) -> tuple[dict[str, str], bytes]:
     return environ, rest[length:]
 
 
-def start(stdin: bytes) -> None:
-    """Start a helper in this network namespace for the calls to come, detached from this call
-    (its own session, no inherited pipes: the runtime waits for our stdout to close)."""
-    import subprocess
-
-    from cni import plugin
-    wanted, state_dir = plugin.helper_settings(stdin)
-    if not wanted:
-        return
-    paths = [p for p in sys.path if p]
-    code = f"import sys; sys.path[:0] = {paths!r}; from cni.helper import main; sys.exit(main())"
-    try:
-        os.makedirs(state_dir, exist_ok=True)
-        log = open(os.path.join(state_dir, LOG_FILE), "ab")
-    except OSError:
-        return
-    with log:
-        try:
-            subprocess.Popen([sys.executable, "-IS", "-c", code], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
-                             env={"PATH": os.environ.get("PATH", "")})
-        except OSError:
-            pass                                  # no helper: every call runs in its own process
-
-
 def main(idle_exit: float = IDLE_EXIT) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -205,8 +180,8 @@ def main(idle_exit: float = IDLE_EXIT) -> int:
             return 0                              # another helper serves this namespace
         raise
     listener.listen(256)          # callers from now on wait in the backlog while the plugin is imported
-    import cni.plugin  # noqa: F401
-    import reconciler.endpoint  # noqa: F401  (warm: ADD's policy step)
+    import weft.cni.plugin  # noqa: F401
+    import weft.reconciler.endpoint  # noqa: F401  (warm: ADD's policy step)
     Helper(listener, idle_exit).serve()
     return 0
 

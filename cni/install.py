@@ -1,4 +1,4 @@
-"""Install the plugin where the container runtime looks for it:  python -m cni.install [DEST]
+"""Install the plugin where the container runtime looks for it:  python -m weft.cni.install [DEST]
 
 DEST defaults to /opt/cni/bin/weft (the CNI configuration's "type": "weft"). What is written is a
 three-line launcher, not a copy: it runs this interpreter with -I -S and puts weft's code and this
@@ -19,7 +19,7 @@ DEFAULT_DEST = "/opt/cni/bin/weft"
 
 def launcher_paths() -> list[str]:
     """What the launcher puts on sys.path: weft's code, then this environment's site-packages."""
-    root = str(Path(__file__).resolve().parent.parent)          # the directory holding cni/ and desired/
+    root = str(Path(__file__).resolve().parents[2])             # the directory holding the `weft` package
     site = dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))
     return [root] + [p for p in site if p != root]
 
@@ -27,7 +27,7 @@ def launcher_paths() -> list[str]:
 def launcher_text(python: str | None = None) -> str:
     return (f"#!{python or sys.executable} -IS\n"
             f"import sys; sys.path[:0] = {launcher_paths()!r}\n"
-            "from cni.client import main; sys.exit(main())\n")
+            "from weft.cni.client import main; sys.exit(main())\n")
 
 
 def install(dest: str | os.PathLike = DEFAULT_DEST, python: str | None = None) -> Path:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import sys
 
-from cni import ipam, spec, wiring
-from cni.spec import CniError
-
-DEFAULT_STATE_DIR = "/var/lib/weft"
+from weft.cni import spec, wiring
+from weft.cni.spec import CniError
+from weft.store import ipam
+from weft.store.statedir import default_state_dir
 
 
 class Config:
@@ -36,7 +36,7 @@ class Config:
     def __init__(self, raw: dict, command: str):
         self.raw, self.version, self.network = raw, raw["cniVersion"], raw["name"]
         self.node = _string(raw, "node") or os.uname().nodename
-        self.state_dir = _string(raw, "state_dir") or DEFAULT_STATE_DIR
+        self.state_dir = _string(raw, "state_dir") or default_state_dir()
         self.manifests, self.kubeconfig, self.context = (_string(raw, k) for k in ("manifests", "kubeconfig",
                                                                                    "context"))
         if self.manifests and self.kubeconfig:
@@ -101,7 +101,7 @@ def pod_identity(inv: spec.Invocation, required: bool) -> tuple[str, str] | None
 
 
 def host_iface(namespace: str, pod: str) -> str:
-    from desired.endpoints import host_iface_name
+    from weft.model.names import host_iface_name
     return host_iface_name(namespace, pod)
 
 
@@ -120,8 +120,8 @@ def node_ipam(conf: Config) -> dict:
         raise CniError(spec.DESIRED_STATE, "no IPAM state for this node yet",
                        f"no reconcile run has written {conf.state_dir}/ipam/node.json and the network "
                        "configuration names no source (\"manifests\" or \"kubeconfig\")")
-    from desired.errors import WeftError
-    from desired.sources import read
+    from weft.desired.sources import read
+    from weft.model.errors import WeftError
     try:
         state = read(_path(conf.state_dir), source.get("manifests"), source.get("kubeconfig"),
                      source.get("context")).state()
@@ -145,7 +145,7 @@ def _claimer(conf: Config, doc: dict):
         return None
 
     def claim(node_doc: dict, family: int) -> dict:
-        from cni.claims import claim_block
+        from weft.cni.claims import claim_block
         pools = [p for p in node_doc["pools"] if p["selects_node"] and not p["disabled"]
                  and (":" in p["cidr"]) == (family == 6)]
         return claim_block(conf.node, pools, source.get("kubeconfig"), source.get("context"),
@@ -220,8 +220,8 @@ class _Background:
 
 def _add_endpoint(conf: Config, namespace: str, pod: str, iface: str, ips: tuple[str, ...]) -> None:
     """The endpoint's rules, in the kernel before ADD returns: a pod under a policy never runs open."""
-    from desired.errors import WeftError
-    from reconciler.endpoint import add_endpoint
+    from weft.model.errors import WeftError
+    from weft.reconciler.endpoint import add_endpoint
     try:
         add_endpoint(_path(conf.state_dir), namespace, pod, iface, tuple(ips))
     except WeftError as exc:
@@ -235,7 +235,7 @@ def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired:
     Each step is tried whatever the others do; what fails is logged (the runtime's DEL retries it),
     and the ADD's own error is the one reported.
     """
-    from desired.errors import WeftError
+    from weft.model.errors import WeftError
     steps = []
     if wired:
         def unwire():
@@ -254,7 +254,7 @@ def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired:
 
 
 def _remove_endpoint(conf: Config, iface: str) -> None:
-    from reconciler.endpoint import remove_endpoint
+    from weft.reconciler.endpoint import remove_endpoint
     remove_endpoint(_path(conf.state_dir), iface)
 
 
@@ -325,7 +325,7 @@ def cmd_check(inv: spec.Invocation, conf: Config) -> None:
                      for ip in sorted(listed - set(allocation.ips)) if ip]
     alias = wiring.alias_for(inv.container_id, inv.ifname)
     problems += wiring.check(inv.netns, inv.ifname, allocation.iface, list(allocation.ips), conf.mtu, alias)
-    from reconciler.endpoint import check_endpoint
+    from weft.reconciler.endpoint import check_endpoint
     problems += check_endpoint(_path(conf.state_dir), allocation.namespace, allocation.pod, allocation.iface)
     if problems:
         raise CniError(spec.CHECK_FAILED, "CHECK failed", "; ".join(problems))
@@ -431,12 +431,12 @@ def helper_settings(stdin: bytes) -> tuple[bool, str]:
     try:
         raw = json.loads(stdin)
     except ValueError:
-        return True, DEFAULT_STATE_DIR
+        return True, default_state_dir()
     if not isinstance(raw, dict):
-        return True, DEFAULT_STATE_DIR
+        return True, default_state_dir()
     state_dir = raw.get("state_dir")
     return raw.get("helper", True) is not False, state_dir if isinstance(state_dir, str) and state_dir \
-        else DEFAULT_STATE_DIR
+        else default_state_dir()
 
 
 def main(stdin: bytes | None = None) -> int:

@@ -24,8 +24,8 @@ import json
 import os
 import subprocess
 
-from cni.groupcommit import GroupCommit, together_or_alone
-from desired.endpoints import ROUTE_PROTOCOL, host_sysctls  # defined once, for the reconciler too
+from weft.model.names import ROUTE_PROTOCOL, host_sysctls  # defined once, for the reconciler too
+from weft.store.groupcommit import GroupCommit, together_or_alone
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"

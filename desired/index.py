@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections import defaultdict
 from functools import cached_property, lru_cache
 
-from desired.calico_selector import Expr
-from desired.model import ClusterState, Endpoint, EntityMatch
-from desired.selectors import Selector
+from weft.model.cluster import ClusterState, Endpoint, EntityMatch
+from weft.model.labelselector import Selector
+from weft.model.selector import Expr
 
 
 class EndpointIndex:
     def __init__(self, state: ClusterState):
         self.state = state
         self.endpoints: tuple[Endpoint, ...] = state.endpoints
-        self._all = frozenset(range(len(self.endpoints)))
+        self.universe = self._all = frozenset(range(len(self.endpoints)))
         by_label: dict[tuple[str, str], set[int]] = defaultdict(set)
         by_key: dict[str, set[int]] = defaultdict(set)
         by_ns: dict[str, set[int]] = defaultdict(set)
@@ -51,6 +51,12 @@ class EndpointIndex:
             return self.select(expr)
         normal = expr.normalize()
         return normal.select(self) if normal == expr else self.select_expr(normal)
+
+    def with_label(self, key: str, value: str) -> set[int]:
+        return self._by_label.get((key, value), set())
+
+    def with_key(self, key: str) -> set[int]:
+        return self._by_key.get(key, set())
 
     @cached_property
     def _values_by_key(self) -> dict[str, dict[str, set[int]]]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from desired import bgp, ipam, kubernetes
-from desired.errors import InvalidDesiredState, ValidationError
-from desired.model import ClusterState, Namespace
-from desired.validation import Checker, namespace_of, object_label
+from weft.desired.kinds import bgp, ipam, kubernetes
+from weft.desired.validation import Checker, namespace_of, object_label
+from weft.model.cluster import ClusterState, Namespace
+from weft.model.errors import InvalidDesiredState, ValidationError
 
 
 @dataclass(frozen=True)

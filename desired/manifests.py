@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from desired.errors import InvalidDesiredState, SourceError, ValidationError
+from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
 
 # libyaml's loader is ~8x faster than the pure-Python one; same results for manifests.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from desired import cache as cachemod
-from desired.errors import InvalidDesiredState, SourceError, ValidationError
+from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
+from weft.store import cache as cachemod
 
 if TYPE_CHECKING:
-    from desired.model import ClusterState
+    from weft.model.cluster import ClusterState
 
 _WORKERS = 4
 API_PROFILE = "api-connection.json"     # desired.kube.connect keeps the resolved connection there
@@ -95,7 +95,7 @@ def commit(state_dir: Path, reading: Reading) -> None:
 
 def _assembled(table: dict) -> Callable[[], ClusterState]:
     def build() -> ClusterState:
-        from desired.loader import Converted, assemble
+        from weft.desired.loader import Converted, assemble
         converted = [v for v in table.values() if isinstance(v, Converted)]
         ignored = [v for v in table.values() if isinstance(v, str)]
         return assemble(converted, ignored)
@@ -105,8 +105,8 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 # ---- manifest directory --------------------------------------------------------------------
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
-    from desired.loader import convert_object, flatten_lists
-    from desired.manifests import manifest_files, parse_manifest_file
+    from weft.desired.loader import convert_object, flatten_lists
+    from weft.desired.manifests import manifest_files, parse_manifest_file
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
     files = manifest_files(root)
@@ -161,7 +161,7 @@ def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig:
     version moved, unpickling the cached objects); the child hands back only answers."""
     what, source, *rest = child.receive()
     if what == "full":
-        from desired import kube
+        from weft.desired import api as kube
         with kube.connect(kubeconfig, context, keep=keep) as api:
             now = kube.current_resource_version(api)
             return _full_list(api, cachemod.DesiredCache(source, token=""), now)
@@ -180,7 +180,7 @@ def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str
     """The child's part: ("full", source) when the cache is of no use (a full list follows, in
     the parent), ("same", source, now) when nothing changed, else ("moved", source, now) and
     then (results,), the watches' (resource, "events"|"list", (items, cursor)) for every kind."""
-    from desired import kube
+    from weft.desired import api as kube
     with kube.connect(kubeconfig, context, keep=keep) as api:
         source = f"api:{api.host}"
         if cache is None or cache.source != source or not cache.token:
@@ -279,8 +279,8 @@ def _key(obj: dict) -> tuple:
 
 
 def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
-    from desired import kube
-    from desired.loader import convert_object
+    from weft.desired import api as kube
+    from weft.desired.loader import convert_object
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
         listed = list(pool.map(lambda r: kube.list_kind(api, r), kube.RESOURCES))
     errors: list[ValidationError] = []
@@ -305,7 +305,7 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
 def _watch_all(api, cursors: dict) -> list:
     """Each kind's events since its cursor; a kind without one, or whose events are no longer
     kept (410), is listed again. Every watch ends with a quiet gap: they run all at once."""
-    from desired import kube
+    from weft.desired import api as kube
 
     def one(resource):
         cursor = cursors.get(resource.plural + "." + resource.api_version, "")
@@ -321,7 +321,7 @@ def _watch_all(api, cursors: dict) -> list:
 
 
 def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups: dict) -> Reading:
-    from desired.loader import convert_object
+    from weft.desired.loader import convert_object
     for resource, _how, (_items, cursor) in results:
         cache.cursors[resource.plural + "." + resource.api_version] = cursor
     # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)

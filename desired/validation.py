@@ -11,7 +11,7 @@ import socket
 from functools import lru_cache
 from typing import Any
 
-from desired.errors import ValidationError
+from weft.model.errors import ValidationError
 
 LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -20,11 +20,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-from playbooks.netlab import LabCni, LabError, NodeLab, format_matrix, pods_from_manifests
+from weft.playbooks.netlab import LabCni, LabError, NodeLab, format_matrix, pods_from_manifests
 
 EXAMPLE_DIR = Path(__file__).parent / "example"
 NODE = "lab-node"
-WEFT = [sys.executable, "-m", "reconciler.cli"]  # run inside the node namespace; tests swap it
+WEFT = [sys.executable, "-m", "weft.reconciler.cli"]  # run inside the node namespace; tests swap it
 PLAN_OK = (0, 2)  # terraform-style detailed exit codes: 0 nothing to do, 2 changes planned
 
 

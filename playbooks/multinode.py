@@ -30,16 +30,16 @@ from pathlib import Path
 
 import yaml
 
-from desired.ipam import block_name
-from playbooks.netlab import PROBER, LabError, LabPod, NodeLab, format_matrix, ip_batch, remove_netns, run
-from probes import bird as probe
+from weft.desired.kinds.ipam import block_name
+from weft.playbooks.netlab import PROBER, LabError, LabPod, NodeLab, format_matrix, ip_batch, remove_netns, run
+from weft.probes import bird as probe
 
 FABRIC = ipaddress.ip_network("198.18.0.0/24")
 POOL = ipaddress.ip_network("198.18.4.0/22")
 BLOCK_PREFIX = 26
 UPLINK = "fabric0"
 NAMESPACE = "lab"
-WEFT = [sys.executable, "-m", "reconciler.cli"]
+WEFT = [sys.executable, "-m", "weft.reconciler.cli"]
 PREFIX = "wml"
 _NS_NAME = re.compile(rf"^{PREFIX}-(\d+)-")
 _counter = itertools.count()
@@ -131,7 +131,7 @@ class MultiNodeLab:
         """Pods through weft's CNI plugin, as a container runtime calls it in the node's namespace;
         the node's first `weft apply` (its IPAM state) runs before the first pod."""
         try:
-            from playbooks.netlab import LabCni
+            from weft.playbooks.netlab import LabCni
         except ImportError:
             raise LabError("this checkout's playbooks.netlab cannot create pods through the CNI plugin") from None
         plugin = Path(sys.executable).parent / "weft-cni"
@@ -370,8 +370,8 @@ DEMO_POLICY = {
 
 
 def demo(lab: MultiNodeLab, timeout: float) -> None:
-    from playbooks.lab import StepFailed, section
-    from reconciler.status import collect, format_text
+    from weft.playbooks.lab import StepFailed, section
+    from weft.reconciler.status import collect, format_text
     section(f"weft apply on {len(lab.nodes)} nodes (BIRD not running yet: its configuration is written and checked)")
     lab.apply_all()
     start = time.monotonic()
@@ -397,12 +397,12 @@ def demo(lab: MultiNodeLab, timeout: float) -> None:
 
 
 def has_lab_cni() -> bool:
-    import playbooks.netlab
-    return hasattr(playbooks.netlab, "LabCni") and (Path(sys.executable).parent / "weft-cni").exists()
+    from weft.playbooks import netlab
+    return hasattr(netlab, "LabCni") and (Path(sys.executable).parent / "weft-cni").exists()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from playbooks.lab import guarded, section, sigterm_as_exit
+    from weft.playbooks.lab import guarded, section, sigterm_as_exit
     args = parse_args(argv)
     lab = MultiNodeLab(args.nodes, args.pods, cni=args.wire == "cni" and has_lab_cni())
 

@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from desired.endpoints import host_iface_name
-from desired.manifests import load_manifest_dir
+from weft.desired.manifests import load_manifest_dir
+from weft.model.names import host_iface_name
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 #     python3-bpfcc (eBPF), conntrack, python3-venv, openssl (the tests' TLS certificates)
 #   .venv: made from Debian's /usr/bin/python3 with --system-site-packages, because bcc is
 #     Debian's python3-bpfcc (the PyPI package named "bcc" is an unrelated project), then
-#     weft installed in it, editable, with its test tools.
+#     weft installed in it from its wheel (as users install it, not editable), with its test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +28,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-# Bytecode now, as pip does for a regular install: an editable install compiles on import only,
-# and not at all under PYTHONDONTWRITEBYTECODE, which would cost every weft run ~40 ms.
-.venv/bin/python -m compileall -q -j 0 cni desired probes reconciler renderers playbooks >/dev/null
+# A wheel, as users get it: the checkout's folders are installed under the `weft` namespace, the
+# BIRD templates as package data, bytecode compiled by pip.
+.venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
+.venv/bin/python -m pip install -q --disable-pip-version-check '.[test]'
 echo "setup.sh: ready (.venv/bin/weft)"

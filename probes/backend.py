@@ -9,7 +9,7 @@ import os
 import re
 from collections import namedtuple
 
-from probes.runner import KernelCommandError, Runner
+from weft.probes.runner import KernelCommandError, Runner
 
 BACKENDS = ("nft", "legacy")
 

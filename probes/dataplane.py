@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from probes import ipsets, iptables
-from probes.backend import Backend, table_label
-from probes.routes import start_route_probe
-from probes.runner import KernelCommandError, Runner
-from renderers.dataplane import Dataplane
+from weft.model.kernel import Dataplane
+from weft.probes import ipsets, iptables
+from weft.probes.backend import Backend, table_label
+from weft.probes.routes import start_route_probe
+from weft.probes.runner import KernelCommandError, Runner
 
 TABLE = "filter"
 

@@ -1,7 +1,7 @@
 """Read back weft's IP sets from `ipset save` (members as the kernel prints them)."""
 from __future__ import annotations
 
-from renderers.dataplane import PREFIX, IpSet
+from weft.model.kernel import PREFIX, IpSet
 
 
 def parse_save(text: str) -> dict[str, IpSet]:

@@ -1,7 +1,7 @@
 """Read back weft's chains and hook rules from iptables-save, leaving everything else alone."""
 from __future__ import annotations
 
-from renderers.dataplane import PREFIX, Chain, Hooks
+from weft.model.kernel import PREFIX, Chain, Hooks
 
 BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT")}
 

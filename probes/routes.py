@@ -9,9 +9,9 @@ import ipaddress
 import json
 from collections.abc import Callable
 
-from desired.endpoints import HOST_IFACE_PREFIX, ROUTE_PROTOCOL, host_sysctls
-from probes.runner import Runner
-from renderers.dataplane import Link, Route
+from weft.model.kernel import Link, Route
+from weft.model.names import HOST_IFACE_PREFIX, ROUTE_PROTOCOL, host_sysctls
+from weft.probes.runner import Runner
 
 
 def start_route_probe(runner: Runner) -> Callable[[], tuple[dict[str, Route], dict[str, Link], frozenset[str]]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import threading
 
-from desired.errors import WeftError
+from weft.model.errors import WeftError
 
 # Lines some tools print on stderr that are information, not failure.
 _BENIGN = ("# Warning: iptables-legacy tables present", "# Table `")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from probes.backend import Backend, table_backend
-from probes.dataplane import probe_dataplane, probe_some
-from probes.routes import start_route_probe
-from probes.runner import KernelCommandError, Runner
-from reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff, names_set, simulate
-from renderers.dataplane import Dataplane
+from weft.model.kernel import Dataplane
+from weft.probes.backend import Backend, table_backend
+from weft.probes.dataplane import probe_dataplane, probe_some
+from weft.probes.routes import start_route_probe
+from weft.probes.runner import KernelCommandError, Runner
+from weft.reconciler.diff import CREATE, DELETE, REPLACE, UPDATE, Changes, diff, names_set, simulate
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def apply_routing(changes: Changes, runner: Runner) -> None:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from desired.endpoints import ROUTE_PROTOCOL
+    from weft.model.names import ROUTE_PROTOCOL
     with IPRoute() as ipr:
         for r in changes.routes:
             what = f"route {'del' if r.action == DELETE else 'replace'} {r.dst}" + (f" dev {r.dev}" if r.dev else "")

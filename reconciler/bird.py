@@ -25,11 +25,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from desired.errors import WeftError
-from probes import bird as probe
+from weft.model.errors import WeftError
+from weft.probes import bird as probe
 
 if TYPE_CHECKING:
-    from desired.model import ClusterState
+    from weft.model.cluster import ClusterState
 
 CONFIG_NAME = "bird.conf"
 SOCKET_NAME = "bird.ctl"
@@ -57,7 +57,7 @@ class BirdChange:
 
 
 def _redact(config: str) -> str:
-    from renderers.bird import redact  # the renderer (jinja2, the BGP model): only where BGP is on
+    from weft.renderers.bird import redact  # the renderer (jinja2, the BGP model): only where BGP is on
     return redact(config)
 
 
@@ -74,7 +74,7 @@ def desired_config(state: ClusterState, node: str, state_dir: Path, socket: str 
     me = state.nodes.get(node)
     if me is None or me.bgp is None or not (me.bgp.ipv4_address or me.bgp.ipv6_address):
         return None
-    from renderers.bird import render_bird_config
+    from weft.renderers.bird import render_bird_config
     return render_bird_config(state, node, socket_path=socket or default_socket(state_dir))
 
 
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     (without --apply), 1 error."""
     from filelock import FileLock
 
-    from desired import sources
-    from reconciler.run import default_state_dir
+    from weft.desired import sources
+    from weft.store.statedir import default_state_dir
     parser = argparse.ArgumentParser(prog="python -m reconciler.bird", description=main.__doc__.split("\n")[0])
     parser.add_argument("--from", dest="from_dir", metavar="DIR")
     parser.add_argument("--kubeconfig")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apply", action="store_true")
     parser.add_argument("--output", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
-    state_dir = args.state_dir or default_state_dir()
+    state_dir = args.state_dir or Path(default_state_dir())
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(state_dir / "weft.lock"), timeout=300):     # the node lock `weft apply` holds

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from cni import ipam_cli
-from desired.errors import WeftError
-from reconciler import status
-from reconciler.output import emit
+from weft.model.errors import WeftError
+from weft.reconciler import ipam_cli, status
+from weft.reconciler.output import emit
+from weft.store.statedir import default_state_dir
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -85,19 +85,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lab(argv: list[str]) -> int:
     if any(a == "--nodes" or a.startswith("--nodes=") for a in argv):
-        from playbooks.multinode import main as multinode_main
+        from weft.playbooks.multinode import main as multinode_main
         return multinode_main(argv)
-    from playbooks.lab import main as lab_main
+    from weft.playbooks.lab import main as lab_main
     return lab_main(argv)
 
 
 def _dispatch(args) -> int:
-    from probes.runner import Runner
-    from reconciler import bird, run
-    from reconciler import drift as driftmod
-    from reconciler import plan as planmod
+    from weft.probes.runner import Runner
+    from weft.reconciler import bird, run
+    from weft.reconciler import drift as driftmod
+    from weft.reconciler import plan as planmod
 
-    opts = run.Options(node=args.node, state_dir=args.state_dir or run.default_state_dir(),
+    opts = run.Options(node=args.node, state_dir=args.state_dir or Path(default_state_dir()),
                        from_dir=args.from_dir, kubeconfig=args.kubeconfig, context=args.context,
                        backend=args.iptables_backend, lock_timeout=args.lock_timeout,
                        bird_socket=args.bird_socket)

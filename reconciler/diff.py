@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from renderers.dataplane import Chain, Dataplane, Hooks, IpSet, Link, Route
+from weft.model.kernel import Chain, Dataplane, Hooks, IpSet, Link, Route
 
 CREATE, UPDATE, REPLACE, DELETE = "create", "update", "replace", "delete"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 
-from reconciler.diff import CREATE, DELETE, REPLACE, Changes
+from weft.reconciler.diff import CREATE, DELETE, REPLACE, Changes
 
 FORMAT_VERSION = 1
 

@@ -17,11 +17,11 @@ import os
 import time
 from contextlib import contextmanager
 
-from cni.groupcommit import Call, GroupCommit, together_or_alone
-from desired.errors import WeftError
-from probes.backend import Backend, detect
-from probes.runner import KernelCommandError, Runner
-from renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, chain_lines, pending_specs
+from weft.model.errors import WeftError
+from weft.probes.backend import Backend, detect
+from weft.probes.runner import KernelCommandError, Runner
+from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, chain_lines, pending_specs
+from weft.store.groupcommit import Call, GroupCommit, together_or_alone
 
 # Standard library and weft's light modules only: this is on the CNI plugin's hot path.
 LOCK_FILE = "weft.lock"
@@ -186,11 +186,11 @@ def check_endpoint(state_dir, namespace: str, pod: str, iface: str) -> list[str]
 def _first_run(state_dir, runner: Runner) -> None:
     """weft's base chains and hooks, for a node where no reconcile run happened yet: without
     them no policy is enforced at all. Pods not in any snapshot stay closed where needed."""
-    from desired.model import ClusterState
-    from reconciler.apply import execute
-    from reconciler.diff import diff
-    from renderers.dataplane import Dataplane
-    from renderers.iptables import render_node
+    from weft.model.cluster import ClusterState
+    from weft.model.kernel import Dataplane
+    from weft.reconciler.apply import execute
+    from weft.reconciler.diff import diff
+    from weft.renderers.iptables import render_node
 
     backend = _backend(runner)
     with node_lock(state_dir, shared=False, name="base.lock"):   # two first ADDs: one sets up

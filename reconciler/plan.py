@@ -10,9 +10,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from desired.errors import WeftError
-from reconciler.bird import BirdChange, format_bird_change
-from reconciler.diff import (
+from weft.model.errors import WeftError
+from weft.reconciler.bird import BirdChange, format_bird_change
+from weft.reconciler.diff import (
     CREATE,
     DELETE,
     REPLACE,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -10,17 +9,18 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from desired.cache import gc_paused
-from desired.errors import WeftError
-from probes.backend import Backend, detect, other_has_weft
-from probes.dataplane import probe_dataplane, start_probe
-from probes.runner import Runner
-from reconciler import bird
-from reconciler.apply import execute, verify
-from reconciler.diff import diff
-from reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
-from reconciler.plan import Plan, PlanError
-from renderers.dataplane import EMPTY, Dataplane
+from weft.model.errors import WeftError
+from weft.model.kernel import EMPTY, Dataplane
+from weft.probes.backend import Backend, detect, other_has_weft
+from weft.probes.dataplane import probe_dataplane, start_probe
+from weft.probes.runner import Runner
+from weft.reconciler import bird
+from weft.reconciler.apply import execute, verify
+from weft.reconciler.diff import diff
+from weft.reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
+from weft.reconciler.plan import Plan, PlanError
+from weft.store.cache import gc_paused
+from weft.store.statedir import default_state_dir  # noqa: F401  (re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Desired:
 
 def local_allocations(state_dir: Path) -> list:
     """The addresses this node's IPAM gave its pods (the CNI plugin's records)."""
-    from cni.ipam import read_allocations
+    from weft.store.ipam import read_allocations
     # An inactive record is an old sandbox of the pod whose interface a newer one took over.
     return [a for a in read_allocations(state_dir) if a.active]
 
@@ -61,7 +61,7 @@ def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired
     apply. When neither the desired state nor the allocations changed since the last run, the
     dataplane rendered then is used as it is: rendering is a pure function of both.
     """
-    from desired import sources
+    from weft.desired import sources
     if destroy:
         return Desired(EMPTY)
     allocations = local_allocations(opts.state_dir)
@@ -73,10 +73,10 @@ def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired
     desired = reading.cache.rendered_for(opts.node, key)
     if desired is None:
         # Only a run with something to render needs the model, the converters and the renderers.
-        from desired.loader import ENDPOINT_KINDS
-        from desired.model import Endpoint
-        from renderers.endpoint import make_snapshot
-        from renderers.iptables import render_node
+        from weft.desired.loader import ENDPOINT_KINDS
+        from weft.model.cluster import Endpoint
+        from weft.renderers.endpoint import make_snapshot
+        from weft.renderers.iptables import render_node
         state = reading.state()
         addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
         state = state.with_local_addresses(opts.node, addresses)
@@ -101,9 +101,9 @@ def _with_peer_secrets(opts: Options, state):
     """BGP passwords: from the API server weft reads only the Secrets peers refer to."""
     if opts.from_dir or not any(p.password for p in state.bgp_peers):
         return state
-    from desired.bgp import fetch_peer_secrets
-    from desired.kube import connect
-    from desired.sources import API_PROFILE
+    from weft.desired.api import connect
+    from weft.desired.kinds.bgp import fetch_peer_secrets
+    from weft.desired.sources import API_PROFILE
     with connect(opts.kubeconfig, opts.context, keep=opts.state_dir / API_PROFILE) as api:
         return replace(state, secrets=state.secrets + fetch_peer_secrets(api, state.bgp_peers))
 
@@ -114,7 +114,7 @@ def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
 
 def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane, Desired]:
     """Validate the desired state before touching the kernel at all, then compare."""
-    from desired import sources
+    from weft.desired import sources
     # The read begins first (from the API server it runs in a child process), then the kernel's
     # dumps; the dumps are parsed (and fingerprinted) in a worker while the read is finished.
     reading = nullcontext() if destroy else sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
@@ -209,11 +209,8 @@ def _leave_for_cni(opts: Options, desired: Desired | None) -> None:
     current = load_snapshot(opts.state_dir)
     if current is None or current.get("token") != desired.snapshot["token"]:
         save_snapshot(opts.state_dir, desired.snapshot)
-    from cni.ipam import source_of, write_node_ipam
+    from weft.store.ipam import source_of, write_node_ipam
     pools, blocks, labels = desired.ipam
     write_node_ipam(opts.state_dir, opts.node, pools, blocks,
                     source_of(opts.from_dir, opts.kubeconfig, opts.context), labels)
 
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("WEFT_STATE_DIR", "/var/lib/weft"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler.output import emit
+from weft.reconciler.output import emit
 
 FORMAT_VERSION = 1
 BLOCKS_PROTOCOLS = ("weft_blocks_v4", "weft_blocks_v6")
@@ -24,12 +24,12 @@ def add_parser(subparsers) -> None:
 
 def collect(socket: str) -> dict:
     """Everything status shows, as data. {"running": False, ...} when BIRD does not answer."""
-    from probes import bird as probe  # here: the parser is built on every weft command's path
+    from weft.probes import bird as probe  # here: the parser is built on every weft command's path
     data = {"format_version": FORMAT_VERSION, "socket": socket, "running": probe.running(socket),
             "peers": [], "blocks": [], "other_bgp": []}
     if not data["running"]:
         return data
-    from renderers.bird import KINDS, parse_protocol_name  # not on every weft command's import path
+    from weft.renderers.bird import KINDS, parse_protocol_name  # not on every weft command's import path
     routes = probe.show_routes(socket)
     by_protocol: dict[str, list] = {}
     for route in routes:
@@ -74,10 +74,10 @@ def format_text(data: dict) -> str:
 
 
 def run(args) -> int:
-    from probes import bird as probe
-    from reconciler.bird import default_socket
-    from reconciler.run import default_state_dir
-    socket = args.socket or default_socket(args.state_dir or default_state_dir())
+    from weft.probes import bird as probe
+    from weft.reconciler.bird import default_socket
+    from weft.store.statedir import default_state_dir
+    socket = args.socket or default_socket(args.state_dir or Path(default_state_dir()))
     try:
         data = collect(socket)
     except probe.BirdCommandError as exc:

@@ -27,13 +27,12 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
-from desired.bgp import DEFAULT_AS_NUMBER, duration_seconds, secret_value
-from desired.errors import InvalidDesiredState, ValidationError, WeftError
-from desired.model import BGPConfiguration, BGPPeer, ClusterState, Node
+from weft.desired.kinds.bgp import DEFAULT_AS_NUMBER, duration_seconds, secret_value
+from weft.model.cluster import BGPConfiguration, BGPPeer, ClusterState, Node
+from weft.model.errors import InvalidDesiredState, ValidationError, WeftError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "bgp-config"
+TEMPLATE_PACKAGE = "weft.bgp_config"       # bgp-config/ in the repository, package data once installed
 BGP_PORT = 179
 KINDS = {"Mesh": "node-to-node mesh", "Node": "node specific", "Global": "global"}
 _NAME = re.compile(r"^(Mesh|Node|Global)_([0-9A-Fa-f_]+?)(?:_port_(\d+))?$")
@@ -367,6 +366,6 @@ def _template():
     """The template, loaded on first use: jinja2 costs ~30 ms to import, and most runs render no
     BIRD config (BGP off, or nothing changed)."""
     import jinja2
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, "."), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     return env.get_template("bird.conf.j2")

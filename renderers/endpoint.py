@@ -11,9 +11,9 @@ reads it with the standard library only):
 """
 from __future__ import annotations
 
-from desired.model import EGRESS, INGRESS, ClusterState
-from renderers.dataplane import Dataplane
-from renderers.iptables import TABLE, might_apply
+from weft.model.cluster import EGRESS, INGRESS, ClusterState
+from weft.model.kernel import Dataplane
+from weft.renderers.iptables import TABLE, might_apply
 
 FORMAT = 1
 

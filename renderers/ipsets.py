@@ -12,9 +12,9 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from functools import cache
 
-from desired.index import EndpointIndex
-from desired.model import EntityMatch
-from renderers.dataplane import PREFIX, IpSet
+from weft.desired.index import EndpointIndex
+from weft.model.cluster import EntityMatch
+from weft.model.kernel import PREFIX, IpSet
 
 
 @cache

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 
-from desired.index import EndpointIndex
-from desired.model import (
+from weft.desired.index import EndpointIndex
+from weft.model.cluster import (
     EGRESS,
     INGRESS,
     Action,
@@ -37,10 +37,10 @@ from desired.model import (
     Policy,
     Rule,
 )
-from renderers.dataplane import PREFIX, Chain, Dataplane, Hooks, IpSet
-from renderers.ipsets import SetCatalog, short_hash
-from renderers.routes import render_links, render_routes
-from renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, base_matches, chain_lines, pending_specs
+from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
+from weft.renderers.ipsets import SetCatalog, short_hash
+from weft.renderers.routes import render_links, render_routes
+from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, base_matches, chain_lines, pending_specs
 
 MARK_ACCEPT = "0x10000"
 MARK_PASS = "0x20000"

@@ -6,9 +6,9 @@ the CNI plugin sets (desired.endpoints is the one definition of both).
 """
 from __future__ import annotations
 
-from desired.endpoints import host_sysctls
-from desired.model import Endpoint
-from renderers.dataplane import Link, Route
+from weft.model.cluster import Endpoint
+from weft.model.kernel import Link, Route
+from weft.model.names import host_sysctls
 
 
 def render_routes(local: tuple[Endpoint, ...]) -> dict[str, Route]:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
-from desired.kube import CALICO_API_VERSION, RESOURCES
+from weft.desired.api import CALICO_API_VERSION, RESOURCES
 
 BUILTIN_API_VERSIONS = ("v1", "networking.k8s.io/v1", "discovery.k8s.io/v1")
 
@@ -653,7 +653,7 @@ class KubeSource:
     """
 
     def __init__(self, kubeconfig: str, fake: FakeKubeAPI | None):
-        from desired.kube import connect
+        from weft.desired.api import connect
         self.kubeconfig, self.fake = kubeconfig, fake
         self.api = connect(kubeconfig)
         self.namespace = f"weft-test-{uuid.uuid4().hex[:8]}"
@@ -686,7 +686,7 @@ class KubeSource:
         """
         import pytest
 
-        from desired.kube import ApiError
+        from weft.desired.api import ApiError
 
         if KINDS.get((obj["apiVersion"], obj["kind"]), ("", True))[1]:
             obj = {**obj, "metadata": {"namespace": self.namespace, **obj["metadata"]}}
@@ -708,7 +708,7 @@ class KubeSource:
         """The official client's typed API client, for tests of the wire contract itself."""
         from kubernetes import client
 
-        from desired.kube import configuration
+        from weft.desired.api import configuration
         return client.ApiClient(configuration=configuration(self.kubeconfig))
 
     def close(self) -> None:

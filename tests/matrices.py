@@ -351,7 +351,7 @@ def weft(lab, argv: Sequence[str], source: Path, state: Path, timeout: float = 1
     """Run `weft <argv...>` inside the lab's node namespace, as the node's reconcile job would."""
     command = list(argv[:1])
     rest = list(argv[1:])
-    return lab.node_run([sys.executable, "-m", "reconciler.cli", *command, "--from", str(source),
+    return lab.node_run([sys.executable, "-m", "weft.reconciler.cli", *command, "--from", str(source),
                          "--node", NODE, "--state-dir", str(state), *rest], timeout=timeout)
 
 

@@ -102,7 +102,7 @@ def node_ns() -> Iterator[str]:
 
 def weft_argv(ns: str, *args: str, state_dir: Path | str, from_dir: Path | str | None = None,
               node: str | None = NODE, backend: str | None = None) -> list[str]:
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "reconciler.cli", *args,
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "weft.reconciler.cli", *args,
             "--state-dir", str(state_dir)]
     if from_dir is not None:
         argv += ["--from", str(from_dir)]

@@ -169,7 +169,7 @@ CASES = [
 def applied(tmp_path_factory):
     """A lab node with the good policies applied; yields (lab, source dir, state dir, recorded state)."""
     require_lab()
-    from playbooks.netlab import NodeLab, pods_from_manifests
+    from weft.playbooks.netlab import NodeLab, pods_from_manifests
 
     source = write_source(tmp_path_factory.mktemp("good"), *GOOD_POLICIES)
     state = tmp_path_factory.mktemp("weft-state")

@@ -5,11 +5,11 @@ import base64
 
 import pytest
 
-from desired.bgp import community_problem, duration_seconds, parse_as_number, parse_peer_ip
-from desired.calico_selector import parse_selector
-from desired.errors import InvalidDesiredState
-from desired.loader import build_cluster_state
-from desired.model import NodeBGP, SecretKeyRef
+from weft.desired.kinds.bgp import community_problem, duration_seconds, parse_as_number, parse_peer_ip
+from weft.desired.loader import build_cluster_state
+from weft.model.cluster import NodeBGP, SecretKeyRef
+from weft.model.errors import InvalidDesiredState
+from weft.model.selector import parse_selector
 
 V1, V3 = "crd.projectcalico.org/v1", "projectcalico.org/v3"
 

@@ -20,16 +20,16 @@ from argparse import Namespace
 
 import pytest
 
-from desired import loader
-from desired.endpoints import host_iface_name
-from desired.errors import InvalidDesiredState
-from desired.loader import build_cluster_state
-from desired.manifests import load_manifest_dir
-from playbooks.multinode import NAMESPACE, MultiNodeLab, has_lab_cni
-from playbooks.netlab import LabError
-from probes import bird as probe
-from reconciler import bird as birdmod
-from reconciler import status
+from weft.desired import loader
+from weft.desired.loader import build_cluster_state
+from weft.desired.manifests import load_manifest_dir
+from weft.model.errors import InvalidDesiredState
+from weft.model.names import host_iface_name
+from weft.playbooks.multinode import NAMESPACE, MultiNodeLab, has_lab_cni
+from weft.playbooks.netlab import LabError
+from weft.probes import bird as probe
+from weft.reconciler import bird as birdmod
+from weft.reconciler import status
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("bird", "birdc", "ip")),
@@ -332,7 +332,7 @@ def test_labs_leave_no_namespaces_or_bird_processes():
 
 
 def test_lab_main_runs_end_to_end(capsys):
-    from playbooks.multinode import main
+    from weft.playbooks.multinode import main
     assert main(["--nodes", "2", "--pods", "1"]) == 0
     out = capsys.readouterr().out
     assert "Established" in out and "Done: the lab is removed" in out

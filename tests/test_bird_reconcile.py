@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from desired.errors import WeftError
-from desired.model import BGPPeer, Block, ClusterState, IPPool, Node, NodeBGP, Secret, SecretKeyRef
-from reconciler.bird import CREATE, UPDATE, apply_bird, bird_drift_items, format_bird_change, main, plan_bird
+from weft.model.cluster import BGPPeer, Block, ClusterState, IPPool, Node, NodeBGP, Secret, SecretKeyRef
+from weft.model.errors import WeftError
+from weft.reconciler.bird import CREATE, UPDATE, apply_bird, bird_drift_items, format_bird_change, main, plan_bird
 
 needs_bird = pytest.mark.skipif(shutil.which("bird") is None, reason="needs bird (Debian package bird2)")
 

@@ -10,9 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from desired.calico_selector import parse_selector
-from desired.errors import InvalidDesiredState
-from desired.model import (
+from weft.model.cluster import (
     BGPConfiguration,
     BGPPeer,
     Block,
@@ -25,7 +23,9 @@ from desired.model import (
     Secret,
     SecretKeyRef,
 )
-from renderers.bird import bgp_sessions, parse_protocol_name, protocol_name, redact, render_bird_config
+from weft.model.errors import InvalidDesiredState
+from weft.model.selector import parse_selector
+from weft.renderers.bird import bgp_sessions, parse_protocol_name, protocol_name, redact, render_bird_config
 
 needs_bird = pytest.mark.skipif(shutil.which("bird") is None, reason="needs bird (Debian package bird2)")
 

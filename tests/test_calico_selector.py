@@ -10,7 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from desired.calico_selector import (
+from weft.desired.index import EndpointIndex
+from weft.model.cluster import ClusterState, Endpoint, Namespace
+from weft.model.labelselector import Requirement, Selector
+from weft.model.selector import (
     NOTHING,
     All,
     And,
@@ -29,9 +32,6 @@ from desired.calico_selector import (
     as_expr,
     parse_selector,
 )
-from desired.index import EndpointIndex
-from desired.model import ClusterState, Endpoint, Namespace
-from desired.selectors import Requirement, Selector
 
 # --- parsing every construct ----------------------------------------------------------------
 

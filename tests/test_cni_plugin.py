@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from cni import spec
-from cni.install import install
-from cni.wiring import GATEWAY_V4, HOST_MAC, ROUTE_PROTOCOL
-from desired.endpoints import host_iface_name
 from tests.nodens import REPO, WeftNode, in_ns, namespace, node_netns, policy, usable, write_manifests
+from weft.cni import spec
+from weft.cni.install import install
+from weft.cni.wiring import GATEWAY_V4, HOST_MAC, ROUTE_PROTOCOL
+from weft.model.names import host_iface_name
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
 
@@ -116,8 +116,8 @@ class CniNode:
         return json.loads(path.read_text())["allocations"] if path.exists() else []
 
     def ipam_check(self) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-m", "cni.ipam_cli", "check",
-                               "--state-dir", str(self.state_dir)], capture_output=True, text=True, cwd=REPO)
+        return subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-m", "weft.reconciler.ipam_cli",
+                               "check", "--state-dir", str(self.state_dir)], capture_output=True, text=True, cwd=REPO)
 
     def weft_chains(self) -> list[str]:
         return [ln for ln in self.sh("iptables-nft-save", "-t", "filter").splitlines()
@@ -584,15 +584,15 @@ def test_dual_stack_pod_gets_a_128_and_a_link_local_gateway(node):
 
 def test_lab_node_creates_its_pods_through_the_plugin(tmp_path, plugin_binary):
     """NodeLab(cni=...) calls the plugin as a runtime would; pods get the pool's addresses and connect."""
-    from playbooks.netlab import LabCni, LabPod, NodeLab
     from tests.nodens import pod as pod_manifest
+    from weft.playbooks.netlab import LabCni, LabPod, NodeLab
     manifests = write_manifests(tmp_path / "m", [POOL, block("198.18.4.0/26", "lab-node"), namespace("x"),
                                                  pod_manifest("x", "a", "198.18.200.1", node="lab-node"),
                                                  pod_manifest("x", "b", "198.18.200.2", node="lab-node")])
     state = tmp_path / "state"
 
     def first_run(lab):
-        done = lab.node_run([sys.executable, "-m", "reconciler.cli", "apply", "--from", str(manifests), "--node",
+        done = lab.node_run([sys.executable, "-m", "weft.reconciler.cli", "apply", "--from", str(manifests), "--node",
                              "lab-node", "--state-dir", str(state)])
         assert done.returncode == 0, done.stderr
 
@@ -637,7 +637,7 @@ def api_in_netns(ns: str, objects: list[dict]):
 
 
 def test_blocks_are_claimed_through_the_api_when_the_node_has_none_free(node, tmp_path):
-    from cni.claims import BLOCKS_PATH
+    from weft.cni.claims import BLOCKS_PATH
     pool = {**POOL, "spec": {"cidr": "198.18.32.0/25", "blockSize": 26}}
     taken = block("198.18.32.0/26", node="elsewhere")
     with api_in_netns(node.ns, [pool, taken]) as fake:

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from cni import plugin, spec
-from cni.install import install
+from weft.cni import plugin, spec
+from weft.cni.install import install
 
 ENV = {"CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/run/netns/none", "CNI_IFNAME": "eth0",
        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p", "CNI_PATH": "/opt/cni/bin"}

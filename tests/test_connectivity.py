@@ -280,7 +280,7 @@ def test_base_cluster_matches_the_contract():
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     require_lab()
-    from playbooks.netlab import NodeLab, pods_from_manifests
+    from weft.playbooks.netlab import NodeLab, pods_from_manifests
     cluster_dir = write_source(tmp_path_factory.mktemp("cluster"))
     node = NodeLab(pods_from_manifests(cluster_dir, "lab-node"))
     with node:
@@ -334,7 +334,7 @@ def observe(lab):
 def check_matrix(lab, expected, context):
     """Compare; on a difference probe once more (a loaded machine can lose a probe) and report
     the second observation, naming any cell that changed between the two."""
-    from playbooks.netlab import format_matrix
+    from weft.playbooks.netlab import format_matrix
     observed = observe(lab)
     differences, unstable = diff(expected, observed), []
     if differences:

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from desired.endpoints import host_iface_name
 from tests.nodens import REPO, WeftNode, chain_rules, namespace, node_ns, pod, policy, usable, write_manifests
+from weft.model.names import host_iface_name
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
 node_ns = node_ns  # the fixture

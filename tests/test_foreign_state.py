@@ -101,7 +101,7 @@ def weft_hooks(save: str) -> list[tuple[str, str, int]]:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     require_lab()
-    from playbooks.netlab import NodeLab, pods_from_manifests
+    from weft.playbooks.netlab import NodeLab, pods_from_manifests
 
     cluster = write_source(tmp_path_factory.mktemp("cluster"))
     with NodeLab(pods_from_manifests(cluster, "lab-node")) as lab:

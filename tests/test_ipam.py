@@ -9,11 +9,12 @@ import os
 
 import pytest
 
-from cni import ipam, ipam_cli
-from desired import ipam as desired_ipam
-from desired.errors import InvalidDesiredState
-from desired.loader import build_cluster_state, convert_object
-from desired.model import Block
+from weft.desired.kinds import ipam as desired_ipam
+from weft.desired.loader import build_cluster_state, convert_object
+from weft.model.cluster import Block
+from weft.model.errors import InvalidDesiredState
+from weft.reconciler import ipam_cli
+from weft.store import ipam
 
 CRD, V3 = "crd.projectcalico.org/v1", "projectcalico.org/v3"
 

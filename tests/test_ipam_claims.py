@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cni import ipam
-from cni.claims import AFFINITIES_PATH, BLOCKS_PATH, block_affinity_object, claim_block, ipam_block_object
-from desired.ipam import block_name
-from desired.loader import build_cluster_state
+from weft.cni.claims import AFFINITIES_PATH, BLOCKS_PATH, block_affinity_object, claim_block, ipam_block_object
+from weft.desired.kinds.ipam import block_name
+from weft.desired.loader import build_cluster_state
+from weft.store import ipam
 
 
 def fresh_pool(prefix: int = 26, name: str = "claims") -> dict:

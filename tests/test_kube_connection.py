@@ -15,9 +15,9 @@ from dataclasses import replace
 
 import pytest
 
-from desired.errors import SourceError
-from desired.kube import ApiError, Connection, Profile, connect, load_objects, resolve
 from tests.kubeapi import FakeKubeAPI, TLSFiles
+from weft.desired.api import ApiError, Connection, Profile, connect, load_objects, resolve
+from weft.model.errors import SourceError
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,8 @@ def test_a_server_certificate_of_another_ca_is_refused(server, tmp_path_factory,
 
 def test_bgp_passwords_come_from_the_secrets_peers_name(tls, tmp_path):
     """One GET per referenced Secret, in calico-system then kube-system; one found nowhere is left out."""
-    from desired.bgp import fetch_peer_secrets
-    from desired.model import BGPPeer, Secret, SecretKeyRef
+    from weft.desired.kinds.bgp import fetch_peer_secrets
+    from weft.model.cluster import BGPPeer, Secret, SecretKeyRef
     objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}},
                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp", "namespace": "kube-system"},
                 "data": {"tor": "czNjcjN0"}}]
@@ -138,7 +138,7 @@ def test_a_watch_the_server_answers_slowly_is_read_whole(server, tmp_path):
     """The quiet gap ends a watch once its answer began; a slow start is not a quiet server."""
     import time
 
-    from desired.kube import RESOURCES, watch_since
+    from weft.desired.api import RESOURCES, watch_since
     namespaces_kind = next(r for r in RESOURCES if r.kind == "Namespace")
     since = server.resource_version
     server.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}})

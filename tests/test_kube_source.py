@@ -15,9 +15,9 @@ from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from desired.errors import SourceError
-from desired.kube import CALICO_API_VERSION, RESOURCES, ApiError, configuration, connect, load_objects
 from tests.kubeapi import FakeKubeAPI
+from weft.desired.api import CALICO_API_VERSION, RESOURCES, ApiError, configuration, connect, load_objects
+from weft.model.errors import SourceError
 
 NEVER = "weft-test == 'never'"   # Calico selector matching nothing: harmless on a live cluster
 

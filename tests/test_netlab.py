@@ -16,9 +16,9 @@ import pytest
 if os.geteuid() != 0 or shutil.which("ip") is None:
     pytest.skip("the lab builds network namespaces: needs root and iproute2 (`ip`)", allow_module_level=True)
 
-from desired.endpoints import host_iface_name  # noqa: E402
-from playbooks import lab as lab_cli  # noqa: E402
-from playbooks.netlab import LabError, LabPod, NodeLab, format_matrix, pods_from_manifests  # noqa: E402
+from weft.model.names import host_iface_name  # noqa: E402
+from weft.playbooks import lab as lab_cli  # noqa: E402
+from weft.playbooks.netlab import LabError, LabPod, NodeLab, format_matrix, pods_from_manifests  # noqa: E402
 
 EXAMPLE_DIR = Path(lab_cli.__file__).parent / "example"
 EXAMPLE_IPS = {

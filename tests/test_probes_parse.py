@@ -1,8 +1,8 @@
 """Parsing the kernel tools' dumps (no kernel needed): `ipset save` as the kernel prints it."""
 from __future__ import annotations
 
-from probes.ipsets import parse_save
-from renderers.dataplane import IpSet
+from weft.model.kernel import IpSet
+from weft.probes.ipsets import parse_save
 
 SAVE = """create other-set hash:ip family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x1
 add other-set 198.18.0.1

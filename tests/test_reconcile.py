@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from desired.endpoints import host_iface_name
 from tests import nodens
 from tests.nodens import (
     REPO,
@@ -33,6 +32,7 @@ from tests.nodens import (
     weft_names,
     write_manifests,
 )
+from weft.model.names import host_iface_name
 
 if (why := nodens.usable()) is not None:
     pytest.skip(why, allow_module_level=True)
@@ -501,9 +501,9 @@ def test_apply_waits_for_the_lock(node_ns, tmp_path):
 LOCK_TIMEOUT_SNIPPET = """
 import sys
 from pathlib import Path
-from desired.errors import WeftError
-from probes.runner import Runner
-from reconciler import run
+from weft.model.errors import WeftError
+from weft.probes.runner import Runner
+from weft.reconciler import run
 opts = run.Options(node="n1", state_dir=Path(sys.argv[1]), from_dir=sys.argv[2], lock_timeout=1.0)
 try:
     run.apply(opts, Runner())

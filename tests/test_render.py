@@ -16,14 +16,14 @@ import sys
 
 import pytest
 
-from desired.endpoints import host_iface_name
-from desired.loader import build_cluster_state
-from desired.model import EGRESS, INGRESS
-from reconciler.apply import restore_inputs
-from reconciler.diff import diff
-from renderers.dataplane import EMPTY, Dataplane
-from renderers.iptables import policy_chain_name, render_node
 from tests.nodens import REPO, namespace, pod, policy
+from weft.desired.loader import build_cluster_state
+from weft.model.cluster import EGRESS, INGRESS
+from weft.model.kernel import EMPTY, Dataplane
+from weft.model.names import host_iface_name
+from weft.reconciler.apply import restore_inputs
+from weft.reconciler.diff import diff
+from weft.renderers.iptables import policy_chain_name, render_node
 
 NODE = "n1"
 NAMESPACES = [namespace("a", team="a"), namespace("b", team="b")]
@@ -122,7 +122,7 @@ def test_fingerprint_changes_with_every_part_of_the_state():
     """A saved plan is refused when any of it changed: a rule, a set member, a hook, a route, a sysctl."""
     from dataclasses import replace
 
-    from renderers.dataplane import Link, Route
+    from weft.model.kernel import Link, Route
     _, dp = render(RICH)
     chain_key, chain = next(iter(dp.chains.items()))
     set_name, ipset = next(iter(dp.ipsets.items()))
@@ -141,11 +141,11 @@ def test_fingerprint_changes_with_every_part_of_the_state():
 
 RENDER_SNIPPET = """
 import json, sys
-from desired.loader import build_cluster_state
-from reconciler.apply import restore_inputs
-from reconciler.diff import diff
-from renderers.dataplane import EMPTY
-from renderers.iptables import render_node
+from weft.desired.loader import build_cluster_state
+from weft.reconciler.apply import restore_inputs
+from weft.reconciler.diff import diff
+from weft.model.kernel import EMPTY
+from weft.renderers.iptables import render_node
 objects = json.load(sys.stdin)
 dp = render_node(build_cluster_state([("test.yaml", o) for o in objects]), "n1")
 i = restore_inputs(diff(dp, EMPTY))

@@ -14,12 +14,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from desired.loader import build_cluster_state
-from reconciler import run
-from renderers.dataplane import Dataplane
-from renderers.iptables import render_node
 from tests.nodens import namespace, pod, policy, write_manifests
 from tests.test_render import kernel_input
+from weft.desired.loader import build_cluster_state
+from weft.model.kernel import Dataplane
+from weft.reconciler import run
+from weft.renderers.iptables import render_node
 
 NODE = "n1"
 NAMESPACES = [namespace("a", team="a"), namespace("b", team="b", env="prod"), namespace("c", env="dev")]

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from desired.endpoints import host_iface_name
 from tests.nodens import WeftNode, in_ns, namespace, node_ns, pod, usable, write_manifests
+from weft.model.names import host_iface_name
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
 node_ns = node_ns  # the fixture

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from desired import manifests, sources
-from desired.errors import InvalidDesiredState, SourceError
-from desired.loader import build_cluster_state
 from tests.kubeapi import FakeKubeAPI
 from tests.nodens import namespace, pod, policy, write_manifests
+from weft.desired import manifests, sources
+from weft.desired.loader import build_cluster_state
+from weft.model.errors import InvalidDesiredState, SourceError
 
 OBJECTS = [namespace("x", team="a"), namespace("y"),
            pod("x", "a", "198.18.5.1", {"app": "web"}), pod("y", "b", "198.18.5.2", {"app": "db"}),
@@ -70,7 +70,7 @@ def test_api_changes_arrive_through_watches_and_match_a_full_read(api, tmp_path)
 
 def test_api_change_repickles_only_its_namespace_of_its_kind(api, tmp_path):
     """One pod changed re-pickles that namespace's pods: not every pod of the cluster."""
-    from desired import cache
+    from weft.store import cache
     committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
     before = dict(cache.load(tmp_path / "s").digests)
     api.put(pod("y", "c", "198.18.5.3", {"app": "web"}))

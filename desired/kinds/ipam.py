@@ -15,9 +15,9 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from desired.errors import ValidationError
-from desired.model import Block, IPPool
-from desired.validation import Checker, cidr_of, name_of
+from weft.desired.validation import Checker, cidr_of, name_of
+from weft.model.cluster import Block, IPPool
+from weft.model.errors import ValidationError
 
 # Calico's defaults and limits for spec.blockSize, per address family.
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
@@ -155,7 +155,7 @@ def _flag(check: Checker, spec: dict, key: str) -> bool:
 
 def _node_selector(check: Checker, text: Any):
     """The pool's nodeSelector as a Calico selector AST; None (all nodes) when absent or all()."""
-    from desired.calico_selector import All, SelectorError, parse_selector
+    from weft.model.selector import All, SelectorError, parse_selector
     if text is None or text == "":
         return None
     try:

@@ -26,8 +26,8 @@ import os
 import time
 from collections import namedtuple
 
-from cni.groupcommit import GroupCommit
-from desired.errors import WeftError
+from weft.model.errors import WeftError
+from weft.store.groupcommit import GroupCommit
 
 IPAM_DIR = "ipam"
 NODE_FILE = "node.json"

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from desired.selectors import Selector
+from weft.model.labelselector import Selector
 
 
 class Action(StrEnum):

@@ -14,9 +14,9 @@ import ipaddress
 import re
 from typing import Any
 
-from desired.calico_selector import SelectorError, parse_selector
-from desired.model import BGPConfiguration, BGPPeer, Community, PrefixAdvertisement, Secret, SecretKeyRef
-from desired.validation import Checker, cidr_of, name_of, namespace_of
+from weft.desired.validation import Checker, cidr_of, name_of, namespace_of
+from weft.model.cluster import BGPConfiguration, BGPPeer, Community, PrefixAdvertisement, Secret, SecretKeyRef
+from weft.model.selector import SelectorError, parse_selector
 
 DEFAULT_AS_NUMBER = 64512
 MAX_AS_NUMBER = 4294967295
@@ -335,7 +335,7 @@ def fetch_peer_secrets(api, peers) -> tuple[Secret, ...]:
     """From the API server: the Secrets the peers' passwords refer to, one targeted GET each
     (weft does not list Secrets). A Secret found nowhere is left out; the renderer then names
     the BGPPeer whose password is missing."""
-    from desired.kube import ApiError
+    from weft.desired.api import ApiError
     found = []
     for name in sorted({p.password.name for p in peers if p.password is not None}):
         for ns in SECRET_NAMESPACES:

@@ -25,7 +25,7 @@ resources", belongs to the namespaceSelector that contains it, which the policy 
 must handle (weft's endpoints are all pods, so there it selects none of them).
 
 Every AST node is a frozen, hashable dataclass with `matches(labels)`, `select(index)` (set
-algebra over `desired.index.EndpointIndex`), `normalize()` and `canonical()`. `parse_selector`
+algebra over a `LabelIndex`, such as desired.index.EndpointIndex), `normalize()` and `canonical()`. `parse_selector`
 returns the normal form, so equivalent spellings (whitespace, quotes, operand order, nesting,
 `in {'v'}` vs `== 'v'`, double negation, `!(k == 'v')` vs `k != 'v'`) give equal ASTs and one
 canonical text, hence one ipset. Normalisation is syntactic: it does not decide arbitrary
@@ -36,12 +36,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from desired.selectors import Requirement, Selector
+from weft.model.labelselector import Requirement, Selector
 
-if TYPE_CHECKING:
-    from desired.index import EndpointIndex
+
+class LabelIndex(Protocol):
+    """What `Expr.select` needs of an index of labelled things (desired.index.EndpointIndex is
+    one): positions of the things, by label, as sets."""
+    universe: frozenset[int]
+
+    def with_label(self, key: str, value: str) -> frozenset[int] | set[int]: ...
+
+    def with_key(self, key: str) -> frozenset[int] | set[int]: ...
+
+    def label_values(self, key: str) -> Mapping[str, set[int]]: ...
+
+    def select_expr(self, expr: Expr) -> frozenset[int]: ...
 
 MAX_LABEL_LENGTH = 512
 _LABEL = re.compile(r"[A-Za-z0-9_./-]+")
@@ -79,7 +90,7 @@ class Expr:
     def matches(self, labels: Mapping[str, str]) -> bool:
         raise NotImplementedError
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
+    def select(self, index: LabelIndex) -> frozenset[int]:
         """Positions in `index.endpoints` this expression matches, by set algebra on the index."""
         raise NotImplementedError
 
@@ -110,8 +121,8 @@ class All(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return True
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return index._all
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return index.universe
 
     def _text(self) -> str:
         return "all()"
@@ -124,8 +135,8 @@ class Global(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return True
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return index._all
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return index.universe
 
     def _text(self) -> str:
         return "global()"
@@ -141,8 +152,8 @@ class Has(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return self.key in labels
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return frozenset(index._by_key.get(self.key, ()))
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return frozenset(index.with_key(self.key))
 
     def _text(self) -> str:
         return f"has({self.key})"
@@ -163,8 +174,8 @@ class Eq(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return labels.get(self.key) == self.value
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return frozenset(index._by_label.get((self.key, self.value), ()))
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return frozenset(index.with_label(self.key, self.value))
 
     def _text(self) -> str:
         return f"{self.key} == {_quote(self.value)}"
@@ -186,8 +197,8 @@ class Ne(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return labels.get(self.key) != self.value
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return index._all - index._by_label.get((self.key, self.value), set())
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return index.universe - index.with_label(self.key, self.value)
 
     def _text(self) -> str:
         return f"{self.key} != {_quote(self.value)}"
@@ -218,8 +229,8 @@ class In(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return labels.get(self.key) in self.values
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return frozenset().union(*(index._by_label.get((self.key, v), ()) for v in self.values))
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return frozenset().union(*(index.with_label(self.key, v) for v in self.values))
 
     def normalize(self) -> Expr:
         return Eq(self.key, self.values[0]) if len(self.values) == 1 else self
@@ -244,8 +255,8 @@ class NotIn(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return labels.get(self.key) not in self.values
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return index._all - In(self.key, self.values).select(index)
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return index.universe - In(self.key, self.values).select(index)
 
     def normalize(self) -> Expr:
         return Ne(self.key, self.values[0]) if len(self.values) == 1 else self
@@ -275,7 +286,7 @@ class _StringMatch(Expr):
         actual = labels.get(self.key)
         return actual is not None and self._test(actual)
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
+    def select(self, index: LabelIndex) -> frozenset[int]:
         values = index.label_values(self.key)
         return frozenset().union(*(eps for v, eps in values.items() if self._test(v)))
 
@@ -319,8 +330,8 @@ class Not(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return not self.operand.matches(labels)
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        return index._all - index.select_expr(self.operand)
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        return index.universe - index.select_expr(self.operand)
 
     def normalize(self) -> Expr:
         inner = self.operand.normalize()
@@ -358,8 +369,8 @@ class And(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(op.matches(labels) for op in self.operands)
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
-        result = index._all
+    def select(self, index: LabelIndex) -> frozenset[int]:
+        result = index.universe
         for op in self.operands:
             result = result & index.select_expr(op)
             if not result:
@@ -393,7 +404,7 @@ class Or(Expr):
     def matches(self, labels: Mapping[str, str]) -> bool:
         return any(op.matches(labels) for op in self.operands)
 
-    def select(self, index: EndpointIndex) -> frozenset[int]:
+    def select(self, index: LabelIndex) -> frozenset[int]:
         return frozenset().union(*(index.select_expr(op) for op in self.operands))
 
     def normalize(self) -> Expr:

@@ -11,9 +11,17 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from desired.bgp import as_number_of
-from desired.endpoints import host_iface_name
-from desired.model import (
+from weft.desired.kinds.bgp import as_number_of
+from weft.desired.validation import (
+    Checker,
+    ip_of,
+    labels_of,
+    name_of,
+    namespace_of,
+    valid_label_key,
+    valid_label_value,
+)
+from weft.model.cluster import (
     EGRESS,
     INGRESS,
     Action,
@@ -28,16 +36,8 @@ from desired.model import (
     PortRange,
     Rule,
 )
-from desired.selectors import OPERATORS, Requirement, Selector
-from desired.validation import (
-    Checker,
-    ip_of,
-    labels_of,
-    name_of,
-    namespace_of,
-    valid_label_key,
-    valid_label_value,
-)
+from weft.model.labelselector import OPERATORS, Requirement, Selector
+from weft.model.names import host_iface_name
 
 # Namespaces every API server has; a manifest directory need not declare them.
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")

@@ -38,14 +38,14 @@ def gc_paused():
 
 @lru_cache(maxsize=1)
 def code_token() -> str:
-    """Changes whenever the code that reads, converts or renders does (an upgrade, an edit)."""
-    import desired
-    import renderers
+    """Changes whenever any of weft's installed code or templates does (an upgrade, an edit):
+    every file of the `weft` package counts, since a render depends on all of them."""
+    root = Path(__file__).resolve().parent.parent          # the `weft` package directory
     parts = [str(CACHE_FORMAT)]
-    for package in (desired, renderers):
-        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".j2", ".c", ".h") and "__pycache__" not in path.parts:
             st = path.stat()
-            parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from cni import ipam, wiring
-from desired.endpoints import HOST_IFACE_PREFIX
-from reconciler.output import emit
+from weft.model.errors import WeftError
+from weft.model.names import ROUTE_PROTOCOL
+from weft.probes.pods import wired_pods
+from weft.reconciler.output import emit
+from weft.store import ipam
+from weft.store.statedir import default_state_dir
 
 EXIT_OK, EXIT_ERROR, EXIT_PROBLEMS = 0, 1, 2
-DEFAULT_STATE_DIR = Path("/var/lib/weft")
 
 
 def add_parsers(subparsers) -> None:
@@ -34,7 +34,7 @@ def add_parsers(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    state_dir = args.state_dir or DEFAULT_STATE_DIR
+    state_dir = args.state_dir or Path(default_state_dir())
     try:
         node_doc = ipam.read_node_ipam(state_dir)
         allocations = ipam.read_allocations(state_dir)
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             _emit(args, data, format_show(data))
             return EXIT_OK
         problems = check(node_doc, allocations, kernel_view())
-    except (ipam.IpamError, OSError, subprocess.SubprocessError) as exc:
+    except (WeftError, OSError) as exc:
         print(f"weft: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     _emit(args, {"problems": problems, "clean": not problems},
@@ -92,15 +92,8 @@ def format_show(data: dict) -> str:
 
 def kernel_view() -> dict:
     """weft's interfaces and routes in this namespace."""
-    def ip_json(*argv: str) -> list:
-        out = subprocess.run([wiring.IP, "-j", *argv], capture_output=True, text=True, check=True).stdout
-        return json.loads(out) if out.strip() else []
-
-    links = {link["ifname"]: link.get("ifalias") for link in ip_json("link", "show")
-             if link["ifname"].startswith(HOST_IFACE_PREFIX)}
-    routes = [(r["dst"], r.get("dev")) for family in ("-4", "-6")
-              for r in ip_json(family, "route", "show", "proto", str(wiring.ROUTE_PROTOCOL))]
-    return {"links": links, "routes": routes}
+    wired = wired_pods()
+    return {"links": wired.links, "routes": list(wired.routes)}
 
 
 def check(node_doc: dict | None, allocations: list[ipam.Allocation], kernel: dict) -> list[dict]:
@@ -143,7 +136,7 @@ def check(node_doc: dict | None, allocations: list[ipam.Allocation], kernel: dic
     routed = {(ip, a.iface) for a in active for ip in a.ips}
     for dst, dev in sorted(kernel["routes"]):
         if (dst.split("/")[0], dev) not in routed:
-            problem("leaked route", f"{dst} dev {dev} proto {wiring.ROUTE_PROTOCOL} matches no allocation")
+            problem("leaked route", f"{dst} dev {dev} proto {ROUTE_PROTOCOL} matches no allocation")
     return problems
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from desired.errors import SourceError
+from weft.model.errors import SourceError
 
 CALICO_API_VERSION = "crd.projectcalico.org/v1"
 

@@ -1,0 +1,1 @@
+"""Converters: one Kubernetes or Calico object (a plain dict) -> its model value."""
