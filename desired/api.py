@@ -361,30 +361,46 @@ def _profile_key(kubeconfig: str | None, context: str | None) -> list:
 
 
 def _kept_profile(keep: Path, key: list) -> Profile | None:
+    """The kept profile if it was resolved from these files less than PROFILE_MAX_AGE ago. The
+    file is read through the state dir's checks (root's, no link) and every field is checked."""
+    import dataclasses
     import time
+
+    from weft.model.errors import WeftError
+    from weft.store.statedir import StateDir
     try:
-        with open(keep) as f:
-            kept = json.load(f)
-        if kept["key"] != key or not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE:
+        kept = StateDir(keep.parent).read_json(keep.name, limit=1 << 20)
+        if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("at"), float | int):
             return None
-        return Profile(**kept["profile"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None                             # none kept, or unreadable: resolve anew
+        if not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE:
+            return None
+        fields = kept["profile"]
+        if not isinstance(fields, dict) or set(fields) != {f.name for f in dataclasses.fields(Profile)}:
+            return None
+        texts = [v for k, v in fields.items() if k not in ("verify", "assert_hostname", "proxy_headers")]
+        if not all(v is None or isinstance(v, str) for v in texts) or not isinstance(fields["verify"], bool):
+            return None
+        headers = fields["proxy_headers"]
+        if headers is not None and not (isinstance(headers, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+            return None
+        if fields["assert_hostname"] is not None and not isinstance(fields["assert_hostname"], str | bool):
+            return None
+        return Profile(**fields)
+    except (OSError, WeftError, KeyError, TypeError):
+        return None                             # none kept, or not trusted: resolve anew
 
 
 def _keep_profile(keep: Path, key: list, profile: Profile) -> None:
+    """Keep the profile for later runs (mode 0600: it holds credentials)."""
     import dataclasses
     import time
+
+    from weft.model.errors import WeftError
+    from weft.store.statedir import StateDir
     text = json.dumps({"key": key, "at": time.time(), "profile": dataclasses.asdict(profile)})
-    temp = keep.with_name(f".{keep.name}.{os.getpid()}")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(temp, keep)
-    except OSError:
-        with contextlib.suppress(OSError):     # a read-only state dir: no profile is kept
-            os.unlink(temp)
+    with contextlib.suppress(OSError, WeftError):     # a read-only state dir: no profile is kept
+        StateDir(keep.parent).replace(keep.name, text)
 
 
 def configuration(kubeconfig: str | None = None, context: str | None = None):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from weft.desired.kinds import bgp, ipam, kubernetes
 from weft.desired.validation import Checker, namespace_of, object_label
+from weft.model import codec
 from weft.model.cluster import ClusterState, Namespace
 from weft.model.errors import InvalidDesiredState, ValidationError
 
@@ -54,6 +55,9 @@ class Converted:
     where: str
     label: str
     value: object | None
+
+
+codec.register(Converted)       # kept in the desired-state cache
 
 
 def flatten_lists(objects: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:

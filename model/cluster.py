@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from weft.model import codec
 from weft.model.labelselector import Selector
 
 
@@ -247,3 +248,6 @@ class ClusterState:
         endpoints = tuple(replace(e, ips=addresses[e.key]) if e.node == node and e.key in addresses else e
                           for e in self.endpoints)
         return replace(self, endpoints=endpoints)
+
+
+codec.register_module(globals())   # these types may be kept in the desired-state cache

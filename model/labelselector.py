@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from weft.model import codec
+
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -59,3 +61,6 @@ class Selector:
 
 
 ALL = Selector()
+
+
+codec.register_module(globals())   # these types may be kept in the desired-state cache

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from weft.model import codec
 from weft.model.labelselector import Requirement, Selector
 
 
@@ -587,3 +588,6 @@ def parse_selector(text: str) -> Expr:
     if not isinstance(text, str):
         raise SelectorError(f"a selector must be a string, not {type(text).__name__}")
     return _Parser(text).parse().normalize()
+
+
+codec.register_module(globals())   # these types may be kept in the desired-state cache

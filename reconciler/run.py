@@ -9,6 +9,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from weft.model import codec
 from weft.model.errors import WeftError
 from weft.model.kernel import EMPTY, Dataplane
 from weft.probes.backend import Backend, detect, other_has_weft
@@ -44,6 +45,9 @@ class Desired:
     snapshot: dict | None = None            # renderers.endpoint.make_snapshot
     bird_config: str | None = None      # None: BGP is off for this node (BIRD is left alone)
     ipam: tuple = ()                    # (pools, blocks, node labels): what the CNI plugin allocates from
+
+
+codec.register(Desired)          # kept in the desired-state cache as the node's last render
 
 
 def local_allocations(state_dir: Path) -> list:
