@@ -308,6 +308,17 @@ def test_an_external_router_cannot_cut_pods_off():
         via = one.netlab.node_run(["ip", "route", "get", "198.18.4.66"], check=True).stdout
         assert f"via {two.ip} dev fabric0" in via, via
         assert all(lab.matrix().values())
+        # 198.18.7.0/26 becomes node-3's: node-1's filter for the router changes name, BIRD asks the
+        # router to send its routes again (route refresh) and now takes that whole block too, with
+        # the session kept up; node-3's own route to it still wins.
+        since = lab.sessions(one)[tor].since
+        lab.write_manifests([TOR_PEER, block_object("198.18.7.0/26", three.name)])
+        lab.apply_all()
+        assert _eventually(lambda: {r.prefix for r in probe.show_routes(one.socket) if r.protocol == tor}
+                           == {three.block, "198.18.7.0/26"})
+        lab.wait_routes(one, ["198.18.7.0/26"])
+        assert lab.learned(one)["198.18.7.0/26"] == "Mesh_198_18_0_3"
+        assert lab.sessions(one)[tor].since == since and lab.sessions(one)[tor].info == "Established"
 
 
 # --- reloads -----------------------------------------------------------------------------------
