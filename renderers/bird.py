@@ -24,13 +24,14 @@ What moves where:
 Protocol names say the peer's kind and address (`Mesh_198_18_0_2`, `Node_...`, `Global_...`,
 `..._port_1790` for another port): `weft status` maps them back with `parse_protocol_name`.
 
-Filter and function names end in a digest of their body (`weft_export_node_v4_1f0c...`). BIRD
-decides on `configure` whether a channel's filter changed by comparing the old and new filter of
-the same name, and 2.0.12 gets that wrong for prefix sets: a block added inside a /24 that
-already held an exported block compared "same", the channel was not re-fed, and the new block was
-never announced (10 of 13 blocks added one by one in a 3-node lab). A filter of another name is
-never "same" (filter_same), so a changed set always re-runs the export (and asks peers to resend
-what they sent, for an import).
+Filter and function names end in a digest of their body (`weft_export_node_v4_1f0c...`). On
+`configure` BIRD reconfigures the static protocol first, which offers a new block to each BGP
+channel's *old* export filter (rejected), and re-runs the export only if it finds the export
+filter changed, by comparing it with the old filter of the same name. 2.0.12 took a prefix set
+grown inside a /24 that already held an exported block for the old set: the new block was never
+announced (10 of 13 blocks added one by one in a 3-node lab; BIRD's log shows only "Reloading
+channel", for the import side). A filter of another name is never the same (filter_same), so a
+changed filter always re-runs the export (and, for an import, asks the peer to resend).
 """
 from __future__ import annotations
 
