@@ -188,6 +188,8 @@ class BGPConfiguration:
     service_loadbalancer_ips: tuple[str, ...] = ()
     communities: tuple[Community, ...] = ()
     prefix_advertisements: tuple[PrefixAdvertisement, ...] = ()
+    node_mesh_password: SecretKeyRef | None = None      # mesh sessions' password ("default" only)
+    node_mesh_max_restart_time: str | None = None       # mesh sessions' graceful restart, e.g. "120s"
 
 
 @dataclass(frozen=True)

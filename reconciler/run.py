@@ -102,14 +102,16 @@ def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired
 
 
 def _with_peer_secrets(opts: Options, state):
-    """BGP passwords: from the API server weft reads only the Secrets peers refer to."""
-    if opts.from_dir or not any(p.password for p in state.bgp_peers):
+    """BGP passwords: from the API server weft reads only the Secrets peers and the mesh refer to."""
+    if opts.from_dir:
+        return state
+    from weft.desired.kinds.bgp import fetch_secrets, password_refs
+    if not password_refs(state):
         return state
     from weft.desired.api import connect
-    from weft.desired.kinds.bgp import fetch_peer_secrets
     from weft.desired.sources import API_PROFILE
     with connect(opts.kubeconfig, opts.context, keep=opts.state_dir / API_PROFILE) as api:
-        return replace(state, secrets=state.secrets + fetch_peer_secrets(api, state.bgp_peers))
+        return replace(state, secrets=state.secrets + fetch_secrets(api, password_refs(state)))
 
 
 def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
