@@ -485,7 +485,9 @@ def test_bgp_benchmark_runs_and_prints_its_figures():
 def test_labs_leave_no_namespaces_or_bird_processes():
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"wml-{os.getpid()}-" not in left
-    ours = subprocess.run(["pgrep", "-f", "weft-multinode-"], capture_output=True, text=True).stdout.split()
+    # BIRD runs in the foreground as a child of this process; other test sessions' labs are not ours.
+    ours = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "weft-multinode-"], capture_output=True,
+                          text=True).stdout.split()
     assert not ours, f"BIRD processes left: {ours}"
 
 
