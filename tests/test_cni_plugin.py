@@ -297,7 +297,9 @@ def test_status_says_when_the_pool_is_exhausted_and_add_names_the_pool(node):
     assert node.links().count(host_iface_name("x", "e")) == 0
     (node.state_dir / "ipam" / "allocations.json").write_text("{garbage")
     code, out, _ = node.call(env)
-    assert out["code"] == spec.NOT_AVAILABLE and "allocations.json" in out["details"]
+    assert out["code"] == spec.NOT_AVAILABLE and "is exhausted" in out["details"], \
+        "the corrupt records were rebuilt from the pods' interfaces: their addresses are still taken"
+    assert len(list((node.state_dir / "ipam").glob("allocations.json.corrupt-*"))) == 1
 
 
 # ---- traffic and policy ----------------------------------------------------------------------
