@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
 
 from weft.model.names import HOST_IFACE_PREFIX, ROUTE_PROTOCOL
 from weft.probes.runner import Runner
@@ -22,10 +22,10 @@ def ip_json(runner: Runner, *argv: str, ip: str = "ip") -> list:
     return json.loads(out) if out.strip() else []
 
 
-@dataclass(frozen=True)
-class WiredPods:
-    links: dict[str, str | None]           # weft host-side interface -> its alias
-    routes: tuple[tuple[str, str], ...]    # (destination, device) of every proto-201 route
+# links: weft host-side interface -> its alias; routes: (destination, device) of every proto-201
+# route. A namedtuple, not a dataclass: the CNI plugin imports this module on every ADD, and
+# `dataclasses` costs more to import than it does.
+WiredPods = namedtuple("WiredPods", "links routes")
 
 
 def wired_pods(runner: Runner | None = None, ip: str = "ip") -> WiredPods:
