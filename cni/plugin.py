@@ -38,7 +38,7 @@ from weft.model.errors import WeftError
 from weft.model.names import host_iface_name
 from weft.probes.pods import routed_addresses
 from weft.store import ipam
-from weft.store.statedir import CorruptState, StateDir, UnsafeState, default_state_dir
+from weft.store.statedir import StateDir, UnsafeState, default_state_dir
 
 SOURCE_LOCK = "ipam/source.lock"        # one read of the desired state per node at a time
 SOURCE_TIMEOUT = 120.0
@@ -194,11 +194,7 @@ def _recover(conf: Config) -> tuple[list[ipam.Allocation], list[str]]:
     except WeftError as exc:
         raise ipam.IpamError(f"cannot read the pods' interfaces to rebuild the IPAM records: {_line(exc)}") from None
     identities = {}
-    try:
-        snap = load_snapshot(conf.sd)
-    except CorruptState:
-        snap = None
-    for key in (snap or {}).get("pods", ()):
+    for key in (load_snapshot(conf.sd) or {}).get("pods", ()):
         namespace, _, pod = key.partition("/")
         identities[host_iface_name(namespace, pod)] = (namespace, pod)
     source = conf.source() or {}

@@ -15,13 +15,11 @@ concurrent calls, which share one listing of the dispatch chains and one iptable
 """
 from __future__ import annotations
 
-import sys
-
 from weft.probes.backend import Backend, detect
 from weft.probes.runner import KernelCommandError, Runner
 from weft.renderers.endpoint import endpoint_chains
 from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH
-from weft.store.snapshot import CorruptSnapshot, load_snapshot, save_snapshot  # noqa: F401  (run.py)
+from weft.store.snapshot import load_snapshot, save_snapshot  # noqa: F401  (save_snapshot: run.py)
 from weft.store.statedir import LOCK_FILE, StateDir  # noqa: F401  (LOCK_FILE: run.py)
 
 # Standard library and weft's light modules only: this is on the CNI plugin's hot path.
@@ -68,7 +66,7 @@ def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines:
     """Each pod's two chains and its dispatch rules, unless a reconcile run already programmed it
     (its dispatch rules exist: a rule can only jump to a chain that exists)."""
     chains, rules = {}, []
-    snap = _snapshot(sd) if pods else None
+    snap = load_snapshot(sd) if pods else None
     for iface, namespace, pod in pods:
         have_from = _dispatch_rules(from_lines, "-i", iface)
         have_to = _dispatch_rules(to_lines, "-o", iface)
@@ -94,16 +92,6 @@ def _remove_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lin
         stale += [("-D" + ln[2:]) for ln in _dispatch_rules(to_lines, "-o", iface)]
         chains += [f"weft-fw-{iface}", f"weft-tw-{iface}"]
     return [*stale, *(f":{c} - [0:0]" for c in chains), *(f"-X {c}" for c in chains)]
-
-
-def _snapshot(sd: StateDir) -> dict | None:
-    """The last run's snapshot; None (every new pod closed) when there is none or it is corrupt."""
-    try:
-        return load_snapshot(sd)
-    except CorruptSnapshot as exc:
-        print(f"weft-cni: {exc}; new pods are closed until the next reconcile run writes it again",
-              file=sys.stderr, flush=True)
-        return None
 
 
 def add_endpoints(state_dir, pods: list[tuple[str, str, str]]) -> None:

@@ -172,7 +172,7 @@ def rebuild(args: argparse.Namespace, state_dir: Path) -> int:
     from collections import Counter
 
     from weft.store.snapshot import load_snapshot
-    from weft.store.statedir import CorruptState, StateDir
+    from weft.store.statedir import StateDir
     sd = StateDir(state_dir)
     wired = wired_pods()
     try:
@@ -180,11 +180,7 @@ def rebuild(args: argparse.Namespace, state_dir: Path) -> int:
     except ipam.CorruptRecords:
         old = []
     identities = {a.iface: (a.namespace, a.pod) for a in old}
-    try:
-        snap = load_snapshot(sd)
-    except CorruptState:
-        snap = None
-    for key in (snap or {}).get("pods", ()):
+    for key in (load_snapshot(sd) or {}).get("pods", ()):
         namespace, _, pod = key.partition("/")
         identities.setdefault(host_iface_name(namespace, pod), (namespace, pod))
     if args.from_dir or args.kubeconfig:

@@ -17,14 +17,15 @@ know (only global policies could apply).
 
 The file is read through StateDir (no link followed, owner and mode checked, size bounded) and
 validated: a chain name must match weft's pattern for its direction (model.names), sizes are
-bounded. A snapshot that fails is not used: the pod is closed in both directions until the
-next run (fail closed), and the reason is logged.
+bounded. A snapshot that fails is not used: a new pod is closed in both directions until the
+next run replaces it (fail closed), and the reason is logged.
 Stdlib only: this is on the plugin's ADD path.
 """
 from __future__ import annotations
 
 import json
 import re
+import sys
 
 from weft.model.names import POLICY_CHAIN_PATTERNS
 from weft.store.statedir import CorruptState, StateDir
@@ -58,7 +59,19 @@ def save_snapshot(state_dir, snap: dict) -> None:
 
 
 def load_snapshot(state_dir) -> dict | None:
-    """The snapshot, checked; None when there is none. CorruptSnapshot when it is not what weft
+    """The snapshot, checked; None when there is none, or when it is not what weft writes (one
+    line on stderr says so: new pods are then closed until a run writes it again, and the run
+    replaces it). UnsafeState when weft must not trust the file at all."""
+    try:
+        return read_snapshot(state_dir)
+    except CorruptSnapshot as exc:
+        print(f"weft: {' '.join(str(exc).split())}: not used; new pods are closed until a reconcile run "
+              "writes it again", file=sys.stderr, flush=True)
+        return None
+
+
+def read_snapshot(state_dir) -> dict | None:
+    """The snapshot, checked; None when there is none; CorruptSnapshot when it is not what weft
     writes, UnsafeState when weft must not trust the file."""
     sd = _state_dir(state_dir)
     try:

@@ -94,11 +94,14 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("change, message", HOSTILE, ids=[m for _, m in HOSTILE])
-def test_a_snapshot_that_is_not_what_weft_writes_is_refused(tmp_path, change, message):
+def test_a_snapshot_that_is_not_what_weft_writes_is_refused(tmp_path, capsys, change, message):
     (tmp_path / snapshot.FILE).write_text(json.dumps(GOOD | change))
     os.chmod(tmp_path / snapshot.FILE, 0o600)
     with pytest.raises(snapshot.CorruptSnapshot, match=message):
-        snapshot.load_snapshot(tmp_path)
+        snapshot.read_snapshot(tmp_path)
+    assert snapshot.load_snapshot(tmp_path) is None, "not used: new pods closed, the next run replaces it"
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "endpoints.snapshot" in err and "closed" in err
 
 
 def test_the_old_rule_text_snapshot_is_never_read_and_goes_at_the_next_save(tmp_path):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.cninode import POOL, api_in_netns, block, helper_pids, node, plugin_binary, reaches, serve
-from tests.nodens import WeftNode, namespace, pod, policy, usable
+from tests.cninode import NODE, POOL, api_in_netns, block, helper_pids, node, plugin_binary, reaches, serve
+from tests.nodens import WeftNode, chain_rules, namespace, pod, policy, usable
 from weft.cni import spec
 from weft.model.names import host_iface_name
 
@@ -217,3 +219,41 @@ def test_twenty_one_first_adds_on_a_fresh_node_make_one_read_of_the_api(node, tm
         reads = [path for method, path in fake.requests if method == "GET" and path.split("?")[0].endswith("/ippools")]
     assert len(reads) == 1, f"{len(reads)} reads of the pools for one node"
     assert len({out["ips"][0]["address"] for _, out, _ in added}) == 21
+
+
+def test_rule_text_planted_in_the_snapshot_never_reaches_iptables(node):
+    """The snapshot used to carry iptables lines that went to iptables-restore as they were."""
+    node.write([block("198.18.4.0/26"), namespace("x")])
+    WeftNode(node.ns, node.state_dir).weft("apply", from_dir=node.manifests)
+    path = node.state_dir / "endpoints.snapshot"
+    snap = json.loads(path.read_text())
+    snap["pods"]["x/a"] = {"egress": [["weft-po-aaaa -j ACCEPT"]], "ingress": []}
+    path.write_text(json.dumps(snap))
+    (node.state_dir / "endpoints.json").write_text(json.dumps(            # the old file, rule text
+        {"format": 1, "pods": {"x/a": {"fw": ["-A weft-fw-x -j ACCEPT"], "tw": []}}, "closed": {}, "default": [0, 0]}))
+    code, out, err = node.call(node.env("ADD", "a"), helper=False)
+    assert code == 0, (out, err)
+    assert "endpoints.snapshot is not what weft writes" in err and "not a weft egress policy chain" in err
+    iface = host_iface_name("x", "a")
+    rules = {kind: chain_rules(node.ns, f"weft-{kind}-{iface}") for kind in ("fw", "tw")}
+    assert [r.split()[-2:] for r in rules["fw"] + rules["tw"]] == [["-j", "DROP"]] * 2, "closed both ways"
+    assert "aaaa" not in node.sh("iptables-nft-save")
+
+
+def test_weft_ipam_rebuild_names_the_pods_from_the_desired_state(node):
+    ips = {name: node.add(name) for name in ("a", "b")}
+    _pods(node, ips)
+    (node.state_dir / "ipam" / "allocations.json").write_text('{"format":1}')
+    argv = ["ip", "netns", "exec", node.ns, sys.executable, "-m", "weft.reconciler.cli", "ipam", "rebuild",
+            "--state-dir", str(node.state_dir)]
+    bare = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2, bare.stdout + bare.stderr     # no snapshot, no source: the pods are not named
+    assert "Rebuilt 2 records" in bare.stdout and "kept as" in bare.stdout and "its pod is not known" in bare.stdout
+    assert node.ipam_check().returncode == 2
+    named = subprocess.run(argv + ["--from", str(node.manifests), "--node", NODE, "--output", "json"],
+                           capture_output=True, text=True, timeout=60)
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert sorted((r["pod"], tuple(r["ips"])) for r in json.loads(named.stdout)["records"]) == [
+        ("a", (ips["a"],)), ("b", (ips["b"],))]
+    assert node.ipam_check().returncode == 0
+    assert node.call(node.env("CHECK", "a"))[0] == 0
