@@ -274,13 +274,15 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
                                   netns_fd=netns, host_side=fast.host_side)
         except BaseException as exc:
             policy.join()
-            _undo_add(conf, fast, inv, iface, alias, wired, created, records)
+            undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
             if isinstance(exc, wiring.WiringError):
-                raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc)) from None
+                raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc) + undo) from None
             raise
         failed = policy.join()
         if failed is not None:
-            _undo_add(conf, fast, inv, iface, alias, wired, created, records)
+            undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
+            if isinstance(failed, CniError):
+                failed.details += undo
             raise failed
     return result(inv, conf, iface, pod_mac, allocation.ips)
 
@@ -316,11 +318,11 @@ def _add_endpoint(conf: Config, fast: FastPath, namespace: str, pod: str, iface:
 
 
 def _undo_add(conf: Config, fast: FastPath, inv: spec.Invocation, iface: str, alias: str, wired: bool,
-              created: bool, records: ipam.Store) -> None:
+              created: bool, records: ipam.Store) -> str:
     """A failed ADD leaves nothing behind: the wiring it made, the rules, the address it took.
 
-    Each step is tried whatever the others do; what fails is logged (the runtime's DEL retries it),
-    and the ADD's own error is the one reported.
+    Each step is tried whatever the others do; what fails (the runtime's DEL retries it) is
+    returned as text to add to the ADD's own error, which stays one line.
     """
     steps = []
     if wired:
@@ -332,11 +334,13 @@ def _undo_add(conf: Config, fast: FastPath, inv: spec.Invocation, iface: str, al
     steps.append(lambda: fast.remove_endpoint(conf.sd, iface))
     if created:
         steps.append(lambda: records.release(conf.network, inv.container_id, inv.ifname))
+    failed = []
     for step in steps:
         try:
             step()
         except (wiring.WiringError, WeftError, OSError) as exc:
-            print(f"weft-cni: ADD: undoing the failed ADD: {_line(exc)}", file=sys.stderr)
+            failed.append(_line(exc))
+    return f"; undoing the ADD failed too: {'; '.join(failed)}" if failed else ""
 
 
 def result(inv: spec.Invocation, conf: Config, iface: str, pod_mac: str, ips) -> dict:
