@@ -35,7 +35,8 @@ class Call:
 
     def __init__(self, key, args: tuple):
         self.key, self.args = key, args
-        self.result = self.error = None
+        self.result: object = None
+        self.error: BaseException | None = None
         self.settled = False
 
     def settle(self, result=None, error: BaseException | None = None) -> None:

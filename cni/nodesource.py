@@ -42,7 +42,7 @@ def read_local_pods(source: dict, node: str, timeout: float = READ_TIMEOUT) -> d
     (namespace, pod)."""
     pods = {}
     for _where, obj in _read(source, node, timeout, pods=True):
-        if _kind(obj) != "Pod" or obj.get("apiVersion") != "v1":
+        if not isinstance(obj, dict) or _kind(obj) != "Pod" or obj.get("apiVersion") != "v1":
             continue
         meta, spec = obj.get("metadata"), obj.get("spec")
         if not isinstance(meta, dict) or not isinstance(spec, dict) or spec.get("nodeName") != node:
@@ -70,10 +70,10 @@ def _read(source: dict, node: str, timeout: float, pods: bool) -> list[tuple[str
         if pods:
             return [("api", obj) for obj in _list(api, "/api/v1/pods", "v1", "Pod", timeout,
                                                    [("fieldSelector", f"spec.nodeName={node}")])]
-        objects = [("api", obj) for kind, plural in (("IPPool", "ippools"), ("IPAMBlock", "ipamblocks"),
-                                                      ("BlockAffinity", "blockaffinities"))
-                   for obj in _list(api, f"/apis/{CALICO_API_VERSION}/{plural}", CALICO_API_VERSION, kind,
-                                    timeout, crd=True)]
+        kinds = (("IPPool", "ippools"), ("IPAMBlock", "ipamblocks"), ("BlockAffinity", "blockaffinities"))
+        objects: list[tuple[str, object]] = [
+            ("api", obj) for kind, plural in kinds
+            for obj in _list(api, f"/apis/{CALICO_API_VERSION}/{plural}", CALICO_API_VERSION, kind, timeout, crd=True)]
         try:
             me = api.request("GET", f"/api/v1/nodes/{node}", timeout=timeout)
         except ApiError as exc:

@@ -81,7 +81,7 @@ class Config:
         self.prev_result = prev
         self.dns = raw.get("dns") if isinstance(raw.get("dns"), dict) else {}
         self.valid = _valid_attachments(raw) if command == "GC" else set()
-        self._sd = None
+        self._sd: StateDir | None = None
 
     @property
     def sd(self) -> StateDir:
@@ -115,16 +115,20 @@ def _valid_attachments(raw: dict) -> set[tuple[str, str]]:
     return {(e["containerID"], e["ifname"]) for e in entries}
 
 
-def pod_identity(inv: spec.Invocation, required: bool) -> tuple[str, str] | None:
-    """(namespace, pod) from CNI_ARGS, as the kubelet passes them."""
+def given_identity(inv: spec.Invocation) -> tuple[str, str] | None:
+    """(namespace, pod) from CNI_ARGS, as the kubelet passes them, if it does."""
     namespace, pod = inv.args.get("K8S_POD_NAMESPACE"), inv.args.get("K8S_POD_NAME")
-    if namespace and pod:
-        return namespace, pod
-    if required:
+    return (namespace, pod) if namespace and pod else None
+
+
+def pod_identity(inv: spec.Invocation) -> tuple[str, str]:
+    """(namespace, pod) from CNI_ARGS; error 4 without them."""
+    identity = given_identity(inv)
+    if identity is None:
         raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_ARGS",
                        "K8S_POD_NAMESPACE and K8S_POD_NAME must be set in CNI_ARGS: weft names the pod's host "
                        "interface after them")
-    return None
+    return identity
 
 
 def host_iface(namespace: str, pod: str) -> str:
@@ -156,7 +160,10 @@ def node_ipam(conf: Config) -> dict:
         except WeftError as exc:
             raise CniError(spec.DESIRED_STATE, "cannot read the desired state", _line(exc)) from None
         ipam.write_node_ipam(conf.sd, conf.node, read.pools, read.blocks, source, read.labels)
-        return _read_node_ipam(conf)
+        doc = _read_node_ipam(conf)
+        if doc is None:
+            raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", "node.json vanished once written")
+        return doc
 
 
 def _read_node_ipam(conf: Config) -> dict | None:
@@ -225,7 +232,7 @@ def _claimer(conf: Config, doc: dict):
 # ---- the commands ------------------------------------------------------------------------------
 
 def cmd_add(inv: spec.Invocation, conf: Config, fast: FastPath) -> dict:
-    namespace, pod = pod_identity(inv, required=True)
+    namespace, pod = pod_identity(inv)
     alias = _alias(inv)
     netns = spec.open_netns(inv.netns)          # before anything is allocated: error 3 if it is not one
     try:
@@ -360,7 +367,7 @@ def cmd_del(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
     """Undo ADD as far as anything of it is left; success when nothing is (DEL twice, unknown container)."""
     records = store(conf, fast)
     allocation = records.get(conf.network, inv.container_id, inv.ifname)
-    identity = pod_identity(inv, required=False)
+    identity = given_identity(inv)
     iface = allocation.iface if allocation else (host_iface(*identity) if identity else None)
     if iface is None:
         return                                   # nothing recorded and no pod named: nothing of ours
@@ -520,7 +527,7 @@ def respond(environ, stdin: bytes, fast: FastPath | None = None) -> tuple[int, b
     code, out = run(environ, stdin, fast)
     stdout = spec.dumps(out).encode() if out is not None else b""
     stderr = b""
-    if code:                                     # one line for the runtime's log
+    if code and out is not None:                 # one line for the runtime's log
         text = f"weft-cni: {environ.get('CNI_COMMAND', '?')}: {out['msg']}" + (
             f": {out['details']}" if out.get("details") else "")
         stderr = (" ".join(text.split()) + "\n").encode()

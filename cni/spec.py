@@ -193,7 +193,7 @@ def merge_results(prev: dict | None, ours: dict) -> dict:
 def format_result(result: dict, version: str) -> dict:
     """`result` (1.1.0 shape) as the given version writes it: IPs carry `version` before 1.0.0, and
     the interface and route fields new in 1.1.0 are left out before it."""
-    out = {"cniVersion": version}
+    out: dict = {"cniVersion": version}
     old = version_key(version) < (1, 1, 0)
     ifaces = result.get("interfaces")
     if ifaces is not None:

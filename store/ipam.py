@@ -304,7 +304,8 @@ def node_ipam_document(node: str, pools, blocks, source: dict, node_labels=None)
         if block.node != node or block.cidr in block_docs:
             continue
         net = ipaddress.ip_network(block.cidr)
-        pool = next((name for pool_net, name in nets if pool_net.version == net.version and net.subnet_of(pool_net)),
+        pool = next((name for pool_net, name in nets
+                     if pool_net.version == net.version and net.subnet_of(pool_net)),  # type: ignore[arg-type]
                     None)
         block_docs[block.cidr] = {"cidr": block.cidr, "pool": pool, "origin": block.origin}
     ordered = sorted(block_docs.values(), key=lambda b: (":" in b["cidr"], ipaddress.ip_network(b["cidr"])))
@@ -461,7 +462,8 @@ def transact(state_dir, steps: list[Step], held: Callable[[], set[str]] | None =
                 log(f"{sd.file(name)} was missing: rebuilt {_summary(state)} from the pods' interfaces")
         state.pop("unknown", None)
         state["held"] = held() if held is not None else set()
-        changed, outcomes = rebuilt, []
+        changed = rebuilt
+        outcomes: list[tuple[object, Exception | None]] = []
         for step in steps:
             try:
                 result, did = step(state)
