@@ -544,8 +544,8 @@ def helper_settings(stdin: bytes) -> tuple[bool, str]:
     if not isinstance(raw, dict):
         return True, default_state_dir()
     state_dir = raw.get("state_dir")
-    return raw.get("helper", True) is not False, state_dir if isinstance(state_dir, str) and state_dir \
-        else default_state_dir()
+    return raw.get("helper", True) is not False, state_dir if isinstance(state_dir, str) and \
+        state_dir.startswith("/") else default_state_dir()
 
 
 def main(stdin: bytes | None = None) -> int:
