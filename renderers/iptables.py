@@ -40,11 +40,19 @@ from weft.model.cluster import (
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
-from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, base_matches, chain_lines, pending_specs
+from weft.renderers.rules import (
+    FROM_DISPATCH,
+    MARK_ACCEPT,
+    MARK_PASS,
+    TABLE,
+    TO_DISPATCH,
+    Spec,
+    base_matches,
+    chain_lines,
+    pending_specs,
+    tiered_specs,
+)
 
-MARK_ACCEPT = "0x10000"
-MARK_PASS = "0x20000"
-MARK_ALL = "0x30000"
 WL_GLOB = PREFIX.rstrip("-") + "+"            # matches every weft host-side veth: "weft+"
 FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
@@ -188,15 +196,15 @@ def order_policies(policies, tiers) -> list:
 
 
 def endpoint_specs(policies: list[Policy], direction: str) -> list[Spec]:
-    specs = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")] if policies else []
-    for _tier, group in itertools.groupby(policies, key=lambda p: p.tier):
-        specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
-        for policy in group:
-            chain = policy_chain_name(policy, direction)
-            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {chain}"))
-            specs.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"))
-        specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
-    return specs
+    """A pod's chain for `direction` from its policies in evaluation order (rules.tiered_specs:
+    the CNI plugin renders the same chain from the snapshot's chain names)."""
+    return tiered_specs(policy_tiers(policies, direction))
+
+
+def policy_tiers(policies: list[Policy], direction: str) -> list[list[str]]:
+    """The policies' chains for `direction`, one list per tier, in evaluation order."""
+    return [[policy_chain_name(p, direction) for p in group]
+            for _tier, group in itertools.groupby(policies, key=lambda p: p.tier)]
 
 
 def _rule_specs(rule: Rule, sets: SetCatalog) -> list[Spec]:
