@@ -37,6 +37,7 @@ from weft.model.cluster import (
     Policy,
     Rule,
 )
+from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
@@ -74,6 +75,7 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     known = state.local_endpoints(node)
     local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
                          key=lambda e: e.iface))
+    refuse_shared_interfaces(local)
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
@@ -107,6 +109,24 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
         hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
     return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
                      render_routes(local), render_links(local))
+
+
+class SharedInterfaceName(WeftError):
+    """Two endpoints of one node would get one host interface name: one pod's traffic would be
+    judged by the other's policy (or left open). Refused before anything is written."""
+
+
+def refuse_shared_interfaces(local: tuple[Endpoint, ...]) -> None:
+    """Raise SharedInterfaceName naming both pods if two of `local` (sorted by iface) share one.
+
+    Validation keeps names apart (namespaces are DNS labels, so "a.b"/"c" and "a"/"b.c" cannot
+    both exist), and the name is 44 bits of a hash; this is the last line of defence."""
+    for first, second in itertools.pairwise(local):
+        if first.iface == second.iface:
+            a, b = sorted((first.key, second.key))
+            raise SharedInterfaceName(
+                f"pods {a} and {b} would both get host interface {first.iface} (named after "
+                f"\"<namespace>.<pod>\"): rename one of them; nothing was changed")
 
 
 def _forward_specs() -> list[Spec]:
