@@ -12,6 +12,8 @@ converters it must fit these bounds, so no input can exhaust memory or the inter
                       Without aliases a file cannot reach it (every value takes a byte of its
                       own); an alias "bomb" (each level a list of aliases to the one before,
                       a billion values in a kilobyte) stops at it at once.
+  INT_RANGE           integers are 64-bit, signed or not, as in Kubernetes' own types (YAML
+                      allows any length, and Python prints at most 4300 digits of one)
 
 The check is a walk of each loaded document that counts the values below each mapping or list
 once per object (so an alias bomb costs what its text does, not what it expands to) and refuses
@@ -26,6 +28,7 @@ MAX_FILE_BYTES = 64 * MiB
 MAX_RESPONSE_BYTES = 64 * MiB
 MAX_DEPTH = 100
 MAX_VALUES = 1_000_000
+INT_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 
@@ -69,6 +72,8 @@ class ValueBudget:
                     if self.used + size > self.limit:
                         raise BoundExceeded(self._too_many())
                 else:
+                    if type(item) is int and not INT_RANGE[0] <= item <= INT_RANGE[1]:
+                        raise BoundExceeded(self._too_big())
                     size += 1
             if isinstance(value, dict):
                 size += len(value)                  # the keys: scalars (YAML's complex keys are refused)
@@ -76,6 +81,9 @@ class ValueBudget:
         if depth - 1 + known[1] > self.max_depth:   # an alias of a deep value, used deep down
             raise BoundExceeded(self._too_deep())
         return known
+
+    def _too_big(self) -> str:
+        return "an integer beyond 64 bits (Kubernetes' integers are 64-bit; write larger numbers as strings)"
 
     def _too_deep(self) -> str:
         return f"nested deeper than {self.max_depth} levels (or a YAML alias of itself)"

@@ -63,10 +63,16 @@ def parse_manifest_file(path: str | Path, data: bytes, errors: list[ValidationEr
     except BoundExceeded as exc:
         errors.append(ValidationError(str(path), f"document {number}", "", str(exc)))
         return []
-    except (ValueError, RecursionError, MemoryError) as exc:
-        # A value YAML allows and Python cannot hold: a date like 2024-13-01, an integer of
-        # more than 4300 digits, a structure the loader cannot build.
-        problem = "too large or too deeply nested" if not isinstance(exc, ValueError) else str(exc)
+    except (RecursionError, MemoryError):
+        errors.append(ValidationError(str(path), f"document {number + 1}", "",
+                                      "cannot be loaded: too large or too deeply nested"))
+        return []
+    except Exception as exc:  # noqa: BLE001 - the YAML library on hostile text: see below
+        # A value YAML allows and Python cannot hold (a date like 2024-13-01, an integer of more
+        # than 4300 digits), or an explicit tag the library's constructor fails on
+        # (`!!timestamp x` is an AttributeError inside PyYAML): the input's fault, not weft's.
+        problem = str(exc).split("\n")[0][:200] if isinstance(exc, ValueError) else \
+            f"{type(exc).__name__} in the YAML library ({str(exc)[:120]})"
         errors.append(ValidationError(str(path), f"document {number + 1}", "", f"cannot be loaded: {problem}"))
         return []
     return documents

@@ -77,7 +77,7 @@ class Checker:
         """Every key of `mapping` not in `allowed` is a problem (keys of any type: YAML allows
         ints, dates, ... as keys, and a typo must never be silently dropped)."""
         unknown = [key for key in mapping if key not in allowed]
-        for key in sorted(unknown, key=lambda k: (not isinstance(k, str), str(k)[:SHOWN_LENGTH])):
+        for key in sorted(unknown, key=lambda k: (not isinstance(k, str), k if isinstance(k, str) else shown(k))):
             self.fail(child(path, key), f"unknown field (known: {', '.join(sorted(allowed))})")
 
 
