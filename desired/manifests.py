@@ -16,6 +16,7 @@ from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
 # libyaml's loader is ~8x faster than the pure-Python one; same results for manifests.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SUFFIXES = (".yaml", ".yml", ".json")
+_PROBLEM_LENGTH = 200
 
 
 def manifest_files(directory: str | Path) -> list[Path]:
@@ -58,6 +59,7 @@ def parse_manifest_file(path: str | Path, data: bytes, errors: list[ValidationEr
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
+        problem = problem if len(problem) <= _PROBLEM_LENGTH else problem[:_PROBLEM_LENGTH] + "..."  # quotes input
         errors.append(ValidationError(where, "document", "", f"malformed YAML: {problem}"))
         return []
     except BoundExceeded as exc:
@@ -71,7 +73,7 @@ def parse_manifest_file(path: str | Path, data: bytes, errors: list[ValidationEr
         # A value YAML allows and Python cannot hold (a date like 2024-13-01, an integer of more
         # than 4300 digits), or an explicit tag the library's constructor fails on
         # (`!!timestamp x` is an AttributeError inside PyYAML): the input's fault, not weft's.
-        problem = str(exc).split("\n")[0][:200] if isinstance(exc, ValueError) else \
+        problem = str(exc).split("\n")[0][:_PROBLEM_LENGTH] if isinstance(exc, ValueError) else \
             f"{type(exc).__name__} in the YAML library ({str(exc)[:120]})"
         errors.append(ValidationError(str(path), f"document {number + 1}", "", f"cannot be loaded: {problem}"))
         return []
