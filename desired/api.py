@@ -216,6 +216,7 @@ class Connection:
 
         import urllib3
         self.profile, self.host = profile, profile.host
+        self._pool: urllib3.PoolManager
         args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
                                 "ca_cert_data": profile.ca_pem}
         if profile.cert_pem and profile.key_pem:

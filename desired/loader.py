@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from weft.desired.kinds import bgp, ipam, kubernetes
 from weft.desired.validation import Checker, namespace_of, namespace_problem, object_label, shown
@@ -59,8 +60,8 @@ class Converted:
 def flatten_lists(objects: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
     """`kind: List` documents (as `kubectl get -o yaml` writes them) stand for their items."""
     for where, raw in objects:
-        kind = raw.get("kind") if isinstance(raw, dict) else None
-        if isinstance(kind, str) and kind.endswith("List") and isinstance(raw.get("items"), list):
+        if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and raw["kind"].endswith("List") \
+                and isinstance(raw.get("items"), list):
             yield from ((where, item) for item in raw["items"])
         else:
             yield where, raw
@@ -88,8 +89,8 @@ def convert_object(where: str, raw: object, errors: list[ValidationError]) -> Co
         check.fail("metadata", "missing" if raw.get("metadata") is None else
                    f"must be a mapping, got {shown(raw.get('metadata'))}")
         return None
-    if kind.namespaced and (problem := namespace_problem(raw["metadata"].get("namespace"))):
-        check.fail("metadata.namespace", problem)
+    if kind.namespaced and (ns_problem := namespace_problem(raw["metadata"].get("namespace"))):
+        check.fail("metadata.namespace", ns_problem)
         return None
     before = len(errors)
     value = kind.convert(check, raw)
@@ -102,7 +103,7 @@ def convert_object(where: str, raw: object, errors: list[ValidationError]) -> Co
 def assemble(converted: Iterable[Converted], ignored: Iterable[str] = ()) -> ClusterState:
     """The cross-object checks, then the state. `converted` must not name an object twice."""
     items = list(converted)
-    fields: dict[str, list] = {k.field: [] for k in KINDS.values()}
+    fields: dict[str, list[Any]] = {k.field: [] for k in KINDS.values()}
     field_of = {k.name: k.field for k in KINDS.values()}
     for c in items:
         if c.value is not None:
@@ -122,7 +123,7 @@ def assemble(converted: Iterable[Converted], ignored: Iterable[str] = ()) -> Clu
         endpoints=tuple(sorted(fields.pop("endpoints"), key=lambda e: (e.namespace, e.pod))),
         policies=tuple(sorted(fields.pop("policies"), key=lambda p: p.key)),
         ignored_kinds=tuple(sorted(set(ignored))),
-        **{name: tuple(values) for name, values in fields.items()},
+        **{name: tuple(values) for name, values in fields.items()},  # type: ignore[arg-type]
     )
 
 

@@ -84,7 +84,9 @@ class Checker:
 def object_label(raw: dict, namespaced: bool) -> str:
     """"Kind namespace/name" (or "Kind name" for cluster-scoped kinds), as errors show objects;
     parts that are not plain names (the object is being refused) are shown cut."""
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
     ns = (meta.get("namespace") or NAMESPACED_DEFAULT) if namespaced else None
     return f"{_plain(raw.get('kind'))} {_plain(ns) + '/' if ns else ''}{_plain(meta.get('name'))}"
 

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 
 class LabelIndex(Protocol):
@@ -339,7 +339,6 @@ class EndsWith(_StringMatch):
 
 # --- boolean operators ----------------------------------------------------------------------
 
-_COMPLEMENT = {Eq: Ne, Ne: Eq, In: NotIn, NotIn: In}
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,8 +355,15 @@ class Not(Expr):
         inner = self.operand.normalize()
         if isinstance(inner, Not):
             return inner.operand
-        if type(inner) in _COMPLEMENT:      # absent label: !(k == v) holds, as k != v does
-            return _COMPLEMENT[type(inner)](*(getattr(inner, f) for f in inner.__dataclass_fields__))
+        # An absent label: !(k == v) holds, as k != v does; so each of these has its complement.
+        if isinstance(inner, Eq):
+            return Ne(inner.key, inner.value)
+        if isinstance(inner, Ne):
+            return Eq(inner.key, inner.value)
+        if isinstance(inner, In):
+            return NotIn(inner.key, inner.values)
+        if isinstance(inner, NotIn):
+            return In(inner.key, inner.values)
         return Not(inner)
 
     def _text(self) -> str:
@@ -445,6 +451,10 @@ class Or(Expr):
 
 # --- parser ---------------------------------------------------------------------------------
 
+_BINARY: dict[str, Callable[[str, str], Expr]] = {
+    "==": Eq, "!=": Ne, "contains": Contains, "startswith": StartsWith, "endswith": EndsWith}
+
+
 class _Parser:
     """Recursive descent straight over the text: or := and ('||' and)*; and := unary ('&&' unary)*;
     unary := '!'* primary; primary := '(' or ')' | has(k) | all() | global() | k op operand."""
@@ -454,7 +464,7 @@ class _Parser:
         self.pos = 0
         self.depth = 0                      # open parentheses: bounded, the descent is recursive
 
-    def fail(self, message: str, pos: int | None = None):
+    def fail(self, message: str, pos: int | None = None) -> NoReturn:
         pos = self.pos if pos is None else pos
         found = repr(self.text[pos:pos + 12]) if pos < len(self.text) else "end of selector"
         raise SelectorError(f"{message} at column {pos + 1} (found {found}) in selector {_shown(self.text)}")
@@ -522,11 +532,11 @@ class _Parser:
             self.expect(")")
             self.depth -= 1
             return expr
-        for name, node in (("all(", All), ("global(", Global)):
+        for name, constant in (("all(", All()), ("global(", Global())):
             if self.text.startswith(name, self.pos):
                 self.pos += len(name)
                 self.expect(")")
-                return node()
+                return constant
         if self.text.startswith("has(", self.pos):
             self.pos += len("has(")
             self.skip()
@@ -546,8 +556,7 @@ class _Parser:
         if word in ("in", "notin"):
             values = self.string_set()
             return In(key, values) if word == "in" else NotIn(key, values)
-        node = {"==": Eq, "!=": Ne, "contains": Contains, "startswith": StartsWith, "endswith": EndsWith}[word]
-        return node(key, self.string())
+        return _BINARY[word](key, self.string())
 
     def label(self) -> str:
         match = _LABEL.match(self.text, self.pos)

@@ -31,6 +31,7 @@ from weft.model.cluster import (
     INGRESS,
     Action,
     ClusterState,
+    Direction,
     Endpoint,
     EntityMatch,
     NamedPort,
@@ -160,13 +161,13 @@ def _sort_key(order: float | None, name: str) -> tuple:
     return (order is None, order or 0.0, name)
 
 
-def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict:
+def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict[str, dict[Direction, list[Policy]]]:
     """For each local endpoint and direction: its applicable policies in evaluation order.
 
     Selection is per endpoint, so an index of the local endpoints alone selects the same ones
     as the index of every endpoint would, at a fraction of the cost."""
     index = EndpointIndex(replace(state, endpoints=local))
-    result = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
+    result: dict[str, dict[Direction, list[Policy]]] = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
     for policy in state.policies:
         selected = index.select(policy.selector)
         if policy.namespace is not None:
@@ -181,7 +182,7 @@ def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> d
     return result
 
 
-def might_apply(policies, namespace: str | None, direction: str) -> bool:
+def might_apply(policies: tuple[Policy, ...], namespace: str | None, direction: Direction) -> bool:
     """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
     scopes = _scopes(policies)
     return (direction, None) in scopes or (direction, namespace) in scopes
@@ -190,7 +191,7 @@ def might_apply(policies, namespace: str | None, direction: str) -> bool:
 _last_scopes: tuple = ((), frozenset())
 
 
-def _scopes(policies) -> frozenset:
+def _scopes(policies: tuple[Policy, ...]) -> frozenset[tuple[Direction, str | None]]:
     """(direction, namespace or None) of every policy. The snapshot asks for each namespace of the
     same policies: the last tuple's answer is kept (the reference keeps its identity valid)."""
     global _last_scopes

@@ -261,7 +261,7 @@ def _selector(check: Checker, raw: Any, path: str) -> Expr | None:
             check.fail(f"{epath}.values", f"must be non-empty for operator {op}")
         elif op in ("Exists", "DoesNotExist") and values:
             check.fail(f"{epath}.values", f"must be empty for operator {op}")
-        elif valid_label_key(key):
+        elif isinstance(key, str) and valid_label_key(key):
             atoms.append({"In": In, "NotIn": NotIn}[op](key, tuple(values)) if op in ("In", "NotIn")
                          else Has(key) if op == "Exists" else Not(Has(key)))
     if len(check.errors) != before:
@@ -372,7 +372,7 @@ def _ip_block(check: Checker, raw: Any, path: str) -> EntityMatch | None:
         except (ValueError, TypeError):
             check.fail(f"{path}.except[{i}]", f"invalid CIDR {shown(value)}")
             continue
-        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:
+        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:  # type: ignore[arg-type]
             check.fail(f"{path}.except[{i}]", f"{value} must be strictly within cidr {cidr}")
             continue
         excepts.append(str(net))
@@ -406,8 +406,9 @@ def _port_groups(check: Checker, ports_raw: list, path: str) -> dict[str | None,
             groups[proto] = None      # every port of this protocol
             continue
         spec = _port(check, port, end, ppath)
-        if spec is not None and groups.get(proto, set()) is not None:
-            groups.setdefault(proto, set()).add(spec)
+        ports = groups.setdefault(proto, set())
+        if spec is not None and ports is not None:      # None: the protocol's every port already
+            ports.add(spec)
     return {proto: tuple(sorted(ports, key=_port_order)) if ports else () for proto, ports in groups.items()}
 
 
