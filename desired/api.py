@@ -453,31 +453,44 @@ def _profile_key(kubeconfig: str | None, context: str | None) -> list:
     return [kubeconfig, context, stats, env if not files else None]
 
 
+_PROFILE_TYPES: dict[str, tuple[type, ...]] = {
+    "host": (str,), "authorization": (str, type(None)), "verify": (bool,), "ca_pem": (str, type(None)),
+    "cert_pem": (str, type(None)), "key_pem": (str, type(None)), "assert_hostname": (str, bool, type(None)),
+    "server_hostname": (str, type(None)), "proxy": (str, type(None)), "proxy_headers": (dict, type(None))}
+_PROFILE_LIMIT = 1 << 20
+
+
 def _kept_profile(keep: Path, key: list) -> Profile | None:
-    import time
+    """The profile kept in the state dir for the same configuration, if fresh. It is read through
+    store.statedir (no links followed, owner and mode checked: a file that fails that is an
+    UnsafeState error); one that is stale, not JSON or not of a profile's shape is resolved anew."""
+    from weft.store.statedir import CorruptState, StateDir
+    if not keep.parent.is_dir():
+        return None
     try:
-        with open(keep) as f:
-            kept = json.load(f)
-        if kept["key"] != key or not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE:
-            return None
-        return Profile(**kept["profile"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None                             # none kept, or unreadable: resolve anew
+        kept = StateDir(keep.parent, create=False).read_json(keep.name, limit=_PROFILE_LIMIT)
+    except CorruptState:
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("at"), int | float):
+        return None
+    fields = kept.get("profile")
+    if not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE or not isinstance(fields, dict) \
+            or set(fields) != set(_PROFILE_TYPES) \
+            or not all(isinstance(fields[k], types) for k, types in _PROFILE_TYPES.items()):
+        return None
+    return Profile(**fields)
 
 
 def _keep_profile(keep: Path, key: list, profile: Profile) -> None:
+    """Keep `profile` (mode 0600: it holds credentials), replaced atomically through
+    store.statedir, which never writes through a link."""
     import dataclasses
-    import time
+
+    from weft.store.statedir import StateDir
     text = json.dumps({"key": key, "at": time.time(), "profile": dataclasses.asdict(profile)})
-    temp = keep.with_name(f".{keep.name}.{os.getpid()}")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(temp, keep)
-    except OSError:
-        with contextlib.suppress(OSError):     # a read-only state dir: no profile is kept
-            os.unlink(temp)
+    with contextlib.suppress(OSError):          # a read-only (or no) state dir: no profile is kept
+        if keep.parent.is_dir():
+            StateDir(keep.parent, create=False).replace(keep.name, text, 0o600)
 
 
 def configuration(kubeconfig: str | None = None, context: str | None = None):

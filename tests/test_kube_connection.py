@@ -321,3 +321,23 @@ def test_a_watch_that_never_goes_quiet_ends_within_its_bound():
         listener.close()
     assert time.monotonic() - started < 4
     assert events and last == events[-1][1]["metadata"]["resourceVersion"]
+
+
+def test_the_kept_profile_is_read_and_written_safely(server, tmp_path):
+    """It holds the client key and token: never written through a link, a link in its place is
+    refused, and a file of another shape is simply resolved anew."""
+    from weft.store.statedir import UnsafeState
+    kubeconfig, keep = server.write_kubeconfig(tmp_path / "kubeconfig"), tmp_path / "api.json"
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    keep.symlink_to(victim)
+    with pytest.raises(UnsafeState, match="symbolic link"):
+        connect(kubeconfig, keep=keep)
+    assert victim.read_text() == "untouched"
+
+    keep.unlink()
+    keep.write_text(json.dumps({"key": "x", "at": "now", "profile": {"host": ["a list"]}}))
+    os.chmod(keep, 0o600)
+    with connect(kubeconfig, keep=keep) as api:
+        assert namespaces(api) == ["ns1"]
+    assert not keep.is_symlink() and json.loads(keep.read_text())["profile"]["host"] == server.url
