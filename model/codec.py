@@ -5,10 +5,11 @@ dataclasses and enums), through their own constructors, so a cache file can at w
 never run anything. Anything else in the input is an error.
 
 The shapes: a dataclass is {"@": "Name", "v": [field values in order]}; an enum member
-{"e": "Name", "v": value}; a tuple (or list) a JSON list, decoded as a tuple; a dict with string keys {"d": {...}}, any other
-mapping {"m": [[key, value], ...]}; a frozenset {"s": [...]}. Strings, numbers, booleans and
-None are themselves. Sets of strings and tuples of strings (ipset members, chain rules) cost one
-C-level conversion each, so large kernel states decode at about json.loads speed.
+{"e": "Name", "v": value}; a tuple (or list) a JSON list, decoded as a tuple; a dict with string
+keys {"d": {...}}, any other mapping {"m": [[key, value], ...]}; a frozenset {"s": [...]}.
+Strings, numbers, booleans and None are themselves. Sets of strings and tuples of strings
+(ipset members, chain rules) cost one C-level conversion each, so large kernel states decode at
+about json.loads speed.
 """
 from __future__ import annotations
 
