@@ -115,9 +115,9 @@ class Dataplane:
         """Identifies this exact state; a saved plan is valid only against the state it was made on.
         What to_json holds, fed to the hash directly (no JSON of 50k set members to build)."""
         h = hashlib.sha256()
-        for (t, n), c in sorted(self.chains.items()):
+        for (t, n), chain in sorted(self.chains.items()):
             h.update(f"\0chain {t}/{n}\n".encode())
-            h.update("\n".join(c.rules).encode())
+            h.update("\n".join(chain.rules).encode())
         for n, s in sorted(self.ipsets.items()):
             h.update(f"\0set {n} {s.type} {s.family}\n".encode())
             h.update("\n".join(sorted(s.members)).encode())

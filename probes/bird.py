@@ -89,7 +89,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
         raise BirdCommandError(f"cannot run {argv[0]}: {exc.strerror}") from None
 
 
-def check_config(path: Path) -> str | None:
+def check_config(path: str | Path) -> str | None:
     """BIRD's complaint about the configuration file (`bird -p -c`), or None when it parses."""
     done = _run([BIRD, "-p", "-c", str(path)])
     if done.returncode == 0:

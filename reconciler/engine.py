@@ -16,7 +16,7 @@ and phrases drift for its own. One plan document (reconciler.plan), one apply pa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from weft.model.kernel import EMPTY, Dataplane
@@ -47,11 +47,23 @@ def kernel_resources(runner: Runner, backend_preference: str = "auto") -> tuple[
     return backend, [IpSets(), *tables, Routes(), InterfaceSettings()]
 
 
-def start_probe(resources: Sequence[AnyResource], runner: Runner) -> Callable[[], dict[str, Any]]:
-    """Start every resource's reads at once; call the result for what each found, by name."""
+@dataclass
+class Found:
+    """What each resource found, by name, and its fingerprint (made where the dumps are parsed:
+    in the caller's worker, while the desired state is read)."""
+    have: dict[str, Any]
+    prints: dict[str, str]
+
+
+def start_probe(resources: Sequence[AnyResource], runner: Runner) -> Callable[[], Found]:
+    """Start every resource's reads at once; call the result for what each found."""
     session = ProbeSession(runner)
-    pending = [(r.name, r.start_probe(session)) for r in resources]
-    return lambda: {name: finish() for name, finish in pending}
+    pending = [(r, r.start_probe(session)) for r in resources]
+
+    def finish() -> Found:
+        have = {r.name: done() for r, done in pending}
+        return Found(have, {r.name: r.fingerprint(have[r.name]) for r, _ in pending})
+    return finish
 
 
 def confirm(resources: Sequence[AnyResource], have: dict[str, Any], runner: Runner) -> bool:
@@ -68,6 +80,7 @@ class Planned:
     backend: Backend
     have: dict[str, Any]
     changes: Changes
+    prints: dict[str, str] = field(default_factory=dict)     # fingerprints already made, by resource
 
     @property
     def empty(self) -> bool:
@@ -75,7 +88,9 @@ class Planned:
 
     def fingerprint(self) -> str:
         """Identifies the found state (what a saved plan was made against)."""
-        return digest(*(f"{r.name}:{r.fingerprint(self.have[r.name])}" for r in self.resources))
+        prints = [self.prints[r.name] if r.name in self.prints else r.fingerprint(self.have[r.name])
+                  for r in self.resources]
+        return digest(*(f"{r.name}:{p}" for r, p in zip(self.resources, prints, strict=True)))
 
     def summary(self) -> dict[str, int]:
         counts = {"add": 0, "change": 0, "destroy": 0}
@@ -113,7 +128,7 @@ class Planned:
 
 
 def plan(resources: list[AnyResource], backend: Backend, have: dict[str, Any], node: RenderedNode,
-         check: bool = True) -> Planned:
+         check: bool = True, prints: dict[str, str] | None = None) -> Planned:
     """Diff every resource in order (each sees the changes of those before it). `check`: let the
     resources refuse what their daemon would reject (a BIRD configuration)."""
     changes: Changes = {}
@@ -121,7 +136,7 @@ def plan(resources: list[AnyResource], backend: Backend, have: dict[str, Any], n
         changes[r.name] = r.diff(r.want(node), have[r.name], dict(changes))
         if check and changes[r.name]:
             r.check(changes[r.name])
-    return Planned(resources, backend, have, changes)
+    return Planned(resources, backend, have, changes, dict(prints or {}))
 
 
 def execute(planned: Planned, runner: Runner) -> None:
@@ -163,5 +178,5 @@ def restore_texts(desired: Dataplane, actual: Dataplane = EMPTY, backend: str = 
     return [step.write.text for step in planned.steps() if isinstance(step.write, Restore)]
 
 
-__all__ = ["Action", "Planned", "confirm", "execute", "kernel_resources", "plan", "restore_texts", "settle",
+__all__ = ["Action", "Found", "Planned", "confirm", "execute", "kernel_resources", "plan", "restore_texts", "settle",
            "start_probe", "verify", "write_base"]

@@ -71,14 +71,14 @@ class Routes(Resource[RoutingState, RouteChange]):
         for dst, w in sorted(want.routes.items()):
             if (w.dev is not None and w.dev not in have.ifaces) or dst in have.occupied:
                 continue
-            h = have.routes.get(dst)
-            if h is None:
+            found = have.routes.get(dst)
+            if found is None:
                 changes.append(RouteChange(dst, Action.CREATE, w.dev, w.type, about=w.about))
-            elif (h.dev, h.type) != (w.dev, w.type):
-                changes.append(RouteChange(dst, Action.UPDATE, w.dev, w.type, h.dev, h.type, w.about))
+            elif (found.dev, found.type) != (w.dev, w.type):
+                changes.append(RouteChange(dst, Action.UPDATE, w.dev, w.type, found.dev, found.type, w.about))
         for dst, h in sorted(have.routes.items()):
-            w = want.routes.get(dst)
-            if w is not None and (w.dev is None or w.dev in have.ifaces):
+            wanted = want.routes.get(dst)
+            if wanted is not None and (wanted.dev is None or wanted.dev in have.ifaces):
                 continue                                # wanted: created or replaced above
             if h.type == "unicast" and h.dev in have.ifaces:
                 continue                                # a live pod's route: it goes with its interface

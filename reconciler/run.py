@@ -177,7 +177,7 @@ class _Begun:
     desired: DesiredRead
     backend: Any
     resources: list[engine.AnyResource]
-    have: dict[str, Any]
+    found: engine.Found
     marker: dict[str, Any] | None
 
 
@@ -199,19 +199,19 @@ def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) ->
             except BaseException:
                 found.exception()       # no dump outlives a failed read; the read's error is the one
                 raise
-            have = found.result()
-    return _Begun(desired, backend, resources, have, marker)
+            result = found.result()
+    return _Begun(desired, backend, resources, result, marker)
 
 
 def _planned(opts: Options, state_dir: StateDir, runner: Runner, begun: _Begun, check: bool) -> engine.Planned:
     """Diff every resource; BIRD is one where BGP is on for this node (its probe is small and
     is made now, once the desired state says so)."""
-    resources, have = list(begun.resources), dict(begun.have)
+    resources, have = list(begun.resources), dict(begun.found.have)
     if begun.desired.node.bird_config is not None:
         bird = Bird(state_dir, opts.bird_socket, runner)
         resources.append(bird)
         have[bird.name] = bird.probe()
-    return engine.plan(resources, begun.backend, have, begun.desired.node, check=check)
+    return engine.plan(resources, begun.backend, have, begun.desired.node, check=check, prints=begun.found.prints)
 
 
 def _document(opts: Options, planned: engine.Planned, node: RenderedNode, destroy: bool) -> Plan:
@@ -247,10 +247,10 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
     begun = _begin(opts, state_dir, runner, destroy)
     with state_dir.lock(shared=False, timeout=opts.lock_timeout):
         marker = _read_marker(state_dir)
-        if not (_unchanged(begun.marker, marker) and engine.confirm(begun.resources, begun.have, runner)):
+        if not (_unchanged(begun.marker, marker) and engine.confirm(begun.resources, begun.found.have, runner)):
             # Another run, or a CNI step, wrote since the dumps were made: read again, now.
             begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
-            begun.have = engine.start_probe(begun.resources, runner)()
+            begun.found = engine.start_probe(begun.resources, runner)()
         if begun.desired.reading is not None:
             begun.desired.node = _with_current_allocations(opts, begun.desired)
         planned = _planned(opts, state_dir, runner, begun, check=True)
