@@ -59,7 +59,7 @@ _MEMBER_V4 = {
 _COMMANDS = frozenset({"-A", "--append", "-I", "--insert", "-D", "--delete", "-R", "--replace", "-N", "--new-chain",
                        "-X", "--delete-chain", "-F", "--flush", "-Z", "--zero", "-P", "--policy", "-E",
                        "--rename-chain", "-t", "--table", "-L", "--list", "-S", "--list-rules", "-C", "--check"})
-_JUMPS = frozenset({"-j", "--jump", "-g", "--goto"})
+_REFERENCES = re.compile(r" (-j|--jump|-g|--goto|--match-set)(?: (\S*)|$)")    # lines are printable: no tabs
 
 
 class Refused(WeftError):
@@ -126,6 +126,8 @@ def check_iptables(text: str) -> None:
             continue
         if table is None:
             raise Refused(f"a line outside any table: {_cut(line)!r}")
+        if not line.isprintable():
+            raise Refused(f"a line with control characters (tabs): {_cut(line)!r}")
         if line == "COMMIT":
             table = None
             continue
@@ -147,13 +149,13 @@ def _iptables_line(table: str, line: str) -> str | None:
     if len(tokens) < 2:
         return "not a rule weft writes"
     command, chain = tokens[0], tokens[1]
-    if any(t in _COMMANDS for t in tokens[2:]):
+    if not _COMMANDS.isdisjoint(tokens[2:]):
         return "more than one command in a line"
     if _CHAIN.match(chain):
         if command in ("-X", "-F"):
             return None if len(tokens) == 2 else "deletes or flushes with extra arguments"
         if command in ("-A", "-I", "-D"):
-            return _rule_body(tokens[2:])
+            return _rule_body(line)
         return f"{command} is not a change weft makes to its chains"
     hook = HOOKS.get((table, chain))
     if hook is None:
@@ -166,37 +168,56 @@ def _iptables_line(table: str, line: str) -> str | None:
     if command == "-D":
         if not ('--comment "weft:' in line or f"-j {PREFIX}" in line or f"-g {PREFIX}" in line):
             return f"deletes a rule of built-in chain {chain} that is not weft's"
-        return _rule_body(tokens[2:])
+        return _rule_body(line)
     return f"{command} on built-in chain {chain}: weft only inserts its hook at the top and deletes its own rules"
 
 
-def _rule_body(tokens: list[str]) -> str | None:
-    for i, token in enumerate(tokens):
-        if token in _JUMPS:
-            target = tokens[i + 1] if i + 1 < len(tokens) else ""
-            if not (_CHAIN.match(target) or target in STANDARD_TARGETS):
-                return f"jumps to {target!r}, which is neither a weft chain nor a standard target"
-        elif token == "--match-set":
-            name = tokens[i + 1] if i + 1 < len(tokens) else ""
+def _rule_body(line: str) -> str | None:
+    """What a rule refers to: only weft chains, standard targets and weft sets."""
+    for option, name in _REFERENCES.findall(line):
+        if option == "--match-set":
             if not _SET.match(name):
                 return f"matches set {name!r}, which is not weft's"
+        elif not (name in STANDARD_TARGETS or _CHAIN.match(name)):
+            return f"jumps to {name!r}, which is neither a weft chain nor a standard target"
     return None
 
 
 # ---- ipset ------------------------------------------------------------------------------------
 
 def check_ipset(text: str, known: Known) -> None:
+    """Line by line, except that a run of members of one set is matched at once by its type's
+    pattern (a first run fills tens of thousands)."""
     types: dict[str, tuple[str, str]] = dict(known.sets)
-    for line in text.split("\n"):
-        if not line:
-            continue
-        problem = _ipset_line(line, types)
-        if problem:
-            raise Refused(f"{problem}: {_cut(line)!r}")
+    runs: dict[str, re.Pattern[str] | None] = {}
+    pos, size = 0, len(text)
+    while pos < size:
+        end = text.find("\n", pos)
+        end = size if end < 0 else end
+        line = text[pos:end]
+        tokens = line.split(" ")
+        if len(tokens) == 3 and tokens[0] in ("add", "del") and tokens[1] in types:
+            name = tokens[1]
+            kind, family = types[name]
+            if name not in runs:
+                member = _MEMBER_V4.get(kind) if family == "inet" else None
+                runs[name] = None if member is None else \
+                    re.compile(rf"(?:(?:add|del) {re.escape(name)} (?:{member.pattern[1:-1]})\n)*")
+            run = runs[name]
+            matched = run.match(text, pos) if run is not None else None
+            if matched is not None and matched.end() > pos:
+                pos = matched.end()
+                continue
+            if not _member_ok(tokens[2], kind, family):
+                raise Refused(f"not a member of a {kind} set of family {family}: {_cut(line)!r}")
+        elif line:
+            problem = _ipset_line(tokens, types)
+            if problem:
+                raise Refused(f"{problem}: {_cut(line)!r}")
+        pos = end + 1
 
 
-def _ipset_line(line: str, types: dict[str, tuple[str, str]]) -> str | None:
-    tokens = line.split(" ")
+def _ipset_line(tokens: list[str], types: dict[str, tuple[str, str]]) -> str | None:
     command = tokens[0]
     name = tokens[1] if len(tokens) > 1 else ""
     if not _SET.match(name):
@@ -214,10 +235,7 @@ def _ipset_line(line: str, types: dict[str, tuple[str, str]]) -> str | None:
     if command in ("add", "del"):
         if len(tokens) != 3:
             return f"{command} with options weft does not use"
-        if name not in types:
-            return f"{command} to set {name}, whose type weft does not know"
-        kind, family = types[name]
-        return None if _member_ok(tokens[2], kind, family) else f"not a member of a {kind} set of family {family}"
+        return f"{command} to set {name}, whose type weft does not know"
     return f"{command!r} is not a change weft makes to its sets"
 
 

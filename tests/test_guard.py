@@ -78,6 +78,7 @@ def test_what_weft_renders_passes():
     (table("-A weft-x -g DOCKER"), "DOCKER"),
     (table("-A weft-x -m set --match-set KUBE-xyz src -j ACCEPT"), "KUBE-xyz"),
     (table("-A weft-x -j ACCEPT -A INPUT"), "more than one command"),
+    (table("-A weft-x\t-j KUBE-SERVICES"), "control characters"),
     (table("-A weft-x -j ACCEPT --append INPUT -j ACCEPT"), "more than one command"),
     (table("-A weft-x -t nat -j ACCEPT"), "more than one command"),
     (table(":weft-x - [0:0]", name="security"), "security"),
