@@ -151,7 +151,9 @@ def verify(planned: Planned, runner: Runner) -> Changes:
     session = ProbeSession(runner)
     pending = [(r.name, r.start_verify(planned.have[r.name], planned.changes[r.name], session))
                for r in planned.resources if planned.changes[r.name]]
-    return {name: finish() for name, finish in pending}
+    leftover: Changes = {r.name: () for r in planned.resources}
+    leftover.update((name, finish()) for name, finish in pending)
+    return leftover
 
 
 def settle(planned: Planned) -> None:
