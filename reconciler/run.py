@@ -254,9 +254,8 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
         if begun.desired.reading is not None:
             begun.desired.node = _with_current_allocations(opts, begun.desired)
         planned = _planned(opts, state_dir, runner, begun, check=True)
-        plan = _document(opts, planned, begun.desired.node, destroy)
         if saved is not None:
-            check_same(saved, plan, saved_path)
+            check_same(saved, _document(opts, planned, begun.desired.node, destroy), saved_path)
         if not planned.empty:
             _write_marker(state_dir, writing=True)
             engine.execute(planned, runner)
@@ -270,7 +269,8 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
             _write_marker(state_dir, writing=False)      # a run killed while writing: all is in place now
         engine.settle(planned)
         _leave_for_cni(opts, begun.desired)
-    return plan
+    # The document last: its JSON and text need not coexist with the writes' input and read-back.
+    return _document(opts, planned, begun.desired.node, destroy)
 
 
 def _with_current_allocations(opts: Options, desired: DesiredRead) -> RenderedNode:
