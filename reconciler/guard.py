@@ -202,7 +202,7 @@ def check_ipset(text: str, known: Known) -> None:
             if name not in runs:
                 member = _MEMBER_V4.get(kind) if family == "inet" else None
                 runs[name] = None if member is None else \
-                    re.compile(rf"(?:(?:add|del) {re.escape(name)} (?>{member.pattern[1:-1]})\n)*+")
+                    re.compile(rf"(?:(?:add|del) {re.escape(name)} (?:{member.pattern[1:-1]})\n){{0,512}}")
             run = runs[name]
             matched = run.match(text, pos) if run is not None else None
             if matched is not None and matched.end() > pos:

@@ -172,3 +172,14 @@ def test_one_refused_write_and_nothing_of_the_apply_runs():
         Executor(runner).run(steps, KNOWN)
     assert runner.writes == [] and "nothing was applied" in str(info.value)
     assert "iptables-nft-restore (table filter)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_member_deep_in_a_long_run_is_found():
+    members = [f"198.18.{i // 250}.{i % 250}" for i in range(5000)]
+    good = "create weft-big hash:ip family inet\n" + "".join(f"add weft-big {m}\n" for m in members)
+    guard.check([Step(Restore(IPSET, good), "x"), Step(Restore(IPSET, good.rstrip("\n")), "no final newline")], KNOWN)
+    for bad in ("198.18.0.256", "198.18.0.1 timeout 5", "198.18.0.1,tcp:80", "198.18.0.1\tx"):
+        lines = good.split("\n")
+        lines[3000] = f"add weft-big {bad}"
+        with pytest.raises(guard.Refused, match="not a member|options"):
+            guard.check([Step(Restore(IPSET, "\n".join(lines)), "x")], KNOWN)
