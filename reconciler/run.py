@@ -251,8 +251,11 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
             # Another run, or a CNI step, wrote since the dumps were made: read again, now.
             begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
             begun.found = engine.start_probe(begun.resources, runner)()
+        handoff = None
         if begun.desired.reading is not None:
             begun.desired.node = _with_current_allocations(opts, begun.desired)
+            handoff = _ipam_handoff(opts, begun.desired)
+            begun.desired.reading = None        # the desired objects are not needed any more: free them
         planned = _planned(opts, state_dir, runner, begun, check=True)
         if saved is not None:
             check_same(saved, _document(opts, planned, begun.desired.node, destroy), saved_path)
@@ -268,7 +271,7 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
         elif marker is not None and marker.get("writing"):
             _write_marker(state_dir, writing=False)      # a run killed while writing: all is in place now
         engine.settle(planned)
-        _leave_for_cni(opts, begun.desired)
+        _leave_for_cni(opts, begun.desired.node, handoff)
     # The document last: its JSON and text need not coexist with the writes' input and read-back.
     return _document(opts, planned, begun.desired.node, destroy)
 
@@ -303,23 +306,30 @@ def _unchanged(before: dict[str, Any] | None, now: dict[str, Any] | None) -> boo
     return before == now and not (now or {}).get("writing")
 
 
-def _leave_for_cni(opts: Options, desired: DesiredRead) -> None:
+def _ipam_handoff(opts: Options, desired: DesiredRead) -> tuple[Any, ...] | None:
+    """The IPAM pools, blocks and node labels to write for the CNI plugin, or None when its
+    node.json already says what this render does."""
+    node = desired.node
+    if node.ipam is None or desired.reading is None or _ipam_current(opts.state_dir, node.ipam):
+        return None
+    state = desired.reading.state()
+    me = state.nodes.get(opts.node)
+    return state.ippools, state.blocks, dict(me.labels) if me else {}
+
+
+def _leave_for_cni(opts: Options, node: RenderedNode, ipam: tuple[Any, ...] | None) -> None:
     """Leave the CNI plugin what it needs, once the kernel matches the state it describes: the
     snapshot to program a new pod's policy, and the pools and blocks it allocates from."""
-    node = desired.node
-    if node.snapshot is None or desired.reading is None:
+    if node.snapshot is None:
         return
     from weft.reconciler.endpoint import load_snapshot, save_snapshot
     current = load_snapshot(opts.state_dir)
     if current is None or current.get("token") != node.snapshot.get("token"):
         save_snapshot(opts.state_dir, node.snapshot)
-    if node.ipam is None or _ipam_current(opts.state_dir, node.ipam):
-        return
-    from weft.store.ipam import write_node_ipam
-    state = desired.reading.state()
-    me = state.nodes.get(opts.node)
-    write_node_ipam(opts.state_dir, opts.node, state.ippools, state.blocks, opts.source(),
-                    dict(me.labels) if me else {})
+    if ipam is not None:
+        from weft.store.ipam import write_node_ipam
+        pools, blocks, labels = ipam
+        write_node_ipam(opts.state_dir, opts.node, pools, blocks, opts.source(), labels)
 
 
 def _ipam_current(state_dir: Path, doc: dict[str, Any]) -> bool:
