@@ -66,11 +66,12 @@ def start_probe(resources: Sequence[AnyResource], runner: Runner) -> Callable[[]
     return finish
 
 
-def confirm(resources: Sequence[AnyResource], have: dict[str, Any], runner: Runner) -> bool:
-    """Is what was read before the node lock was taken still true (see Resource.start_confirm)?"""
+def start_confirm(resources: Sequence[AnyResource], have: dict[str, Any], runner: Runner) -> Callable[[], bool]:
+    """Start checking that what was read before the node lock was taken is still true (see
+    Resource.start_confirm); call the result for the answer."""
     session = ProbeSession(runner)
     checks = [r.start_confirm(have[r.name], session) for r in resources]
-    return all([check() for check in checks])
+    return lambda: all([check() for check in checks])
 
 
 @dataclass
@@ -180,5 +181,5 @@ def restore_texts(desired: Dataplane, actual: Dataplane = EMPTY, backend: str = 
     return [step.write.text for step in planned.steps() if isinstance(step.write, Restore)]
 
 
-__all__ = ["Action", "Found", "Planned", "confirm", "execute", "kernel_resources", "plan", "restore_texts", "settle",
-           "start_probe", "verify", "write_base"]
+__all__ = ["Action", "Found", "Planned", "execute", "kernel_resources", "plan", "restore_texts", "settle",
+           "start_confirm", "start_probe", "verify", "write_base"]

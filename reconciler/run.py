@@ -6,10 +6,11 @@ holds up the CNI plugin, whose per-pod steps take the same lock (shared). The lo
 the kernel work: probe, diff, apply and verify.
 
 The kernel's dumps start at once, alongside the read (they are parsed in a worker meanwhile). A
-read made before the lock is a guess that the lock then confirms: no other run wrote since it
-began (runs mark their writes in the state dir, `kernel-writes.json`), and no per-pod step of the
-CNI plugin did (the resources re-read what those change); otherwise the kernel is read again,
-under the lock. The pods the plugin allocated addresses to meanwhile are rendered in too.
+read made before the lock is a guess that the lock then confirms: no other run held the lock when
+it began nor wrote since (a run marks, in `kernel-writes.json`, that it is about to write), and no
+per-pod step of the CNI plugin wrote since (the resources re-read what those change); otherwise
+the kernel is read again, under the lock. The pods the plugin allocated addresses to meanwhile
+are rendered in too.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from weft.reconciler.bird import Bird, desired_config
 from weft.reconciler.plan import Plan, PlanError, check_same, check_target
 from weft.reconciler.rendered import DESTROYED, RenderedNode
 from weft.store.cache import gc_paused
-from weft.store.statedir import CorruptState, StateDir, default_state_dir  # noqa: F401  (re-exported)
+from weft.store.statedir import CorruptState, StateDir, UnsafeState, default_state_dir  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from weft.desired.sources import Reading
@@ -178,7 +179,7 @@ class _Begun:
     backend: Any
     resources: list[engine.AnyResource]
     found: engine.Found
-    marker: dict[str, Any] | None
+    marker: dict[str, Any]              # the write marker as the dumps began ({"running": ...}: a run held the lock)
 
 
 def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) -> _Begun:
@@ -187,6 +188,8 @@ def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) ->
     desired state is valid before anything else happens."""
     from weft.desired import sources
     marker = _read_marker(state_dir)
+    if _held_exclusively(state_dir):
+        marker = {"running": True}           # a run is writing: the dumps cannot be trusted
     reading: AbstractContextManager[Any] = nullcontext() if destroy else \
         sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
     with reading as started, gc_paused():
@@ -246,30 +249,29 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
         check_target(saved, target, saved_path)
     begun = _begin(opts, state_dir, runner, destroy)
     with state_dir.lock(shared=False, timeout=opts.lock_timeout):
-        marker = _read_marker(state_dir)
-        if not (_unchanged(begun.marker, marker) and engine.confirm(begun.resources, begun.found.have, runner)):
-            # Another run, or a CNI step, wrote since the dumps were made: read again, now.
-            begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
-            begun.found = engine.start_probe(begun.resources, runner)()
+        unchanged = begun.marker is not None and begun.marker == _read_marker(state_dir)
+        confirming = engine.start_confirm(begun.resources, begun.found.have, runner)
         handoff = None
         if begun.desired.reading is not None:
             begun.desired.node = _with_current_allocations(opts, begun.desired)
             handoff = _ipam_handoff(opts, begun.desired)
             begun.desired.reading = None        # the desired objects are not needed any more: free them
         planned = _planned(opts, state_dir, runner, begun, check=True)
+        if not (unchanged and confirming()):
+            # Another run, or a CNI step, wrote since the dumps were made: read again, now.
+            begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
+            begun.found = engine.start_probe(begun.resources, runner)()
+            planned = _planned(opts, state_dir, runner, begun, check=True)
         if saved is not None:
             check_same(saved, _document(opts, planned, begun.desired.node, destroy), saved_path)
         if not planned.empty:
-            _write_marker(state_dir, writing=True)
+            _write_marker(state_dir)
             engine.execute(planned, runner)
             leftover = engine.verify(planned, runner)
             if any(leftover.values()):
                 s = replace(planned, changes=leftover).summary()
                 raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
                                 f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
-            _write_marker(state_dir, writing=False)
-        elif marker is not None and marker.get("writing"):
-            _write_marker(state_dir, writing=False)      # a run killed while writing: all is in place now
         engine.settle(planned)
         _leave_for_cni(opts, begun.desired.node, handoff)
     # The document last: its JSON and text need not coexist with the writes' input and read-back.
@@ -288,22 +290,30 @@ def _with_current_allocations(opts: Options, desired: DesiredRead) -> RenderedNo
     return node
 
 
-def _read_marker(state_dir: StateDir) -> dict[str, Any] | None:
+def _read_marker(state_dir: StateDir) -> dict[str, Any]:
     try:
         data = state_dir.read_json(MARKER, 4096)
     except CorruptState:
-        return {"writing": True}                # unknown: as if a run had been killed while writing
-    return data if isinstance(data, dict) else None
+        return {"corrupt": True}
+    return data if isinstance(data, dict) else {}
 
 
-def _write_marker(state_dir: StateDir, writing: bool) -> None:
+def _write_marker(state_dir: StateDir) -> None:
+    """Before a run's first write: a run that read the kernel before it took the lock then knows
+    that its read may have seen these writes half done."""
     import json
-    state_dir.replace(MARKER, json.dumps({"format": 1, "token": uuid.uuid4().hex, "writing": writing}) + "\n")
+    state_dir.replace(MARKER, json.dumps({"format": 1, "token": uuid.uuid4().hex}) + "\n")
 
 
-def _unchanged(before: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
-    """No run wrote between the two reads of the marker (and none was killed while writing)."""
-    return before == now and not (now or {}).get("writing")
+def _held_exclusively(state_dir: StateDir) -> bool:
+    """Does a run hold the node lock now (it may be writing)? A shared lock is tried, not waited for."""
+    try:
+        with state_dir.lock(shared=True, timeout=0):
+            return False
+    except UnsafeState:
+        raise
+    except WeftError:
+        return True
 
 
 def _ipam_handoff(opts: Options, desired: DesiredRead) -> tuple[Any, ...] | None:

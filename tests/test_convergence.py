@@ -225,6 +225,12 @@ exec 9>&-
 case "{tool} $*" in
   "$WEFT_SHIM_TARGET"*)
     if [ "$seen" = "$WEFT_SHIM_COUNT" ]; then
+      if [ -n "$WEFT_SHIM_RELEASE" ]; then        # hold after the real tool ran, until released
+        {real} "$@"; rc=$?
+        echo hit > "$WEFT_SHIM_HIT"
+        while [ ! -e "$WEFT_SHIM_RELEASE" ]; do sleep 0.01; done
+        exit $rc
+      fi
       [ "$WEFT_SHIM_WHEN" = after ] && {real} "$@"
       echo hit > "$WEFT_SHIM_HIT"
       exec sleep 60
@@ -267,3 +273,33 @@ def at_command(words: str, count: int, when: str):
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_apply_killed_at_each_kernel_command_then_rerun_converges(sources, references, target, when):
     kill_and_rerun(sources, references, "named-port", "several-pods-changed", at_command(*TARGETS[target], when))
+
+
+def test_a_run_whose_early_read_another_run_outdated_reads_again(sources, references):
+    """A run reads the kernel before it takes the lock; another run applies meanwhile. Under the
+    lock the first sees the other's write marker and reads again: it has nothing left to do
+    (were it to trust its early read, it would redo or undo what the other wrote)."""
+    with node_netns() as ns, tempfile.TemporaryDirectory() as state_dir, tempfile.TemporaryDirectory() as tmp:
+        tools = Path(tmp)
+        apply_ok(ns, state_dir, sources["none"])
+        hit, release = tools / "hit", tools / "release"
+        env = os.environ | shimmed(tools) | {"WEFT_SHIM_LOG": str(tools / "log"), "WEFT_SHIM_TARGET": "ipset save",
+                                             "WEFT_SHIM_COUNT": "1", "WEFT_SHIM_WHEN": "after",
+                                             "WEFT_SHIM_HIT": str(hit), "WEFT_SHIM_RELEASE": str(release)}
+        early = subprocess.Popen([*weft_argv(ns, "apply", state_dir=state_dir, from_dir=sources["named-port"]),
+                                  "--output", "json"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not hit.exists() and early.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert hit.exists(), "the first run never read the sets"
+            other = apply_ok(ns, state_dir, sources["named-port"])      # meanwhile, another run applies
+            assert other["commands"], "the other run should have had work to do"
+            release.touch()
+            out, err = early.communicate(timeout=60)
+        finally:
+            _killed(early) if early.poll() is None else None
+        assert early.returncode == 0, err
+        assert json.loads(out)["commands"] == [], "the first run trusted a read the other run had outdated"
+        assert kernel_state(ns, portable=True) == references["named-port"]
