@@ -120,8 +120,8 @@ _U32 = struct.Struct("=I")
 _VERDICT_KEY = struct.Struct("=IIIBBH")
 _VERDICT = struct.Struct("=BBHII")
 _PORT_KEY = struct.Struct("=II2s")              # packed: prefixlen, table, port (network order)
-CT_KEY = struct.Struct("=III2s2sB3x")           # ifindex, addr a, addr b, port a, port b, proto
-CT_VALUE = struct.Struct("=QIHHBBBx")           # seen, digest, policy sport, dport, origin, origin is a, flags
+CT_KEY = struct.Struct("=I4s4s2s2sB3x")                   # ifindex, addr a, addr b, port a, port b, proto
+CT_VALUE = struct.Struct("=QI2s2sBBBx4x")       # seen, digest, policy sport, dport, origin, origin is a, flags
 COUNT_KEY = struct.Struct("=II")             # ifindex, rule
 COUNT = struct.Struct("=QQ")
 

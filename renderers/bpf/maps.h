@@ -85,6 +85,7 @@ struct weft_ct {
     __u8 origin_is_a;
     __u8 flags;                     /* WEFT_CT_* */
     __u8 pad;
+    __u32 reserved;                 /* explicit: the struct is 8-byte aligned */
 };
 
 #define WEFT_CT_FIN_A 1
