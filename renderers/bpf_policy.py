@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -155,6 +156,11 @@ def _net_range(net: str) -> tuple[int, int]:
 
 
 @cache
+def _ip4(address: str) -> int:
+    return int.from_bytes(socket.inet_aton(address), "big")
+
+
+@cache
 def _is_v4(net: str) -> bool:
     return ipaddress.ip_network(net, strict=False).version == 4
 
@@ -165,6 +171,14 @@ class Atoms:
     def __init__(self, index: Callable[[], EndpointIndex]):
         self._make_index, self._index = index, None
         self.atoms: dict[str, Atom] = {}
+        self._named: dict[tuple, tuple] = {}
+        self._classified: dict[tuple[str, ...], tuple] = {}
+
+    def classify(self, atom_ids: tuple[str, ...]) -> tuple[list[tuple[int, int, frozenset]], set[frozenset]]:
+        """_classify, once per atom list (profiles often share theirs)."""
+        if atom_ids not in self._classified:
+            self._classified[atom_ids] = _classify(atom_ids, self)
+        return self._classified[atom_ids]
 
     @property
     def index(self) -> EndpointIndex:
@@ -190,7 +204,7 @@ class Atoms:
             for i in self.index.match(entity):
                 for ip in eps[i].ips:
                     if ":" not in ip:
-                        a = int(ipaddress.IPv4Address(ip))
+                        a = _ip4(ip)
                         yield a, a
         return self._add("peers:" + key, "endpoints matching " + key, ranges)
 
@@ -198,6 +212,9 @@ class Atoms:
         """One (atom, protocol, port) per number the name has among the matching endpoints (with the
         rule's protocol when it has one): the members of renderers.ipsets' hash:ip,port set."""
         key = entity_key(entity)
+        cached = self._named.get((key, name, protocol))
+        if cached is not None:
+            return cached
         eps = self.index.endpoints
         by_number: dict[tuple[int, int], set[int]] = defaultdict(set)
         for i in self.index.match(entity):
@@ -205,13 +222,14 @@ class Atoms:
                 if cp.name == name and (protocol is None or cp.protocol == protocol):
                     for ip in eps[i].ips:
                         if ":" not in ip:
-                            by_number[(PROTOCOL_NUMBERS[cp.protocol], cp.port)].add(int(ipaddress.IPv4Address(ip)))
+                            by_number[(PROTOCOL_NUMBERS[cp.protocol], cp.port)].add(_ip4(ip))
         out = []
         for (proto, port), addresses in sorted(by_number.items()):
             ident = f"port:{key};name={name};{PROTOCOL_NAMES[proto]}:{port}"
             about = f"endpoints matching {key} with port {name!r} = {PROTOCOL_NAMES[proto]}/{port}"
             out.append((self._add(ident, about, lambda a=addresses: ((x, x) for x in a)), proto, port))
-        return tuple(out)
+        self._named[(key, name, protocol)] = result = tuple(out)
+        return result
 
 
 def _compile_side(entity: EntityMatch, protocol: str | None, atoms: Atoms) -> Side | None:
@@ -286,8 +304,8 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
 
     src_atoms = tuple(sorted({a for r in rules for a in (*r.src.pos, *r.src.neg, *_named_atoms(r.src))}))
     dst_atoms = tuple(sorted({a for r in rules for a in (*r.dst.pos, *r.dst.neg, *_named_atoms(r.dst))}))
-    src_intervals, src_sigs = _classify(src_atoms, atoms)
-    dst_intervals, dst_sigs = _classify(dst_atoms, atoms)
+    src_intervals, src_sigs = atoms.classify(src_atoms)
+    dst_intervals, dst_sigs = atoms.classify(dst_atoms)
 
     protos = set()
     for r in rules:
@@ -496,8 +514,17 @@ def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
 
 
 def address_prefixes(first: int, last: int) -> list[str]:
-    return [str(n) for n in ipaddress.summarize_address_range(ipaddress.IPv4Address(first),
-                                                              ipaddress.IPv4Address(last))]
+    """[first, last] as the fewest CIDRs that cover it exactly."""
+    if first == last:
+        return [f"{socket.inet_ntoa(first.to_bytes(4, 'big'))}/32"]
+    out = []
+    while first <= last:
+        size = first & -first if first else ADDRESSES
+        while first + size - 1 > last:
+            size //= 2
+        out.append(f"{socket.inet_ntoa(first.to_bytes(4, 'big'))}/{33 - size.bit_length()}")
+        first += size
+    return out
 
 
 def _table_text(value) -> str:
@@ -566,8 +593,15 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
     class_ids = {atom_list: assign_ids("class", map(_sig_text, sigs))
                  for atom_list, sigs in sigs_by_classifier.items()}
 
+    memo: dict[tuple, int] = {}
+
     def class_of(atom_list: tuple[str, ...], sig: frozenset) -> int:
-        return class_ids[atom_list][_sig_text(sig)] if sig else 0
+        if not sig:
+            return 0
+        found = memo.get((atom_list, sig))
+        if found is None:
+            found = memo[(atom_list, sig)] = class_ids[atom_list][_sig_text(sig)]
+        return found
 
     def leaf_verdict(leaf: Leaf) -> Verdict:
         action, rule, logs = leaf
@@ -606,23 +640,33 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
                                          + (leaf_text(value) if isinstance(value, Leaf) else v.describe()))
 
     classifiers: dict[ClassifierKey, int] = {}
+    classifier_digests: dict[int, bytes] = {}
+
+    def classifier(atom_list: tuple[str, ...], intervals) -> bytes:
+        """The classifier's entries (once, however many profiles share it); its digest."""
+        cid = classifier_ids["|".join(atom_list)]
+        if cid not in classifier_digests:
+            h, texts = hashlib.sha256(), {}
+            for lo, hi, sig in intervals:
+                klass = class_of(atom_list, sig)
+                h.update(f"{lo}-{hi}={klass}\n".encode())
+                if klass not in texts:
+                    texts[klass] = f"is class {klass:08x}, in " + "; ".join(atoms.atoms[a].about for a in sorted(sig))
+                for net in address_prefixes(lo, hi):
+                    key = ClassifierKey(cid, net)
+                    classifiers[key] = klass
+                    about[("classifiers", key)] = f"classifier {cid:08x}: {net} {texts[klass]}"
+            classifier_digests[cid] = h.digest()
+        return classifier_digests[cid]
+
     verdicts: dict[VerdictKey, Verdict] = {}
     digests: dict[str, int] = {}
     for ident, p in profiles.items():
         pid = profile_ids[ident]
         h = hashlib.sha256(ident.encode())
         for atom_list, intervals in ((p.src_atoms, p.src_intervals), (p.dst_atoms, p.dst_intervals)):
-            if not atom_list:
-                continue
-            cid = classifier_ids["|".join(atom_list)]
-            for lo, hi, sig in intervals:
-                klass = class_of(atom_list, sig)
-                h.update(f"c{cid}:{lo}-{hi}={klass}\n".encode())
-                for net in address_prefixes(lo, hi):
-                    key = ClassifierKey(cid, net)
-                    classifiers[key] = klass
-                    about[("classifiers", key)] = (f"classifier {cid:08x}: {net} is class {klass:08x}, in "
-                                                   + "; ".join(atoms.atoms[a].about for a in sorted(sig)))
+            if atom_list:
+                h.update(classifier(atom_list, intervals))
         for (s_sig, d_sig, proto), value in sorted(p.verdicts.items(), key=lambda kv: _verdict_order(kv[0])):
             key = VerdictKey(pid, class_of(p.src_atoms, s_sig), class_of(p.dst_atoms, d_sig), proto)
             verdicts[key] = verdict_of(value)
