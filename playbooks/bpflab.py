@@ -68,8 +68,8 @@ class BpfNode:
     def maps_dir(self) -> Path:
         return build_for(self.root).maps_dir(self.root)
 
-    def apply(self, maps: BpfMaps) -> BpfApplyReport:
-        return in_netns(self.netns, apply_bpf, maps, self.root)
+    def apply(self, maps: BpfMaps, cflags: tuple[str, ...] = ()) -> BpfApplyReport:
+        return in_netns(self.netns, apply_bpf, maps, self.root, None, cflags)
 
     def read(self) -> BpfMaps:
         return in_netns(self.netns, read_maps, self.maps_dir)

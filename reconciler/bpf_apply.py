@@ -99,12 +99,13 @@ class Build:
         return root / f"progs-{self.digest}"
 
 
-def build_for(root: Path) -> Build:
+def build_for(root: Path, cflags: tuple[str, ...] = ()) -> Build:
+    """The build of weft's programs for the node pinned at `root`, with extra compiler flags."""
     source = Path(str(resources.files("weft.renderers") / "bpf"))
     maps_h = (source / "maps.h").read_bytes()
     policy_c = (source / "policy.c").read_bytes()
     layout = hashlib.sha256(maps_h).hexdigest()[:16]
-    defines = (f'-DWEFT_MAPS="{root / f"maps-{layout}"}"',)
+    defines = (f'-DWEFT_MAPS="{root / f"maps-{layout}"}"', *cflags)
     h = hashlib.sha256()
     for part in (maps_h, policy_c, "\0".join(defines).encode(), _bcc_version().encode(), os.uname().release.encode()):
         h.update(hashlib.sha256(part).digest())
@@ -330,13 +331,14 @@ class BpfApplyReport:
         return sum(w + d for w, d in self.changes.values())
 
 
-def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None) -> BpfApplyReport:
+def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None,
+              cflags: tuple[str, ...] = ()) -> BpfApplyReport:
     """Make the node's eBPF data plane `desired`: programs (compiled only if needed), maps (only
     changed keys), attachments (only where missing or stale)."""
     runner = runner or Runner()
     report = BpfApplyReport()
     report.mounted = ensure_bpffs(runner)
-    build = build_for(root)
+    build = build_for(root, cflags)
     if not programs_current(build, root):
         compile_programs(build, root)
         report.compiled = True

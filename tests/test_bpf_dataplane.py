@@ -132,6 +132,33 @@ def test_maps_are_reconciled_key_by_key(lab, ebpf, tmp_path):
     assert ebpf.read() == maps
 
 
+def test_a_new_build_replaces_the_programs_and_keeps_maps_and_connections(lab, ebpf, tmp_path):
+    """Other build flags: one compile, every hook re-attached, the old build's pins removed; the
+    policy maps are not rewritten and tracked connections are kept. A detached program is drift:
+    the next run attaches it again, and does nothing else."""
+    from weft.probes.bpf import read_conntrack, read_pins
+    maps = desired(tmp_path, SCENARIOS / "pod-selector-peer.yaml")
+    ebpf.apply(maps)
+    before = read_pins(ebpf.root).progs_dirs
+    lab.matrix()                                  # leaves tracked connections behind
+    tracked = len(read_conntrack(ebpf.maps_dir))
+    try:
+        report = ebpf.apply(maps, cflags=("-DWEFT_TEST_REBUILD=1",))
+        assert report.compiled and report.keys_written == 0
+        assert len(report.attached) == 2 * len(lab.pods)
+        assert report.removed == list(before) and read_pins(ebpf.root).progs_dirs != before
+        assert len(read_conntrack(ebpf.maps_dir)) >= tracked > 0
+        check_matrix(lab, ebpf, next(s for s in SCENARIO_LIST if s.name == "pod-selector-peer").steps[0]
+                     .expect.matrix(), "after a rebuild")
+    finally:
+        report = ebpf.apply(maps)                 # back to the usual build
+    assert report.compiled
+    iface = host_iface_name("y", "b")
+    lab.node_run(["tc", "filter", "del", "dev", iface, "egress", "pref", "49152"], check=True)
+    report = ebpf.apply(maps)
+    assert (report.compiled, report.attached, report.keys_written) == (False, [f"{iface}/egress"], 0)
+
+
 def test_an_interface_without_endpoint_entry_drops(lab, ebpf, tmp_path):
     """Fail closed: a workload interface whose entry is gone passes nothing."""
     maps = desired(tmp_path)
