@@ -257,6 +257,59 @@ def test_established_connections_follow_policy_changes(lab, ebpf, tmp_path):
                 proc.wait()
 
 
+PROBE_ICMP_UDP = textwrap.dedent("""
+    import json, os, socket, struct, sys
+    def checksum(data):
+        total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+        total = (total >> 16) + (total & 0xFFFF)
+        return ~(total + (total >> 16)) & 0xFFFF
+    def ping(ip):
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+            s.settimeout(1)
+            ident = os.getpid() & 0xFFFF
+            body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"weft"
+            s.sendto(struct.pack("!BBHHH", 8, 0, checksum(body), ident, 1) + b"weft", (ip, 0))
+            try:
+                while True:
+                    data, addr = s.recvfrom(1500)
+                    if addr[0] == ip and data[20] == 0 and struct.unpack("!H", data[24:26])[0] == ident:
+                        return "reply"
+            except TimeoutError:
+                return "timeout"
+    def udp_closed(ip):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.connect((ip, 9))
+            s.send(b"x")
+            try:
+                s.recv(10)
+                return "answer"
+            except ConnectionRefusedError:
+                return "refused"
+            except TimeoutError:
+                return "timeout"
+    print(json.dumps([ping(sys.argv[1]), udp_closed(sys.argv[1])]))
+""")
+
+
+def test_icmp_queries_and_errors(lab, ebpf, tmp_path):
+    """ICMP: an echo request is judged like any protocol (a port-less rule admits it), its reply
+    follows the tracked query; an ICMP error about a tracked connection (port unreachable for a
+    UDP datagram) reaches the sender, one about nothing tracked does not."""
+    ebpf.apply(desired(tmp_path, SCENARIOS / "pod-selector-peer.yaml"))     # x/a admits x/b only
+    ebpf.forget_connections()
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+    xa = next(p.ip for p in lab.pods if p.key == "x/a")
+
+    def probe(src: str) -> list[str]:
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns[src]}", sys.executable, "-c", PROBE_ICMP_UDP, xa],
+                              capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(done.stdout)
+
+    assert probe("x/b") == ["reply", "refused"]
+    assert probe("x/c") == ["timeout", "timeout"]
+
+
 def test_rule_counters_count_new_connections(lab, ebpf, tmp_path):
     from weft.playbooks.bpflab import in_netns
     from weft.probes.bpf import interfaces, read_counters
