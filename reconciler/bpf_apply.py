@@ -236,6 +236,40 @@ def diff_maps(desired: m.BpfMaps, current: m.BpfMaps) -> MapChanges:
     return changes
 
 
+def check_capacity(desired: m.BpfMaps, capacity: dict[str, int]) -> None:
+    """Refuse, before writing anything, a policy that does not fit the maps (max_entries)."""
+    for name, table in desired.tables().items():
+        if len(table) > capacity[name]:
+            raise BpfApplyError(f"the policy needs {len(table)} entries in map {name!r}, which holds "
+                                f"{capacity[name]}: nothing was written (fewer rules, or a larger map in "
+                                f"renderers/bpf/maps.h)")
+
+
+def describe_changes(changes: MapChanges, desired: m.BpfMaps, current: m.BpfMaps) -> list[str]:
+    """One readable line per key a run writes or deletes, saying what the key means (the policy
+    and rule behind it), for plan and drift output."""
+    lines = []
+    for name in WRITE_ORDER:
+        for key, value in (changes.writes.get(name) or {}).items():
+            verb = "change" if key in current.tables()[name] else "add"
+            lines.append(f"{verb} {name} {_key_text(key)}: {desired.about.get((name, key), repr(value))}")
+    for name in DELETE_ORDER:
+        for key in changes.deletes.get(name) or []:
+            lines.append(f"delete {name} {_key_text(key)}")
+    return lines
+
+
+def _key_text(key) -> str:
+    if isinstance(key, m.ClassifierKey):
+        return f"[classifier {key.classifier:08x} {key.net}]"
+    if isinstance(key, m.VerdictKey):
+        proto = "any" if key.proto is None else m.PROTOCOL_NAMES.get(key.proto, str(key.proto))
+        return f"[profile {key.profile:08x} {key.src_class:08x} -> {key.dst_class:08x} {proto}]"
+    if isinstance(key, m.PortKey):
+        return f"[table {key.table:08x} {key.port}/{key.prefixlen}]"
+    return f"[{key}]"
+
+
 def write_maps(maps_dir: Path, changes: MapChanges, ifindex: dict[str, int]) -> list[str]:
     """Apply `changes` in the safe order; endpoints whose interface does not exist here are not
     written (no traffic can use them) and are returned."""
@@ -345,6 +379,11 @@ def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None,
     maps_dir, progs_dir = build.maps_dir(root), build.progs_dir(root)
     names = interfaces()
     ifindex = {name: index for index, name in names.items()}
+    capacity = {}
+    for name in m.MAP_NAMES:
+        with MapHandle(maps_dir / name) as handle:
+            capacity[name] = handle.info.max_entries
+    check_capacity(desired, capacity)
     changes = diff_maps(desired, read_maps(maps_dir))
     report.changes = changes.counts()
     report.missing = write_maps(maps_dir, changes, ifindex)

@@ -567,8 +567,11 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
 def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule_about: dict[str, str]) -> BpfMaps:
     about: dict = {}
     profile_ids = assign_ids("profile", profiles)
-    classifier_atoms = {ps for p in profiles.values() for ps in (p.src_atoms, p.dst_atoms) if ps}
-    classifier_ids = assign_ids("classifier", ("|".join(a) for a in classifier_atoms))
+    # A classifier belongs to one side of one profile: a rule change that adds or drops an atom
+    # then rewrites only the addresses whose class changed, not the whole classifier.
+    classifier_ids = assign_ids("classifier", (f"{ident}|{side}" for ident, p in profiles.items()
+                                               for side, atom_list in (("src", p.src_atoms), ("dst", p.dst_atoms))
+                                               if atom_list))
     rule_ids = assign_ids("rule", rule_about)
     leaves, tables = set(), {}
 
@@ -642,9 +645,8 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
     classifiers: dict[ClassifierKey, int] = {}
     classifier_digests: dict[int, bytes] = {}
 
-    def classifier(atom_list: tuple[str, ...], intervals) -> bytes:
-        """The classifier's entries (once, however many profiles share it); its digest."""
-        cid = classifier_ids["|".join(atom_list)]
+    def classifier(cid: int, atom_list: tuple[str, ...], intervals) -> bytes:
+        """The classifier's entries; its digest."""
         if cid not in classifier_digests:
             h, texts = hashlib.sha256(), {}
             for lo, hi, sig in intervals:
@@ -664,9 +666,10 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
     for ident, p in profiles.items():
         pid = profile_ids[ident]
         h = hashlib.sha256(ident.encode())
-        for atom_list, intervals in ((p.src_atoms, p.src_intervals), (p.dst_atoms, p.dst_intervals)):
+        sides = (("src", p.src_atoms, p.src_intervals), ("dst", p.dst_atoms, p.dst_intervals))
+        for side, atom_list, intervals in sides:
             if atom_list:
-                h.update(classifier(atom_list, intervals))
+                h.update(classifier(classifier_ids[f"{ident}|{side}"], atom_list, intervals))
         for (s_sig, d_sig, proto), value in sorted(p.verdicts.items(), key=lambda kv: _verdict_order(kv[0])):
             key = VerdictKey(pid, class_of(p.src_atoms, s_sig), class_of(p.dst_atoms, d_sig), proto)
             verdicts[key] = verdict_of(value)
@@ -688,8 +691,8 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
                 continue
             p = profiles[what]
             sides.append(DirectionPolicy(profile_ids[what],
-                                         classifier_ids["|".join(p.src_atoms)] if p.src_atoms else 0,
-                                         classifier_ids["|".join(p.dst_atoms)] if p.dst_atoms else 0,
+                                         classifier_ids[f"{what}|src"] if p.src_atoms else 0,
+                                         classifier_ids[f"{what}|dst"] if p.dst_atoms else 0,
                                          digests[what]))
         endpoints[ep.iface] = EndpointEntry(*sides)
         about[("endpoints", ep.iface)] = f"pod {ep.key}: " + "; ".join(

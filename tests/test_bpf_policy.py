@@ -255,3 +255,21 @@ def test_lookups_do_not_grow_with_rules():
     assert judge(maps, server, INGRESS, "198.18.0.3", "198.18.0.2", 6, 5, 1007).action == DENY
     assert all(v.action != DPORTS or maps.ports for v in maps.verdicts.values())
     assert elapsed < 20, f"render of 10,000 rules took {elapsed:.1f} s"
+
+
+def test_plan_lines_name_the_rule_behind_each_key():
+    """The writer's readable diff: which keys change and what they mean; one more rule rewrites
+    nothing of what stays; a policy too large for the maps is refused before anything is written."""
+    from weft.reconciler.bpf_apply import BpfApplyError, check_capacity, describe_changes, diff_maps
+    before = render_bpf(many_rules_state(3), "n")
+    after = render_bpf(many_rules_state(4), "n")
+    lines = describe_changes(diff_maps(after, before), after, before)
+    assert any(line.startswith("add ports") and "port 1003: allow: a/many ingress rule 4 (Allow" in line
+               for line in lines), lines
+    assert any(line.startswith("add verdicts") and "from [nets 10.0.3.1/32]" in line for line in lines), lines
+    classifier_lines = [line for line in lines if " classifiers " in line]
+    assert len(classifier_lines) == 1 and classifier_lines[0].startswith("add") and "10.0.3.1/32" in classifier_lines[0]
+    assert not any(line.startswith("delete") for line in lines), lines
+    assert not describe_changes(diff_maps(after, after), after, after)
+    with pytest.raises(BpfApplyError, match="'classifiers'"):
+        check_capacity(after, {"endpoints": 10, "classifiers": 3, "verdicts": 100, "ports": 100})
