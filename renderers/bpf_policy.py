@@ -18,10 +18,11 @@ Every address condition in the profile's rules is an **atom**: a set of CIDRs (a
 notNets, the addresses of the endpoints a selector matches, the endpoints having a named port
 as one (protocol, number)). Addresses are partitioned by which atoms hold them: all addresses
 in the same atoms are one **class** (of a side: source atoms and destination atoms are
-classified apart). A **classifier** is a side's atom list: an LPM trie maps (classifier,
+classified apart). Each side of a profile has a **classifier**: an LPM trie maps (classifier,
 address) to the class, so the source and the destination are each classified by one lookup,
-whatever the number of atoms. Classes are named by a hash of their atoms, classifiers by a hash
-of their atom list: both stay stable when unrelated policy changes, so few keys are rewritten.
+whatever the number of atoms; an address in no atom is in class 0 and needs no entry. Classes
+are named by a hash of their atoms and classifiers by their profile and side, so both stay
+stable when a rule changes: only the addresses whose class changed are rewritten.
 
 Inside one (source class, destination class) pair every address condition of every rule is
 decided, and the rest of the verdict depends only on protocol and ports. For every protocol a
@@ -53,6 +54,28 @@ connection remembers the digest under which it was allowed, and a different dige
 program judge its opening packet again: connections the new policy still allows survive a
 change, the others are cut (and are, unlike with iptables, where an established connection
 outlives any policy change until conntrack forgets it).
+
+Where the two planes cannot differ, and how it is checked: tests/test_bpf_policy.py evaluates
+the iptables chains and these maps for every cell of the suite's NetworkPolicy scenarios and for
+random tiered Calico-style policies; tests/test_bpf_dataplane.py runs the scenarios with real
+packets. Kept from renderers.iptables on purpose: only IPv4 is policed (weft renders no ip6tables
+rules yet; an IPv6 classifier would be a second LPM trie keyed the same way); numeric ports
+without a protocol match TCP, UDP and SCTP (iptables cannot express them; Calico requires a
+protocol); connections the host opens to its pods are not policed. Of a fragmented datagram
+only the first fragment is judged (the later ones carry no ports; without the first they
+cannot be reassembled).
+
+Cost, measured on bench/synthetic.py's cluster (10,000 pods, 1,000 policies, 110 local pods):
+~210,000 keys (mostly classifier entries: every ingress profile whose rules name a port
+classifies the 10,000 endpoints having it) rendered in a few seconds (bench/bench_bpf.py prints
+it); one changed policy port: 9 keys written, 2 deleted.
+
+Calico's other matches fit the same encoding: notSelector is a negative atom (as notNets is);
+notPorts the complement of a port set; ICMP type/code a destination "port" range under protocol
+1; notProtocol a protocol set whose complement is the "any protocol" entry; ipVersion keeps a
+rule out of the IPv4 (or a future IPv6) classification; serviceAccount selectors are endpoint
+selectors. Only the compilation of a rule into atoms and port sets grows; the maps and the
+programs do not change.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@
  * ip6tables rules yet); connections the host opens to a workload are not (iptables sees them
  * in OUTPUT, which weft does not hook), their replies pass; a packet conntrack would call
  * INVALID (an ICMP error about no tracked connection, a TCP segment that cannot open one) is
- * dropped; an interface without an endpoint entry drops everything (fail closed).
+ * dropped; an interface without an endpoint entry drops everything (fail closed). A later
+ * fragment of a datagram passes: it has no ports, and its first fragment was judged.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
