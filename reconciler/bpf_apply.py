@@ -45,7 +45,7 @@ from weft.probes.bpf import (
     map_info,
     obj_get,
     prog_info,
-    read_attachment,
+    read_attachments,
     read_maps,
     read_pins,
 )
@@ -150,13 +150,16 @@ def compile_programs(build: Build, root: Path) -> None:
     _remove_tree(staging)
     try:
         loaded = BPF(src_file=str(build.source / "policy.c").encode(), cflags=list(build.cflags))
-    except Exception as exc:
+    except Exception as exc:                # bcc raises bare Exceptions
         raise BpfApplyError(f"bcc could not compile {build.source / 'policy.c'}: {exc} (kernel headers: "
                             f"/lib/modules/{os.uname().release}/build, see playbooks/setup.sh)") from None
     try:
         staging.mkdir(parents=True)
         for name in PROGRAMS:
-            fn = loaded.load_func(f"weft_{name}".encode(), BPF.SCHED_CLS)
+            try:
+                fn = loaded.load_func(f"weft_{name}".encode(), BPF.SCHED_CLS)
+            except Exception as exc:
+                raise BpfApplyError(f"the kernel refused program weft_{name}: {exc}") from None
             _pin(fn.fd, staging / name)
         _remove_tree(target)
         os.rename(staging, target)
@@ -312,36 +315,42 @@ def clear_map(path: Path) -> int:
 
 # --- Attaching. ---------------------------------------------------------------------------------------
 
-def attach(runner: Runner, iface: str, progs_dir: Path) -> list[str]:
-    """weft's programs on both tc hooks of `iface` (replacing an older build's); returns the hooks
-    it changed."""
+def attach(runner: Runner, ifaces: list[str], progs_dir: Path) -> list[str]:
+    """weft's programs on both tc hooks of each interface (replacing an older build's); returns
+    the hooks it changed ("iface/hook"). Reads what is attached with one tc process."""
     changed = []
     wanted = {hook: prog_info(progs_dir / prog).id for hook, prog in HOOKS.items()}
-    current = {hook: read_attachment(runner, iface, hook) for hook in HOOKS}
-    if not any(a.clsact for a in current.values()):
-        runner.run(["tc", "qdisc", "add", "dev", iface, "clsact"], writes=True)
-    for hook, prog in HOOKS.items():
-        if current[hook].prog_id == wanted[hook]:
-            continue
-        runner.run(["tc", "filter", "replace", "dev", iface, hook, "pref", str(FILTER_PREF), "handle", FILTER_HANDLE,
-                    "bpf", "direct-action", "object-pinned", str(progs_dir / prog)], writes=True)
-        changed.append(f"{iface}/{hook}")
+    current = read_attachments(runner, ifaces)
+    for iface in ifaces:
+        if not any(current[(iface, hook)].clsact for hook in HOOKS):
+            runner.run(["tc", "qdisc", "add", "dev", iface, "clsact"], writes=True)
+        for hook, prog in HOOKS.items():
+            if current[(iface, hook)].prog_id == wanted[hook]:
+                continue
+            runner.run(["tc", "filter", "replace", "dev", iface, hook, "pref", str(FILTER_PREF), "handle",
+                        FILTER_HANDLE, "bpf", "direct-action", "object-pinned", str(progs_dir / prog)], writes=True)
+            changed.append(f"{iface}/{hook}")
     return changed
 
 
-def detach(runner: Runner, iface: str) -> list[str]:
-    """Remove weft's filters from `iface`, and its clsact qdisc if nothing else is left on it."""
+def detach(runner: Runner, ifaces: list[str]) -> list[str]:
+    """Remove weft's filters from the interfaces, and the clsact qdisc of each if nothing else is
+    left on it."""
     removed = []
-    for hook in HOOKS:
-        if read_attachment(runner, iface, hook).prog_id is not None:
+    current = read_attachments(runner, ifaces)
+    for iface in ifaces:
+        mine = [hook for hook in HOOKS if current[(iface, hook)].prog_id is not None]
+        for hook in mine:
             runner.run(["tc", "filter", "del", "dev", iface, hook, "pref", str(FILTER_PREF)], writes=True)
             removed.append(f"{iface}/{hook}")
-    try:
-        left = [runner.run(["tc", "filter", "show", "dev", iface, hook]).strip() for hook in HOOKS]
-        if removed and not any(left):
-            runner.run(["tc", "qdisc", "del", "dev", iface, "clsact"], writes=True)
-    except KernelCommandError:
-        pass                                    # the interface went away meanwhile
+        if not mine:
+            continue
+        try:
+            left = [runner.run(["tc", "filter", "show", "dev", iface, hook]).strip() for hook in HOOKS]
+            if not any(left):
+                runner.run(["tc", "qdisc", "del", "dev", iface, "clsact"], writes=True)
+        except KernelCommandError:
+            pass                                # the interface went away meanwhile
     return removed
 
 
@@ -387,9 +396,7 @@ def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None,
     changes = diff_maps(desired, read_maps(maps_dir))
     report.changes = changes.counts()
     report.missing = write_maps(maps_dir, changes, ifindex)
-    for iface in sorted(desired.endpoints):
-        if iface in ifindex:
-            report.attached += attach(runner, iface, progs_dir)
+    report.attached = attach(runner, sorted(i for i in desired.endpoints if i in ifindex), progs_dir)
     pins = read_pins(root)
     for stale in (*pins.progs_dirs, *pins.maps_dirs):
         if stale not in (progs_dir.name, maps_dir.name):
@@ -401,9 +408,7 @@ def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None,
 def destroy_bpf(root: Path, runner: Runner | None = None) -> list[str]:
     """Detach weft's programs from every weft interface here and remove the node's pins."""
     runner = runner or Runner()
-    removed = []
-    for iface in weft_interfaces():
-        removed += detach(runner, iface)
+    removed = detach(runner, weft_interfaces())
     if root.exists():
         _remove_tree(root)
         removed.append(str(root))
