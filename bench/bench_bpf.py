@@ -180,7 +180,8 @@ def main() -> None:
               f"{ebpf['p50'] / ebpf0['p50'] - 1:>+8.1%} | {ebpf['keys']:>9}")
     setup = ", ".join(f"{peers}: iptables {results[('iptables', peers)]['setup']:.1f} s, "
                       f"eBPF {results[('ebpf', peers)]['setup']:.1f} s" for peers in COUNTS)
-    print(f"Putting each plane in place (a run from nothing; eBPF compiled once, on the first): {setup}")
+    print(f"Putting the policy in place (iptables: `weft apply` from nothing; eBPF: render and apply, the first "
+          f"with its one compile, then updates of the same maps): {setup}")
     change = one_change()
     print(f"\nSynthetic cluster (10,000 pods, 1,000 policies), node-000's policy maps: {change['keys']} keys, "
           f"rendered in {change['render']:.2f} s")
