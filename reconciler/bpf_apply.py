@@ -394,8 +394,10 @@ def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None,
             capacity[name] = handle.info.max_entries
     check_capacity(desired, capacity)
     changes = diff_maps(desired, read_maps(maps_dir))
-    report.changes = changes.counts()
     report.missing = write_maps(maps_dir, changes, ifindex)
+    for key in report.missing:                  # not written: no interface to key them by
+        del changes.writes["endpoints"][key]
+    report.changes = changes.counts()
     report.attached = attach(runner, sorted(i for i in desired.endpoints if i in ifindex), progs_dir)
     pins = read_pins(root)
     for stale in (*pins.progs_dirs, *pins.maps_dirs):

@@ -179,6 +179,11 @@ def _net_range(net: str) -> tuple[int, int]:
 
 
 @cache
+def _normal_net(net: str) -> str:
+    return str(ipaddress.ip_network(net, strict=False))
+
+
+@cache
 def _ip4(address: str) -> int:
     return int.from_bytes(socket.inet_aton(address), "big")
 
@@ -215,7 +220,7 @@ class Atoms:
         return ident
 
     def nets(self, nets: tuple[str, ...]) -> str:
-        normal = sorted({str(ipaddress.ip_network(n, strict=False)) for n in nets})
+        normal = sorted({_normal_net(n) for n in nets})
         return self._add("nets:" + ",".join(normal), "nets " + ", ".join(normal),
                          lambda: (_net_range(n) for n in normal))
 
@@ -611,23 +616,16 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
     log_ids = assign_ids("log", ("|".join(leaf[2]) for leaf in leaves if leaf[2]))
     table_ids = assign_ids("ports", tables)
 
-    sigs_by_classifier: dict[tuple[str, ...], set[frozenset]] = defaultdict(set)
-    for p in profiles.values():
-        for sig, atom_list in _sides(p):
-            if sig:
-                sigs_by_classifier[atom_list].add(sig)
-    class_ids = {atom_list: assign_ids("class", map(_sig_text, sigs))
-                 for atom_list, sigs in sigs_by_classifier.items()}
+    # Class ids are scoped by classifier, that is by profile and side.
+    class_ids: dict[tuple[str, str], dict[frozenset, int]] = {}
+    for ident, p in profiles.items():
+        for side, sigs in _side_classes(p).items():
+            texts = {sig: _sig_text(sig) for sig in sigs if sig}
+            ids = assign_ids("class", texts.values())
+            class_ids[(ident, side)] = {sig: ids[text] for sig, text in texts.items()}
 
-    memo: dict[tuple, int] = {}
-
-    def class_of(atom_list: tuple[str, ...], sig: frozenset) -> int:
-        if not sig:
-            return 0
-        found = memo.get((atom_list, sig))
-        if found is None:
-            found = memo[(atom_list, sig)] = class_ids[atom_list][_sig_text(sig)]
-        return found
+    def class_of(ident: str, side: str, sig: frozenset) -> int:
+        return class_ids[(ident, side)][sig] if sig else 0
 
     def leaf_verdict(leaf: Leaf) -> Verdict:
         action, rule, logs = leaf
@@ -668,12 +666,12 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
     classifiers: dict[ClassifierKey, int] = {}
     classifier_digests: dict[int, bytes] = {}
 
-    def classifier(cid: int, atom_list: tuple[str, ...], intervals) -> bytes:
+    def classifier(cid: int, ident: str, side: str, intervals) -> bytes:
         """The classifier's entries; its digest."""
         if cid not in classifier_digests:
             h, texts = hashlib.sha256(), {}
             for lo, hi, sig in intervals:
-                klass = class_of(atom_list, sig)
+                klass = class_of(ident, side, sig)
                 h.update(f"{lo}-{hi}={klass}\n".encode())
                 if klass not in texts:
                     texts[klass] = f"is class {klass:08x}, in " + "; ".join(atoms.atoms[a].about for a in sorted(sig))
@@ -692,9 +690,9 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
         sides = (("src", p.src_atoms, p.src_intervals), ("dst", p.dst_atoms, p.dst_intervals))
         for side, atom_list, intervals in sides:
             if atom_list:
-                h.update(classifier(classifier_ids[f"{ident}|{side}"], atom_list, intervals))
+                h.update(classifier(classifier_ids[f"{ident}|{side}"], ident, side, intervals))
         for (s_sig, d_sig, proto), value in sorted(p.verdicts.items(), key=lambda kv: _verdict_order(kv[0])):
-            key = VerdictKey(pid, class_of(p.src_atoms, s_sig), class_of(p.dst_atoms, d_sig), proto)
+            key = VerdictKey(pid, class_of(ident, "src", s_sig), class_of(ident, "dst", d_sig), proto)
             verdicts[key] = verdict_of(value)
             h.update(f"v{key}={_table_text(value)}\n".encode())
             shown = "any other protocol" if proto is None else PROTOCOL_NAMES.get(proto, str(proto))
@@ -723,14 +721,13 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
     return BpfMaps(endpoints, classifiers, verdicts, ports, about)
 
 
-def _sides(p: Profile):
-    for _, _, sig in p.src_intervals:
-        yield sig, p.src_atoms
-    for _, _, sig in p.dst_intervals:
-        yield sig, p.dst_atoms
+def _side_classes(p: Profile) -> dict[str, set[frozenset]]:
+    """Every class a profile's classifiers and verdicts name, by side."""
+    out = {"src": {sig for _, _, sig in p.src_intervals}, "dst": {sig for _, _, sig in p.dst_intervals}}
     for s_sig, d_sig, _ in p.verdicts:
-        yield s_sig, p.src_atoms
-        yield d_sig, p.dst_atoms
+        out["src"].add(s_sig)
+        out["dst"].add(d_sig)
+    return out
 
 
 def _sig_text(sig: frozenset) -> str:
