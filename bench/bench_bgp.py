@@ -6,8 +6,11 @@ Prints:
   (b) a real N-node lab (playbooks.multinode): seconds from lab start to every session
       Established and to the first cross-node TCP packet (pod on node-1 -> pod on node-2);
   (c) BIRD reloads over 10 runs with nothing changed (target 0), counted from the commands run
-      and from BIRD's own "Last reconfiguration" time.
-Run as root:  .venv/bin/python -m bench.bench_bgp [--peers 500 --blocks 1000 --nodes 2]
+      and from BIRD's own "Last reconfiguration" time, and the time of one such `weft apply`;
+  (d) blocks added to node-1 one by one (each in a /24 it already exports): seconds from the
+      start of the `weft apply` that adds one to the route in node-2's kernel, and how many
+      never arrived (target 0).
+Run as root:  .venv/bin/python -m bench.bench_bgp [--peers 500 --blocks 1000 --nodes 2 --new-blocks 5]
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench.installed import compile_weft
 from weft.model.cluster import BGPPeer, Block, ClusterState, IPPool, Node, NodeBGP
-from weft.playbooks.multinode import MultiNodeLab
+from weft.playbooks.multinode import BLOCK_PREFIX, POOL, MultiNodeLab, block_object
 from weft.probes import bird as probe
 from weft.reconciler.bird import format_bird_change, plan_bird
 from weft.renderers.bird import render_bird_config
@@ -69,7 +73,7 @@ def bench_render(peers: int, blocks: int) -> dict:
             "diff_lines": diff.count("\n"), "bird_p_check_s": round(check, 4), "bird_accepts": ok}
 
 
-def bench_lab(nodes: int, noop_runs: int) -> dict:
+def bench_lab(nodes: int, noop_runs: int, new_blocks: int) -> dict:
     start = time.monotonic()
     with MultiNodeLab(nodes, 1) as lab:
         built = time.monotonic() - start
@@ -91,15 +95,40 @@ def bench_lab(nodes: int, noop_runs: int) -> dict:
         reload_commands = 0
         for _ in range(noop_runs):
             for node in lab.nodes:
-                reload_commands += sum("configure" in c for c in lab.apply_bird(node))
+                reload_commands += sum("configure" in c for c in lab.apply(node))
         bird_reloads = sum(probe.last_reconfiguration(n.socket) != reloaded_before[n.name] for n in lab.nodes)
         noop_start = time.perf_counter()
-        lab.apply_bird(lab.nodes[0])
+        lab.apply(lab.nodes[0])
         noop = time.perf_counter() - noop_start
+        arrival, missing = new_block_arrival(lab, new_blocks)
     return {"nodes": nodes, "lab_built_s": round(built, 2), "weft_applied_s": round(applied, 2),
             "all_established_s": round(established, 2), "first_cross_node_packet_s": round(first_packet, 2),
             "noop_runs": noop_runs, "reload_commands": reload_commands, "nodes_bird_reconfigured": bird_reloads,
-            "noop_bird_plan_apply_s": round(noop, 4)}
+            "noop_weft_apply_s": round(noop, 4), "new_blocks": new_blocks,
+            "new_block_in_remote_kernel_s": {"min": round(min(arrival), 2), "max": round(max(arrival), 2)}
+            if arrival else None, "new_blocks_never_arrived": missing}
+
+
+def new_block_arrival(lab: MultiNodeLab, count: int, timeout: float = 10.0) -> tuple[list[float], int]:
+    """Add `count` blocks to node-1, one per `weft apply` there; per block, the seconds until
+    node-2's kernel routes it to node-1; and how many did not arrive within `timeout`."""
+    owner, remote = lab.nodes[0], lab.nodes[1]
+    taken = {n.block for n in lab.nodes}
+    free = [str(b) for b in POOL.subnets(new_prefix=BLOCK_PREFIX) if str(b) not in taken][:count]
+    added, times, missing = [], [], 0
+    for cidr in free:
+        added.append(block_object(cidr, owner.name))
+        lab.write_manifests(added)
+        start = time.monotonic()
+        lab.apply(owner)
+        while f"via {owner.ip} " not in lab.kernel_route(remote, cidr):
+            if time.monotonic() - start > timeout:
+                missing += 1
+                break
+            time.sleep(0.01)
+        else:
+            times.append(time.monotonic() - start)
+    return times, missing
 
 
 def main() -> None:
@@ -108,10 +137,14 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--noop-runs", type=int, default=10)
+    parser.add_argument("--new-blocks", type=int, default=5)
     args = parser.parse_args()
-    print(json.dumps({"render": bench_render(args.peers, args.blocks)}, indent=1))
+    if args.nodes < 2:
+        parser.error("--nodes: the lab figures need 2 nodes at least")
+    compile_weft()
+    print(json.dumps({"render": bench_render(args.peers, args.blocks)}, indent=1), flush=True)
     if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0":
-        print(json.dumps({"lab": bench_lab(args.nodes, args.noop_runs)}, indent=1))
+        print(json.dumps({"lab": bench_lab(args.nodes, args.noop_runs, args.new_blocks)}, indent=1))
     else:
         print("(lab figures need root)")
 

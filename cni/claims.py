@@ -39,7 +39,7 @@ def block_affinity_object(cidr: str, node: str) -> dict:
 
 
 def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, context: str | None = None,
-                *, skip: set[str] = frozenset(), timeout: float = 10.0) -> dict:
+                *, skip: set[str] | frozenset[str] = frozenset(), timeout: float = 10.0) -> dict:
     """Claim the first free block of `pools` (node.json pool entries, in order) for `node`.
 
     Returns the block as node.json lists it ({"cidr", "pool", "origin"}). `skip`: CIDRs not to

@@ -100,28 +100,36 @@ def main() -> int:
 
 def start_helper(stdin: bytes) -> None:
     """Start a helper in this network namespace for the calls to come, detached from this call
-    (its own session, no inherited pipes: the runtime waits for our stdout to close)."""
+    (its own session, no inherited pipes: the runtime waits for our stdout to close).
+
+    It runs this interpreter on the very code this call ran: from an installed `weft` package,
+    with -I -S and that package's directory and this process's sys.path (whichever entry point
+    started us: the launcher, the console script, `python -m`); from anything else (an editable
+    install maps weft's folders through a finder that only `site` loads), with -I and `site`.
+    Its stderr is <state dir>/cni-helper.log, opened through StateDir (no link followed)."""
     import os
     import subprocess
 
     from weft.cni import plugin
+    from weft.store.statedir import StateDir
     wanted, state_dir = plugin.helper_settings(stdin)
     if not wanted:
         return
-    paths = [p for p in sys.path if p]
+    packaged = CODE_ROOT.endswith("/weft") and posix.access(f"{CODE_ROOT}/cni/helper.py", posix.R_OK)
+    paths = ([CODE_ROOT.rsplit("/", 1)[0]] if packaged else []) + [p for p in sys.path if p]
     code = f"import sys; sys.path[:0] = {paths!r}; from weft.cni.helper import main; sys.exit(main())"
     try:
-        os.makedirs(state_dir, exist_ok=True)
-        log = open(os.path.join(state_dir, HELPER_LOG), "ab")
-    except OSError:
+        log = StateDir(state_dir).append_log(HELPER_LOG)
+    except Exception:                             # an unsafe state dir (UnsafeState, OSError): no helper
         return
-    with log:
-        try:
-            subprocess.Popen([sys.executable, "-IS", "-c", code], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
-                             env={"PATH": os.environ.get("PATH", "")})
-        except OSError:
-            pass                                  # no helper: every call runs in its own process
+    try:
+        subprocess.Popen([sys.executable, "-IS" if packaged else "-I", "-c", code], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
+                         env={"PATH": os.environ.get("PATH", "")})
+    except OSError:
+        pass                                      # no helper: every call runs in its own process
+    finally:
+        os.close(log)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and
   the same namespace cannot bind the name and exits at once.
 - Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; calls
   for one attachment run one after the other, in the order they came; the threads' IPAM writes,
-  host-side wiring and policy steps are batched (cni.groupcommit).
+  host-side wiring and policy steps are batched by the helper's one FastPath (cni.fastpath).
 - Declines, and the client runs the call itself, when the caller's PATH or mount namespace
   (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
   "helper": false. When weft's code changed on disk, or the caller runs weft from another
@@ -28,7 +28,6 @@ import threading
 import time
 
 from weft.cni import client
-from weft.store import groupcommit
 
 IDLE_EXIT = 120.0
 
@@ -48,8 +47,11 @@ def _weft_files() -> dict[str, int]:
 
 
 class Helper:
-    def __init__(self, listener: socket.socket, idle_exit: float):
-        self.listener, self.idle_exit = listener, idle_exit
+    """`plugin`: the cni.plugin module (imported once the socket is bound); `fast`: the batches
+    every call of this process shares (cni.fastpath.FastPath)."""
+
+    def __init__(self, listener: socket.socket, idle_exit: float, plugin, fast):
+        self.listener, self.idle_exit, self.plugin, self.fast = listener, idle_exit, plugin, fast
         self.stamps = _weft_files()
         self.path = os.environ.get("PATH", "")
         self.mount_ns = os.fsdecode(client.mount_namespace())
@@ -120,8 +122,7 @@ class Helper:
                 self.lock.notify_all()
 
     def _answer(self, environ: dict[str, str], stdin: bytes) -> bytes:
-        from weft.cni import plugin
-        wanted, state_dir = plugin.helper_settings(stdin)
+        wanted, state_dir = self.plugin.helper_settings(stdin)
         if (environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) != (self.mount_ns, self.path) or not wanted:
             return b"- declined\n"
         with self.lock:
@@ -129,14 +130,12 @@ class Helper:
                 self._stop()                      # weft was upgraded (in place, or installed elsewhere)
                 return b"- stale\n"
             self.state_dirs.add(os.path.abspath(state_dir))
-            groupcommit.in_flight += 1
             attachment = self._attachment(environ, +1)
         try:
-            with attachment:
-                code, stdout, stderr = plugin.respond(environ, stdin)
+            with self.fast.serving(), attachment:
+                code, stdout, stderr = self.plugin.respond(environ, stdin, self.fast)
         finally:
             with self.lock:
-                groupcommit.in_flight -= 1
                 self._attachment(environ, -1)
         sys.stderr.flush()
         return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
@@ -179,10 +178,12 @@ def main(idle_exit: float = IDLE_EXIT) -> int:
         if exc.errno == errno.EADDRINUSE:
             return 0                              # another helper serves this namespace
         raise
-    listener.listen(256)          # callers from now on wait in the backlog while the plugin is imported
-    import weft.cni.plugin  # noqa: F401
-    import weft.reconciler.endpoint  # noqa: F401  (warm: ADD's policy step)
-    Helper(listener, idle_exit).serve()
+    listener.listen(256)
+    # Imported only now: callers from now on wait in the backlog while it loads, rather than
+    # finding no helper and starting one each.
+    from weft.cni import plugin
+    from weft.cni.fastpath import FastPath
+    Helper(listener, idle_exit, plugin, FastPath()).serve()
     return 0
 
 

@@ -1,12 +1,21 @@
 """weft's CNI plugin: the executable the container runtime runs as /opt/cni/bin/weft.
 
 One call per CNI command (spec 1.1.0): ADD allocates the pod an address from the node's own
-blocks (cni/ipam.py), wires it (cni/wiring.py) and puts the endpoint's policy in the kernel before
-it answers; DEL undoes that and may be repeated; CHECK reads everything back; GC releases what the
-runtime no longer knows; STATUS says whether an ADD could succeed; VERSION lists the versions.
+blocks (store/ipam.py), wires it (cni/wiring.py) and puts the endpoint's policy in the kernel
+before it answers (reconciler/endpoint.py); DEL undoes that and may be repeated; CHECK reads
+everything back; GC releases what the runtime no longer knows; STATUS says whether an ADD could
+succeed; VERSION lists the versions. The calls of one process share their IPAM write, host-side
+wiring and policy step through the `FastPath` given to `respond` (cni/fastpath.py).
 
-Its import path is kept thin (stdlib, cni/, desired.endpoints): the runtime waits for it on every
-pod start. Network configuration keys weft reads, besides the spec's:
+Every file it reads is in the state dir, through store.statedir.StateDir: a state dir or file
+weft must not trust (not root's, writable by others, a link) is error 103 (50 for STATUS) naming
+it. Lost or corrupt IPAM records are rebuilt from the pods' interfaces, and no address a live
+weft interface holds is handed out again (store.ipam). Every error is the spec's JSON on stdout
+and one line on stderr; only a bug (999) prints a traceback.
+
+Its import path is kept thin (stdlib and weft's light modules; no yaml, kubernetes, pyroute2):
+the runtime waits for it on every pod start. Network configuration keys weft reads, besides the
+spec's:
 
     "node"        this node's name (default: the hostname), as the desired state names it
     "state_dir"   weft's state directory (default /var/lib/weft), shared with the reconcile run
@@ -23,20 +32,30 @@ import os
 import sys
 
 from weft.cni import spec, wiring
+from weft.cni.fastpath import FastPath
 from weft.cni.spec import CniError
+from weft.model.errors import WeftError
+from weft.model.names import host_iface_name
+from weft.probes.pods import routed_addresses
 from weft.store import ipam
-from weft.store.statedir import default_state_dir
+from weft.store.statedir import StateDir, UnsafeState, default_state_dir
+
+SOURCE_LOCK = "ipam/source.lock"        # one read of the desired state per node at a time
+SOURCE_TIMEOUT = 120.0
 
 
 class Config:
     """The network configuration's keys weft uses, checked."""
     __slots__ = ("raw", "version", "network", "node", "state_dir", "manifests", "kubeconfig", "context", "mtu",
-                 "prev_result", "dns", "valid")
+                 "prev_result", "dns", "valid", "_sd")
 
     def __init__(self, raw: dict, command: str):
         self.raw, self.version, self.network = raw, raw["cniVersion"], raw["name"]
         self.node = _string(raw, "node") or os.uname().nodename
         self.state_dir = _string(raw, "state_dir") or default_state_dir()
+        if not self.state_dir.startswith("/"):
+            raise CniError(spec.INVALID_CONFIG, "invalid network configuration",
+                           f"state_dir {self.state_dir!r}: must be an absolute path")
         self.manifests, self.kubeconfig, self.context = (_string(raw, k) for k in ("manifests", "kubeconfig",
                                                                                    "context"))
         if self.manifests and self.kubeconfig:
@@ -62,6 +81,14 @@ class Config:
         self.prev_result = prev
         self.dns = raw.get("dns") if isinstance(raw.get("dns"), dict) else {}
         self.valid = _valid_attachments(raw) if command == "GC" else set()
+        self._sd: StateDir | None = None
+
+    @property
+    def sd(self) -> StateDir:
+        """The state dir, checked (once per call): UnsafeState when weft must not trust it."""
+        if self._sd is None:
+            self._sd = StateDir(self.state_dir)
+        return self._sd
 
     def source(self) -> dict | None:
         if self.manifests:
@@ -88,54 +115,103 @@ def _valid_attachments(raw: dict) -> set[tuple[str, str]]:
     return {(e["containerID"], e["ifname"]) for e in entries}
 
 
-def pod_identity(inv: spec.Invocation, required: bool) -> tuple[str, str] | None:
-    """(namespace, pod) from CNI_ARGS, as the kubelet passes them."""
+def given_identity(inv: spec.Invocation) -> tuple[str, str] | None:
+    """(namespace, pod) from CNI_ARGS, as the kubelet passes them, if it does."""
     namespace, pod = inv.args.get("K8S_POD_NAMESPACE"), inv.args.get("K8S_POD_NAME")
-    if namespace and pod:
-        return namespace, pod
-    if required:
+    return (namespace, pod) if namespace and pod else None
+
+
+def pod_identity(inv: spec.Invocation) -> tuple[str, str]:
+    """(namespace, pod) from CNI_ARGS; error 4 without them."""
+    identity = given_identity(inv)
+    if identity is None:
         raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_ARGS",
                        "K8S_POD_NAMESPACE and K8S_POD_NAME must be set in CNI_ARGS: weft names the pod's host "
                        "interface after them")
-    return None
+    return identity
 
 
 def host_iface(namespace: str, pod: str) -> str:
-    from weft.model.names import host_iface_name
     return host_iface_name(namespace, pod)
 
 
 # ---- the node's IPAM state -------------------------------------------------------------------
 
 def node_ipam(conf: Config) -> dict:
-    """node.json; if no reconcile run has written it, read the desired state once and write it."""
-    try:
-        doc = ipam.read_node_ipam(conf.state_dir)
-    except ipam.Unavailable as exc:
-        raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", str(exc)) from None
+    """node.json; if no reconcile run has written it (or it is corrupt), read the desired state
+    in this process and write it. Concurrent callers (threads of the helper, or processes) wait
+    for the one that reads."""
+    doc = _read_node_ipam(conf)
     if doc is not None:
         return doc
     source = conf.source()
     if source is None:
         raise CniError(spec.DESIRED_STATE, "no IPAM state for this node yet",
-                       f"no reconcile run has written {conf.state_dir}/ipam/node.json and the network "
+                       f"no reconcile run has written {conf.sd.file('ipam/node.json')} and the network "
                        "configuration names no source (\"manifests\" or \"kubeconfig\")")
-    from weft.desired.sources import read
-    from weft.model.errors import WeftError
+    conf.sd.subdir(ipam.IPAM_DIR)
+    with conf.sd.lock(shared=False, timeout=SOURCE_TIMEOUT, name=SOURCE_LOCK):
+        doc = _read_node_ipam(conf)                 # another call read it while this one waited
+        if doc is not None:
+            return doc
+        from weft.cni.nodesource import read_node_ipam
+        try:
+            read = read_node_ipam(source, conf.node)
+        except WeftError as exc:
+            raise CniError(spec.DESIRED_STATE, "cannot read the desired state", _line(exc)) from None
+        ipam.write_node_ipam(conf.sd, conf.node, read.pools, read.blocks, source, read.labels)
+        doc = _read_node_ipam(conf)
+        if doc is None:
+            raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", "node.json vanished once written")
+        return doc
+
+
+def _read_node_ipam(conf: Config) -> dict | None:
+    """node.json, or None when there is none; a corrupt one is set aside (and read again)."""
     try:
-        state = read(_path(conf.state_dir), source.get("manifests"), source.get("kubeconfig"),
-                     source.get("context")).state()
+        return ipam.read_node_ipam(conf.sd)
+    except ipam.CorruptNodeFile as exc:
+        if conf.source() is None:
+            raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable",
+                           f"{_line(exc)}; run `weft apply` to write it again") from None
+        aside = ipam.set_aside(conf.sd, ipam.NODE_FILE)
+        ipam.log(f"{_line(exc)}; kept it as {os.path.basename(aside)} and read the desired state again")
+        return None
+
+
+def _line(exc: BaseException) -> str:
+    """An error's message on one line, cut to a readable length."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def store(conf: Config, fast: FastPath) -> ipam.Store:
+    """The node's IPAM records, with the kernel's facts: addresses live weft interfaces hold are
+    never handed out, and lost records are rebuilt from those interfaces."""
+    return ipam.Store(conf.sd, held=routed_addresses, recover=lambda: _recover(conf), commit=fast.ipam_commit)
+
+
+def _recover(conf: Config) -> tuple[list[ipam.Allocation], list[str]]:
+    """Records for the pods weft wired (their interfaces, aliases and routes), named by the last
+    run's snapshot and, for interfaces it does not name, by the desired state's pods of this node."""
+    from weft.probes.pods import wired_pods
+    from weft.store.snapshot import load_snapshot
+    try:
+        wired = wired_pods(ip=wiring.IP)
     except WeftError as exc:
-        raise CniError(spec.DESIRED_STATE, "cannot read the desired state", str(exc)) from None
-    node = state.nodes.get(conf.node)
-    ipam.write_node_ipam(conf.state_dir, conf.node, state.ippools, state.blocks, source,
-                         node.labels if node else None)
-    return ipam.read_node_ipam(conf.state_dir)
-
-
-def _path(text: str):
-    from pathlib import Path
-    return Path(text)
+        raise ipam.IpamError(f"cannot read the pods' interfaces to rebuild the IPAM records: {_line(exc)}") from None
+    identities = {}
+    for key in (load_snapshot(conf.sd) or {}).get("pods", ()):
+        namespace, _, pod = key.partition("/")
+        identities[host_iface_name(namespace, pod)] = (namespace, pod)
+    source = conf.source() or {}
+    if set(wired.links) - set(identities) and source:
+        from weft.cni.nodesource import read_local_pods
+        try:
+            identities.update(read_local_pods(source, conf.node))
+        except WeftError as exc:
+            ipam.log(f"rebuilding IPAM records: cannot read the pods of node {conf.node}: {_line(exc)}")
+    return ipam.records_from_kernel(wired.links, wired.routes, identities, conf.network)
 
 
 def _claimer(conf: Config, doc: dict):
@@ -155,45 +231,65 @@ def _claimer(conf: Config, doc: dict):
 
 # ---- the commands ------------------------------------------------------------------------------
 
-def cmd_add(inv: spec.Invocation, conf: Config) -> dict:
-    namespace, pod = pod_identity(inv, required=True)
-    if not spec.netns_exists(inv.netns):
-        raise CniError(spec.UNKNOWN_CONTAINER, "the container's network namespace does not exist",
-                       f"CNI_NETNS={inv.netns}")
-    iface = host_iface(namespace, pod)
+def cmd_add(inv: spec.Invocation, conf: Config, fast: FastPath) -> dict:
+    namespace, pod = pod_identity(inv)
+    alias = _alias(inv)
+    netns = spec.open_netns(inv.netns)          # before anything is allocated: error 3 if it is not one
+    try:
+        return _add(inv, conf, fast, namespace, pod, alias, netns)
+    finally:
+        os.close(netns)
+
+
+def _alias(inv: spec.Invocation) -> str:
+    """The host side's alias; error 4 up front when the kernel would refuse it as too long."""
     alias = wiring.alias_for(inv.container_id, inv.ifname)
-    store = ipam.Store(conf.state_dir)
-    with ipam.pod_lock(conf.state_dir, iface):
+    if len(alias.encode()) > wiring.ALIAS_MAX:
+        raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_CONTAINERID",
+                       f"{len(inv.container_id)} characters: weft names the attachment in the host interface's "
+                       f"alias {wiring.ALIAS_PREFIX}<container id>:<ifname>, which the kernel limits to "
+                       f"{wiring.ALIAS_MAX} characters")
+    return alias
+
+
+def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod: str, alias: str,
+         netns: int) -> dict:
+    iface = host_iface(namespace, pod)
+    records = store(conf, fast)
+    with ipam.pod_lock(conf.sd, iface):
         doc = node_ipam(conf)
         try:
-            allocation, created = store.allocate(conf.network, inv.container_id, inv.ifname, namespace, pod, iface,
-                                                 claim=_claimer(conf, doc))
+            allocation, created = records.allocate(conf.network, inv.container_id, inv.ifname, namespace, pod,
+                                                   iface, claim=_claimer(conf, doc))
         except ipam.Exhausted as exc:
             raise CniError(spec.NO_ADDRESS, "no address for the pod", str(exc)) from None
         except ipam.SecondInterface as exc:
             raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_IFNAME", f"{inv.ifname}: {exc}") from None
         except ipam.IpamError as exc:
             code = spec.TRY_AGAIN_LATER if isinstance(exc, ipam.ClaimUnavailable) else spec.DESIRED_STATE
-            raise CniError(code, "cannot allocate an address", str(exc)) from None
+            raise CniError(code, "cannot allocate an address", _line(exc)) from None
         # The endpoint's policy goes in while the pod is wired: neither needs the other, and ADD
         # returns only when both are done.
-        policy = _Background(_add_endpoint, conf, namespace, pod, iface, allocation.ips)
+        policy = _Background(_add_endpoint, conf, fast, namespace, pod, iface)
         wired = False
         try:
             if iface in wiring.host_links():
                 # A leftover: this attachment's own (a crashed ADD) or an older sandbox's of the same pod.
                 wiring.delete_host_side(iface)
             wired = True
-            pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias)
+            pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias,
+                                  netns_fd=netns, host_side=fast.host_side)
         except BaseException as exc:
             policy.join()
-            _undo_add(conf, inv, iface, alias, wired, created, store)
+            undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
             if isinstance(exc, wiring.WiringError):
-                raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc)) from None
+                raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc) + undo) from None
             raise
         failed = policy.join()
         if failed is not None:
-            _undo_add(conf, inv, iface, alias, wired, created, store)
+            undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
+            if isinstance(failed, CniError):
+                failed.details += undo
             raise failed
     return result(inv, conf, iface, pod_mac, allocation.ips)
 
@@ -218,24 +314,23 @@ class _Background:
         return self.error
 
 
-def _add_endpoint(conf: Config, namespace: str, pod: str, iface: str, ips: tuple[str, ...]) -> None:
+def _add_endpoint(conf: Config, fast: FastPath, namespace: str, pod: str, iface: str) -> None:
     """The endpoint's rules, in the kernel before ADD returns: a pod under a policy never runs open."""
-    from weft.model.errors import WeftError
-    from weft.reconciler.endpoint import add_endpoint
     try:
-        add_endpoint(_path(conf.state_dir), namespace, pod, iface, tuple(ips))
+        fast.add_endpoint(conf.sd, namespace, pod, iface)
+    except UnsafeState as exc:
+        raise CniError(spec.DESIRED_STATE, "weft's state dir is not safe to use", _line(exc)) from None
     except WeftError as exc:
-        raise CniError(spec.POLICY_FAILED, "cannot put the pod's policy in place", str(exc)) from None
+        raise CniError(spec.POLICY_FAILED, "cannot put the pod's policy in place", _line(exc)) from None
 
 
-def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired: bool, created: bool,
-              store: ipam.Store) -> None:
+def _undo_add(conf: Config, fast: FastPath, inv: spec.Invocation, iface: str, alias: str, wired: bool,
+              created: bool, records: ipam.Store) -> str:
     """A failed ADD leaves nothing behind: the wiring it made, the rules, the address it took.
 
-    Each step is tried whatever the others do; what fails is logged (the runtime's DEL retries it),
-    and the ADD's own error is the one reported.
+    Each step is tried whatever the others do; what fails (the runtime's DEL retries it) is
+    returned as text to add to the ADD's own error, which stays one line.
     """
-    from weft.model.errors import WeftError
     steps = []
     if wired:
         def unwire():
@@ -243,19 +338,16 @@ def _undo_add(conf: Config, inv: spec.Invocation, iface: str, alias: str, wired:
             if link is not None and link.get("ifalias") in (alias, None):
                 wiring.delete_host_side(iface)      # the pod side goes with it
         steps.append(unwire)
-    steps.append(lambda: _remove_endpoint(conf, iface))
+    steps.append(lambda: fast.remove_endpoint(conf.sd, iface))
     if created:
-        steps.append(lambda: store.release(conf.network, inv.container_id, inv.ifname))
+        steps.append(lambda: records.release(conf.network, inv.container_id, inv.ifname))
+    failed = []
     for step in steps:
         try:
             step()
         except (wiring.WiringError, WeftError, OSError) as exc:
-            print(f"weft-cni: ADD: undoing the failed ADD: {exc}", file=sys.stderr)
-
-
-def _remove_endpoint(conf: Config, iface: str) -> None:
-    from weft.reconciler.endpoint import remove_endpoint
-    remove_endpoint(_path(conf.state_dir), iface)
+            failed.append(_line(exc))
+    return f"; undoing the ADD failed too: {'; '.join(failed)}" if failed else ""
 
 
 def result(inv: spec.Invocation, conf: Config, iface: str, pod_mac: str, ips) -> dict:
@@ -271,28 +363,26 @@ def result(inv: spec.Invocation, conf: Config, iface: str, pod_mac: str, ips) ->
     return spec.format_result(spec.merge_results(conf.prev_result, ours), conf.version)
 
 
-def cmd_del(inv: spec.Invocation, conf: Config) -> None:
+def cmd_del(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
     """Undo ADD as far as anything of it is left; success when nothing is (DEL twice, unknown container)."""
-    store = ipam.Store(conf.state_dir)
-    try:
-        allocation = store.get(conf.network, inv.container_id, inv.ifname)
-    except ipam.Unavailable as exc:
-        raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", str(exc)) from None
-    identity = pod_identity(inv, required=False)
+    records = store(conf, fast)
+    allocation = records.get(conf.network, inv.container_id, inv.ifname)
+    identity = given_identity(inv)
     iface = allocation.iface if allocation else (host_iface(*identity) if identity else None)
     if iface is None:
         return                                   # nothing recorded and no pod named: nothing of ours
-    with ipam.pod_lock(conf.state_dir, iface):
-        teardown(conf, inv.container_id, inv.ifname, iface, allocation, store)
+    with ipam.pod_lock(conf.sd, iface):
+        teardown(conf, fast, inv.container_id, inv.ifname, iface, allocation, records)
 
 
-def teardown(conf: Config, container_id: str, ifname: str, iface: str, allocation, store: ipam.Store) -> None:
+def teardown(conf: Config, fast: FastPath, container_id: str, ifname: str, iface: str, allocation,
+             records: ipam.Store) -> None:
     """Remove one attachment: its interface and rules if it still owns them, then its addresses.
 
     Deleting the host side deletes the pod side too (a veth pair goes as one), so the pod's
     namespace need not be entered, nor even exist any more.
     """
-    owner = store.iface_owner(iface)
+    owner = records.iface_owner(iface)
     ours = owner is None or (owner.container_id, owner.ifname, owner.network) == (container_id, ifname, conf.network)
     try:
         if iface in wiring.host_links():
@@ -303,17 +393,25 @@ def teardown(conf: Config, container_id: str, ifname: str, iface: str, allocatio
                 if found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None):
                     wiring.delete_host_side(iface)
         if ours and iface not in wiring.host_links():
-            _remove_endpoint(conf, iface)
+            _remove_endpoint(conf, fast, iface)
     except wiring.WiringError as exc:
         raise CniError(spec.WIRING_FAILED, "cannot remove the pod's interface", str(exc)) from None
-    store.release(conf.network, container_id, ifname)
+    records.release(conf.network, container_id, ifname)
 
 
-def cmd_check(inv: spec.Invocation, conf: Config) -> None:
-    if not spec.netns_exists(inv.netns):
-        raise CniError(spec.UNKNOWN_CONTAINER, "the container's network namespace does not exist",
-                       f"CNI_NETNS={inv.netns}")
-    allocation = ipam.Store(conf.state_dir).get(conf.network, inv.container_id, inv.ifname)
+def _remove_endpoint(conf: Config, fast: FastPath, iface: str) -> None:
+    try:
+        fast.remove_endpoint(conf.sd, iface)
+    except UnsafeState:
+        raise
+    except WeftError as exc:
+        raise CniError(spec.POLICY_FAILED, "cannot remove the pod's policy", _line(exc)) from None
+
+
+def cmd_check(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
+    os.close(spec.open_netns(inv.netns))
+    alias = _alias(inv)
+    allocation = store(conf, fast).get(conf.network, inv.container_id, inv.ifname)
     if allocation is None:
         raise CniError(spec.CHECK_FAILED, "CHECK failed",
                        f"no address is allocated to container {inv.container_id} interface {inv.ifname}")
@@ -323,39 +421,35 @@ def cmd_check(inv: spec.Invocation, conf: Config) -> None:
                   if isinstance(ip, dict)}
         problems += [f"address {ip} of prevResult is not allocated to this attachment"
                      for ip in sorted(listed - set(allocation.ips)) if ip]
-    alias = wiring.alias_for(inv.container_id, inv.ifname)
     problems += wiring.check(inv.netns, inv.ifname, allocation.iface, list(allocation.ips), conf.mtu, alias)
     from weft.reconciler.endpoint import check_endpoint
-    problems += check_endpoint(_path(conf.state_dir), allocation.namespace, allocation.pod, allocation.iface)
+    problems += check_endpoint(conf.sd, allocation.namespace, allocation.pod, allocation.iface)
     if problems:
         raise CniError(spec.CHECK_FAILED, "CHECK failed", "; ".join(problems))
 
 
-def cmd_gc(inv: spec.Invocation, conf: Config) -> None:
+def cmd_gc(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
     """Release every attachment of this network the runtime does not list as valid, and remove
     weft interfaces whose attachment is not valid either; report all failures at the end."""
-    store = ipam.Store(conf.state_dir)
+    records = store(conf, fast)
     errors = []
-    try:
-        stale = store.stale(conf.network, conf.valid)
-    except ipam.Unavailable as exc:
-        raise CniError(spec.DESIRED_STATE, "weft's IPAM state is unreadable", str(exc)) from None
-    for allocation in stale:
+    for allocation in records.stale(conf.network, conf.valid):
         try:
-            with ipam.pod_lock(conf.state_dir, allocation.iface):
-                teardown(conf, allocation.container_id, allocation.ifname, allocation.iface, allocation, store)
+            with ipam.pod_lock(conf.sd, allocation.iface):
+                teardown(conf, fast, allocation.container_id, allocation.ifname, allocation.iface, allocation,
+                         records)
         except CniError as exc:
             errors.append(str(exc))
-    errors += _gc_interfaces(conf, store)
+    errors += _gc_interfaces(conf, fast, records)
     if errors:
         raise CniError(spec.WIRING_FAILED, "GC could not remove everything", "; ".join(errors))
 
 
-def _gc_interfaces(conf: Config, store: ipam.Store) -> list[str]:
+def _gc_interfaces(conf: Config, fast: FastPath, records: ipam.Store) -> list[str]:
     """Host interfaces that name an attachment (alias) nobody holds an address for any more."""
     import json
     out = wiring._run([wiring.IP, "-j", "link", "show", "type", "veth"], check=False)
-    held = {(a.container_id, a.ifname) for a in ipam.read_allocations(conf.state_dir)}
+    held = {(a.container_id, a.ifname) for a in records.allocations()}
     errors = []
     for link in json.loads(out) if out.strip() else []:
         alias = link.get("ifalias") or ""
@@ -365,28 +459,28 @@ def _gc_interfaces(conf: Config, store: ipam.Store) -> list[str]:
         if (container_id, ifname) in held or (container_id, ifname) in conf.valid:
             continue
         try:
-            with ipam.pod_lock(conf.state_dir, link["ifname"]):
+            with ipam.pod_lock(conf.sd, link["ifname"]):
                 wiring.delete_host_side(link["ifname"])
-                if store.iface_owner(link["ifname"]) is None:
-                    _remove_endpoint(conf, link["ifname"])
-        except wiring.WiringError as exc:
+                if records.iface_owner(link["ifname"]) is None:
+                    _remove_endpoint(conf, fast, link["ifname"])
+        except (wiring.WiringError, CniError) as exc:
             errors.append(str(exc))
     return errors
 
 
-def cmd_status(inv: spec.Invocation, conf: Config) -> None:
+def cmd_status(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
     """Ready when the node's IPAM state is readable and a new pod would get an address."""
     try:
         doc = node_ipam(conf)
-        allocations = ipam.read_allocations(conf.state_dir)
-    except (CniError, ipam.Unavailable) as exc:
-        raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", str(exc)) from None
+        allocations = store(conf, fast).allocations()
+    except (CniError, WeftError, OSError) as exc:
+        raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", _line(exc)) from None
     fams = ipam.families(doc)
     if not fams:
         raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", f"no enabled IPPool selects node {doc['node']!r}")
     if _claimer(conf, doc) is not None:
         return                                     # more blocks can be claimed from the API server
-    used = {ip for a in allocations for ip in a.ips}
+    used = {ip for a in allocations for ip in a.ips} | routed_addresses()
     for family in fams:
         if ipam._next_free(ipam.usable_blocks(doc, family), used, None) is None:
             raise CniError(spec.NOT_AVAILABLE, "weft cannot serve ADD", ipam.exhausted_message(doc, family, used))
@@ -395,33 +489,48 @@ def cmd_status(inv: spec.Invocation, conf: Config) -> None:
 COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
 
 
-def run(environ, stdin: bytes) -> tuple[int, dict | None]:
-    """One invocation: (exit code, JSON object for stdout or None)."""
+def run(environ, stdin: bytes, fast: FastPath | None = None) -> tuple[int, dict | None]:
+    """One invocation: (exit code, JSON object for stdout or None). `fast`: the process's batches
+    (the helper passes its own; a plain call gets a fresh one, every batch a batch of one)."""
     config = None
+    command = environ.get("CNI_COMMAND", "")
     try:
         inv = spec.Invocation(environ)
         config = spec.parse_config(stdin, inv.command)
         if inv.command == "VERSION":
             return 0, spec.version_result(config)
-        out = COMMANDS[inv.command](inv, Config(config, inv.command))
+        out = COMMANDS[inv.command](inv, Config(config, inv.command), fast or FastPath())
         return 0, out
     except CniError as exc:
-        return 1, exc.to_json(spec.config_version(config))
+        return 1, exc.to_json(_answer_version(config, stdin))
+    except (WeftError, OSError) as exc:           # the state dir (unsafe, corrupt, unreadable), named
+        code = spec.NOT_AVAILABLE if command == "STATUS" else (
+            spec.DESIRED_STATE if isinstance(exc, WeftError) else spec.IO_FAILURE)
+        what = "weft's state dir is not safe to use" if isinstance(exc, UnsafeState) else \
+            "weft's state is unreadable" if isinstance(exc, WeftError) else "I/O error"
+        return 1, CniError(code, what, _line(exc)).to_json(_answer_version(config, stdin))
     except Exception as exc:                      # a bug: still answer in the protocol
         import traceback
         traceback.print_exc()
         return 1, CniError(spec.INTERNAL, "internal error", f"{type(exc).__name__}: {exc}").to_json(
-            spec.config_version(config))
+            _answer_version(config, stdin))
 
 
-def respond(environ, stdin: bytes) -> tuple[int, bytes, bytes]:
+def _answer_version(config: dict | None, stdin: bytes) -> str:
+    """The configuration's version, also when the call failed before the configuration was
+    accepted (a bad CNI_* variable, a command the version does not have)."""
+    return spec.config_version(config if config is not None else spec.peek_version(stdin))
+
+
+def respond(environ, stdin: bytes, fast: FastPath | None = None) -> tuple[int, bytes, bytes]:
     """One invocation as the runtime sees it: (exit code, stdout, stderr)."""
-    code, out = run(environ, stdin)
+    code, out = run(environ, stdin, fast)
     stdout = spec.dumps(out).encode() if out is not None else b""
     stderr = b""
-    if code:
-        stderr = (f"weft-cni: {environ.get('CNI_COMMAND', '?')}: {out['msg']}"
-                  + (f": {out['details']}" if out.get("details") else "") + "\n").encode()
+    if code and out is not None:                 # one line for the runtime's log
+        text = f"weft-cni: {environ.get('CNI_COMMAND', '?')}: {out['msg']}" + (
+            f": {out['details']}" if out.get("details") else "")
+        stderr = (" ".join(text.split()) + "\n").encode()
     return code, stdout, stderr
 
 
@@ -435,8 +544,8 @@ def helper_settings(stdin: bytes) -> tuple[bool, str]:
     if not isinstance(raw, dict):
         return True, default_state_dir()
     state_dir = raw.get("state_dir")
-    return raw.get("helper", True) is not False, state_dir if isinstance(state_dir, str) and state_dir \
-        else default_state_dir()
+    return raw.get("helper", True) is not False, state_dir if isinstance(state_dir, str) and \
+        state_dir.startswith("/") else default_state_dir()
 
 
 def main(stdin: bytes | None = None) -> int:

@@ -193,7 +193,7 @@ def merge_results(prev: dict | None, ours: dict) -> dict:
 def format_result(result: dict, version: str) -> dict:
     """`result` (1.1.0 shape) as the given version writes it: IPs carry `version` before 1.0.0, and
     the interface and route fields new in 1.1.0 are left out before it."""
-    out = {"cniVersion": version}
+    out: dict = {"cniVersion": version}
     old = version_key(version) < (1, 1, 0)
     ifaces = result.get("interfaces")
     if ifaces is not None:
@@ -215,9 +215,35 @@ def dumps(obj: dict) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-def netns_exists(path: str) -> bool:
-    """CNI_NETNS must name a namespace file (/run/netns/NAME, /proc/PID/ns/net, a bind mount)."""
+NS_GET_NSTYPE = 0xB703                  # ioctl(2) on a namespace file: its CLONE_NEW* type
+CLONE_NEWNET = 0x40000000
+
+
+def open_netns(path: str) -> int:
+    """CNI_NETNS opened, once the kernel says it is a network namespace (ioctl NS_GET_NSTYPE):
+    a regular file, a directory or another kind of namespace is error 3 (the container is not
+    what the runtime says), before anything is allocated. The caller closes the descriptor."""
+    import fcntl
     try:
-        return os.stat(path).st_ino != 0
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)    # no FIFO can block us
+    except OSError as exc:
+        raise CniError(UNKNOWN_CONTAINER, "the container's network namespace does not exist",
+                       f"CNI_NETNS={path}: {exc.strerror}") from None
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
     except OSError:
-        return False
+        kind = None
+    if kind != CLONE_NEWNET:
+        os.close(fd)
+        raise CniError(UNKNOWN_CONTAINER, "the container's network namespace does not exist",
+                       f"CNI_NETNS={path} is not a network namespace")
+    return fd
+
+
+def peek_version(stdin: bytes) -> dict | None:
+    """{"cniVersion": ...} of a configuration that was not accepted, if it names one (for the error)."""
+    try:
+        config = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return {"cniVersion": config.get("cniVersion")} if isinstance(config, dict) else None

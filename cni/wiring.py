@@ -25,13 +25,13 @@ import os
 import subprocess
 
 from weft.model.names import ROUTE_PROTOCOL, host_sysctls  # defined once, for the reconciler too
-from weft.store.groupcommit import GroupCommit, together_or_alone
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"   # the EUI-64 link-local address of HOST_MAC
 DEFAULT_MTU = 1500
 ALIAS_PREFIX = "weft:"
+ALIAS_MAX = 255                            # IFALIASZ - 1: the kernel refuses a longer alias
 
 
 class WiringError(Exception):
@@ -55,13 +55,15 @@ IP = _binary("ip")
 CLONE_NEWNET = 0x40000000
 
 
-def _run(argv: list[str], commands: list[str] | None = None, check: bool = True, netns: str | None = None) -> str:
+def _run(argv: list[str], commands: list[str] | None = None, check: bool = True, netns: str | None = None,
+         netns_fd: int | None = None) -> str:
     """Run one command (an `ip -batch -` reads `commands` on stdin), in the network namespace
-    `netns` (a path) if given; WiringError when it fails."""
+    `netns` (a path; or the open descriptor `netns_fd` of it) if given; WiringError when it fails."""
     stdin = "".join(c + "\n" for c in commands) if commands else None
     where = f" (in {netns})" if netns else ""
     try:
-        proc = _start(argv, stdin is not None) if netns is None else _start_in_netns(netns, argv, stdin is not None)
+        proc = _start(argv, stdin is not None) if netns is None else \
+            _start_in_netns(netns, argv, stdin is not None, netns_fd)
         out, err = proc.communicate(stdin)
     except OSError as exc:
         raise WiringError(f"{argv[0]}{where}: {exc.strerror}") from None
@@ -71,11 +73,11 @@ def _run(argv: list[str], commands: list[str] | None = None, check: bool = True,
     return out
 
 
-def _start_in_netns(netns: str, argv: list[str], with_stdin: bool) -> subprocess.Popen:
-    """Start `argv` inside the network namespace at path `netns`: this thread enters it, the
-    child inherits it, and the thread goes back before anything else runs in it."""
+def _start_in_netns(netns: str, argv: list[str], with_stdin: bool, netns_fd: int | None = None) -> subprocess.Popen:
+    """Start `argv` inside the network namespace at path `netns` (or open as `netns_fd`): this
+    thread enters it, the child inherits it, and the thread goes back before anything else runs in it."""
     try:
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        target = os.dup(netns_fd) if netns_fd is not None else os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise WiringError(f"cannot open network namespace {netns}: {exc.strerror}") from None
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -132,9 +134,11 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def wire(netns: str, ifname: str, host_iface: str, ips: list[str], mtu: int, alias: str) -> str:
+def wire(netns: str, ifname: str, host_iface: str, ips: list[str], mtu: int, alias: str, *,
+         netns_fd: int | None = None, host_side=None) -> str:
     """Create and configure the veth pair; returns the pod side's MAC. Raises WiringError (the
-    caller removes what was made with `unwire`)."""
+    caller removes what was made). `netns_fd`: the pod's namespace, opened and checked by the
+    caller; `host_side(lines)`: runs the host side's `ip -batch` lines (default: at once)."""
     pod_mac = random_mac()
     v6 = [ip for ip in ips if ":" in ip]
     v4 = [ip for ip in ips if ":" not in ip]
@@ -150,22 +154,19 @@ def wire(netns: str, ifname: str, host_iface: str, ips: list[str], mtu: int, ali
     if v6:
         pod += [f"neigh add {GATEWAY_V6} lladdr {HOST_MAC} dev {ifname} nud permanent",
                 f"route add default via {GATEWAY_V6} dev {ifname}"]
-    _run([IP, "-batch", "-"], pod, netns=netns)
+    _run([IP, "-batch", "-"], pod, netns=netns, netns_fd=netns_fd)
     for key, value in host_sysctls(host_iface, bool(v6)).items():
         _write_sysctl(key, value)
     host = [f"link set {host_iface} alias {alias} up"]
     host += [f"route replace {ip}/32 dev {host_iface} scope link proto {ROUTE_PROTOCOL}" for ip in v4]
     host += [f"route replace {ip}/128 dev {host_iface} proto {ROUTE_PROTOCOL}" for ip in v6]
-    _HOST_SIDE.run(None, host)
+    (host_side or configure_host_sides)(host)
     return pod_mac
 
 
-def _host_side_batch(_key, calls) -> None:
-    """The host side of every pod being wired at once, in one `ip -batch` (each line is idempotent)."""
-    together_or_alone(calls, lambda hosts: _run([IP, "-batch", "-"], [line for (lines,) in hosts for line in lines]))
-
-
-_HOST_SIDE = GroupCommit(_host_side_batch, linger=True)
+def configure_host_sides(lines: list[str]) -> None:
+    """The host side of one or more pods, in one `ip -batch` (each line is idempotent)."""
+    _run([IP, "-batch", "-"], lines)
 
 
 def _write_sysctl(key: str, value: str) -> None:

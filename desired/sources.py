@@ -48,24 +48,27 @@ class Reading:
 
 def read(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
          context: str | None = None) -> Reading:
-    with start(state_dir, from_dir, kubeconfig, context) as reading:
+    """The desired state, read in this process (no child process: safe from any thread)."""
+    with start(state_dir, from_dir, kubeconfig, context, overlap=False) as reading:
         return reading.finish()
 
 
 def start(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
-          context: str | None = None) -> _Started:
-    """Begin a read; `finish()` gives the Reading. Reading the API server begins at once, in a
-    child process, so the caller's own work (starting the kernel dumps) overlaps it too."""
+          context: str | None = None, *, overlap: bool = True) -> _Started:
+    """Begin a read; `finish()` gives the Reading. With `overlap`, reading the API server begins
+    at once in a forked child process, so the caller's own work (starting the kernel dumps)
+    overlaps it; only a single-threaded command (`weft plan/apply/drift`) may ask for that."""
     if from_dir:
         return _Started(lambda: _read_dir(state_dir, Path(from_dir).resolve()))
     cache = cachemod.load(state_dir)
-    keep = state_dir / API_PROFILE
-    child = _ApiChild(kubeconfig, context, cache, keep).__enter__()
-    return _Started(lambda: _read_api(child, cache, kubeconfig, context, keep), child)
+    keep = Path(state_dir) / API_PROFILE
+    asker = _ApiChild(kubeconfig, context, cache, keep) if overlap else _InProcess(kubeconfig, context, cache, keep)
+    asker = asker.__enter__()
+    return _Started(lambda: _read_api(asker, cache, kubeconfig, context, keep), asker)
 
 
 class _Started:
-    def __init__(self, finish: Callable[[], Reading], child: _ApiChild | None = None):
+    def __init__(self, finish: Callable[[], Reading], child: _ApiChild | _InProcess | None = None):
         self._finish, self.child = finish, child
 
     def finish(self) -> Reading:
@@ -93,6 +96,12 @@ def commit(state_dir: Path, reading: Reading) -> None:
     reading.dirty = False
 
 
+def _groups(cache: cachemod.DesiredCache) -> dict:
+    """The cache's converted objects (the loader registers their type with the codec)."""
+    import weft.desired.loader  # noqa: F401
+    return cache.groups()
+
+
 def _assembled(table: dict) -> Callable[[], ClusterState]:
     def build() -> ClusterState:
         from weft.desired.loader import Converted, assemble
@@ -106,18 +115,15 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
     from weft.desired.loader import convert_object, flatten_lists
-    from weft.desired.manifests import manifest_files, parse_manifest_file
+    from weft.desired.manifests import manifest_files, parse_manifest_file, read_manifest
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
     files = manifest_files(root)
-    try:
-        contents = {str(p): p.read_bytes() for p in files}
-    except OSError as exc:
-        raise SourceError(f"{exc.filename}: cannot read: {exc.strerror}") from exc
+    contents = {str(p): read_manifest(p) for p in files}       # bounded: desired.bounds
     digests = {path: hashlib.sha256(data).hexdigest() for path, data in contents.items()}
     if digests == cache.cursors and cache.token:
-        return Reading(cache.token, cache, lambda: _dir_state(cache.groups()), dirty=False)
-    per_file = cache.groups() if cache.cursors else {}
+        return Reading(cache.token, cache, lambda: _dir_state(_groups(cache)), dirty=False)
+    per_file = _groups(cache) if cache.cursors else {}
     per_file = {path: entries for path, entries in per_file.items() if digests.get(path) == cache.cursors.get(path)}
     changed = set(digests) - set(per_file)
     errors: list[ValidationError] = []
@@ -154,11 +160,11 @@ def _dir_state(per_file: dict) -> ClusterState:
 
 # ---- API server -----------------------------------------------------------------------------
 
-def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig: str | None,
+def _read_api(child: _ApiChild | _InProcess, cache: cachemod.DesiredCache | None, kubeconfig: str | None,
               context: str | None, keep: Path) -> Reading:
     """A forked child asks the API server what changed, on the other core, while this process
     goes on with its own work (starting and parsing the kernel's dumps; once the cluster's
-    version moved, unpickling the cached objects); the child hands back only answers."""
+    version moved, decoding the cached objects); the child hands back only answers."""
     what, source, *rest = child.receive()
     if what == "full":
         from weft.desired import api as kube
@@ -168,9 +174,9 @@ def _read_api(child: _ApiChild, cache: cachemod.DesiredCache | None, kubeconfig:
     (now,) = rest
     if what == "same":
         return Reading(cache.token, cache, _assembled_from(cache), dirty=False)
-    # The cluster moved: unpickle the cached objects while the child waits out its watches'
+    # The cluster moved: decode the cached objects while the child waits out its watches'
     # quiet gap (not before: a run with nothing to do needs none of them).
-    groups = cache.groups()
+    groups = _groups(cache)
     (results,) = child.receive()
     return _watch_changes(cache, now, results, groups)
 
@@ -195,7 +201,8 @@ def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str
 
 
 class _ApiChild:
-    """A forked process running `_ask_api`; its messages are pickles on a pipe. It only reads
+    """A forked process running `_ask_api`; its messages are pickles on a pipe between this
+    process and its own child (never read from disk or from anyone else). It only reads
     the API server and exits (os._exit: nothing of the parent's is flushed or cleaned twice);
     leaving the block reaps it, killing it first if its answers were not all read."""
 
@@ -248,6 +255,31 @@ class _ApiChild:
             pass
 
 
+class _InProcess:
+    """`_ask_api` run here, at once; its messages are handed back in order, as _ApiChild's are."""
+
+    def __init__(self, kubeconfig: str | None, context: str | None, cache: cachemod.DesiredCache | None,
+                 keep: Path):
+        self.args = (kubeconfig, context, cache, keep)
+        self.messages: list[tuple] = []
+
+    def __enter__(self) -> _InProcess:
+        try:
+            _ask_api(self.messages.append, *self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, as the child would
+            self.messages.append(("error", exc))
+        return self
+
+    def receive(self) -> tuple:
+        message = self.messages.pop(0)
+        if message[0] == "error":
+            raise message[1]
+        return message
+
+    def __exit__(self, *exc) -> None:
+        self.messages.clear()
+
+
 def _portable(exc: BaseException) -> BaseException:
     """`exc` if it survives pickling, else a SourceError saying what it was."""
     try:
@@ -257,7 +289,7 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def _assembled_from(cache: cachemod.DesiredCache) -> Callable[[], ClusterState]:
-    return lambda: _assembled(_flat(cache.groups()))()
+    return lambda: _assembled(_flat(_groups(cache)))()
 
 
 def _flat(groups: dict) -> dict:
@@ -266,7 +298,7 @@ def _flat(groups: dict) -> dict:
 
 def _grouped(table: dict) -> dict:
     """An API object table grouped by (apiVersion, kind, namespace): the cache's unit of
-    (re)pickling, so a changed pod or policy re-pickles its namespace's objects, not the kind's."""
+    (re)encoding, so a changed pod or policy re-encodes its namespace's objects, not the kind's."""
     groups: dict = {}
     for key, entry in table.items():
         groups.setdefault(key[:3], {})[key] = entry

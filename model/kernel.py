@@ -9,6 +9,8 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from weft.model import codec
+
 PREFIX = "weft-"
 
 
@@ -98,3 +100,6 @@ class Dataplane:
 
 
 EMPTY = Dataplane({}, {}, {})
+
+
+codec.register_module(globals())   # these types may be kept in the desired-state cache

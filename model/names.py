@@ -27,3 +27,9 @@ def host_sysctls(host_iface: str, ipv6: bool) -> dict[str, str]:
     if ipv6:
         out |= {f"net/ipv6/conf/{host_iface}/forwarding": "1", f"net/ipv6/conf/{host_iface}/accept_ra": "0"}
     return out
+
+
+# A policy's chain for one direction (renderers.iptables.policy_chain_name): "weft-pi-<hash>"
+# for ingress, "weft-po-<hash>" for egress, the hash lowercase base32. The CNI snapshot names
+# policies only by these; anything else read there is refused.
+POLICY_CHAIN_PATTERNS = {"ingress": r"weft-pi-[a-z2-7]{1,20}", "egress": r"weft-po-[a-z2-7]{1,20}"}

@@ -3,9 +3,10 @@
 Each node is a playbooks.netlab.NodeLab (a node namespace with Calico-style veth pods) plus an
 uplink `fabric0` into a shared "fabric" namespace, where a bridge joins all nodes on 198.18.0.0/24.
 Every node has its own weft state dir and runs its own BIRD (foreground, control socket
-`<state dir>/bird.ctl`, config `<state dir>/bird.conf`). The cluster is written as manifests
-(Nodes with Calico's BGP annotations, one IPPool, one IPAMBlock per node, the pods) and weft is
-applied on each node inside its namespace. Nothing has a route out of the lab; every namespace and
+`<state dir>/bird.ctl`, config `<state dir>/bird.conf`; what BIRD prints before its configuration
+takes over goes to `<state dir>/bird.out`, as `bird.log` is its own log file's name). The cluster
+is written as manifests (Nodes with Calico's BGP annotations, one IPPool, one IPAMBlock per node,
+the pods) and weft is applied on each node inside its namespace. Nothing has a route out of the lab; every namespace and
 BIRD process is removed on close, also after a failure half-way or a Ctrl-C.
 """
 from __future__ import annotations
@@ -75,6 +76,12 @@ class LabNode:
     @property
     def config(self) -> Path:
         return self.state_dir / "bird.conf"
+
+
+def block_object(cidr: str, node: str) -> dict:
+    """A Calico IPAMBlock of `node` (affinity host:<node>), as the manifests hold it."""
+    return {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": block_name(cidr)},
+            "spec": {"cidr": cidr, "affinity": f"host:{node}"}}
 
 
 def sweep_orphans() -> None:
@@ -196,9 +203,7 @@ class MultiNodeLab:
                 "name": node.name, "labels": {"kubernetes.io/hostname": node.name, **node.labels},
                 "annotations": {"projectcalico.org/IPv4Address": node.address}},
                 "status": {"addresses": [{"type": "InternalIP", "address": node.ip}]}})
-            objects.append({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
-                            "metadata": {"name": block_name(node.block)},
-                            "spec": {"cidr": node.block, "affinity": f"host:{node.name}"}})
+            objects.append(block_object(node.block, node.name))
             for pod in node.pods:
                 objects.append({"apiVersion": "v1", "kind": "Pod",
                                 "metadata": {"namespace": pod.namespace, "name": pod.name,
@@ -210,7 +215,8 @@ class MultiNodeLab:
 
     def write_manifests(self, extra: Iterable[dict] = (), node_annotations: dict[str, dict] | None = None) -> Path:
         """(Re)write the manifest dir: the base cluster plus `extra` objects (BGPConfiguration,
-        BGPPeers, policies, ...); `node_annotations` adds annotations to Nodes by name."""
+        BGPPeers, policies, more blocks (`block_object`), ...); `node_annotations` adds
+        annotations to Nodes by name."""
         objects = self.base_objects()
         for obj in objects:
             if obj["kind"] == "Node":
@@ -242,7 +248,7 @@ class MultiNodeLab:
 
     def start_bird(self, node: LabNode, timeout: float = 5.0) -> None:
         """BIRD in the node's namespace, in the foreground of its own process group."""
-        node.bird = self._start_bird(node.netns, node.config, node.socket, node.state_dir / "bird.log", timeout)
+        node.bird = self._start_bird(node.netns, node.config, node.socket, node.state_dir / "bird.out", timeout)
 
     def _start_bird(self, netns: str, config: Path, socket: str, log: Path, timeout: float) -> subprocess.Popen:
         with open(log, "ab") as out:
@@ -266,7 +272,7 @@ class MultiNodeLab:
         home.mkdir(parents=True, exist_ok=True)
         (home / "bird.conf").write_text(config_text)
         socket = str(home / "bird.ctl")
-        self.routers[name] = (netns, self._start_bird(netns, home / "bird.conf", socket, home / "bird.log", 5.0))
+        self.routers[name] = (netns, self._start_bird(netns, home / "bird.conf", socket, home / "bird.out", 5.0))
         return socket
 
     def sessions(self, node: LabNode) -> dict[str, probe.Protocol]:
@@ -283,6 +289,10 @@ class MultiNodeLab:
                 return time.monotonic() - start
             time.sleep(0.05)
         raise LabError(f"BGP sessions not Established after {timeout:g}s: {pending}")
+
+    def kernel_route(self, node: LabNode, prefix: str) -> str:
+        """`ip route show PREFIX` in the node's namespace (empty when the kernel has no such route)."""
+        return node.netlab.node_run(["ip", "route", "show", prefix], check=True).stdout.strip()
 
     def learned(self, node: LabNode) -> dict[str, str]:
         """Prefix -> protocol of the routes this node's BIRD selected from its BGP peers."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from weft.model import codec
 from weft.model.errors import WeftError
 from weft.model.kernel import EMPTY, Dataplane
 from weft.probes.backend import Backend, detect, other_has_weft
@@ -44,6 +45,9 @@ class Desired:
     snapshot: dict | None = None            # renderers.endpoint.make_snapshot
     bird_config: str | None = None      # None: BGP is off for this node (BIRD is left alone)
     ipam: tuple = ()                    # (pools, blocks, node labels): what the CNI plugin allocates from
+
+
+codec.register(Desired)          # kept in the desired-state cache as the node's last render
 
 
 def local_allocations(state_dir: Path) -> list:
@@ -98,14 +102,16 @@ def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired
 
 
 def _with_peer_secrets(opts: Options, state):
-    """BGP passwords: from the API server weft reads only the Secrets peers refer to."""
-    if opts.from_dir or not any(p.password for p in state.bgp_peers):
+    """BGP passwords: from the API server weft reads only the Secrets peers and the mesh refer to."""
+    if opts.from_dir:
+        return state
+    from weft.desired.kinds.bgp import fetch_secrets, password_refs
+    if not password_refs(state):
         return state
     from weft.desired.api import connect
-    from weft.desired.kinds.bgp import fetch_peer_secrets
     from weft.desired.sources import API_PROFILE
     with connect(opts.kubeconfig, opts.context, keep=opts.state_dir / API_PROFILE) as api:
-        return replace(state, secrets=state.secrets + fetch_peer_secrets(api, state.bgp_peers))
+        return replace(state, secrets=state.secrets + fetch_secrets(api, password_refs(state)))
 
 
 def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:

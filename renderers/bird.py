@@ -14,22 +14,36 @@ What moves where:
     exported, aggregated, to every peer (blocks of a pool with disableBGPExport are not);
   - service ranges (BGPConfiguration serviceClusterIPs/ExternalIPs/LoadBalancerIPs): static
     `weft_services_vN`, exported only to peers that are not weft nodes, never to the kernel;
-  - imported: only routes inside some IPPool, and never one of the node's own blocks;
+  - imported from other weft nodes: routes inside some IPPool, never one of the node's own blocks;
+  - imported from routers that are not weft nodes: only whole blocks of other nodes in pools BGP
+    carries. A router that announces a pod's /32 (or any piece of a pool) would otherwise win over
+    the owner's block route by longest prefix and cut the pod off;
   - learned routes go to the kernel through `weft_kernel_vN`, which carries BIRD's own route
     protocol ("proto bird"). BIRD never learns kernel routes (`learn off`), so the per-pod /32
     routes weft's CNI plugin writes (route protocol 201) are neither exported nor touched.
 Protocol names say the peer's kind and address (`Mesh_198_18_0_2`, `Node_...`, `Global_...`,
 `..._port_1790` for another port): `weft status` maps them back with `parse_protocol_name`.
+
+Filter and function names end in a digest of their body (`weft_export_node_v4_1f0c...`). On
+`configure` BIRD reconfigures the static protocol first, which offers a new block to each BGP
+channel's *old* export filter (rejected), and re-runs the export only if it finds the export
+filter changed, by comparing it with the old filter of the same name. 2.0.12 took a prefix set
+grown inside a /24 that already held an exported block for the old set: the new block was never
+announced (10 of 13 blocks added one by one in a 3-node lab; BIRD's log shows only "Reloading
+channel", for the import side). A filter of another name is never the same (filter_same), so a
+changed filter always re-runs the export (and, for an import, asks the peer to resend).
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from weft.desired.kinds.bgp import DEFAULT_AS_NUMBER, duration_seconds, secret_value
-from weft.model.cluster import BGPConfiguration, BGPPeer, ClusterState, Node
+from weft.model.cluster import BGPConfiguration, BGPPeer, ClusterState, Node, SecretKeyRef
 from weft.model.errors import InvalidDesiredState, ValidationError, WeftError
 
 TEMPLATE_PACKAGE = "weft.bgp_config"       # bgp-config/ in the repository, package data once installed
@@ -45,6 +59,10 @@ _LOG_CLASSES = {
 }
 _DEBUG = {"Debug": "all", "Info": "{ states }"}
 _PASSWORD = re.compile(r'^(\s*password\s+)"[^"\n]*"', re.MULTILINE)
+# A log file is rotated by BIRD itself: past this size it is renamed to "<file>.1" (replacing the
+# previous one) and a new file is started, so the two never hold more than twice this.
+LOG_FILE_LIMIT = 8 * 1024 * 1024
+DIGEST_LENGTH = 12                # hex digits of sha256 in filter names: 48 bits, no collisions in practice
 
 
 @dataclass(frozen=True)
@@ -81,20 +99,37 @@ class Family:
     exported_blocks: tuple[str, ...]
     services: tuple[str, ...]
     communities: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]   # (cidr, standard, large)
+    peer_blocks: tuple[str, ...] = ()          # other nodes' blocks in pools BGP carries
+    definitions: tuple[Definition, ...] = ()   # its filters and functions, as rendered
 
     @property
     def suffix(self) -> str:
         return f"v{self.version}"
 
+    def filter(self, role: str) -> str:
+        """The rendered name of this family's filter for `role` ("import_node", "kernel", ...)."""
+        return next(d.name for d in self.definitions if d.role == role)
+
+
+@dataclass(frozen=True)
+class Definition:
+    """A BIRD filter or function; `name` is `weft_<role>_v<N>_<digest of kind and body>`."""
+    kind: str                     # filter | function
+    role: str                     # import_node | import_external | export_node | export_external | kernel | communities
+    name: str
+    body: str
+
 
 def render_bird_config(state: ClusterState, node: str, *, socket_path: str | None = None,
                        router_id: str | None = None, hold_time: int | None = None,
-                       log_target: str = "syslog") -> str:
+                       log_target: str | os.PathLike = "syslog", log_limit: int = LOG_FILE_LIMIT) -> str:
     """BIRD's whole configuration for `node`, byte-identical for the same inputs.
 
     `hold_time` (seconds) applies to every session (the lab uses a short one); `log_target` is
-    "syslog", "stderr" or a file path. Raises InvalidDesiredState for a BGPPeer whose password
-    Secret is missing, WeftError when the node has no address to use as router ID.
+    "syslog", "stderr" or an absolute file path, which BIRD rotates: past `log_limit` bytes it is
+    renamed to "<path>.1" and a new one started. Raises InvalidDesiredState for a BGPPeer or the
+    mesh whose password Secret is missing or unusable, WeftError when the node has no address to
+    use as router ID.
     """
     me = state.nodes.get(node)
     config = effective_configuration(state, node)
@@ -104,15 +139,29 @@ def render_bird_config(state: ClusterState, node: str, *, socket_path: str | Non
         raise WeftError(f"node {node} has no IPv4 BGP address (Node annotation projectcalico.org/IPv4Address) "
                         "to use as BIRD's router ID")
     sessions = bgp_sessions(state, node)
-    families = _families(state, node, me, config)
+    reflect = _cluster_id(me) is not None
+    families = tuple(replace(f, definitions=_definitions(f, reflect, {s.export for s in sessions
+                                                                      if s.family == f.version}))
+                     for f in _families(state, node, me, config))
     severity = config.log_severity or "Info"
-    target = log_target if log_target in ("syslog", "stderr") else f'"{_bird_string(log_target, "log file")}"'
     return _template().render(
         node=node, router_id=str(ipaddress.IPv4Address(router_id)), socket_path=socket_path,
-        log_target=target, log_classes=_LOG_CLASSES[severity], debug=_DEBUG.get(severity, "off"),
-        families=families, sessions=sessions, reflect=_cluster_id(me) is not None, hold_time=hold_time,
-        listen_port=_listen_port(state, node),
+        log_target=_log_target(log_target, log_limit), log_classes=_LOG_CLASSES[severity],
+        debug=_DEBUG.get(severity, "off"),
+        families=families, filters={f.version: f.filter for f in families}, sessions=sessions,
+        hold_time=hold_time, listen_port=_listen_port(state, node),
     )
+
+
+def _log_target(target: str | os.PathLike, limit: int) -> str:
+    """BIRD's `log` destination: syslog, stderr, or a file BIRD rotates itself."""
+    target = os.fspath(target)
+    if target in ("syslog", "stderr"):
+        return target
+    if not target.startswith("/"):
+        raise WeftError(f"BIRD's log file must be an absolute path, got {target!r}")
+    path = _bird_string(target, "log file")
+    return f'"{path}" {int(limit)} "{path}.1"'
 
 
 def redact(text: str) -> str:
@@ -222,14 +271,35 @@ def bgp_sessions(state: ClusterState, node: str) -> tuple[Session, ...]:
                     for version in _reverse_families(p):
                         emit(_node_peering(state, "Node", version, other, p))
     config = effective_configuration(state, node)
+    mesh = _Mesh(None, None)
     if config.node_to_node_mesh is not False and _cluster_id(me) is None:
+        mesh = _mesh_settings(state, config)
         for other in others:
             if _cluster_id(other) is None:
                 for version in (4, 6):
                     emit(_node_peering(state, "Mesh", version, other, None))
     local_as = _as_of(state, me)
-    return tuple(sorted((_session(state, me, local_as, p) for p in found.values()),
+    return tuple(sorted((_session(state, me, local_as, p, mesh) for p in found.values()),
                         key=lambda s: s.name))
+
+
+@dataclass(frozen=True)
+class _Mesh:
+    """What BGPConfiguration sets for every node-to-node mesh session."""
+    password: str | None
+    restart_time: int | None
+
+
+def _mesh_settings(state: ClusterState, config: BGPConfiguration) -> _Mesh:
+    """nodeMeshPassword (resolved from its Secret: an error even before the first mesh session
+    exists, so a typo shows on the first node) and nodeMeshMaxRestartTime. Both are set only on
+    "default" (the converter refuses them elsewhere), so that is the object an error names."""
+    password = None
+    if config.node_mesh_password is not None:
+        password = _secret_password(state, config.node_mesh_password, "BGPConfiguration default",
+                                    "spec.nodeMeshPassword")
+    restart = config.node_mesh_max_restart_time
+    return _Mesh(password, round(duration_seconds(restart)) if restart else None)
 
 
 def _applies_to(p: BGPPeer, node: Node) -> bool:
@@ -270,7 +340,7 @@ def _reverse_families(p: BGPPeer) -> tuple[int, ...]:
     return (4, 6) if p.peer_selector is not None else (ipaddress.ip_address(p.peer_ip).version,)
 
 
-def _session(state: ClusterState, me: Node, local_as: int, p: _Peering) -> Session:
+def _session(state: ClusterState, me: Node, local_as: int, p: _Peering, mesh: _Mesh) -> Session:
     peer = p.peer
     my_address = _address(me, p.family)
     ttl = peer.ttl_security if peer else None
@@ -293,9 +363,10 @@ def _session(state: ClusterState, me: Node, local_as: int, p: _Peering) -> Sessi
         local_address=None if peer and peer.source_address == "None" else my_address,
         peer_node=p.peer_node.name if p.peer_node else None,
         passive=p.peer_node is not None and ipaddress.ip_address(p.address) > ipaddress.ip_address(my_address),
-        hops=hops, ttl_security=bool(ttl), password=_password(state, peer),
+        hops=hops, ttl_security=bool(ttl), password=mesh.password if p.kind == "Mesh" else _password(state, peer),
         next_hop=next_hop, rr_client=rr_client, rr_cluster_id=my_cid if rr_client else None,
-        restart_time=round(duration_seconds(peer.max_restart_time)) if peer and peer.max_restart_time else None,
+        restart_time=(mesh.restart_time if p.kind == "Mesh" else
+                      round(duration_seconds(peer.max_restart_time)) if peer and peer.max_restart_time else None),
         keepalive_time=round(duration_seconds(peer.keepalive_time)) if peer and peer.keepalive_time else None,
         export="node" if p.peer_node is not None else "external", origin=origin,
     )
@@ -304,16 +375,19 @@ def _session(state: ClusterState, me: Node, local_as: int, p: _Peering) -> Sessi
 def _password(state: ClusterState, peer: BGPPeer | None) -> str | None:
     if peer is None or peer.password is None:
         return None
-    ref = peer.password
+    return _secret_password(state, peer.password, f"BGPPeer {peer.name}", "spec.password")
+
+
+def _secret_password(state: ClusterState, ref: SecretKeyRef, where: str, field: str) -> str:
+    """The password `ref` names, checked: InvalidDesiredState naming `where` and `field` else."""
     value = secret_value(state.secrets, ref)
-    where = f"BGPPeer {peer.name}"
     if value is None:
         raise InvalidDesiredState([ValidationError(
-            "desired state", where, "spec.password.secretKeyRef",
+            "desired state", where, f"{field}.secretKeyRef",
             f"no Secret {ref.name!r} with key {ref.key!r} in namespace calico-system or kube-system")])
     if not value or len(value.encode()) > 80 or not value.isprintable() or '"' in value:
         raise InvalidDesiredState([ValidationError(
-            "desired state", where, "spec.password.secretKeyRef",
+            "desired state", where, f"{field}.secretKeyRef",
             f"Secret {ref.name!r} key {ref.key!r}: a BGP password must be 1-80 bytes of printable text "
             "without double quotes (BIRD cannot quote them)")])
     return value
@@ -326,6 +400,9 @@ def _families(state: ClusterState, node: str, me: Node | None, config: BGPConfig
     own = sorted({b.cidr for b in state.blocks if b.node == node}, key=_net_key)
     no_export = [ipaddress.ip_network(p.cidr) for p in pools if p.disable_bgp_export]
     exported = [b for b in own if not any(_within(b, pool) for pool in no_export)]
+    carried = [ipaddress.ip_network(p.cidr) for p in pools if not p.disable_bgp_export]
+    peer_blocks = sorted({b.cidr for b in state.blocks
+                          if b.node != node and any(_within(b.cidr, pool) for pool in carried)}, key=_net_key)
     services = sorted({*config.service_cluster_ips, *config.service_external_ips,
                        *config.service_loadbalancer_ips}, key=_net_key)
     families = []
@@ -341,8 +418,29 @@ def _families(state: ClusterState, node: str, me: Node | None, config: BGPConfig
                 standard = tuple(f"({c.replace(':', ', ')})" for c in advert.communities if c.count(":") == 1)
                 large = tuple(f"({c.replace(':', ', ')})" for c in advert.communities if c.count(":") == 2)
                 rules.append((advert.cidr, standard, large))
-        families.append(Family(version, pool_cidrs, mine(own), mine(exported), mine(services), tuple(rules)))
+        families.append(Family(version, pool_cidrs, mine(own), mine(exported), mine(services), tuple(rules),
+                               mine(peer_blocks)))
     return tuple(families)
+
+
+def _definitions(f: Family, reflect: bool, peers: set[str]) -> tuple[Definition, ...]:
+    """The family's filters (those its sessions use: `peers` holds "node" and/or "external", plus
+    the kernel's) and the functions they call, each named by a digest of its body: see the module
+    docstring. A function's digest is part of the body of every filter calling it."""
+    macros = _template("filters.j2").module
+    found: list[Definition] = []
+
+    def define(kind: str, role: str, body: str) -> str:
+        digest = hashlib.sha256(f"{kind}\n{body}".encode()).hexdigest()[:DIGEST_LENGTH]
+        found.append(Definition(kind, role, f"weft_{role}_{f.suffix}_{digest}", body))
+        return found[-1].name
+
+    communities = define("function", "communities", str(macros.communities(f))) if f.communities and peers else None
+    for kind in sorted(peers):
+        define("filter", f"import_{kind}", str(getattr(macros, f"import_{kind}")(f)))
+        define("filter", f"export_{kind}", str(macros.export(f, kind, reflect, communities)))
+    define("filter", "kernel", str(macros.kernel(f)))
+    return tuple(found)
 
 
 def _net_key(cidr: str):
@@ -362,10 +460,10 @@ def _bird_string(value: str, what: str) -> str:
 
 
 @cache
-def _template():
-    """The template, loaded on first use: jinja2 costs ~30 ms to import, and most runs render no
+def _template(name: str = "bird.conf.j2"):
+    """A template, loaded on first use: jinja2 costs ~30 ms to import, and most runs render no
     BIRD config (BGP off, or nothing changed)."""
     import jinja2
     env = jinja2.Environment(loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, "."), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    return env.get_template("bird.conf.j2")
+    return env.get_template(name)

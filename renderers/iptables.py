@@ -31,20 +31,30 @@ from weft.model.cluster import (
     INGRESS,
     Action,
     ClusterState,
+    Direction,
     Endpoint,
     EntityMatch,
     NamedPort,
     Policy,
     Rule,
 )
+from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
-from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, base_matches, chain_lines, pending_specs
+from weft.renderers.rules import (
+    FROM_DISPATCH,
+    MARK_ACCEPT,
+    MARK_PASS,
+    TABLE,
+    TO_DISPATCH,
+    Spec,
+    base_matches,
+    chain_lines,
+    pending_specs,
+    tiered_specs,
+)
 
-MARK_ACCEPT = "0x10000"
-MARK_PASS = "0x20000"
-MARK_ALL = "0x30000"
 WL_GLOB = PREFIX.rstrip("-") + "+"            # matches every weft host-side veth: "weft+"
 FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
@@ -74,6 +84,7 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     known = state.local_endpoints(node)
     local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
                          key=lambda e: e.iface))
+    refuse_shared_interfaces(local)
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
@@ -109,6 +120,24 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
                      render_routes(local), render_links(local))
 
 
+class SharedInterfaceName(WeftError):
+    """Two endpoints of one node would get one host interface name: one pod's traffic would be
+    judged by the other's policy (or left open). Refused before anything is written."""
+
+
+def refuse_shared_interfaces(local: tuple[Endpoint, ...]) -> None:
+    """Raise SharedInterfaceName naming both pods if two of `local` (sorted by iface) share one.
+
+    Validation keeps names apart (namespaces are DNS labels, so "a.b"/"c" and "a"/"b.c" cannot
+    both exist), and the name is 44 bits of a hash; this is the last line of defence."""
+    for first, second in itertools.pairwise(local):
+        if first.iface == second.iface:
+            a, b = sorted((first.key, second.key))
+            raise SharedInterfaceName(
+                f"pods {a} and {b} would both get host interface {first.iface} (named after "
+                f"\"<namespace>.<pod>\"): rename one of them; nothing was changed")
+
+
 def _forward_specs() -> list[Spec]:
     specs = []
     for flag in ("-i", "-o"):
@@ -140,13 +169,13 @@ def _sort_key(order: float | None, name: str) -> tuple:
     return (order is None, order or 0.0, name)
 
 
-def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict:
+def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict[str, dict[Direction, list[Policy]]]:
     """For each local endpoint and direction: its applicable policies in evaluation order.
 
     Selection is per endpoint, so an index of the local endpoints alone selects the same ones
     as the index of every endpoint would, at a fraction of the cost."""
     index = EndpointIndex(replace(state, endpoints=local))
-    result = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
+    result: dict[str, dict[Direction, list[Policy]]] = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
     for policy in state.policies:
         selected = index.select(policy.selector)
         if policy.namespace is not None:
@@ -161,7 +190,7 @@ def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> d
     return result
 
 
-def might_apply(policies, namespace: str | None, direction: str) -> bool:
+def might_apply(policies: tuple[Policy, ...], namespace: str | None, direction: Direction) -> bool:
     """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
     scopes = _scopes(policies)
     return (direction, None) in scopes or (direction, namespace) in scopes
@@ -170,7 +199,7 @@ def might_apply(policies, namespace: str | None, direction: str) -> bool:
 _last_scopes: tuple = ((), frozenset())
 
 
-def _scopes(policies) -> frozenset:
+def _scopes(policies: tuple[Policy, ...]) -> frozenset[tuple[Direction, str | None]]:
     """(direction, namespace or None) of every policy. The snapshot asks for each namespace of the
     same policies: the last tuple's answer is kept (the reference keeps its identity valid)."""
     global _last_scopes
@@ -188,15 +217,15 @@ def order_policies(policies, tiers) -> list:
 
 
 def endpoint_specs(policies: list[Policy], direction: str) -> list[Spec]:
-    specs = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")] if policies else []
-    for _tier, group in itertools.groupby(policies, key=lambda p: p.tier):
-        specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
-        for policy in group:
-            chain = policy_chain_name(policy, direction)
-            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {chain}"))
-            specs.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"))
-        specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
-    return specs
+    """A pod's chain for `direction` from its policies in evaluation order (rules.tiered_specs:
+    the CNI plugin renders the same chain from the snapshot's chain names)."""
+    return tiered_specs(policy_tiers(policies, direction))
+
+
+def policy_tiers(policies: list[Policy], direction: str) -> list[list[str]]:
+    """The policies' chains for `direction`, one list per tier, in evaluation order."""
+    return [[policy_chain_name(p, direction) for p in group]
+            for _tier, group in itertools.groupby(policies, key=lambda p: p.tier)]
 
 
 def _rule_specs(rule: Rule, sets: SetCatalog) -> list[Spec]:

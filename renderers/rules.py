@@ -16,6 +16,9 @@ from collections import namedtuple
 Spec = namedtuple("Spec", "matches extra target", defaults=("", "", ""))
 
 TABLE = "filter"
+MARK_ACCEPT = "0x10000"                    # a policy allowed the packet
+MARK_PASS = "0x20000"                      # a policy passed it to the next tier
+MARK_ALL = "0x30000"
 FROM_DISPATCH = "weft-from-wl-dispatch"    # pod egress: one branch per local pod interface
 TO_DISPATCH = "weft-to-wl-dispatch"        # pod ingress
 
@@ -46,3 +49,17 @@ def pending_specs(closed: bool) -> list:
     """A pod whose labels are not known yet: dropped where a policy might select it (fail
     closed, until a run knows the pod), open where none could."""
     return [Spec(target="-j DROP")] if closed else []
+
+
+def tiered_specs(tiers) -> list:
+    """A pod's chain for one direction: `tiers` in evaluation order, each the chains of its
+    policies in order. In each tier an Allow sets the accept mark and returns, Deny drops, Pass
+    skips the rest of the tier; a tier that neither passed nor allowed drops. No tiers: open."""
+    specs = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")] if tiers else []
+    for chains in tiers:
+        specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
+        for chain in chains:
+            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {chain}"))
+            specs.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"))
+        specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
+    return specs

@@ -252,8 +252,12 @@ class StateDir:
                                   "remove it") from None
             raise UnsafeState(f"{path}: cannot open the node lock: {exc.strerror}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise UnsafeState(f"{path} is not a regular file: remove it")
+            if st.st_uid not in _owners() or st.st_mode & _WRITABLE_BY_OTHERS:
+                raise UnsafeState(f"{path} belongs to uid {st.st_uid} or is writable by others "
+                                  f"(mode {stat.S_IMODE(st.st_mode):04o}): weft does not trust it; remove it")
             operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
             deadline = time.monotonic() + timeout
             pause = 0.002

@@ -122,11 +122,59 @@ def test_bad_bgp_peer_names_object_and_field(spec, field, words):
     ({"prefixAdvertisements": [{"cidr": "198.18.4.0/24", "communities": ["nope"]}]},
      "spec.prefixAdvertisements[0].communities[0]", "must name one of"),
     ({"serviceClusterIPs": [{"cidr": "198.19.0.0/33"}]}, "spec.serviceClusterIPs[0].cidr", "invalid CIDR"),
+    ({"nodeMeshPassword": "s3cr3t"}, "spec.nodeMeshPassword", "{secretKeyRef: {name: ..., key: ...}}"),
+    ({"nodeMeshPassword": {"secretKeyRef": {"name": "bgp", "key": ""}}}, "spec.nodeMeshPassword.secretKeyRef.key",
+     "non-empty"),
+    ({"nodeMeshMaxRestartTime": "forever"}, "spec.nodeMeshMaxRestartTime", "duration"),
+    ({"nodeMeshMaxRestartTime": "4096s"}, "spec.nodeMeshMaxRestartTime", "1s-4095s"),
 ])
 def test_bad_bgp_configuration_names_object_and_field(spec, field, words):
     (message,) = errors(obj("BGPConfiguration", "default", spec))
     assert message.startswith(f"bgp.yaml: BGPConfiguration default: {field}: "), message
     assert words in message
+
+
+@pytest.mark.parametrize("api", [V1, V3])
+def test_node_mesh_password_and_restart_time(api):
+    (config,) = load(obj("BGPConfiguration", "default", {
+        "nodeMeshPassword": {"secretKeyRef": {"name": "bgp-mesh", "key": "password"}},
+        "nodeMeshMaxRestartTime": "2m"}, api=api)).bgp_configurations
+    assert config.node_mesh_password == SecretKeyRef("bgp-mesh", "password")
+    assert config.node_mesh_max_restart_time == "2m"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("nodeMeshPassword", {"secretKeyRef": {"name": "bgp-mesh", "key": "password"}}),
+    ("nodeMeshMaxRestartTime", "90s"),
+])
+def test_mesh_settings_only_on_the_default_configuration(field, value):
+    """Both ends of a mesh session must agree, so (as in Calico) only "default" sets them."""
+    (message,) = errors(obj("BGPConfiguration", "node.n1", {field: value}))
+    assert message.startswith(f"bgp.yaml: BGPConfiguration node.n1: spec.{field}: "), message
+    assert 'only be set on the "default" BGPConfiguration' in message
+
+
+def test_password_refs_and_their_secrets_from_the_api_server(tmp_path):
+    """One GET per Secret a BGP password names (a peer's or the mesh's); weft lists no Secrets."""
+    from tests.kubeapi import FakeKubeAPI
+    from weft.desired.api import connect
+    from weft.desired.kinds.bgp import fetch_secrets, password_refs
+    from weft.model.cluster import Secret
+    mesh = {"nodeMeshPassword": {"secretKeyRef": {"name": "mesh", "key": "pw"}}}
+    state = load(obj("BGPConfiguration", "default", mesh),
+                 obj("BGPPeer", "tor", {"peerIP": "198.18.0.254", "asNumber": 65001,
+                                        "password": {"secretKeyRef": {"name": "bgp", "key": "tor"}}}))
+    assert password_refs(state) == (SecretKeyRef("bgp", "tor"), SecretKeyRef("mesh", "pw"))
+    objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "calico-system"}},
+               {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mesh", "namespace": "calico-system"},
+                "data": {"pw": base64.b64encode(b"m3sh").decode()}},
+               {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "other", "namespace": "calico-system"},
+                "data": {"pw": base64.b64encode(b"unread").decode()}}]
+    with FakeKubeAPI(objects) as server, connect(server.write_kubeconfig(tmp_path / "kc")) as api:
+        assert fetch_secrets(api, password_refs(state)) == (Secret("calico-system", "mesh", {"pw": "m3sh"}),)
+        asked = [path for _, path in server.requests if "/secrets" in path]
+    assert asked == ["/api/v1/namespaces/calico-system/secrets/bgp", "/api/v1/namespaces/kube-system/secrets/bgp",
+                     "/api/v1/namespaces/calico-system/secrets/mesh"]
 
 
 def test_bgp_configuration_name_and_node_annotation_errors():

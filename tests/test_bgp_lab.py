@@ -2,21 +2,27 @@
 tests create and always remove, BIRD processes included.
 
 Covers: 2- and 3-node full mesh (Established, blocks learned, cross-node TCP, policy across
-nodes), a route reflector with two clients, an eBGP ToR router receiving blocks and service
-ranges, reloads that keep unchanged sessions and no reload when nothing changed, bad input that
-leaves the old config live, and a hand-edited BIRD file reported as drift.
+nodes), blocks added one by one to a running mesh reaching every other kernel, a mesh password
+(and a mismatched one that never establishes), a route reflector with two clients, an eBGP ToR
+router receiving blocks and service ranges, and one announcing a pod's /32 that must not cut the
+pod off, reloads that keep unchanged sessions and no reload when nothing changed, bad input that
+leaves the old config live, a hand-edited BIRD file reported as drift, BIRD's rotated log file,
+and the BGP benchmark.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import io
+import ipaddress
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
@@ -25,11 +31,12 @@ from weft.desired.loader import build_cluster_state
 from weft.desired.manifests import load_manifest_dir
 from weft.model.errors import InvalidDesiredState
 from weft.model.names import host_iface_name
-from weft.playbooks.multinode import NAMESPACE, MultiNodeLab, has_lab_cni
+from weft.playbooks.multinode import BLOCK_PREFIX, NAMESPACE, POOL, MultiNodeLab, block_object, has_lab_cni
 from weft.playbooks.netlab import LabError
 from weft.probes import bird as probe
 from weft.reconciler import bird as birdmod
 from weft.reconciler import status
+from weft.renderers.bird import render_bird_config
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("bird", "birdc", "ip")),
@@ -52,8 +59,9 @@ TOR_PEER = bgp_peer("tor", peerIP=TOR_IP, asNumber=TOR_AS)
 
 @contextlib.contextmanager
 def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None = None,
-            labels: dict | None = None, pods: int = 1, tor: bool | str = False, full_apply: bool = False):
-    """A lab with BIRD configured and running on every node, all sessions Established."""
+            labels: dict | None = None, pods: int = 1, tor: bool | str = False, tor_announces: tuple = ()):
+    """A lab with BIRD configured and running on every node, all sessions Established. `tor`: a
+    ToR router too (a string: with that password), announcing `tor_announces` to every node."""
     lab = MultiNodeLab(nodes, pods, labels=labels)
     try:
         lab.create()
@@ -63,7 +71,7 @@ def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None =
         for node in lab.nodes:
             lab.start_bird(node)
         if tor:
-            lab.add_router("tor", f"{TOR_IP}/24", tor_config(lab, tor if isinstance(tor, str) else None))
+            lab.add_router("tor", f"{TOR_IP}/24", tor_config(lab, tor if isinstance(tor, str) else None, tor_announces))
         lab.wait_established()
         yield lab
     finally:
@@ -73,17 +81,20 @@ def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None =
         assert not [n for n in names if n in left], "the lab left namespaces behind"
 
 
-def tor_config(lab: MultiNodeLab, password: str | None = None) -> str:
-    """A plain BIRD as top-of-rack router: eBGP to every node, keeps what it learns to itself."""
+def tor_config(lab: MultiNodeLab, password: str | None = None, announce: tuple = ()) -> str:
+    """A plain BIRD as top-of-rack router: eBGP to every node, keeps what it learns to itself and
+    announces to every node the prefixes of `announce` (blackholes here: next hop the ToR)."""
     auth = f'password "{password}";' if password else ""
+    routes = "".join(f"  route {prefix} blackhole;\n" for prefix in announce)
     peers = "\n".join(f"""protocol bgp node{i} {{
   local {TOR_IP} as {TOR_AS};
   neighbor {node.ip} as 64512;
   connect delay time 1;
   {auth}
-  ipv4 {{ import all; export none; }};
+  ipv4 {{ import all; export {'where proto = "announced"' if announce else "none"}; }};
 }}""" for i, node in enumerate(lab.nodes))
-    return f"router id {TOR_IP};\ntimeformat protocol iso long ms;\nprotocol device {{}}\n{peers}\n"
+    statics = f"protocol static announced {{\n  ipv4;\n{routes}}}\n" if announce else ""
+    return f"router id {TOR_IP};\ntimeformat protocol iso long ms;\nprotocol device {{}}\n{statics}{peers}\n"
 
 
 def tor_routes(lab: MultiNodeLab) -> set[str]:
@@ -168,6 +179,62 @@ def test_three_node_mesh_and_status():
         assert "node-to-node mesh" in text and "Established" in text and lab.nodes[1].block in text
 
 
+def test_blocks_added_one_by_one_reach_every_other_nodes_kernel():
+    """#9.6: BIRD 2.0.12 took a prefix set grown inside one /24 for unchanged on `configure`, so a
+    new block sharing a /24 with an exported one was never announced (10 of 13 here, before
+    filter names carried a digest of their body). Every free block of the pool goes to node-1,
+    one per weft run on every node: each must reach both other kernels, and no session may be
+    reset for it (BIRD re-feeds the channels; it does not restart them)."""
+    with bgp_lab(3) as lab:
+        owner, *others = lab.nodes
+        since = {n.name: {name: p.since for name, p in lab.sessions(n).items()} for n in lab.nodes}
+        taken = {n.block for n in lab.nodes}
+        free = [str(b) for b in POOL.subnets(new_prefix=BLOCK_PREFIX) if str(b) not in taken]
+        added, missing = [], []
+        for cidr in free:
+            added.append(block_object(cidr, owner.name))
+            lab.write_manifests(added)
+            lab.apply_all()
+            for other in others:
+                if not _eventually(lambda o=other, c=cidr: f"via {owner.ip} " in lab.kernel_route(o, c), 5.0):
+                    missing.append((cidr, other.name))
+        assert len(free) == 13 and sum(c.startswith(("198.18.4.", "198.18.5.")) for c in free) >= 4
+        assert missing == [], f"{len(missing)} of {2 * len(free)} new block routes never reached a kernel: {missing}"
+        assert {n.name: {name: p.since for name, p in lab.sessions(n).items()} for n in lab.nodes} == since
+        assert all(f"blackhole {c}" in kernel_routes(lab, owner) for c in free)
+
+
+def test_mesh_password_from_a_secret_establishes_and_a_mismatch_does_not():
+    """nodeMeshPassword (TCP MD5 on every mesh session) from a Secret; nodeMeshMaxRestartTime."""
+    def mesh(password: str) -> list[dict]:
+        return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "calico-system"}},
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bgp-mesh", "namespace": "calico-system"},
+                 "stringData": {"password": password}},
+                bgp_config(nodeMeshPassword={"secretKeyRef": {"name": "bgp-mesh", "key": "password"}},
+                           nodeMeshMaxRestartTime="90s")]
+
+    with bgp_lab(2, extra=mesh("m3sh-one")) as lab:
+        one, two = lab.nodes
+        for node in lab.nodes:
+            text = node.config.read_text()
+            assert 'password "m3sh-one";' in text and "graceful restart time 90;" in text
+        lab.wait_routes(one, [two.block])
+        assert all(lab.matrix().values())
+        # node-2 alone moves to another password: the ends disagree, the session must not come back
+        lab.write_manifests(mesh("m3sh-two"))
+        lab.apply(two)
+        session = "Mesh_198_18_0_2"
+        assert _eventually(lambda: lab.sessions(one)[session].info != "Established")
+        deadline = time.monotonic() + 8.0                # connect delay 1 s, retry 5 s: several tries
+        while time.monotonic() < deadline:
+            states = (lab.sessions(one)[session].info, lab.sessions(two)["Mesh_198_18_0_1"].info)
+            assert "Established" not in states, states
+            time.sleep(0.2)
+        lab.apply(one)                                   # the same password again at both ends
+        lab.wait_established()
+        lab.wait_routes(one, [two.block])
+
+
 # --- route reflector -------------------------------------------------------------------------
 
 def test_route_reflector_clients_learn_each_other_via_the_rr():
@@ -205,6 +272,53 @@ def test_tor_router_over_ebgp_receives_blocks_and_service_ranges():
         assert _eventually(lambda: tor_routes(lab) == want), tor_routes(lab)
         assert set(lab.learned(one)) == {two.block}                          # nodes do not trade services
         assert "198.19." not in kernel_routes(lab, one)
+
+
+def import_updates(node, protocol: str) -> int:
+    """How many route updates `protocol` received (BIRD's "Import updates: received" counter)."""
+    text = probe.birdc(node.socket, "show", "protocols", "all", protocol)
+    line = next((ln for ln in text.splitlines() if ln.strip().startswith("Import updates:")), "")
+    return int(line.split()[2]) if line else 0
+
+
+def test_an_external_router_cannot_cut_pods_off():
+    """#9.6: a router that is not a weft node announces node-2's pod as a /32, a piece of node-2's
+    block, an unallocated block of the pool, node-1's own block, node-3's whole block and a range
+    outside the pools. Accepted, the /32 would win over node-2's block by longest prefix and send
+    node-1's traffic for that pod to the router. Only node-3's whole block may be taken from it."""
+    hijack = ("198.18.4.66/32", "198.18.4.96/27", "198.18.7.0/26", "198.18.4.0/26", "198.18.4.128/26",
+              "198.19.50.0/24")
+    with bgp_lab(3, extra=[TOR_PEER], tor=True, tor_announces=hijack) as lab:
+        one, two, three = lab.nodes
+        assert two.pods[0].ip == "198.18.4.66" and (one.block, three.block) == ("198.18.4.0/26", "198.18.4.128/26")
+        tor = "Global_198_18_0_254"
+        assert _eventually(lambda: all(import_updates(n, tor) >= len(hijack) for n in lab.nodes)), \
+            {n.name: import_updates(n, tor) for n in lab.nodes}
+        lab.wait_routes(one, [two.block, three.block])
+        from_tor = {n.name: {r.prefix for r in probe.show_routes(n.socket) if r.protocol == tor} for n in lab.nodes}
+        assert from_tor == {"node-1": {three.block}, "node-2": {one.block, three.block}, "node-3": {one.block}}
+        rejected = {ipaddress.ip_network(p) for p in hijack[:3] + hijack[5:]}
+        for node in lab.nodes:                           # BIRD put none of the others in a kernel
+            learned = {ipaddress.ip_network(line.split()[1] if line.startswith(("blackhole ", "unreachable "))
+                                            else line.split()[0]) for line in kernel_routes(lab, node).splitlines()}
+            assert {ipaddress.ip_network(n.block) for n in lab.nodes} <= learned and not learned & rejected, learned
+        # the mesh's route to each block wins over the router's copy (shorter AS path)
+        assert lab.learned(one)[three.block] == "Mesh_198_18_0_3"
+        assert f"{three.block} via {three.ip} dev fabric0" in kernel_routes(lab, one)
+        via = one.netlab.node_run(["ip", "route", "get", "198.18.4.66"], check=True).stdout
+        assert f"via {two.ip} dev fabric0" in via, via
+        assert all(lab.matrix().values())
+        # 198.18.7.0/26 becomes node-3's: node-1's filter for the router changes name, BIRD asks the
+        # router to send its routes again (route refresh) and now takes that whole block too, with
+        # the session kept up; node-3's own route to it still wins.
+        since = lab.sessions(one)[tor].since
+        lab.write_manifests([TOR_PEER, block_object("198.18.7.0/26", three.name)])
+        lab.apply_all()
+        assert _eventually(lambda: {r.prefix for r in probe.show_routes(one.socket) if r.protocol == tor}
+                           == {three.block, "198.18.7.0/26"})
+        lab.wait_routes(one, ["198.18.7.0/26"])
+        assert lab.learned(one)["198.18.7.0/26"] == "Mesh_198_18_0_3"
+        assert lab.sessions(one)[tor].since == since and lab.sessions(one)[tor].info == "Established"
 
 
 # --- reloads -----------------------------------------------------------------------------------
@@ -324,10 +438,56 @@ def _eventually(check, timeout: float = 10.0) -> bool:
     return check()
 
 
+def test_bird_logs_to_a_file_it_rotates():
+    """The log file weft renders (`log_target`, ENGINE passes <state dir>/bird.log) is BIRD's own,
+    bounded: past `log_limit` bytes BIRD renames it to bird.log.1 and starts a new one."""
+    lab = MultiNodeLab(1, 1)
+    try:
+        lab.create()
+        (one,) = lab.nodes
+        state = build_cluster_state(load_manifest_dir(lab.write_manifests([bgp_config(logSeverityScreen="Debug")])))
+        log, limit = one.state_dir / "bird.log", 4096
+        one.config.write_text(render_bird_config(state, one.name, socket_path=one.socket, log_target=log,
+                                                 log_limit=limit))
+        lab.start_bird(one)
+        backup = log.with_name("bird.log.1")
+        for _ in range(200):
+            if backup.exists() and log.exists() and log.stat().st_size > 0:
+                break
+            probe.birdc(one.socket, "configure")              # each one logs its reconfiguration
+        assert backup.exists(), log.read_text()[-500:]
+        assert 0 < log.stat().st_size <= limit and limit // 2 < backup.stat().st_size <= limit
+        assert "Reconfigur" in log.read_text() + backup.read_text()
+        assert "Reconfigur" not in (one.state_dir / "bird.out").read_text()
+    finally:
+        lab.close()
+
+
+def test_bgp_benchmark_runs_and_prints_its_figures():
+    """bench.bench_bgp at a small size, as a user runs it (it crashed on a lab method that no
+    longer existed)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "bench.bench_bgp", "--peers", "20", "--blocks", "40", "--nodes", "2",
+                           "--noop-runs", "2", "--new-blocks", "3"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    decoder, text, figures = json.JSONDecoder(), done.stdout, {}
+    while text.strip():
+        value, end = decoder.raw_decode(text.strip())
+        figures.update(value)
+        text = text.strip()[end:]
+    assert figures["render"]["bird_accepts"] and figures["render"]["no_change_plan_is_none"]
+    lab = figures["lab"]
+    assert lab["reload_commands"] == 0 and lab["nodes_bird_reconfigured"] == 0
+    assert lab["new_blocks_never_arrived"] == 0 and lab["new_block_in_remote_kernel_s"]["max"] < 10
+
+
 def test_labs_leave_no_namespaces_or_bird_processes():
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"wml-{os.getpid()}-" not in left
-    ours = subprocess.run(["pgrep", "-f", "weft-multinode-"], capture_output=True, text=True).stdout.split()
+    # BIRD runs in the foreground as a child of this process; other test sessions' labs are not ours.
+    ours = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "weft-multinode-"], capture_output=True,
+                          text=True).stdout.split()
     assert not ours, f"BIRD processes left: {ours}"
 
 

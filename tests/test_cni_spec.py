@@ -128,6 +128,19 @@ def test_error_is_in_the_configs_version_when_known():
     assert call("ADD", b"{")[1]["cniVersion"] == spec.LATEST
 
 
+@pytest.mark.parametrize("command, env", [("STATUS", {}), ("ADD", {"CNI_NETNS": None}), ("ADD", {"CNI_IFNAME": "a/b"}),
+                                          ("NOPE", {}), ("ADD", {"CNI_ARGS": "broken"})])
+def test_an_error_before_the_config_is_accepted_is_in_its_version_too(command, env):
+    """These fail before the configuration is accepted (a bad CNI_* variable, a command its
+    version does not have): the answer still speaks the configuration's version, not 1.1.0."""
+    code, out = call(command, conf("1.0.0"), **env)
+    assert code == 1 and out["cniVersion"] == "1.0.0", out
+
+
+def test_a_relative_state_dir_is_refused(tmp_path):
+    assert error_code("DEL", conf(state_dir="state")) == spec.INVALID_CONFIG
+
+
 def test_del_of_an_unknown_container_succeeds_and_twice_too(tmp_path):
     stdin = conf(state_dir=str(tmp_path))
     assert call("DEL", stdin, CNI_NETNS=None, CNI_ARGS=None) == (0, None)

@@ -23,7 +23,7 @@ DENY_INGRESS = {"podSelector": {}, "policyTypes": ["Ingress"]}
 
 
 def endpoint_call(ns: str, state_dir, call: str) -> subprocess.CompletedProcess:
-    code = f"from pathlib import Path\nfrom reconciler.endpoint import *\n{call}"
+    code = f"from pathlib import Path\nfrom weft.reconciler.endpoint import *\n{call}"
     return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 

@@ -15,6 +15,7 @@ from weft.model.cluster import Block
 from weft.model.errors import InvalidDesiredState
 from weft.reconciler import ipam_cli
 from weft.store import ipam
+from weft.store.statedir import UnsafeState
 
 CRD, V3 = "crd.projectcalico.org/v1", "projectcalico.org/v3"
 
@@ -169,6 +170,161 @@ def test_unreadable_state_is_reported_not_guessed(tmp_path):
     (tmp_path / "ipam" / "allocations.json").write_text("{half")
     with pytest.raises(ipam.Unavailable, match="allocations.json"):
         ipam.read_allocations(tmp_path)
+
+
+RECORD = {"namespace": "ns", "pod": "p", "iface": "weft-p", "ips": ["198.18.4.7"], "container_id": "c1",
+          "ifname": "eth0", "network": "net", "active": True, "created": 1.0}
+CORRUPT = [
+    ('{"format":1}', "\"allocations\""),
+    ('{"format":2,"allocations":[]}', "format 1"),
+    ('[]', "format 1"),
+    ('{"format":1,"allocations":{}}', "\"allocations\""),
+    (json.dumps({"format": 1, "allocations": [{k: v for k, v in RECORD.items() if k != "ips"}]}),
+     "allocations[0].ips"),
+    (json.dumps({"format": 1, "allocations": [{k: v for k, v in RECORD.items() if k != "pod"}]}),
+     "allocations[0].pod"),
+    (json.dumps({"format": 1, "allocations": [RECORD | {"ips": ["198.18.4.300"]}]}), "allocations[0].ips[0]"),
+    (json.dumps({"format": 1, "allocations": [RECORD | {"iface": "a/../../b"}]}), "allocations[0].iface"),
+    (json.dumps({"format": 1, "allocations": [RECORD | {"active": "yes"}]}), "allocations[0].active"),
+    (json.dumps({"format": 1, "allocations": [RECORD], "cursor": {"4": "x"}}), "cursor.4"),
+    ("[" * 100000, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("text, named", CORRUPT, ids=[c[1] + f"-{i}" for i, c in enumerate(CORRUPT)])
+def test_records_that_are_not_what_weft_writes_are_corrupt_never_empty(tmp_path, text, named):
+    (tmp_path / "ipam").mkdir(mode=0o700)
+    (tmp_path / "ipam" / "allocations.json").write_text(text)
+    with pytest.raises(ipam.CorruptRecords) as info:
+        ipam.read_allocations(tmp_path)
+    assert "allocations.json" in str(info.value) and named in str(info.value)
+    assert "weft ipam rebuild" in str(info.value)
+
+
+def test_node_file_that_is_not_what_weft_writes_is_corrupt(tmp_path):
+    store = node_with(tmp_path, "198.18.4.0/26")
+    path = tmp_path / "ipam" / "node.json"
+    doc = json.loads(path.read_text())
+    for bad, named in ((doc | {"pools": "all"}, "\"pools\""), (doc | {"blocks": [{"cidr": "198.18.4.0/99"}]},
+                                                               "blocks[0].cidr"),
+                       (doc | {"source": {"manifests": 3}}, "source.manifests"), ({"format": 1}, "node")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ipam.CorruptNodeFile, match=named.replace("[", r"\[")):
+            ipam.read_node_ipam(tmp_path)
+        with pytest.raises(ipam.Unavailable):
+            add(store, "c1")
+
+
+def kernel(*pods, unnamed=()):
+    """recover() and held() of a kernel where weft wired `pods` ((iface, container id, ip) each)."""
+    links = {iface: f"weft:{cid}:eth0" for iface, cid, _ in pods + unnamed}
+    routes = [(ip, iface) for iface, _, ip in pods + unnamed]
+    names = {iface: ("ns", iface.removeprefix("weft-")) for iface, _, _ in pods}
+    return (lambda: ipam.records_from_kernel(links, routes, names, "net"),
+            lambda: {ip for _, _, ip in pods + unnamed})
+
+
+def test_missing_records_are_rebuilt_from_the_kernel_and_no_live_address_is_handed_out(tmp_path, capsys):
+    node_with(tmp_path, "198.18.4.0/26")
+    recover, held = kernel(("weft-a", "ca", "198.18.4.0"), ("weft-b", "cb", "198.18.4.1"))
+    store = ipam.Store(tmp_path, held=held, recover=recover)
+    new, created = store.allocate("net", "cc", "eth0", "ns", "c", "weft-c")
+    assert created and new.ips == ("198.18.4.2",)
+    assert [(a.pod, a.ips) for a in ipam.read_allocations(tmp_path)] == [
+        ("a", ("198.18.4.0",)), ("b", ("198.18.4.1",)), ("c", ("198.18.4.2",))]
+    assert "was missing: rebuilt 2 records" in capsys.readouterr().err
+    assert store.allocate("net", "ca", "eth0", "ns", "a", "weft-a") == (ipam.read_allocations(tmp_path)[0], False), \
+        "the runtime's ADD again of a rebuilt attachment gets its address back"
+
+
+def test_corrupt_records_are_kept_aside_and_rebuilt_with_one_log_line(tmp_path, capsys):
+    node_with(tmp_path, "198.18.4.0/26")
+    (tmp_path / "ipam" / "allocations.json").write_text('{"format":1}')
+    recover, held = kernel(("weft-a", "ca", "198.18.4.0"))
+    store = ipam.Store(tmp_path, held=held, recover=recover)
+    assert [a.pod for a in store.allocations()] == ["a"]
+    aside = list((tmp_path / "ipam").glob("allocations.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == '{"format":1}'
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "kept it as allocations.json.corrupt-" in err and "1 records" in err
+
+
+def test_an_address_a_live_interface_holds_is_never_allocated_even_unrecorded(tmp_path):
+    store = node_with(tmp_path, "198.18.4.0/26")
+    store.held = lambda: {f"198.18.4.{i}" for i in range(64)} - {"198.18.4.1", "198.18.4.3"}
+    assert [add(store, f"c{i}")[0].ips for i in range(2)] == [("198.18.4.1",), ("198.18.4.3",)]
+    with pytest.raises(ipam.Exhausted):
+        add(store, "c3")
+
+
+def test_records_of_pods_nothing_names_are_kept_apart_until_an_add_names_them(tmp_path):
+    node_with(tmp_path, "198.18.4.0/26")
+    recover, held = kernel(("weft-a", "ca", "198.18.4.0"), unnamed=(("weftx", "cx", "198.18.4.1"),))
+    store = ipam.Store(tmp_path, held=held, recover=recover)
+    assert [(a.pod, a.iface) for a in store.allocations()] == [("a", "weft-a"), ("", "weftx")]
+    assert [a.pod for a in ipam.read_allocations(tmp_path)] == ["a"], "the reconcile run sees named pods only"
+    again, created = store.allocate("net", "cx", "eth0", "ns", "x", "weftx")
+    assert (again.ips, created) == (("198.18.4.1",), False)
+    assert [a.pod for a in ipam.read_allocations(tmp_path)] == ["a", "x"]
+    store.release("net", "cx", "eth0")
+    assert [a.pod for a in store.allocations()] == ["a"]
+
+
+def test_records_from_kernel_need_weft_alias_and_a_route():
+    links = {"weft-a": "weft:c-a:eth0", "weft-b": "someone-else", "weft-c": "weft:c-c:eth0", "weft-d": None}
+    routes = [("198.18.4.0", "weft-a"), ("2001:db8::5", "weft-a"), ("198.18.4.9", "weft-b"),
+              ("198.18.9.0/26", "weft-c"), ("198.18.4.7", "weft-d")]
+    records, unknown = ipam.records_from_kernel(links, routes, {"weft-a": ("ns", "a")}, "net", now=5.0)
+    assert records == [ipam.Allocation("ns", "a", "weft-a", ("198.18.4.0", "2001:db8::5"), "c-a", "eth0", "net",
+                                       True, 5.0)]
+    assert unknown == ["weft-b", "weft-c", "weft-d"]
+
+
+# ---- the state dir: nothing read there is trusted ---------------------------------------------
+
+def test_ipam_files_are_never_read_or_written_through_a_link(tmp_path):
+    store = node_with(tmp_path, "198.18.4.0/26")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "ipam" / "allocations.json.tmp").symlink_to(victim)       # the old fixed temporary name
+    add(store, "c1")
+    assert victim.read_text() == "precious"
+    (tmp_path / "ipam" / "allocations.json").unlink()
+    (tmp_path / "ipam" / "allocations.json").symlink_to(victim)
+    with pytest.raises(UnsafeState, match="allocations.json is a symbolic link"):
+        ipam.read_allocations(tmp_path)
+    with pytest.raises(UnsafeState):
+        add(store, "c2")
+    assert victim.read_text() == "precious"
+    (tmp_path / "ipam" / "lock").unlink()
+    (tmp_path / "ipam" / "lock").symlink_to(tmp_path / "created-by-weft")
+    with pytest.raises(UnsafeState, match="lock is a symbolic link"):
+        add(store, "c3")
+    assert not (tmp_path / "created-by-weft").exists()
+
+
+def test_ipam_files_of_another_user_or_writable_by_others_are_refused(tmp_path):
+    store = node_with(tmp_path, "198.18.4.0/26")
+    node_file = tmp_path / "ipam" / "node.json"
+    os.chown(node_file, 65534, 65534)
+    with pytest.raises(UnsafeState, match="node.json belongs to uid 65534"):
+        ipam.read_node_ipam(tmp_path)
+    os.chown(node_file, 0, 0)
+    node_file.chmod(0o666)
+    with pytest.raises(UnsafeState, match="writable by group or others"):
+        add(store, "c1")
+    node_file.chmod(0o600)
+    (tmp_path / "ipam").chmod(0o777)
+    with pytest.raises(UnsafeState, match="ipam is writable by group or others"):
+        add(store, "c1")
+    (tmp_path / "ipam").chmod(0o700)
+    tmp_path.chmod(0o757)
+    with pytest.raises(UnsafeState, match="state dir .* is writable by group or others"):
+        ipam.Store(tmp_path)
+    tmp_path.chmod(0o700)
+    assert add(store, "c1")[0].ips == ("198.18.4.0",)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ipam").iterdir() if p.is_file()}
+    assert modes == {"node.json": 0o600, "allocations.json": 0o600, "lock": 0o600}
 
 
 # ---- allocation ---------------------------------------------------------------------------

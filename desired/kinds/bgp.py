@@ -1,5 +1,5 @@
 """Converters for the BGP kinds: BGPConfiguration, BGPPeer (both Calico apiVersions) and the
-Secrets that peers' passwords refer to, plus the parsers they share with the Node converter
+Secrets that BGP passwords (peers', the mesh's) refer to, plus the parsers they share with the Node converter
 (AS numbers, durations, community values).
 
 Fields are Calico's. Fields Calico has and weft does not use (bindMode, ignoredInterfaces,
@@ -23,16 +23,17 @@ MAX_AS_NUMBER = 4294967295
 LOG_SEVERITIES = ("Debug", "Info", "Warning", "Error", "Fatal")
 NEXT_HOP_MODES = ("Auto", "Self", "Keep")
 SOURCE_ADDRESSES = ("UseNodeIP", "None")
-# Where a BGPPeer's password Secret is looked up, in order: the namespaces Calico's node agent
-# runs in (operator install, manifest install). Calico reads it from its own namespace.
+# Where a password Secret (a BGPPeer's, or BGPConfiguration nodeMeshPassword) is looked up, in
+# order: the namespaces Calico's node agent runs in (operator install, manifest install). Calico
+# reads it from its own namespace.
 SECRET_NAMESPACES = ("calico-system", "kube-system")
 
 _CONFIG_FIELDS = {
     "asNumber", "nodeToNodeMeshEnabled", "listenPort", "logSeverityScreen", "serviceClusterIPs",
     "serviceExternalIPs", "serviceLoadBalancerIPs", "communities", "prefixAdvertisements",
+    "nodeMeshPassword", "nodeMeshMaxRestartTime",
     # Calico fields weft accepts and does not use:
-    "bindMode", "ignoredInterfaces", "nodeMeshPassword", "nodeMeshMaxRestartTime",
-    "localWorkloadPeeringIPV4", "localWorkloadPeeringIPV6", "programClusterRoutes",
+    "bindMode", "ignoredInterfaces", "localWorkloadPeeringIPV4", "localWorkloadPeeringIPV6", "programClusterRoutes",
     "ipv4NormalRoutePriority", "ipv6NormalRoutePriority",
 }
 _PEER_FIELDS = {
@@ -42,6 +43,9 @@ _PEER_FIELDS = {
     "numAllowedLocalASNumbers", "reachableBy", "filters", "localWorkloadSelector", "reversePeering",
     "localASNumber",
 }
+# Set only on "default", as Calico requires: both ends of a mesh session must agree on them, so a
+# per-node value could only break the sessions of that node.
+_DEFAULT_ONLY = ("nodeMeshPassword", "nodeMeshMaxRestartTime")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
@@ -152,6 +156,10 @@ def bgp_configuration(check: Checker, raw: dict) -> BGPConfiguration | None:
     if severity is not None and severity not in LOG_SEVERITIES:
         check.fail("spec.logSeverityScreen", f"must be one of {', '.join(LOG_SEVERITIES)}, got {severity!r}")
     communities = _communities(check, spec.get("communities"))
+    for field in _DEFAULT_ONLY:
+        if name != "default" and spec.get(field) is not None:
+            check.fail(f"spec.{field}", 'can only be set on the "default" BGPConfiguration '
+                                        "(both ends of every mesh session must use the same value)")
     return BGPConfiguration(
         name=name, as_number=as_number, node_to_node_mesh=mesh, listen_port=port, log_severity=severity,
         service_cluster_ips=_service_cidrs(check, spec, "serviceClusterIPs"),
@@ -159,6 +167,9 @@ def bgp_configuration(check: Checker, raw: dict) -> BGPConfiguration | None:
         service_loadbalancer_ips=_service_cidrs(check, spec, "serviceLoadBalancerIPs"),
         communities=communities,
         prefix_advertisements=_prefix_advertisements(check, spec.get("prefixAdvertisements"), communities),
+        node_mesh_password=_password(check, spec.get("nodeMeshPassword"), "spec.nodeMeshPassword"),
+        node_mesh_max_restart_time=_duration(check, spec.get("nodeMeshMaxRestartTime"),
+                                             "spec.nodeMeshMaxRestartTime", 1, 4095),
     )
 
 
@@ -208,7 +219,7 @@ def _prefix_advertisements(check: Checker, raw: Any, communities: tuple[Communit
         cidr = cidr_of(check, entry.get("cidr"), f"{path}.cidr")
         values = []
         for j, item in enumerate(check.typed(entry.get("communities"), f"{path}.communities", list, "a list", [])):
-            if item in by_name:
+            if isinstance(item, str) and item in by_name:
                 values.append(by_name[item])
             elif community_problem(item) is None:
                 values.append(item)
@@ -264,7 +275,7 @@ def bgp_peer(check: Checker, raw: dict) -> BGPPeer | None:
     return BGPPeer(
         name=name, peer_ip=peer_ip, peer_port=port, as_number=as_number, node=node,
         node_selector=node_selector, peer_selector=peer_selector,
-        password=_password(check, spec.get("password")),
+        password=_password(check, spec.get("password"), "spec.password"),
         keep_original_next_hop=keep, next_hop_mode=mode,
         max_restart_time=_duration(check, spec.get("maxRestartTime"), "spec.maxRestartTime", 1, 4095),
         keepalive_time=_duration(check, spec.get("keepaliveTime"), "spec.keepaliveTime", 1, 65535),
@@ -286,17 +297,17 @@ def _duration(check: Checker, value: Any, path: str, low: int, high: int) -> str
     return value
 
 
-def _password(check: Checker, raw: Any) -> SecretKeyRef | None:
+def _password(check: Checker, raw: Any, path: str) -> SecretKeyRef | None:
     if raw is None:
         return None
     ref = raw.get("secretKeyRef") if isinstance(raw, dict) else None
     if not isinstance(ref, dict):
-        check.fail("spec.password", "must be {secretKeyRef: {name: ..., key: ...}}")
+        check.fail(path, "must be {secretKeyRef: {name: ..., key: ...}}")
         return None
     name, key = ref.get("name"), ref.get("key")
     for field, value in (("name", name), ("key", key)):
         if not isinstance(value, str) or not value:
-            check.fail(f"spec.password.secretKeyRef.{field}", f"must be a non-empty string, got {value!r}")
+            check.fail(f"{path}.secretKeyRef.{field}", f"must be a non-empty string, got {value!r}")
     if not (isinstance(name, str) and name and isinstance(key, str) and key):
         return None
     return SecretKeyRef(name, key)
@@ -331,13 +342,26 @@ def secret_value(secrets, ref: SecretKeyRef) -> str | None:
     return None
 
 
+def password_refs(state) -> tuple[SecretKeyRef, ...]:
+    """Every Secret reference a BGP password of the cluster state makes: BGPPeers' passwords and
+    BGPConfiguration nodeMeshPassword."""
+    refs = {p.password for p in state.bgp_peers if p.password is not None}
+    refs |= {c.node_mesh_password for c in state.bgp_configurations if c.node_mesh_password is not None}
+    return tuple(sorted(refs, key=lambda r: (r.name, r.key)))
+
+
 def fetch_peer_secrets(api, peers) -> tuple[Secret, ...]:
-    """From the API server: the Secrets the peers' passwords refer to, one targeted GET each
-    (weft does not list Secrets). A Secret found nowhere is left out; the renderer then names
-    the BGPPeer whose password is missing."""
+    """fetch_secrets for the passwords of `peers` (BGPPeers)."""
+    return fetch_secrets(api, [p.password for p in peers if p.password is not None])
+
+
+def fetch_secrets(api, refs) -> tuple[Secret, ...]:
+    """From the API server: the Secrets `refs` name, one targeted GET each (weft does not list
+    Secrets). A Secret found nowhere is left out; the renderer then names the BGPPeer or
+    BGPConfiguration whose password is missing."""
     from weft.desired.api import ApiError
     found = []
-    for name in sorted({p.password.name for p in peers if p.password is not None}):
+    for name in sorted({ref.name for ref in refs}):
         for ns in SECRET_NAMESPACES:
             try:
                 raw = api.request("GET", f"/api/v1/namespaces/{ns}/secrets/{name}")

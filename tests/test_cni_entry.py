@@ -1,0 +1,107 @@
+"""How the plugin is started, and what it costs: every entry point starts the resident helper on
+the installed weft, the launcher pins the installed package (never a checkout), and the import
+budgets of the fast path are a checked contract (issue #9 item 5, #10 item 6).
+
+Real kernel where a pod is wired (tests/cninode.py); nothing in the root namespace.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import weft.cni
+from tests.cninode import NSENTER, CniNode, helper_pids, node, plugin_binary, wait_for_helper
+from tests.nodens import REPO, node_netns, usable
+from weft.cni.install import install, launcher_paths
+
+needs_root = pytest.mark.skipif(usable() is not None, reason=usable() or "")
+node, plugin_binary = node, plugin_binary  # the fixtures
+
+# What an ADD served by the plugin must never import: each costs tens to hundreds of ms.
+HEAVY = ("yaml", "kubernetes", "pyroute2", "jinja2", "deepdiff", "urllib3", "filelock")
+
+
+def _launcher_lines(path: Path) -> tuple[str, list[str]]:
+    shebang, setup, _ = path.read_text().splitlines()
+    return shebang, ast.literal_eval(setup.split("=", 1)[1].strip())
+
+
+def test_install_pins_the_installed_weft_even_run_from_inside_a_checkout(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(tmp_path / "weft")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    shebang, paths = _launcher_lines(tmp_path / "weft")
+    installed = Path(weft.cni.__file__).resolve().parents[1]          # .../site-packages/weft
+    assert shebang == f"#!{sys.executable} -IS"
+    assert paths[0] == str(installed.parent) and str(REPO) not in paths
+    where = subprocess.run([sys.executable, "-IS", "-c", f"import sys; sys.path[:0] = {paths!r}; "
+                            "import weft.cni.client as c; print(c.__file__)"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+    assert where.stdout.strip() == str(installed / "cni" / "client.py"), where
+    assert launcher_paths() == paths
+    done = subprocess.run([str(tmp_path / "weft")], input=b'{"cniVersion": "1.0.0"}', cwd=REPO,
+                          env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"}, capture_output=True, timeout=60)
+    assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
+
+
+def test_the_client_imports_only_built_in_modules():
+    """All a call the helper serves costs is an interpreter start and this import."""
+    code = (f"import sys; sys.path[:0] = {launcher_paths()!r}; before = set(sys.modules); "
+            "import weft.cni.client; print(sorted(set(sys.modules) - before))")
+    done = subprocess.run([sys.executable, "-IS", "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+    new = ast.literal_eval(done.stdout)
+    assert [m for m in new if m not in sys.builtin_module_names and m.split(".")[0] != "weft"] == []
+    assert set(new) >= {"weft.cni.client"}
+
+
+@needs_root
+def test_an_add_the_plugin_serves_itself_imports_nothing_heavy(node, tmp_path):
+    node.add("warm")                                  # node.json written (reading manifests needs yaml)
+    script = tmp_path / "add.py"
+    script.write_text(
+        f"import sys; sys.path[:0] = {launcher_paths()!r}\n"
+        "from weft.cni import plugin\n"
+        "code = plugin.main()\n"
+        f"open({str(tmp_path / 'modules')!r}, 'w').write(repr(sorted(sys.modules)))\n"
+        "sys.exit(code)\n")
+    env = node.env("ADD", "b")
+    proc = subprocess.run([NSENTER, f"--net=/run/netns/{node.ns}", sys.executable, "-IS", str(script)], env=env,
+                          input=json.dumps({**node.config, "helper": False}).encode(), capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    modules = ast.literal_eval((tmp_path / "modules").read_text())
+    assert "weft.reconciler.endpoint" in modules and "weft.cni.fastpath" in modules, "the ADD did its policy step"
+    assert [m for m in modules if m.split(".")[0] in HEAVY] == []
+    assert [m for m in modules if m in ("dataclasses", "typing")] == [], \
+        "the fast path avoids these on purpose (~10 ms): a module on the ADD path started using them"
+    assert not [m for m in modules if m.startswith(("weft.desired", "weft.renderers.iptables"))]
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["console script", "installed launcher"])
+def test_the_helper_starts_from_every_entry_point_and_logs_no_error(how, tmp_path):
+    """The issue: with the `weft-cni` console script every call found no helper and left
+    `ModuleNotFoundError` in cni-helper.log."""
+    binary = str(Path(sys.executable).parent / "weft-cni") if how == "console script" else \
+        str(install(tmp_path / "bin" / "weft"))
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(node_netns())
+        cni = CniNode(ns, tmp_path, binary, stack)
+        cni.add("a")
+        helper = wait_for_helper(cni)
+        cni.add("b")                                  # served by it
+        assert helper_pids(cni) == [helper], "a second helper: the first did not serve the call"
+        assert cni.call(cni.env("CHECK", "b"))[0] == 0
+        cni.ok("DEL", "a")
+        cni.ok("DEL", "b")
+        log = (cni.state_dir / "cni-helper.log").read_text()
+        assert log == "", log
+        cmdline = Path(f"/proc/{helper}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1] == b"-IS" and os.fsencode(str(Path(weft.cni.__file__).resolve().parents[2])) in cmdline[3]
