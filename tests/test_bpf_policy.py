@@ -38,8 +38,8 @@ from weft.model.cluster import (
     Rule,
     Tier,
 )
-from weft.model.labelselector import Requirement, Selector
 from weft.model.names import host_iface_name
+from weft.model.selector import parse_selector
 from weft.renderers.bpf_policy import address_prefixes, assign_ids, judge, port_prefixes, render_bpf
 from weft.renderers.iptables import render_node
 
@@ -98,15 +98,21 @@ PORT_NAMES = ("http", "dns")
 ADDRESSES = tuple(f"198.18.0.{i}" for i in (1, 2, 3, 5, 6, 9, 12, 17, 130)) + ("198.19.0.1",)
 
 labels = st.dictionaries(st.sampled_from(sorted(LABELS)), st.sampled_from(("web", "db", "front", "back")), max_size=2)
+VALUES = ("web", "db", "front", "back")
 requirement = st.one_of(
-    st.builds(lambda k, v: Requirement(k, "In", tuple(sorted(set(v)))), st.sampled_from(sorted(LABELS)),
-              st.lists(st.sampled_from(("web", "db", "front", "back")), min_size=1, max_size=2)),
-    st.builds(lambda k, v: Requirement(k, "NotIn", (v,)), st.sampled_from(sorted(LABELS)),
-              st.sampled_from(("web", "db", "front"))),
-    st.builds(lambda k: Requirement(k, "Exists"), st.sampled_from(sorted(LABELS))),
-    st.builds(lambda k: Requirement(k, "DoesNotExist"), st.sampled_from(sorted(LABELS))),
+    st.builds(lambda k, v: f"{k} == '{v}'", st.sampled_from(sorted(LABELS)), st.sampled_from(VALUES)),
+    st.builds(lambda k, v: f"{k} in {{{', '.join(repr(x) for x in sorted(set(v)))}}}",
+              st.sampled_from(sorted(LABELS)), st.lists(st.sampled_from(VALUES), min_size=1, max_size=2)),
+    st.builds(lambda k, v: f"{k} != '{v}'", st.sampled_from(sorted(LABELS)), st.sampled_from(VALUES)),
+    st.builds(lambda k: f"has({k})", st.sampled_from(sorted(LABELS))),
+    st.builds(lambda k: f"!has({k})", st.sampled_from(sorted(LABELS))),
 )
-selector = st.one_of(st.just(Selector()), st.builds(Selector.of, st.lists(requirement, min_size=1, max_size=2)))
+# Calico selectors (the one selector model): conjunctions, sometimes a disjunction of two.
+selector = st.one_of(
+    st.just(parse_selector("all()")),
+    st.builds(lambda reqs: parse_selector(" && ".join(reqs)), st.lists(requirement, min_size=1, max_size=2)),
+    st.builds(lambda a, b: parse_selector(f"({a}) || ({b})"), requirement, requirement),
+)
 port = st.one_of(
     st.builds(lambda a, w: PortRange(a, a + w), st.integers(1, 10), st.sampled_from((0, 0, 1, 3))),
     st.builds(NamedPort, st.sampled_from(PORT_NAMES)),
@@ -200,7 +206,7 @@ def test_random_policies_verdicts_equal_iptables(state, packets):
 def test_pending_pods_are_closed_where_a_policy_might_select_them():
     state = ClusterState(
         namespaces={"a": Namespace("a"), "b": Namespace("b")}, endpoints=(), nodes={},
-        policies=(Policy("deny", "a", Selector(), frozenset({INGRESS})),))
+        policies=(Policy("deny", "a", parse_selector("all()"), frozenset({INGRESS})),))
     pending = (Endpoint("a", "new", "n", host_iface_name("a", "new"), ()),
                Endpoint("b", "new", "n", host_iface_name("b", "new"), ()))
     maps = render_bpf(state, "n", pending)
@@ -239,8 +245,8 @@ def many_rules_state(n_rules: int, nets_per_rule: bool = True) -> ClusterState:
     eps = (Endpoint("a", "server", "n", host_iface_name("a", "server"), ("198.18.0.2",), {"app": "server"}),
            Endpoint("a", "client", "n", host_iface_name("a", "client"), ("198.18.0.3",), {"app": "client"}))
     return ClusterState(namespaces={"a": Namespace("a")}, endpoints=eps, nodes={},
-                        policies=(Policy("many", "a", Selector.of([Requirement("app", "In", ("server",))]),
-                                         frozenset({INGRESS}), ingress=rules),))
+                        policies=(Policy("many", "a", parse_selector("app == 'server'"), frozenset({INGRESS}),
+                                         ingress=rules),))
 
 
 def test_lookups_do_not_grow_with_rules():
