@@ -232,15 +232,3 @@ def run(args, now: float | None = None) -> int:
         return EXIT_ERROR
     emit(args.output, todo.to_json() | {"done": done}, format_text(todo, done, args.grace_period))
     return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m weft.reconciler.ipam_gc ...` until the `weft` command has the subcommand."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="weft")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

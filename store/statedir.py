@@ -86,6 +86,36 @@ def _check_ancestors(path: str) -> None:
         parent = up
 
 
+def atomic_write(path: str, data: bytes | str, mode: int = FILE_MODE) -> None:
+    """Replace `path` with `data` atomically and durably: a new file in the same directory
+    (created exclusively, never through a link, `mode` whatever the umask), fsync'd, renamed over
+    `path` (a link there is replaced, never followed), then the directory fsync'd. The temporary
+    name starts with a dot and ends in .tmp, so readers that glob (node_exporter: *.prom) never
+    see it. The caller has checked the directory."""
+    directory = os.path.dirname(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    sync_dir(directory)
+
+
 class StateDir:
     """A checked state dir. `create`: make it (mode 0700) when it does not exist."""
 
@@ -192,29 +222,7 @@ class StateDir:
 
     def replace(self, name: str, data: bytes | str, mode: int = FILE_MODE) -> None:
         """Replace `name` with `data` atomically and durably (see the module docstring)."""
-        path = self.file(name)
-        directory = os.path.dirname(path)
-        if isinstance(data, str):
-            data = data.encode()
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fchmod(fd, mode)                 # whatever the umask
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)                   # a link at `path` is replaced, never followed
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        sync_dir(directory)
+        atomic_write(self.file(name), data, mode)
 
     def remove(self, name: str) -> None:
         try:
