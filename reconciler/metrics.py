@@ -257,7 +257,7 @@ def _checked(data) -> dict[str, dict]:
     for command, entry in data["commands"].items():
         if command not in CNI_COMMANDS or not isinstance(entry, dict):
             return {}
-        counts = [entry.get("ok"), entry.get("error")]
+        counts: list = [entry.get("ok"), entry.get("error")]
         buckets = entry.get("buckets")
         if (not all(type(c) is int and c >= 0 for c in counts)
                 or not isinstance(entry.get("sum"), int | float) or not math.isfinite(entry["sum"])
