@@ -157,8 +157,22 @@ def endpoint(check: Checker, raw: dict) -> Endpoint | None:
         return None
     return Endpoint(
         namespace=ns, pod=name, node=node, iface=host_iface_name(ns, name), ips=tuple(dict.fromkeys(ips)),
-        labels=labels, ports=ports,
+        labels=labels, ports=ports, service_account=_service_account(check, spec),
     )
+
+
+def _service_account(check: Checker, spec: dict) -> str:
+    """The pod's service account (Calico's projectcalico.org/serviceaccount label, and its
+    profile): "default" when a manifest does not say, as the API server sets it."""
+    for key in ("serviceAccountName", "serviceAccount"):           # the second: deprecated spelling
+        value = spec.get(key)
+        if value is None or value == "":
+            continue
+        if not valid_dns_subdomain(value):
+            check.fail(f"spec.{key}", f"must be a service account name (a DNS subdomain), got {shown(value)}")
+            return "default"
+        return value
+    return "default"
 
 
 def _container_ports(check: Checker, spec: dict) -> tuple[ContainerPort, ...]:
