@@ -162,8 +162,9 @@ class EndpointIndex:
             return self._by_ns.get(value, set())
         if key == calico_labels.ORCHESTRATOR:
             return self.universe if value == calico_labels.KUBERNETES else _NONE
-        if key == calico_labels.SERVICE_ACCOUNT:
-            return set().union(*(eps for (_ns, sa), eps in self._by_sa.items() if sa == value))
+        if key == calico_labels.SERVICE_ACCOUNT:          # set where the pod has one, else the pod's own
+            return set().union(*(eps for (_ns, sa), eps in self._by_sa.items() if sa == value)) | \
+                (self._by_label.get((key, value), set()) - self._with_account)
         own = self._by_label.get((key, value), set())
         groups = self._profile_groups(key)
         if not groups:
@@ -175,7 +176,7 @@ class EndpointIndex:
         if key in (calico_labels.NAMESPACE, calico_labels.ORCHESTRATOR):
             return self.universe
         if key == calico_labels.SERVICE_ACCOUNT:
-            return set().union(*self._by_sa.values())
+            return self._with_account | self._by_key.get(key, set())
         own = self._by_key.get(key, set())
         groups = self._profile_groups(key)
         return own | set().union(*(eps for labels, eps in groups if key in labels)) if groups else own
@@ -191,7 +192,9 @@ class EndpointIndex:
         if key == calico_labels.SERVICE_ACCOUNT:
             for (_ns, sa), eps in self._by_sa.items():
                 values[sa] |= eps
-            return dict(values)
+            for value, eps in self._own_values.get(key, {}).items():
+                values[value] |= eps - self._with_account
+            return {v: eps for v, eps in values.items() if eps}
         own = self._own_values.get(key, {})
         for value, eps in own.items():
             values[value] |= eps
@@ -200,6 +203,10 @@ class EndpointIndex:
             if key in labels:
                 values[labels[key]] |= eps - shadowed
         return {v: eps for v, eps in values.items() if eps}
+
+    @cached_property
+    def _with_account(self) -> set[int]:
+        return set().union(*self._by_sa.values())
 
     @cached_property
     def _own_values(self) -> dict[str, dict[str, set[int]]]:

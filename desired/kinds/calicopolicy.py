@@ -117,7 +117,7 @@ def tier(check: Checker, raw: dict) -> Tier | None:
         check.fail("spec.defaultAction", f"must be Deny or Pass, got {shown(action)}")
         return None
     if name == DEFAULT_TIER_NAME and order != DEFAULT_TIER.order:
-        check.fail("spec.order", f"the default tier's order is fixed: it must be {DEFAULT_TIER.order:g}, "
+        check.fail("spec.order", f"the default tier's order is fixed: it must be {DEFAULT_TIER.order:.0f}, "
                                  f"got {shown(spec.get('order'))}")
         return None
     return Tier(name, order, Action(action))
