@@ -127,3 +127,24 @@ def test_selection_stays_cheap_at_10k_pods():
     elapsed = time.perf_counter() - started
     assert sizes == [100, 5000, 100, 200, 5000]
     assert elapsed < 1.0, elapsed
+
+
+def test_todays_renderer_applies_a_policy_where_its_scoping_selectors_say():
+    """renderers.iptables selects a policy's endpoints through the index (namespaceSelector and
+    serviceAccountSelector included), and rule sides differing only in service accounts get
+    sets of their own."""
+    from weft.renderers.ipsets import entity_key
+    from weft.renderers.iptables import policy_chain_name, render_node
+    state = cluster(namespace("ns1", team="blue"), pod("a", "ns1", "198.18.4.1", {"app": "x"}),
+                    pod("b", "ns2", "198.18.4.2", {"app": "x"}),
+                    gnp("blue", selector="app == 'x'", namespaceSelector="team == 'blue'",
+                        ingress=[{"action": "Deny"}]))
+    plane = render_node(state, "node1")
+    chain = policy_chain_name(state.policies[0], "Ingress")
+    jumps = {ep.key: any(chain in line for line in plane.chains[("filter", f"weft-tw-{ep.iface}")].rules)
+             for ep in state.endpoints}
+    assert jumps == {"ns1/a": True, "ns2/b": False}
+    plain = EntityMatch(selector=parse_selector("app == 'x'"))
+    with_accounts = EntityMatch(selector=parse_selector("app == 'x'"), service_account_names=("web",))
+    assert entity_key(plain) == "selector=app == 'x';namespaceSelector=-;namespace=-"
+    assert entity_key(with_accounts) != entity_key(plain)
