@@ -263,6 +263,10 @@ REFUSALS = [
      "spec.defaultEndpointToHostAction", "Drop, Accept, Return"),
     (kind("FelixConfiguration", "default", {"natOutgoingAddress": "2001:db8::1"}), "spec.natOutgoingAddress", "IPv4"),
     (kind("FelixConfiguration", "default", {"bpfEnabeld": True}), "spec.bpfEnabeld", "did you mean 'bpfEnabled'?"),
+    (kind("IPPool", "p", {"cidr": "198.18.4.0/22", "natOutgoin": True}), "spec.natOutgoin",
+     "did you mean 'natOutgoing'?"),
+    (kind("BGPPeer", "p", {"peerIP": "198.18.0.254", "asNumber": 64513, "peerSelecter": "all()"}),
+     "spec.peerSelecter", "did you mean 'peerSelector'?"),
 ]
 
 
@@ -299,10 +303,12 @@ def test_unknown_fields_of_calico_kinds_are_warnings_once_per_kind_and_field():
     policies = [gnp(f"p{i}", selector="all()", futureField={"x": 1}) for i in range(3)]
     felix = kind("FelixConfiguration", "default", {"logSeverityScreen": "Info", "vxlanEnabled": True,
                                                    "bpfEnabled": False})
-    state = cluster(*bgp, *policies, felix)
+    pool = kind("IPPool", "pool", {"cidr": "198.18.4.0/22", "ipipMode": "Never", "vxlanMode": "Always",
+                                   "namespaceSelector": "all()"})
+    state = cluster(*bgp, *policies, felix, pool)
     assert state.warnings == ("BGPConfiguration: spec.serviceLoadBalancerAggregation",
                               "FelixConfiguration: spec.logSeverityScreen", "FelixConfiguration: spec.vxlanEnabled",
-                              "GlobalNetworkPolicy: spec.futureField")
+                              "GlobalNetworkPolicy: spec.futureField", "IPPool: spec.namespaceSelector")
     assert len(state.bgp_configurations) == 2 and len(state.policies) == 3
 
 
