@@ -546,3 +546,22 @@ def test_calico_crd_storage_form_means_the_same_policy():
     state = cluster(POD_A, POD_B, stored)
     assert Flows(state)("ns1/a", "ns1/b") == DENY and state.policies[0].name == "deny-b"
     assert CALICO == "projectcalico.org/v3"
+
+
+def test_kubernetes_peers_are_pods_only():
+    """Calico converts a Kubernetes peer to `projectcalico.org/orchestrator == 'k8s'` and its
+    selectors: network sets and host endpoints never match it, whatever the namespaces."""
+    docs = [POD_A, POD_B, kind("NetworkSet", "n", {"nets": ["198.19.5.0/24"]}, "ns1"),
+            kind("HostEndpoint", "h", {"node": "node1", "interfaceName": "eth0", "expectedIPs": ["198.18.0.1"]})]
+    knp = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "peers", "namespace": "ns1"},
+           "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"from": [
+               {"podSelector": {}},
+               {"namespaceSelector": {"matchExpressions": [
+                   {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["ns2"]}]}}]}]}}
+    flows = Flows(cluster(*docs, knp))
+    assert flows("ns1/a", "ns1/b") == ALLOW
+    assert flows("198.19.5.1", "ns1/b") == DENY
+    assert flows("198.18.0.1", "ns1/b") == DENY
+    calico = np("peers", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "source": {"selector": "all()"}}])
+    assert Flows(cluster(*docs, calico))("198.19.5.1", "ns1/b") == ALLOW      # Calico's own selectors do
