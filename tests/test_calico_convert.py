@@ -81,6 +81,19 @@ def test_a_global_network_policy_in_full():
     assert state.tiers["security"].order == 100.0 and state.tiers["default"].order == 1_000_000.0
 
 
+def test_calicos_views_of_kubernetes_policies_are_not_read_twice():
+    """Calico's API server lists Kubernetes NetworkPolicies among its NetworkPolicies, named
+    knp.default.<name> (and ClusterNetworkPolicies as kcnp.*): weft reads the originals."""
+    knp = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "x", "namespace": "ns1"},
+           "spec": {"podSelector": {}}}
+    view = np("knp.default.x", "ns1", order=1000, selector="projectcalico.org/orchestrator == 'k8s'",
+              types=["Ingress"])
+    cluster_view = gnp("kcnp.kube-admin.y", tier="kube-admin", selector="all()")
+    state = cluster(knp, view, cluster_view)
+    assert [p.key for p in state.policies] == ["ns1/knp.default.x"] and not state.ignored_kinds
+    assert [p.origin for p in state.policies] == ["NetworkPolicy ns1/x"]
+
+
 def test_types_default_as_calico_defaults_them():
     def types(**spec):
         return cluster(gnp("p", **spec)).policies[0].types
@@ -172,7 +185,6 @@ REFUSALS = [
     (gnp("other.x"), "metadata.name", "tier 'default'"),
     (gnp("x", tier="security"), "metadata.name", "must be named 'security.<name>'"),
     (gnp("a.b.c"), "metadata.name", "must be"),
-    (np("knp.default.x", "ns1"), "metadata.name", "Calico's for the policies it converts"),
     (gnp("nowhere.x", tier="nowhere"), "spec.tier", "tier 'nowhere' does not exist"),
     (gnp("x", tier="Bad_Tier"), "spec.tier", "must be a tier name"),
     (np("x", "ns9"), "metadata.namespace", "namespace 'ns9' does not exist"),

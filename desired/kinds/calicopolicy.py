@@ -49,7 +49,9 @@ _LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 GLOBAL_POLICY_NAME = re.compile(rf"^({_LABEL}\.)?{_LABEL}$")
 POLICY_NAME = re.compile(rf"^{_LABEL}(\.{_LABEL})?$")
 TIER_NAME = re.compile(rf"^{_LABEL}$")
-RESERVED_PREFIXES = ("knp.", "kcnp.", "ossg.")             # names Calico gives converted policies
+# Calico's API server lists Kubernetes (Cluster)NetworkPolicies among its own, converted and named
+# with these prefixes: views of objects weft reads (or not) from Kubernetes' own API.
+CONVERTED_PREFIXES = ("knp.", "kcnp.")
 PERFORMANCE_HINTS = ("AssumeNeededOnEveryNode",)
 
 _COMMON_SPEC = {"tier", "order", "selector", "types", "ingress", "egress", "serviceAccountSelector"}
@@ -87,10 +89,9 @@ def policy_name(raw: dict) -> str:
 
 
 def _check_name(check: Checker, name: str, tier: str, pattern: re.Pattern, kind_rule: str) -> None:
-    if name.startswith(RESERVED_PREFIXES):
-        check.fail("metadata.name", f"{name!r}: names starting with {', '.join(RESERVED_PREFIXES)} are Calico's "
-                                    "for the policies it converts (e.g. Kubernetes NetworkPolicies)")
-    elif not pattern.match(name):
+    if name.startswith("ossg."):                          # OpenStack's security groups: Calico names them
+        return
+    if not pattern.match(name):
         check.fail("metadata.name", f"{name!r} must be {kind_rule} (lower case a-z, 0-9, '-')")
     elif tier == DEFAULT_TIER_NAME:
         if "." in name and not name.startswith(DEFAULT_TIER_NAME + "."):
@@ -137,6 +138,8 @@ def network_policy(check: Checker, raw: dict) -> Policy | None:
 def _policy(check: Checker, raw: dict, ns: str | None) -> Policy | None:
     before = len(check.errors)
     name = name_of(check, raw)
+    if isinstance(name, str) and name.startswith(CONVERTED_PREFIXES):
+        return None                     # Calico's view of a Kubernetes policy: weft reads the original
     spec = spec_of(check, raw)
     if spec is None:
         return None
