@@ -245,7 +245,7 @@ class EndpointIndex:
 
     def set_labels(self, network_set: NetworkSet) -> dict[str, str]:
         ns = network_set.namespace
-        ns_labels = self.state.namespaces[ns].labels if ns in self.state.namespaces else {}
+        ns_labels = self.state.namespaces[ns].labels if ns is not None and ns in self.state.namespaces else {}
         return calico_labels.network_set_labels(ns, network_set.labels, ns_labels)
 
     @cached_property

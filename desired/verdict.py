@@ -116,6 +116,10 @@ class _Outcome:
     action: Action | None = None          # ALLOW or DENY when decided
     by: str = ""
 
+    def decision(self, logged: list[str], prefix: str = "") -> Decision:
+        assert self.action is not None, "no verdict to give"
+        return Decision(Verdict(self.action.value), prefix + self.by, tuple(logged))
+
 
 class Evaluator:
     """Calico's verdicts for one ClusterState."""
@@ -270,7 +274,7 @@ class Evaluator:
         outcome = self._evaluate(self.applicable(endpoint, direction), direction, packet, logged, tier_ends=True)
         if outcome.action is None:
             outcome = self._profiles(endpoint.profiles)
-        return Decision(Verdict(outcome.action.value), outcome.by, tuple(logged))
+        return outcome.decision(logged)
 
     def between(self, src: Endpoint, dst: Endpoint, packet: Packet) -> Decision:
         """A packet from one pod to another: the source's egress, then the destination's ingress."""
@@ -318,7 +322,7 @@ class Evaluator:
         for name, chosen in phases:
             outcome = self._evaluate(chosen, direction, packet, logged, tier_ends=False)
             if outcome.action is not None:
-                return Decision(Verdict(outcome.action.value), f"{name}: {outcome.by}", tuple(logged))
+                return outcome.decision(logged, f"{name}: ")
         normal = [p for p in policies if not p.do_not_track and not p.pre_dnat]
         if forwarded:
             normal = [p for p in normal if p.apply_on_forward]
@@ -329,7 +333,7 @@ class Evaluator:
             if forwarded:
                 return Decision(Verdict.UNMANAGED, "forwarded: every tier passed", tuple(logged))
             outcome = self._profiles(endpoint.profiles)
-        return Decision(Verdict(outcome.action.value), outcome.by, tuple(logged))
+        return outcome.decision(logged)
 
     def host_endpoint_for(self, node: str, interface: str, addresses: Iterable[str] = ()) -> HostEndpoint | None:
         """The host endpoint Calico applies to `interface` of `node`: the one naming it, else one

@@ -104,7 +104,7 @@ def host_endpoint(check: Checker, raw: dict) -> HostEndpoint | None:
         if not valid_dns_subdomain(profile):
             check.fail(f"spec.profiles[{i}]", f"must be a profile name, got {shown(profile)}")
     ports = _endpoint_ports(check, spec.get("ports"), "spec.ports")
-    if len(check.errors) != before:
+    if len(check.errors) != before or not isinstance(node, str):
         return None
     return HostEndpoint(name, node, interface, tuple(dict.fromkeys(ip for ip in ips if ip)), labels,
                         tuple(dict.fromkeys(profiles)), ports)

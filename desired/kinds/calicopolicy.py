@@ -273,7 +273,7 @@ def _rule(check: Checker, raw: Any, path: str, ns: str | None) -> Rule | None:
                 check.fail(f"{path}.{side}.{field}", "rules that match ports must set protocol to TCP, UDP or "
                                                      f"SCTP, got {'no protocol' if protocol is None else protocol}")
     _check_families(check, raw, path, ip_version)
-    if len(check.errors) != before or source is None or destination is None:
+    if len(check.errors) != before or source is None or destination is None or not isinstance(action, str):
         return None
     return Rule(Action(action), protocol, source, destination, not_protocol=not_protocol, icmp=icmp,
                 not_icmp=not_icmp, ip_version=ip_version, origin=path)
