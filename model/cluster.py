@@ -1,9 +1,12 @@
 """The desired-state model: immutable, typed, and shaped after Calico's semantics.
 
 Every source (manifest directory, API server) and every resource kind (Kubernetes
-NetworkPolicy now, Calico's own kinds later) is converted into these few types, so the
-renderers only ever see one policy language: policies ordered within tiers, rules with
-actions, entity matches over labels, nets and ports.
+NetworkPolicy, Calico's GlobalNetworkPolicy, NetworkPolicy, Tier, (Global)NetworkSet,
+HostEndpoint, FelixConfiguration) is converted into these few types, so the renderers only
+ever see one policy language: policies ordered within tiers, rules with actions, entity
+matches over labels, nets and ports. What Calico means by them is desired.verdict's (the
+reference evaluator); which endpoints, host endpoints and network sets a selector picks is
+desired.index's, over the labels model.labels describes.
 """
 from __future__ import annotations
 
