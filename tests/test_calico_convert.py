@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.calico_cluster import CALICO, EXAMPLES, cluster, example, gnp, kind, namespace, np, pod, tier
+from tests import nodens
+from tests.calico_cluster import CALICO, EXAMPLES, cluster, example, gnp, kind, namespace, node, np, pod, tier
 from tests.kubeapi import FakeKubeAPI
 from weft.desired import sources
 from weft.desired.loader import KINDS
@@ -322,6 +323,21 @@ def test_unknown_fields_of_calico_kinds_are_warnings_once_per_kind_and_field():
                               "FelixConfiguration: spec.logSeverityScreen", "FelixConfiguration: spec.vxlanEnabled",
                               "GlobalNetworkPolicy: spec.futureField", "IPPool: spec.namespaceSelector")
     assert len(state.bgp_configurations) == 2 and len(state.policies) == 3
+
+
+node_ns = nodens.node_ns
+
+
+def test_a_run_reports_unused_fields_on_one_line_when_the_desired_state_changes(node_ns, tmp_path):
+    objects = [node(nodens.NODE) | {"metadata": {"name": nodens.NODE}},
+               kind("FelixConfiguration", "default", {"logSeverityScreen": "Info", "reportingInterval": "0s"})]
+    src = nodens.write_manifests(tmp_path / "src", objects)
+    weft = nodens.WeftNode(node_ns, tmp_path / "state")
+    first = weft.weft("apply", from_dir=src)
+    assert first.stderr.splitlines() == ["weft: warning: fields weft does not use, ignored: "
+                                         "FelixConfiguration: spec.logSeverityScreen; "
+                                         "FelixConfiguration: spec.reportingInterval"], first.stderr
+    assert weft.weft("apply", from_dir=src).stderr == ""          # nothing changed: said already
 
 
 def test_kubernetes_kinds_keep_refusing_unknown_fields():
