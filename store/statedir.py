@@ -159,11 +159,12 @@ class StateDir:
     # ---- reading ----------------------------------------------------------------------------
 
     def open_checked(self, name: str, flags: int = os.O_RDONLY) -> int | None:
-        """A descriptor of `name`, or None when there is no such file; refuses links and files
-        weft would not have written (see the module docstring)."""
+        """A descriptor of `name` opened with `flags` (with O_CREAT: made 0600 if missing), or None
+        when there is no such file; refuses links and files weft would not have written (see the
+        module docstring). Every open of a state-dir file goes through here."""
         path = self.file(name)
         try:
-            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -232,17 +233,12 @@ class StateDir:
 
     def append_log(self, name: str) -> int:
         """A descriptor to append to log file `name` (created 0600; never through a link)."""
-        path = self.file(name)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeState(f"{path} is a symbolic link: weft does not follow links in its state dir") from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in _owners():
-            os.close(fd)
-            raise UnsafeState(f"{path} is not a regular file of root's: weft does not write to it; remove it")
+        return self._open_or_create(name, os.O_WRONLY | os.O_APPEND)
+
+    def _open_or_create(self, name: str, flags: int) -> int:
+        fd = self.open_checked(name, flags | os.O_CREAT)
+        if fd is None:                            # O_CREAT: only a missing directory gets here
+            raise UnsafeState(f"{self.file(name)}: cannot create it: its directory is gone")
         return fd
 
     # ---- the node lock ----------------------------------------------------------------------
@@ -252,20 +248,8 @@ class StateDir:
         """The node lock: exclusive for a reconcile run's kernel work, shared for the CNI plugin's
         per-pod steps. WeftError when it cannot be had within `timeout` seconds."""
         path = self.file(name)
+        fd = self._open_or_create(name, os.O_RDWR)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeState(f"{path} is a symbolic link: weft does not follow links in its state dir; "
-                                  "remove it") from None
-            raise UnsafeState(f"{path}: cannot open the node lock: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeState(f"{path} is not a regular file: remove it")
-            if st.st_uid not in _owners() or st.st_mode & _WRITABLE_BY_OTHERS:
-                raise UnsafeState(f"{path} belongs to uid {st.st_uid} or is writable by others "
-                                  f"(mode {stat.S_IMODE(st.st_mode):04o}): weft does not trust it; remove it")
             operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
             deadline = time.monotonic() + timeout
             pause = 0.002
