@@ -675,3 +675,49 @@ def _watch_event(line: bytes, what: str) -> tuple[str, dict]:
     if problem:
         raise SourceError(f"{what}: a {kind} event's {problem}")
     return kind, obj
+
+
+# ---- which of Calico's groups serves each kind ------------------------------------------------
+
+# Calico's kinds are served by crd.projectcalico.org/v1 (its CRDs, where Calico keeps them), by
+# projectcalico.org/v3 (Calico's API server, a view of those same CRDs; or, in Calico's newer
+# CRD mode, the CRDs themselves), or by both. weft reads each kind once, from the CRDs where they
+# exist, else from v3.
+DISCOVERY_MAX_PLURALS = 500
+
+
+def served_plurals(api: Connection, api_version: str, *, timeout: float = READ_TIMEOUT) -> frozenset[str]:
+    """The resources (plurals, no subresources) `api_version` serves: API discovery
+    (GET /apis/GROUP/VERSION); nothing when the group is not served (404)."""
+    path = f"/apis/{api_version}"
+    try:
+        doc = api.request("GET", path, timeout=timeout)
+    except ApiError as e:
+        if e.status == 404:
+            return frozenset()
+        raise _source_error(api, f"discovering what {api_version} serves ({path})", e) from None
+    resources = doc.get("resources")
+    if not isinstance(resources, list) or len(resources) > DISCOVERY_MAX_PLURALS:
+        raise SourceError(f"discovering what {api_version} serves ({path}) from {api.host}: "
+                          "the answer is not an APIResourceList")
+    return frozenset(r["name"] for r in resources
+                     if isinstance(r, dict) and isinstance(r.get("name"), str) and "/" not in r["name"])
+
+
+def choose_resources(served: dict[str, frozenset[str]]) -> tuple[Resource, ...]:
+    """RESOURCES with each Calico kind read from one group: the first of CALICO_API_GROUPS that
+    serves it (`served`: api_version -> plurals). A kind neither serves is not read."""
+    chosen: list[Resource] = []
+    taken: set[str] = set()
+    for r in RESOURCES:
+        if r.api_version not in CALICO_API_GROUPS:
+            chosen.append(r)
+        elif r.kind not in taken and r.plural in served.get(r.api_version, frozenset()):
+            chosen.append(r)
+            taken.add(r.kind)
+    return tuple(chosen)
+
+
+def discover_resources(api: Connection, *, timeout: float = READ_TIMEOUT) -> tuple[Resource, ...]:
+    """What this cluster serves of RESOURCES, each Calico kind from one group (choose_resources)."""
+    return choose_resources({group: served_plurals(api, group, timeout=timeout) for group in CALICO_API_GROUPS})
