@@ -86,3 +86,31 @@ def test_discovery_agrees_with_what_the_server_lists(kube_source):
         if resource.api_version in CALICO_API_GROUPS:
             items, version = list_kind(kube_source.api, resource)
             assert version, f"{resource.kind} from {resource.api_version}: discovered but not listable"
+
+
+def test_a_kind_that_moves_to_the_other_group_is_read_from_there_and_its_old_copies_go(tmp_path):
+    """A cluster migrating to Calico's v3 CRDs: the pools cached from crd.projectcalico.org/v1
+    are gone once that group no longer serves them, and the v3 ones are read."""
+    from weft.desired import sources
+
+    def pools(state_dir) -> list[str]:
+        reading = sources.read(state_dir, None, kubeconfig)
+        sources.commit(state_dir, reading)
+        return sorted(p.name for p in reading.state().ippools)
+
+    state_dir = tmp_path / "state"
+    with FakeKubeAPI(crds=["IPPool"]) as fake:
+        kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+        for api_version in list(fake._types):
+            if api_version[0] == V3:
+                del fake._types[api_version]            # only crd.projectcalico.org/v1 at first
+        fake.put({"apiVersion": CALICO_API_VERSION, "kind": "IPPool", "metadata": {"name": "old-pool"},
+                  "spec": {"cidr": "198.18.0.0/20"}})
+        assert pools(state_dir) == ["old-pool"]
+        del fake._types[(CALICO_API_VERSION, "ippools")]
+        fake._serve(V3, "IPPool", "ippools", False)
+        fake.put({"apiVersion": V3, "kind": "IPPool", "metadata": {"name": "new-pool"},
+                  "spec": {"cidr": "198.18.16.0/20"}})
+        assert pools(state_dir) == ["new-pool"]
+        fake.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "moved"}})
+        assert pools(state_dir) == ["new-pool"], "a later incremental run keeps it so"
