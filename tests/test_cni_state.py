@@ -138,11 +138,11 @@ def _lose(node, case: str) -> None:
         (state / "ipam" / "allocations.json").write_text(json.dumps(doc))
     else:
         name = case.removesuffix(" removed")
-        (state / "ipam" / name if name.endswith(".json") else state / name).unlink()
+        (state / "ipam" / name if name in ("node.json", "allocations.json") else state / name).unlink()
 
 
 LOSSES = ["allocations.json removed", "allocations.json corrupt", "allocations.json with a record missing a field",
-          "node.json removed", "endpoints.snapshot removed", "weft.lock removed", "desired.cache removed",
+          "node.json removed", "endpoints.snapshot removed", "weft.lock removed", "desired-cache.json removed",
           "the whole state dir"]
 
 
