@@ -1,15 +1,14 @@
 """The CNI fast path: what makes many pods at once cheap, behind one object passed down.
 
-The resident helper (cni/helper.py) serves many pods at once, a thread each. Three steps of an
+The resident helper (cni/helper.py) serves many pods at once, a thread each. Two steps of an
 ADD or DEL cost about the same for one pod as for twenty: the IPAM write (an fsync'd file under
-a lock), the host side's `ip -batch`, and the policy step (listing the dispatch chains, one
-iptables-restore). So instead of queueing for them one by one, the calls of one process share
-them: the first caller in does the work for every call queued by then (group commit), and the
-others find theirs done.
+a lock) and the policy step (one iptables-restore). So instead of queueing for them one by one,
+the calls of one process share them: the first caller in does the work for every call queued by
+then (group commit), and the others find theirs done. (The wiring is a few netlink requests of
+tens of microseconds each: there is nothing to share.)
 
-A `FastPath` holds those three batches and how many calls the process is serving. The plugin
-creates one per process (a plain plugin run: every batch is a batch of one) and passes it down
-to what it calls; the modules that do the work (store.ipam, cni.wiring, reconciler.endpoint)
+A `FastPath` holds those batches and how many calls the process is serving. The plugin creates one per process (a plain plugin run: every batch is a batch of one) and
+passes it down to what it calls; the modules that do the work (store.ipam, reconciler.endpoint)
 know nothing of batching: each offers a function that does the work for a list, and takes the
 fast path's runner as a parameter. Stdlib only: this is on the plugin's path.
 """
@@ -21,7 +20,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from weft.cni import wiring
 from weft.reconciler import endpoint
 from weft.store import ipam
 
@@ -119,7 +117,6 @@ class FastPath:
         self.in_flight = 0
         self._count = threading.Lock()
         self._ipam = GroupCommit(_ipam_batch)
-        self._host = GroupCommit(_host_batch, linger=self)
         self._policy = GroupCommit(_policy_batch, linger=self)
 
     @contextmanager
@@ -136,10 +133,6 @@ class FastPath:
         """store.ipam.Store's `commit`: steps of concurrent calls on one state dir share a transaction."""
         return self._ipam.run(store.sd.path, store, step)
 
-    def host_side(self, lines: list[str]) -> None:
-        """cni.wiring.wire's `host_side`: the host sides of pods wired at once, in one `ip -batch`."""
-        self._host.run(None, lines)
-
     def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str) -> None:
         """The pod's policy in the kernel (reconciler.endpoint), one listing and restore per batch."""
         self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod)
@@ -153,10 +146,6 @@ def _ipam_batch(_path: str, calls: list[Call]) -> None:
     outcomes = ipam.transact(store.sd, [call.args[1] for call in calls], store.held, store.recover)
     for call, (result, error) in zip(calls, outcomes, strict=True):
         call.settle(result, error)
-
-
-def _host_batch(_key, calls: list[Call]) -> None:
-    together_or_alone(calls, lambda hosts: wiring.configure_host_sides([line for (lines,) in hosts for line in lines]))
 
 
 def _policy_batch(key: tuple[str, str], calls: list[Call]) -> None:

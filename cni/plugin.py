@@ -278,7 +278,7 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
                 wiring.delete_host_side(iface)
             wired = True
             pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias,
-                                  netns_fd=netns, host_side=fast.host_side)
+                                  netns_fd=netns)
         except BaseException as exc:
             policy.join()
             undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
@@ -334,8 +334,7 @@ def _undo_add(conf: Config, fast: FastPath, inv: spec.Invocation, iface: str, al
     steps = []
     if wired:
         def unwire():
-            link = wiring.link_info(iface)
-            if link is not None and link.get("ifalias") in (alias, None):
+            if iface in wiring.host_links() and wiring.link_alias(iface) in (alias, None):
                 wiring.delete_host_side(iface)      # the pod side goes with it
         steps.append(unwire)
     steps.append(lambda: fast.remove_endpoint(conf.sd, iface))
@@ -389,7 +388,7 @@ def teardown(conf: Config, fast: FastPath, container_id: str, ifname: str, iface
             if owner is not None and ours:
                 wiring.delete_host_side(iface)      # the records say it is ours: no need to ask the kernel
             elif owner is None:                     # nobody's on record: only if its alias names this attachment
-                found = (wiring.link_info(iface) or {}).get("ifalias")
+                found = wiring.link_alias(iface)
                 if found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None):
                     wiring.delete_host_side(iface)
         if ours and iface not in wiring.host_links():
