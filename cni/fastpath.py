@@ -7,7 +7,9 @@ the calls of one process share them: the first caller in does the work for every
 then (group commit), and the others find theirs done. (The wiring is a few netlink requests of
 tens of microseconds each: there is nothing to share.)
 
-A `FastPath` holds those batches and how many calls the process is serving. The plugin creates one per process (a plain plugin run: every batch is a batch of one) and
+A `FastPath` holds those batches, how many calls the process is serving, and what the process
+knows of the kernel between batches (the dispatch chains: reconciler.endpoint.DispatchCache).
+The plugin creates one per process (a plain plugin run: every batch is a batch of one) and
 passes it down to what it calls; the modules that do the work (store.ipam, reconciler.endpoint)
 know nothing of batching: each offers a function that does the work for a list, and takes the
 fast path's runner as a parameter. Stdlib only: this is on the plugin's path.
@@ -117,7 +119,8 @@ class FastPath:
         self.in_flight = 0
         self._count = threading.Lock()
         self._ipam = GroupCommit(_ipam_batch)
-        self._policy = GroupCommit(_policy_batch, linger=self)
+        self._policy = GroupCommit(self._policy_batch, linger=self)
+        self.dispatch = endpoint.DispatchCache()
 
     @contextmanager
     def serving(self) -> Iterator[None]:
@@ -134,11 +137,17 @@ class FastPath:
         return self._ipam.run(store.sd.path, store, step)
 
     def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str) -> None:
-        """The pod's policy in the kernel (reconciler.endpoint), one listing and restore per batch."""
+        """The pod's policy in the kernel (reconciler.endpoint), one restore per batch (and a
+        listing of the dispatch chains only when they changed since this process last saw them)."""
         self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod)
 
     def remove_endpoint(self, state_dir, iface: str) -> None:
         self._policy.run(("remove", os.fspath(state_dir)), iface)
+
+    def _policy_batch(self, key: tuple[str, str], calls: list[Call]) -> None:
+        kind, state_dir = key
+        work = endpoint.add_endpoints if kind == "add" else endpoint.remove_endpoints
+        together_or_alone(calls, lambda pods: work(state_dir, pods, self.dispatch))
 
 
 def _ipam_batch(_path: str, calls: list[Call]) -> None:
@@ -147,8 +156,3 @@ def _ipam_batch(_path: str, calls: list[Call]) -> None:
     for call, (result, error) in zip(calls, outcomes, strict=True):
         call.settle(result, error)
 
-
-def _policy_batch(key: tuple[str, str], calls: list[Call]) -> None:
-    kind, state_dir = key
-    work = endpoint.add_endpoints if kind == "add" else endpoint.remove_endpoints
-    together_or_alone(calls, lambda pods: work(state_dir, pods))
