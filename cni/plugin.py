@@ -376,26 +376,41 @@ def cmd_del(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
 
 def teardown(conf: Config, fast: FastPath, container_id: str, ifname: str, iface: str, allocation,
              records: ipam.Store) -> None:
-    """Remove one attachment: its interface and rules if it still owns them, then its addresses.
+    """Remove one attachment: its interface and rules if it still owns them, and its addresses.
 
     Deleting the host side deletes the pod side too (a veth pair goes as one), so the pod's
-    namespace need not be entered, nor even exist any more.
+    namespace need not be entered, nor even exist any more. The three steps run at once, none
+    waits for another: the kernel takes ~20 ms to delete a veth (RCU grace periods), the rules
+    are an iptables-restore, the record an fsync'd write. Their order does not matter: a weft
+    interface whose dispatch rules are gone falls through to DROP (fail closed), and an address
+    routed to a live weft interface is never handed out again (store.ipam `held`), so it is not
+    reused before the interface is gone. What is decided first is whether the interface is this
+    attachment's (a newer sandbox of the same pod keeps its interface and rules).
     """
     owner = records.iface_owner(iface)
     ours = owner is None or (owner.container_id, owner.ifname, owner.network) == (container_id, ifname, conf.network)
+    present = iface in wiring.host_links()
+    if not present or not ours:
+        delete = False
+    elif owner is not None:
+        delete = True                           # the records say it is ours: no need to ask the kernel
+    else:                                       # nobody's on record: only if its alias names this attachment
+        found = wiring.link_alias(iface)
+        delete = found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None)
+    rules = _Background(_remove_endpoint, conf, fast, iface) if ours and (delete or not present) else None
+    release = _Background(records.release, conf.network, container_id, ifname)
+    unwired: BaseException | None = None
     try:
-        if iface in wiring.host_links():
-            if owner is not None and ours:
-                wiring.delete_host_side(iface)      # the records say it is ours: no need to ask the kernel
-            elif owner is None:                     # nobody's on record: only if its alias names this attachment
-                found = wiring.link_alias(iface)
-                if found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None):
-                    wiring.delete_host_side(iface)
-        if ours and iface not in wiring.host_links():
-            _remove_endpoint(conf, fast, iface)
-    except wiring.WiringError as exc:
-        raise CniError(spec.WIRING_FAILED, "cannot remove the pod's interface", str(exc)) from None
-    records.release(conf.network, container_id, ifname)
+        if delete:
+            wiring.delete_host_side(iface)
+    except BaseException as exc:                # reported once the other steps are done
+        unwired = exc
+    failures = [unwired, rules.join() if rules else None, release.join()]
+    failed = next((exc for exc in failures if exc is not None), None)
+    if isinstance(failed, wiring.WiringError):
+        raise CniError(spec.WIRING_FAILED, "cannot remove the pod's interface", str(failed)) from None
+    if failed is not None:
+        raise failed
 
 
 def _remove_endpoint(conf: Config, fast: FastPath, iface: str) -> None:
