@@ -132,7 +132,7 @@ class Netlink:
         self.seq += 1
         self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, 0)
                        + body)
-        answers = []
+        answers: list[tuple[int, bytes]] = []
         while True:
             data = self.sock.recv(1 << 16)
             offset = 0

@@ -88,6 +88,8 @@ def _restore(state_dir, work, pods: list[tuple], cache: DispatchCache | None = N
         backend = _backend(runner)
         generation = nft_generation() if backend.name == "nft" else None
         known = cache.get(backend, generation)
+        from_lines: list[str] | None
+        to_lines: list[str] | None
         if known is not None:
             from_lines, to_lines = known
         else:
