@@ -11,8 +11,10 @@ very same `cni.plugin.respond` in a warm process.
 
 When no helper answers (none started yet, it died mid-call, or it retired because weft's code
 changed), or it declines (another PATH or mount namespace, the configuration says "helper":
-false), the plugin runs in this process as before; after a successful call this process then
-starts a helper for the next ones.
+false), or the name is held by a process of another user, the plugin runs in this process as
+before; after a successful call this process then starts a helper for the next ones (if the
+name is free). When a C compiler was there at install time, the runtime starts the native client
+(cni/client.c) instead, which does the helper's part alone and runs this one for the rest.
 Every command is safe to run again after a helper died half-way: ADD of a known attachment
 returns its address and rewires, DEL is idempotent.
 """
@@ -23,7 +25,7 @@ import sys
 ADDRESS = b"\0weft-cni"          # abstract socket: one name per network namespace, gone with its process
 CODE_ROOT = (__file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}").rsplit("/", 2)[0]
 PASSED = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_NETNS", b"CNI_IFNAME", b"CNI_ARGS", b"CNI_PATH", b"PATH")
-NO_HELPER, DECLINED = "none", "declined"
+NO_HELPER, DECLINED, IMPOSTOR = "none", "declined", "impostor"
 HELPER_LOG = "cni-helper.log"   # in the state dir of the call that started the helper
 
 
@@ -32,6 +34,17 @@ def mount_namespace() -> bytes:
     to processes that share it."""
     st = posix.stat("/proc/self/ns/mnt")
     return b"%d:%d" % (st.st_dev, st.st_ino)
+
+
+def ours(sock) -> bool:
+    """Whether the process that holds the helper's name runs as this one's user: any process of
+    this network namespace may bind it, and what it is handed (the call) and answers (the
+    result) must come from weft."""
+    try:
+        cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)    # struct ucred: pid, uid, gid
+    except OSError:
+        return False
+    return int.from_bytes(cred[4:8], sys.byteorder) == posix.geteuid()
 
 
 def request(environ: dict[bytes, bytes], stdin: bytes) -> bytes:
@@ -52,6 +65,8 @@ def ask_helper(stdin: bytes) -> tuple[int, bytes, bytes] | str:
             sock.connect(ADDRESS)
         except OSError:
             return NO_HELPER
+        if not ours(sock):
+            return IMPOSTOR
         try:
             sock.sendall(request(environ, stdin))
             sock.shutdown(_socket.SHUT_WR)
@@ -91,6 +106,9 @@ def main() -> int:
         sys.stdout.flush()
         sys.stderr.buffer.write(stderr)
         return code
+    if answer == IMPOSTOR:
+        sys.stderr.write("weft-cni: the CNI helper's socket @weft-cni of this network namespace is held by a "
+                         "process of another user; running the call here\n")
     from weft.cni import plugin
     code = plugin.main(stdin)
     if answer == NO_HELPER and code == 0 and posix.environ.get(b"CNI_COMMAND") not in (b"VERSION", None):

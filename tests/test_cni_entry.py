@@ -105,3 +105,46 @@ def test_the_helper_starts_from_every_entry_point_and_logs_no_error(how, tmp_pat
         assert log == "", log
         cmdline = Path(f"/proc/{helper}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1] == b"-IS" and os.fsencode(str(Path(weft.cni.__file__).resolve().parents[2])) in cmdline[3]
+
+
+IMPOSTOR = """
+import os, socket, sys
+seen = open(sys.argv[1], "ab", buffering=0)
+os.setuid(65534)                    # the credentials a client sees are those of listen()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(b"\\0weft-cni")
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.settimeout(2)
+    try:
+        seen.write(c.recv(65536))
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+@needs_root
+def test_a_helper_name_held_by_another_user_is_handed_nothing(tmp_path):
+    """Any process in the node's namespace may bind @weft-cni first. The client hands the call
+    only to a helper of its own user; else it runs the plugin itself, says why, and starts no
+    helper (the name is taken)."""
+    binary = str(install(tmp_path / "bin" / "weft"))
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(node_netns())
+        cni = CniNode(ns, tmp_path, binary, stack)
+        seen = tmp_path / "seen"
+        impostor = subprocess.Popen([NSENTER, f"--net=/run/netns/{ns}", sys.executable, "-I", "-c", IMPOSTOR,
+                                     str(seen)], stdout=subprocess.PIPE, text=True)
+        stack.callback(impostor.kill)
+        assert impostor.stdout.readline().strip() == "ready"
+        code, out, err = cni.call(cni.env("ADD", "a"))
+        assert code == 0, (out, err)
+        assert "held by a process of another user" in err
+        assert seen.read_bytes() == b"", "the call was handed to the impostor"
+        assert helper_pids(cni) == []
+        assert cni.call(cni.env("CHECK", "a"))[0] == 0
+        cni.ok("DEL", "a")
+        cni.clean()
