@@ -10,6 +10,7 @@ import ast
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ import pytest
 import weft.cni
 from tests.cninode import NSENTER, CniNode, helper_pids, node, plugin_binary, wait_for_helper
 from tests.nodens import REPO, node_netns, usable
-from weft.cni.install import install, launcher_paths
+from weft.cni.install import install, is_native, launcher_code, launcher_paths
 
 needs_root = pytest.mark.skipif(usable() is not None, reason=usable() or "")
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
 node, plugin_binary = node, plugin_binary  # the fixtures
 
 # What an ADD served by the plugin must never import: each costs tens to hundreds of ms.
@@ -34,8 +36,8 @@ def _launcher_lines(path: Path) -> tuple[str, list[str]]:
 
 
 def test_install_pins_the_installed_weft_even_run_from_inside_a_checkout(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(tmp_path / "weft")], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", f"from weft.cni.install import install; install({str(tmp_path)!r} "
+                           "+ '/weft', native=False)"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     shebang, paths = _launcher_lines(tmp_path / "weft")
     installed = Path(weft.cni.__file__).resolve().parents[1]          # .../site-packages/weft
@@ -46,6 +48,24 @@ def test_install_pins_the_installed_weft_even_run_from_inside_a_checkout(tmp_pat
                            text=True, timeout=60)
     assert where.stdout.strip() == str(installed / "cni" / "client.py"), where
     assert launcher_paths() == paths
+    done = subprocess.run([str(tmp_path / "weft")], input=b'{"cniVersion": "1.0.0"}', cwd=REPO,
+                          env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"}, capture_output=True, timeout=60)
+    assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
+
+
+@needs_cc
+def test_the_native_client_is_built_for_the_installed_weft_even_from_inside_a_checkout(tmp_path):
+    """`python -m weft.cni.install` builds the native client when a C compiler is there; it hands
+    the call to the helper of the installed weft (the code root the helper compares) and runs the
+    installed weft's Python client for the rest."""
+    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(tmp_path / "weft")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "the native client" in done.stdout, done
+    assert is_native(tmp_path / "weft")
+    binary = (tmp_path / "weft").read_bytes()
+    installed = Path(weft.cni.__file__).resolve().parents[1]
+    assert b"WEFT_CODE=" + os.fsencode(str(installed)) + b"\0" in binary
+    assert launcher_code().encode() in binary and repr(str(REPO)) not in launcher_code()
     done = subprocess.run([str(tmp_path / "weft")], input=b'{"cniVersion": "1.0.0"}', cwd=REPO,
                           env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"}, capture_output=True, timeout=60)
     assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
@@ -85,12 +105,14 @@ def test_an_add_the_plugin_serves_itself_imports_nothing_heavy(node, tmp_path):
 
 
 @needs_root
-@pytest.mark.parametrize("how", ["console script", "installed launcher"])
+@pytest.mark.parametrize("how", ["console script", "installed launcher", "native client"])
 def test_the_helper_starts_from_every_entry_point_and_logs_no_error(how, tmp_path):
     """The issue: with the `weft-cni` console script every call found no helper and left
     `ModuleNotFoundError` in cni-helper.log."""
+    if how == "native client" and shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler")
     binary = str(Path(sys.executable).parent / "weft-cni") if how == "console script" else \
-        str(install(tmp_path / "bin" / "weft"))
+        str(install(tmp_path / "bin" / "weft", native=how == "native client"))
     with contextlib.ExitStack() as stack:
         ns = stack.enter_context(node_netns())
         cni = CniNode(ns, tmp_path, binary, stack)
@@ -127,11 +149,14 @@ while True:
 
 
 @needs_root
-def test_a_helper_name_held_by_another_user_is_handed_nothing(tmp_path):
+@pytest.mark.parametrize("how", ["installed launcher", "native client"])
+def test_a_helper_name_held_by_another_user_is_handed_nothing(how, tmp_path):
     """Any process in the node's namespace may bind @weft-cni first. The client hands the call
     only to a helper of its own user; else it runs the plugin itself, says why, and starts no
     helper (the name is taken)."""
-    binary = str(install(tmp_path / "bin" / "weft"))
+    if how == "native client" and shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler")
+    binary = str(install(tmp_path / "bin" / "weft", native=how == "native client"))
     with contextlib.ExitStack() as stack:
         ns = stack.enter_context(node_netns())
         cni = CniNode(ns, tmp_path, binary, stack)
@@ -148,3 +173,18 @@ def test_a_helper_name_held_by_another_user_is_handed_nothing(tmp_path):
         assert cni.call(cni.env("CHECK", "a"))[0] == 0
         cni.ok("DEL", "a")
         cni.clean()
+
+
+@needs_root
+@needs_cc
+def test_the_native_client_hands_a_large_configuration_whole_to_the_python_client(node, tmp_path):
+    """A call the helper declines ("helper": false) is run by the Python client with the stdin
+    the native client already read: whole, also when it is larger than a pipe holds."""
+    assert is_native(node.binary)
+    node.add("first")
+    wait_for_helper(node)
+    padding = "x" * (300 << 10)
+    out = node.ok("ADD", "b", config={"helper": False, "comment": padding})
+    assert out["ips"][0]["address"].startswith("198.18.4.")
+    node.ok("DEL", "b", config={"helper": False, "comment": padding})
+    assert [a["pod"] for a in node.allocations()] == ["first"]
