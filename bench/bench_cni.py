@@ -4,8 +4,8 @@ Every plugin is run as a container runtime runs it: a new process in the node's 
 namespace, CNI_* variables, the network configuration on stdin, a fresh pod namespace per ADD.
 The machine is shared (other work moves its load from minute to minute), so absolute figures
 drift; what this benchmark stands on is the ratio of calls made side by side. Each round runs
-every plugin once, in an order that rotates from round to round (A B C, B C A, C A B), so no
-plugin always goes first or last:
+weft and the reference once each, in an order that alternates from round to round (A B, B A),
+so neither always goes first:
 
   ADD alone        one pod per plugin, one call after the other
   20 ADDs at once  20 pods per plugin, started together
@@ -15,14 +15,18 @@ A pair is weft's call (or, at once, the median of its 20) and the reference's in
 the table prints the median of the pairs' ratios next to each side's p50/p99 and the mean CPU time
 a call costs (the caller's process and its children; for weft served by its helper, plus the
 helper's own CPU and its children's over the calls it served).
-weft runs two ways: served by its resident helper (the usual case: the node's first call starts
-it) and with "helper": false (every call does all the work in its own process).
+weft runs three ways, each against the reference in a run of its own: served by its resident
+helper (the usual case: the node's first call starts it) through the installed plugin (the
+native client where a C compiler was there, cni/client.c), the same through the Python
+launcher, and with "helper": false (every call does all the work in its own process).
 
 Then where one served call's time goes, each part measured directly (never as a difference of
-two noisy medians): the caller's interpreter start-up (a process of its own), the client's and
-the plugin's imports (timed inside one process), and the plugin's steps in this process.
+two noisy medians): a served call end to end (VERSION: the caller and one round trip to the
+helper) with either client, the Python interpreter's start-up (a process of its own), the
+client's and the plugin's imports (timed inside one process), and the plugin's steps in this
+process.
 
-Run as root:  .venv/bin/python -m bench.bench_cni [--rounds N] [--rounds-at-once M]
+Run as root:  .venv/bin/python -m bench.bench_cni [--rounds N] [--rounds-at-once M] [--modes ...]
 Needs Debian's containernetworking-plugins (ptp, host-local under /usr/lib/cni) for the reference.
 Everything happens in namespaces it creates (addresses from 198.18.0.0/15), removed at the end.
 """
@@ -120,8 +124,9 @@ class Bench:
             raise SystemExit(f"{plugin.name} {command} {container} failed: {done.out.decode()} {done.err.decode()}")
         return done
 
-    def batch(self, plugin: Plugin, command: str, pods: list[tuple[str, str]]) -> tuple[list[float], float]:
-        """All `pods` at once (started together); (wall times, CPU per call)."""
+    def batch(self, plugin: Plugin, command: str, pods: list[tuple[str, str]]) -> tuple[list[float], float, float]:
+        """All `pods` at once (started together); (wall times, the callers' CPU per call, the
+        helper's CPU per call)."""
         before = helper_cpu() if plugin.helper else 0.0
         results: list[Outcome | None] = [None] * len(pods)
         failures: list[str] = []
@@ -142,7 +147,7 @@ class Bench:
             raise SystemExit(failures[0])
         done = [r for r in results if r is not None]
         served = (helper_cpu() - before) if plugin.helper else 0.0
-        return [r.wall for r in done], (sum(r.cpu for r in done) + served) / len(done)
+        return [r.wall for r in done], sum(r.cpu for r in done) / len(done), served / len(done)
 
 
 def run_all(commands: list[list[str]], check: bool = True) -> None:
@@ -183,11 +188,13 @@ class Pairs:
     def __init__(self) -> None:
         self.walls: dict[tuple[str, str], list[float]] = {}
         self.cpu: dict[tuple[str, str], list[float]] = {}
+        self.helper: dict[tuple[str, str], list[float]] = {}
         self.rounds: dict[tuple[str, str], list[float]] = {}
 
-    def add(self, case: str, plugin: str, walls: list[float], cpu: float) -> None:
+    def add(self, case: str, plugin: str, walls: list[float], cpu: float, helper: float) -> None:
         self.walls.setdefault((case, plugin), []).extend(walls)
-        self.cpu.setdefault((case, plugin), []).append(cpu)
+        self.cpu.setdefault((case, plugin), []).append(cpu + helper)
+        self.helper.setdefault((case, plugin), []).append(helper)
         self.rounds.setdefault((case, plugin), []).append(statistics.median(walls))
 
     def ratio(self, case: str, plugin: str, reference: str) -> tuple[float, float, float]:
@@ -201,8 +208,8 @@ class Pairs:
 
 def interleaved(bench: Bench, plugins: list[Plugin], rounds: int, concurrent: int, pairs: Pairs,
                 label: str) -> None:
-    """`rounds` rounds; in each, every plugin ADDs `concurrent` pods at once (in rotating order),
-    then every plugin DELs them (same order)."""
+    """`rounds` rounds; in each, every plugin ADDs `concurrent` pods at once (in an order that
+    rotates round by round), then every plugin DELs them (same order)."""
     for r in range(rounds):
         order = plugins[r % len(plugins):] + plugins[:r % len(plugins)]
         netns = bench.pod_netns(concurrent * len(plugins))
@@ -210,8 +217,8 @@ def interleaved(bench: Bench, plugins: list[Plugin], rounds: int, concurrent: in
                          for j in range(concurrent)] for i, p in enumerate(plugins)}
         for command in ("ADD", "DEL"):
             for plugin in order:
-                walls, cpu = bench.batch(plugin, command, pods[plugin.name])
-                pairs.add(f"{command} {label}", plugin.name, walls, cpu)
+                walls, cpu, helper = bench.batch(plugin, command, pods[plugin.name])
+                pairs.add(f"{command} {label}", plugin.name, walls, cpu, helper)
         bench.drop_netns(netns)
 
 
@@ -240,12 +247,20 @@ print(t1 - t0, t2 - t1, len(sys.modules))
 """
 
 
-def startup_and_imports(python: str, paths: list[str], repeat: int = 15) -> dict[str, float]:
-    """Each part measured on its own: a bare interpreter's start-up (wall and CPU of a process
-    that does nothing), and the imports, timed inside one process each run."""
+def startup_and_imports(python: str, paths: list[str], clients: dict[str, str], config: dict,
+                        repeat: int = 15) -> dict[str, float]:
+    """Each part measured on its own: a served VERSION call through each client (wall and CPU of
+    the caller), a bare interpreter's start-up (wall and CPU of a process that does nothing),
+    and the imports, timed inside one process each run."""
     lean, site, lean_cpu = [], [], []
     client, plugin = [], []
+    served: dict[str, list[float]] = {}
+    env = {**ENV_BASE, "CNI_COMMAND": "VERSION"}
     for _ in range(repeat):
+        for name, binary in clients.items():
+            done = spawn([binary], env, json.dumps(config).encode())
+            served.setdefault(f"a served call (VERSION), {name}, wall", []).append(done.wall)
+            served.setdefault(f"a served call (VERSION), {name}, CPU of the caller", []).append(done.cpu)
         done = spawn([python, "-IS", "-c", "pass"], {}, b"")
         lean.append(done.wall)
         lean_cpu.append(done.cpu)
@@ -255,7 +270,8 @@ def startup_and_imports(python: str, paths: list[str], repeat: int = 15) -> dict
         client.append(float(out[0]))
         plugin.append(float(out[1]))
     return {
-        "start-up, -I -S (the installed launcher), wall": statistics.median(lean),
+        **{key: statistics.median(values) for key, values in served.items()},
+        "start-up, -I -S (the Python launcher), wall": statistics.median(lean),
         "start-up, -I -S, CPU": statistics.median(lean_cpu),
         "start-up with site (the console script), wall": statistics.median(site),
         "import weft.cni.client (all a served call imports)": statistics.median(client),
@@ -265,10 +281,12 @@ def startup_and_imports(python: str, paths: list[str], repeat: int = 15) -> dict
 
 def work_breakdown(bench: Bench, state: Path, repeat: int = 15) -> dict[str, float]:
     """The plugin's own steps in this process, one pod at a time (what the helper does per pod
-    alone), each timed directly."""
+    alone), each timed directly. The policy steps twice: with the ruleset unchanged since this
+    process last wrote it (the helper's usual case: one restore), and changed by another program
+    in between (the dispatch chains listed again first)."""
     from weft.cni import wiring
     from weft.probes.pods import routed_addresses
-    from weft.reconciler.endpoint import add_endpoint, remove_endpoint
+    from weft.reconciler.endpoint import DispatchCache, add_endpoints, remove_endpoints
     from weft.store import ipam
     store = ipam.Store(state, held=routed_addresses)
     steps: dict[str, list[float]] = {}
@@ -278,19 +296,24 @@ def work_breakdown(bench: Bench, state: Path, repeat: int = 15) -> dict[str, flo
         value = fn(*args)
         steps.setdefault(key, []).append(time.perf_counter() - start)
         return value
-    for i in range(repeat):
-        (netns,) = bench.pod_netns(1)
-        name, iface = f"breakdown{i}", f"weftbench{i:05d}"
-        timed("ADD: the live pods' addresses, from /proc", routed_addresses)
-        allocation, _ = timed("ADD: IPAM allocate (lock, read, choose, fsync + rename)", store.allocate,
-                              "weft", name, "eth0", "bench", name, iface)
-        timed("ADD: wiring (veth, pod side, sysctls, host side)", wiring.wire, f"/run/netns/{netns}", "eth0", iface,
-              list(allocation.ips), 1500, wiring.alias_for(name, "eth0"))
-        timed("ADD: policy (listings, iptables-restore)", add_endpoint, state, "bench", name, iface)
-        timed("DEL: delete the veth", wiring.delete_host_side, iface)
-        timed("DEL: policy (listings, iptables-restore)", remove_endpoint, state, iface)
-        timed("DEL: IPAM release (lock, read, fsync + rename)", store.release, "weft", name, "eth0")
-        bench.drop_netns([netns])
+    kept = DispatchCache()
+    for changed in (False, True):
+        how = "ruleset changed since (2 listings, restore)" if changed else "ruleset unchanged since (restore)"
+        for i in range(repeat):
+            (netns,) = bench.pod_netns(1)
+            name, iface = f"breakdown{int(changed)}x{i}", f"weftbench{int(changed)}{i:04d}"
+            timed("ADD: the live pods' addresses, from /proc", routed_addresses)
+            allocation, _ = timed("ADD: IPAM allocate (lock, read, choose, fsync + rename)", store.allocate,
+                                  "weft", name, "eth0", "bench", name, iface)
+            timed("ADD: wiring (veth, pod side, sysctls, host side)", wiring.wire, f"/run/netns/{netns}", "eth0",
+                  iface, list(allocation.ips), 1500, wiring.alias_for(name, "eth0"))
+            cache = DispatchCache() if changed else kept
+            timed(f"ADD: policy, {how}", add_endpoints, state, [(iface, "bench", name)], cache)
+            timed("DEL: delete the veth", wiring.delete_host_side, iface)
+            cache = DispatchCache() if changed else kept
+            timed(f"DEL: policy, {how}", remove_endpoints, state, [(iface,)], cache)
+            timed("DEL: IPAM release (lock, read, fsync + rename)", store.release, "weft", name, "eth0")
+            bench.drop_netns([netns])
     return {key: statistics.median(values) for key, values in steps.items()}
 
 
@@ -308,46 +331,59 @@ def inside(opts) -> int:
     (manifests / "ipam.yaml").write_text(yaml.safe_dump_all([pool, *blocks]))
     subprocess.run([sys.executable, "-m", "weft.reconciler.cli", "apply", "--from", str(manifests), "--node", NODE,
                     "--state-dir", str(state)], check=True, capture_output=True, cwd=REPO)
-    from weft.cni.install import install, launcher_paths
-    launcher = str(install(work / "bin" / "weft"))
+    from weft.cni.install import install, is_native, launcher_paths
+    launcher = str(install(work / "bin" / "weft"))              # the native client when there is a C compiler
+    python_launcher = str(install(work / "python-bin" / "weft", native=False))
     bench = Bench(opts.prefix)
     config = weft_config(state, manifests)
     served = Plugin("weft, served by its helper", [launcher], config, helper=True)
+    served_py = Plugin("weft, served, Python launcher", [python_launcher], config, helper=True)
     alone = Plugin("weft, \"helper\": false", [launcher], {**config, "helper": False})
+    client = "native client" if is_native(launcher) else "Python launcher: no C compiler"
     if not (REFERENCE_DIR / "ptp").exists():
         raise SystemExit(f"{REFERENCE_DIR}/ptp not found: install containernetworking-plugins for the reference")
     reference = Plugin("ptp + host-local", [str(REFERENCE_DIR / "ptp")], reference_config(work))
-    plugins = [served, alone, reference]
     warm = Pairs()
     interleaved(bench, [served], 1, 1, warm, "warm-up")          # the first ADD starts the helper
     for _ in range(50):
         if helper_pid() is not None:
             break
         time.sleep(0.1)
-    interleaved(bench, plugins, 2, 1, warm, "warm-up")           # every plugin's files in the page cache
+    interleaved(bench, [served, served_py, alone, reference], 2, 1, warm, "warm-up")   # files in the page cache
 
-    pairs = Pairs()
-    load = os.getloadavg()[0]
-    print(f"load average before: {load:.2f} on {os.cpu_count()} CPUs; {opts.rounds} rounds alone, "
-          f"{opts.rounds_at_once} rounds of {CONCURRENT} at once; order rotating round by round\n")
-    interleaved(bench, plugins, opts.rounds, 1, pairs, "alone")
-    interleaved(bench, plugins, opts.rounds_at_once, CONCURRENT, pairs, f"{CONCURRENT} at once")
-    print(f"{'':<28} {'weft':^21} {'ptp + host-local':^21}  {'weft / ptp, pair by pair':^26}")
-    print(f"{'case (ms)':<28} {'p50':>6} {'p99':>6} {'CPU':>6}   {'p50':>6} {'p99':>6} {'CPU':>6}   "
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {opts.rounds} rounds alone, "
+          f"{opts.rounds_at_once} rounds of {CONCURRENT} at once; order alternating round by round; CPU: mean "
+          "per call, the caller's process and its children (weft served: and the helper's share, also shown "
+          "apart)")
+    print(f"weft served: the installed plugin ({client}); served, py: the Python launcher\n")
+    print(f"{'':<26} {'weft':^28} {'ptp + host-local':^21}  {'weft / ptp, pair by pair':^26}")
+    print(f"{'case (ms)':<26} {'p50':>6} {'p99':>6} {'CPU':>6} {'helper':>6}   {'p50':>6} {'p99':>6} {'CPU':>6}   "
           f"{'median':>8} {'(quartiles)':>16}")
-    for command in ("ADD", "DEL"):
-        for label in ("alone", f"{CONCURRENT} at once"):
-            case = f"{command} {label}"
-            for plugin, short in ((served, "served"), (alone, "no helper")):
+    # One weft mode at a time against the reference: the plugin processes of "helper": false
+    # commit to the same ruleset as the helper does, which it would see as another program's
+    # change (reconciler.endpoint.DispatchCache) after every one of them.
+    for plugin, short in ((served, "served"), (served_py, "served, py"), (alone, "no helper")):
+        if short not in opts.modes:
+            continue
+        pairs = Pairs()
+        interleaved(bench, [plugin, reference], opts.rounds, 1, pairs, "alone")
+        interleaved(bench, [plugin, reference], opts.rounds_at_once, CONCURRENT, pairs, f"{CONCURRENT} at once")
+        for command in ("ADD", "DEL"):
+            for label in ("alone", f"{CONCURRENT} at once"):
+                case = f"{command} {label}"
                 rw, pw = pairs.walls[(case, plugin.name)], pairs.walls[(case, reference.name)]
                 rc, pc = pairs.cpu[(case, plugin.name)], pairs.cpu[(case, reference.name)]
+                helper = f"{ms(statistics.mean(pairs.helper[(case, plugin.name)]))}" if plugin.helper else \
+                    f"{'-':>6}"
                 mid, low, high = pairs.ratio(case, plugin.name, reference.name)
-                print(f"{case + ', ' + short:<25} {ms(statistics.median(rw))} {ms(percentile(rw, 99))} "
-                      f"{ms(statistics.mean(rc))}   {ms(statistics.median(pw))} {ms(percentile(pw, 99))} "
+                print(f"{case + ', ' + short:<26} {ms(statistics.median(rw))} {ms(percentile(rw, 99))} "
+                      f"{ms(statistics.mean(rc))} {helper}   {ms(statistics.median(pw))} {ms(percentile(pw, 99))} "
                       f"{ms(statistics.mean(pc))}   {mid:7.2f}x {f'({low:.2f}-{high:.2f})':>16}")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print("\nWhere a served call's time goes (medians, ms; each part measured on its own):")
-    for key, value in startup_and_imports(sys.executable, launcher_paths()).items():
+    clients = {"native client": launcher} if is_native(launcher) else {}
+    for key, value in startup_and_imports(sys.executable, launcher_paths(), {**clients, "Python launcher":
+                                                                            python_launcher}, config).items():
         print(f"  {key:<62} {ms(value)}")
     for key, value in work_breakdown(bench, state).items():
         print(f"  {key:<62} {ms(value)}")
@@ -359,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=40, help="rounds of one call per plugin (alone)")
     parser.add_argument("--rounds-at-once", type=int, default=6, help=f"rounds of {CONCURRENT} calls per plugin")
+    parser.add_argument("--modes", nargs="+", default=["served", "served, py", "no helper"],
+                        choices=["served", "served, py", "no helper"], help="which ways of running weft to measure")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -375,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="weft-bench-cni-") as work:
             subprocess.run(["ip", "-n", node, "link", "set", "lo", "up"], check=True)
             argv = [sys.executable, "-m", "bench.bench_cni", "--inside", "--rounds", str(opts.rounds),
-                    "--rounds-at-once", str(opts.rounds_at_once), "--prefix", prefix, "--work", work]
+                    "--rounds-at-once", str(opts.rounds_at_once), "--prefix", prefix, "--work", work,
+                    "--modes", *opts.modes]
             return subprocess.run(["ip", "netns", "exec", node, *argv], cwd=REPO).returncode
     finally:
         _stop_helper(node)
