@@ -15,10 +15,12 @@ A pair is weft's call (or, at once, the median of its 20) and the reference's in
 the table prints the median of the pairs' ratios next to each side's p50/p99 and the mean CPU time
 a call costs (the caller's process and its children; for weft served by its helper, plus the
 helper's own CPU and its children's over the calls it served).
-weft runs three ways, each against the reference in a run of its own: served by its resident
+weft runs four ways, each against the reference in a run of its own: served by its resident
 helper (the usual case: the node's first call starts it) through the installed plugin (the
-native client where a C compiler was there, cni/client.c), the same through the Python
-launcher, and with "helper": false (every call does all the work in its own process).
+native client where a C compiler was there, cni/client.c); the same with another program
+changing the ruleset before each batch (the helper lists the dispatch chains again each time:
+reconciler.endpoint.DispatchCache); served through the Python launcher; and with "helper":
+false (every call does all the work in its own process).
 
 Then where one served call's time goes, each part measured directly (never as a difference of
 two noisy medians): a served call end to end (VERSION: the caller and one round trip to the
@@ -92,10 +94,12 @@ def spawn(argv: list[str], env: dict, data: bytes) -> Outcome:
 
 class Plugin:
     """A plugin as the runtime sees it: the executable and its network configuration. `helper`:
-    weft served by its resident helper, whose CPU is counted to the calls it serves."""
+    weft served by its resident helper, whose CPU is counted to the calls it serves; `busy`:
+    another program commits to the node's ruleset before each of its batches (as kube-proxy
+    does on a busy node), so the helper never finds the dispatch chains as it left them."""
 
-    def __init__(self, name: str, argv: list[str], config: dict, helper: bool = False):
-        self.name, self.argv, self.config, self.helper = name, argv, config, helper
+    def __init__(self, name: str, argv: list[str], config: dict, helper: bool = False, busy: bool = False):
+        self.name, self.argv, self.config, self.helper, self.busy = name, argv, config, helper, busy
         self.stdin = json.dumps(config).encode()
 
 
@@ -217,9 +221,17 @@ def interleaved(bench: Bench, plugins: list[Plugin], rounds: int, concurrent: in
                          for j in range(concurrent)] for i, p in enumerate(plugins)}
         for command in ("ADD", "DEL"):
             for plugin in order:
+                if plugin.busy:
+                    another_program_commits()
                 walls, cpu, helper = bench.batch(plugin, command, pods[plugin.name])
                 pairs.add(f"{command} {label}", plugin.name, walls, cpu, helper)
         bench.drop_netns(netns)
+
+
+def another_program_commits() -> None:
+    """A change to the ruleset that is not weft's: a chain of the raw table made or removed."""
+    exists = subprocess.run(["iptables-nft", "-t", "raw", "-S", "bench-churn"], capture_output=True).returncode == 0
+    subprocess.run(["iptables-nft", "-t", "raw", "-X" if exists else "-N", "bench-churn"], check=True)
 
 
 def weft_config(state: Path, manifests: Path) -> dict:
@@ -338,6 +350,7 @@ def inside(opts) -> int:
     config = weft_config(state, manifests)
     served = Plugin("weft, served by its helper", [launcher], config, helper=True)
     served_py = Plugin("weft, served, Python launcher", [python_launcher], config, helper=True)
+    busy = Plugin("weft, served, busy ruleset", [launcher], config, helper=True, busy=True)
     alone = Plugin("weft, \"helper\": false", [launcher], {**config, "helper": False})
     client = "native client" if is_native(launcher) else "Python launcher: no C compiler"
     if not (REFERENCE_DIR / "ptp").exists():
@@ -355,14 +368,16 @@ def inside(opts) -> int:
           f"{opts.rounds_at_once} rounds of {CONCURRENT} at once; order alternating round by round; CPU: mean "
           "per call, the caller's process and its children (weft served: and the helper's share, also shown "
           "apart)")
-    print(f"weft served: the installed plugin ({client}); served, py: the Python launcher\n")
-    print(f"{'':<26} {'weft':^28} {'ptp + host-local':^21}  {'weft / ptp, pair by pair':^26}")
-    print(f"{'case (ms)':<26} {'p50':>6} {'p99':>6} {'CPU':>6} {'helper':>6}   {'p50':>6} {'p99':>6} {'CPU':>6}   "
+    print(f"weft served: the installed plugin ({client}); busy: another program changed the ruleset before "
+          "each batch; py: the Python launcher\n")
+    print(f"{'':<30} {'weft':^28} {'ptp + host-local':^21}  {'weft / ptp, pair by pair':^26}")
+    print(f"{'case (ms)':<30} {'p50':>6} {'p99':>6} {'CPU':>6} {'helper':>6}   {'p50':>6} {'p99':>6} {'CPU':>6}   "
           f"{'median':>8} {'(quartiles)':>16}")
     # One weft mode at a time against the reference: the plugin processes of "helper": false
     # commit to the same ruleset as the helper does, which it would see as another program's
     # change (reconciler.endpoint.DispatchCache) after every one of them.
-    for plugin, short in ((served, "served"), (served_py, "served, py"), (alone, "no helper")):
+    for plugin, short in ((served, "served"), (busy, "served, busy"), (served_py, "served, py"),
+                          (alone, "no helper")):
         if short not in opts.modes:
             continue
         pairs = Pairs()
@@ -376,7 +391,7 @@ def inside(opts) -> int:
                 helper = f"{ms(statistics.mean(pairs.helper[(case, plugin.name)]))}" if plugin.helper else \
                     f"{'-':>6}"
                 mid, low, high = pairs.ratio(case, plugin.name, reference.name)
-                print(f"{case + ', ' + short:<26} {ms(statistics.median(rw))} {ms(percentile(rw, 99))} "
+                print(f"{case + ', ' + short:<30} {ms(statistics.median(rw))} {ms(percentile(rw, 99))} "
                       f"{ms(statistics.mean(rc))} {helper}   {ms(statistics.median(pw))} {ms(percentile(pw, 99))} "
                       f"{ms(statistics.mean(pc))}   {mid:7.2f}x {f'({low:.2f}-{high:.2f})':>16}")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
@@ -395,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=40, help="rounds of one call per plugin (alone)")
     parser.add_argument("--rounds-at-once", type=int, default=6, help=f"rounds of {CONCURRENT} calls per plugin")
-    parser.add_argument("--modes", nargs="+", default=["served", "served, py", "no helper"],
-                        choices=["served", "served, py", "no helper"], help="which ways of running weft to measure")
+    modes = ["served", "served, busy", "served, py", "no helper"]
+    parser.add_argument("--modes", nargs="+", default=modes, choices=modes, help="the ways of running weft to measure")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
