@@ -1,5 +1,6 @@
 """The CNI plugin's resident helper: one warm process per node network namespace that serves the
-plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and not the imports.
+plugin's calls, so a pod's ADD pays a small client's start (cni/client.c, or a bare interpreter's
+running cni/client.py) and not the imports.
 
 - Found by an abstract unix socket name (cni.client.ADDRESS): such names are per network
   namespace, so each node namespace has its own helper and no file is left behind. Only callers
@@ -7,8 +8,9 @@ plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and
 - Started by the client after a call it had to run itself (cni.client.main); a second helper in
   the same namespace cannot bind the name and exits at once.
 - Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; calls
-  for one attachment run one after the other, in the order they came; the threads' IPAM writes,
-  host-side wiring and policy steps are batched by the helper's one FastPath (cni.fastpath).
+  for one attachment run one after the other, in the order they came; the threads' IPAM writes
+  and policy steps are batched by the helper's one FastPath (cni.fastpath), which also keeps
+  what the helper knows of the dispatch chains between batches.
 - Declines, and the client runs the call itself, when the caller's PATH or mount namespace
   (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
   "helper": false. When weft's code changed on disk, or the caller runs weft from another

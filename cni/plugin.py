@@ -4,8 +4,8 @@ One call per CNI command (spec 1.1.0): ADD allocates the pod an address from the
 blocks (store/ipam.py), wires it (cni/wiring.py) and puts the endpoint's policy in the kernel
 before it answers (reconciler/endpoint.py); DEL undoes that and may be repeated; CHECK reads
 everything back; GC releases what the runtime no longer knows; STATUS says whether an ADD could
-succeed; VERSION lists the versions. The calls of one process share their IPAM write, host-side
-wiring and policy step through the `FastPath` given to `respond` (cni/fastpath.py).
+succeed; VERSION lists the versions. The calls of one process share their IPAM write and policy
+step through the `FastPath` given to `respond` (cni/fastpath.py).
 
 Every file it reads is in the state dir, through store.statedir.StateDir: a state dir or file
 weft must not trust (not root's, writable by others, a link) is error 103 (50 for STATUS) naming

@@ -60,29 +60,25 @@ def _binary(name: str) -> str:
 IP = _binary("ip")
 
 
-def _run(argv: list[str], commands: list[str] | None = None, check: bool = True, netns: str | None = None,
-         netns_fd: int | None = None) -> str:
-    """Run one command (an `ip -batch -` reads `commands` on stdin), in the network namespace
-    `netns` (a path; or the open descriptor `netns_fd` of it) if given; WiringError when it fails."""
-    stdin = "".join(c + "\n" for c in commands) if commands else None
+def _run(argv: list[str], check: bool = True, netns: str | None = None) -> str:
+    """Run one read-only command (`ip -j ...`: CHECK, GC), in the network namespace `netns` (a
+    path) if given; WiringError when it fails."""
     where = f" (in {netns})" if netns else ""
     try:
-        proc = _start(argv, stdin is not None) if netns is None else \
-            _start_in_netns(netns, argv, stdin is not None, netns_fd)
-        out, err = proc.communicate(stdin)
+        proc = _start(argv) if netns is None else _start_in_netns(netns, argv)
+        out, err = proc.communicate()
     except OSError as exc:
         raise WiringError(f"{argv[0]}{where}: {exc.strerror}") from None
     if check and proc.returncode != 0:
-        shown = " ".join(argv) + where + (" <<< " + "; ".join(commands) if commands else "")
-        raise WiringError(f"{shown}: {err.strip() or f'exit {proc.returncode}'}")
+        raise WiringError(f"{' '.join(argv)}{where}: {err.strip() or f'exit {proc.returncode}'}")
     return out
 
 
-def _start_in_netns(netns: str, argv: list[str], with_stdin: bool, netns_fd: int | None = None) -> subprocess.Popen:
-    """Start `argv` inside the network namespace at path `netns` (or open as `netns_fd`): this
-    thread enters it, the child inherits it, and the thread goes back before anything else runs in it."""
+def _start_in_netns(netns: str, argv: list[str]) -> subprocess.Popen:
+    """Start `argv` inside the network namespace at path `netns`: this thread enters it, the child
+    inherits it, and the thread goes back before anything else runs in it."""
     try:
-        target = os.dup(netns_fd) if netns_fd is not None else os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise WiringError(f"cannot open network namespace {netns}: {exc.strerror}") from None
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -92,7 +88,7 @@ def _start_in_netns(netns: str, argv: list[str], with_stdin: bool, netns_fd: int
         except OSError as exc:
             raise WiringError(f"cannot enter network namespace {netns}: {exc.strerror}") from None
         try:
-            return _start(argv, with_stdin)
+            return _start(argv)
         finally:
             setns(home)                       # cannot fail: it is where this thread came from
     finally:
@@ -100,9 +96,8 @@ def _start_in_netns(netns: str, argv: list[str], with_stdin: bool, netns_fd: int
         os.close(home)
 
 
-def _start(argv: list[str], with_stdin: bool) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdin=subprocess.PIPE if with_stdin else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def host_links() -> set[str]:
