@@ -187,7 +187,7 @@ def wire(netns: str, ifname: str, host_iface: str, ips: list[str], mtu: int, ali
         os.close(target)
     for key, value in host_sysctls(host_iface, bool(v6)).items():
         _write_sysctl(key, value)
-    with Netlink() as host:
+    with _step("open a netlink socket", Netlink) as host:
         _step(f"link set {host_iface} alias {alias} up", host.request, RTM_NEWLINK,
               _link(0, IFF_UP, IFF_UP) + attr_str(IFLA_IFNAME, host_iface) + attr(IFLA_IFALIAS, alias.encode()))
         index = _step(f"link show {host_iface}", _link_index, host, host_iface)
