@@ -9,6 +9,18 @@ mid-way is restarted, since a half-old, half-new list would mix two snapshots.
 
 `kubernetes` is imported only to resolve a configuration: it costs ~0.25 s of CPU, and a
 reconcile run that finds nothing to do, or the CNI plugin, should not pay it (see connect).
+
+Every wait is bounded, and nothing is retried behind the caller's back (urllib3 retries three
+times by default: a stopped API server cost 4 x 30 s):
+  CONNECT_TIMEOUT  5 s   to establish a connection (TCP and TLS);
+  READ_TIMEOUT    10 s   the longest the server may stay silent while answering (a server that
+                         accepts connections and never answers fails a request in 10 s);
+  ANSWER_TIMEOUT  30 s   for a whole answer to arrive (a trickle is a dead server too);
+  a watch reads until the server has been quiet for its `quiet` gap (0.1 s), READ_TIMEOUT at most.
+Answers are hostile until checked: at most desired.bounds.MAX_RESPONSE_BYTES, JSON nested at
+most MAX_DEPTH deep, no content encoding weft did not ask for, and lists and watch events of the
+shape the callers rely on (objects with a metadata mapping naming them); anything else is a
+SourceError naming the request.
 """
 from __future__ import annotations
 
@@ -16,15 +28,21 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weft.desired.bounds import MAX_DEPTH, MAX_RESPONSE_BYTES, BoundExceeded, check_depth
 from weft.model.errors import SourceError
 
 CALICO_API_VERSION = "crd.projectcalico.org/v1"
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 10.0
+ANSWER_TIMEOUT = 30.0
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -71,12 +89,13 @@ LIST_WORKERS = 4
 
 
 def load_objects(kubeconfig: str | None = None, context: str | None = None, page_size: int = 500,
-                 *, concurrent: bool = True, timeout: float = 30.0) -> list[dict]:
+                 *, concurrent: bool = True, timeout: float = READ_TIMEOUT) -> list[dict]:
     """Every object of RESOURCES in the cluster, shaped like a YAML manifest.
 
     Calico CRDs that are not installed are skipped; any other failure raises SourceError.
-    `timeout` bounds each request (connect and each read), so a dead API server fails the run
-    instead of hanging it. Objects come in RESOURCES order, each kind in the server's order.
+    `timeout` bounds each request's silences (see the module docstring), so a dead API server
+    fails the run instead of hanging it. Objects come in RESOURCES order, each kind in the
+    server's order.
     """
     with connect(kubeconfig, context) as api:
         def one(resource: Resource) -> list[dict]:
@@ -91,7 +110,7 @@ def load_objects(kubeconfig: str | None = None, context: str | None = None, page
 
 
 def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
-              timeout: float = 30.0) -> tuple[list[dict], str]:
+              timeout: float = READ_TIMEOUT) -> tuple[list[dict], str]:
     """All objects of one resource (all namespaces) and the list's resourceVersion.
 
     The resourceVersion is where a watch can start without missing a change. A CRD that is not
@@ -106,8 +125,12 @@ def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
                 query = [("limit", page_size)] + ([("continue", token)] if token else [])
                 page = api.request("GET", path, query=query, timeout=timeout)
                 head = {"apiVersion": resource.api_version, "kind": resource.kind}
-                items.extend(head | item for item in page.get("items") or ())
+                listed = page.get("items") or []
                 meta = page.get("metadata") or {}
+                problem = _list_problem(listed, meta)
+                if problem:
+                    raise SourceError(f"listing {resource.kind} ({path}) from {api.host}: the answer's {problem}")
+                items.extend(head | item for item in listed)
                 token = meta.get("continue")
                 if not token:
                     return items, meta.get("resourceVersion", "")
@@ -121,6 +144,31 @@ def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
         f"listing {resource.kind} ({path}) from {api.host}: the continue token "
         f"expired {EXPIRED_RELIST_ATTEMPTS} times in a row (HTTP 410 Expired); the list changes faster "
         f"than it can be paged: retry, or raise the page size")
+
+
+def object_problem(obj: Any, where: str) -> str | None:
+    """Why `obj` (an item of a list, the object of a watch event) is not an object weft can key:
+    a mapping whose metadata is a mapping naming it with strings. The converters check the rest."""
+    if not isinstance(obj, dict):
+        return f"{where} must be a mapping"
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return f"{where}.metadata must be a mapping"
+    for field in ("name", "namespace", "resourceVersion"):
+        if meta.get(field) is not None and not isinstance(meta[field], str):
+            return f"{where}.metadata.{field} must be a string"
+    return None
+
+
+def _list_problem(items: Any, meta: Any) -> str | None:
+    if not isinstance(items, list):
+        return "items must be a list"
+    if not isinstance(meta, dict):
+        return "metadata must be a mapping"
+    for field in ("continue", "resourceVersion"):
+        if meta.get(field) is not None and not isinstance(meta[field], str):
+            return f"metadata.{field} must be a string"
+    return next((p for i, item in enumerate(items) if (p := object_problem(item, f"items[{i}]"))), None)
 
 
 class ApiError(Exception):
@@ -168,6 +216,7 @@ class Connection:
 
         import urllib3
         self.profile, self.host = profile, profile.host
+        self._pool: urllib3.PoolManager
         args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
                                 "ca_cert_data": profile.ca_pem}
         if profile.cert_pem and profile.key_pem:
@@ -191,23 +240,66 @@ class Connection:
             self._headers["Authorization"] = profile.authorization
 
     def request(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
-                body: dict | None = None, timeout: float = 30.0) -> dict:
-        """One JSON request. Raises ApiError for a non-2xx answer (callers decide what 404, 409
-        or 410 mean) and SourceError when the server cannot be reached."""
-        response = self.open(method, path, query=query, body=body, timeout=(timeout, timeout))
+                body: dict | None = None, timeout: float = READ_TIMEOUT) -> dict:
+        """One JSON request; its answer is a JSON object (a mapping). Raises ApiError for a
+        non-2xx answer (callers decide what 404, 409 or 410 mean) and SourceError when the
+        server cannot be reached, is silent for `timeout` seconds, takes longer than
+        ANSWER_TIMEOUT to answer, or answers beyond the bounds (see the module docstring)."""
+        response = self.open(method, path, query=query, body=body,
+                             timeout=(min(CONNECT_TIMEOUT, timeout), timeout))
         try:
-            data = response.read()
-        except _http_errors() as e:
-            raise self._unreachable(method, path, e) from None
+            data = self._read_answer(method, path, response)
         finally:
             response.release_conn()
         if not 200 <= response.status <= 299:
-            raise ApiError(response.status, response.reason or "", data)
-        return json.loads(data)
+            raise ApiError(response.status, response.reason or "", data[:_CHUNK])
+        return self._decode(method, path, data)
+
+    def _read_answer(self, method: str, path: str, response) -> bytes:
+        """The whole body, within MAX_RESPONSE_BYTES and ANSWER_TIMEOUT."""
+        encoding = response.headers.get("Content-Encoding", "identity")
+        if encoding.lower() != "identity":
+            raise SourceError(f"{method} {path}: the API server at {self.host} answered with Content-Encoding "
+                              f"{encoding[:40]!r}, which weft does not ask for")
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise self._too_large(method, path)
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        chunks, size = [], 0
+        try:
+            for chunk in response.stream(_CHUNK, decode_content=False):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise self._too_large(method, path)
+                if time.monotonic() > deadline:
+                    raise SourceError(f"{method} {path}: the API server at {self.host} took more than "
+                                      f"{ANSWER_TIMEOUT:.0f} s to answer")
+        except _http_errors() as e:
+            raise self._unreachable(method, path, e) from None
+        return b"".join(chunks)
+
+    def _too_large(self, method: str, path: str) -> SourceError:
+        return SourceError(f"{method} {path}: the API server at {self.host} answered with more than "
+                           f"{MAX_RESPONSE_BYTES >> 20} MiB, the most weft reads in one answer")
+
+    def _decode(self, method: str, path: str, data: bytes) -> dict:
+        """The JSON object of an answer, nested at most MAX_DEPTH deep."""
+        try:
+            value = json.loads(data)
+            check_depth(value, "the answer")
+        except (ValueError, RecursionError, MemoryError, BoundExceeded) as e:
+            problem = f"nested deeper than {MAX_DEPTH} levels" if isinstance(e, RecursionError | BoundExceeded) \
+                else "too large" if isinstance(e, MemoryError) else f"not JSON ({str(e)[:80]})"
+            raise SourceError(f"{method} {path}: the answer of the API server at {self.host} is {problem}") from None
+        if not isinstance(value, dict):
+            raise SourceError(f"{method} {path}: the answer of the API server at {self.host} is not a JSON object")
+        return value
 
     def open(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
-             body: dict | None = None, timeout: tuple[float, float] = (30.0, 30.0)):
-        """The response, unread (any status), for streaming; the caller releases it."""
+             body: dict | None = None, timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT)):
+        """The response, unread (any status), for streaming; the caller releases it. One attempt
+        (urllib3's retries are off), bounded by `timeout` (connect, read)."""
         from urllib.parse import urlencode
 
         import urllib3
@@ -217,9 +309,10 @@ class Connection:
             headers = self._headers | ({"Content-Type": "application/json"} if data is not None else {})
             try:
                 response = self._pool.request(method, url, body=data, headers=headers, preload_content=False,
+                                              retries=False, redirect=False,
                                               timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
             except _http_errors() as e:
-                # A failed handshake comes wrapped, after urllib3's retries, as MaxRetryError.
+                # A failed handshake: an SSLError (wrapped in MaxRetryError were retries on).
                 tls = isinstance(e, urllib3.exceptions.SSLError) or isinstance(
                     getattr(e, "reason", None), urllib3.exceptions.SSLError)
                 if tls and attempt == 1 and self._renewed(profile):
@@ -243,9 +336,9 @@ class Connection:
             self._use(renew())
             return True
 
-    def _unreachable(self, method: str, path: str, e: Exception) -> SourceError:
+    def _unreachable(self, method: str, path: str, e: BaseException) -> SourceError:
         reason = getattr(e, "reason", None) or e
-        return SourceError(f"{method} {path}: no answer from the API server at {self.host}: {reason}")
+        return SourceError(f"{method} {path}: no answer from the API server at {self.host}: {str(reason)[:200]}")
 
     def close(self) -> None:
         self._pool.clear()
@@ -360,47 +453,44 @@ def _profile_key(kubeconfig: str | None, context: str | None) -> list:
     return [kubeconfig, context, stats, env if not files else None]
 
 
-def _kept_profile(keep: Path, key: list) -> Profile | None:
-    """The kept profile if it was resolved from these files less than PROFILE_MAX_AGE ago. The
-    file is read through the state dir's checks (root's, no link) and every field is checked."""
-    import dataclasses
-    import time
+_PROFILE_TYPES: dict[str, tuple[type, ...]] = {
+    "host": (str,), "authorization": (str, type(None)), "verify": (bool,), "ca_pem": (str, type(None)),
+    "cert_pem": (str, type(None)), "key_pem": (str, type(None)), "assert_hostname": (str, bool, type(None)),
+    "server_hostname": (str, type(None)), "proxy": (str, type(None)), "proxy_headers": (dict, type(None))}
+_PROFILE_LIMIT = 1 << 20
 
-    from weft.model.errors import WeftError
-    from weft.store.statedir import StateDir
+
+def _kept_profile(keep: Path, key: list) -> Profile | None:
+    """The profile kept in the state dir for the same configuration, if fresh. It is read through
+    store.statedir (no links followed, owner and mode checked: a file that fails that is an
+    UnsafeState error); one that is stale, not JSON or not of a profile's shape is resolved anew."""
+    from weft.store.statedir import CorruptState, StateDir
+    if not keep.parent.is_dir():
+        return None
     try:
-        kept = StateDir(keep.parent).read_json(keep.name, limit=1 << 20)
-        if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("at"), float | int):
-            return None
-        if not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE:
-            return None
-        fields = kept["profile"]
-        if not isinstance(fields, dict) or set(fields) != {f.name for f in dataclasses.fields(Profile)}:
-            return None
-        texts = [v for k, v in fields.items() if k not in ("verify", "assert_hostname", "proxy_headers")]
-        if not all(v is None or isinstance(v, str) for v in texts) or not isinstance(fields["verify"], bool):
-            return None
-        headers = fields["proxy_headers"]
-        if headers is not None and not (isinstance(headers, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
-            return None
-        if fields["assert_hostname"] is not None and not isinstance(fields["assert_hostname"], str | bool):
-            return None
-        return Profile(**fields)
-    except (OSError, WeftError, KeyError, TypeError):
-        return None                             # none kept, or not trusted: resolve anew
+        kept = StateDir(keep.parent, create=False).read_json(keep.name, limit=_PROFILE_LIMIT)
+    except CorruptState:
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("at"), int | float):
+        return None
+    fields = kept.get("profile")
+    if not 0 <= time.time() - kept["at"] < PROFILE_MAX_AGE or not isinstance(fields, dict) \
+            or set(fields) != set(_PROFILE_TYPES) \
+            or not all(isinstance(fields[k], types) for k, types in _PROFILE_TYPES.items()):
+        return None
+    return Profile(**fields)
 
 
 def _keep_profile(keep: Path, key: list, profile: Profile) -> None:
-    """Keep the profile for later runs (mode 0600: it holds credentials)."""
+    """Keep `profile` (mode 0600: it holds credentials), replaced atomically through
+    store.statedir, which never writes through a link."""
     import dataclasses
-    import time
 
-    from weft.model.errors import WeftError
     from weft.store.statedir import StateDir
     text = json.dumps({"key": key, "at": time.time(), "profile": dataclasses.asdict(profile)})
-    with contextlib.suppress(OSError, WeftError):     # a read-only state dir: no profile is kept
-        StateDir(keep.parent).replace(keep.name, text)
+    with contextlib.suppress(OSError):          # a read-only (or no) state dir: no profile is kept
+        if keep.parent.is_dir():
+            StateDir(keep.parent, create=False).replace(keep.name, text, 0o600)
 
 
 def configuration(kubeconfig: str | None = None, context: str | None = None):
@@ -434,10 +524,10 @@ def _source_error(api: Connection, what: str, e: ApiError) -> SourceError:
     message = ""
     try:
         status = json.loads(e.body)
-        message = status.get("message", "")
-        reason = status.get("reason") or e.reason
-    except (TypeError, ValueError, AttributeError):
-        reason = e.reason
+        message = str(status.get("message", ""))[:300]
+        reason = str(status.get("reason") or e.reason)[:80]
+    except (TypeError, ValueError, AttributeError, RecursionError):
+        reason = e.reason[:80]
     hint = {401: " (check the kubeconfig's credentials)",
             403: " (the user needs list permission on this resource)"}.get(e.status, "")
     text = f"{what} from {api.host}: HTTP {e.status} {reason}"
@@ -448,59 +538,108 @@ class WatchExpired(Exception):
     """The events after a resourceVersion are no longer kept (410): the kind must be listed anew."""
 
 
-def current_resource_version(api: Connection, *, timeout: float = 30.0) -> str:
+def current_resource_version(api: Connection, *, timeout: float = READ_TIMEOUT) -> str:
     """The cluster's resourceVersion now: the cheapest list there is (one namespace)."""
     try:
         page = api.request("GET", "/api/v1/namespaces", query=[("limit", 1)], timeout=timeout)
     except ApiError as e:
         raise _source_error(api, "reading the resourceVersion (/api/v1/namespaces)", e) from None
-    return (page.get("metadata") or {}).get("resourceVersion", "")
+    meta = page.get("metadata") or {}
+    version = meta.get("resourceVersion", "") if isinstance(meta, dict) else None
+    if not isinstance(version, str):
+        raise SourceError(f"reading the resourceVersion (/api/v1/namespaces) from {api.host}: "
+                          "the answer's metadata.resourceVersion must be a string")
+    return version
 
 
 def watch_since(api: Connection, resource: Resource, resource_version: str, *, quiet: float = 0.1,
-                timeout: float = 30.0) -> tuple[list[tuple[str, dict]], str]:
+                timeout: float = READ_TIMEOUT) -> tuple[list[tuple[str, dict]], str]:
     """The (type, object) events of `resource` after `resource_version`, and where they end.
 
     The server sends what it has at once; reading stops after `quiet` seconds without data
-    (after its answer began: a server slow to answer has `timeout`). A change still in flight
-    then is not lost: the returned resourceVersion is that of the last event received, so the
-    next run's watch starts right after it.
+    (after its answer began: a server slow to answer has `timeout`), after `timeout` seconds in
+    all, or after MAX_RESPONSE_BYTES. A change still in flight then is not lost: the returned
+    resourceVersion is that of the last event received, so the next run's watch starts right
+    after it. An event that is not JSON, or not of a watch event's shape, is a SourceError.
     """
     query = [("watch", "true"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
              ("timeoutSeconds", max(1, int(timeout)))]
     head = {"apiVersion": resource.api_version, "kind": resource.kind}
     events: list[tuple[str, dict]] = []
     last = resource_version
-    response = api.open("GET", resource.path(), query=query, timeout=(timeout, timeout))
+    what = f"watching {resource.kind} ({resource.path()}) from {api.host}"
+    response = api.open("GET", resource.path(), query=query, timeout=(min(CONNECT_TIMEOUT, timeout), timeout))
     try:
-        response.connection.sock.settimeout(quiet)     # urllib3 sets it anew for the next request
+        sock = _socket_of(response)
+        if sock is not None:                          # else (no socket found) the deadline ends the watch
+            sock.settimeout(quiet)                    # urllib3 sets it anew for the next request
         if response.status == 410:
             raise WatchExpired(resource.kind)
         if response.status == 404 and resource.crd:
             return [], resource_version
         if not 200 <= response.status <= 299:
-            error = ApiError(response.status, response.reason or "", response.read())
-            raise _source_error(api, f"watching {resource.kind}", error)
-        buffer = b""
+            try:
+                body = response.read(_CHUNK, decode_content=False)
+            except _http_errors():
+                body = b""
+            raise _source_error(api, f"watching {resource.kind}", ApiError(response.status, response.reason or "",
+                                                                            body))
+        if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise SourceError(f"{what}: answered with a Content-Encoding weft does not ask for")
+        deadline, size, buffer = time.monotonic() + timeout, 0, b""
         try:
-            for chunk in response.stream(65536):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
+            for chunk in response.stream(_CHUNK, decode_content=False):   # each chunk as it comes
+                size += len(chunk)
+                *lines, buffer = (buffer + chunk).split(b"\n")
                 for line in lines:
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    kind, obj = event.get("type"), event.get("object") or {}
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            raise WatchExpired(resource.kind)
-                        raise SourceError(f"watching {resource.kind}: {obj.get('message', obj)}")
-                    last = (obj.get("metadata") or {}).get("resourceVersion") or last
-                    if kind != "BOOKMARK":
-                        events.append((kind, head | obj))
+                    if line.strip():
+                        kind, obj = _watch_event(line, what)
+                        if kind == "ERROR":
+                            if obj.get("code") == 410:
+                                raise WatchExpired(resource.kind)
+                            raise SourceError(f"{what}: {str(obj.get('message', obj))[:300]}")
+                        last = obj["metadata"].get("resourceVersion") or last
+                        if kind != "BOOKMARK":
+                            events.append((kind, head | obj))
+                if len(buffer) > MAX_RESPONSE_BYTES:
+                    raise SourceError(f"{what}: an event of more than {MAX_RESPONSE_BYTES >> 20} MiB")
+                if size > MAX_RESPONSE_BYTES or time.monotonic() > deadline:
+                    break                                  # enough for this run: the rest is read next run
         except _http_errors():
             pass                                           # quiet: caught up for this run
     finally:
         response.close()            # the watch is still open: its connection cannot serve another request
         response.release_conn()
     return events, last
+
+
+def _socket_of(response) -> Any:
+    """The socket a streaming answer is read from: the connection's, or, when the server said
+    "Connection: close" (http.client then hands the socket to the response), the response's."""
+    sock = getattr(response.connection, "sock", None)
+    if sock is None:
+        fp = getattr(getattr(response, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock
+
+
+WATCH_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
+
+
+def _watch_event(line: bytes, what: str) -> tuple[str, dict]:
+    """(type, object) of one line of a watch, checked: a known type, and an object weft can key
+    (an ERROR's object is a Status: a mapping)."""
+    try:
+        event = json.loads(line)
+        check_depth(event, "an event")
+    except (ValueError, RecursionError, MemoryError, BoundExceeded):
+        raise SourceError(f"{what}: an event that is not JSON, or nested deeper than {MAX_DEPTH} levels") from None
+    kind = event.get("type") if isinstance(event, dict) else None
+    if not isinstance(kind, str) or kind not in WATCH_EVENT_TYPES:
+        raise SourceError(f"{what}: an event whose type is not one of {', '.join(WATCH_EVENT_TYPES)}")
+    obj = event.get("object")
+    problem = ("object must be a mapping" if not isinstance(obj, dict) else None) if kind == "ERROR" \
+        else object_problem(obj, "object")
+    if problem:
+        raise SourceError(f"{what}: a {kind} event's {problem}")
+    return kind, obj

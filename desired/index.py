@@ -2,23 +2,29 @@
 
 With 10,000 pods and hundreds of selectors, matching every selector against every pod's
 labels costs seconds; set algebra over an index of (key, value) -> endpoints costs
-milliseconds. Results are the same as `Selector.matches` on each endpoint.
+milliseconds. Results are the same as `Expr.matches` on each endpoint.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from functools import cached_property, lru_cache
 
 from weft.model.cluster import ClusterState, Endpoint, EntityMatch
-from weft.model.labelselector import Selector
 from weft.model.selector import Expr
 
 
 class EndpointIndex:
+    """The endpoints of a ClusterState by label, by label key and by namespace.
+
+    Its public API is model.selector.LabelIndex (what `Expr.select` needs) plus `match`, which
+    evaluates one side of a rule. Results are positions in `endpoints`, cached per meaning.
+    """
+
     def __init__(self, state: ClusterState):
         self.state = state
         self.endpoints: tuple[Endpoint, ...] = state.endpoints
-        self.universe = self._all = frozenset(range(len(self.endpoints)))
+        self.universe: frozenset[int] = frozenset(range(len(self.endpoints)))
         by_label: dict[tuple[str, str], set[int]] = defaultdict(set)
         by_key: dict[str, set[int]] = defaultdict(set)
         by_ns: dict[str, set[int]] = defaultdict(set)
@@ -30,27 +36,12 @@ class EndpointIndex:
         self._by_label, self._by_key, self._by_ns = by_label, by_key, by_ns
         self.select = lru_cache(maxsize=None)(self._select)
         self.match = lru_cache(maxsize=None)(self._match)
-        self.select_expr = lru_cache(maxsize=None)(self._select_expr)
 
-    def _select(self, selector: Selector) -> frozenset[int]:
-        result = self._all
-        for req in selector.requirements:
-            if req.operator in ("In", "NotIn"):
-                hit = set().union(*(self._by_label.get((req.key, v), ()) for v in req.values))
-            else:
-                hit = self._by_key.get(req.key, set())
-            result = result & hit if req.operator in ("In", "Exists") else result - hit
-            if not result:
-                break
-        return frozenset(result)
-
-    def _select_expr(self, expr: Expr | Selector) -> frozenset[int]:
-        """Endpoints matching a Calico selector expression (a Selector is accepted too); equivalent
-        spellings share one cache entry because the normal form is what gets evaluated."""
-        if isinstance(expr, Selector):
-            return self.select(expr)
+    def _select(self, expr: Expr) -> frozenset[int]:
+        """Endpoints matching a selector expression; equivalent spellings share one cache entry
+        because the normal form is what gets evaluated."""
         normal = expr.normalize()
-        return normal.select(self) if normal == expr else self.select_expr(normal)
+        return normal.select(self) if normal == expr else self.select(normal)
 
     def with_label(self, key: str, value: str) -> set[int]:
         return self._by_label.get((key, value), set())
@@ -70,12 +61,12 @@ class EndpointIndex:
         so their cost is the number of distinct values, not of endpoints."""
         return self._values_by_key.get(key, {})
 
-    def in_namespaces(self, namespaces) -> frozenset[int]:
+    def in_namespaces(self, namespaces: Iterable[str]) -> frozenset[int]:
         return frozenset().union(*(self._by_ns.get(n, ()) for n in namespaces))
 
     def _match(self, entity: EntityMatch) -> frozenset[int]:
         """Endpoints satisfying the endpoint constraint of `entity` (all when it has none)."""
-        result = self.select(entity.selector) if entity.selector is not None else self._all
+        result = self.select(entity.selector) if entity.selector is not None else self.universe
         if entity.namespace is not None:
             result = result & self.in_namespaces((entity.namespace,))
         if entity.namespace_selector is not None:

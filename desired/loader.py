@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from weft.desired.kinds import bgp, ipam, kubernetes
-from weft.desired.validation import Checker, namespace_of, object_label
+from weft.desired.validation import Checker, namespace_of, namespace_problem, object_label, shown
 from weft.model import codec
 from weft.model.cluster import ClusterState, Namespace
 from weft.model.errors import InvalidDesiredState, ValidationError
@@ -63,7 +64,8 @@ codec.register(Converted)       # kept in the desired-state cache
 def flatten_lists(objects: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
     """`kind: List` documents (as `kubectl get -o yaml` writes them) stand for their items."""
     for where, raw in objects:
-        if isinstance(raw, dict) and str(raw.get("kind", "")).endswith("List") and isinstance(raw.get("items"), list):
+        if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and raw["kind"].endswith("List") \
+                and isinstance(raw.get("items"), list):
             yield from ((where, item) for item in raw["items"])
         else:
             yield where, raw
@@ -74,16 +76,25 @@ def convert_object(where: str, raw: object, errors: list[ValidationError]) -> Co
     if not isinstance(raw, dict):
         errors.append(ValidationError(where, "document", "", f"must be a mapping, got {type(raw).__name__}"))
         return None
-    if not isinstance(raw.get("kind"), str) or not raw["kind"]:
+    api_version, kind_name = raw.get("apiVersion", "?"), raw.get("kind")
+    if not isinstance(kind_name, str) or not kind_name or not isinstance(api_version, str):
         name = raw["metadata"].get("name") if isinstance(raw.get("metadata"), dict) else None
-        errors.append(ValidationError(where, f"object {name!r}", "kind", "missing"))
+        field, value = ("kind", kind_name) if not isinstance(kind_name, str) or not kind_name else \
+            ("apiVersion", api_version)
+        problem = "missing" if value is None or value == "" else f"must be a string, got {shown(value)}"
+        errors.append(ValidationError(where, f"object {shown(name)}", field, problem))
         return None
-    kind = KINDS.get((raw.get("apiVersion"), raw["kind"]))
-    if kind is None:
-        return f"{raw.get('apiVersion', '?')}/{raw['kind']}"
+    kind = KINDS.get((api_version, kind_name))
+    if kind is None:                                    # listed as ignored: keep the listing readable
+        listed = f"{api_version}/{kind_name}"
+        return listed if len(listed) <= 120 and listed.isprintable() else shown(listed)
     check = Checker(where, raw, errors, kind.namespaced)
     if not isinstance(raw.get("metadata"), dict):
-        check.fail("metadata", "missing")
+        check.fail("metadata", "missing" if raw.get("metadata") is None else
+                   f"must be a mapping, got {shown(raw.get('metadata'))}")
+        return None
+    if kind.namespaced and (ns_problem := namespace_problem(raw["metadata"].get("namespace"))):
+        check.fail("metadata.namespace", ns_problem)
         return None
     before = len(errors)
     value = kind.convert(check, raw)
@@ -96,7 +107,7 @@ def convert_object(where: str, raw: object, errors: list[ValidationError]) -> Co
 def assemble(converted: Iterable[Converted], ignored: Iterable[str] = ()) -> ClusterState:
     """The cross-object checks, then the state. `converted` must not name an object twice."""
     items = list(converted)
-    fields: dict[str, list] = {k.field: [] for k in KINDS.values()}
+    fields: dict[str, list[Any]] = {k.field: [] for k in KINDS.values()}
     field_of = {k.name: k.field for k in KINDS.values()}
     for c in items:
         if c.value is not None:
@@ -116,7 +127,7 @@ def assemble(converted: Iterable[Converted], ignored: Iterable[str] = ()) -> Clu
         endpoints=tuple(sorted(fields.pop("endpoints"), key=lambda e: (e.namespace, e.pod))),
         policies=tuple(sorted(fields.pop("policies"), key=lambda p: p.key)),
         ignored_kinds=tuple(sorted(set(ignored))),
-        **{name: tuple(values) for name, values in fields.items()},
+        **{name: tuple(values) for name, values in fields.items()},  # type: ignore[arg-type]
     )
 
 

@@ -115,14 +115,11 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
     from weft.desired.loader import convert_object, flatten_lists
-    from weft.desired.manifests import manifest_files, parse_manifest_file
+    from weft.desired.manifests import manifest_files, parse_manifest_file, read_manifest
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
     files = manifest_files(root)
-    try:
-        contents = {str(p): p.read_bytes() for p in files}
-    except OSError as exc:
-        raise SourceError(f"{exc.filename}: cannot read: {exc.strerror}") from exc
+    contents = {str(p): read_manifest(p) for p in files}       # bounded: desired.bounds
     digests = {path: hashlib.sha256(data).hexdigest() for path, data in contents.items()}
     if digests == cache.cursors and cache.token:
         return Reading(cache.token, cache, lambda: _dir_state(_groups(cache)), dirty=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from weft.model import codec
-from weft.model.labelselector import Selector
+from weft.model.selector import Expr
 
 
 class Action(StrEnum):
@@ -22,8 +22,15 @@ class Action(StrEnum):
     LOG = "Log"
 
 
-INGRESS = "Ingress"
-EGRESS = "Egress"
+class Direction(StrEnum):
+    """Which traffic a policy or rule is about, relative to the endpoint it applies to. The
+    values are Calico's and Kubernetes' policyTypes spelling; they compare equal to it."""
+    INGRESS = "Ingress"
+    EGRESS = "Egress"
+
+
+INGRESS = Direction.INGRESS
+EGRESS = Direction.EGRESS
 PROTOCOLS = ("tcp", "udp", "sctp")
 
 
@@ -50,12 +57,13 @@ class EntityMatch:
     The endpoint constraint is present when any of `selector`, `namespace_selector` or
     `namespace` is set: it matches endpoints whose labels match `selector` (all when None),
     whose namespace's labels match `namespace_selector` (any namespace when None) and, when
-    `namespace` is set, that live in that namespace.
+    `namespace` is set, that live in that namespace. Selectors are Calico selector trees in
+    normal form (Kubernetes label selectors are converted to them when loaded).
     """
     nets: tuple[str, ...] = ()
     not_nets: tuple[str, ...] = ()
-    selector: Selector | None = None
-    namespace_selector: Selector | None = None
+    selector: Expr | None = None
+    namespace_selector: Expr | None = None
     namespace: str | None = None
     ports: tuple[Port, ...] = ()
 
@@ -77,8 +85,8 @@ class Policy:
     """A policy in Calico's form; Kubernetes NetworkPolicies become these (tier default, order 1000)."""
     name: str                             # Calico name, e.g. "knp.default.allow-web"
     namespace: str | None                 # None for global policies
-    selector: Selector                    # which endpoints it applies to (within `namespace` when set)
-    types: frozenset[str]                 # subset of {INGRESS, EGRESS}
+    selector: Expr                        # which endpoints it applies to (within `namespace` when set)
+    types: frozenset[Direction]
     ingress: tuple[Rule, ...] = ()
     egress: tuple[Rule, ...] = ()
     tier: str = "default"
@@ -143,7 +151,7 @@ class IPPool:
     name: str
     cidr: str
     block_size: int                         # prefix length of its blocks (26 for IPv4 by default)
-    node_selector: object = None            # a Calico selector Expr over node labels (None: all nodes)
+    node_selector: Expr | None = None       # over node labels (None: all nodes)
     disabled: bool = False
     disable_bgp_export: bool = False
     nat_outgoing: bool = False
@@ -200,8 +208,8 @@ class BGPPeer:
     peer_port: int | None = None
     as_number: int | None = None
     node: str | None = None
-    node_selector: object = None            # Calico selector Expr over node labels
-    peer_selector: object = None            # Calico selector Expr: peer with the nodes it selects
+    node_selector: Expr | None = None       # over node labels
+    peer_selector: Expr | None = None       # peer with the nodes it selects
     password: SecretKeyRef | None = None
     keep_original_next_hop: bool = False
     next_hop_mode: str | None = None        # Auto / Self / Keep

@@ -5,10 +5,11 @@ dataclasses and enums), through their own constructors, so a cache file can at w
 never run anything. Anything else in the input is an error.
 
 The shapes: a dataclass is {"@": "Name", "v": [field values in order]}; an enum member
-{"e": "Name", "v": value}; a tuple (or list) a JSON list, decoded as a tuple; a dict with string keys {"d": {...}}, any other
-mapping {"m": [[key, value], ...]}; a frozenset {"s": [...]}. Strings, numbers, booleans and
-None are themselves. Sets of strings and tuples of strings (ipset members, chain rules) cost one
-C-level conversion each, so large kernel states decode at about json.loads speed.
+{"e": "Name", "v": value}; a tuple a JSON list; a list {"l": [...]}; a dict with string
+keys {"d": {...}}, any other mapping {"m": [[key, value], ...]}; a frozenset {"s": [...]}.
+Strings, numbers, booleans and None are themselves. Sets of strings and tuples of strings
+(ipset members, chain rules) cost one C-level conversion each, so large kernel states decode at
+about json.loads speed.
 """
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def encode(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return value
-    if kind is tuple or kind is list:
+    if kind is tuple:
         return [v if type(v) is str else encode(v) for v in value]
+    if kind is list:
+        return {"l": [v if type(v) is str else encode(v) for v in value]}
     if kind is frozenset:
         return {"s": [v if type(v) is str else encode(v) for v in value]}
     if kind is dict:
@@ -103,6 +106,8 @@ def decode(data: Any) -> Any:
         return {k: v if type(v) in _PLAIN else decode(v) for k, v in mapping.items()}
     if "s" in data:
         return frozenset([v if type(v) is str else decode(v) for v in _items(data["s"])])
+    if "l" in data:
+        return [v if type(v) in _PLAIN else decode(v) for v in _items(data["l"])]
     if "e" in data:
         cls = _TYPES.get(data["e"])
         if cls is None or not issubclass(cls, Enum):

@@ -1,9 +1,10 @@
 """Calico's selector expression language, parsed into a small AST.
 
 Calico policies select endpoints with expressions such as
-`role == 'db' && (env in {'prod', 'staging'} || !has(canary))`. Kubernetes selectors
-(`desired.selectors.Selector`) are the conjunction-only subset; this module reads the full
-language so Calico's own resources can be understood.
+`role == 'db' && (env in {'prod', 'staging'} || !has(canary))`. It is weft's one selector
+model: Kubernetes label selectors (matchLabels + matchExpressions, a conjunction of In / NotIn /
+Exists / DoesNotExist) are converted to this AST when they are loaded (desired.kinds.kubernetes),
+so policies, pools and peers are all evaluated, and their ipsets named, alike.
 
 The syntax follows Calico's tokenizer and parser:
 
@@ -29,22 +30,25 @@ algebra over a `LabelIndex`, such as desired.index.EndpointIndex), `normalize()`
 returns the normal form, so equivalent spellings (whitespace, quotes, operand order, nesting,
 `in {'v'}` vs `== 'v'`, double negation, `!(k == 'v')` vs `k != 'v'`) give equal ASTs and one
 canonical text, hence one ipset. Normalisation is syntactic: it does not decide arbitrary
-boolean equivalence. The canonical text of `as_expr(selector)` equals `selector.canonical()`.
+boolean equivalence. The canonical text of a Kubernetes selector is the one weft has always
+written for it ("app == 'web' && tier in {'a', 'b'} && !has(canary)": requirements in order of
+key, then operator), so converted selectors keep their ipset names.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import reprlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from weft.model import codec
-from weft.model.labelselector import Requirement, Selector
 
 
 class LabelIndex(Protocol):
     """What `Expr.select` needs of an index of labelled things (desired.index.EndpointIndex is
-    one): positions of the things, by label, as sets."""
+    one): positions of the things, by label, as sets. `select` evaluates a sub-expression (an
+    index may cache it); `Expr.select` is how an index evaluates one without caching."""
     universe: frozenset[int]
 
     def with_label(self, key: str, value: str) -> frozenset[int] | set[int]: ...
@@ -53,9 +57,11 @@ class LabelIndex(Protocol):
 
     def label_values(self, key: str) -> Mapping[str, set[int]]: ...
 
-    def select_expr(self, expr: Expr) -> frozenset[int]: ...
+    def select(self, expr: Expr) -> frozenset[int]: ...
+
 
 MAX_LABEL_LENGTH = 512
+MAX_NESTING = 64                     # parentheses; Calico has no limit, no real selector comes close
 _LABEL = re.compile(r"[A-Za-z0-9_./-]+")
 _BOUNDARY = r"(?![A-Za-z0-9_./-])"
 _OPERATOR = re.compile(
@@ -67,20 +73,33 @@ class SelectorError(ValueError):
     """A selector that cannot be parsed (or a node that cannot be written as Calico text)."""
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def _shown(value: object) -> str:
+    """`value` as a message shows it: cut to a readable length (a selector may be megabytes)."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int of more digits than Python will print
+        return f"<a {type(value).__name__} too large to show>"
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not _LABEL.fullmatch(key) or len(key) > MAX_LABEL_LENGTH:
-        raise SelectorError(f"invalid label key {key!r}: must be 1-{MAX_LABEL_LENGTH} characters of A-Za-z0-9_./-")
+        raise SelectorError(f"invalid label key {_shown(key)}: "
+                            f"must be 1-{MAX_LABEL_LENGTH} characters of A-Za-z0-9_./-")
 
 
 def _check_value(value: str) -> None:
     if not isinstance(value, str):
-        raise SelectorError(f"label value {value!r} is not a string")
+        raise SelectorError(f"label value {_shown(value)} is not a string")
     if "'" in value and '"' in value:
-        raise SelectorError(f"value {value!r} has both quote characters and cannot be written in a selector")
+        raise SelectorError(f"value {_shown(value)} has both quote characters and cannot be written in a selector")
 
 
 def _quote(value: str) -> str:
-    """Single quotes, as Selector.canonical() writes, unless the value holds one."""
+    """Single quotes, as weft has always written selectors, unless the value holds one."""
     return f'"{value}"' if "'" in value else f"'{value}'"
 
 
@@ -110,8 +129,9 @@ class Expr:
         raise NotImplementedError
 
     def _sort_key(self) -> tuple:
-        """Order of operands in && and ||: Requirement order for Selector's atoms, so canonical
-        texts agree with Selector.canonical(); then everything else by text."""
+        """Order of operands in && and ||: the atoms a Kubernetes selector is made of come first,
+        by (key, operator, values) as weft ordered Kubernetes requirements (so a converted
+        selector keeps its canonical text, hence its ipset name); then everything else by text."""
         return (1, self._text())
 
 
@@ -210,7 +230,7 @@ class Ne(Expr):
 
 def _value_tuple(values: Iterable[str]) -> tuple[str, ...]:
     if isinstance(values, str):
-        raise SelectorError(f"values must be a collection of strings, not the string {values!r}")
+        raise SelectorError(f"values must be a collection of strings, not the string {_shown(values)}")
     values = tuple(sorted(set(values)))
     for v in values:
         _check_value(v)
@@ -321,7 +341,6 @@ class EndsWith(_StringMatch):
 
 # --- boolean operators ----------------------------------------------------------------------
 
-_COMPLEMENT = {Eq: Ne, Ne: Eq, In: NotIn, NotIn: In}
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,14 +351,21 @@ class Not(Expr):
         return not self.operand.matches(labels)
 
     def select(self, index: LabelIndex) -> frozenset[int]:
-        return index.universe - index.select_expr(self.operand)
+        return index.universe - index.select(self.operand)
 
     def normalize(self) -> Expr:
         inner = self.operand.normalize()
         if isinstance(inner, Not):
             return inner.operand
-        if type(inner) in _COMPLEMENT:      # absent label: !(k == v) holds, as k != v does
-            return _COMPLEMENT[type(inner)](*(getattr(inner, f) for f in inner.__dataclass_fields__))
+        # An absent label: !(k == v) holds, as k != v does; so each of these has its complement.
+        if isinstance(inner, Eq):
+            return Ne(inner.key, inner.value)
+        if isinstance(inner, Ne):
+            return Eq(inner.key, inner.value)
+        if isinstance(inner, In):
+            return NotIn(inner.key, inner.values)
+        if isinstance(inner, NotIn):
+            return In(inner.key, inner.values)
         return Not(inner)
 
     def _text(self) -> str:
@@ -373,7 +399,7 @@ class And(Expr):
     def select(self, index: LabelIndex) -> frozenset[int]:
         result = index.universe
         for op in self.operands:
-            result = result & index.select_expr(op)
+            result = result & index.select(op)
             if not result:
                 break
         return result
@@ -406,7 +432,7 @@ class Or(Expr):
         return any(op.matches(labels) for op in self.operands)
 
     def select(self, index: LabelIndex) -> frozenset[int]:
-        return frozenset().union(*(index.select_expr(op) for op in self.operands))
+        return frozenset().union(*(index.select(op) for op in self.operands))
 
     def normalize(self) -> Expr:
         flat: list[Expr] = []
@@ -425,26 +451,11 @@ class Or(Expr):
         return " || ".join(op._text() for op in self.operands)
 
 
-# --- Kubernetes selectors -------------------------------------------------------------------
-
-def _requirement_expr(req: Requirement) -> Expr:
-    if req.operator == "In":
-        return Eq(req.key, req.values[0]) if len(req.values) == 1 else In(req.key, req.values)
-    if req.operator == "NotIn":
-        return Ne(req.key, req.values[0]) if len(req.values) == 1 else NotIn(req.key, req.values)
-    if req.operator == "Exists":
-        return Has(req.key)
-    if req.operator == "DoesNotExist":
-        return Not(Has(req.key))
-    raise SelectorError(f"unknown requirement operator {req.operator!r}")
-
-
-def as_expr(selector: Selector) -> Expr:
-    """The AST of a Kubernetes-style Selector, so both kinds can be evaluated and named alike."""
-    return And(tuple(_requirement_expr(r) for r in selector.requirements)).normalize()
-
-
 # --- parser ---------------------------------------------------------------------------------
+
+_BINARY: dict[str, Callable[[str, str], Expr]] = {
+    "==": Eq, "!=": Ne, "contains": Contains, "startswith": StartsWith, "endswith": EndsWith}
+
 
 class _Parser:
     """Recursive descent straight over the text: or := and ('||' and)*; and := unary ('&&' unary)*;
@@ -453,11 +464,12 @@ class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.pos = 0
+        self.depth = 0                      # open parentheses: bounded, the descent is recursive
 
-    def fail(self, message: str, pos: int | None = None):
+    def fail(self, message: str, pos: int | None = None) -> NoReturn:
         pos = self.pos if pos is None else pos
         found = repr(self.text[pos:pos + 12]) if pos < len(self.text) else "end of selector"
-        raise SelectorError(f"{message} at column {pos + 1} (found {found}) in selector {self.text!r}")
+        raise SelectorError(f"{message} at column {pos + 1} (found {found}) in selector {_shown(self.text)}")
 
     def skip(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos] in _WS:
@@ -501,28 +513,32 @@ class _Parser:
         return operands[0] if len(operands) == 1 else And(tuple(operands))
 
     def parse_unary(self) -> Expr:
-        negations = 0
+        """Leading '!'s collapse to their parity, as in Calico (and a long run of them builds
+        no deep tree)."""
+        negated = False
         self.skip()
         while self.text.startswith("!", self.pos) and not self.text.startswith("!=", self.pos):
-            negations += 1
+            negated = not negated
             self.pos += 1
             self.skip()
         expr = self.parse_primary()
-        for _ in range(negations):
-            expr = Not(expr)
-        return expr
+        return Not(expr) if negated else expr
 
     def parse_primary(self) -> Expr:
         self.skip()
         if self.take("("):
+            if self.depth == MAX_NESTING:
+                self.fail(f"parentheses nested deeper than {MAX_NESTING}", self.pos - 1)
+            self.depth += 1
             expr = self.parse_or()
             self.expect(")")
+            self.depth -= 1
             return expr
-        for name, node in (("all(", All), ("global(", Global)):
+        for name, constant in (("all(", All()), ("global(", Global())):
             if self.text.startswith(name, self.pos):
                 self.pos += len(name)
                 self.expect(")")
-                return node()
+                return constant
         if self.text.startswith("has(", self.pos):
             self.pos += len("has(")
             self.skip()
@@ -535,14 +551,14 @@ class _Parser:
         self.skip()
         op = _OPERATOR.match(self.text, self.pos)
         if op is None:
-            self.fail(f"expected an operator (==, !=, in, not in, contains, starts/ends with) after label {key!r}")
+            self.fail("expected an operator (==, !=, in, not in, contains, starts/ends with) "
+                      f"after label {_shown(key)}")
         self.pos = op.end()
         word = op.group().replace(" ", "").replace("\t", "")
         if word in ("in", "notin"):
             values = self.string_set()
             return In(key, values) if word == "in" else NotIn(key, values)
-        node = {"==": Eq, "!=": Ne, "contains": Contains, "startswith": StartsWith, "endswith": EndsWith}[word]
-        return node(key, self.string())
+        return _BINARY[word](key, self.string())
 
     def label(self) -> str:
         match = _LABEL.match(self.text, self.pos)

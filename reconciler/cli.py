@@ -35,6 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.add_argument("--bird-socket", metavar="PATH",
                    help="BIRD's control socket (default: <state dir>/bird.ctl)")
+    p.add_argument("--bird-log", metavar="TARGET",
+                   help="where BIRD logs: a file, syslog or stderr (default: <state dir>/bird.log)")
     p.add_argument("--lock-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long apply waits for another weft run on this node (default 300)")
 
@@ -49,7 +51,9 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--destroy", action="store_true", help="plan the removal of everything weft owns")
     apply = sub.add_parser("apply", help="make the kernel match the desired state (or a saved plan)")
     _common(apply)
-    apply.add_argument("plan_file", nargs="?", metavar="PLAN", help="a plan saved by `weft plan --out`")
+    apply.add_argument("plan_file", nargs="?", metavar="PLAN",
+                       help="a plan saved by `weft plan --out`: applied only if weft, reading the same source and "
+                            "the kernel again, would do exactly that")
     apply.add_argument("--destroy", action="store_true", help="remove everything weft owns")
     drift = sub.add_parser("drift", help="report where the kernel differs from the desired state (exit 2)")
     _common(drift)
@@ -74,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return ipam_cli.run(args)
     try:
         return _dispatch(args)
-    except WeftError as exc:
+    except (WeftError, OSError) as exc:
+        message = str(exc) if isinstance(exc, WeftError) else f"{exc.filename or 'weft'}: {exc.strerror or exc}"
         if args.output == "json":
-            print(json.dumps({"format_version": 1, "error": str(exc)}))
-        print(f"weft: error: {exc}", file=sys.stderr)
+            print(json.dumps({"format_version": 1, "error": message}))
+        print(f"weft: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -93,32 +98,32 @@ def _lab(argv: list[str]) -> int:
 
 def _dispatch(args) -> int:
     from weft.probes.runner import Runner
-    from weft.reconciler import bird, run
     from weft.reconciler import drift as driftmod
     from weft.reconciler import plan as planmod
+    from weft.reconciler import run
 
     opts = run.Options(node=args.node, state_dir=args.state_dir or Path(default_state_dir()),
                        from_dir=args.from_dir, kubeconfig=args.kubeconfig, context=args.context,
                        backend=args.iptables_backend, lock_timeout=args.lock_timeout,
-                       bird_socket=args.bird_socket)
+                       bird_socket=args.bird_socket, bird_log=args.bird_log)
     runner = Runner()
     if args.command == "plan":
         plan = run.make_plan(opts, runner, destroy=args.destroy)
         if args.out:
             planmod.save_plan(plan, args.out)
         _emit(args, plan.to_json(), planmod.format_text(plan)
-              + (f"\nSaved the plan to {args.out}; apply it with `weft apply {args.out}`.\n" if args.out else ""))
+              + (f"\nSaved the plan to {args.out}; apply it with `weft apply {args.out}` and the same source, "
+                 "--node and --state-dir.\n" if args.out else ""))
         return EXIT_CHANGES if args.detailed_exitcode and not plan.empty else EXIT_OK
     if args.command == "apply":
         saved = planmod.load_plan(args.plan_file) if args.plan_file else None
-        plan = run.apply(opts, runner, saved, destroy=args.destroy)
+        plan = run.apply(opts, runner, saved, args.plan_file or "", destroy=args.destroy)
         report = plan.to_json() | {"commands": runner.writes, "bytes_written": runner.bytes_written}
         text = ("No changes. The kernel already matches.\n" if plan.empty else
                 planmod.format_text(plan) + "\n" + planmod.summary_line(plan, "Apply complete") + "\n")
         _emit(args, report, text)
         return EXIT_OK
-    plan = run.make_plan(opts, runner)
-    items = driftmod.drift_items(plan.changes) + (bird.bird_drift_items(plan.bird) if plan.bird else [])
+    plan, items = run.plan_and_drift(opts, runner, check=False)
     _emit(args, {"format_version": driftmod.FORMAT_VERSION, "node": opts.node, "drifted": bool(items),
                  "items": items}, driftmod.format_text(opts.node, items))
     return EXIT_CHANGES if items else EXIT_OK

@@ -31,12 +31,14 @@ from weft.model.cluster import (
     INGRESS,
     Action,
     ClusterState,
+    Direction,
     Endpoint,
     EntityMatch,
     NamedPort,
     Policy,
     Rule,
 )
+from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
@@ -82,6 +84,7 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     known = state.local_endpoints(node)
     local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
                          key=lambda e: e.iface))
+    refuse_shared_interfaces(local)
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
@@ -117,6 +120,24 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
                      render_routes(local), render_links(local))
 
 
+class SharedInterfaceName(WeftError):
+    """Two endpoints of one node would get one host interface name: one pod's traffic would be
+    judged by the other's policy (or left open). Refused before anything is written."""
+
+
+def refuse_shared_interfaces(local: tuple[Endpoint, ...]) -> None:
+    """Raise SharedInterfaceName naming both pods if two of `local` (sorted by iface) share one.
+
+    Validation keeps names apart (namespaces are DNS labels, so "a.b"/"c" and "a"/"b.c" cannot
+    both exist), and the name is 44 bits of a hash; this is the last line of defence."""
+    for first, second in itertools.pairwise(local):
+        if first.iface == second.iface:
+            a, b = sorted((first.key, second.key))
+            raise SharedInterfaceName(
+                f"pods {a} and {b} would both get host interface {first.iface} (named after "
+                f"\"<namespace>.<pod>\"): rename one of them; nothing was changed")
+
+
 def _forward_specs() -> list[Spec]:
     specs = []
     for flag in ("-i", "-o"):
@@ -148,13 +169,13 @@ def _sort_key(order: float | None, name: str) -> tuple:
     return (order is None, order or 0.0, name)
 
 
-def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict:
+def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> dict[str, dict[Direction, list[Policy]]]:
     """For each local endpoint and direction: its applicable policies in evaluation order.
 
     Selection is per endpoint, so an index of the local endpoints alone selects the same ones
     as the index of every endpoint would, at a fraction of the cost."""
     index = EndpointIndex(replace(state, endpoints=local))
-    result = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
+    result: dict[str, dict[Direction, list[Policy]]] = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
     for policy in state.policies:
         selected = index.select(policy.selector)
         if policy.namespace is not None:
@@ -169,7 +190,7 @@ def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> d
     return result
 
 
-def might_apply(policies, namespace: str | None, direction: str) -> bool:
+def might_apply(policies: tuple[Policy, ...], namespace: str | None, direction: Direction) -> bool:
     """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
     scopes = _scopes(policies)
     return (direction, None) in scopes or (direction, namespace) in scopes
@@ -178,7 +199,7 @@ def might_apply(policies, namespace: str | None, direction: str) -> bool:
 _last_scopes: tuple = ((), frozenset())
 
 
-def _scopes(policies) -> frozenset:
+def _scopes(policies: tuple[Policy, ...]) -> frozenset[tuple[Direction, str | None]]:
     """(direction, namespace or None) of every policy. The snapshot asks for each namespace of the
     same policies: the last tuple's answer is kept (the reference keeps its identity valid)."""
     global _last_scopes

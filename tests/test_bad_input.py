@@ -158,6 +158,44 @@ CASES = [
           podIP: 198.18.1.300
         """),
      ["Pod x/d", "status.podIP"]),
+    # The eight inputs of issue 9 that ended in tracebacks: now clear errors.
+    ("namespace-a-list", "ns-list.yaml", policy("[x]", "ns-list", "podSelector: {}\n"),
+     ["NetworkPolicy ['x']/ns-list", "metadata.namespace", "must be a namespace name"]),
+    ("namespace-a-map", "ns-map.yaml", policy("{x: 1}", "ns-map", "podSelector: {}\n"),
+     ["metadata.namespace", "got {'x': 1}"]),
+    ("namespace-an-int", "ns-int.yaml", policy("5", "ns-int", "podSelector: {}\n"),
+     ["NetworkPolicy 5/ns-int", "metadata.namespace"]),
+    ("policy-type-a-list", "types-list.yaml", policy("x", "types-list", "podSelector: {}\npolicyTypes: [[Ingress]]\n"),
+     ["NetworkPolicy x/types-list", "spec.policyTypes[0]", "must be Ingress or Egress"]),
+    ("policy-type-a-map", "types-map.yaml",
+     policy("x", "types-map", "podSelector: {}\npolicyTypes: [Ingress, {Egress: 1}]\n"),
+     ["NetworkPolicy x/types-map", "spec.policyTypes[1]"]),
+    ("int-and-string-keys-in-spec", "keys.yaml", policy("x", "keys", "podSelector: {}\n1: a\nzz: b\n"),
+     ["NetworkPolicy x/keys", "spec.1: unknown field", "spec.zz: unknown field"]),
+    ("int-and-string-keys-in-rule", "rule-keys.yaml",
+     policy("y", "rule-keys", "podSelector: {}\ningress:\n- {2: a, zz: b}\n"),
+     ["NetworkPolicy y/rule-keys", "spec.ingress[0].2: unknown field"]),
+    ("int-and-string-keys-in-peer", "peer-keys.yaml",
+     policy("y", "peer-keys", "podSelector: {}\negress:\n- to: [{podSelector: {}, 3: a, zz: b}]\n"),
+     ["NetworkPolicy y/peer-keys", "spec.egress[0].to[0].3: unknown field"]),
+    # Size and shape (desired.bounds): refused at once, in a message of readable length.
+    ("alias-bomb-in-matchLabels", "bomb.yaml",
+     policy("x", "bomb", "podSelector:\n  matchLabels:\n    v0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+            + "".join(f"    v{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))),
+     ["document 1", "more than 1,000,000 values (YAML aliases count each time they are used)"]),
+    ("nested-too-deep", "deep.yaml", policy("x", "deep", "podSelector: {}\ningress: " + "[" * 150 + "]" * 150 + "\n"),
+     ["document 1", "nested deeper than 100 levels"]),
+    ("integer-beyond-64-bits", "big-int.yaml",
+     policy("x", "big-int", "podSelector: {}\ningress:\n- ports: [{port: 0b" + "1" * 80 + "}]\n"),
+     ["document 1", "an integer beyond 64 bits"]),
+    # Names as Kubernetes validates them: a namespace is a DNS label ("a.b"/"c" and "a"/"b.c"
+    # got one interface name, and one of the two pods was left open).
+    ("namespace-name-with-a-dot", "dotted.yaml",
+     "apiVersion: v1\nkind: Namespace\nmetadata: {name: x.y}\n",
+     ["Namespace x.y", "metadata.name", "must be a DNS label"]),
+    ("selector-value-calico-cannot-hold", "quote.yaml",
+     policy("x", "quote", "podSelector:\n  matchExpressions: [{key: a, operator: In, values: [\"it's\"]}]\n"),
+     ["NetworkPolicy x/quote", "spec.podSelector.matchExpressions[0].values[0]", "invalid label value"]),
     # A policy that is already enforced, changed into a bad one: the old version stays enforced.
     ("applied-policy-made-invalid", GOOD_POLICIES[0].name,
      GOOD_POLICIES[0].read_text().replace("port: 80", "port: 70000"),
@@ -193,6 +231,7 @@ def test_bad_input_is_refused_and_changes_nothing(applied, tmp_path, case, file_
         assert done.returncode == 1, f"{case}: `weft {' '.join(argv)}` should fail with 1\n{describe(done)}"
         missing = [n for n in [file_name, *names] if n not in done.stderr]
         assert not missing, f"{case}: the message does not name {missing}\n{describe(done)}"
+        assert "Traceback" not in done.stderr and max(map(len, done.stderr.splitlines())) < 600, describe(done)
         changed = state_diff(recorded, kernel_state(lab))
         assert not changed, f"{case}: `weft {' '.join(argv)}` changed the kernel\n{changed}"
 

@@ -45,6 +45,9 @@ CALL_SITES = {
     ("cni/claims.py", "POST", "BLOCKS_PATH"): {(CALICO, "ipamblocks", "create")},
     ("cni/claims.py", "GET", 'f"{BLOCKS_PATH}/{block_name(cidr)}"'): {(CALICO, "ipamblocks", "get")},
     ("cni/claims.py", "POST", "AFFINITIES_PATH"): {(CALICO, "blockaffinities", "create")},
+    # the plugin's own read of pools, blocks, its node (by fieldSelector) and its pods
+    ("cni/nodesource.py", "GET", "path"): {("", "pods", "list"), ("", "nodes", "list"), (CALICO, "ippools", "list"),
+                                           (CALICO, "ipamblocks", "list"), (CALICO, "blockaffinities", "list")},
 }
 # Modules that talk to the API server with their own identity, not the node's.
 OTHER_IDENTITIES = {"reconciler/ipam_gc.py", "reconciler/nodejobs.py"}

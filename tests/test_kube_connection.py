@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 
 from tests.kubeapi import FakeKubeAPI, TLSFiles
+from weft.desired.api import RESOURCES as RESOURCES_BY_KIND
 from weft.desired.api import ApiError, Connection, Profile, connect, load_objects, resolve
 from weft.model.errors import SourceError
 
@@ -147,3 +148,196 @@ def test_a_watch_the_server_answers_slowly_is_read_whole(server, tmp_path):
         events, last = watch_since(api, namespaces_kind, since, quiet=0.1)
     assert [(kind, obj["metadata"]["name"]) for kind, obj in events] == [("ADDED", "late")]
     assert last == server.resource_version
+
+
+# --- bounded waits and hostile answers ---------------------------------------------------------
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that accepts connections and answers each request with `answer`
+    (bytes, sent as they are), or never answers when it is None: a black hole. It counts the
+    connections made to it, so a retry shows."""
+
+    def __init__(self, answer: bytes | None = None):
+        import socket
+        import threading
+        self.answer, self.connections, self._held = answer, 0, []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+            if self.answer is not None:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._held:
+            conn.close()
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def http_answer(body: bytes, *, status: str = "200 OK", headers: str = "") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{headers}Connection: close\r\n\r\n").encode() + body
+
+
+def test_a_black_hole_api_server_fails_a_read_within_the_bound(tmp_path):
+    """A server that accepts connections and never answers (a stopped kube-apiserver): one
+    attempt, READ_TIMEOUT later a clear SourceError. It cost 4 x 30 s before (urllib3's retries)."""
+    import time
+
+    from weft.desired.api import CONNECT_TIMEOUT, READ_TIMEOUT
+    with RawServer(None) as hole:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": hole.url}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        started = time.monotonic()
+        with pytest.raises(SourceError, match=f"no answer from the API server at {hole.url}.*timed out"):
+            load_objects(str(kubeconfig), concurrent=False)
+        took = time.monotonic() - started
+        assert hole.connections == 1, "the request was retried"
+    assert READ_TIMEOUT - 0.5 <= took <= READ_TIMEOUT + CONNECT_TIMEOUT, took
+
+
+HOSTILE_ANSWERS = [
+    ("not JSON", http_answer(b"<html>hello</html>"), "not JSON"),
+    ("a JSON array", http_answer(b"[1, 2]"), "not a JSON object"),
+    ("nested too deep", http_answer(b'{"items": ' + b"[" * 500 + b"]" * 500 + b"}"), "nested deeper than 100"),
+    ("nested past the recursion limit", http_answer(b"[" * 100_000 + b"]" * 100_000), "nested deeper than 100"),
+    ("a number Python cannot hold", http_answer(b'{"items": [], "metadata": {"x": ' + b"9" * 5000 + b"}}"),
+     "not JSON"),
+    ("larger than the bound", http_answer(b"{}", headers=f"Content-Length: {(64 << 20) + 1}\r\n")
+     .replace(b"Content-Length: 2\r\n", b""), "more than 64 MiB"),
+    ("compressed unasked", http_answer(b"\x1f\x8b\x08", headers="Content-Encoding: gzip\r\n"), "Content-Encoding"),
+    ("items that are not a list", http_answer(b'{"items": {"a": 1}, "metadata": {}}'), "items must be a list"),
+    ("an item that is not a mapping", http_answer(b'{"items": [5], "metadata": {}}'), r"items\[0\] must be a mapping"),
+    ("an item's metadata a list", http_answer(b'{"items": [{"metadata": []}], "metadata": {}}'),
+     r"items\[0\].metadata must be a mapping"),
+    ("an item's name a map", http_answer(b'{"items": [{"metadata": {"name": {"a": 1}}}], "metadata": {}}'),
+     r"items\[0\].metadata.name must be a string"),
+    ("a continue token that is a list", http_answer(b'{"items": [], "metadata": {"continue": [1]}}'),
+     "metadata.continue must be a string"),
+]
+
+
+@pytest.mark.parametrize("answer, problem", [a[1:] for a in HOSTILE_ANSWERS], ids=[a[0] for a in HOSTILE_ANSWERS])
+def test_hostile_list_answers_are_clear_source_errors(answer, problem):
+    """Whatever a server (or something pretending to be one) answers: a SourceError naming the
+    request, never a RecursionError, MemoryError, ValueError or AttributeError."""
+    from weft.desired.api import list_kind
+    pods = next(r for r in RESOURCES_BY_KIND if r.kind == "Pod")
+    with RawServer(answer) as server, Connection(Profile(server.url)) as api:
+        with pytest.raises(SourceError, match=problem) as failure:
+            list_kind(api, pods)
+    assert "/api/v1/pods" in str(failure.value) and len(str(failure.value)) < 400
+
+
+WATCH_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+              b"Connection: close\r\n\r\n")
+
+
+def chunked(*lines: bytes) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(line + b"\n"), line + b"\n") for line in lines)
+    return WATCH_HEAD + body + b"0\r\n\r\n"
+
+
+HOSTILE_EVENTS = [
+    ("not JSON", chunked(b"{nope"), "not JSON"),
+    ("nested too deep", chunked(b'{"type": "ADDED", "object": ' + b"[" * 200 + b"]" * 200 + b"}"), "nested deeper"),
+    ("a list", chunked(b"[1]"), "type is not one of"),
+    ("an unknown type", chunked(b'{"type": ["ADDED"], "object": {}}'), "type is not one of"),
+    ("an object without metadata", chunked(b'{"type": "ADDED", "object": {"metadata": 5}}'),
+     "ADDED event's object.metadata must be a mapping"),
+    ("an error that is not a Status", chunked(b'{"type": "ERROR", "object": "boom"}'), "object must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("answer, problem", [a[1:] for a in HOSTILE_EVENTS], ids=[a[0] for a in HOSTILE_EVENTS])
+def test_hostile_watch_events_are_clear_source_errors(answer, problem):
+    from weft.desired.api import watch_since
+    pods = next(r for r in RESOURCES_BY_KIND if r.kind == "Pod")
+    with RawServer(answer) as server, Connection(Profile(server.url)) as api:
+        with pytest.raises(SourceError, match=problem):
+            watch_since(api, pods, "1", quiet=0.5)
+
+
+def test_a_watch_that_never_goes_quiet_ends_within_its_bound():
+    """A server streaming events without a pause: the watch stops after its timeout and returns
+    what it read, the cursor at the last event (the next run goes on from there)."""
+    import socket
+    import threading
+    import time
+
+    from weft.desired.api import watch_since
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def stream() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(WATCH_HEAD)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            line = json.dumps({"type": "ADDED", "object": {"metadata": {"name": f"p{n}", "namespace": "x",
+                                                                        "resourceVersion": str(n)}}}).encode()
+            try:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(line) + 1, line + b"\n"))
+            except OSError:
+                break
+            time.sleep(0.01)
+        conn.close()
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    pods = next(r for r in RESOURCES_BY_KIND if r.kind == "Pod")
+    started = time.monotonic()
+    try:
+        with Connection(Profile(f"http://127.0.0.1:{listener.getsockname()[1]}")) as api:
+            events, last = watch_since(api, pods, "0", quiet=0.5, timeout=2)
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - started < 4
+    assert events and last == events[-1][1]["metadata"]["resourceVersion"]
+
+
+def test_the_kept_profile_is_read_and_written_safely(server, tmp_path):
+    """It holds the client key and token: never written through a link, a link in its place is
+    refused, and a file of another shape is simply resolved anew."""
+    from weft.store.statedir import UnsafeState
+    kubeconfig, keep = server.write_kubeconfig(tmp_path / "kubeconfig"), tmp_path / "api.json"
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    keep.symlink_to(victim)
+    with pytest.raises(UnsafeState, match="symbolic link"):
+        connect(kubeconfig, keep=keep)
+    assert victim.read_text() == "untouched"
+
+    keep.unlink()
+    keep.write_text(json.dumps({"key": "x", "at": "now", "profile": {"host": ["a list"]}}))
+    os.chmod(keep, 0o600)
+    with connect(kubeconfig, keep=keep) as api:
+        assert namespaces(api) == ["ns1"]
+    assert not keep.is_symlink() and json.loads(keep.read_text())["profile"]["host"] == server.url

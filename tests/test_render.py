@@ -21,8 +21,7 @@ from weft.desired.loader import build_cluster_state
 from weft.model.cluster import EGRESS, INGRESS
 from weft.model.kernel import EMPTY, Dataplane
 from weft.model.names import host_iface_name
-from weft.reconciler.apply import restore_inputs
-from weft.reconciler.diff import diff
+from weft.reconciler.engine import restore_texts
 from weft.renderers.iptables import policy_chain_name, render_node
 
 NODE = "n1"
@@ -36,8 +35,7 @@ def render(objects: list[dict]) -> tuple:
 
 def kernel_input(dp: Dataplane) -> str:
     """Exactly what an apply on a bare node would feed the kernel tools."""
-    inputs = restore_inputs(diff(dp, EMPTY))
-    return "\n".join([inputs.ipset_before, *inputs.iptables.values(), inputs.ipset_after])
+    return "\n".join(restore_texts(dp, EMPTY))
 
 
 def policy_rules(state, dp: Dataplane, key: str, direction: str = INGRESS) -> tuple[str, ...]:
@@ -142,14 +140,11 @@ def test_fingerprint_changes_with_every_part_of_the_state():
 RENDER_SNIPPET = """
 import json, sys
 from weft.desired.loader import build_cluster_state
-from weft.reconciler.apply import restore_inputs
-from weft.reconciler.diff import diff
-from weft.model.kernel import EMPTY
+from weft.reconciler.engine import restore_texts
 from weft.renderers.iptables import render_node
 objects = json.load(sys.stdin)
 dp = render_node(build_cluster_state([("test.yaml", o) for o in objects]), "n1")
-i = restore_inputs(diff(dp, EMPTY))
-print("\\n".join([i.ipset_before, *i.iptables.values(), i.ipset_after]))
+print("\\n".join(restore_texts(dp)))
 """
 
 
@@ -393,3 +388,34 @@ def test_peer_namespace_selector_empty_vs_absent(peer, expected):
     state, dp = render(PEER_PODS + [policy("a", "peer", {"podSelector": {}, "ingress": [{"from": [peer]}]})])
     (rule,) = allow_rules(policy_rules(state, dp, "a/knp.default.peer"))
     assert members(dp, rule) == expected
+
+
+# --- one host interface per endpoint -------------------------------------------------------------
+
+def test_dotted_namespace_and_pod_names_cannot_share_an_interface():
+    """Namespace "a.b" with pod "c" and namespace "a" with pod "b.c" hashed to one interface name,
+    and one of them was left open with "0 changes". Namespaces are DNS labels now: "a.b" is refused."""
+    from weft.model.errors import InvalidDesiredState
+    assert host_iface_name("a.b", "c") == host_iface_name("a", "b.c")
+    with pytest.raises(InvalidDesiredState) as refused:
+        render([namespace("a.b"), namespace("a"), pod("a.b", "c", "198.18.0.1"), pod("a", "b.c", "198.18.0.2")])
+    assert "Namespace a.b: metadata.name: must be a DNS label" in str(refused.value)
+    state, dp = render([namespace("a"), pod("a", "b.c", "198.18.0.2")])     # a dotted pod name is fine
+    assert endpoint_rules(dp, "a", "b.c", "tw") == ()
+
+
+def test_the_renderer_refuses_two_endpoints_with_one_interface():
+    """Whatever let two endpoints get one name (a hash collision, an old record), nothing renders."""
+    from dataclasses import replace
+
+    from weft.model.cluster import Endpoint
+    from weft.renderers.iptables import SharedInterfaceName
+    state = build_cluster_state([("test.yaml", o) for o in [*NAMESPACES, pod("a", "x", "198.18.0.1"),
+                                                              pod("b", "y", "198.18.0.2")]])
+    x, y = state.endpoints
+    forced = replace(state, endpoints=(x, replace(y, iface=x.iface)))
+    with pytest.raises(SharedInterfaceName, match=f"pods a/x and b/y would both get host interface {x.iface}"):
+        render_node(forced, NODE)
+    pending = (Endpoint("b", "wired", NODE, x.iface, ("198.18.0.3",)),)    # a pod the CNI plugin wired
+    with pytest.raises(SharedInterfaceName, match="pods a/x and b/wired"):
+        render_node(state, NODE, pending)

@@ -49,6 +49,9 @@ def test_a_planted_pickle_in_the_state_dir_is_never_unpickled(tmp_path):
 def test_the_codec_builds_only_registered_model_types():
     value = (Endpoint("a", "p", "n1", "weftabc", ("198.18.0.1",), {"app": "x"}), Namespace("a", {"k": "v"}))
     assert codec.decode(json.loads(json.dumps(codec.encode(value)))) == value
+    plain = {"pods": {"x/a": {"egress": [["weft-po-a"], []]}}, "closed": {"x": (True, False)}, "n": [1, None]}
+    again = codec.decode(json.loads(json.dumps(codec.encode(plain))))
+    assert again == plain and type(again["pods"]["x/a"]["egress"]) is list and type(again["closed"]["x"]) is tuple
     for hostile in ({"@": "Popen", "v": [["id"]]}, {"@": "_Boom", "v": ["x"]}, {"e": "Signals", "v": 9},
                     {"x": 1}, {"@": "Endpoint", "v": "not a list"}, {"@": "Endpoint", "v": [1]}):
         with pytest.raises(codec.CodecError):

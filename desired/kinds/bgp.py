@@ -219,7 +219,7 @@ def _prefix_advertisements(check: Checker, raw: Any, communities: tuple[Communit
         cidr = cidr_of(check, entry.get("cidr"), f"{path}.cidr")
         values = []
         for j, item in enumerate(check.typed(entry.get("communities"), f"{path}.communities", list, "a list", [])):
-            if item in by_name:
+            if isinstance(item, str) and item in by_name:
                 values.append(by_name[item])
             elif community_problem(item) is None:
                 values.append(item)

@@ -18,6 +18,7 @@ from typing import Any
 from weft.desired.validation import Checker, cidr_of, name_of
 from weft.model.cluster import Block, IPPool
 from weft.model.errors import ValidationError
+from weft.model.selector import All, Expr, SelectorError, parse_selector
 
 # Calico's defaults and limits for spec.blockSize, per address family.
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
@@ -108,10 +109,10 @@ def check_state(items: Iterable) -> list[ValidationError]:
             if net.version == other_net.version and net.overlaps(other_net):
                 errors.append(ValidationError(c.where, c.label, "spec.cidr",
                                               f"{net} overlaps {other.label} ({other_net}): pools must not overlap"))
-    owners: dict[str, object] = {}
+    owners: dict[str, Any] = {}              # cidr -> the first desired.loader.Converted claiming it
     for c in blocks:
         net = ipaddress.ip_network(c.value.cidr)
-        pool = next((p for pool_net, p in nets if net.version == pool_net.version and net.subnet_of(pool_net)), None)
+        pool = next((p for pool_net, p in nets if _inside(net, pool_net)), None)
         if pool is None:
             errors.append(ValidationError(c.where, c.label, "spec.cidr", f"{net} is not inside any IPPool"))
         elif net.prefixlen != pool.value.block_size:
@@ -125,6 +126,11 @@ def check_state(items: Iterable) -> list[ValidationError]:
                                           f"block {net} is given to node {c.value.node!r}, but {first.label} "
                                           f"gives it to node {first.value.node!r}: a block has one owner"))
     return errors
+
+
+def _inside(net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+            other: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    return net.version == other.version and net.subnet_of(other)  # type: ignore[arg-type]  # same version
 
 
 def _spec(check: Checker, raw: dict) -> dict | None:
@@ -153,9 +159,8 @@ def _flag(check: Checker, spec: dict, key: str) -> bool:
     return check.typed(spec.get(key), f"spec.{key}", bool, "a boolean", False)
 
 
-def _node_selector(check: Checker, text: Any):
+def _node_selector(check: Checker, text: Any) -> Expr | None:
     """The pool's nodeSelector as a Calico selector AST; None (all nodes) when absent or all()."""
-    from weft.model.selector import All, SelectorError, parse_selector
     if text is None or text == "":
         return None
     try:

@@ -14,10 +14,13 @@ from typing import Any
 from weft.desired.kinds.bgp import as_number_of
 from weft.desired.validation import (
     Checker,
+    child,
     ip_of,
     labels_of,
     name_of,
     namespace_of,
+    shown,
+    valid_dns_subdomain,
     valid_label_key,
     valid_label_value,
 )
@@ -26,6 +29,7 @@ from weft.model.cluster import (
     INGRESS,
     Action,
     ContainerPort,
+    Direction,
     Endpoint,
     EntityMatch,
     NamedPort,
@@ -33,11 +37,12 @@ from weft.model.cluster import (
     Node,
     NodeBGP,
     Policy,
+    Port,
     PortRange,
     Rule,
 )
-from weft.model.labelselector import OPERATORS, Requirement, Selector
 from weft.model.names import host_iface_name
+from weft.model.selector import And, Expr, Has, In, Not, NotIn
 
 # Namespaces every API server has; a manifest directory need not declare them.
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
@@ -49,10 +54,12 @@ _INGRESS_FIELDS = {"from", "ports"}
 _EGRESS_FIELDS = {"to", "ports"}
 _PEER_FIELDS = {"podSelector", "namespaceSelector", "ipBlock"}
 _PORT_FIELDS = {"protocol", "port", "endPort"}
+# A Kubernetes label selector's matchExpressions operators, as Calico selector atoms.
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
 def namespace(check: Checker, raw: dict) -> Namespace:
-    name = name_of(check, raw)
+    name = name_of(check, raw, dns_label=True)     # it is part of pods' names: "a.b"/"c" is not "a"/"b.c"
     labels = labels_of(check, raw["metadata"].get("labels"), "metadata.labels")
     return Namespace(name, {**labels, NAMESPACE_NAME_LABEL: name})   # the API server always sets it
 
@@ -98,12 +105,12 @@ def _node_bgp(check: Checker, annotations: dict) -> NodeBGP | None:
             cluster_id = str(ipaddress.IPv4Address(cluster_id))
         except ValueError:
             check.fail(path.format(_BGP_ANNOTATIONS["rr"]),
-                       f"must be a route reflector cluster ID in IPv4 form (e.g. 244.0.0.1), got {cluster_id!r}")
+                       f"must be a route reflector cluster ID in IPv4 form (e.g. 244.0.0.1), got {shown(cluster_id)}")
             cluster_id = None
     return NodeBGP(ipv4, ipv6, as_number, cluster_id)
 
 
-def _interface(check: Checker, value, version: int, path: str) -> str | None:
+def _interface(check: Checker, value: Any, version: int, path: str) -> str | None:
     """"198.18.0.1/24": the node's address and its subnet (a bare address means a /32 or /128)."""
     if value is None or value == "":
         return None
@@ -113,7 +120,7 @@ def _interface(check: Checker, value, version: int, path: str) -> str | None:
         iface = None
     if iface is None or iface.version != version:
         check.fail(path, f"must be an IPv{version} address with its prefix length (e.g. "
-                         f"{'198.18.0.1/24' if version == 4 else '2001:db8::1/64'}), got {value!r}")
+                         f"{'198.18.0.1/24' if version == 4 else '2001:db8::1/64'}), got {shown(value)}")
         return None
     return str(iface)
 
@@ -139,8 +146,8 @@ def endpoint(check: Checker, raw: dict) -> Endpoint | None:
         if ip:
             ips.append(ip)
     node = spec.get("nodeName")
-    if node is not None and not isinstance(node, str):
-        check.fail("spec.nodeName", "must be a string")
+    if node is not None and node != "" and not valid_dns_subdomain(node):
+        check.fail("spec.nodeName", f"must be a node name (a DNS subdomain), got {shown(node)}")
         return None
     # Calico's rules: host-networked pods are not workload endpoints, finished pods no longer are.
     # A scheduled pod without an address yet is kept: its node programs its policy before the
@@ -188,14 +195,15 @@ def _check_ports(entries: tuple) -> tuple[tuple[ContainerPort, ...], tuple[tuple
     for ci, pi, name, number, protocol in entries:
         path = f"spec.containers[{ci}].ports[{pi}]"
         if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 65535:
-            problems.append((f"{path}.containerPort", f"must be 1-65535, got {number!r}"))
+            problems.append((f"{path}.containerPort", f"must be 1-65535, got {shown(number)}"))
             continue
         proto = "tcp" if protocol is None else _K8S_PROTOCOLS.get(protocol) if isinstance(protocol, str) else None
         if proto is None:
-            problems.append((f"{path}.protocol", f"must be one of TCP, UDP, SCTP, got {protocol!r}"))
+            problems.append((f"{path}.protocol", f"must be one of TCP, UDP, SCTP, got {shown(protocol)}"))
             continue
         if name is not None and (not isinstance(name, str) or len(name) > 15 or not _PORT_NAME.match(name)):
-            problems.append((f"{path}.name", f"must be an IANA service name (<= 15 of a-z, 0-9, '-'), got {name!r}"))
+            problems.append((f"{path}.name",
+                             f"must be an IANA service name (<= 15 of a-z, 0-9, '-'), got {shown(name)}"))
             continue
         if name:
             ports.add(ContainerPort(name, number, proto))
@@ -207,25 +215,27 @@ def _protocol(check: Checker, value: Any, path: str) -> str | None:
         return "tcp"
     proto = _K8S_PROTOCOLS.get(value) if isinstance(value, str) else None
     if proto is None:
-        check.fail(path, f"must be one of TCP, UDP, SCTP, got {value!r}")
+        check.fail(path, f"must be one of TCP, UDP, SCTP, got {shown(value)}")
     return proto
 
 
-def _selector(check: Checker, raw: Any, path: str) -> Selector | None:
-    """A Kubernetes LabelSelector; None (with a recorded error) if invalid."""
+def _selector(check: Checker, raw: Any, path: str) -> Expr | None:
+    """A Kubernetes LabelSelector as the Calico selector it means (the conjunction of its
+    requirements, in normal form); None (with a recorded error) if invalid. Keys and values are
+    checked as the API server checks them (label keys, label values)."""
     raw = check.typed(raw, path, dict, "a label selector mapping", None)
     if raw is None:
         return None
     before = len(check.errors)
     check.known_fields(raw, path, {"matchLabels", "matchExpressions"})
-    reqs = []
+    atoms: list[Expr] = []
     for key, value in check.typed(raw.get("matchLabels"), f"{path}.matchLabels", dict, "a mapping", {}).items():
         if not valid_label_key(key):
-            check.fail(f"{path}.matchLabels.{key}", "invalid label key")
+            check.fail(child(f"{path}.matchLabels", key), "invalid label key")
         elif not valid_label_value(value):
-            check.fail(f"{path}.matchLabels.{key}", f"invalid label value {value!r}")
+            check.fail(child(f"{path}.matchLabels", key), f"invalid label value {shown(value)}")
         else:
-            reqs.append(Requirement(key, "In", (value,)))
+            atoms.append(In(key, (value,)))
     exprs = check.typed(raw.get("matchExpressions"), f"{path}.matchExpressions", list, "a list", [])
     for i, expr in enumerate(exprs):
         epath = f"{path}.matchExpressions[{i}]"
@@ -235,22 +245,28 @@ def _selector(check: Checker, raw: Any, path: str) -> Selector | None:
         check.known_fields(expr, epath, {"key", "operator", "values"})
         key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
         if not valid_label_key(key):
-            check.fail(f"{epath}.key", f"invalid label key {key!r}")
-        if op not in OPERATORS:
-            check.fail(f"{epath}.operator", f"must be one of {', '.join(OPERATORS)}, got {op!r}")
+            check.fail(f"{epath}.key", f"invalid label key {shown(key)}")
+        if not isinstance(op, str) or op not in SELECTOR_OPERATORS:
+            check.fail(f"{epath}.operator", f"must be one of {', '.join(SELECTOR_OPERATORS)}, got {shown(op)}")
             continue
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            check.fail(f"{epath}.values", "must be a list of strings")
+        if not isinstance(values, list):
+            check.fail(f"{epath}.values", f"must be a list of label values, got {shown(values)}")
+            continue
+        bad = [j for j, v in enumerate(values) if not valid_label_value(v)]
+        for j in bad:
+            check.fail(f"{epath}.values[{j}]", f"invalid label value {shown(values[j])}")
+        if bad:
             continue
         if op in ("In", "NotIn") and not values:
             check.fail(f"{epath}.values", f"must be non-empty for operator {op}")
         elif op in ("Exists", "DoesNotExist") and values:
             check.fail(f"{epath}.values", f"must be empty for operator {op}")
-        else:
-            reqs.append(Requirement(key, op, tuple(sorted(set(values)))))
+        elif isinstance(key, str) and valid_label_key(key):
+            atoms.append({"In": In, "NotIn": NotIn}[op](key, tuple(values)) if op in ("In", "NotIn")
+                         else Has(key) if op == "Exists" else Not(Has(key)))
     if len(check.errors) != before:
         return None
-    return Selector.of(reqs)
+    return And(tuple(atoms)).normalize()
 
 
 def network_policy(check: Checker, raw: dict) -> Policy | None:
@@ -268,16 +284,17 @@ def network_policy(check: Checker, raw: dict) -> Policy | None:
     ingress_raw = check.typed(spec.get("ingress"), "spec.ingress", list, "a list", [])
     egress_raw = check.typed(spec.get("egress"), "spec.egress", list, "a list", [])
     types_raw = spec.get("policyTypes")
+    types: set[Direction] = set()
     if not types_raw:
         # The API server's default for a missing or empty list: Ingress always, Egress when
         # there are egress rules.
         types = {INGRESS} | ({EGRESS} if egress_raw else set())
     else:
-        types = set()
         for i, t in enumerate(check.typed(types_raw, "spec.policyTypes", list, "a list", [])):
-            if t not in (INGRESS, EGRESS):
-                check.fail(f"spec.policyTypes[{i}]", f"must be Ingress or Egress, got {t!r}")
-            types.add(t)
+            if isinstance(t, str) and t in (INGRESS, EGRESS):
+                types.add(Direction(t))
+            else:
+                check.fail(f"spec.policyTypes[{i}]", f"must be Ingress or Egress, got {shown(t)}")
     ingress = [r for i, rule in enumerate(ingress_raw)
                for r in _k8s_rule(check, rule, f"spec.ingress[{i}]", ns, INGRESS)]
     egress = [r for i, rule in enumerate(egress_raw)
@@ -291,7 +308,7 @@ def network_policy(check: Checker, raw: dict) -> Policy | None:
     )
 
 
-def _k8s_rule(check: Checker, raw: Any, path: str, ns: str | None, direction: str) -> list[Rule]:
+def _k8s_rule(check: Checker, raw: Any, path: str, ns: str | None, direction: Direction) -> list[Rule]:
     """One Kubernetes rule -> Calico rules: one per (peer, protocol) pair, all Allow."""
     if not isinstance(raw, dict):
         check.fail(path, "must be a mapping")
@@ -344,27 +361,35 @@ def _ip_block(check: Checker, raw: Any, path: str) -> EntityMatch | None:
         return None
     check.known_fields(raw, path, {"cidr", "except"})
     try:
-        cidr = ipaddress.ip_network(raw.get("cidr"), strict=False)
+        cidr = _network(raw.get("cidr"))
     except (ValueError, TypeError):
-        check.fail(f"{path}.cidr", f"invalid CIDR {raw.get('cidr')!r}")
+        check.fail(f"{path}.cidr", f"invalid CIDR {shown(raw.get('cidr'))}")
         return None
     excepts = []
     for i, value in enumerate(check.typed(raw.get("except"), f"{path}.except", list, "a list", [])):
         try:
-            net = ipaddress.ip_network(value, strict=False)
+            net = _network(value)
         except (ValueError, TypeError):
-            check.fail(f"{path}.except[{i}]", f"invalid CIDR {value!r}")
+            check.fail(f"{path}.except[{i}]", f"invalid CIDR {shown(value)}")
             continue
-        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:
+        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:  # type: ignore[arg-type]
             check.fail(f"{path}.except[{i}]", f"{value} must be strictly within cidr {cidr}")
             continue
         excepts.append(str(net))
     return EntityMatch(nets=(str(cidr),), not_nets=tuple(sorted(set(excepts))))
 
 
-def _port_groups(check: Checker, ports_raw: list, path: str) -> dict[str | None, tuple]:
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR text (host bits allowed, as Kubernetes allows them); not an integer, which
+    `ipaddress` would take as an address."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return ipaddress.ip_network(value, strict=False)
+
+
+def _port_groups(check: Checker, ports_raw: list, path: str) -> dict[str | None, tuple[Port, ...]]:
     """Ports of one rule grouped by protocol; an entry with no port opens the whole protocol."""
-    groups: dict[str | None, set | None] = {}
+    groups: dict[str | None, set[Port] | None] = {}
     for i, entry in enumerate(ports_raw):
         ppath = f"{path}[{i}]"
         if not isinstance(entry, dict):
@@ -381,30 +406,31 @@ def _port_groups(check: Checker, ports_raw: list, path: str) -> dict[str | None,
             groups[proto] = None      # every port of this protocol
             continue
         spec = _port(check, port, end, ppath)
-        if spec is not None and groups.get(proto, set()) is not None:
-            groups.setdefault(proto, set()).add(spec)
+        ports = groups.setdefault(proto, set())
+        if spec is not None and ports is not None:      # None: the protocol's every port already
+            ports.add(spec)
     return {proto: tuple(sorted(ports, key=_port_order)) if ports else () for proto, ports in groups.items()}
 
 
-def _port_order(p) -> tuple:
+def _port_order(p: Port) -> tuple:
     return (0, p.start, p.end, "") if isinstance(p, PortRange) else (1, 0, 0, p.name)
 
 
-def _port(check: Checker, port: Any, end: Any, path: str):
+def _port(check: Checker, port: Any, end: Any, path: str) -> Port | None:
     if isinstance(port, str):
         if end is not None:
             check.fail(f"{path}.endPort", "cannot be used with a named port")
             return None
         if len(port) > 15 or not _PORT_NAME.match(port):
-            check.fail(f"{path}.port", f"must be 1-65535 or an IANA service name, got {port!r}")
+            check.fail(f"{path}.port", f"must be 1-65535 or an IANA service name, got {shown(port)}")
             return None
         return NamedPort(port)
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        check.fail(f"{path}.port", f"must be 1-65535 or a port name, got {port!r}")
+        check.fail(f"{path}.port", f"must be 1-65535 or a port name, got {shown(port)}")
         return None
     if end is None:
         return PortRange(port, port)
     if not isinstance(end, int) or isinstance(end, bool) or not port <= end <= 65535:
-        check.fail(f"{path}.endPort", f"must be an integer from port ({port}) to 65535, got {end!r}")
+        check.fail(f"{path}.endPort", f"must be an integer from port ({port}) to 65535, got {shown(end)}")
         return None
     return PortRange(port, end)
