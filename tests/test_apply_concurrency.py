@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.cninode import block, entered
+from tests.cninode import node as node  # noqa: F401,PLC0414  (the fixture: a CniNode)
+from tests.cninode import plugin_binary as plugin_binary  # noqa: F401,PLC0414  (its fixture)
 from tests.nodens import WeftNode, describe, in_ns, namespace, pod, policy, start_weft, usable
-from tests.test_cni_plugin import block, entered
-from tests.test_cni_plugin import node as node  # noqa: F401,PLC0414  (the fixture: a CniNode)
-from tests.test_cni_plugin import plugin_binary as plugin_binary  # noqa: F401,PLC0414  (its fixture)
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
 
