@@ -21,6 +21,7 @@ returns its address and rewires, DEL is idempotent.
 import _socket
 import posix
 import sys
+import time
 
 ADDRESS = b"\0weft-cni"          # abstract socket: one name per network namespace, gone with its process
 CODE_ROOT = (__file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}").rsplit("/", 2)[0]
@@ -99,6 +100,7 @@ def main() -> int:
     except OSError:
         from weft.cni import plugin
         return plugin.main()                      # it reports the read error in the protocol
+    started = time.monotonic()
     answer = ask_helper(stdin)
     if not isinstance(answer, str):
         code, stdout, stderr = answer
@@ -111,12 +113,15 @@ def main() -> int:
                          "process of another user; running the call here\n")
     from weft.cni import plugin
     code = plugin.main(stdin)
-    if answer == NO_HELPER and code == 0 and posix.environ.get(b"CNI_COMMAND") not in (b"VERSION", None):
-        start_helper(stdin)
+    call = (posix.environ.get(b"CNI_COMMAND", b"").decode(errors="replace"), time.monotonic() - started, code == 0)
+    if answer == NO_HELPER and code == 0 and call[0] not in ("VERSION", "") and start_helper(stdin, call):
+        return code                               # the helper counts this call (cni/counting.py)
+    from weft.cni import counting
+    counting.count(*call, counting.counters_dir(stdin))
     return code
 
 
-def start_helper(stdin: bytes) -> None:
+def start_helper(stdin: bytes, call: tuple[str, float, bool]) -> bool:
     """Start a helper in this network namespace for the calls to come, detached from this call
     (its own session, no inherited pipes: the runtime waits for our stdout to close).
 
@@ -124,30 +129,35 @@ def start_helper(stdin: bytes) -> None:
     with -I -S and that package's directory and this process's sys.path (whichever entry point
     started us: the launcher, the console script, `python -m`); from anything else (an editable
     install maps weft's folders through a finder that only `site` loads), with -I and `site`.
-    Its stderr is <state dir>/cni-helper.log, opened through StateDir (no link followed)."""
+    Its stderr is <state dir>/cni-helper.log, opened through StateDir (no link followed).
+    `call` (command, seconds, success) is the call this process ran, for the helper to count;
+    False when no helper was started (the caller counts it then)."""
     import os
     import subprocess
 
-    from weft.cni import plugin
+    from weft.cni import counting, plugin
     from weft.store.statedir import StateDir
     wanted, state_dir = plugin.helper_settings(stdin)
     if not wanted:
-        return
+        return False
     packaged = CODE_ROOT.endswith("/weft") and posix.access(f"{CODE_ROOT}/cni/helper.py", posix.R_OK)
     paths = ([CODE_ROOT.rsplit("/", 1)[0]] if packaged else []) + [p for p in sys.path if p]
-    code = f"import sys; sys.path[:0] = {paths!r}; from weft.cni.helper import main; sys.exit(main())"
+    counted = (*call, counting.counters_dir(stdin))          # literals only: str, float, bool, str | None
+    code = (f"import sys; sys.path[:0] = {paths!r}; from weft.cni.helper import main; "
+            f"sys.exit(main(counted={counted!r}))")
     try:
         log = StateDir(state_dir).append_log(HELPER_LOG)
     except Exception:                             # an unsafe state dir (UnsafeState, OSError): no helper
-        return
+        return False
     try:
         subprocess.Popen([sys.executable, "-IS" if packaged else "-I", "-c", code], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
                          env={"PATH": os.environ.get("PATH", "")})
     except OSError:
-        pass                                      # no helper: every call runs in its own process
+        return False                              # no helper: every call runs in its own process
     finally:
         os.close(log)
+    return True
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.splitlines()[0].split(":", 1)[1].strip(), file=sys.stderr)
         return 2
     dest = install(args[0] if args else DEFAULT_DEST)
-    what = "the native client" if is_native(dest) else "the Python launcher (no C compiler for the native client)"
+    what = "the native client" if is_native(dest) else \
+        "the Python launcher (the native client was not built: no C compiler, $CC or cc, or it failed)"
     print(f"installed {dest}: {what}")
     return 0
 

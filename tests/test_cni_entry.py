@@ -71,6 +71,29 @@ def test_the_native_client_is_built_for_the_installed_weft_even_from_inside_a_ch
     assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
 
 
+@needs_root
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_without_a_working_c_compiler_the_installed_plugin_is_the_python_launcher_and_serves(cc, tmp_path):
+    """The native client is optional: with no C compiler (or one that fails), `python -m
+    weft.cni.install` writes the Python launcher, says so, and that plugin does the whole job,
+    its helper included."""
+    binary = tmp_path / "bin" / "weft"
+    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(binary)], cwd=REPO,
+                          env={**os.environ, "CC": cc}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "the Python launcher (the native client was not built" in done.stdout, done
+    assert not is_native(binary) and binary.read_text().startswith(f"#!{sys.executable} -IS\n")
+    with contextlib.ExitStack() as stack:
+        cni = CniNode(stack.enter_context(node_netns()), tmp_path, str(binary), stack)
+        assert cni.add("a").startswith("198.18.4.")
+        helper = wait_for_helper(cni)
+        cni.add("b")
+        assert helper_pids(cni) == [helper]
+        assert cni.call(cni.env("CHECK", "b"))[0] == 0
+        cni.ok("DEL", "a")
+        cni.ok("DEL", "b")
+        cni.clean()
+
+
 def test_the_client_imports_only_built_in_modules():
     """All a call the helper serves costs is an interpreter start and this import."""
     code = (f"import sys; sys.path[:0] = {launcher_paths()!r}; before = set(sys.modules); "
