@@ -17,15 +17,16 @@ stays busy for a second keeps no count of it.
 """
 from __future__ import annotations
 
-import json
-
-from weft.model.errors import WeftError
-from weft.store.statedir import StateDir, default_state_dir
+# Imports are inside the functions: the helper imports this module before it binds its name,
+# when every millisecond keeps the node's next caller from finding it.
 
 
 def counters_dir(stdin: bytes) -> str | None:
     """The state dir that counts a call with this configuration: its "state_dir", or the default
     when it names none; None when its "state_dir" is not an absolute path (nothing is counted)."""
+    import json
+
+    from weft.store.statedir import default_state_dir
     try:
         raw = json.loads(stdin)
     except ValueError:
@@ -40,6 +41,8 @@ def counters_dir(stdin: bytes) -> str | None:
 
 def flush(counters, directory: str) -> None:
     """Add `counters` (a CniCounters) to the totals in `directory`; dropped when they cannot be."""
+    from weft.model.errors import WeftError
+    from weft.store.statedir import StateDir
     try:
         counters.flush(StateDir(directory, create=False))
     except (WeftError, OSError):
