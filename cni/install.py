@@ -28,6 +28,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from weft.store.statedir import atomic_write
+
 DEFAULT_DEST = "/opt/cni/bin/weft"
 
 
@@ -90,16 +92,7 @@ def install(dest: str | os.PathLike = DEFAULT_DEST, python: str | None = None, n
         raise RuntimeError("cannot build weft's native CNI client: no C compiler (cc or $CC), or an editable install")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content if content is not None else launcher_text(python).encode())
-            os.fchmod(f.fileno(), 0o755)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(str(dest.absolute()), content if content is not None else launcher_text(python), 0o755)
     return dest
 
 
