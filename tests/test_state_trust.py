@@ -49,17 +49,25 @@ def test_a_planted_pickle_in_the_state_dir_is_never_unpickled(tmp_path):
 def test_the_codec_builds_only_registered_model_types():
     value = (Endpoint("a", "p", "n1", "weftabc", ("198.18.0.1",), {"app": "x"}), Namespace("a", {"k": "v"}))
     assert codec.decode(json.loads(json.dumps(codec.encode(value)))) == value
-    for hostile in ({"@": "Popen", "v": [["id"]]}, {"@": "_Boom", "v": ["x"]}, {"e": "Signals", "v": 9},
-                    {"x": 1}, {"@": "Endpoint", "v": "not a list"}, {"@": "Endpoint", "v": [1]}):
+    for hostile in ({codec.DATACLASS: "Popen", "v": [["id"]]}, {codec.DATACLASS: "_Boom", "v": ["x"]},
+                    {codec.ENUM: "Signals", "v": 9}, {codec.FROZENSET: "x"},
+                    {codec.DATACLASS: "Endpoint", "v": "not a list"}, {codec.DATACLASS: "Endpoint", "v": [1]},
+                    {codec.MAPPING: [[{"a": 1}, 2]]}):
         with pytest.raises(codec.CodecError):
             codec.decode(hostile)
+        with pytest.raises(codec.CodecError):
+            codec.loads(json.dumps(hostile))
+    # A dict that merely looks like an object of another format is data, never an object.
+    assert codec.loads('{"@": "Popen", "v": [["id"]]}') == {"@": "Popen", "v": (("id",),)}
 
 
 def test_a_cache_naming_an_unknown_type_is_a_miss(tmp_path):
     store = StateDir(tmp_path / "state")
-    header = {"format": cachemod.CACHE_FORMAT, "code": cachemod.code_token(), "source": "dir:/x", "token": "t",
+    header = {"format": cachemod.CACHE_FORMAT, "code": cachemod.code_token(), "generation": "g", "source": "dir:/x",
+              "token": "t",
               "cursors": {}, "groups": [["g", "d", []]], "rendered": []}
-    store.replace(cachemod.CACHE_FILE, json.dumps(header) + "\n" + json.dumps({"@": "Popen", "v": [["id"]]}) + "\n")
+    store.replace(cachemod.CACHE_FILE, json.dumps(header) + "\n" + json.dumps({codec.DATACLASS: "Popen", "v": [["id"]]})
+                  + "\n")
     cache = cachemod.load(store)
     assert cache is not None                                # the groups are decoded only when needed...
     with pytest.raises(codec.CodecError):
