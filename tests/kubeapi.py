@@ -22,7 +22,7 @@ Decisions (documented differences from a real API server):
 - put() does not deep-copy: don't mutate an object after putting it (serialised bytes are
   taken at put time; the dict itself is kept for field selectors).
 - `bytes_sent` counts every byte the server wrote (status lines, headers, bodies, watch chunks),
-  what a client reads from it; `watch_lag()` holds back events from watches, as a real server's
+  what a client reads from it, and `connections` the connections it accepted; `watch_lag()` holds back events from watches, as a real server's
   watch cache delivers a committed write a moment after lists and resourceVersions show it.
 """
 from __future__ import annotations
@@ -179,6 +179,7 @@ class FakeKubeAPI:
         self.max_page, self.token, self.history, self.tls = max_page, token, history, tls
         self.requests: list[tuple[str, str]] = []
         self.bytes_sent = 0    # everything written to clients (see the module docstring)
+        self.connections = 0   # connections accepted
         self._bytes_lock = threading.Lock()
         self._held: int | None = None   # watch_lag(): events after this resourceVersion wait
         self.on_request: Callable[[str, str], None] | None = None  # called before serving each request
@@ -296,9 +297,10 @@ class FakeKubeAPI:
                 self._held = None
                 self._cond.notify_all()
 
-    def _count(self, size: int) -> None:
+    def _count(self, size: int, *, connection: bool = False) -> None:
         with self._bytes_lock:
             self.bytes_sent += size
+            self.connections += connection
 
     def fail(self, match: str, code: int, reason: str, message: str = "", times: int | None = None) -> None:
         """Answer requests whose "METHOD path?query" contains `match` with a Status error."""
@@ -532,6 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.wfile = _CountingWriter(self.wfile, self.api._count)
+        self.api._count(0, connection=True)
 
     def do_GET(self):
         self._serve("GET")
