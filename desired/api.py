@@ -217,8 +217,10 @@ class Connection:
         import urllib3
         self.profile, self.host = profile, profile.host
         self._pool: urllib3.PoolManager
+        # As many kept connections as requests run at once (a watch per kind), so none that could
+        # serve another request is closed (with TLS, each new one is a handshake).
         args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
-                                "ca_cert_data": profile.ca_pem}
+                                "ca_cert_data": profile.ca_pem, "maxsize": len(RESOURCES)}
         if profile.cert_pem and profile.key_pem:
             files = [_memory_file(profile.cert_pem), _memory_file(profile.key_pem)]
             self._files += files
