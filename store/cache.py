@@ -82,9 +82,13 @@ def _encoded(value: Any) -> str:
         return codec.dumps(value)
 
 
-def _decoded(text: str) -> Any:
+def _decoded(text: str | bytes | memoryview) -> Any:
     with gc_paused():
-        return codec.loads(text)
+        return codec.loads(bytes(text) if isinstance(text, memoryview) else text)
+
+
+def _bytes(text: str | bytes | memoryview) -> bytes | memoryview:
+    return text.encode() if isinstance(text, str) else text
 
 
 def _entries(value: Any) -> Iterable:
@@ -96,10 +100,10 @@ class DesiredCache:
     source: str                                  # "api:<server>" or "dir:<absolute path>"
     token: str                                   # changes whenever the desired objects change
     cursors: dict = field(default_factory=dict)  # per-source positions (resourceVersions, digests)
-    blobs: dict = field(default_factory=dict)    # group (a kind's namespace, a file) -> its encoded objects
+    blobs: dict = field(default_factory=dict)    # group (a kind's namespace, a file) -> its encoded objects (bytes)
     digests: dict = field(default_factory=dict)  # group -> sha256 of its encoded objects
     kinds: dict = field(default_factory=dict)    # group -> the model kinds of its objects ("Pod", ...)
-    rendered: dict = field(default_factory=dict)  # node -> (key, encoded render)
+    rendered: dict = field(default_factory=dict)  # node -> (key, encoded render: bytes)
     bases: dict = field(default_factory=dict)    # node -> what its rendered sets' members came from
     code: str = ""
     generation: str = ""                         # names what the cache file holds (see the docstring)
@@ -132,8 +136,8 @@ class DesiredCache:
             if not entries:
                 self._drop(group)
                 continue
-            self.blobs[group] = text = _encoded(value)
-            self.digests[group] = hashlib.sha256(text.encode()).hexdigest()
+            self.blobs[group] = text = _encoded(value).encode()
+            self.digests[group] = hashlib.sha256(text).hexdigest()
             self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
         self.changed = True
 
@@ -157,7 +161,7 @@ class DesiredCache:
 
     def keep_render(self, node: str, key: str, value: Any, basis: str) -> None:
         """Keep `value` (model values, or a JSON-able form of them) as the render of `node`."""
-        self.rendered[node] = (key, _encoded(value))
+        self.rendered[node] = (key, _encoded(value).encode())
         self.bases[node] = basis
         self.changed = True
 
@@ -167,7 +171,7 @@ class DesiredCache:
         return self._render(text, decode) if basis and self.bases.get(node) == basis else None
 
     @staticmethod
-    def _render(text: str | None, decode: Callable[[Any], Any]):
+    def _render(text: bytes | memoryview | None, decode: Callable[[Any], Any]):
         if text is None:
             return None
         try:
@@ -177,7 +181,8 @@ class DesiredCache:
 
 
 def load(state_dir: StateDir | Path | str, source: str | None = None) -> DesiredCache | None:
-    """The cache of `source` (of any source when None: the caller checks), or None."""
+    """The cache of `source` (of any source when None: the caller checks), or None. Only the
+    header is parsed; each group and render stays bytes of the file until it is asked for."""
     store = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     try:
         data = store.read_bytes(CACHE_FILE, MAX_CACHE)
@@ -186,22 +191,23 @@ def load(state_dir: StateDir | Path | str, source: str | None = None) -> Desired
     if not data:
         return None
     try:
-        lines = data.decode().split("\n")
-        header = json.loads(lines[0])
+        end = data.index(b"\n")
+        header = json.loads(data[:end])
         if not isinstance(header, dict) or header.get("format") != CACHE_FORMAT or header.get("code") != code_token():
             return None
         if source is not None and header.get("source") != source:
             return None
         groups, rendered = header["groups"], header["rendered"]
-        body = lines[1:]
-        if len(body) < len(groups) + len(rendered):
-            return None
+        lines, view = [], memoryview(data)     # slices of the file: nothing copied until used
+        for _ in range(len(groups) + len(rendered)):
+            start, end = end + 1, data.index(b"\n", end + 1)
+            lines.append(view[start:end])
         cache = DesiredCache(str(header["source"]), str(header["token"]), dict(header["cursors"]),
                              code=header["code"], generation=str(header["generation"]))
-        for (key, digest, kinds), text in zip(groups, body, strict=False):
+        for (key, digest, kinds), text in zip(groups, lines, strict=False):
             group = codec.decode(key)
             cache.blobs[group], cache.digests[group], cache.kinds[group] = text, str(digest), frozenset(kinds)
-        for (node, key, basis), text in zip(rendered, body[len(groups):], strict=False):
+        for (node, key, basis), text in zip(rendered, lines[len(groups):], strict=False):
             cache.rendered[str(node)] = (str(key), text)
             cache.bases[str(node)] = str(basis)
     except (ValueError, KeyError, TypeError, codec.CodecError, RecursionError, UnicodeDecodeError):
@@ -245,10 +251,11 @@ def save(state_dir: StateDir | Path | str, cache: DesiredCache) -> None:
               "token": cache.token, "cursors": cache.cursors,
               "groups": [[codec.encode(g), cache.digests[g], sorted(cache.kinds.get(g, ()))] for g in order],
               "rendered": [[n, cache.rendered[n][0], cache.bases.get(n, "")] for n in nodes]}
-    lines = [json.dumps(header, separators=(",", ":"), ensure_ascii=False)]
-    lines += [cache.blobs[g] for g in order]
-    lines += [cache.rendered[n][1] for n in nodes]
-    store.replace(CACHE_FILE, "\n".join(lines) + "\n")
+    lines = [json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()]
+    lines += [_bytes(cache.blobs[g]) for g in order]
+    lines += [_bytes(cache.rendered[n][1]) for n in nodes]
+    lines.append(b"")
+    store.replace(CACHE_FILE, b"\n".join(lines))
     store.remove(CURSORS_FILE)
     cache.saved, cache.changed = (cache.token, dict(cache.cursors)), False
     for old in OLD_CACHE_FILES:
