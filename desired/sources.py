@@ -163,15 +163,62 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
     cached = _decoded(cache) if cache.token else {}
     if cached is None or not _dir_groups_ok(cached):
         cache, cached, changed = cachemod.DesiredCache(source, token=""), {}, list(digests)
+    before = _by_file(cached)
     errors: list[ValidationError] = []
-    read = {path: _read_file(path, contents[path], cached.get(path, ()), errors) for path in changed}
+    read = {path: _read_file(path, contents[path], before.get(path, ()), errors) for path in changed}
     if errors:
         raise InvalidDesiredState(errors)
-    per_file = {path: read[path] if path in read else cached.get(path, ()) for path in digests}
+    per_file = {path: read[path] if path in read else before.get(path, ()) for path in digests}
     state = _dir_state(per_file)                       # validates across files before caching
     cache.cursors, cache.token = digests, uuid.uuid4().hex
-    cache.set_groups(per_file, read, entries_of=_document_entries)
+    _keep_blocks(cache, read, [g for g in cache.blobs if g[0] not in digests])
     return Reading(cache.token, cache, lambda: state, state)
+
+
+# A file's documents are kept in blocks, each encoded as one group of the cache, so a changed
+# document re-encodes its block, not its file. Blocks are cut where the content says (after a
+# document whose digest ends in BLOCK_END: one in 256 on average, and at most MAX_BLOCK), so a
+# document added or removed moves no other cut and leaves the other blocks' encodings as they are.
+BLOCK_END = "00"
+MAX_BLOCK = 1024
+
+
+def _blocks(documents: tuple) -> list[tuple]:
+    blocks: list[tuple] = []
+    current: list = []
+    for document in documents:
+        current.append(document)
+        if document.digest.endswith(BLOCK_END) or len(current) >= MAX_BLOCK:
+            blocks.append(tuple(current))
+            current = []
+    return blocks + [tuple(current)] if current else blocks
+
+
+def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: list) -> None:
+    """The cache's groups for the files read again ((path, n, block id) -> the block's documents):
+    a block whose documents are the same as before keeps its encoded text; files gone go."""
+    for group in gone:
+        cache.take(group)
+    for path, documents in read.items():
+        old = {}
+        for group in [g for g in cache.blobs if g[0] == path]:
+            old[group[2]] = cache.take(group)
+        new = {}
+        for n, block in enumerate(_blocks(documents)):
+            block_id = hashlib.sha256("".join(d.digest for d in block).encode()).hexdigest()[:16]
+            if block_id in old:
+                cache.put((path, n, block_id), old.pop(block_id))
+            else:
+                new[(path, n, block_id)] = block
+        cache.update_groups(new, entries_of=_document_entries)
+
+
+def _by_file(groups: dict) -> dict[str, tuple]:
+    """Decoded groups (blocks) -> each file's documents, in order."""
+    files: dict[str, list] = {}
+    for group in sorted(groups, key=lambda g: (g[0], g[1])):
+        files.setdefault(group[0], []).extend(groups[group])
+    return {path: tuple(documents) for path, documents in files.items()}
 
 
 def _dir_state_of(cache: cachemod.DesiredCache, contents: dict[str, bytes]) -> ClusterState:
@@ -179,10 +226,12 @@ def _dir_state_of(cache: cachemod.DesiredCache, contents: dict[str, bytes]) -> C
     cached = _decoded(cache)
     if cached is None or not _dir_groups_ok(cached):
         errors: list[ValidationError] = []
-        cached = {path: _read_file(path, data, (), errors) for path, data in contents.items()}
+        files = {path: _read_file(path, data, (), errors) for path, data in contents.items()}
         if errors:
             raise InvalidDesiredState(errors)
-    return _dir_state({path: cached.get(path, ()) for path in contents})
+    else:
+        files = _by_file(cached)
+    return _dir_state({path: files.get(path, ()) for path in contents})
 
 
 def _read_file(path: str, data: bytes, known: tuple, errors: list[ValidationError]) -> tuple:
@@ -211,9 +260,10 @@ def _document_entries(documents: tuple) -> Iterable:
 
 
 def _dir_groups_ok(groups: dict) -> bool:
-    """Whether decoded groups are what a directory read keeps: per file, its documents."""
-    return all(isinstance(docs, tuple) and all(isinstance(d, ManifestDocument) for d in docs)
-               for docs in groups.values())
+    """Whether decoded groups are what a directory read keeps: blocks of a file's documents."""
+    return all(isinstance(g, tuple) and len(g) == 3 and isinstance(g[0], str) and isinstance(g[1], int)
+               and isinstance(docs, tuple) and all(isinstance(d, ManifestDocument) for d in docs)
+               for g, docs in groups.items())
 
 
 def _dir_state(per_file: dict) -> ClusterState:

@@ -141,6 +141,19 @@ class DesiredCache:
             self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
         self.changed = True
 
+    def take(self, group: Any) -> tuple | None:
+        """Remove `group` and give what is kept of it, still encoded (for `put` under another key)."""
+        if group not in self.blobs:
+            return None
+        kept = (self.blobs.pop(group), self.digests.pop(group), self.kinds.pop(group, frozenset()))
+        self.changed = True
+        return kept
+
+    def put(self, group: Any, kept: tuple) -> None:
+        """Keep what `take` gave under the key `group`, as it was (nothing encoded again)."""
+        self.blobs[group], self.digests[group], self.kinds[group] = kept
+        self.changed = True
+
     def _drop(self, group: Any) -> None:
         for table in (self.blobs, self.digests, self.kinds):
             table.pop(group, None)

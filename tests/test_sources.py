@@ -18,6 +18,7 @@ from tests.nodens import namespace, pod, policy, write_manifests
 from weft.desired import bounds, manifests, sources
 from weft.desired.loader import build_cluster_state
 from weft.model.errors import InvalidDesiredState, SourceError
+from weft.store import cache
 
 OBJECTS = [namespace("x", team="a"), namespace("y"),
            pod("x", "a", "198.18.5.1", {"app": "web"}), pod("y", "b", "198.18.5.2", {"app": "db"}),
@@ -70,7 +71,6 @@ def test_api_changes_arrive_through_watches_and_match_a_full_read(api, tmp_path)
 
 def test_api_change_repickles_only_its_namespace_of_its_kind(api, tmp_path):
     """One pod changed re-pickles that namespace's pods: not every pod of the cluster."""
-    from weft.store import cache
     committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
     before = dict(cache.load(tmp_path / "s").digests)
     api.put(pod("y", "c", "198.18.5.3", {"app": "web"}))
@@ -119,7 +119,6 @@ def test_api_event_in_flight_when_the_watches_went_quiet_is_found_by_the_next_ru
 def test_api_run_that_finds_nothing_it_reads_writes_only_the_cursors(api, tmp_path):
     """The usual run on a live cluster: the version moved (leases), nothing weft reads changed.
     It decodes no cached object, and the large cache file is not written again."""
-    from weft.store import cache
     committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
     big = tmp_path / "s" / cache.CACHE_FILE
     before = big.stat()
@@ -150,8 +149,6 @@ def test_api_run_that_finds_nothing_it_reads_writes_only_the_cursors(api, tmp_pa
 def test_api_cursors_of_another_cache_file_are_not_used(api, tmp_path):
     """A cursors file is used only with the cache file it was written for."""
     import json
-
-    from weft.store import cache
     committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
     api.put(lease(1))
     committed_read(tmp_path / "s", kubeconfig=api.kubeconfig)
@@ -267,8 +264,12 @@ def test_dir_one_changed_document_of_a_large_file_is_the_only_one_parsed(tmp_pat
         else:
             objects[at]["metadata"]["labels"] = labels
         write_manifests(src, objects)
+        kept = set(cache.load(tmp_path / "s").digests.items())
         _, state = committed_read(tmp_path / "s", from_dir=str(src))
         assert len(parses) == 1 and parses[0][1].count(b"\nkind: ") == 1, round
+        # Encoded again: the block of the changed document (two when its change moved a cut).
+        now = cache.load(tmp_path / "s").digests
+        assert 1 <= len(set(now.items()) - kept) <= 2 < len(now), round
         assert b"moved" in parses[0][1] or b"team" in parses[0][1] or b"last" in parses[0][1]
         assert same_state(state, full_read(src))
 
