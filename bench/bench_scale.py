@@ -29,7 +29,7 @@ sized), the failure is printed and the changes are measured with `weft plan` ins
 renders and diffs the same way but writes nothing.
 
 Run as root:  .venv/bin/python -m bench.bench_scale [--scale] [--sources api,chunks,kinds]
-              [--repeats N] [--profile CHANGE]   (CHANGE: a key below, e.g. relabel-remote)
+              [--repeats N] [--changes C,..] [--profile C,..]   (C: a key of CHANGES, e.g. relabel-remote)
 """
 from __future__ import annotations
 
@@ -320,7 +320,7 @@ def profile(source: Source, world: Cluster, change: str, work: Path) -> None:
     """One more run after `change`, under cProfile: where the main process's time goes."""
     for obj in world.change(change, 99):
         source.put(obj)
-    out = work / f"profile-{source.name.split()[0]}.pstats"
+    out = work / f"profile-{source.name.split()[0]}-{change}.pstats"
     run = source.run(profiled(out))
     print(f"\n-- profile of '{CHANGES[change]}' from {source.name}: {run.wall:.2f} s (with the profiler's "
           f"overhead; the API reading child is not profiled)")
@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated: api, chunks (1,000 objects a file), kinds (a file per kind)")
     parser.add_argument("--changes", default=",".join(CHANGES), help="comma-separated, of: " + ", ".join(CHANGES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", choices=list(CHANGES), help="profile one more run after this change")
+    parser.add_argument("--profile", default="", metavar="CHANGES",
+                        help="comma-separated changes (as --changes) each profiled in one more run after it")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     for name, value in (SCALE if opts.scale else {"pods": 10_000, "policies": 1_000, "nodes": 91,
@@ -395,8 +396,8 @@ def inside(opts) -> int:
                 full = first.api_bytes if isinstance(first, Run) else api.bytes_sent - full_before
                 dumps = kernel_dumps() if isinstance(first, Run) and first.ok else None
                 show(source.name, results, dumps, target or TARGET_10K[0], full)
-                if opts.profile:
-                    profile(source, world, opts.profile, tmp)
+                for change in filter(None, opts.profile.split(",")):
+                    profile(source, world, change, tmp)
                 _destroy(source)
         for layout in ("chunks", "kinds"):
             if layout not in sources:
@@ -413,8 +414,9 @@ def inside(opts) -> int:
             first = results["first"]
             dumps = kernel_dumps() if isinstance(first, Run) and first.ok else None
             show(source.name, results, dumps, target or TARGET_10K[1], None)
-            if opts.profile and opts.profile != "moved":
-                profile(source, world, opts.profile, tmp)
+            for change in filter(None, opts.profile.split(",")):
+                if change != "moved":
+                    profile(source, world, change, tmp)
             _destroy(source)
     print(f"\nbenchmark took {time.perf_counter() - started:.0f} s; machine load now {os.getloadavg()[0]:.1f}")
     return 0

@@ -13,6 +13,7 @@ import pytest
 from tests.nodens import NODE, write_manifests
 from weft.model import codec
 from weft.model.cluster import Endpoint, Namespace
+from weft.model.selector import Eq
 from weft.store import cache as cachemod
 from weft.store.statedir import StateDir, UnsafeState
 
@@ -57,6 +58,10 @@ def test_the_codec_builds_only_registered_model_types():
             codec.decode(hostile)
         with pytest.raises(codec.CodecError):
             codec.loads(json.dumps(hostile))
+    # A class with checks of its own (a selector's __post_init__) is built through them.
+    with pytest.raises(codec.CodecError):
+        codec.loads(json.dumps({codec.DATACLASS: "Eq", "v": ["not a key!", "x"]}))
+    assert codec.loads(codec.dumps(Eq("app", "x"))) == Eq("app", "x")
     # A dict that merely looks like an object of another format is data, never an object.
     assert codec.loads('{"@": "Popen", "v": [["id"]]}') == {"@": "Popen", "v": (("id",),)}
 
