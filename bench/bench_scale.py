@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -231,14 +232,22 @@ class Source:
     """One source of the desired state: how weft is pointed at it and how a change reaches it."""
 
     def __init__(self, name: str, args: list[str], state: Path, put: Callable[[dict], None],
-                 api: FakeKubeAPI | None = None):
+                 api: FakeKubeAPI | None = None, python: str = sys.executable):
         self.name, self.args, self.state, self.put, self.api = name, args, state, put, api
-        self.command = "apply"
+        self.command, self.python = "apply", python
+
+    def run_as(self, command: str) -> Run:
+        was, self.command = self.command, command
+        try:
+            return self.run()
+        finally:
+            self.command = was
 
     def run(self, prefix: list[str] | None = None) -> Run:
         api = self.api
         sent, asked, opened = (api.bytes_sent, len(api.requests), api.connections) if api else (0, 0, 0)
-        run = timed(weft_argv(self.command, self.state, self.args, prefix))
+        run = timed(weft_argv(self.command, self.state, self.args,
+                              prefix or [self.python, "-m", "weft.reconciler.cli"]))
         if api:
             run.api_bytes, run.api_requests = api.bytes_sent - sent, len(api.requests) - asked
             run.api_connections = api.connections - opened
@@ -286,6 +295,32 @@ def measure(source: Source, world: Cluster, changes: list[str], repeats: int) ->
         else:
             results[change] = sorted(runs, key=lambda r: r.wall)[len(runs) // 2]
     return results
+
+
+def compare(ours: Source, theirs: Source, world: Cluster, changes: list[str], repeats: int) -> None:
+    """This weft against another (--compare), run by run after the same change, in alternating
+    order, both with `weft plan` (read, render, diff: the kernel is one, so applying would leave
+    the second nothing to do); the first runs apply (ours) and plan (theirs) to fill the caches."""
+    firsts = (ours.run(), theirs.run_as("plan"))
+    print(f"   first run: {firsts[0].wall:.2f} s (apply) / {firsts[1].wall:.2f} s (plan)")
+    ours.command = theirs.command = "plan"
+    print(f"   {'change':26} {'this s':>7} {'other s':>8} {'ratio':>6}   "
+          f"(median of {repeats}; each pair after the same change)")
+    for change in changes:
+        if change == "moved" and ours.api is None:
+            continue
+        pairs = []
+        for i in range(repeats):
+            for obj in world.change(change, i):
+                ours.put(obj)
+            first, second = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+            a, b = first.run(), second.run()
+            for run in (a, b):
+                if not run.ok:
+                    print(f"   {CHANGES[change]}: a run FAILED: {failure(run)}")
+            pairs.append((a.wall, b.wall) if first is ours else (b.wall, a.wall))
+        this, other = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        print(f"   {CHANGES[change]:26} {this:7.2f} {other:8.2f} {this / other:6.2f}")
 
 
 def show(title: str, results: dict[str, Run | str], dumps: tuple[float, int] | None, target: float | None,
@@ -348,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", default="", metavar="CHANGES",
                         help="comma-separated changes (as --changes) each profiled in one more run after it")
+    parser.add_argument("--compare", metavar="PYTHON",
+                        help="also run another weft (the interpreter of its venv), run by run: before/after figures")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     for name, value in (SCALE if opts.scale else {"pods": 10_000, "policies": 1_000, "nodes": 91,
@@ -391,13 +428,18 @@ def inside(opts) -> int:
                 full_before = api.bytes_sent
                 source = Source("API server (FakeKubeAPI over HTTP, paginated lists, watches)",
                                 ["--kubeconfig", kubeconfig], tmp / "state-api", api.put, api)
-                results = measure(source, world, changes, opts.repeats)
-                first = results["first"]
-                full = first.api_bytes if isinstance(first, Run) else api.bytes_sent - full_before
-                dumps = kernel_dumps() if isinstance(first, Run) and first.ok else None
-                show(source.name, results, dumps, target or TARGET_10K[0], full)
-                for change in filter(None, opts.profile.split(",")):
-                    profile(source, world, change, tmp)
+                if opts.compare:
+                    print(f"\n== {source.name}: this weft against {opts.compare}")
+                    other = Source("other", source.args, tmp / "state-api-other", api.put, api, opts.compare)
+                    compare(source, other, world, changes, opts.repeats)
+                else:
+                    results = measure(source, world, changes, opts.repeats)
+                    first = results["first"]
+                    full = first.api_bytes if isinstance(first, Run) else api.bytes_sent - full_before
+                    dumps = kernel_dumps() if isinstance(first, Run) and first.ok else None
+                    show(source.name, results, dumps, target or TARGET_10K[0], full)
+                    for change in filter(None, opts.profile.split(",")):
+                        profile(source, world, change, tmp)
                 _destroy(source)
         for layout in ("chunks", "kinds"):
             if layout not in sources:
@@ -410,13 +452,18 @@ def inside(opts) -> int:
                   f"(written in {time.perf_counter() - made:.0f} s)")
             source = Source(f"manifest directory, {what}", ["--from", str(files.root)], tmp / f"state-{layout}",
                             files.put)
-            results = measure(source, world, changes, opts.repeats)
-            first = results["first"]
-            dumps = kernel_dumps() if isinstance(first, Run) and first.ok else None
-            show(source.name, results, dumps, target or TARGET_10K[1], None)
-            for change in filter(None, opts.profile.split(",")):
-                if change != "moved":
-                    profile(source, world, change, tmp)
+            if opts.compare:
+                print(f"\n== {source.name}: this weft against {opts.compare}")
+                other = Source("other", source.args, tmp / f"state-{layout}-other", files.put, None, opts.compare)
+                compare(source, other, world, changes, opts.repeats)
+            else:
+                results = measure(source, world, changes, opts.repeats)
+                first = results["first"]
+                dumps = kernel_dumps() if isinstance(first, Run) and first.ok else None
+                show(source.name, results, dumps, target or TARGET_10K[1], None)
+                for change in filter(None, opts.profile.split(",")):
+                    if change != "moved":
+                        profile(source, world, change, tmp)
             _destroy(source)
     print(f"\nbenchmark took {time.perf_counter() - started:.0f} s; machine load now {os.getloadavg()[0]:.1f}")
     return 0
