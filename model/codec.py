@@ -4,15 +4,18 @@ Data, not code: decoding only ever builds the types registered here (the model's
 and enums), so a cache file can at worst be wrong, never run anything. Anything else in the
 input is an error (CodecError).
 
-The shapes: strings, numbers, booleans and None are themselves; a tuple (or list) is a JSON list,
-decoded as a tuple; a dict with string keys is a JSON object. The rest are objects marked by one
-of these keys, which begin with a NUL character (a dict with such a key is written as a mapping):
+The shapes: strings, numbers, booleans and None are themselves; a tuple is a JSON list; a dict
+with string keys is a JSON object. The rest are objects marked by one of these keys, which begin
+with a NUL character (a dict with such a key is written as a mapping):
   a dataclass   {"\u0000": "Name", "v": [field values in order]}
   an enum       {"\u0000e": "Name", "v": value}
+  a list        {"\u0000l": [...]}   (rare: lists are kept lists, e.g. the CNI snapshot's)
   a frozenset   {"\u0000s": [...]}
   any other mapping  {"\u0000m": [[key, value], ...]}
 `loads` decodes in one pass of the C JSON parser: it hands every object, inner ones first, to
-`_node`, which leaves a plain dict as it is and builds the value a marked one stands for.
+`_node`, which leaves a plain dict as it is and builds the value a marked one stands for. A JSON
+list is a tuple; a marked list comes out of `_node` as a `_Kept` (a list its container keeps a
+list rather than taking it for a tuple), made a plain list where it is placed.
 
 Speed (this matters: a run over 150,000 pods decodes them whenever anything changed): a
 dataclass whose __init__ is the one dataclasses generated, without `__post_init__` or slots, is
@@ -30,8 +33,8 @@ from typing import Any
 
 _TYPES: dict[str, type] = {}
 _BUILD: dict[str, tuple[type, tuple[str, ...], bool]] = {}   # name -> (class, field names, direct)
-DATACLASS, ENUM, FROZENSET, MAPPING = "\x00", "\x00e", "\x00s", "\x00m"
-_MARKERS = frozenset((DATACLASS, ENUM, FROZENSET, MAPPING))
+DATACLASS, ENUM, LIST, FROZENSET, MAPPING = "\x00", "\x00e", "\x00l", "\x00s", "\x00m"
+_MARKERS = frozenset((DATACLASS, ENUM, LIST, FROZENSET, MAPPING))
 
 
 class CodecError(ValueError):
@@ -80,7 +83,7 @@ def encode(value: Any) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is float or kind is bool or value is None:
         return value
-    if kind is tuple or kind is list:
+    if kind is tuple:
         return [v if type(v) is str else encode(v) for v in value]
     names = _FIELDS.get(kind)
     if names is not None:
@@ -90,6 +93,8 @@ def encode(value: Any) -> Any:
         if set(map(type, value)) <= {str} and _MARKERS.isdisjoint(value):
             return {k: v if type(v) is str else encode(v) for k, v in value.items()}
         return {MAPPING: [[encode(k), encode(v)] for k, v in value.items()]}
+    if kind is list:
+        return {LIST: [v if type(v) is str else encode(v) for v in value]}
     if kind is frozenset:
         return {FROZENSET: [v if type(v) is str else encode(v) for v in value]}
     if isinstance(value, Enum):
@@ -108,11 +113,25 @@ def dumps(value: Any) -> str:
 
 # ---- decoding -------------------------------------------------------------------------------
 
+class _Kept(list):
+    """A decoded list while it is being placed: its container makes it a plain list again."""
+
+
+_UNPLACED = frozenset((list, _Kept))
+
+
+def _placed(v: Any) -> Any:
+    """A decoded value as it is placed in its container: a JSON list (not yet converted) as the
+    tuple it encodes, a decoded list as a plain list, anything else as it is."""
+    kind = type(v)
+    return _tuple(v) if kind is list else list(v) if kind is _Kept else v
+
+
 def _tuple(items: list | tuple) -> tuple:
     """A JSON list as the tuple it encodes (its lists too; its objects are decoded already)."""
-    if list in map(type, items):
-        return tuple([_tuple(v) if type(v) is list else v for v in items])
-    return tuple(items)
+    if _UNPLACED.isdisjoint(map(type, items)):
+        return tuple(items)
+    return tuple([_placed(v) for v in items])
 
 
 def _node(obj: dict) -> Any:
@@ -123,8 +142,8 @@ def _node(obj: dict) -> Any:
         if built is None or type(values) is not list or len(obj) != 2:
             raise CodecError(f"unknown model type {str(name)[:80]!r}")
         cls, names, direct = built
-        if list in map(type, values):
-            values = [_tuple(v) if type(v) is list else v for v in values]
+        if not _UNPLACED.isdisjoint(map(type, values)):
+            values = [_placed(v) for v in values]
         if direct:
             if len(values) != len(names):
                 raise CodecError(f"{name}: {len(values)} values for {len(names)} fields")
@@ -136,17 +155,21 @@ def _node(obj: dict) -> Any:
         except (TypeError, ValueError) as exc:
             raise CodecError(f"{name}: {str(exc)[:200]}") from None
     if _MARKERS.isdisjoint(obj):                    # a plain dict
-        if list in map(type, obj.values()):
+        if not _UNPLACED.isdisjoint(map(type, obj.values())):
             for k, v in obj.items():
-                if type(v) is list:
-                    obj[k] = _tuple(v)
+                obj[k] = _placed(v)
         return obj
+    if len(obj) == 1 and LIST in obj:
+        items = obj[LIST]
+        if type(items) is not list:
+            raise CodecError("a list must hold a list")
+        return _Kept(map(_placed, items))
     if len(obj) == 1 and FROZENSET in obj:
         items = obj[FROZENSET]
         if type(items) is not list:
             raise CodecError("a frozenset must hold a list")
         try:
-            return frozenset(_tuple(items) if list in map(type, items) else items)
+            return frozenset(_tuple(items) if not _UNPLACED.isdisjoint(map(type, items)) else items)
         except TypeError:
             raise CodecError("a frozenset holds an unhashable value") from None
     if len(obj) == 2 and ENUM in obj:
@@ -162,7 +185,7 @@ def _node(obj: dict) -> Any:
         if type(pairs) is not list or not all(type(p) is list and len(p) == 2 for p in pairs):
             raise CodecError("a mapping must hold [key, value] pairs")
         try:
-            return {(_tuple(k) if type(k) is list else k): (_tuple(v) if type(v) is list else v) for k, v in pairs}
+            return {_placed(k): _placed(v) for k, v in pairs}
         except TypeError:
             raise CodecError("a mapping has an unhashable key") from None
     raise CodecError(f"unexpected object with keys {sorted(map(repr, obj))[:4]}")
@@ -171,14 +194,12 @@ def _node(obj: dict) -> Any:
 def loads(text: str | bytes) -> Any:
     """The value `dumps` made of it. Raises CodecError (or ValueError for text that is not JSON,
     RecursionError for nesting deeper than the interpreter takes)."""
-    value = json.loads(text, object_hook=_node)
-    return _tuple(value) if type(value) is list else value
+    return _placed(json.loads(text, object_hook=_node))
 
 
 def decode(data: Any) -> Any:
     """The value of already-parsed data (`encode`'s output, e.g. read back with json.loads)."""
-    value = _inner(data)
-    return _tuple(value) if type(value) is list else value
+    return _placed(_inner(data))
 
 
 def _inner(data: Any) -> Any:

@@ -2,12 +2,16 @@
 
 Both sides use the kernel's own printed form (iptables-save lines, ipset save members), so
 "in sync" is plain equality and an unchanged system diffs as empty.
+
+`Dataplane.to_data()` / `from_data()` turn a whole state into JSON-able data and back (lists
+and strings only): a rendered state kept between runs is data, never code.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from weft.model import codec
 
@@ -79,13 +83,43 @@ class Dataplane:
             "links": {i: dict(link.sysctls) for i, link in sorted(self.links.items())},
         }
 
+    def to_data(self) -> dict[str, Any]:
+        """Everything, descriptions included, as JSON-able data (see from_data)."""
+        return {
+            "chains": [[c.table, c.name, list(c.rules), c.about] for c in self.chains.values()],
+            "ipsets": [[s.name, s.type, s.family, list(s.members), s.about] for s in self.ipsets.values()],
+            "hooks": [[h.table, h.chain, list(h.rules), h.at_top] for h in self.hooks.values()],
+            "routes": [[r.dst, r.dev, r.type, r.about] for r in self.routes.values()],
+            "links": [[link.iface, [list(kv) for kv in link.sysctls], link.about] for link in self.links.values()],
+            "occupied": sorted(self.occupied),
+        }
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Dataplane:
+        """The Dataplane `to_data` described (in the same order). TypeError/ValueError/KeyError
+        when `data` is not of that shape: the caller treats it as no data at all."""
+        chains = {}
+        for table, name, rules, about in data["chains"]:
+            chains[(str(table), str(name))] = Chain(str(table), str(name), tuple(map(str, rules)), str(about))
+        hooks = {}
+        for table, chain, rules, at_top in data["hooks"]:
+            hooks[(str(table), str(chain))] = Hooks(str(table), str(chain), tuple(map(str, rules)), bool(at_top))
+        routes = {}
+        for dst, dev, kind, about in data["routes"]:
+            routes[str(dst)] = Route(str(dst), None if dev is None else str(dev), str(kind), str(about))
+        links = {}
+        for iface, sysctls, about in data["links"]:
+            links[str(iface)] = Link(str(iface), tuple((str(k), str(v)) for k, v in sysctls), str(about))
+        return cls(chains, ipsets_from_data(data["ipsets"]), hooks, routes, links,
+                   frozenset(map(str, data.get("occupied", ()))))
+
     def fingerprint(self) -> str:
         """Identifies this exact state; a saved plan is valid only against the state it was made on.
         What to_json holds, fed to the hash directly (no JSON of 50k set members to build)."""
         h = hashlib.sha256()
-        for (t, n), c in sorted(self.chains.items()):
+        for (t, n), chain in sorted(self.chains.items()):
             h.update(f"\0chain {t}/{n}\n".encode())
-            h.update("\n".join(c.rules).encode())
+            h.update("\n".join(chain.rules).encode())
         for n, s in sorted(self.ipsets.items()):
             h.update(f"\0set {n} {s.type} {s.family}\n".encode())
             h.update("\n".join(sorted(s.members)).encode())
@@ -97,6 +131,14 @@ class Dataplane:
         for i, link in sorted(self.links.items()):
             h.update(f"\0link {i} {link.sysctls}".encode())
         return h.hexdigest()
+
+
+def ipsets_from_data(items: Any) -> dict[str, IpSet]:
+    """The `ipsets` part of Dataplane.to_data() alone (a render reuses a previous one's sets)."""
+    sets = {}
+    for name, kind, family, members, about in items:
+        sets[str(name)] = IpSet(str(name), str(kind), frozenset(map(str, members)), str(family), str(about))
+    return sets
 
 
 EMPTY = Dataplane({}, {}, {})

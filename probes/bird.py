@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from weft.model.errors import WeftError
+from weft.store.statedir import StateDir
+
 BIRD = "bird"
 BIRDC = "birdc"
 TIMEOUT = 10.0
@@ -42,16 +45,23 @@ class Route:
     via: tuple[str, ...] = field(default=())   # "198.18.0.2 on eth0" (several when multipath)
 
 
-class BirdCommandError(RuntimeError):
-    """birdc or bird failed; the message is BIRD's own."""
+class BirdCommandError(WeftError):
+    """birdc or bird failed (or is missing, or timed out); the message is BIRD's own."""
 
 
-def read_live(path: Path) -> str | None:
-    """The configuration file's text, or None when there is none."""
-    try:
-        return path.read_text()
-    except FileNotFoundError:
+CONFIG_LIMIT = 16 << 20          # no configuration weft renders comes near this
+
+
+def read_live(state_dir: StateDir, name: str) -> str | None:
+    """The configuration file's text, or None when there is none. Read through the state dir's
+    checks: a symbolic link, a file of another user's or one others may write is refused."""
+    data = state_dir.read_bytes(name, CONFIG_LIMIT)
+    if data is None:
         return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data.decode(errors="replace")       # not weft's text: it differs from any desired one
 
 
 def running(socket_path: str) -> bool:
@@ -67,9 +77,21 @@ def running(socket_path: str) -> bool:
     return True
 
 
-def check_config(path: Path) -> str | None:
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    """BIRD's tool, with its failures to run at all as BirdCommandError (one line each)."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    except FileNotFoundError:
+        raise BirdCommandError(f"{argv[0]} is not installed (Debian package bird2): weft needs it for BGP") from None
+    except subprocess.TimeoutExpired:
+        raise BirdCommandError(f"`{' '.join(argv)}` did not finish within {TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise BirdCommandError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+def check_config(path: str | Path) -> str | None:
     """BIRD's complaint about the configuration file (`bird -p -c`), or None when it parses."""
-    done = subprocess.run([BIRD, "-p", "-c", str(path)], capture_output=True, text=True, timeout=TIMEOUT)
+    done = _run([BIRD, "-p", "-c", str(path)])
     if done.returncode == 0:
         return None
     return (done.stderr or done.stdout).strip().removeprefix("bird: ") or f"bird -p exited {done.returncode}"
@@ -78,11 +100,11 @@ def check_config(path: Path) -> str | None:
 def birdc(socket_path: str, *command: str) -> str:
     """Run one birdc command; BIRD's banner line is dropped. Raises BirdCommandError with BIRD's
     message when birdc fails (no BIRD on the socket, a command BIRD refuses)."""
-    done = subprocess.run([BIRDC, "-s", socket_path, *command], capture_output=True, text=True, timeout=TIMEOUT)
+    done = _run([BIRDC, "-s", socket_path, *command])
     lines = [ln for ln in done.stdout.splitlines() if not ln.startswith("BIRD ") or not ln.endswith(" ready.")]
     if done.returncode != 0:
-        message = "\n".join(lines + done.stderr.strip().splitlines()).strip()
-        raise BirdCommandError(message or f"birdc {' '.join(command)} exited {done.returncode}")
+        message = "; ".join(ln.strip() for ln in lines + done.stderr.splitlines() if ln.strip())
+        raise BirdCommandError(f"birdc {' '.join(command)}: {message or f'exited {done.returncode}'}")
     return "\n".join(lines)
 
 

@@ -7,38 +7,42 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Iterable
 
-from weft.model.kernel import Link, Route
-from weft.model.names import HOST_IFACE_PREFIX, ROUTE_PROTOCOL, host_sysctls
-from weft.probes.runner import Runner
+from weft.model.kernel import Route
+from weft.model.names import HOST_IFACE_PREFIX, ROUTE_PROTOCOL
+
+ROUTES = (("ip", "-j", "-4", "route", "show", "table", "main"),
+          ("ip", "-j", "-6", "route", "show", "table", "main"))
+LINKS = ("ip", "-j", "link", "show")
+HOST_IFACE_LENGTH = len(HOST_IFACE_PREFIX) + 11       # model.names.host_iface_name
 
 
-def start_route_probe(runner: Runner) -> Callable[[], tuple[dict[str, Route], dict[str, Link], frozenset[str]]]:
-    """weft's routes, the pods' host-side interfaces, and the destinations other tools route."""
-    v4 = runner.start(["ip", "-j", "-4", "route", "show", "table", "main"])
-    v6 = runner.start(["ip", "-j", "-6", "route", "show", "table", "main"])
-    links = runner.start(["ip", "-j", "link", "show"])
+def parse_routes(dumps: Iterable[str]) -> tuple[dict[str, Route], frozenset[str]]:
+    """(weft's routes by destination, the destinations other tools route) from `ip -j route`."""
+    routes, occupied = {}, set()
+    for dump in dumps:
+        for entry in json.loads(dump or "[]"):
+            if entry.get("dst") == "default":
+                continue
+            route = _route(entry)
+            if str(entry.get("protocol")) == str(ROUTE_PROTOCOL):
+                routes[route.dst] = route
+            else:
+                occupied.add(route.dst)
+    return routes, frozenset(occupied)
 
-    def finish() -> tuple[dict[str, Route], dict[str, Link], frozenset[str]]:
-        routes, occupied = {}, set()
-        for pending in (v4, v6):
-            for entry in json.loads(pending.result() or "[]"):
-                if entry.get("dst") == "default":
-                    continue
-                route = _route(entry)
-                if str(entry.get("protocol")) == str(ROUTE_PROTOCOL):
-                    routes[route.dst] = route
-                else:
-                    occupied.add(route.dst)
-        found = {}
-        for entry in json.loads(links.result() or "[]"):
-            name = entry.get("ifname", "")
-            if name.startswith(HOST_IFACE_PREFIX) and len(name) == len(HOST_IFACE_PREFIX) + 11:
-                # every setting weft may want; the diff compares those the pod needs
-                found[name] = Link(name, tuple(sorted((k, _read(k)) for k in host_sysctls(name, True))))
-        return routes, found, frozenset(occupied)
-    return finish
+
+def weft_links(dump: str) -> frozenset[str]:
+    """The names of every interface whose name is weft's (`weft...`), from `ip -j link show`."""
+    return frozenset(name for entry in json.loads(dump or "[]")
+                     if (name := str(entry.get("ifname", ""))).startswith(HOST_IFACE_PREFIX))
+
+
+def is_pod_iface(name: str) -> bool:
+    """A pod's host-side interface as the CNI plugin names it (not just any `weft...` name)."""
+    return name.startswith(HOST_IFACE_PREFIX) and len(name) == HOST_IFACE_LENGTH
 
 
 def _route(entry: dict) -> Route:
@@ -48,9 +52,15 @@ def _route(entry: dict) -> Route:
     return Route(dst, entry.get("dev"), entry.get("type", "unicast"))
 
 
-def _read(key: str) -> str:
+def read_sysctl(key: str) -> str:
+    """/proc/sys/<key> ("" when it cannot be read: the interface went away)."""
     try:
-        with open(f"/proc/sys/{key}") as f:
-            return f.read().strip()
+        fd = os.open(f"/proc/sys/{key}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        return os.read(fd, 4096).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)

@@ -53,7 +53,8 @@ class Pending:
         problems = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(_BENIGN)]
         if self.proc.returncode != 0 or problems:
             said = "\n".join(problems) or out.strip() or f"exit code {self.proc.returncode}"
-            raise KernelCommandError(f"{' '.join(self.argv)} failed (exit {self.proc.returncode}): {said}", said)
+            shown = "; ".join(line.strip() for line in said.splitlines() if line.strip())     # one line
+            raise KernelCommandError(f"{' '.join(self.argv)} failed (exit {self.proc.returncode}): {shown}", said)
         return out
 
 

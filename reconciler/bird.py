@@ -1,55 +1,88 @@
-"""BIRD's configuration as part of a reconcile run: plan, apply, drift.
+"""BIRD's configuration as a resource of `weft plan / apply / drift`.
 
-The live file is `<state dir>/bird.conf`; BIRD is expected to run with `-c` that file and its
-control socket at `<state dir>/bird.ctl` unless told otherwise. A change is written to a temporary
-file next to it, checked with `bird -p -c`, and only then renamed over the live file, so a config
-BIRD rejects never becomes live: the run fails with BIRD's message, and BIRD keeps running the
-old configuration with its sessions. A valid change is loaded with `birdc configure`, which keeps
-every session whose protocol block did not change.
+The live file is `<state dir>/bird.conf` (read and written through the state dir's checks: never
+through a symbolic link, mode 0600 as it may hold BGP passwords); BIRD is expected to run with
+`-c` that file and its control socket at `<state dir>/bird.ctl` unless told otherwise, and logs
+to `<state dir>/bird.log` unless told otherwise (`--bird-log`).
+
+  plan    the desired text is rendered; a changed one is checked with `bird -p` (a configuration
+          BIRD would reject fails the plan, exit 1: nothing of the run is applied);
+  apply   the new text is written next to the live file, checked again, renamed over it, and
+          loaded with `birdc configure`, which keeps every session whose protocol did not change;
+          BIRD's reconfiguration time is then recorded (`bird-loaded.json`);
+  drift   the unredacted live and desired texts are compared (an edited password line is drift),
+          and a reconfiguration BIRD made that weft did not (another file loaded, a restart) is
+          reported: BIRD's last reconfiguration time differs from the one recorded.
 
 BIRD not running (no answer on the control socket) is not an error: the file is written and
-checked, the reload is skipped, and the plan says so; BIRD reads the file when it starts.
-A node with no BGP address (no projectcalico.org/IPv4Address or IPv6Address annotation) has BGP
-off: weft then neither writes nor removes a BIRD configuration.
+checked, the reload is skipped, and the plan says so; BIRD reads the file when it starts. A node
+with no BGP address has BGP off: weft then neither writes nor removes a BIRD configuration (the
+resource is not part of its runs). Saved plans and JSON carry the text with passwords redacted.
 """
 from __future__ import annotations
 
-import argparse
 import difflib
-import json
 import os
 import re
-import sys
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from weft.model.errors import WeftError
 from weft.probes import bird as probe
+from weft.probes.runner import Runner
+from weft.reconciler.diff import line_items
+from weft.reconciler.resource import (
+    Action,
+    BirdWrite,
+    DriftItem,
+    Phase,
+    ProbeSession,
+    Problem,
+    Resource,
+    Step,
+)
+from weft.store.statedir import CorruptState, StateDir, sync_dir
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from weft.model.cluster import ClusterState
+    from weft.reconciler.rendered import RenderedNode
 
 CONFIG_NAME = "bird.conf"
 SOCKET_NAME = "bird.ctl"
-CREATE, UPDATE, RELOAD = "create", "update", "reload"
+LOG_NAME = "bird.log"
+LOADED_NAME = "bird-loaded.json"     # BIRD's reconfiguration time after the last configure weft issued
+STAGED_NAME = f".{CONFIG_NAME}.new"
+CHECKED_NAME = f".{CONFIG_NAME}.check"
+
+
+@dataclass(frozen=True)
+class BirdState:
+    path: str
+    text: str | None                 # the live file, unredacted (None: there is none)
+    running: bool
+    reconfigured: str | None = None  # BIRD's last reconfiguration (ISO time), when it runs
+    recorded: str | None = None      # the one weft recorded after its last configure
+    written: float | None = None     # the live file's mtime
 
 
 @dataclass(frozen=True)
 class BirdChange:
-    """What apply_bird will do to BIRD on this node; JSON-ready through dataclasses.asdict."""
+    """What apply will do to BIRD on this node."""
     path: str
-    old: str | None          # the live file (None: there is none)
+    old: str | None                  # the live file (None: there is none)
     new: str
-    reload: bool             # `birdc configure` will run (BIRD answers on the socket)
+    reload: bool                     # `birdc configure` will run (BIRD answers on the socket)
     socket: str
-    action: str              # create | update | reload (the file is current, BIRD runs an older one)
-    note: str = ""           # for the plan: e.g. why there is no reload
+    action: Action                   # create | update | reload (the file is current, BIRD runs another)
+    note: str = ""                   # for the plan: why there is no reload, who reconfigured BIRD
 
-    def public(self) -> dict:
+    def public(self) -> dict[str, Any]:
         """asdict() with BGP passwords redacted: for JSON output and saved plans, which must not
-        carry secrets (apply then renders the config again rather than trusting the document)."""
+        carry secrets (nor a digest of them)."""
         data = asdict(self)
         data["old"] = _redact(self.old) if self.old is not None else None
         data["new"] = _redact(self.new)
@@ -61,107 +94,187 @@ def _redact(config: str) -> str:
     return redact(config)
 
 
-def config_path(state_dir: Path) -> Path:
-    return Path(state_dir) / CONFIG_NAME
+def default_socket(state_dir: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(state_dir), SOCKET_NAME)
 
 
-def default_socket(state_dir: Path) -> str:
-    return str(Path(state_dir) / SOCKET_NAME)
+def default_log(state_dir: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(state_dir), LOG_NAME)
 
 
-def desired_config(state: ClusterState, node: str, state_dir: Path, socket: str | None) -> str | None:
+def desired_config(state: ClusterState, node: str, state_dir: str | os.PathLike[str], socket: str | None,
+                   log: str | None = None) -> str | None:
     """BIRD's configuration for `node`, or None when BGP is off for it (no BGP address)."""
     me = state.nodes.get(node)
     if me is None or me.bgp is None or not (me.bgp.ipv4_address or me.bgp.ipv6_address):
         return None
     from weft.renderers.bird import render_bird_config
-    return render_bird_config(state, node, socket_path=socket or default_socket(state_dir))
+    return render_bird_config(state, node, socket_path=socket or default_socket(state_dir),
+                              log_target=log or default_log(state_dir))
 
 
-def plan_bird(state: ClusterState, node: str, state_dir: Path, socket: str | None) -> BirdChange | None:
-    """The change BIRD needs, or None when the live file is exactly what the desired state renders
-    and BIRD (if running) has loaded it. None too when BGP is off for the node."""
-    return plan_config(desired_config(state, node, state_dir, socket), state_dir, socket)
+class Bird(Resource[BirdState, BirdChange]):
+    """BIRD's configuration on this node (a resource only where BGP is on)."""
+    name = "bird"
 
+    def __init__(self, state_dir: StateDir, socket: str | None = None, runner: Runner | None = None) -> None:
+        self.state_dir = state_dir
+        self.socket = socket or default_socket(state_dir.path)
+        self.path = state_dir.file(CONFIG_NAME)
+        self.runner = runner
 
-def plan_config(new: str | None, state_dir: Path, socket: str | None) -> BirdChange | None:
-    """plan_bird for an already rendered configuration (None: BGP is off, BIRD is left alone)."""
-    if new is None:
-        return None
-    socket = socket or default_socket(state_dir)
-    path = config_path(state_dir)
-    old = probe.read_live(path)
-    up = probe.running(socket)
-    if old == new:
-        if not up or _loaded(socket, path):
+    def start_probe(self, session: ProbeSession) -> Callable[[], BirdState]:
+        return self.probe
+
+    def probe(self) -> BirdState:
+        text = probe.read_live(self.state_dir, CONFIG_NAME)
+        written = os.stat(self.path).st_mtime if text is not None else None
+        if not probe.running(self.socket):
+            return BirdState(self.path, text, False, written=written)
+        try:
+            last = probe.last_reconfiguration(self.socket)
+        except probe.BirdCommandError:
+            return BirdState(self.path, text, False, written=written)   # BIRD went away meanwhile
+        return BirdState(self.path, text, True, last.isoformat() if last else None, self._recorded(), written)
+
+    def _recorded(self) -> str | None:
+        try:
+            data = self.state_dir.read_json(LOADED_NAME, 4096)
+        except CorruptState:
             return None
-        return BirdChange(str(path), old, new, True, socket, RELOAD,
-                          "BIRD runs an older configuration than this file: it will be reloaded")
-    note = "" if up else (f"BIRD is not running (nothing answers on {socket}): the file is written and "
-                          "checked; BIRD reads it when it starts")
-    return BirdChange(str(path), old, new, up, socket, CREATE if old is None else UPDATE, note)
+        value = data.get("reconfigured") if isinstance(data, dict) else None
+        return value if isinstance(value, str) else None
+
+    def want(self, node: RenderedNode) -> BirdState:
+        return BirdState(self.path, node.bird_config, False)
+
+    def diff(self, want: BirdState, have: BirdState, earlier: Mapping[str, tuple[Any, ...]]) -> tuple[BirdChange, ...]:
+        new = want.text
+        if new is None:
+            return ()
+        if have.text == new:
+            if not have.running:
+                return ()
+            problem = _not_loaded(have)
+            if problem is None:
+                return ()
+            return (BirdChange(self.path, have.text, new, True, self.socket, Action.RELOAD, problem),)
+        note = "" if have.running else (f"BIRD is not running (nothing answers on {self.socket}): the file is "
+                                        "written and checked; BIRD reads it when it starts")
+        return (BirdChange(self.path, have.text, new, have.running, self.socket,
+                           Action.CREATE if have.text is None else Action.UPDATE, note),)
+
+    def check(self, changes: tuple[BirdChange, ...]) -> None:
+        """`bird -p` on the candidate: a configuration BIRD would reject stops the run here."""
+        for change in changes:
+            if change.action is Action.RELOAD:
+                continue
+            self.state_dir.replace(CHECKED_NAME, change.new)
+            try:
+                problem = probe.check_config(self.state_dir.file(CHECKED_NAME))
+            finally:
+                self.state_dir.remove(CHECKED_NAME)
+            if problem:
+                raise WeftError(_rejected(self.path, problem, self.state_dir.file(CHECKED_NAME), change.new))
+
+    def describe(self, change: BirdChange) -> list[str]:
+        return format_bird_change(change).rstrip("\n").split("\n") + [""]
+
+    def to_json(self, change: BirdChange) -> tuple[str, dict[str, Any]]:
+        return self.name, change.public()
+
+    def steps(self, changes: tuple[BirdChange, ...], phase: Phase) -> list[Step]:
+        if phase is not Phase.GROW:
+            return []
+        return [Step(BirdWrite(CONFIG_NAME, None if c.action is Action.RELOAD else c.new, c.socket, c.old),
+                     f"BIRD configuration {c.path}") for c in changes]
+
+    def start_verify(self, have: BirdState, changes: tuple[BirdChange, ...],
+                     session: ProbeSession) -> Callable[[], tuple[BirdChange, ...]]:
+        def finish() -> tuple[BirdChange, ...]:
+            now = probe.read_live(self.state_dir, CONFIG_NAME)
+            return tuple(BirdChange(c.path, now, c.new, c.reload, c.socket, Action.UPDATE)
+                         for c in changes if now != c.new)
+        return finish
+
+    def drift_items(self, change: BirdChange) -> list[DriftItem]:
+        return bird_drift_items(change)
+
+    def settle(self, have: BirdState) -> None:
+        """BIRD runs weft's current file, read at its start after weft wrote it, and nothing is
+        recorded yet (weft wrote the file while BIRD was down): record BIRD's reconfiguration
+        time, so that any later one weft does not make is seen."""
+        if have.running and have.recorded is None and have.reconfigured and _read_after_write(have):
+            self.state_dir.replace(LOADED_NAME, _record(have.reconfigured))
+
+    def load(self, write: BirdWrite, runner: Runner) -> None:
+        """Apply one BirdWrite: write, check, replace, reload, record. WeftError (BIRD's message)
+        when BIRD rejects the configuration; the old one then stays live (file and BIRD)."""
+        live = self.state_dir.file(write.name)
+        if write.text is not None:
+            staged = self.state_dir.file(STAGED_NAME)
+            self.state_dir.replace(STAGED_NAME, write.text)
+            runner.writes.append(f"bird -p -c {staged}")
+            try:
+                problem = probe.check_config(staged)
+            except BaseException:
+                self.state_dir.remove(STAGED_NAME)
+                raise
+            if problem:
+                self.state_dir.remove(STAGED_NAME)
+                raise WeftError(_rejected(live, problem, staged, write.text))
+            os.replace(staged, live)                 # a link at `live` is replaced, never followed
+            sync_dir(self.state_dir.path)
+        if not probe.running(write.socket):
+            return
+        runner.writes.append(f'birdc -s {write.socket} configure "{live}"')
+        try:
+            answer = probe.birdc(write.socket, "configure", f'"{live}"')
+        except probe.BirdCommandError as exc:
+            answer = str(exc)
+        if "Reconfigur" not in answer:
+            if write.old is not None and write.text is not None:
+                self.state_dir.replace(write.name, write.old)     # the file again says what BIRD runs
+            raise WeftError(f"BIRD refused to load {live}: {_one_line(answer)}; it keeps running its old "
+                            "configuration")
+        last = probe.last_reconfiguration(write.socket)
+        if last is not None:
+            self.state_dir.replace(LOADED_NAME, _record(last.isoformat()))
 
 
-def _loaded(socket: str, path: Path) -> bool:
-    """Has BIRD read the file since it was last written? (its last reconfiguration is not older)."""
-    try:
-        last = probe.last_reconfiguration(socket)
-    except probe.BirdCommandError:
-        return True                     # BIRD went away meanwhile: nothing to reload
-    if last is None:
+def _record(reconfigured: str) -> str:
+    import json
+    return json.dumps({"format": 1, "reconfigured": reconfigured}) + "\n"
+
+
+def _read_after_write(have: BirdState) -> bool:
+    """Has BIRD (re)read its configuration since the live file was last written?"""
+    if have.reconfigured is None or have.written is None:
         return False
-    written = datetime.fromtimestamp(path.stat().st_mtime)
-    return last >= written.replace(microsecond=written.microsecond // 1000 * 1000)   # BIRD shows ms
+    written = datetime.fromtimestamp(have.written)
+    return datetime.fromisoformat(have.reconfigured) >= written.replace(
+        microsecond=written.microsecond // 1000 * 1000)       # BIRD shows milliseconds
 
 
-def check_bird(change: BirdChange) -> None:
-    """Raise WeftError (BIRD's message) if BIRD would reject the new configuration: called before
-    anything else of a run is applied, so a rejected config changes nothing at all."""
-    if change.action == RELOAD:
-        return
-    path = Path(change.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.check")
-    _write(staged, change.new)
-    try:
-        problem = probe.check_config(staged)
-    finally:
-        staged.unlink(missing_ok=True)
-    if problem:
-        raise WeftError(f"BIRD rejected the new configuration for {path}: "
-                        f"{_locate(problem, str(staged), change.new)}\nThe old configuration stays live.")
+def _not_loaded(have: BirdState) -> str | None:
+    """Why BIRD is not known to run the live file (None: it is)."""
+    if have.recorded is not None:
+        if have.reconfigured == have.recorded:
+            return None
+        return (f"BIRD runs a configuration weft did not load (BIRD reconfigured at {have.reconfigured}, weft "
+                f"loaded {os.path.basename(have.path)} at {have.recorded}): it will be reloaded")
+    if _read_after_write(have):
+        return None
+    return "BIRD runs an older configuration than this file: it will be reloaded"
 
 
-def apply_bird(change: BirdChange, socket: str | None) -> list[str]:
-    """Write, check, replace, reload; the commands it ran. Raises WeftError with BIRD's message
-    when BIRD rejects the configuration; the old one then stays live (file and BIRD)."""
-    path = Path(change.path)
-    socket = socket or change.socket
-    commands: list[str] = []
-    if change.action != RELOAD:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staged = path.with_name(f".{path.name}.new")
-        _write(staged, change.new)
-        commands.append(f"bird -p -c {staged}")
-        problem = probe.check_config(staged)
-        if problem:
-            staged.unlink(missing_ok=True)
-            raise WeftError(f"BIRD rejected the new configuration for {path}: "
-                            f"{_locate(problem, str(staged), change.new)}\nThe old configuration stays live.")
-        os.replace(staged, path)
-        _sync_dir(path.parent)
-    if not probe.running(socket):
-        return commands
-    commands.append(f'birdc -s {socket} configure "{path}"')
-    try:
-        answer = probe.birdc(socket, "configure", f'"{path}"')
-    except probe.BirdCommandError as exc:
-        answer = str(exc)
-    if "Reconfigur" not in answer:
-        if change.old is not None and change.action != RELOAD:
-            _write(path, change.old)     # the file again says what BIRD runs
-        raise WeftError(f"BIRD refused to load {path}: {answer.strip()}\nIt keeps running its old configuration.")
-    return commands
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _rejected(path: str, problem: str, staged: str, text: str) -> str:
+    return (f"BIRD rejected the new configuration for {path}: {_one_line(_locate(problem, staged, text))}; "
+            "the old configuration stays live")
 
 
 def _locate(problem: str, staged: str, text: str) -> str:
@@ -182,91 +295,58 @@ def _locate(problem: str, staged: str, text: str) -> str:
     return f"{where}: {message}"
 
 
-def _write(path: Path, text: str) -> None:
-    """Write text durably, readable by root only (it may hold BGP passwords)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ---- the BIRD step on its own (tests, the BGP benchmark) ---------------------------------------
+
+def plan_bird(state: ClusterState, node: str, state_dir: str | Path, socket: str | None,
+              log: str | None = None) -> BirdChange | None:
+    """The change BIRD needs, or None when the live file is exactly what the desired state renders
+    and BIRD (if running) has loaded it. None too when BGP is off for the node."""
+    new = desired_config(state, node, state_dir, socket, log)
+    if new is None:
+        return None
+    resource = Bird(StateDir(state_dir), socket)
+    changes = resource.diff(BirdState(resource.path, new, False), resource.probe(), {})
+    return changes[0] if changes else None
 
 
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def apply_bird(change: BirdChange, state_dir: str | Path, runner: Runner | None = None) -> list[str]:
+    """Check and apply one BirdChange alone; the commands it ran."""
+    runner = runner or Runner()
+    resource = Bird(StateDir(state_dir), change.socket)
+    for step in resource.steps((change,), Phase.GROW):
+        assert isinstance(step.write, BirdWrite)
+        resource.load(step.write, runner)
+    return runner.writes
 
 
 def format_bird_change(change: BirdChange) -> str:
     """A terraform-plan style block with the unified diff; BGP passwords redacted."""
-    verb = {CREATE: "created", UPDATE: "updated in-place", RELOAD: "reloaded"}[change.action]
-    symbol = {CREATE: "+", UPDATE: "~", RELOAD: "~"}[change.action]
     how = f"then `birdc -s {change.socket} configure`" if change.reload else "no reload"
-    lines = [f"  # BIRD configuration {change.path} will be {verb} ({how})", f"  {symbol} bird {change.path} {{"]
+    lines = [f"  # BIRD configuration {change.path} will be {change.action.verb} ({how})",
+             f"  {'+' if change.action is Action.CREATE else '~'} bird {change.path} {{"]
     if change.note:
         lines.append(f"      # {change.note}")
-    diff = difflib.unified_diff(_redact(change.old or "").splitlines(), _redact(change.new).splitlines(),
-                                fromfile=f"{change.path} (live)" if change.old is not None else "/dev/null",
+    old, new = _redact(change.old or "").splitlines(), _redact(change.new).splitlines()
+    diff = difflib.unified_diff(old, new, fromfile=f"{change.path} (live)" if change.old is not None else "/dev/null",
                                 tofile=f"{change.path} (desired)", lineterm="", n=2)
     lines += [f"      {line}" for line in diff]
+    if change.old is not None and change.old != change.new and old == new:
+        lines.append("      # a line holding a secret (redacted here) differs")
     return "\n".join(lines + ["    }", ""]) + "\n"
 
 
-def bird_drift_items(change: BirdChange) -> list[dict]:
-    """Drift items in reconciler.drift's shape: kind "bird-config", the file as name."""
-    if change.action == CREATE:
-        return [{"kind": "bird-config", "name": change.path, "problem": "missing"}]
-    if change.action == RELOAD:
-        return [{"kind": "bird-config", "name": change.path, "problem": "not loaded by BIRD"}]
-    items = []
-    have, want = _redact(change.old or "").splitlines(), _redact(change.new).splitlines()
-    matcher = difflib.SequenceMatcher(a=have, b=want, autojunk=False)
-    for op, a0, a1, b0, b1 in matcher.get_opcodes():
-        if op != "equal":
-            items += [{"kind": "bird-config", "name": change.path, "rule": r, "problem": "missing"}
-                      for r in want[b0:b1]]
-            items += [{"kind": "bird-config", "name": change.path, "rule": r, "problem": "unexpected"}
-                      for r in have[a0:a1]]
+def bird_drift_items(change: BirdChange) -> list[DriftItem]:
+    """Drift items: kind "bird-config", the file as name. The unredacted texts are compared; the
+    lines are named redacted."""
+    if change.action is Action.CREATE:
+        return [{"kind": "bird-config", "name": change.path, "problem": Problem.MISSING.value}]
+    if change.action is Action.RELOAD:
+        problem = Problem.NOT_LOADED.value if change.note.startswith("BIRD runs an older") else \
+            "loaded by someone else"
+        return [{"kind": "bird-config", "name": change.path, "problem": problem, "rule": change.note}]
+    items = line_items("bird-config", change.path, _redact(change.old or "").splitlines(),
+                       _redact(change.new).splitlines())
+    if not items:           # the texts differ in a line that holds a secret
+        items = [{"kind": "bird-config", "name": change.path, "problem": Problem.CHANGED.value,
+                  "rule": "a line holding a secret (redacted here) differs"}]
     return items
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m reconciler.bird`: plan (and with --apply, apply) BIRD's configuration alone,
-    until `weft apply` does it as part of a run. Exit 0 no change / applied, 2 changes planned
-    (without --apply), 1 error."""
-    from filelock import FileLock
-
-    from weft.desired import sources
-    from weft.store.statedir import default_state_dir
-    parser = argparse.ArgumentParser(prog="python -m reconciler.bird", description=main.__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="from_dir", metavar="DIR")
-    parser.add_argument("--kubeconfig")
-    parser.add_argument("--node", required=True)
-    parser.add_argument("--state-dir", type=Path, default=None)
-    parser.add_argument("--socket", default=None, help="BIRD's control socket (default: <state dir>/bird.ctl)")
-    parser.add_argument("--apply", action="store_true")
-    parser.add_argument("--output", choices=("text", "json"), default="text")
-    args = parser.parse_args(argv)
-    state_dir = args.state_dir or Path(default_state_dir())
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(state_dir / "weft.lock"), timeout=300):     # the node lock `weft apply` holds
-            state = sources.read(state_dir, args.from_dir, args.kubeconfig).state()
-            change = plan_bird(state, args.node, state_dir, args.socket)
-            commands = apply_bird(change, args.socket) if change and args.apply else []
-    except WeftError as exc:
-        print(f"weft: error: {exc}", file=sys.stderr)
-        return 1
-    if args.output == "json":
-        print(json.dumps({"change": change.public() if change else None, "commands": commands}, indent=1))
-    else:
-        sys.stdout.write(format_bird_change(change) if change else "No changes. BIRD's configuration is current.\n")
-    return 2 if change and not args.apply else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

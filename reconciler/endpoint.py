@@ -136,9 +136,7 @@ def _first_run(state_dir, runner: Runner) -> None:
     """weft's base chains and hooks, for a node where no reconcile run happened yet: without
     them no policy is enforced at all. Pods not in any snapshot stay closed where needed."""
     from weft.model.cluster import ClusterState
-    from weft.model.kernel import Dataplane
-    from weft.reconciler.apply import execute
-    from weft.reconciler.diff import diff
+    from weft.reconciler.engine import write_base
     from weft.renderers.iptables import render_node
 
     backend = _backend(runner)
@@ -146,4 +144,4 @@ def _first_run(state_dir, runner: Runner) -> None:
         if _listing(runner, backend, FROM_DISPATCH) is not None:
             return
         base = render_node(ClusterState(namespaces={}, endpoints=(), policies=(), nodes={}), "")
-        execute(diff(base, Dataplane({}, {}, {})), backend, runner)
+        write_base(runner, backend, base)     # through the engine's one apply path (and its guard)

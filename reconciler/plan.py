@@ -1,208 +1,203 @@
-"""A plan is data first: versioned JSON that `apply FILE` executes exactly, or refuses as stale.
+"""A plan is data first: a versioned JSON document of what apply would change, and why.
 
-The text form reads like `terraform plan`: one block per chain, set or hook, with + / ~ / -
-and the changed lines, then a summary line.
+A saved plan (`weft plan --out FILE`) is a statement of intent, never a script: `weft apply FILE`
+reads the desired state and the kernel again, computes the plan anew, and applies it only if the
+new document equals the saved one; otherwise it refuses, naming the first differences. A plan
+made for another node, state dir or source is refused before anything is read.
+
+The document (format_version 2):
+
+  format_version    2
+  node              the node it was made for
+  state_dir         the state dir (absolute) it was made with
+  source            {"manifests": DIR} or {"kubeconfig": FILE|null, "context": NAME|null}
+  destroy           whether it removes everything weft owns (`--destroy`)
+  backend           the iptables backend ("nft" / "legacy")
+  base_fingerprint  identifies the kernel state it was made against (no secret goes into it)
+  summary           {"add": N, "change": N, "destroy": N}
+  ignored_kinds     apiVersion/kind of objects weft does not handle (yet)
+  changes           one list per section, each change as its resource describes it:
+     ipsets   {name, action, type, family, add, remove, about}
+     chains   {table, name, action, rules, previous, about, releases}
+     hooks    {table, chain, action, rules, previous, previous_at_top}
+     routes   {dst, action, dev, type, previous_dev, previous_type, about}
+     links    {iface, action, sysctls, previous, about}
+     bird     {path, old, new, reload, socket, action, note} with BGP passwords redacted (and no
+              digest of the unredacted text, which would allow guessing them offline)
+
+The text form reads like `terraform plan`: one block per change with + / ~ / - and the changed
+lines, then a summary line.
 """
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from weft.model.errors import WeftError
-from weft.reconciler.bird import BirdChange, format_bird_change
-from weft.reconciler.diff import (
-    CREATE,
-    DELETE,
-    REPLACE,
-    ChainChange,
-    Changes,
-    HookChange,
-    LinkChange,
-    RouteChange,
-    SetChange,
-)
 
-FORMAT_VERSION = 1
-_SYMBOL = {CREATE: "+", DELETE: "-", "update": "~", REPLACE: "-/+"}
-_VERB = {CREATE: "created", DELETE: "destroyed", "update": "updated in-place", REPLACE: "replaced"}
+FORMAT_VERSION = 2
+MAX_PLAN_BYTES = 256 << 20       # a plan's sets for 100k pods are tens of MB
+MAX_DEPTH = 16                   # the document nests 6 deep
+DIFFERENCES_SHOWN = 3
 
 
 class PlanError(WeftError):
-    """A saved plan that cannot be applied (unreadable, other format, stale)."""
+    """A saved plan that cannot be applied (unreadable, another format, another target, stale)."""
 
 
 @dataclass(frozen=True)
 class Plan:
     node: str
+    state_dir: str
+    source: dict[str, Any]
+    destroy: bool
     backend: str
-    base_fingerprint: str        # the kernel state the plan was made against
-    changes: Changes
-    ignored: tuple[str, ...] = ()   # apiVersion/kind of objects weft does not understand (yet)
-    bird: BirdChange | None = None  # BIRD's configuration (passwords redacted when loaded from a file)
-    bird_sha: tuple[str, str] | None = None   # sha256 of the live and the new BIRD file
+    base_fingerprint: str
+    summary: dict[str, int]
+    changes: dict[str, list[dict[str, Any]]]
+    ignored: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = field(default=(), compare=False)    # the plan text's change blocks
 
     @property
     def empty(self) -> bool:
-        return self.changes.empty and self.bird is None
+        return not any(self.changes.values())
 
-    def summary(self) -> dict[str, int]:
-        counts = self.changes.summary()
-        if self.bird is not None:
-            counts["add" if self.bird.action == "create" else "change"] += 1
-        return counts
-
-    def bird_digests(self) -> tuple[str, str] | None:
-        if self.bird is None:
-            return None
-        return self.bird_sha or (_sha(self.bird.old or ""), _sha(self.bird.new))
-
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "node": self.node,
+            "state_dir": self.state_dir,
+            "source": self.source,
+            "destroy": self.destroy,
             "backend": self.backend,
             "base_fingerprint": self.base_fingerprint,
-            "summary": self.summary(),
+            "summary": dict(self.summary),
             "ignored_kinds": list(self.ignored),
-            "changes": {
-                "ipsets": [asdict(s) for s in self.changes.sets],
-                "chains": [asdict(c) for c in self.changes.chains],
-                "hooks": [asdict(h) for h in self.changes.hooks],
-                "routes": [asdict(r) for r in self.changes.routes],
-                "links": [asdict(link) for link in self.changes.links],
-                "bird": None if self.bird is None else self.bird.public() | dict(
-                    zip(("old_sha256", "new_sha256"), self.bird_digests(), strict=True)),
-            },
+            "changes": self.changes,
         }
-
-    @classmethod
-    def from_json(cls, data: dict, source: str = "plan") -> Plan:
-        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-            got = data.get("format_version") if isinstance(data, dict) else None
-            raise PlanError(f"{source}: not a weft plan of format_version {FORMAT_VERSION} (got {got!r})")
-        try:
-            ch = data["changes"]
-            changes = Changes(
-                tuple(SetChange(**_tuples(s)) for s in ch["ipsets"]),
-                tuple(ChainChange(**_tuples(c)) for c in ch["chains"]),
-                tuple(HookChange(**_tuples(h)) for h in ch["hooks"]),
-                tuple(RouteChange(**r) for r in ch.get("routes", ())),
-                tuple(LinkChange(**{**link, "sysctls": _pairs(link["sysctls"]), "previous": _pairs(link["previous"])})
-                      for link in ch.get("links", ())),
-            )
-            bird = ch.get("bird")
-            sha = (bird.pop("old_sha256"), bird.pop("new_sha256")) if bird else None
-            return cls(data["node"], data["backend"], data["base_fingerprint"], changes,
-                       tuple(data.get("ignored_kinds", ())), BirdChange(**bird) if bird else None, sha)
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"{source}: malformed plan ({exc})") from exc
-
-
-def _pairs(items) -> tuple:
-    return tuple((k, v) for k, v in items)
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def save_plan(plan: Plan, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(plan.to_json(), f, indent=1, sort_keys=True)
-        f.write("\n")
-
-
-def load_plan(path: str) -> Plan:
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"{path}: cannot read plan: {exc}") from exc
-    return Plan.from_json(data, path)
+        with open(path, "w") as f:
+            json.dump(plan.to_json(), f, indent=1, sort_keys=True)
+            f.write("\n")
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot save the plan: {exc.strerror}") from None
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def load_plan(path: str) -> dict[str, Any]:
+    """A saved plan's document, checked for shape and size only (it is hostile input: it is
+    compared with a plan weft makes, never executed)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read the plan: {exc.strerror}") from None
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"{path}: larger than the {MAX_PLAN_BYTES >> 20} MiB a plan may be")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise PlanError(f"{path}: not a weft plan (not JSON: {str(exc)[:80]})") from None
+    if _depth(doc) > MAX_DEPTH:
+        raise PlanError(f"{path}: not a weft plan (nested deeper than {MAX_DEPTH})")
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        got = doc.get("format_version") if isinstance(doc, dict) else None
+        raise PlanError(f"{path}: not a weft plan of format_version {FORMAT_VERSION} (got {_short(got)}); "
+                        "make it again with `weft plan --out`")
+    for key, kind in (("node", str), ("state_dir", str), ("source", dict), ("destroy", bool)):
+        if not isinstance(doc.get(key), kind):
+            raise PlanError(f"{path}: not a weft plan (field {key!r} missing or not a {kind.__name__})")
+    return doc
+
+
+def _depth(doc: Any) -> int:
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        value, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(value, dict):
+            todo.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            todo.extend((v, depth + 1) for v in value)
+    return deepest
+
+
+def check_target(saved: dict[str, Any], fresh: Plan, path: str) -> None:
+    """Refuse a plan made for another node, state dir, source or kind of run."""
+    for key, what in (("node", "node"), ("state_dir", "state dir"), ("source", "desired-state source")):
+        if saved[key] != getattr(fresh, key):
+            show = describe_source if key == "source" else _short
+            raise PlanError(f"{path}: the plan is for {what} {show(saved[key])}, not {show(getattr(fresh, key))}; "
+                            "apply it with the options it was made with, or make a plan for these with "
+                            "`weft plan --out`")
+    if saved["destroy"] != fresh.destroy:
+        kind = "removal of everything weft owns (--destroy)" if saved["destroy"] else "reconcile"
+        raise PlanError(f"{path}: the plan is a {kind} plan; apply it the way it was made")
+
+
+def check_same(saved: dict[str, Any], fresh: Plan, path: str) -> None:
+    """Refuse the saved plan unless it is exactly what weft would do now."""
+    now = json.loads(json.dumps(fresh.to_json()))
+    if saved == now:
+        return
+    why = ("the kernel state changed since it was made" if saved.get("base_fingerprint") != now["base_fingerprint"]
+           else "the desired state or the kernel changed since it was made, or it was edited")
+    shown = list(_differences(saved, now))
+    raise PlanError(f"{path}: the saved plan is stale: {why}; it differs from what weft would do now in "
+                    f"{'; '.join(shown[:DIFFERENCES_SHOWN])}{'; ...' if len(shown) > DIFFERENCES_SHOWN else ''}; "
+                    "nothing was applied; run `weft plan` again")
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> Iterator[str]:
+    """The first differences, as `path: saved -> now`, section by section (deepdiff, imported
+    here only: this is the one path that needs it)."""
+    from deepdiff import DeepDiff
+    parts: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(saved) | set(now)):
+        if key == "changes" and isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
+            for section in sorted(set(saved[key]) | set(now[key])):
+                if saved[key].get(section) != now[key].get(section):
+                    parts.append((f"['changes'][{section!r}]", saved[key].get(section), now[key].get(section)))
+        elif saved.get(key) != now.get(key):
+            parts.append((f"[{key!r}]", saved.get(key), now.get(key)))
+    for root, old, new in parts:
+        tree = DeepDiff(old, new, view="tree", verbose_level=2)
+        for _kind, found in sorted(tree.items()):
+            for level in found:
+                yield f"{level.path(root='root' + root)}: {_short(level.t1)} -> {_short(level.t2)}"
+
+
+def describe_source(source: Any) -> str:
+    if isinstance(source, dict) and isinstance(source.get("manifests"), str):
+        return f"--from {source['manifests'][:400]}"
+    if isinstance(source, dict) and set(source) == {"kubeconfig", "context"}:
+        return (f"the API server (--kubeconfig {_short(source['kubeconfig'])}, "
+                f"--context {_short(source['context'])})")
+    return _short(source)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not type(value).__name__ == "NotPresent" else "(absent)"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def summary_line(plan: Plan, verb: str = "Plan") -> str:
-    s = plan.summary()
+    s = plan.summary
     return f"{verb}: {s['add']} to add, {s['change']} to change, {s['destroy']} to destroy."
 
 
 def format_text(plan: Plan) -> str:
-    changes = plan.changes
     note = f"Ignored objects of kinds weft does not handle: {', '.join(plan.ignored)}\n\n" if plan.ignored else ""
     if plan.empty:
         return note + (f"No changes. The kernel of node {plan.node} matches the desired state "
                        f"(iptables {plan.backend} backend).\n")
     out = [f"weft will perform the following actions on node {plan.node} (iptables {plan.backend} backend):", ""]
-    for s in changes.sets:
-        out.extend(_set_block(s))
-    for c in changes.chains:
-        out.extend(_chain_block(c))
-    for h in changes.hooks:
-        out.extend(_hook_block(h))
-    for r in changes.routes:
-        out.extend(_route_block(r))
-    for link in changes.links:
-        out.extend(_link_block(link))
-    if plan.bird is not None:
-        out.append(format_bird_change(plan.bird))
+    out.extend(plan.blocks)
     out.append(summary_line(plan))
     return note + "\n".join(out) + "\n"
-
-
-def _set_block(s: SetChange) -> list[str]:
-    head = f"  # ipset {s.name} will be {_VERB[s.action]}" + (f"  ({s.about})" if s.about else "")
-    lines = [head, f"  {_SYMBOL[s.action]} ipset {s.name} ({s.type}) {{"]
-    lines += [f"      + {m}" for m in s.add] + [f"      - {m}" for m in s.remove]
-    return lines + ["    }", ""]
-
-
-def _chain_block(c: ChainChange) -> list[str]:
-    head = f"  # chain {c.table}/{c.name} will be {_VERB[c.action]}" + (f"  ({c.about})" if c.about else "")
-    return [head, f"  {_SYMBOL[c.action]} chain {c.table}/{c.name} {{", *_rule_lines(c.previous, c.rules), "    }", ""]
-
-
-def _hook_block(h: HookChange) -> list[str]:
-    head = f"  # weft's rules in built-in chain {h.table}/{h.chain} will be {_VERB[h.action]}"
-    return [head, f"  {_SYMBOL[h.action]} hook {h.table}/{h.chain} {{", *_rule_lines(h.previous, h.rules), "    }", ""]
-
-
-def _route_text(dst: str, dev: str | None, kind: str | None) -> str:
-    return f"{dst} dev {dev}" if kind != "blackhole" else f"blackhole {dst}"
-
-
-def _route_block(r: RouteChange) -> list[str]:
-    head = f"  # route {r.dst} will be {_VERB[r.action]}" + (f"  ({r.about})" if r.about else "")
-    lines = [head]
-    if r.action != CREATE:
-        lines.append(f"  - route {_route_text(r.dst, r.previous_dev, r.previous_type)}")
-    if r.action != DELETE:
-        lines.append(f"  + route {_route_text(r.dst, r.dev, r.type)}")
-    return lines + [""]
-
-
-def _link_block(link: LinkChange) -> list[str]:
-    head = f"  # settings of interface {link.iface} will be updated in-place"
-    head += f"  ({link.about})" if link.about else ""
-    lines = [head, f"  ~ interface {link.iface} {{"]
-    for (key, want), (_, have) in zip(link.sysctls, link.previous, strict=True):
-        lines.append(f"      ~ {key.replace('/', '.')} = {have or '(unset)'} -> {want}")
-    return lines + ["    }", ""]
-
-
-def _rule_lines(before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:
-    """Only the lines that change, in order (the kernel keeps the others as they are)."""
-    lines = []
-    matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
-    for op, a0, a1, b0, b1 in matcher.get_opcodes():
-        if op == "equal":
-            if a1 - a0:
-                lines.append(f"        ({a1 - a0} unchanged rule{'s' if a1 - a0 > 1 else ''})")
-            continue
-        lines += [f"      - {r}" for r in before[a0:a1]] + [f"      + {r}" for r in after[b0:b1]]
-    return lines

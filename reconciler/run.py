@@ -1,27 +1,43 @@
-"""One reconcile run: read desired state, probe the kernel, render, diff, apply, verify."""
+"""One reconcile run: read the desired state, then, under the node lock, probe, diff, apply, verify.
+
+The desired state (from the API server or a manifest dir) is read, converted and validated, and
+this node's state rendered, before the node lock is taken: a slow or silent API server never
+holds up the CNI plugin, whose per-pod steps take the same lock (shared). The lock covers only
+the kernel work: probe, diff, apply and verify.
+
+The kernel's dumps start at once, alongside the read (they are parsed in a worker meanwhile). A
+read made before the lock is a guess that the lock then confirms: no other run held the lock when
+it began nor wrote since (a run marks, in `kernel-writes.json`, that it is about to write), and no
+per-pod step of the CNI plugin wrote since (the resources re-read what those change); otherwise
+the kernel is read again, under the lock. The pods the plugin allocated addresses to meanwhile
+are rendered in too.
+"""
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock, Timeout
-
-from weft.model import codec
 from weft.model.errors import WeftError
-from weft.model.kernel import EMPTY, Dataplane
-from weft.probes.backend import Backend, detect, other_has_weft
-from weft.probes.dataplane import probe_dataplane, start_probe
 from weft.probes.runner import Runner
-from weft.reconciler import bird
-from weft.reconciler.apply import execute, verify
-from weft.reconciler.diff import diff
-from weft.reconciler.endpoint import LOCK_FILE, load_snapshot, save_snapshot
-from weft.reconciler.plan import Plan, PlanError
+from weft.reconciler import engine
+from weft.reconciler.bird import Bird, desired_config
+from weft.reconciler.observe import QUIET, Observer
+from weft.reconciler.plan import Plan, PlanError, check_same, check_target
+from weft.reconciler.rendered import DESTROYED, RenderedNode
 from weft.store.cache import gc_paused
-from weft.store.statedir import default_state_dir  # noqa: F401  (re-exported for callers)
+from weft.store.statedir import CorruptState, StateDir, UnsafeState, default_state_dir  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from weft.desired.sources import Reading
+    from weft.model.cluster import ClusterState
+
+MARKER = "kernel-writes.json"       # a run's writes: a new token before the first and after the last
 
 
 @dataclass(frozen=True)
@@ -34,74 +50,118 @@ class Options:
     backend: str = "auto"
     lock_timeout: float = 300.0
     bird_socket: str | None = None      # BIRD's control socket (default <state dir>/bird.ctl)
+    bird_log: str | None = None         # where BIRD logs (default <state dir>/bird.log; or syslog, stderr)
+    observer: Observer = field(default=QUIET, compare=False)   # phase timings and events (--metrics-file, logs)
+
+    def source(self) -> dict[str, Any]:
+        from weft.store.ipam import source_of
+        return source_of(self.from_dir, self.kubeconfig, self.context)
 
 
-@dataclass(frozen=True)
-class Desired:
-    """What this node should have: the dataplane, the kinds ignored on the way, and the
-    snapshot a CNI ADD needs to program a new pod alone (renderers.endpoint)."""
-    dataplane: Dataplane
-    ignored: tuple[str, ...] = ()
-    snapshot: dict | None = None            # renderers.endpoint.make_snapshot
-    bird_config: str | None = None      # None: BGP is off for this node (BIRD is left alone)
-    ipam: tuple = ()                    # (pools, blocks, node labels): what the CNI plugin allocates from
+# ---- the desired side -------------------------------------------------------------------------
 
-
-codec.register(Desired)          # kept in the desired-state cache as the node's last render
-
-
-def local_allocations(state_dir: Path) -> list:
+def local_allocations(state_dir: Path) -> list[Any]:
     """The addresses this node's IPAM gave its pods (the CNI plugin's records)."""
-    from weft.store.ipam import read_allocations
+    from weft.store.ipam import IpamError, read_allocations
+    try:
+        allocations = read_allocations(state_dir)
+    except IpamError as exc:
+        raise WeftError(f"this node's IPAM records cannot be read: {exc}") from None
     # An inactive record is an old sandbox of the pod whose interface a newer one took over.
-    return [a for a in read_allocations(state_dir) if a.active]
+    return [a for a in allocations if a.active]
 
 
-def desired_state(opts: Options, destroy: bool = False, started=None) -> Desired:
-    """The desired dataplane of this node.
+def _allocations_digest(allocations: list[Any]) -> str:
+    return hashlib.sha256(repr(sorted((a.namespace, a.pod, a.iface, tuple(a.ips))
+                                      for a in allocations)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DesiredRead:
+    """A finished read of the desired state and this node's render of it."""
+    reading: Reading | None             # None for --destroy (nothing is read)
+    node: RenderedNode
+
+
+def desired_state(opts: Options, destroy: bool = False, started: Any = None) -> RenderedNode:
+    """This node's rendered state (see `read_desired`)."""
+    if destroy:
+        return DESTROYED
+    from weft.desired import sources
+    with started or sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context) as begun:
+        return read_desired(opts, begun).node
+
+
+def read_desired(opts: Options, started: Any) -> DesiredRead:
+    """Finish the read and render this node's state.
 
     Local pods take their addresses from the node's IPAM allocations, and pods the CNI plugin
-    wired that the desired state does not show yet are kept, closed where a policy might
-    apply. When neither the desired state nor the allocations changed since the last run, the
-    dataplane rendered then is used as it is: rendering is a pure function of both.
+    wired that the desired state does not show yet are kept, closed where a policy might apply.
+    When neither the desired state nor the allocations changed since the last run, the state
+    rendered then is used as it is: rendering is a pure function of both.
     """
-    from weft.desired import sources
-    if destroy:
-        return Desired(EMPTY)
     allocations = local_allocations(opts.state_dir)
-    started = started or sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
     reading = started.finish()
-    addressed = hashlib.sha256(repr(sorted((a.namespace, a.pod, a.iface, tuple(a.ips))
-                                           for a in allocations)).encode()).hexdigest()[:16]
-    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, addressed)).encode()).hexdigest()[:16]
-    desired = reading.cache.rendered_for(opts.node, key)
-    if desired is None:
-        # Only a run with something to render needs the model, the converters and the renderers.
-        from weft.desired.loader import ENDPOINT_KINDS
-        from weft.model.cluster import Endpoint
-        from weft.renderers.endpoint import make_snapshot
-        from weft.renderers.iptables import render_node
-        state = reading.state()
-        addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
-        state = state.with_local_addresses(opts.node, addresses)
-        pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
-        # What set members are computed from: every endpoint (as addressed here) and namespace.
-        basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
-        last = reading.cache.last_render(opts.node, basis)
-        dataplane = render_node(state, opts.node, pending, last.dataplane.ipsets if last else None)
-        state = _with_peer_secrets(opts, state)
-        me = state.nodes.get(opts.node)
-        desired = Desired(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key),
-                          bird.desired_config(state, opts.node, opts.state_dir, opts.bird_socket),
-                          (state.ippools, state.blocks, dict(me.labels) if me else {}))
-        reading.cache.keep_render(opts.node, key, desired, basis)
-        reading.dirty = True
+    node = _rendered(opts, reading, allocations)
+    _commit(opts, reading)
+    return DesiredRead(reading, node)
+
+
+def _commit(opts: Options, reading: Reading) -> None:
     if reading.dirty:
+        from weft.desired import sources
         sources.commit(opts.state_dir, reading)
-    return desired
 
 
-def _with_peer_secrets(opts: Options, state):
+def _rendered(opts: Options, reading: Reading, allocations: list[Any],
+              bird: RenderedNode | None = None) -> RenderedNode:
+    """The render for these allocations: the cached one, or made and cached. `bird`: a render of
+    the same read whose BIRD configuration holds (it does not depend on the allocations; making
+    it again could ask the API server for Secrets)."""
+    addressed = _allocations_digest(allocations)
+    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, opts.bird_log, addressed)).encode()
+                                               ).hexdigest()[:16]
+    node = RenderedNode.from_data(reading.cache.rendered_for(opts.node, key))
+    if node is not None:
+        return node
+    # Only a run with something to render needs the model, the converters and the renderers.
+    from weft.desired.loader import ENDPOINT_KINDS
+    from weft.model.cluster import Endpoint
+    from weft.model.kernel import ipsets_from_data
+    from weft.renderers.endpoint import make_snapshot
+    from weft.renderers.iptables import render_node
+    from weft.store.ipam import node_ipam_document
+    state = reading.state()
+    addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
+    state = state.with_local_addresses(opts.node, addresses)
+    pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
+    # What set members are computed from: every endpoint (as addressed here) and namespace.
+    basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
+    last = reading.cache.last_render(opts.node, basis)
+    try:
+        reuse = ipsets_from_data(last["dataplane"]["ipsets"]) if last else None
+    except (KeyError, TypeError, ValueError):
+        reuse = None
+    dataplane = render_node(state, opts.node, pending, reuse)
+    bird_config = bird.bird_config if bird is not None else _bird_config(opts, state)
+    me = state.nodes.get(opts.node)
+    ipam = node_ipam_document(opts.node, state.ippools, state.blocks, opts.source(), dict(me.labels) if me else {})
+    node = RenderedNode(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key), bird_config,
+                        ipam, addressed)
+    reading.cache.keep_render(opts.node, key, node.to_data(), basis)
+    reading.dirty = True
+    return node
+
+
+def _bird_config(opts: Options, state: ClusterState) -> str | None:
+    me = state.nodes.get(opts.node)
+    if me is None or me.bgp is None:
+        return None
+    return desired_config(_with_peer_secrets(opts, state), opts.node, opts.state_dir, opts.bird_socket,
+                          opts.bird_log)
+
+
+def _with_peer_secrets(opts: Options, state: ClusterState) -> ClusterState:
     """BGP passwords: from the API server weft reads only the Secrets peers and the mesh refer to."""
     if opts.from_dir:
         return state
@@ -114,109 +174,208 @@ def _with_peer_secrets(opts: Options, state):
         return replace(state, secrets=state.secrets + fetch_secrets(api, password_refs(state)))
 
 
-def make_plan(opts: Options, runner: Runner, destroy: bool = False) -> Plan:
-    return _plan_and_probe(opts, runner, destroy)[0]
+# ---- plan ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Begun:
+    """The read finished, the kernel read (before any lock), and what is needed to judge it."""
+    desired: DesiredRead
+    backend: Any
+    resources: list[engine.AnyResource]
+    found: engine.Found
+    marker: dict[str, Any]              # the write marker as the dumps began ({"running": ...}: a run held the lock)
 
 
-def _plan_and_probe(opts: Options, runner: Runner, destroy: bool) -> tuple[Plan, Dataplane, Desired]:
-    """Validate the desired state before touching the kernel at all, then compare."""
+def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) -> _Begun:
+    """Start the read (from the API server it runs in a child process), then the kernel's dumps;
+    the dumps are parsed (and fingerprinted) in a worker while the read is finished. The
+    desired state is valid before anything else happens."""
     from weft.desired import sources
-    # The read begins first (from the API server it runs in a child process), then the kernel's
-    # dumps; the dumps are parsed (and fingerprinted) in a worker while the read is finished.
-    reading = nullcontext() if destroy else sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
+    marker = _read_marker(state_dir)
+    if _held_exclusively(state_dir):
+        marker = {"running": True}           # a run is writing: the dumps cannot be trusted
+    reading: AbstractContextManager[Any] = nullcontext() if destroy else \
+        sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
     with reading as started, gc_paused():
-        backend = detect(runner, opts.backend)
-        # weft's chains left in the other backend (a run with the other --iptables-backend) still
-        # filter packets: they are read too, and never desired, so the plan removes them.
-        others = [b for b in (other_has_weft(runner, backend),) if b]
-        probing = start_probe(runner, backend, others)
+        backend, resources = engine.kernel_resources(runner, opts.backend)
+        probing = engine.start_probe(resources, runner)
         with ThreadPoolExecutor(1, thread_name_prefix="weft-probe") as pool:
-            parsed = pool.submit(_parsed, probing)
+            found = pool.submit(probing)
             try:
-                desired = desired_state(opts, destroy, started)
+                desired = DesiredRead(None, DESTROYED) if destroy else read_desired(opts, started)
             except BaseException:
-                parsed.exception()          # no dump outlives a failed read; the read's error is the one
+                found.exception()       # no dump outlives a failed read; the read's error is the one
                 raise
-            actual, fingerprint = parsed.result()
-    if destroy:
-        # A running pod's wiring (its route, its interface settings) belongs to the pod: it goes
-        # with the pod (CNI DEL), not with weft's policy. Routes to pods that are gone do go.
-        live = {dst: r for dst, r in actual.routes.items() if r.dev in actual.links}
-        desired = Desired(Dataplane({}, {}, {}, live, actual.links))
-    bird_change = bird.plan_config(desired.bird_config, opts.state_dir, opts.bird_socket)
-    plan = Plan(opts.node, backend.name, fingerprint, diff(desired.dataplane, actual), desired.ignored,
-                bird_change)
-    return plan, actual, desired
+            result = found.result()
+    return _Begun(desired, backend, resources, result, marker)
 
 
-def _parsed(probing) -> tuple[Dataplane, str]:
-    actual = probing()
-    return actual, actual.fingerprint()
+def _planned(opts: Options, state_dir: StateDir, runner: Runner, begun: _Begun, check: bool) -> engine.Planned:
+    """Diff every resource; BIRD is one where BGP is on for this node (its probe is small and
+    is made now, once the desired state says so)."""
+    resources, have = list(begun.resources), dict(begun.found.have)
+    if begun.desired.node.bird_config is not None:
+        bird = Bird(state_dir, opts.bird_socket, runner)
+        resources.append(bird)
+        have[bird.name] = bird.probe()
+    return engine.plan(resources, begun.backend, have, begun.desired.node, check=check, prints=begun.found.prints)
 
 
-def lock(opts: Options) -> FileLock:
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(opts.state_dir / LOCK_FILE), timeout=opts.lock_timeout)
+def _document(opts: Options, planned: engine.Planned, node: RenderedNode, destroy: bool) -> Plan:
+    return Plan(opts.node, os.path.abspath(opts.state_dir), opts.source(), destroy, planned.backend.name,
+                planned.fingerprint(), planned.summary(), planned.sections(), node.ignored,
+                tuple(planned.text_blocks()))
 
 
-def apply(opts: Options, runner: Runner, plan_file: Plan | None = None, destroy: bool = False) -> Plan:
-    """Apply a fresh plan (or exactly `plan_file`), under the node's lock; verify the result."""
+def make_plan(opts: Options, runner: Runner, destroy: bool = False, check: bool = True) -> Plan:
+    """What apply would do now (read only: no lock, no kernel write). `check`: run `bird -p` on a
+    changed BIRD configuration (a configuration BIRD would reject is an error)."""
+    return plan_and_drift(opts, runner, destroy, check)[0]
+
+
+def plan_and_drift(opts: Options, runner: Runner, destroy: bool = False,
+                   check: bool = True) -> tuple[Plan, list[dict[str, str]]]:
+    state_dir = StateDir(opts.state_dir)
+    with opts.observer.phase("read"):
+        begun = _begin(opts, state_dir, runner, destroy)
+    with opts.observer.phase("diff"):
+        planned = _planned(opts, state_dir, runner, begun, check)
+    return _document(opts, planned, begun.desired.node, destroy), planned.drift_items()
+
+
+# ---- apply --------------------------------------------------------------------------------------
+
+def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, saved_path: str = "",
+          destroy: bool = False) -> Plan:
+    """Plan and apply under the node lock, then verify what was touched. With `saved` (a plan
+    document from `weft plan --out`), apply only if the plan made now is exactly that one."""
+    state_dir = StateDir(opts.state_dir)
+    if saved is not None:
+        target = Plan(opts.node, os.path.abspath(opts.state_dir), opts.source(), destroy, "", "", {}, {})
+        check_target(saved, target, saved_path)
+    observe = opts.observer
+    with observe.phase("read"):
+        begun = _begin(opts, state_dir, runner, destroy)
+    with ExitStack() as held:
+        with observe.phase("lock"):
+            held.enter_context(state_dir.lock(shared=False, timeout=opts.lock_timeout))
+        return _apply_locked(opts, state_dir, runner, begun, saved, saved_path, destroy)
+
+
+def _apply_locked(opts: Options, state_dir: StateDir, runner: Runner, begun: _Begun, saved: dict[str, Any] | None,
+                  saved_path: str, destroy: bool) -> Plan:
+    observe = opts.observer
+    with observe.phase("diff"):
+        unchanged = begun.marker is not None and begun.marker == _read_marker(state_dir)
+        confirming = engine.start_confirm(begun.resources, begun.found.have, runner)
+        handoff = None
+        if begun.desired.reading is not None:
+            begun.desired.node = _with_current_allocations(opts, begun.desired)
+            handoff = _ipam_handoff(opts, begun.desired)
+            begun.desired.reading = None        # the desired objects are not needed any more: free them
+        planned = _planned(opts, state_dir, runner, begun, check=True)
+        if not (unchanged and confirming()):
+            # Another run, or a CNI step, wrote since the dumps were made: read again, now.
+            begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
+            begun.found = engine.start_probe(begun.resources, runner)()
+            planned = _planned(opts, state_dir, runner, begun, check=True)
+    if saved is not None:
+        check_same(saved, _document(opts, planned, begun.desired.node, destroy), saved_path)
+    if not planned.empty:
+        _write_marker(state_dir)
+        with observe.phase("apply"):
+            engine.execute(planned, runner)
+        with observe.phase("verify"):
+            leftover = engine.verify(planned, runner)
+        if any(leftover.values()):
+            s = replace(planned, changes=leftover).summary()
+            raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
+                            f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
+    engine.settle(planned)
+    with observe.phase("handoff"):
+        _leave_for_cni(opts, begun.desired.node, handoff)
+    # The document last: its JSON and text need not coexist with the writes' input and read-back.
+    return _document(opts, planned, begun.desired.node, destroy)
+
+
+def _with_current_allocations(opts: Options, desired: DesiredRead) -> RenderedNode:
+    """The render for the pods the CNI plugin allocated addresses to up to now (under the lock:
+    no pod is half-added while the run writes)."""
+    assert desired.reading is not None
+    allocations = local_allocations(opts.state_dir)
+    if _allocations_digest(allocations) == desired.node.allocations:
+        return desired.node
+    node = _rendered(opts, desired.reading, allocations, bird=desired.node)
+    _commit(opts, desired.reading)
+    return node
+
+
+def _read_marker(state_dir: StateDir) -> dict[str, Any]:
     try:
-        with lock(opts):
-            desired = None
-            if plan_file is None:
-                plan, before, desired = _plan_and_probe(opts, runner, destroy)
-                backend = Backend(plan.backend)
-            else:
-                plan = plan_file
-                if plan.node != opts.node:
-                    raise PlanError(f"the plan is for node {plan.node!r}, not {opts.node!r}")
-                backend = detect(runner, plan.backend)
-                before = probe_dataplane(runner, backend, [b for b in (other_has_weft(runner, backend),) if b])
-                if before.fingerprint() != plan.base_fingerprint:
-                    raise PlanError("the saved plan is stale: the kernel state changed since it was made; "
-                                    "run `weft plan` again")
-                plan = _with_current_bird(opts, plan)
-            if plan.bird is not None:
-                bird.check_bird(plan.bird)      # a config BIRD rejects stops the run before any change
-            if not plan.changes.empty:
-                execute(plan.changes, backend, runner)
-                leftover = verify(runner, backend, before, plan.changes)
-                if not leftover.empty:
-                    s = leftover.summary()
-                    raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
-                                    f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
-            if plan.bird is not None:
-                runner.writes.extend(bird.apply_bird(plan.bird, opts.bird_socket))
-            _leave_for_cni(opts, desired)
-            return plan
-    except Timeout as exc:
-        raise WeftError(f"another weft run holds {exc.lock_file}; gave up after {opts.lock_timeout:g}s") from exc
+        data = state_dir.read_json(MARKER, 4096)
+    except CorruptState:
+        return {"corrupt": True}
+    return data if isinstance(data, dict) else {}
 
 
-def _with_current_bird(opts: Options, plan: Plan) -> Plan:
-    """A saved plan carries BIRD's file with passwords redacted: render it again, and refuse the
-    plan if what it would write, or what it would replace, is no longer what was planned."""
-    if plan.bird is None:
-        return plan
-    current = bird.plan_config(desired_state(opts).bird_config, opts.state_dir, opts.bird_socket)
-    now = replace(plan, bird=current, bird_sha=None).bird_digests()
-    if current is None or now != plan.bird_digests():
-        raise PlanError("the saved plan is stale: BIRD's configuration (the live file or the desired one) "
-                        "changed since it was made; run `weft plan` again")
-    return replace(plan, bird=current, bird_sha=None)
+def _write_marker(state_dir: StateDir) -> None:
+    """Before a run's first write: a run that read the kernel before it took the lock then knows
+    that its read may have seen these writes half done."""
+    import json
+    state_dir.replace(MARKER, json.dumps({"format": 1, "token": uuid.uuid4().hex}) + "\n")
 
 
-def _leave_for_cni(opts: Options, desired: Desired | None) -> None:
+def _held_exclusively(state_dir: StateDir) -> bool:
+    """Does a run hold the node lock now (it may be writing)? A shared lock is tried, not waited for."""
+    try:
+        with state_dir.lock(shared=True, timeout=0):
+            return False
+    except UnsafeState:
+        raise
+    except WeftError:
+        return True
+
+
+def _ipam_handoff(opts: Options, desired: DesiredRead) -> tuple[Any, ...] | None:
+    """The IPAM pools, blocks and node labels to write for the CNI plugin, or None when its
+    node.json already says what this render does."""
+    node = desired.node
+    if node.ipam is None or desired.reading is None or _ipam_current(opts.state_dir, node.ipam):
+        return None
+    state = desired.reading.state()
+    me = state.nodes.get(opts.node)
+    return state.ippools, state.blocks, dict(me.labels) if me else {}
+
+
+def _leave_for_cni(opts: Options, node: RenderedNode, ipam: tuple[Any, ...] | None) -> None:
     """Leave the CNI plugin what it needs, once the kernel matches the state it describes: the
     snapshot to program a new pod's policy, and the pools and blocks it allocates from."""
-    if desired is None or desired.snapshot is None:
+    if node.snapshot is None:
         return
+    from weft.reconciler.endpoint import load_snapshot, save_snapshot
     current = load_snapshot(opts.state_dir)
-    if current is None or current.get("token") != desired.snapshot["token"]:
-        save_snapshot(opts.state_dir, desired.snapshot)
-    from weft.store.ipam import source_of, write_node_ipam
-    pools, blocks, labels = desired.ipam
-    write_node_ipam(opts.state_dir, opts.node, pools, blocks,
-                    source_of(opts.from_dir, opts.kubeconfig, opts.context), labels)
+    if current is None or current.get("token") != node.snapshot.get("token"):
+        save_snapshot(opts.state_dir, node.snapshot)
+    if ipam is not None:
+        from weft.store.ipam import write_node_ipam
+        pools, blocks, labels = ipam
+        write_node_ipam(opts.state_dir, opts.node, pools, blocks, opts.source(), labels)
 
+
+def _ipam_current(state_dir: Path, doc: dict[str, Any]) -> bool:
+    """Does node.json already say what `doc` does (store.ipam.write_node_ipam would not change it;
+    blocks the plugin claimed since are kept there, as it keeps them)?"""
+    from weft.store.ipam import IpamError, read_node_ipam
+    try:
+        old = read_node_ipam(state_dir)
+    except IpamError:
+        return False
+    if not old or old.get("node") != doc.get("node"):
+        return False
+    known = {b["cidr"] for b in doc.get("blocks", ())}
+    claimed = [b for b in old.get("blocks", ())
+               if isinstance(b, dict) and b.get("claimed") and b.get("cidr") not in known]
+    return {k: v for k, v in old.items() if k != "written"} == doc | {"blocks": doc.get("blocks", []) + claimed}
+
+
+__all__ = ["Options", "PlanError", "apply", "desired_state", "make_plan", "plan_and_drift", "read_desired"]

@@ -7,6 +7,7 @@ Exit 0 when BIRD answers, 1 when it does not (like calicoctl's "process is not r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from weft.reconciler.output import emit
 
@@ -22,11 +23,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", choices=("text", "json"), default="text")
 
 
-def collect(socket: str) -> dict:
+def collect(socket: str) -> dict[str, Any]:
     """Everything status shows, as data. {"running": False, ...} when BIRD does not answer."""
     from weft.probes import bird as probe  # here: the parser is built on every weft command's path
-    data = {"format_version": FORMAT_VERSION, "socket": socket, "running": probe.running(socket),
-            "peers": [], "blocks": [], "other_bgp": []}
+    peers: list[dict[str, Any]] = []
+    other: list[str] = []
+    data: dict[str, Any] = {"format_version": FORMAT_VERSION, "socket": socket, "running": probe.running(socket),
+                            "peers": peers, "blocks": [], "other_bgp": other}
     if not data["running"]:
         return data
     from weft.renderers.bird import KINDS, parse_protocol_name  # not on every weft command's import path
@@ -39,13 +42,13 @@ def collect(socket: str) -> dict:
             continue
         parsed = parse_protocol_name(p.name)
         if parsed is None:
-            data["other_bgp"].append(p.name)
+            other.append(p.name)
             continue
         kind, address, port = parsed
         learned = [{"prefix": r.prefix, "via": list(r.via), "primary": r.primary}
                    for r in by_protocol.get(p.name, ())]
-        data["peers"].append({"name": p.name, "address": address, "port": port, "kind": KINDS[kind],
-                              "state": p.state, "since": p.since, "info": p.info, "routes": learned})
+        peers.append({"name": p.name, "address": address, "port": port, "kind": KINDS[kind],
+                      "state": p.state, "since": p.since, "info": p.info, "routes": learned})
     data["blocks"] = sorted(r.prefix for name in BLOCKS_PROTOCOLS for r in by_protocol.get(name, ()))
     return data
 

@@ -22,8 +22,9 @@ Decisions (documented differences from a real API server):
 - put() does not deep-copy: don't mutate an object after putting it (serialised bytes are
   taken at put time; the dict itself is kept for field selectors).
 - `bytes_sent` counts every byte the server wrote (status lines, headers, bodies, watch chunks),
-  what a client reads from it, and `connections` the connections it accepted; `watch_lag()` holds back events from watches, as a real server's
-  watch cache delivers a committed write a moment after lists and resourceVersions show it.
+  what a client reads from it, and `connections` the connections it accepted; `watch_lag()`
+  holds back events from watches, as a real server's watch cache delivers a committed write a
+  moment after lists and resourceVersions show it.
 """
 from __future__ import annotations
 

@@ -345,11 +345,8 @@ def test_changed_peer_reloads_without_resetting_other_sessions_and_no_op_never_r
 # --- bad input ---------------------------------------------------------------------------------
 
 def _run_bird_main(lab: MultiNodeLab, node) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = birdmod.main(["--from", str(lab.manifests), "--node", node.name, "--state-dir", str(node.state_dir),
-                             "--apply"])
-    return code, err.getvalue()
+    done = lab.weft(node, "apply", "--bird-socket", node.socket)     # BIRD is a resource of `weft apply`
+    return done.returncode, done.stderr
 
 
 @pytest.mark.parametrize("bad, named", [

@@ -138,11 +138,11 @@ def _lose(node, case: str) -> None:
         (state / "ipam" / "allocations.json").write_text(json.dumps(doc))
     else:
         name = case.removesuffix(" removed")
-        (state / "ipam" / name if name.endswith(".json") else state / name).unlink()
+        (state / "ipam" / name if name in ("allocations.json", "node.json") else state / name).unlink()
 
 
 LOSSES = ["allocations.json removed", "allocations.json corrupt", "allocations.json with a record missing a field",
-          "node.json removed", "endpoints.snapshot removed", "weft.lock removed", "desired.cache removed",
+          "node.json removed", "endpoints.snapshot removed", "weft.lock removed", "desired-cache.json removed",
           "the whole state dir"]
 
 
@@ -185,9 +185,6 @@ def test_losing_state_never_duplicates_an_address_or_cuts_a_running_pod_off(node
     assert {a["pod"] for a in node.allocations()} == set(ips)
 
 
-@pytest.mark.xfail(strict=True, reason="needs ENGINE's reconcile rule that a route through a live weft interface "
-                                       "is never deleted for a missing record (#9.3, reconciler half): remove "
-                                       "this mark when it lands")
 def test_a_run_while_the_records_are_lost_keeps_a_live_pods_route(node):
     """The run comes before any ADD could rebuild the records, and the API server has not
     reported the pod's address yet: nothing but the kernel knows it."""

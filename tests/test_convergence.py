@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +23,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import nodens
-from tests.nodens import describe, kernel_state, namespace, node_netns, pod, policy, run_weft, start_weft
+from tests.nodens import (
+    REPO,
+    describe,
+    kernel_state,
+    namespace,
+    node_netns,
+    pod,
+    policy,
+    run_weft,
+    start_weft,
+    weft_argv,
+)
 
 if (why := nodens.usable()) is not None:
     pytest.skip(why, allow_module_level=True)
@@ -142,54 +155,151 @@ def _wait_until_empty(ns: str) -> None:
     raise AssertionError(f"processes still running in {ns} after SIGKILL")
 
 
-def _wait_for_child(proc, count: int) -> int:
-    """Wait until `proc` has started its `count`-th child (a kernel tool: iptables-save, ipset
-    restore, ...) or has ended; return how many children were seen."""
-    seen: set[str] = set()
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    while len(seen) < count and proc.poll() is None:
-        try:
-            seen.update(children.read_text().split())
-        except OSError:
-            break
-        time.sleep(0.0002)
-    return len(seen)
-
-
-def kill_and_rerun(sources, references, start: str, target: str, after_child: int, delay_ms: float) -> None:
-    """Apply `start`; start applying `target`, SIGKILL it (and the tool it runs) `delay_ms` after
-    its `after_child`-th kernel command began (0: after it started); apply `target` again: the
-    node must end exactly like a bare node given `target`, and a further apply do nothing."""
-    with node_netns() as ns, tempfile.TemporaryDirectory() as state_dir:
+def kill_and_rerun(sources, references, start: str, target: str, kill) -> None:
+    """Apply `start`; start applying `target` and kill it (SIGKILL, with the tool it runs) where
+    `kill(ns, state_dir, source, tools)` says; apply `target` again: the node must end exactly
+    like a bare node given `target`, and a further apply do nothing."""
+    with node_netns() as ns, tempfile.TemporaryDirectory() as state_dir, tempfile.TemporaryDirectory() as tools:
         apply_ok(ns, state_dir, sources[start])
-        proc = start_weft(ns, "apply", state_dir=state_dir, from_dir=sources[target])
-        seen = _wait_for_child(proc, after_child)
-        time.sleep(delay_ms / 1000)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)    # weft and whatever kernel tool it was running
-        except ProcessLookupError:
-            pass                                   # it had already finished
-        proc.communicate(timeout=30)
+        where = kill(ns, state_dir, sources[target], Path(tools))
         _wait_until_empty(ns)
-        where = f"{start} -> {target}, killed {delay_ms} ms after child {after_child} (saw {seen}): " \
-                f"exit {proc.returncode}"
-
         apply_ok(ns, state_dir, sources[target])
-        assert kernel_state(ns, portable=True) == references[target], where
+        assert kernel_state(ns, portable=True) == references[target], f"{start} -> {target}, {where}"
         assert apply_ok(ns, state_dir, sources[target])["commands"] == [], where
+
+
+def _killed(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)    # weft and whatever kernel tool it was running
+    except ProcessLookupError:
+        pass                                   # it had already finished
+    proc.communicate(timeout=30)
+
+
+def after_delay(delay_ms: float):
+    def kill(ns: str, state_dir: str, src: Path, tools: Path) -> str:
+        proc = start_weft(ns, "apply", state_dir=state_dir, from_dir=src)
+        time.sleep(delay_ms / 1000)
+        _killed(proc)
+        return f"killed {delay_ms} ms after it started: exit {proc.returncode}"
+    return kill
 
 
 @SETTINGS
 @given(pair=st.tuples(st.sampled_from(NAMES), st.sampled_from(NAMES)).filter(lambda p: p[0] != p[1]),
        delay_ms=st.integers(0, 300))
 def test_apply_killed_at_a_random_moment_then_rerun_converges(sources, references, pair, delay_ms):
-    kill_and_rerun(sources, references, *pair, after_child=0, delay_ms=delay_ms)
+    kill_and_rerun(sources, references, *pair, after_delay(delay_ms))
 
 
-# An apply from "named-port" to "several-pods-changed" creates, updates and destroys sets and
-# chains. Its kernel commands, in order: iptables -V, iptables-nft-save, ipset save (probe);
-# ipset restore (new sets, members), iptables-nft-restore (one transaction), ipset restore
-# (destroy unused sets); iptables-nft-save, ipset save (verify).
-@pytest.mark.parametrize("after_child", range(1, 9))
-def test_apply_killed_during_each_kernel_command_then_rerun_converges(sources, references, after_child):
-    kill_and_rerun(sources, references, "named-port", "several-pods-changed", after_child, delay_ms=0.5)
+# --- killed at each kernel command, named ----------------------------------------------------
+#
+# Every kernel tool weft runs is reached through PATH; the test puts a directory in front of it
+# whose scripts log each command and run the real tool, except at the target: the n-th command
+# that starts with the target's words. There the script marks the target hit and waits to be
+# killed, either before the real tool runs ("before") or once it has finished ("after"), so the
+# run dies exactly there. An apply from "named-port" to "several-pods-changed" creates, updates
+# and destroys sets and chains; its kernel commands are, in order: iptables -V (the backend); the
+# dumps: iptables-nft-save, ipset save, ip -j route/link; under the lock, the dispatch chains read
+# again (iptables-nft -S); ipset restore (new sets, members), iptables-nft-restore (one
+# transaction), ipset restore (sets no longer used); the read-back (ipset save, iptables-nft ...).
+
+TOOLS = ("iptables", "iptables-nft", "iptables-nft-save", "iptables-nft-restore", "ipset", "ip")
+TARGETS = {
+    "the kernel dump": ("iptables-nft-save", 1),
+    "the set dump": ("ipset save", 1),
+    "the confirmation under the lock": ("iptables-nft -t filter -S", 1),
+    "the first ipset restore": ("ipset restore", 1),
+    "the iptables transaction": ("iptables-nft-restore", 1),
+    "the final ipset restore": ("ipset restore", 2),
+    "the read-back": ("ipset save", 2),
+}
+SHIM = """#!/bin/sh
+# test shim for {tool}: log, then run the real tool; at the target, mark it and wait to be killed
+exec 9>>"$WEFT_SHIM_LOG"
+flock 9
+echo "{tool} $*" >&9
+seen=$(grep -c -F -e "$WEFT_SHIM_TARGET" "$WEFT_SHIM_LOG")
+flock -u 9
+exec 9>&-
+case "{tool} $*" in
+  "$WEFT_SHIM_TARGET"*)
+    if [ "$seen" = "$WEFT_SHIM_COUNT" ]; then
+      if [ -n "$WEFT_SHIM_RELEASE" ]; then        # hold after the real tool ran, until released
+        {real} "$@"; rc=$?
+        echo hit > "$WEFT_SHIM_HIT"
+        while [ ! -e "$WEFT_SHIM_RELEASE" ]; do sleep 0.01; done
+        exit $rc
+      fi
+      [ "$WEFT_SHIM_WHEN" = after ] && {real} "$@"
+      echo hit > "$WEFT_SHIM_HIT"
+      exec sleep 60
+    fi;;
+esac
+exec {real} "$@"
+"""
+
+
+def shimmed(tools: Path) -> dict:
+    """PATH with the shims in front (the real tools resolved first)."""
+    for tool in TOOLS:
+        real = shutil.which(tool)
+        assert real, f"{tool} is not installed"
+        (tools / tool).write_text(SHIM.format(tool=tool, real=real))
+        (tools / tool).chmod(0o755)
+    return {"PATH": f"{tools}:{os.environ['PATH']}"}
+
+
+def at_command(words: str, count: int, when: str):
+    def kill(ns: str, state_dir: str, src: Path, tools: Path) -> str:
+        hit = tools / "hit"
+        env = os.environ | shimmed(tools) | {"WEFT_SHIM_LOG": str(tools / "log"), "WEFT_SHIM_TARGET": words,
+                                             "WEFT_SHIM_COUNT": str(count), "WEFT_SHIM_WHEN": when,
+                                             "WEFT_SHIM_HIT": str(hit)}
+        proc = subprocess.Popen(weft_argv(ns, "apply", state_dir=state_dir, from_dir=src), env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not hit.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        reached = hit.exists()
+        _killed(proc)
+        ran = (tools / "log").read_text() if (tools / "log").exists() else ""
+        assert reached, f"the target `{words}` #{count} was never run; the commands were:\n{ran}"
+        return f"killed {when} `{words}` #{count}"
+    return kill
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_apply_killed_at_each_kernel_command_then_rerun_converges(sources, references, target, when):
+    kill_and_rerun(sources, references, "named-port", "several-pods-changed", at_command(*TARGETS[target], when))
+
+
+def test_a_run_whose_early_read_another_run_outdated_reads_again(sources, references):
+    """A run reads the kernel before it takes the lock; another run applies meanwhile. Under the
+    lock the first sees the other's write marker and reads again: it has nothing left to do
+    (were it to trust its early read, it would redo or undo what the other wrote)."""
+    with node_netns() as ns, tempfile.TemporaryDirectory() as state_dir, tempfile.TemporaryDirectory() as tmp:
+        tools = Path(tmp)
+        apply_ok(ns, state_dir, sources["none"])
+        hit, release = tools / "hit", tools / "release"
+        env = os.environ | shimmed(tools) | {"WEFT_SHIM_LOG": str(tools / "log"), "WEFT_SHIM_TARGET": "ipset save",
+                                             "WEFT_SHIM_COUNT": "1", "WEFT_SHIM_WHEN": "after",
+                                             "WEFT_SHIM_HIT": str(hit), "WEFT_SHIM_RELEASE": str(release)}
+        early = subprocess.Popen([*weft_argv(ns, "apply", state_dir=state_dir, from_dir=sources["named-port"]),
+                                  "--output", "json"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not hit.exists() and early.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert hit.exists(), "the first run never read the sets"
+            other = apply_ok(ns, state_dir, sources["named-port"])      # meanwhile, another run applies
+            assert other["commands"], "the other run should have had work to do"
+            release.touch()
+            out, err = early.communicate(timeout=60)
+        finally:
+            _killed(early) if early.poll() is None else None
+        assert early.returncode == 0, err
+        assert json.loads(out)["commands"] == [], "the first run trusted a read the other run had outdated"
+        assert kernel_state(ns, portable=True) == references["named-port"]

@@ -45,11 +45,14 @@ CALL_SITES = {
     ("cni/claims.py", "POST", "BLOCKS_PATH"): {(CALICO, "ipamblocks", "create")},
     ("cni/claims.py", "GET", 'f"{BLOCKS_PATH}/{block_name(cidr)}"'): {(CALICO, "ipamblocks", "get")},
     ("cni/claims.py", "POST", "AFFINITIES_PATH"): {(CALICO, "blockaffinities", "create")},
+    # the plugin's own read of pools, blocks, its node (by fieldSelector) and its pods
+    ("cni/nodesource.py", "GET", "path"): {("", "pods", "list"), ("", "nodes", "list"), (CALICO, "ippools", "list"),
+                                           (CALICO, "ipamblocks", "list"), (CALICO, "blockaffinities", "list")},
 }
 # Modules that talk to the API server with their own identity, not the node's.
 OTHER_IDENTITIES = {"reconciler/ipam_gc.py", "reconciler/nodejobs.py"}
-_CALL = re.compile(r"\b(?!self\b)(\w+)\.(?:request|open)\(\s*\"(GET|POST|PUT|PATCH|DELETE)\",\s*"
-                   r"((?:f?\"[^\"]*\")|[\w.()]+)")
+_CALL = re.compile(r"(?:\b(?!self\b)(\w+)\.(?:request|open)\(|\b_request\(api, node, \"\w+\",)\s*"
+                   r"\"(GET|POST|PUT|PATCH|DELETE)\",\s*((?:f?\"[^\"]*\")|[\w.()]+)")
 
 
 def _call_sites() -> set[tuple[str, str, str]]:

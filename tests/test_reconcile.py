@@ -8,7 +8,10 @@ does that).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -16,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from tests import nodens
 from tests.nodens import (
@@ -28,6 +30,7 @@ from tests.nodens import (
     namespace,
     pod,
     policy,
+    run_weft,
     start_weft,
     weft_names,
     write_manifests,
@@ -363,33 +366,102 @@ def test_saved_plan_is_refused_when_stale_or_for_another_node(node_ns, tmp_path)
     plan_file = tmp_path / "plan.json"
     shown = node.weft_json("plan", "--out", str(plan_file), from_dir=src2)
     saved = json.loads(plan_file.read_text())
-    assert saved["format_version"] == 1 and shown["format_version"] == 1
+    assert saved["format_version"] == 2 and shown["format_version"] == 2
     assert saved["summary"] == shown["summary"] and saved["summary"]["add"] > 0
     assert set(saved["summary"]) == {"add", "change", "destroy"} and saved["node"] == "n1"
+    assert saved["state_dir"] == str(node.state_dir) and saved["source"] == {"manifests": str(src2)}
 
     node.sh("ipset", "add", weft_sets(node, "weft-s-")[0], "198.18.200.1")
     tampered = node.state()
-    stale = node.weft("apply", str(plan_file), expect=1)
-    assert "stale" in stale.stderr
+    stale = node.weft("apply", str(plan_file), from_dir=src2, expect=1)
+    assert "stale" in stale.stderr and "kernel state changed" in stale.stderr, describe(stale)
+    assert len(stale.stderr.strip().splitlines()) == 1, "one clear line"
     assert node.state() == tampered, "a refused plan changed the kernel"
 
     fresh = tmp_path / "fresh.json"
     node.weft("plan", "--out", str(fresh), from_dir=src2)
-    node.weft("apply", str(fresh))
+    (node.state_dir / "endpoints.snapshot").unlink()
+    node.weft("apply", str(fresh), from_dir=src2)
     node.weft("drift", from_dir=src2, expect=0)
+    assert (node.state_dir / "endpoints.snapshot").exists(), "apply PLAN leaves the CNI plugin its snapshot too"
 
     other = tmp_path / "other.json"
     node.weft("plan", "--out", str(other), from_dir=src, node="other-node")
     before = node.state()
-    wrong = node.weft("apply", str(other), expect=1)
+    wrong = node.weft("apply", str(other), from_dir=src, expect=1)
     assert "other-node" in wrong.stderr
+    elsewhere = node.weft("apply", str(fresh), expect=1)              # the plan is of --from src2
+    assert "desired-state source" in elsewhere.stderr and str(src2) in elsewhere.stderr
+    state_dir2 = tmp_path / "state2"
+    moved = run_weft(node_ns, "apply", str(fresh), state_dir=state_dir2, from_dir=src2)
+    assert moved.returncode == 1 and "state dir" in moved.stderr, describe(moved)
     assert node.state() == before
 
     nothing = tmp_path / "nothing.json"
     node.weft("plan", "--out", str(nothing), from_dir=src2)
     assert json.loads(nothing.read_text())["summary"] == ZERO
-    result = node.weft_json("apply", str(nothing))
+    result = node.weft_json("apply", str(nothing), from_dir=src2)
     assert result["commands"] == [] and node.state() == before
+
+
+def _hostile(doc: dict, edit: str, canary: Path) -> dict:
+    """A saved plan edited to make weft write what it does not own (issue #9.1's attacks)."""
+    changes = doc["changes"]
+    if edit == "nat-dnat":
+        changes["chains"].append({"table": "nat", "name": "weft-evil", "action": "create", "about": "",
+                                  "rules": ["-A weft-evil -p tcp -j DNAT --to-destination 198.18.9.9:22"],
+                                  "previous": [], "releases": []})
+    elif edit == "input-accept":
+        changes["hooks"].append({"table": "filter", "chain": "INPUT", "action": "update", "previous_at_top": True,
+                                 "rules": ["-A INPUT -j ACCEPT"], "previous": []})
+    elif edit == "foreign-chain":
+        changes["chains"].append({"table": "filter", "name": "KUBE-SERVICES", "action": "delete", "about": "",
+                                  "rules": [], "previous": [], "releases": []})
+    elif edit == "extra-ipset":
+        changes["ipsets"].append({"name": "foo", "action": "create", "type": "hash:ip", "family": "inet",
+                                  "add": ["198.18.9.9"], "remove": [], "about": ""})
+    elif edit == "sysctl-path":
+        changes["links"].append({"iface": "weftx", "action": "update", "about": "",
+                                 "sysctls": [[f"../../..{canary}", "1"]], "previous": [[f"../../..{canary}", ""]]})
+    elif edit == "default-route":
+        changes["routes"].append({"dst": "0.0.0.0/0", "action": "create", "dev": "lo", "type": "unicast",
+                                  "previous_dev": None, "previous_type": None, "about": ""})
+    doc["summary"]["add"] += 1
+    return doc
+
+
+@pytest.mark.parametrize("edit", ["nat-dnat", "input-accept", "foreign-chain", "extra-ipset", "sysctl-path",
+                                  "default-route"])
+def test_an_edited_saved_plan_is_refused_and_the_kernel_stays_byte_identical(node_ns, tmp_path, edit):
+    """#9.1: a saved plan is intent, re-derived: an edit makes it differ from what weft would do,
+    so nothing runs (the guard would refuse each of these writes too: tests/test_guard.py)."""
+    node, src, _ = applied(node_ns, tmp_path, CLUSTER + [ALLOW_WEB])
+    src2 = write_manifests(tmp_path / "src2", CLUSTER + POLICIES)
+    plan_file = tmp_path / "plan.json"
+    node.weft("plan", "--out", str(plan_file), from_dir=src2)
+    canary = tmp_path / "canary"
+    plan_file.write_text(json.dumps(_hostile(json.loads(plan_file.read_text()), edit, canary)))
+    before = node.state(), node.sh("ip", "-d", "route", "show", "table", "all")
+    refused = node.weft("apply", str(plan_file), from_dir=src2, expect=1)
+    assert "stale" in refused.stderr and "nothing was applied" in refused.stderr, describe(refused)
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    assert (node.state(), node.sh("ip", "-d", "route", "show", "table", "all")) == before
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("content, named", [
+    ('{"format_version": 1, "node": "n1"}', "format_version 2"),
+    ("[" * 100_000, "not a weft plan"),
+    ('{"format_version": 2, "node": "n1", "state_dir": 3}', "field 'state_dir'"),
+    ("not json", "not JSON"),
+])
+def test_a_malformed_saved_plan_is_a_clear_error(node_ns, tmp_path, content, named):
+    node, src, first = applied(node_ns, tmp_path, CLUSTER)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(content)
+    refused = node.weft("apply", str(plan_file), from_dir=src, expect=1)
+    assert named in refused.stderr and "Traceback" not in refused.stderr, describe(refused)
+    assert node.state() == first
 
 
 # --- removal ---------------------------------------------------------------------------------
@@ -484,18 +556,26 @@ def test_apply_waits_for_the_lock(node_ns, tmp_path):
     src = write_manifests(tmp_path / "src", CLUSTER + POLICIES)
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    held = FileLock(str(state_dir / "weft.lock"))
-    held.acquire()
-    try:
+    with held_lock(state_dir):
         proc = start_weft(node_ns, "apply", state_dir=state_dir, from_dir=src)
         time.sleep(1.5)
         assert proc.poll() is None, "apply ran while another process held the lock"
         assert weft_names(node_ns) == []
-    finally:
-        held.release()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     WeftNode(node_ns, state_dir).weft("drift", from_dir=src, expect=0)
+
+
+@contextlib.contextmanager
+def held_lock(state_dir: Path):
+    """The node lock held exclusively, as another run holds it (flock on weft.lock)."""
+    state_dir.mkdir(exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "weft.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 LOCK_TIMEOUT_SNIPPET = """
@@ -519,12 +599,12 @@ def test_lock_held_beyond_timeout_is_a_clear_error(node_ns, tmp_path):
     src = write_manifests(tmp_path / "src", CLUSTER)
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    with FileLock(str(state_dir / "weft.lock")):
+    with held_lock(state_dir):
         started = time.monotonic()
         proc = subprocess.run(["ip", "netns", "exec", node_ns, sys.executable, "-c", LOCK_TIMEOUT_SNIPPET,
                                str(state_dir), str(src)], capture_output=True, text=True, cwd=REPO, timeout=60)
         waited = time.monotonic() - started
     assert proc.returncode == 1, describe(proc)
-    assert "another weft run holds" in proc.stdout and "weft.lock" in proc.stdout, describe(proc)
+    assert "another weft run held the node lock" in proc.stdout and "weft.lock" in proc.stdout, describe(proc)
     assert 1.0 <= waited < 10
     assert weft_names(node_ns) == []

@@ -21,8 +21,7 @@ from weft.desired.loader import build_cluster_state
 from weft.model.cluster import EGRESS, INGRESS
 from weft.model.kernel import EMPTY, Dataplane
 from weft.model.names import host_iface_name
-from weft.reconciler.apply import restore_inputs
-from weft.reconciler.diff import diff
+from weft.reconciler.engine import restore_texts
 from weft.renderers.iptables import policy_chain_name, render_node
 
 NODE = "n1"
@@ -36,8 +35,7 @@ def render(objects: list[dict]) -> tuple:
 
 def kernel_input(dp: Dataplane) -> str:
     """Exactly what an apply on a bare node would feed the kernel tools."""
-    inputs = restore_inputs(diff(dp, EMPTY))
-    return "\n".join([inputs.ipset_before, *inputs.iptables.values(), inputs.ipset_after])
+    return "\n".join(restore_texts(dp, EMPTY))
 
 
 def policy_rules(state, dp: Dataplane, key: str, direction: str = INGRESS) -> tuple[str, ...]:
@@ -142,14 +140,11 @@ def test_fingerprint_changes_with_every_part_of_the_state():
 RENDER_SNIPPET = """
 import json, sys
 from weft.desired.loader import build_cluster_state
-from weft.reconciler.apply import restore_inputs
-from weft.reconciler.diff import diff
-from weft.model.kernel import EMPTY
+from weft.reconciler.engine import restore_texts
 from weft.renderers.iptables import render_node
 objects = json.load(sys.stdin)
 dp = render_node(build_cluster_state([("test.yaml", o) for o in objects]), "n1")
-i = restore_inputs(diff(dp, EMPTY))
-print("\\n".join([i.ipset_before, *i.iptables.values(), i.ipset_after]))
+print("\\n".join(restore_texts(dp)))
 """
 
 

@@ -66,15 +66,23 @@ def test_drifted_route_and_setting_are_reported_and_repaired(node):
     assert weft_routes(node.ns)["198.18.3.11"] == a
 
 
-def test_route_of_a_gone_pod_is_removed_and_foreign_routes_stay(node, tmp_path):
-    b = host_iface_name("x", "b")
+def test_a_running_pods_route_outlives_its_record_and_goes_with_its_interface(node, tmp_path):
+    """#9.3: a route through an existing weft interface is never deleted by a run (the pod runs;
+    the CNI plugin removes interface and route at DEL), neither when the desired state forgets
+    the pod nor by destroy; other tools' routes are never touched."""
+    a, b = host_iface_name("x", "a"), host_iface_name("x", "b")
     in_ns(node.ns, "ip", "route", "add", "198.18.3.0/24", "dev", b, "proto", "static")
     in_ns(node.ns, "ip", "route", "add", "198.18.3.50/32", "dev", b)
     foreign = in_ns(node.ns, "ip", "route", "show", "proto", "static") + in_ns(node.ns, "ip", "route", "show",
                                                                               "proto", "boot")
     write_manifests(node.src, [o for o in PODS if o["metadata"]["name"] != "a"])
-    plan = node.weft("plan", from_dir=node.src, expect=0)
-    assert "route 198.18.3.11/32 will be destroyed" in plan.stdout
+    plan = node.weft_json("plan", from_dir=node.src)
+    assert plan["changes"]["routes"] == [], "a live pod's route is not the run's to delete"
+    node.weft("apply", from_dir=node.src)
+    assert weft_routes(node.ns) == {"198.18.3.11": a, "198.18.3.12": b}
+    node.weft("drift", from_dir=node.src, expect=0)
+
+    in_ns(node.ns, "ip", "link", "del", a)                   # CNI DEL: the interface goes, its route with it
     node.weft("apply", from_dir=node.src)
     assert weft_routes(node.ns) == {"198.18.3.12": b}
     node.weft("apply", "--destroy")
@@ -82,6 +90,32 @@ def test_route_of_a_gone_pod_is_removed_and_foreign_routes_stay(node, tmp_path):
     after = in_ns(node.ns, "ip", "route", "show", "proto", "static") + in_ns(node.ns, "ip", "route", "show",
                                                                              "proto", "boot")
     assert after == foreign
+
+
+def test_a_route_is_moved_when_the_address_belongs_to_another_pod_now(node):
+    """The desired state routes a's address to pod c: the route is replaced, not added beside."""
+    c = host_iface_name("x", "c")
+    veth(node.ns, c)
+    moved = [namespace("x"), pod("x", "b", "198.18.3.12"), pod("x", "c", "198.18.3.11")]
+    write_manifests(node.src, moved)
+    plan = node.weft_json("plan", from_dir=node.src)
+    assert [(r["dst"], r["action"], r["previous_dev"], r["dev"]) for r in plan["changes"]["routes"]] == [
+        ("198.18.3.11/32", "update", host_iface_name("x", "a"), c)]
+    node.weft("apply", from_dir=node.src)
+    assert weft_routes(node.ns) == {"198.18.3.11": c, "198.18.3.12": host_iface_name("x", "b")}
+
+
+def test_weft_routes_through_foreign_interfaces_are_removed(node):
+    """A route of weft's protocol through an interface that is not weft's is no pod's: it goes."""
+    in_ns(node.ns, "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1")
+    in_ns(node.ns, "ip", "link", "set", "other0", "up")
+    in_ns(node.ns, "ip", "route", "add", "198.18.3.77/32", "dev", "other0", "proto", "201")
+    drift = node.weft("drift", "--output", "json", from_dir=node.src, expect=2)
+    assert json.loads(drift.stdout)["items"] == [
+        {"kind": "route", "name": "198.18.3.77/32", "problem": "unexpected", "rule": "dev other0"}]
+    node.weft("apply", from_dir=node.src)
+    assert "198.18.3.77" not in weft_routes(node.ns)
+    node.weft("drift", from_dir=node.src, expect=0)
 
 
 def test_pod_whose_interface_does_not_exist_yet_wants_no_route(node):

@@ -50,10 +50,18 @@ def test_a_planted_pickle_in_the_state_dir_is_never_unpickled(tmp_path):
 def test_the_codec_builds_only_registered_model_types():
     value = (Endpoint("a", "p", "n1", "weftabc", ("198.18.0.1",), {"app": "x"}), Namespace("a", {"k": "v"}))
     assert codec.decode(json.loads(json.dumps(codec.encode(value)))) == value
+    plain = {"pods": {"x/a": {"egress": [["weft-po-a"], []]}}, "closed": {"x": (True, False)}, "n": [1, None]}
+    for again in (codec.decode(json.loads(json.dumps(codec.encode(plain)))), codec.loads(codec.dumps(plain))):
+        assert again == plain and type(again["pods"]["x/a"]["egress"]) is list and type(again["closed"]["x"]) is tuple
+        assert type(again["pods"]["x/a"]["egress"][0]) is list and type(again["n"]) is list
+    nested = ([1, (2, [3])], {"k": [(4,)]}, Namespace("a", {"k": "v"}))
+    assert codec.loads(codec.dumps(nested)) == nested and type(codec.loads(codec.dumps(nested))[0][1][1]) is list
+    assert type(codec.loads(codec.dumps([1]))) is list and type(codec.loads(codec.dumps((1,)))) is tuple
     for hostile in ({codec.DATACLASS: "Popen", "v": [["id"]]}, {codec.DATACLASS: "_Boom", "v": ["x"]},
                     {codec.ENUM: "Signals", "v": 9}, {codec.FROZENSET: "x"},
                     {codec.DATACLASS: "Endpoint", "v": "not a list"}, {codec.DATACLASS: "Endpoint", "v": [1]},
-                    {codec.MAPPING: [[{"a": 1}, 2]]}):
+                    {codec.MAPPING: [[{"a": 1}, 2]]}, {codec.LIST: "x"}, {codec.FROZENSET: [{codec.LIST: [1]}]},
+                    {codec.MAPPING: [[{codec.LIST: [1]}, 2]]}):
         with pytest.raises(codec.CodecError):
             codec.decode(hostile)
         with pytest.raises(codec.CodecError):
