@@ -118,6 +118,7 @@ class _Kept(list):
 
 
 _UNPLACED = frozenset((list, _Kept))
+_new = object.__new__
 
 
 def _placed(v: Any) -> Any:
@@ -131,7 +132,7 @@ def _tuple(items: list | tuple) -> tuple:
     """A JSON list as the tuple it encodes (its lists too; its objects are decoded already)."""
     if _UNPLACED.isdisjoint(map(type, items)):
         return tuple(items)
-    return tuple([_placed(v) for v in items])
+    return tuple([_tuple(v) if type(v) is list else list(v) if type(v) is _Kept else v for v in items])
 
 
 def _node(obj: dict) -> Any:
@@ -142,13 +143,13 @@ def _node(obj: dict) -> Any:
         if built is None or type(values) is not list or len(obj) != 2:
             raise CodecError(f"unknown model type {str(name)[:80]!r}")
         cls, names, direct = built
-        if not _UNPLACED.isdisjoint(map(type, values)):
-            values = [_placed(v) for v in values]
+        if not _UNPLACED.isdisjoint(map(type, values)):     # (inline _placed: this runs per object)
+            values = [_tuple(v) if type(v) is list else list(v) if type(v) is _Kept else v for v in values]
         if direct:
             if len(values) != len(names):
                 raise CodecError(f"{name}: {len(values)} values for {len(names)} fields")
-            value = object.__new__(cls)
-            value.__dict__.update(zip(names, values, strict=True))
+            value = _new(cls)
+            value.__dict__.update(zip(names, values, strict=False))   # lengths checked above
             return value
         try:
             return cls(*values)
