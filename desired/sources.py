@@ -456,8 +456,9 @@ def _key(obj: dict) -> tuple:
 def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     from weft.desired import api as kube
     from weft.desired.loader import convert_object
+    resources = kube.discover_resources(api)
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
-        listed = list(pool.map(lambda r: kube.list_kind(api, r), kube.RESOURCES))
+        listed = list(pool.map(lambda r: kube.list_kind(api, r), resources))
     errors: list[ValidationError] = []
     table = {}
     for items, _rv in listed:
@@ -468,7 +469,7 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     if errors:
         raise InvalidDesiredState(errors)
     state = _assembled(table)()
-    cache.cursors = {_cursor(r): rv for r, (_i, rv) in zip(kube.RESOURCES, listed, strict=True)}
+    cache.cursors = {_cursor(r): rv for r, (_i, rv) in zip(resources, listed, strict=True)}
     # Every list began after `before` and lists are consistent reads: while the cluster's version
     # is still `before`, nothing changed (versions are opaque: compared for equality only).
     cache.cursors[CURRENT] = before
@@ -483,8 +484,10 @@ def _cursor(resource) -> str:
 
 def _watch_all(api, cursors: dict) -> list:
     """Each kind's events since its cursor; a kind without one, or whose events are no longer
-    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once."""
+    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once. The
+    kinds are those the cluster serves (API discovery: each Calico kind from one group)."""
     from weft.desired import api as kube
+    resources = kube.discover_resources(api)
 
     def one(resource):
         cursor = cursors.get(_cursor(resource), "")
@@ -495,8 +498,8 @@ def _watch_all(api, cursors: dict) -> list:
         except kube.WatchExpired:
             return resource, "list", kube.list_kind(api, resource)
 
-    with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
-        return list(pool.map(one, kube.RESOURCES))
+    with ThreadPoolExecutor(len(resources), thread_name_prefix="weft-watch") as pool:
+        return list(pool.map(one, resources))
 
 
 def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, kubeconfig: str | None,
@@ -512,7 +515,11 @@ def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, kubeco
     cache.cursors[BEGUN] = now
     # Only each object's last event counts: an invalid version fixed since is not an error.
     latest: dict[tuple, tuple[str, dict | None]] = {}
-    relisted = []
+    # A kind now read from the other of Calico's groups (or no longer served): what is cached of
+    # it under the group it is no longer read from is gone, as if listed empty.
+    from weft.desired.api import CALICO_API_GROUPS
+    read = {(r.api_version, r.kind) for r, _how, _answer in results}
+    relisted = [kind for kind in {g[:2] for g in cache.blobs} if kind[0] in CALICO_API_GROUPS and kind not in read]
     for resource, how, (items, _position) in results:
         if how == "list":
             # The list is the whole kind: what is cached and not listed is gone.
