@@ -225,7 +225,9 @@ def _selection_set(sets: SetCatalog, meaning: str, selection: Selection, family:
 
 def _numeric_groups(ports: tuple[Port, ...]) -> list[str]:
     """Numeric ports as multiport lists of at most MULTIPORT_MAX (a range counting twice)."""
-    groups, chunk, used = [], [], 0
+    groups: list[str] = []
+    chunk: list[str] = []
+    used = 0
     for p in ports:
         if isinstance(p, NamedPort):
             continue
