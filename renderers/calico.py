@@ -23,6 +23,13 @@ the tests hold the kernel's verdicts against):
   one rule per multiport group or named-port set) and notPorts (negated multiport groups and
   named-port sets, all in the same rule).
 
+Host endpoints (host_endpoint_input): traffic to the host through an interface a host endpoint
+of the node names ("*": every interface but lo and the pods'), with failsafe inbound ports
+first; what is not rendered yet: traffic the host sends (egress, failsafe outbound ports),
+forwarded traffic (applyOnForward), preDNAT and doNotTrack policies, host endpoints that name
+their interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod
+to host traffic still ends in the host's own rules).
+
 Only the IPv4 family is rendered here (`family` is the seam for IPv6: nets, sets and protocols
 already filter by it).
 """
@@ -34,21 +41,25 @@ from collections.abc import Callable, Mapping
 from functools import cache
 
 from weft.desired.index import Selection
+from weft.model import labels as calico_labels
 from weft.model.cluster import (
     INGRESS,
     Action,
+    ClusterState,
     Direction,
     EntityMatch,
     NamedPort,
     Policy,
     Port,
+    PortRange,
+    ProtoPort,
     Rule,
     Tier,
     protocol_number,
 )
 from weft.model.kernel import PREFIX, IpSet
 from weft.renderers.ipsets import SetCatalog, entity_key, ipset_net, short_hash
-from weft.renderers.rules import MARK_ACCEPT, MARK_PASS, TIER_PASSES, Spec, base_matches
+from weft.renderers.rules import MARK_ACCEPT, MARK_ALL, MARK_PASS, TIER_PASSES, Spec, base_matches, tiered_specs
 
 MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
 LOG_PREFIX_MAX = 29                           # the LOG target's limit on --log-prefix
@@ -191,19 +202,48 @@ def _network(net: str):
 
 def _selected_set(entity: EntityMatch, sets: SetCatalog, family: int, pods_only: bool) -> str:
     """The set of the addresses a side's selector picks: renderers.ipsets' peers set while it
-    picks only pods; a hash:net set of its own when it picks host endpoints or network sets."""
+    picks only pods; a set of its own when it picks host endpoints or network sets. A set the
+    reused render has is taken without selecting again (the reuse's basis covers all three)."""
     if pods_only:
         return sets.peers(entity)
+    key = entity_key(entity)
+    meaning = f"selected {key}"
+    found = _known(sets, meaning, family)
+    if found is None and f"{PREFIX}s-{short_hash('peers', key)}" in sets.reuse:
+        return sets.peers(entity)
+    if found is not None:
+        return found
     selection = sets.index.side(entity)
     if selection is None or not (selection.host_endpoints or selection.network_sets):
         return sets.peers(entity)
-    return _selection_set(sets, f"selected {entity_key(entity)}", selection, family)
+    return _selection_set(sets, meaning, selection, family)
 
 
 def _not_selected_set(entity: EntityMatch, sets: SetCatalog, family: int) -> str:
+    assert entity.not_selector is not None
+    meaning = f"notSelector {entity.not_selector.canonical()}"
+    found = _known(sets, meaning, family)
+    if found is not None:
+        return found
     selection = sets.index.side_not(entity)
-    assert entity.not_selector is not None and selection is not None
-    return _selection_set(sets, f"notSelector {entity.not_selector.canonical()}", selection, family)
+    assert selection is not None
+    return _selection_set(sets, meaning, selection, family)
+
+
+def _selection_name(meaning: str, kind: str, family: int) -> str:
+    return f"{PREFIX}c-{short_hash('selection', meaning, kind, str(family))}"
+
+
+def _known(sets: SetCatalog, meaning: str, family: int) -> str | None:
+    """The name of the set for `meaning` if this render or the reused one has it."""
+    for kind in ("hash:ip", "hash:net"):
+        name = _selection_name(meaning, kind, family)
+        if name in sets.sets:
+            return name
+        if name in sets.reuse:
+            sets.sets[name] = sets.reuse[name]
+            return name
+    return None
 
 
 def _selection_set(sets: SetCatalog, meaning: str, selection: Selection, family: int) -> str:
@@ -212,14 +252,11 @@ def _selection_set(sets: SetCatalog, meaning: str, selection: Selection, family:
     nets = selection.nets(sets.index, family)
     single = all(_network(n).prefixlen == _network(n).max_prefixlen for n in nets)
     kind = "hash:ip" if single else "hash:net"
-    name = f"{PREFIX}c-{short_hash('selection', meaning, kind, str(family))}"
+    name = _selection_name(meaning, kind, family)
     if name not in sets.sets:
-        found = sets.reuse.get(name)
-        if found is None:
-            members = frozenset(str(_network(n).network_address) for n in nets) if single else \
-                frozenset(m for n in nets for m in ipset_net(n))
-            found = IpSet(name, kind, members, about=meaning)
-        sets.sets[name] = found
+        members = frozenset(str(_network(n).network_address) for n in nets) if single else \
+            frozenset(m for n in nets for m in ipset_net(n))
+        sets.sets[name] = IpSet(name, kind, members, about=meaning)
     return name
 
 
@@ -263,3 +300,78 @@ def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None,
             name = sets.named_port(entity, p.name, protocol)
             matches.append(f"-m set ! --match-set {name} {direction},{direction}")
     return matches
+
+
+# --- host endpoints: traffic to the host itself ---------------------------------------------------
+
+def host_endpoint_input(state: ClusterState, node: str, sets: SetCatalog,
+                        chain_name: Callable[[Policy, Direction], str], order: Callable,
+                        pods_only: bool) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
+    """Calico's host endpoints of `node` for traffic to the host: (rules that end weft-INPUT,
+    chains to add: (name, rules, about), the policies' own chains included).
+
+    Only host endpoints with an interfaceName are rendered (one that names its interface by
+    expectedIPs needs the node's addresses, which a pure renderer does not have): the named
+    ones, then the first "*" one for every other interface but `lo` (the host always reaches
+    itself). Pod interfaces keep their own path (RETURN: the host's rules). Each host
+    endpoint's chain: connections already accepted pass, invalid ones drop, then the failsafe
+    inbound ports (FelixConfiguration, Felix's defaults: SSH, BGP, the API server, ...) are
+    accepted whatever the policy, then the applicable policies' tiers (normal policies only:
+    preDNAT and doNotTrack policies are not rendered yet), then Allow accepts, and an endpoint
+    no policy decided for goes to its profiles (projectcalico-default-allow, or kns.<namespace>
+    of an existing namespace, accept), else drops: Calico's default for host endpoints.
+    """
+    heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
+    if not heps:
+        return [], []
+    wildcard = [h for h in heps if h.wildcard][:1]
+    chosen = [h for h in heps if not h.wildcard] + wildcard
+    entry = [Spec(f"-i {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    settings = state.felix_settings(node)
+    for hep in chosen:
+        name = f"{PREFIX}hi-{short_hash('host-endpoint', hep.name, length=16)}"
+        tiers_name = f"{PREFIX}hp-{short_hash('host-endpoint', hep.name, length=16)}"
+        entry.append(Spec("! -i lo" if hep.wildcard else f"-i {hep.interface}", target=f"-g {name}"))
+        applicable = order([p for p in state.policies if INGRESS in p.types and not p.pre_dnat and not p.do_not_track
+                            and hep in sets.index.policy_host_endpoints(p)], state.tiers)
+        specs = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j ACCEPT"),
+                 Spec(extra="-m conntrack --ctstate INVALID", target="-j DROP")]
+        specs += _failsafe_specs(settings.failsafe_inbound_host_ports)
+        specs += [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}"),
+                  Spec(target=f"-j {tiers_name}"),
+                  Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j ACCEPT")]
+        specs.append(Spec(target="-j ACCEPT" if _profiles_allow(state, hep.profiles) else "-j DROP"))
+        chains.append((name, specs, f"traffic to this host through host endpoint {hep.name}"))
+        tiered = tiered_specs(tier_specs(applicable, INGRESS, state.tiers, chain_name))
+        chains.append((tiers_name, tiered, f"the policies of host endpoint {hep.name} ({len(applicable)})"))
+        for policy in applicable:
+            pname = chain_name(policy, INGRESS)
+            if pname not in rendered:
+                rendered.add(pname)
+                chains.append((pname, policy_specs(policy, INGRESS, sets, pods_only=pods_only),
+                               f"ingress rules of {policy.origin or policy.key}"))
+    return entry, chains
+
+
+def _failsafe_specs(ports: tuple[ProtoPort, ...]) -> list[Spec]:
+    """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order."""
+    groups: dict[tuple[str, str], list[PortRange]] = {}
+    for fp in ports:
+        groups.setdefault((fp.net or "", fp.protocol), []).append(PortRange(fp.port, fp.port))
+    specs = []
+    for (net, protocol), group in groups.items():
+        source = "" if not net or _network(net).prefixlen == 0 else str(_network(net))
+        if net and _network(net).version != 4:
+            continue
+        for ports_text in _numeric_groups(tuple(group)):
+            specs.append(Spec(base_matches(src=source, proto=protocol), f"-m multiport --dports {ports_text}",
+                              "-j ACCEPT"))
+    return specs
+
+
+def _profiles_allow(state: ClusterState, profiles: tuple[str, ...]) -> bool:
+    """Whether a host endpoint's profiles allow what no policy decided (desired.verdict's rule)."""
+    return any(p == calico_labels.DEFAULT_ALLOW_PROFILE or (p.startswith(calico_labels.NAMESPACE_PROFILE_PREFIX) and
+               p[len(calico_labels.NAMESPACE_PROFILE_PREFIX):] in state.namespaces) for p in profiles)

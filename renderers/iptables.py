@@ -7,7 +7,9 @@ Flow of a forwarded packet (Felix's design, with weft's names):
     to a pod:    weft-to-wl-dispatch   -> weft-tw-<iface> (the pod's ingress policy)
     then ACCEPT. An endpoint chain drops what its policies deny, RETURNs what they allow.
   INPUT -> weft-INPUT: traffic from pods to the host passes the pod's egress policy, then
-    RETURNs to the host's own INPUT rules (weft does not override the host firewall).
+    RETURNs to the host's own INPUT rules (weft does not override the host firewall); traffic
+    through an interface a Calico host endpoint of this node names goes to that endpoint's
+    chain (renderers.calico: failsafe ports, its policies, its profiles), which accepts or drops.
 
 Endpoint chains walk the tiers in order; in each tier the applicable policies are tried in
 order: an Allow sets the accept mark and returns, Deny drops, Pass sets the pass mark which
@@ -36,7 +38,7 @@ from weft.model.cluster import (
 )
 from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
-from weft.renderers.calico import policy_specs, tier_specs
+from weft.renderers.calico import host_endpoint_input, policy_specs, tier_specs
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
@@ -84,12 +86,15 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
         chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
 
     add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
-    add(INPUT_CHAIN, _input_specs(), "entry from INPUT: pod traffic to this host")
+    pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
+    hosts, host_chains = host_endpoint_input(state, node, sets, policy_chain_name, order_policies, pods_only)
+    add(INPUT_CHAIN, _input_specs() + hosts, "entry from INPUT: pod traffic to this host")
+    for name, specs, about in host_chains:
+        add(name, specs, about)
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
     applying = _policies_by_endpoint(state, known)
-    pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
     for ep in local:
         for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
             name = f"{PREFIX}{kind}-{ep.iface}"

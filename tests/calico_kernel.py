@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from weft.desired.verdict import Evaluator, Packet
+from weft.desired.verdict import Decision, Evaluator, Packet, Verdict
 from weft.model.cluster import EGRESS, INGRESS, ClusterState, Endpoint
 from weft.model.kernel import Dataplane
 from weft.renderers.iptables import render_node
@@ -84,8 +84,9 @@ def _order(probe: dict) -> bool:
 class KernelNode:
     """Namespaces for `state`'s pods on `node`, and the outside."""
 
-    def __init__(self, state: ClusterState, node: str):
+    def __init__(self, state: ClusterState, node: str, host_ip: str | None = None):
         self.node = node
+        self.host_ip = host_ip             # the node's address on eth0 (its host endpoint's), if any
         self.prefix = f"wcal-{os.getpid()}-{next(_counter)}"
         self.node_ns = f"{self.prefix}-n"
         self.outside_ns = f"{self.prefix}-o"
@@ -127,10 +128,12 @@ class KernelNode:
                 f"route add default via {GATEWAY_IP} dev eth0 onlink"]) + "\n")
         self._add(self.outside_ns)
         in_ns(self.node_ns, "ip", "-batch", "-", stdin="\n".join([
-            f"link add ext0 address {HOST_SIDE_MAC} type veth peer name eth0 netns {self.outside_ns}",
-            "link set ext0 up",
-            f"neigh add {OUTSIDE_NEXT_HOP} lladdr {OUTSIDE_MAC} dev ext0 nud permanent",
-            f"route add {OUTSIDE_NET} via {OUTSIDE_NEXT_HOP} dev ext0 onlink"]) + "\n")
+            f"link add eth0 address {HOST_SIDE_MAC} type veth peer name eth0 netns {self.outside_ns}",
+            "link set eth0 up",
+            *([f"addr add {self.host_ip}/32 dev eth0"] if self.host_ip else []),
+            f"neigh add {OUTSIDE_NEXT_HOP} lladdr {OUTSIDE_MAC} dev eth0 nud permanent",
+            f"route add {OUTSIDE_NET} via {OUTSIDE_NEXT_HOP} dev eth0 onlink",
+            f"route add 198.18.100.0/24 via {OUTSIDE_NEXT_HOP} dev eth0 onlink"]) + "\n")
         in_ns(self.outside_ns, "ip", "-batch", "-", stdin="\n".join([
             f"link set eth0 address {OUTSIDE_MAC}", "link set eth0 up",
             f"neigh add {GATEWAY_IP} lladdr {HOST_SIDE_MAC} dev eth0 nud permanent",
@@ -161,7 +164,10 @@ class KernelNode:
     # --- packets -----------------------------------------------------------------------------
 
     def _where(self, who: str) -> tuple[str, str]:
-        """(address, namespace) of a pod key or an outside address."""
+        """(address, namespace) of a pod key, "host" (the node) or an outside address."""
+        if who == "host":
+            assert self.host_ip is not None
+            return self.host_ip, self.node_ns
         if who in self.pods:
             ep, netns = self.pods[who]
             return next(a for a in ep.ips if ":" not in a), netns
@@ -189,8 +195,10 @@ class KernelNode:
         arrived: set[int] = set()
         for batch in ([p for p in probes if _order(p)], [p for p in probes if not _order(p)]):
             if batch:
-                captures = sorted({p["to"] for p in batch})
-                out = run(sys.executable, str(PROBE), stdin=json.dumps({"captures": captures, "probes": batch}))
+                captures = sorted({p["to"] for p in batch} - {self.node_ns})
+                local = [self.node_ns] if any(p["to"] == self.node_ns for p in batch) else []
+                out = run(sys.executable, str(PROBE),
+                          stdin=json.dumps({"captures": captures, "local": local, "probes": batch}))
                 arrived |= set(json.loads(out))
                 in_ns(self.node_ns, "conntrack", "-F", check=False)
         return [p["id"] in arrived for p in probes]
@@ -205,7 +213,10 @@ class KernelNode:
             packet = Packet(probe["src"], probe["dst"], probe["proto"], probe["sport"] if ported else None,
                             probe["dport"] if ported else None, probe["icmp_type"] if icmp else None,
                             probe["icmp_code"] if icmp else None)
-            if flow.src in self.pods and flow.dst in self.pods:
+            if flow.dst == "host":
+                hep = evaluator.host_endpoint_for(self.node, "eth0", [self.host_ip])
+                decision = evaluator.host(hep, INGRESS, packet) if hep else Decision(Verdict.ALLOW, "not policed")
+            elif flow.src in self.pods and flow.dst in self.pods:
                 decision = evaluator.between(self.pods[flow.src][0], self.pods[flow.dst][0], packet)
             elif flow.src in self.pods:
                 decision = evaluator.workload(self.pods[flow.src][0], EGRESS, packet)

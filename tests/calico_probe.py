@@ -1,6 +1,6 @@
 """Send single packets between test namespaces and report which arrived (run as a script, as root).
 
-Input (stdin, JSON): {"captures": [netns, ...], "probes": [{"id", "from", "to", "src", "dst",
+Input (stdin, JSON): {"captures": [netns, ...], "local": [netns, ...], "probes": [{"id", "from", "to", "src", "dst",
 "proto", "sport", "dport", "icmp_type", "icmp_code"}, ...]}, where "from" is the namespace a
 probe is sent in and "to" the namespace it should arrive in. Output (stdout, JSON): the ids of
 the probes that arrived.
@@ -9,8 +9,10 @@ Each probe is one IPv4 packet built whole (IP_HDRINCL, correct checksums): a TCP
 datagram, an ICMP query (echo, timestamp: the types conntrack tracks as new connections), or a
 bare IP packet of another protocol. Arrival is seen by an AF_PACKET socket on the destination
 namespace's eth0, so it is the node's forwarding verdict, whatever the destination's own stack
-does with the packet. Namespaces are entered with setns(2) (never `ip netns exec`), one socket
-each; the process never enters the root namespace's configuration.
+does with the packet; in a "local" namespace (a host), arrival is seen by raw sockets (ICMP,
+TCP, UDP), which get a packet only once the host's INPUT chain let it in. Namespaces are entered
+with setns(2) (never `ip netns exec`), one socket each; the process never enters the root
+namespace's configuration.
 """
 from __future__ import annotations
 
@@ -89,7 +91,13 @@ def main() -> None:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
         sock.bind(("eth0", ETH_P_IP))
         sock.setblocking(False)
-        captures[netns] = sock
+        captures[sock] = netns
+    for netns in spec.get("local", ()):
+        enter(netns)
+        for proto in (socket.IPPROTO_ICMP, socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+            sock.setblocking(False)
+            captures[sock] = netns
     senders = {}
     for netns in sorted({p["from"] for p in spec["probes"]}):
         enter(netns)
@@ -100,7 +108,7 @@ def main() -> None:
         senders[probe["from"]].sendto(packet(probe), (probe["dst"], 0))
     arrived = set()
     deadline = time.monotonic() + spec.get("wait", 0.5)
-    socks = {s: n for n, s in captures.items()}
+    socks = captures
     while time.monotonic() < deadline:
         ready, _, _ = select.select(list(socks), [], [], max(deadline - time.monotonic(), 0))
         for sock in ready:

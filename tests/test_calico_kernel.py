@@ -257,7 +257,7 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
     nothing to do, drift finds nothing (the kernel prints every rule as weft renders it), and
     destroy removes it all."""
     policies = []
-    for i, case in enumerate([*CASES.values(), random_policies(3)]):
+    for i, case in enumerate([*CASES.values(), random_policies(3), HOST_CASES["tiers-on-a-host"]]):
         for d in case:
             if d["kind"] != "Tier":       # the cases reuse names: each gets its own prefix
                 tier_name, dot, name = d["metadata"]["name"].rpartition(".")
@@ -273,9 +273,73 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
         saved = node.save()
         for text in ("--icmp-type 8/1", "! --icmp-type 8", "-p gre", "! -p tcp", "-j LOG --log-prefix"):
             assert text in saved, text
-        for text in ("-m multiport ! --dports", "-m set ! --match-set weft-c-", "-m set --match-set weft-c-"):
+        for text in ("-m multiport ! --dports", "-m set ! --match-set weft-c-", "-m set --match-set weft-c-",
+                     "-i eth0 -m comment", "-j weft-hp-"):
             assert text in saved, text
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         assert "No drift" in node.weft("drift", from_dir=src, expect=0).stdout
         node.weft("apply", "--destroy")
         assert nodens.weft_names(ns) == []
+
+
+# --- host endpoints: traffic to the host itself ---------------------------------------------------
+
+HOST_PROBES = (("tcp", 22, None, None, None), ("tcp", 179, None, None, None), ("tcp", 6443, None, None, None),
+               ("tcp", 80, None, None, None), ("tcp", 10250, None, None, None), ("tcp", 2222, None, None, None),
+               ("udp", 53, None, None, None), ("udp", 68, None, None, None), ("icmp", None, None, 8, 0))
+HOST_PEERS = ("198.19.1.5", "198.19.5.1", "198.18.100.7")
+HEP = kind("HostEndpoint", "node1-eth0", {"node": NODE, "interfaceName": "eth0", "expectedIPs": ["198.18.0.1"]},
+           role="worker")
+HOST_CASES = {
+    "no-policy-no-profile": [HEP],
+    "default-allow-profile": [kind("HostEndpoint", "node1-eth0", {"node": NODE, "interfaceName": "eth0",
+                                                                  "profiles": ["projectcalico-default-allow"]})],
+    "no-failsafes": [HEP, kind("FelixConfiguration", "default", {"failsafeInboundHostPorts": []}),
+                     gnp("allow-icmp", selector="role == 'worker'", ingress=[{"action": "Allow", "protocol": "ICMP"}])],
+    "node-failsafes-with-net": [
+        HEP, kind("FelixConfiguration", "default", {"failsafeInboundHostPorts": []}),
+        kind("FelixConfiguration", f"node.{NODE}", {"failsafeInboundHostPorts": [
+            {"protocol": "TCP", "port": 2222, "net": "198.19.0.0/16"}, {"protocol": "UDP", "port": 53}]})],
+    "tiers-on-a-host": [
+        HEP, tier("t1", 10, "Pass"),
+        gnp("t1.no-udp", tier="t1", selector="role == 'worker'", ingress=[
+            {"action": "Log", "protocol": "UDP"},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}}]),
+        gnp("web", selector="role == 'worker'", ingress=[
+            {"action": "Allow", "protocol": "TCP", "destination": {"ports": [80], "notPorts": [22]}},
+            {"action": "Allow", "protocol": "UDP", "source": {"notSelector": "role == 'db'"}}]),
+        kind("GlobalNetworkSet", "db", {"nets": ["198.19.1.0/24"]}, role="db")],
+    "star-deny-all": [kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+                      gnp("deny-all", selector="all()", ingress=DENY_ALL, egress=DENY_ALL)],
+}
+HOST_EXAMPLES = {"deny-all-failsafe": ("hosts/deny-all-failsafe.yaml", NODE, "198.18.0.1"),
+                 "protect-hosts": ("hosts/protect-hosts.yaml", "my-host", "198.18.0.21")}
+
+
+def check_host(state, node_name: str, host_ip: str, name: str) -> None:
+    with KernelNode(state, node_name, host_ip) as node:
+        dataplane = node.load(state)
+        rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
+        assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        flows = [Flow(peer, "host", *probe) for peer in HOST_PEERS for probe in HOST_PROBES]
+        wrong = node.mismatches(flows)
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+
+
+@pytest.mark.parametrize("name", HOST_CASES)
+def test_host_endpoint_case_on_the_kernel(name):
+    check_host(cluster(*BASE, *HOST_CASES[name], namespaces=()), NODE, "198.18.0.1", name)
+
+
+@pytest.mark.parametrize("name", HOST_EXAMPLES)
+def test_documented_host_example_on_the_kernel(name):
+    path, node_name, host_ip = HOST_EXAMPLES[name]
+    check_host(example(path), node_name, host_ip, name)
+
+
+def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server():
+    state = example("hosts/deny-all-failsafe.yaml")
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        node.load(state)
+        flows = [Flow("198.19.1.5", "host", "tcp", port) for port in (22, 179, 6443, 80, 8080)]
+        assert node.delivered(node.probes(flows)) == [True, True, True, False, False]

@@ -107,3 +107,22 @@ def test_the_snapshot_accepts_pass_only_after_a_tiers_chains(tiers):
             "pods": {"ns1/a": {"egress": [], "ingress": tiers}}}
     with pytest.raises(ValueError, match="is not a weft ingress policy chain"):
         snapshot.check_snapshot(snap)
+
+
+def test_a_render_reusing_the_last_ones_sets_equals_a_fresh_one_with_network_sets():
+    """Selections of network sets and notSelectors are named after their meaning: a render that
+    takes them from the last render (same endpoints, network sets, host endpoints) is the same."""
+    sets_ = [kind("GlobalNetworkSet", "partners", {"nets": ["198.19.5.0/24"]}, role="partner"),
+             kind("HostEndpoint", "h", {"node": NODE, "interfaceName": "eth0", "expectedIPs": ["198.18.0.1"]},
+                  role="partner")]
+    rule = {"action": "Allow", "source": {"selector": "role == 'partner' || app == 'a'"}}
+    before = cluster(A, B, *sets_, gnp("p", selector="app == 'b'", ingress=[rule, {
+        "action": "Allow", "source": {"notSelector": "app == 'a'", "selector": "app == 'a'"}}]))
+    after = cluster(A, B, *sets_, gnp("p", selector="app == 'b'", ingress=[rule | {"protocol": "TCP"}, {
+        "action": "Allow", "source": {"notSelector": "app == 'a'", "selector": "app == 'a'"}}]))
+    first = render_node(before, NODE)
+    assert any(s.type == "hash:net" and "198.18.0.1" in s.members for s in first.ipsets.values())
+    for state in (before, after):
+        again = render_node(state, NODE, reuse=first.ipsets)
+        assert again == render_node(state, NODE)
+        assert all(again.ipsets[n] is first.ipsets[n] for n in again.ipsets if n in first.ipsets)
