@@ -23,10 +23,9 @@ the tests hold the kernel's verdicts against):
   one rule per multiport group or named-port set) and notPorts (negated multiport groups and
   named-port sets, all in the same rule).
 
-Host endpoints (host_endpoint_input): traffic to the host through an interface a host endpoint
-of the node names ("*": every interface but lo and the pods'), with failsafe inbound ports
-first; what is not rendered yet: traffic the host sends (egress, failsafe outbound ports),
-forwarded traffic (applyOnForward), preDNAT and doNotTrack policies, host endpoints that name
+Host endpoints (host_endpoint_chains): traffic to and from the host through an interface a host
+endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
+what is not rendered yet: forwarded traffic (applyOnForward), preDNAT and doNotTrack policies, host endpoints that name
 their interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod
 to host traffic still ends in the host's own rules).
 
@@ -304,59 +303,66 @@ def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None,
 
 # --- host endpoints: traffic to the host itself ---------------------------------------------------
 
-def host_endpoint_input(state: ClusterState, node: str, sets: SetCatalog,
-                        chain_name: Callable[[Policy, Direction], str], order: Callable,
-                        pods_only: bool) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
-    """Calico's host endpoints of `node` for traffic to the host: (rules that end weft-INPUT,
-    chains to add: (name, rules, about), the policies' own chains included).
+def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
+                         chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                         direction: Direction = INGRESS) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
+    """Calico's host endpoints of `node` for traffic to the host (INGRESS: the rules that end
+    weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
+    rules, about), the policies' own chains included. ([], []) when the node has none.
 
     Only host endpoints with an interfaceName are rendered (one that names its interface by
     expectedIPs needs the node's addresses, which a pure renderer does not have): the named
     ones, then the first "*" one for every other interface but `lo` (the host always reaches
-    itself). Pod interfaces keep their own path (RETURN: the host's rules). Each host
-    endpoint's chain: connections already accepted pass, invalid ones drop, then the failsafe
-    inbound ports (FelixConfiguration, Felix's defaults: SSH, BGP, the API server, ...) are
-    accepted whatever the policy, then the applicable policies' tiers (normal policies only:
-    preDNAT and doNotTrack policies are not rendered yet), then Allow accepts, and an endpoint
-    no policy decided for goes to its profiles (projectcalico-default-allow, or kns.<namespace>
-    of an existing namespace, accept), else drops: Calico's default for host endpoints.
+    itself). Pod interfaces keep their own path (RETURN: the host's rules; the host's traffic
+    to its pods is never policed). Each host endpoint's chain: connections already accepted
+    pass, invalid ones drop, then the failsafe ports of the direction (FelixConfiguration,
+    Felix's defaults: SSH, BGP, DNS, the API server, ...) are accepted whatever the policy,
+    then the applicable policies' tiers (normal policies only: preDNAT and doNotTrack policies
+    are not rendered yet), then Allow accepts, and what no policy decided goes to the
+    endpoint's profiles (projectcalico-default-allow, or kns.<namespace> of an existing
+    namespace, accept), else drops: Calico's default for host endpoints.
     """
     heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
     if not heps:
         return [], []
+    ingress = direction == INGRESS
+    flag, kinds = ("-i", ("hi", "hp")) if ingress else ("-o", ("ho", "hq"))
     wildcard = [h for h in heps if h.wildcard][:1]
     chosen = [h for h in heps if not h.wildcard] + wildcard
-    entry = [Spec(f"-i {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    entry = [Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
     chains: list[tuple[str, list[Spec], str]] = []
     rendered: set[str] = set()
     settings = state.felix_settings(node)
+    failsafes = settings.failsafe_inbound_host_ports if ingress else settings.failsafe_outbound_host_ports
     for hep in chosen:
-        name = f"{PREFIX}hi-{short_hash('host-endpoint', hep.name, length=16)}"
-        tiers_name = f"{PREFIX}hp-{short_hash('host-endpoint', hep.name, length=16)}"
-        entry.append(Spec("! -i lo" if hep.wildcard else f"-i {hep.interface}", target=f"-g {name}"))
-        applicable = order([p for p in state.policies if INGRESS in p.types and not p.pre_dnat and not p.do_not_track
-                            and hep in sets.index.policy_host_endpoints(p)], state.tiers)
+        name, tiers_name = (f"{PREFIX}{k}-{short_hash('host-endpoint', hep.name, length=16)}" for k in kinds)
+        entry.append(Spec(f"! {flag} lo" if hep.wildcard else f"{flag} {hep.interface}", target=f"-g {name}"))
+        applicable = order([p for p in state.policies if direction in p.types and not p.pre_dnat
+                            and not p.do_not_track and hep in sets.index.policy_host_endpoints(p)], state.tiers)
         specs = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j ACCEPT"),
                  Spec(extra="-m conntrack --ctstate INVALID", target="-j DROP")]
-        specs += _failsafe_specs(settings.failsafe_inbound_host_ports)
+        specs += _failsafe_specs(failsafes, "src" if ingress else "dst")
         specs += [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}"),
                   Spec(target=f"-j {tiers_name}"),
                   Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j ACCEPT")]
         specs.append(Spec(target="-j ACCEPT" if _profiles_allow(state, hep.profiles) else "-j DROP"))
-        chains.append((name, specs, f"traffic to this host through host endpoint {hep.name}"))
-        tiered = tiered_specs(tier_specs(applicable, INGRESS, state.tiers, chain_name))
-        chains.append((tiers_name, tiered, f"the policies of host endpoint {hep.name} ({len(applicable)})"))
+        chains.append((name, specs, f"traffic {'to' if ingress else 'from'} this host through host endpoint "
+                                    f"{hep.name}"))
+        tiered = tiered_specs(tier_specs(applicable, direction, state.tiers, chain_name))
+        chains.append((tiers_name, tiered, f"the {direction.lower()} policies of host endpoint {hep.name} "
+                                           f"({len(applicable)})"))
         for policy in applicable:
-            pname = chain_name(policy, INGRESS)
+            pname = chain_name(policy, direction)
             if pname not in rendered:
                 rendered.add(pname)
-                chains.append((pname, policy_specs(policy, INGRESS, sets, pods_only=pods_only),
-                               f"ingress rules of {policy.origin or policy.key}"))
+                chains.append((pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                               f"{direction.lower()} rules of {policy.origin or policy.key}"))
     return entry, chains
 
 
-def _failsafe_specs(ports: tuple[ProtoPort, ...]) -> list[Spec]:
-    """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order."""
+def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str) -> list[Spec]:
+    """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order;
+    a port's net is the peer's: the source inbound (`peer` "src"), the destination outbound."""
     groups: dict[tuple[str, str], list[PortRange]] = {}
     for fp in ports:
         groups.setdefault((fp.net or "", fp.protocol), []).append(PortRange(fp.port, fp.port))
@@ -366,7 +372,9 @@ def _failsafe_specs(ports: tuple[ProtoPort, ...]) -> list[Spec]:
         if net and _network(net).version != 4:
             continue
         for ports_text in _numeric_groups(tuple(group)):
-            specs.append(Spec(base_matches(src=source, proto=protocol), f"-m multiport --dports {ports_text}",
+            matches = base_matches(src=source, proto=protocol) if peer == "src" else \
+                base_matches(dst=source, proto=protocol)
+            specs.append(Spec(matches, f"-m multiport --dports {ports_text}",
                               "-j ACCEPT"))
     return specs
 

@@ -38,7 +38,7 @@ from weft.model.cluster import (
 )
 from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
-from weft.renderers.calico import host_endpoint_input, policy_specs, tier_specs
+from weft.renderers.calico import host_endpoint_chains, policy_specs, tier_specs
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
@@ -54,6 +54,7 @@ from weft.renderers.rules import (
 WL_GLOB = PREFIX.rstrip("-") + "+"            # matches every weft host-side veth: "weft+"
 FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
+OUTPUT_CHAIN = f"{PREFIX}OUTPUT"              # hooked only on a node with host endpoints
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 
 
@@ -87,10 +88,15 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
 
     add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
-    hosts, host_chains = host_endpoint_input(state, node, sets, policy_chain_name, order_policies, pods_only)
-    add(INPUT_CHAIN, _input_specs() + hosts, "entry from INPUT: pod traffic to this host")
-    for name, specs, about in host_chains:
-        add(name, specs, about)
+    hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only)
+    hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
+                                                 EGRESS)
+    add(INPUT_CHAIN, _input_specs() + hosts_in, "entry from INPUT: pod traffic to this host")
+    if hosts_out:
+        add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
+    for name, specs, about in chains_in + chains_out:
+        if name not in chains:
+            add(name, specs, about)
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
@@ -112,7 +118,7 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
                         f"{direction.lower()} rules of {policy.origin or policy.key}")
 
     hooks = {}
-    for builtin, target in HOOKED.items():
+    for builtin, target in {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if hosts_out else {})}.items():
         hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
     return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
                      render_routes(local), render_links(local))

@@ -213,9 +213,10 @@ class KernelNode:
             packet = Packet(probe["src"], probe["dst"], probe["proto"], probe["sport"] if ported else None,
                             probe["dport"] if ported else None, probe["icmp_type"] if icmp else None,
                             probe["icmp_code"] if icmp else None)
-            if flow.dst == "host":
+            if "host" in (flow.src, flow.dst):
                 hep = evaluator.host_endpoint_for(self.node, "eth0", [self.host_ip])
-                decision = evaluator.host(hep, INGRESS, packet) if hep else Decision(Verdict.ALLOW, "not policed")
+                direction = INGRESS if flow.dst == "host" else EGRESS
+                decision = evaluator.host(hep, direction, packet) if hep else Decision(Verdict.ALLOW, "not policed")
             elif flow.src in self.pods and flow.dst in self.pods:
                 decision = evaluator.between(self.pods[flow.src][0], self.pods[flow.dst][0], packet)
             elif flow.src in self.pods:

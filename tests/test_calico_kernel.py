@@ -257,7 +257,8 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
     nothing to do, drift finds nothing (the kernel prints every rule as weft renders it), and
     destroy removes it all."""
     policies = []
-    for i, case in enumerate([*CASES.values(), random_policies(3), HOST_CASES["tiers-on-a-host"]]):
+    for i, case in enumerate([*CASES.values(), random_policies(3), HOST_CASES["tiers-on-a-host"],
+                              HOST_CASES["egress-from-a-host"][2:]]):
         for d in case:
             if d["kind"] != "Tier":       # the cases reuse names: each gets its own prefix
                 tier_name, dot, name = d["metadata"]["name"].rpartition(".")
@@ -274,10 +275,16 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
         for text in ("--icmp-type 8/1", "! --icmp-type 8", "-p gre", "! -p tcp", "-j LOG --log-prefix"):
             assert text in saved, text
         for text in ("-m multiport ! --dports", "-m set ! --match-set weft-c-", "-m set --match-set weft-c-",
-                     "-i eth0 -m comment", "-j weft-hp-"):
+                     "-i eth0 -m comment", "-j weft-hp-", "-A OUTPUT", "-o eth0 -m comment", "-j weft-hq-"):
             assert text in saved, text
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         assert "No drift" in node.weft("drift", from_dir=src, expect=0).stdout
+        # Without host endpoints, the OUTPUT hook and the host endpoints' chains go.
+        nodens.write_manifests(src, [d for d in docs if d["kind"] != "HostEndpoint"])
+        node.weft("apply", from_dir=src)
+        assert not [line for line in node.save().splitlines() if "OUTPUT" in line and "weft" in line]
+        assert "weft-h" not in node.save()
+        node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         node.weft("apply", "--destroy")
         assert nodens.weft_names(ns) == []
 
@@ -309,6 +316,14 @@ HOST_CASES = {
             {"action": "Allow", "protocol": "TCP", "destination": {"ports": [80], "notPorts": [22]}},
             {"action": "Allow", "protocol": "UDP", "source": {"notSelector": "role == 'db'"}}]),
         kind("GlobalNetworkSet", "db", {"nets": ["198.19.1.0/24"]}, role="db")],
+    "egress-from-a-host": [
+        HEP, kind("FelixConfiguration", "default", {"failsafeOutboundHostPorts": [
+            {"protocol": "UDP", "port": 53, "net": "198.19.1.0/24"}]}),
+        gnp("out", selector="role == 'worker'", types=["Egress"], egress=[
+            {"action": "Allow", "protocol": "TCP", "destination": {"nets": ["198.19.0.0/16"], "ports": [80, 6443]}},
+            {"action": "Deny", "protocol": "UDP", "destination": {"selector": "role == 'db'"}},
+            {"action": "Allow", "protocol": "UDP"}]),
+        kind("GlobalNetworkSet", "db", {"nets": ["198.19.5.0/24"]}, role="db")],
     "star-deny-all": [kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
                       gnp("deny-all", selector="all()", ingress=DENY_ALL, egress=DENY_ALL)],
 }
@@ -322,6 +337,7 @@ def check_host(state, node_name: str, host_ip: str, name: str) -> None:
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
         flows = [Flow(peer, "host", *probe) for peer in HOST_PEERS for probe in HOST_PROBES]
+        flows += [Flow("host", peer, *probe) for peer in HOST_PEERS for probe in HOST_PROBES]
         wrong = node.mismatches(flows)
         assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
 
@@ -343,3 +359,6 @@ def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server():
         node.load(state)
         flows = [Flow("198.19.1.5", "host", "tcp", port) for port in (22, 179, 6443, 80, 8080)]
         assert node.delivered(node.probes(flows)) == [True, True, True, False, False]
+        out = [Flow("host", "198.19.1.5", "udp", 53), Flow("host", "198.19.1.5", "tcp", 6443),
+               Flow("host", "198.19.1.5", "tcp", 80)]
+        assert node.delivered(node.probes(out)) == [True, True, False]
