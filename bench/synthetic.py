@@ -3,6 +3,10 @@
 100 namespaces x 100 pods = 10,000 pods spread over 91 nodes (110 on the benchmark's node),
 10 NetworkPolicies per namespace (1,000) mixing pod selectors, namespace selectors, ipBlocks,
 named ports and egress rules. Deterministic: the same arguments give the same objects.
+
+Pod addresses come from 198.18.0.0/15; its 131,072 addresses do not cover 150,000 pods, so pods
+past it take addresses from 100.64.0.0/10. They are only ever members of IP sets inside the
+benchmark's own network namespace: no interface, route or packet uses them.
 """
 
 from __future__ import annotations
@@ -13,16 +17,23 @@ import random
 NODE = "node-000"
 
 
+_FIRST = ipaddress.ip_address("198.18.0.0")
+_IN_FIRST = (1 << 17) - 10
+_SECOND = ipaddress.ip_address("100.64.0.0")
+
+
 def pod_ip(i: int) -> str:
-    return str(ipaddress.ip_address("198.18.0.0") + 10 + i)
+    return str(_FIRST + 10 + i if i < _IN_FIRST else _SECOND + (i - _IN_FIRST))
 
 
 def cluster(
-    pods: int = 10_000, policies: int = 1_000, namespaces: int = 100, local: int = 110, seed: int = 1
+    pods: int = 10_000, policies: int = 1_000, namespaces: int = 100, local: int = 110, seed: int = 1,
+    nodes: int = 91, calico: int = 0,
 ) -> list[dict]:
+    """The objects; with `calico` = k > 0, every k-th policy is one of Calico's kinds instead."""
     rnd = random.Random(seed)
     objs: list[dict] = []
-    other_nodes = [f"node-{i:03d}" for i in range(1, 91)]
+    other_nodes = [f"node-{i:03d}" for i in range(1, nodes)]
     for n in range(namespaces):
         objs.append(
             {
@@ -70,6 +81,9 @@ def cluster(
         )
     for p in range(policies):
         ns = f"ns-{p % namespaces:03d}"
+        if calico and p % calico == calico - 1:
+            objs.append(calico_policy(p, namespaces))
+            continue
         objs.append(
             {
                 "apiVersion": "networking.k8s.io/v1",
@@ -79,6 +93,24 @@ def cluster(
             }
         )
     return objs
+
+
+def calico_policy(p: int, namespaces: int) -> dict:
+    """Policy `p` as one of Calico's own kinds (projectcalico.org/v3): every third a
+    GlobalNetworkPolicy, the others namespaced NetworkPolicies; the same shapes of selection as
+    policy_spec (pods by label, peers by label and by namespace, ports by number and name)."""
+    app, ns = f"app-{p % 20}", f"ns-{p % namespaces:03d}"
+    rule = {"action": "Allow", "protocol": "TCP",
+            "source": {"selector": "tier in {'web', 'api'}"} if p % 2 else
+            {"namespaceSelector": f"team == 'team-{p % 10}'"},
+            "destination": {"ports": [8080, "metrics"] if p % 2 else ["9000:9100"]}}
+    spec = {"selector": f"app == '{app}'", "order": 100 + p % 50, "types": ["Ingress"], "ingress": [rule]}
+    if p % 3 == 0:
+        return {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                "metadata": {"name": f"gnp-{p:05d}"},
+                "spec": spec | {"namespaceSelector": f"env == '{('dev', 'prod')[p % 2]}'"}}
+    return {"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+            "metadata": {"name": f"cnp-{p:05d}", "namespace": ns}, "spec": spec}
 
 
 def policy_spec(p: int, rnd: random.Random) -> dict:

@@ -11,19 +11,22 @@ very same `cni.plugin.respond` in a warm process.
 
 When no helper answers (none started yet, it died mid-call, or it retired because weft's code
 changed), or it declines (another PATH or mount namespace, the configuration says "helper":
-false), the plugin runs in this process as before; after a successful call this process then
-starts a helper for the next ones.
+false), or the name is held by a process of another user, the plugin runs in this process as
+before; after a successful call this process then starts a helper for the next ones (if the
+name is free). When a C compiler was there at install time, the runtime starts the native client
+(cni/client.c) instead, which does the helper's part alone and runs this one for the rest.
 Every command is safe to run again after a helper died half-way: ADD of a known attachment
 returns its address and rewires, DEL is idempotent.
 """
 import _socket
 import posix
 import sys
+import time
 
 ADDRESS = b"\0weft-cni"          # abstract socket: one name per network namespace, gone with its process
 CODE_ROOT = (__file__ if __file__.startswith("/") else f"{posix.getcwd()}/{__file__}").rsplit("/", 2)[0]
 PASSED = (b"CNI_COMMAND", b"CNI_CONTAINERID", b"CNI_NETNS", b"CNI_IFNAME", b"CNI_ARGS", b"CNI_PATH", b"PATH")
-NO_HELPER, DECLINED = "none", "declined"
+NO_HELPER, DECLINED, IMPOSTOR = "none", "declined", "impostor"
 HELPER_LOG = "cni-helper.log"   # in the state dir of the call that started the helper
 
 
@@ -32,6 +35,17 @@ def mount_namespace() -> bytes:
     to processes that share it."""
     st = posix.stat("/proc/self/ns/mnt")
     return b"%d:%d" % (st.st_dev, st.st_ino)
+
+
+def ours(sock) -> bool:
+    """Whether the process that holds the helper's name runs as this one's user: any process of
+    this network namespace may bind it, and what it is handed (the call) and answers (the
+    result) must come from weft."""
+    try:
+        cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)    # struct ucred: pid, uid, gid
+    except OSError:
+        return False
+    return int.from_bytes(cred[4:8], sys.byteorder) == posix.geteuid()
 
 
 def request(environ: dict[bytes, bytes], stdin: bytes) -> bytes:
@@ -52,6 +66,8 @@ def ask_helper(stdin: bytes) -> tuple[int, bytes, bytes] | str:
             sock.connect(ADDRESS)
         except OSError:
             return NO_HELPER
+        if not ours(sock):
+            return IMPOSTOR
         try:
             sock.sendall(request(environ, stdin))
             sock.shutdown(_socket.SHUT_WR)
@@ -84,6 +100,7 @@ def main() -> int:
     except OSError:
         from weft.cni import plugin
         return plugin.main()                      # it reports the read error in the protocol
+    started = time.monotonic()
     answer = ask_helper(stdin)
     if not isinstance(answer, str):
         code, stdout, stderr = answer
@@ -91,14 +108,20 @@ def main() -> int:
         sys.stdout.flush()
         sys.stderr.buffer.write(stderr)
         return code
+    if answer == IMPOSTOR:
+        sys.stderr.write("weft-cni: the CNI helper's socket @weft-cni of this network namespace is held by a "
+                         "process of another user; running the call here\n")
     from weft.cni import plugin
     code = plugin.main(stdin)
-    if answer == NO_HELPER and code == 0 and posix.environ.get(b"CNI_COMMAND") not in (b"VERSION", None):
-        start_helper(stdin)
+    call = (posix.environ.get(b"CNI_COMMAND", b"").decode(errors="replace"), time.monotonic() - started, code == 0)
+    if answer == NO_HELPER and code == 0 and call[0] not in ("VERSION", "") and start_helper(stdin, call):
+        return code                               # the helper counts this call (cni/counting.py)
+    from weft.cni import counting
+    counting.count(*call, counting.counters_dir(stdin))
     return code
 
 
-def start_helper(stdin: bytes) -> None:
+def start_helper(stdin: bytes, call: tuple[str, float, bool]) -> bool:
     """Start a helper in this network namespace for the calls to come, detached from this call
     (its own session, no inherited pipes: the runtime waits for our stdout to close).
 
@@ -106,30 +129,35 @@ def start_helper(stdin: bytes) -> None:
     with -I -S and that package's directory and this process's sys.path (whichever entry point
     started us: the launcher, the console script, `python -m`); from anything else (an editable
     install maps weft's folders through a finder that only `site` loads), with -I and `site`.
-    Its stderr is <state dir>/cni-helper.log, opened through StateDir (no link followed)."""
+    Its stderr is <state dir>/cni-helper.log, opened through StateDir (no link followed).
+    `call` (command, seconds, success) is the call this process ran, for the helper to count;
+    False when no helper was started (the caller counts it then)."""
     import os
     import subprocess
 
-    from weft.cni import plugin
+    from weft.cni import counting, plugin
     from weft.store.statedir import StateDir
     wanted, state_dir = plugin.helper_settings(stdin)
     if not wanted:
-        return
+        return False
     packaged = CODE_ROOT.endswith("/weft") and posix.access(f"{CODE_ROOT}/cni/helper.py", posix.R_OK)
     paths = ([CODE_ROOT.rsplit("/", 1)[0]] if packaged else []) + [p for p in sys.path if p]
-    code = f"import sys; sys.path[:0] = {paths!r}; from weft.cni.helper import main; sys.exit(main())"
+    counted = (*call, counting.counters_dir(stdin))          # literals only: str, float, bool, str | None
+    code = (f"import sys; sys.path[:0] = {paths!r}; from weft.cni.helper import main; "
+            f"sys.exit(main(counted={counted!r}))")
     try:
         log = StateDir(state_dir).append_log(HELPER_LOG)
     except Exception:                             # an unsafe state dir (UnsafeState, OSError): no helper
-        return
+        return False
     try:
         subprocess.Popen([sys.executable, "-IS" if packaged else "-I", "-c", code], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=log, cwd="/", start_new_session=True,
                          env={"PATH": os.environ.get("PATH", "")})
     except OSError:
-        pass                                      # no helper: every call runs in its own process
+        return False                              # no helper: every call runs in its own process
     finally:
         os.close(log)
+    return True
 
 
 if __name__ == "__main__":

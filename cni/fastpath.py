@@ -1,15 +1,16 @@
 """The CNI fast path: what makes many pods at once cheap, behind one object passed down.
 
-The resident helper (cni/helper.py) serves many pods at once, a thread each. Three steps of an
+The resident helper (cni/helper.py) serves many pods at once, a thread each. Two steps of an
 ADD or DEL cost about the same for one pod as for twenty: the IPAM write (an fsync'd file under
-a lock), the host side's `ip -batch`, and the policy step (listing the dispatch chains, one
-iptables-restore). So instead of queueing for them one by one, the calls of one process share
-them: the first caller in does the work for every call queued by then (group commit), and the
-others find theirs done.
+a lock) and the policy step (one iptables-restore). So instead of queueing for them one by one,
+the calls of one process share them: the first caller in does the work for every call queued by
+then (group commit), and the others find theirs done. (The wiring is a few netlink requests of
+tens of microseconds each: there is nothing to share.)
 
-A `FastPath` holds those three batches and how many calls the process is serving. The plugin
-creates one per process (a plain plugin run: every batch is a batch of one) and passes it down
-to what it calls; the modules that do the work (store.ipam, cni.wiring, reconciler.endpoint)
+A `FastPath` holds those batches, how many calls the process is serving, and what the process
+knows of the kernel between batches (the dispatch chains: reconciler.endpoint.DispatchCache).
+The plugin creates one per process (a plain plugin run: every batch is a batch of one) and
+passes it down to what it calls; the modules that do the work (store.ipam, reconciler.endpoint)
 know nothing of batching: each offers a function that does the work for a list, and takes the
 fast path's runner as a parameter. Stdlib only: this is on the plugin's path.
 """
@@ -21,7 +22,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from weft.cni import wiring
 from weft.reconciler import endpoint
 from weft.store import ipam
 
@@ -119,8 +119,8 @@ class FastPath:
         self.in_flight = 0
         self._count = threading.Lock()
         self._ipam = GroupCommit(_ipam_batch)
-        self._host = GroupCommit(_host_batch, linger=self)
-        self._policy = GroupCommit(_policy_batch, linger=self)
+        self._policy = GroupCommit(self._policy_batch, linger=self)
+        self.dispatch = endpoint.DispatchCache()
 
     @contextmanager
     def serving(self) -> Iterator[None]:
@@ -136,16 +136,18 @@ class FastPath:
         """store.ipam.Store's `commit`: steps of concurrent calls on one state dir share a transaction."""
         return self._ipam.run(store.sd.path, store, step)
 
-    def host_side(self, lines: list[str]) -> None:
-        """cni.wiring.wire's `host_side`: the host sides of pods wired at once, in one `ip -batch`."""
-        self._host.run(None, lines)
-
     def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str) -> None:
-        """The pod's policy in the kernel (reconciler.endpoint), one listing and restore per batch."""
+        """The pod's policy in the kernel (reconciler.endpoint), one restore per batch (and a
+        listing of the dispatch chains only when they changed since this process last saw them)."""
         self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod)
 
     def remove_endpoint(self, state_dir, iface: str) -> None:
         self._policy.run(("remove", os.fspath(state_dir)), iface)
+
+    def _policy_batch(self, key: tuple[str, str], calls: list[Call]) -> None:
+        kind, state_dir = key
+        work = endpoint.add_endpoints if kind == "add" else endpoint.remove_endpoints
+        together_or_alone(calls, lambda pods: work(state_dir, pods, self.dispatch))
 
 
 def _ipam_batch(_path: str, calls: list[Call]) -> None:
@@ -154,12 +156,3 @@ def _ipam_batch(_path: str, calls: list[Call]) -> None:
     for call, (result, error) in zip(calls, outcomes, strict=True):
         call.settle(result, error)
 
-
-def _host_batch(_key, calls: list[Call]) -> None:
-    together_or_alone(calls, lambda hosts: wiring.configure_host_sides([line for (lines,) in hosts for line in lines]))
-
-
-def _policy_batch(key: tuple[str, str], calls: list[Call]) -> None:
-    kind, state_dir = key
-    work = endpoint.add_endpoints if kind == "add" else endpoint.remove_endpoints
-    together_or_alone(calls, lambda pods: work(state_dir, pods))

@@ -1,5 +1,6 @@
 """The CNI plugin's resident helper: one warm process per node network namespace that serves the
-plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and not the imports.
+plugin's calls, so a pod's ADD pays a small client's start (cni/client.c, or a bare interpreter's
+running cni/client.py) and not the imports.
 
 - Found by an abstract unix socket name (cni.client.ADDRESS): such names are per network
   namespace, so each node namespace has its own helper and no file is left behind. Only callers
@@ -7,14 +8,18 @@ plugin's calls, so a pod's ADD pays a bare interpreter start (cni/client.py) and
 - Started by the client after a call it had to run itself (cni.client.main); a second helper in
   the same namespace cannot bind the name and exits at once.
 - Runs each call in a thread with `cni.plugin.respond`, the same code the client would run; calls
-  for one attachment run one after the other, in the order they came; the threads' IPAM writes,
-  host-side wiring and policy steps are batched by the helper's one FastPath (cni.fastpath).
+  for one attachment run one after the other, in the order they came; the threads' IPAM writes
+  and policy steps are batched by the helper's one FastPath (cni.fastpath), which also keeps
+  what the helper knows of the dispatch chains between batches.
 - Declines, and the client runs the call itself, when the caller's PATH or mount namespace
   (where CNI_NETNS paths are looked up) differ from its own, or the configuration says
   "helper": false. When weft's code changed on disk, or the caller runs weft from another
   directory (an upgrade installed elsewhere), it answers "stale" and exits; the caller then
   starts a fresh helper.
 - Exits when idle for IDLE_EXIT seconds, or when every state dir it served is gone.
+- Counts the calls it serves in their state dir's CNI counters (cni/counting.py): in memory on
+  the call's path, added to the state dir by a thread of its own at most every FLUSH_EVERY
+  seconds, and when it exits.
 Its log (tracebacks, failed undo steps) is <state_dir>/cni-helper.log of the call that started it.
 """
 from __future__ import annotations
@@ -26,10 +31,12 @@ import struct
 import sys
 import threading
 import time
+from typing import Any
 
-from weft.cni import client
+from weft.cni import client, counting
 
 IDLE_EXIT = 120.0
+FLUSH_EVERY = 1.0
 
 
 def _weft_files() -> dict[str, int]:
@@ -48,10 +55,15 @@ def _weft_files() -> dict[str, int]:
 
 class Helper:
     """`plugin`: the cni.plugin module (imported once the socket is bound); `fast`: the batches
-    every call of this process shares (cni.fastpath.FastPath)."""
+    every call of this process shares (cni.fastpath.FastPath); `counters`: the class that counts
+    calls (reconciler.metrics.CniCounters)."""
 
-    def __init__(self, listener: socket.socket, idle_exit: float, plugin, fast):
+    def __init__(self, listener: socket.socket, idle_exit: float, plugin, fast, counters):
         self.listener, self.idle_exit, self.plugin, self.fast = listener, idle_exit, plugin, fast
+        self.counters_class = counters
+        self.counters: dict[str, Any] = {}        # state dir -> its CniCounters, not flushed yet
+        self.flusher: threading.Thread | None = None
+        self.flushed = time.monotonic()
         self.stamps = _weft_files()
         self.path = os.environ.get("PATH", "")
         self.mount_ns = os.fsdecode(client.mount_namespace())
@@ -65,6 +77,7 @@ class Helper:
     def serve(self) -> None:
         self.listener.settimeout(1.0)
         while not self.stopping:
+            self._maybe_flush()
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
@@ -77,6 +90,34 @@ class Helper:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
         with self.lock:                           # let calls in progress finish
             self.lock.wait_for(lambda: self.busy == 0)
+        if self.flusher is not None:
+            self.flusher.join()
+        self._flush()                             # what the last calls observed
+
+    def observe(self, directory: str | None, command: str, seconds: float, ok: bool) -> None:
+        if directory is None:
+            return
+        with self.lock:
+            if directory not in self.counters:
+                self.counters[directory] = self.counters_class()
+            self.counters[directory].observe(command, seconds, ok)
+
+    def _maybe_flush(self) -> None:
+        """Start the thread that adds the counts to the state dirs, when there are counts and the
+        last one ended FLUSH_EVERY seconds ago (never on a call's path: its lock and fsync)."""
+        if not self.counters or time.monotonic() - self.flushed < FLUSH_EVERY:
+            return
+        if self.flusher is not None and self.flusher.is_alive():
+            return
+        self.flusher = threading.Thread(target=self._flush, daemon=True)
+        self.flusher.start()
+
+    def _flush(self) -> None:
+        with self.lock:
+            taken, self.counters = self.counters, {}
+        for directory, counters in taken.items():
+            counting.flush(counters, directory)
+        self.flushed = time.monotonic()
 
     def _maybe_stop(self) -> None:
         with self.lock:
@@ -122,6 +163,7 @@ class Helper:
                 self.lock.notify_all()
 
     def _answer(self, environ: dict[str, str], stdin: bytes) -> bytes:
+        started = time.monotonic()
         wanted, state_dir = self.plugin.helper_settings(stdin)
         if (environ.pop("WEFT_MNTNS", None), environ.get("PATH", "")) != (self.mount_ns, self.path) or not wanted:
             return b"- declined\n"
@@ -137,6 +179,8 @@ class Helper:
         finally:
             with self.lock:
                 self._attachment(environ, -1)
+        self.observe(counting.counters_dir(stdin), environ.get("CNI_COMMAND", ""), time.monotonic() - started,
+                     code == 0)
         sys.stderr.flush()
         return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
 
@@ -170,20 +214,29 @@ def _read_request(conn: socket.socket) -> tuple[dict[str, str], bytes]:
     return environ, rest[length:]
 
 
-def main(idle_exit: float = IDLE_EXIT) -> int:
+def main(idle_exit: float = IDLE_EXIT, counted: tuple[str, float, bool, str | None] | None = None) -> int:
+    """`counted`: the call (command, seconds, success, state dir) that the process starting this
+    helper ran itself, for this helper to count (cni/client.py, start_helper)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         listener.bind(client.ADDRESS)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return 0                              # another helper serves this namespace
+        if exc.errno == errno.EADDRINUSE:         # another helper serves this namespace
+            if counted is not None:
+                counting.count(*counted)
+            return 0
         raise
     listener.listen(256)
     # Imported only now: callers from now on wait in the backlog while it loads, rather than
     # finding no helper and starting one each.
     from weft.cni import plugin
     from weft.cni.fastpath import FastPath
-    Helper(listener, idle_exit, plugin, FastPath()).serve()
+    from weft.reconciler.metrics import CniCounters
+    helper = Helper(listener, idle_exit, plugin, FastPath(), CniCounters)
+    if counted is not None:
+        command, seconds, ok, directory = counted
+        helper.observe(directory, command, seconds, ok)
+    helper.serve()
     return 0
 
 

@@ -4,8 +4,8 @@ One call per CNI command (spec 1.1.0): ADD allocates the pod an address from the
 blocks (store/ipam.py), wires it (cni/wiring.py) and puts the endpoint's policy in the kernel
 before it answers (reconciler/endpoint.py); DEL undoes that and may be repeated; CHECK reads
 everything back; GC releases what the runtime no longer knows; STATUS says whether an ADD could
-succeed; VERSION lists the versions. The calls of one process share their IPAM write, host-side
-wiring and policy step through the `FastPath` given to `respond` (cni/fastpath.py).
+succeed; VERSION lists the versions. The calls of one process share their IPAM write and policy
+step through the `FastPath` given to `respond` (cni/fastpath.py).
 
 Every file it reads is in the state dir, through store.statedir.StateDir: a state dir or file
 weft must not trust (not root's, writable by others, a link) is error 103 (50 for STATUS) naming
@@ -279,7 +279,7 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
                 wiring.delete_host_side(iface)
             wired = True
             pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias,
-                                  netns_fd=netns, host_side=fast.host_side)
+                                  netns_fd=netns)
         except BaseException as exc:
             policy.join()
             undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
@@ -335,8 +335,7 @@ def _undo_add(conf: Config, fast: FastPath, inv: spec.Invocation, iface: str, al
     steps = []
     if wired:
         def unwire():
-            link = wiring.link_info(iface)
-            if link is not None and link.get("ifalias") in (alias, None):
+            if iface in wiring.host_links() and wiring.link_alias(iface) in (alias, None):
                 wiring.delete_host_side(iface)      # the pod side goes with it
         steps.append(unwire)
     steps.append(lambda: fast.remove_endpoint(conf.sd, iface))
@@ -378,26 +377,41 @@ def cmd_del(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
 
 def teardown(conf: Config, fast: FastPath, container_id: str, ifname: str, iface: str, allocation,
              records: ipam.Store) -> None:
-    """Remove one attachment: its interface and rules if it still owns them, then its addresses.
+    """Remove one attachment: its interface and rules if it still owns them, and its addresses.
 
     Deleting the host side deletes the pod side too (a veth pair goes as one), so the pod's
-    namespace need not be entered, nor even exist any more.
+    namespace need not be entered, nor even exist any more. The three steps run at once, none
+    waits for another: the kernel takes ~20 ms to delete a veth (RCU grace periods), the rules
+    are an iptables-restore, the record an fsync'd write. Their order does not matter: a weft
+    interface whose dispatch rules are gone falls through to DROP (fail closed), and an address
+    routed to a live weft interface is never handed out again (store.ipam `held`), so it is not
+    reused before the interface is gone. What is decided first is whether the interface is this
+    attachment's (a newer sandbox of the same pod keeps its interface and rules).
     """
     owner = records.iface_owner(iface)
     ours = owner is None or (owner.container_id, owner.ifname, owner.network) == (container_id, ifname, conf.network)
+    present = iface in wiring.host_links()
+    if not present or not ours:
+        delete = False
+    elif owner is not None:
+        delete = True                           # the records say it is ours: no need to ask the kernel
+    else:                                       # nobody's on record: only if its alias names this attachment
+        found = wiring.link_alias(iface)
+        delete = found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None)
+    rules = _Background(_remove_endpoint, conf, fast, iface) if ours and (delete or not present) else None
+    release = _Background(records.release, conf.network, container_id, ifname)
+    unwired: BaseException | None = None
     try:
-        if iface in wiring.host_links():
-            if owner is not None and ours:
-                wiring.delete_host_side(iface)      # the records say it is ours: no need to ask the kernel
-            elif owner is None:                     # nobody's on record: only if its alias names this attachment
-                found = (wiring.link_info(iface) or {}).get("ifalias")
-                if found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None):
-                    wiring.delete_host_side(iface)
-        if ours and iface not in wiring.host_links():
-            _remove_endpoint(conf, fast, iface)
-    except wiring.WiringError as exc:
-        raise CniError(spec.WIRING_FAILED, "cannot remove the pod's interface", str(exc)) from None
-    records.release(conf.network, container_id, ifname)
+        if delete:
+            wiring.delete_host_side(iface)
+    except BaseException as exc:                # reported once the other steps are done
+        unwired = exc
+    failures = [unwired, rules.join() if rules else None, release.join()]
+    failed = next((exc for exc in failures if exc is not None), None)
+    if isinstance(failed, wiring.WiringError):
+        raise CniError(spec.WIRING_FAILED, "cannot remove the pod's interface", str(failed)) from None
+    if failed is not None:
+        raise failed
 
 
 def _remove_endpoint(conf: Config, fast: FastPath, iface: str) -> None:

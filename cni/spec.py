@@ -45,7 +45,8 @@ REQUIRED_ENV = {
 IFNAMSIZ = 16
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _NETWORK_NAME = _CONTAINER_ID
-# Characters the spec allows in an interface name but `ip -batch` would read as quoting or comments.
+# Characters the spec allows in an interface name but weft refuses: iproute2, which CHECK reads
+# back with and operators look with, reads them as quoting or comments in its batch files.
 _IFNAME_UNSAFE = set("\"'#\\")
 # Result fields that appeared in 1.1.0; older versions do not have them.
 _IFACE_FIELDS_1_1 = ("mtu", "socketPath", "pciID")

@@ -242,8 +242,10 @@ class Connection:
         import urllib3
         self.profile, self.host = profile, profile.host
         self._pool: urllib3.PoolManager
+        # As many kept connections as requests run at once (a watch per kind), so none that could
+        # serve another request is closed (with TLS, each new one is a handshake).
         args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
-                                "ca_cert_data": profile.ca_pem}
+                                "ca_cert_data": profile.ca_pem, "maxsize": len(RESOURCES)}
         if profile.cert_pem and profile.key_pem:
             files = [_memory_file(profile.cert_pem), _memory_file(profile.key_pem)]
             self._files += files
@@ -252,6 +254,7 @@ class Connection:
             args["assert_hostname"] = profile.assert_hostname
         if profile.server_hostname:
             args["server_hostname"] = profile.server_hostname
+        self._tls = args["ssl_context"] = _resuming_context(args["cert_reqs"])
         if profile.proxy:
             if profile.proxy.startswith("socks"):
                 from urllib3.contrib.socks import SOCKSProxyManager
@@ -272,6 +275,7 @@ class Connection:
         ANSWER_TIMEOUT to answer, or answers beyond the bounds (see the module docstring)."""
         response = self.open(method, path, query=query, body=body,
                              timeout=(min(CONNECT_TIMEOUT, timeout), timeout))
+        self._tls.remember(response)
         try:
             data = self._read_answer(method, path, response)
         finally:
@@ -376,6 +380,38 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _resuming_context(cert_reqs: int):
+    """urllib3's TLS context, as it makes it, that also resumes TLS sessions (see _Resuming)."""
+    import ssl
+
+    from urllib3.util.ssl_ import create_urllib3_context
+
+    class _Resuming(ssl.SSLContext):
+        """A run's requests go to one API server on up to a connection per kind (a watch holds
+        its connection to the end); each new one resumes the TLS session of the first request
+        (a session ticket), so it skips the certificate exchange and its checks, the bulk of a
+        handshake's bytes and CPU. The first connection is verified in full as always; a server
+        that declines resumption gets a full handshake."""
+        session = None
+
+        def wrap_socket(self, sock, *args, **kwargs):
+            if self.session is not None:
+                kwargs.setdefault("session", self.session)
+            return super().wrap_socket(sock, *args, **kwargs)
+
+        def remember(self, response) -> None:
+            """Keep the session of `response`'s connection, once it holds a ticket."""
+            if self.session is None:
+                session = getattr(getattr(response.connection, "sock", None), "session", None)
+                if session is not None and session.has_ticket:
+                    self.session = session
+
+    context = create_urllib3_context(cert_reqs=cert_reqs)
+    context.__class__ = _Resuming               # same object layout: a Python subclass, no slots
+    context.options &= ~ssl.OP_NO_TICKET        # urllib3 turns tickets off
+    return context
 
 
 def _http_errors() -> tuple[type[BaseException], ...]:
@@ -675,3 +711,49 @@ def _watch_event(line: bytes, what: str) -> tuple[str, dict]:
     if problem:
         raise SourceError(f"{what}: a {kind} event's {problem}")
     return kind, obj
+
+
+# ---- which of Calico's groups serves each kind ------------------------------------------------
+
+# Calico's kinds are served by crd.projectcalico.org/v1 (its CRDs, where Calico keeps them), by
+# projectcalico.org/v3 (Calico's API server, a view of those same CRDs; or, in Calico's newer
+# CRD mode, the CRDs themselves), or by both. weft reads each kind once, from the CRDs where they
+# exist, else from v3.
+DISCOVERY_MAX_PLURALS = 500
+
+
+def served_plurals(api: Connection, api_version: str, *, timeout: float = READ_TIMEOUT) -> frozenset[str]:
+    """The resources (plurals, no subresources) `api_version` serves: API discovery
+    (GET /apis/GROUP/VERSION); nothing when the group is not served (404)."""
+    path = f"/apis/{api_version}"
+    try:
+        doc = api.request("GET", path, timeout=timeout)
+    except ApiError as e:
+        if e.status == 404:
+            return frozenset()
+        raise _source_error(api, f"discovering what {api_version} serves ({path})", e) from None
+    resources = doc.get("resources")
+    if not isinstance(resources, list) or len(resources) > DISCOVERY_MAX_PLURALS:
+        raise SourceError(f"discovering what {api_version} serves ({path}) from {api.host}: "
+                          "the answer is not an APIResourceList")
+    return frozenset(r["name"] for r in resources
+                     if isinstance(r, dict) and isinstance(r.get("name"), str) and "/" not in r["name"])
+
+
+def choose_resources(served: dict[str, frozenset[str]]) -> tuple[Resource, ...]:
+    """RESOURCES with each Calico kind read from one group: the first of CALICO_API_GROUPS that
+    serves it (`served`: api_version -> plurals). A kind neither serves is not read."""
+    chosen: list[Resource] = []
+    taken: set[str] = set()
+    for r in RESOURCES:
+        if r.api_version not in CALICO_API_GROUPS:
+            chosen.append(r)
+        elif r.kind not in taken and r.plural in served.get(r.api_version, frozenset()):
+            chosen.append(r)
+            taken.add(r.kind)
+    return tuple(chosen)
+
+
+def discover_resources(api: Connection, *, timeout: float = READ_TIMEOUT) -> tuple[Resource, ...]:
+    """What this cluster serves of RESOURCES, each Calico kind from one group (choose_resources)."""
+    return choose_resources({group: served_plurals(api, group, timeout=timeout) for group in CALICO_API_GROUPS})

@@ -4,8 +4,20 @@ At thousands of nodes, every node re-listing every pod each run would flatten th
 (the reason Calico has Typha). So a run reads what changed since the last one:
   - API server: one tiny list says whether anything at all changed; if so, a watch per kind
     from its last position returns the changes (a 410 means that kind is listed again);
-  - manifest directory: only files whose content changed are parsed again.
-Only changed objects are converted again; the model is re-assembled from the cached rest.
+  - manifest directory: only files whose content changed are read again, and of those only the
+    documents whose text changed are parsed (desired.manifests cuts files into documents).
+Only changed objects are converted again, and the cached ones are decoded only once something
+changed; the model is re-assembled from the cached rest.
+
+When is the cache current? Lists are consistent reads: after a full list the cache holds the
+cluster as of the version read before it, and while the cluster's version is still that one,
+nothing changed (one request). Watches are not: an event committed just before a run read the
+cluster's version may not have reached the server's watch cache when that run's watches had
+gone quiet. So a run that watched records the version it began at, and the cache counts as
+current at a version only once a second run began at the same version and watched too (nothing
+was written in between, and the first run's stragglers have long arrived). A live cluster's
+version moves every few seconds (leases, events), so there every run watches: that costs one
+request per kind with a quiet gap each, and writes only the small cursors file (store.cache).
 """
 from __future__ import annotations
 
@@ -15,12 +27,13 @@ import os
 import pickle
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from weft.model import codec
 from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
 from weft.store import cache as cachemod
 
@@ -29,6 +42,22 @@ if TYPE_CHECKING:
 
 _WORKERS = 4
 API_PROFILE = "api-connection.json"     # desired.kube.connect keeps the resolved connection there
+CURRENT = "*"       # cursors: the cluster version at which the cache is known current ("" when not)
+BEGUN = "~"         # cursors: the cluster version the last run that watched began at
+
+
+@dataclass(frozen=True)
+class ManifestDocument:
+    """One piece of a manifest file as read last time (desired.manifests.Piece): its text's
+    digest, how many documents and values of its file's budget it holds, and its objects
+    converted (a Converted, or an ignored kind's name, each)."""
+    digest: str
+    documents: int
+    values: int
+    entries: tuple
+
+
+codec.register(ManifestDocument)        # kept in the desired-state cache, a file's tuple of them
 
 
 @dataclass
@@ -96,10 +125,16 @@ def commit(state_dir: Path, reading: Reading) -> None:
     reading.dirty = False
 
 
-def _groups(cache: cachemod.DesiredCache) -> dict:
-    """The cache's converted objects (the loader registers their type with the codec)."""
-    import weft.desired.loader  # noqa: F401
-    return cache.groups()
+def _decoded(cache: cachemod.DesiredCache, groups: Iterable | None = None) -> dict | None:
+    """The cache's converted objects by group (all, or those of `groups` it has), decoded now;
+    None when they do not decode to the values this weft keeps there: the cache is of no use."""
+    import weft.desired.loader  # noqa: F401  (registers Converted with the codec)
+    try:
+        if groups is None:
+            return cache.groups()
+        return {g: cache.group(g) for g in groups if g in cache.blobs}
+    except (codec.CodecError, ValueError, TypeError, RecursionError):
+        return None
 
 
 def _assembled(table: dict) -> Callable[[], ClusterState]:
@@ -114,38 +149,128 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 # ---- manifest directory --------------------------------------------------------------------
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
-    from weft.desired.loader import convert_object, flatten_lists
-    from weft.desired.manifests import manifest_files, parse_manifest_file, read_manifest
+    from weft.desired.manifests import manifest_files, read_manifest
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
     files = manifest_files(root)
     contents = {str(p): read_manifest(p) for p in files}       # bounded: desired.bounds
     digests = {path: hashlib.sha256(data).hexdigest() for path, data in contents.items()}
     if digests == cache.cursors and cache.token:
-        return Reading(cache.token, cache, lambda: _dir_state(_groups(cache)), dirty=False)
-    per_file = _groups(cache) if cache.cursors else {}
-    per_file = {path: entries for path, entries in per_file.items() if digests.get(path) == cache.cursors.get(path)}
-    changed = set(digests) - set(per_file)
+        return Reading(cache.token, cache, lambda: _dir_state_of(cache, contents), dirty=False)
+    changed = [path for path in digests if digests[path] != cache.cursors.get(path)]
+    # Every object is needed to assemble the state: decode them all now (a group that does not
+    # decode makes the cache useless: everything is read again).
+    cached = _decoded(cache) if cache.token else {}
+    if cached is None or not _dir_groups_ok(cached):
+        cache, cached, changed = cachemod.DesiredCache(source, token=""), {}, list(digests)
+    before = _by_file(cached)
     errors: list[ValidationError] = []
-    for path in digests:
-        if path in per_file:
-            continue
-        documents = parse_manifest_file(path, contents[path], errors)
-        entries = [convert_object(where, raw, errors) for where, raw in flatten_lists(documents)]
-        per_file[path] = [e for e in entries if e is not None]
+    read = {path: _read_file(path, contents[path], before.get(path, ()), errors) for path in changed}
     if errors:
         raise InvalidDesiredState(errors)
+    per_file = {path: read[path] if path in read else before.get(path, ()) for path in digests}
     state = _dir_state(per_file)                       # validates across files before caching
     cache.cursors, cache.token = digests, uuid.uuid4().hex
-    cache.set_groups(per_file, changed)
+    _keep_blocks(cache, read, [g for g in cache.blobs if g[0] not in digests])
     return Reading(cache.token, cache, lambda: state, state)
+
+
+# A file's documents are kept in blocks, each encoded as one group of the cache, so a changed
+# document re-encodes its block, not its file. Blocks are cut where the content says (after a
+# document whose digest ends in BLOCK_END: one in 256 on average, and at most MAX_BLOCK), so a
+# document added or removed moves no other cut and leaves the other blocks' encodings as they are.
+BLOCK_END = "00"
+MAX_BLOCK = 1024
+
+
+def _blocks(documents: tuple) -> list[tuple]:
+    blocks: list[tuple] = []
+    current: list = []
+    for document in documents:
+        current.append(document)
+        if document.digest.endswith(BLOCK_END) or len(current) >= MAX_BLOCK:
+            blocks.append(tuple(current))
+            current = []
+    return blocks + [tuple(current)] if current else blocks
+
+
+def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: list) -> None:
+    """The cache's groups for the files read again ((path, n, block id) -> the block's documents):
+    a block whose documents are the same as before keeps its encoded text; files gone go."""
+    for group in gone:
+        cache.take(group)
+    for path, documents in read.items():
+        old = {}
+        for group in [g for g in cache.blobs if g[0] == path]:
+            old[group[2]] = cache.take(group)
+        new = {}
+        for n, block in enumerate(_blocks(documents)):
+            block_id = hashlib.sha256("".join(d.digest for d in block).encode()).hexdigest()[:16]
+            if block_id in old:
+                cache.put((path, n, block_id), old.pop(block_id))
+            else:
+                new[(path, n, block_id)] = block
+        cache.update_groups(new, entries_of=_document_entries)
+
+
+def _by_file(groups: dict) -> dict[str, tuple]:
+    """Decoded groups (blocks) -> each file's documents, in order."""
+    files: dict[str, list] = {}
+    for group in sorted(groups, key=lambda g: (g[0], g[1])):
+        files.setdefault(group[0], []).extend(groups[group])
+    return {path: tuple(documents) for path, documents in files.items()}
+
+
+def _dir_state_of(cache: cachemod.DesiredCache, contents: dict[str, bytes]) -> ClusterState:
+    """The state of unchanged files: from the cache, or (when it does not decode) read again."""
+    cached = _decoded(cache)
+    if cached is None or not _dir_groups_ok(cached):
+        errors: list[ValidationError] = []
+        files = {path: _read_file(path, data, (), errors) for path, data in contents.items()}
+        if errors:
+            raise InvalidDesiredState(errors)
+    else:
+        files = _by_file(cached)
+    return _dir_state({path: files.get(path, ()) for path in contents})
+
+
+def _read_file(path: str, data: bytes, known: tuple, errors: list[ValidationError]) -> tuple:
+    """A changed file's documents: those whose text is the same as last time are taken from
+    `known` (parsed and converted then), only the others are parsed and converted."""
+    from weft.desired.loader import convert_object, flatten_lists
+    from weft.desired.manifests import manifest_pieces
+    by_digest = {doc.digest: doc for doc in known}
+    pieces = manifest_pieces(path, data, errors, {d: (doc.documents, doc.values) for d, doc in by_digest.items()})
+    if pieces is None:
+        return ()
+    documents = []
+    for piece in pieces:
+        if piece.loaded is None:
+            documents.append(by_digest[piece.digest])
+            continue
+        raw = ((path, doc) for doc in piece.loaded if doc is not None)
+        entries = [convert_object(where, obj, errors) for where, obj in flatten_lists(raw)]
+        documents.append(ManifestDocument(piece.digest, piece.documents, piece.values,
+                                          tuple(e for e in entries if e is not None)))
+    return tuple(documents)
+
+
+def _document_entries(documents: tuple) -> Iterable:
+    return (entry for document in documents for entry in document.entries)
+
+
+def _dir_groups_ok(groups: dict) -> bool:
+    """Whether decoded groups are what a directory read keeps: blocks of a file's documents."""
+    return all(isinstance(g, tuple) and len(g) == 3 and isinstance(g[0], str) and isinstance(g[1], int)
+               and isinstance(docs, tuple) and all(isinstance(d, ManifestDocument) for d in docs)
+               for g, docs in groups.items())
 
 
 def _dir_state(per_file: dict) -> ClusterState:
     table: dict[tuple, object] = {}             # a Converted entry, or an ignored kind's name
     errors = []
     for path in sorted(per_file):
-        for entry in per_file[path]:
+        for entry in _document_entries(per_file[path]):
             if isinstance(entry, str):
                 table[("ignored", len(table))] = entry
                 continue
@@ -163,22 +288,24 @@ def _dir_state(per_file: dict) -> ClusterState:
 def _read_api(child: _ApiChild | _InProcess, cache: cachemod.DesiredCache | None, kubeconfig: str | None,
               context: str | None, keep: Path) -> Reading:
     """A forked child asks the API server what changed, on the other core, while this process
-    goes on with its own work (starting and parsing the kernel's dumps; once the cluster's
-    version moved, decoding the cached objects); the child hands back only answers."""
+    goes on with its own work (starting and parsing the kernel's dumps); the child hands back
+    only answers. The cached objects are decoded only once the answers show a change."""
     what, source, *rest = child.receive()
     if what == "full":
-        from weft.desired import api as kube
-        with kube.connect(kubeconfig, context, keep=keep) as api:
-            now = kube.current_resource_version(api)
-            return _full_list(api, cachemod.DesiredCache(source, token=""), now)
+        return _list_everything(cachemod.DesiredCache(source, token=""), kubeconfig, context, keep)
     (now,) = rest
     if what == "same":
-        return Reading(cache.token, cache, _assembled_from(cache), dirty=False)
-    # The cluster moved: decode the cached objects while the child waits out its watches'
-    # quiet gap (not before: a run with nothing to do needs none of them).
-    groups = _groups(cache)
+        return Reading(cache.token, cache, _assembled_from(cache, kubeconfig, context, keep), dirty=False)
     (results,) = child.receive()
-    return _watch_changes(cache, now, results, groups)
+    return _watch_changes(cache, now, results, kubeconfig, context, keep)
+
+
+def _list_everything(cache: cachemod.DesiredCache, kubeconfig: str | None, context: str | None,
+                     keep: Path) -> Reading:
+    from weft.desired import api as kube
+    with kube.connect(kubeconfig, context, keep=keep) as api:
+        now = kube.current_resource_version(api)
+        return _full_list(api, cache, now)
 
 
 def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str | None,
@@ -193,7 +320,7 @@ def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str
             send(("full", source))
             return
         now = kube.current_resource_version(api)
-        if now and now == cache.cursors.get("*"):
+        if now and now == cache.cursors.get(CURRENT):
             send(("same", source, now))
             return
         send(("moved", source, now))
@@ -288,8 +415,24 @@ def _portable(exc: BaseException) -> BaseException:
         return SourceError(f"reading the Kubernetes API: {type(exc).__name__}: {exc}")
 
 
-def _assembled_from(cache: cachemod.DesiredCache) -> Callable[[], ClusterState]:
-    return lambda: _assembled(_flat(_groups(cache)))()
+def _assembled_from(cache: cachemod.DesiredCache, kubeconfig: str | None, context: str | None,
+                    keep: Path) -> Callable[[], ClusterState]:
+    """The state of the cached objects, built when asked for (a cache that does not decode is
+    replaced by a full list)."""
+    def build() -> ClusterState:
+        groups = _decoded(cache)
+        if groups is None or not _api_groups_ok(groups):
+            return _list_everything(cache, kubeconfig, context, keep).state()
+        return _assembled(_flat(groups))()
+    return build
+
+
+def _api_groups_ok(groups: dict) -> bool:
+    """Whether decoded groups are what an API read keeps: per kind and namespace, its objects."""
+    from weft.desired.loader import Converted
+    return all(isinstance(group, dict) and all(isinstance(k, tuple) and len(k) == 4 and isinstance(v, Converted | str)
+                                               for k, v in group.items())
+               for group in groups.values())
 
 
 def _flat(groups: dict) -> dict:
@@ -313,8 +456,9 @@ def _key(obj: dict) -> tuple:
 def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     from weft.desired import api as kube
     from weft.desired.loader import convert_object
+    resources = kube.discover_resources(api)
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
-        listed = list(pool.map(lambda r: kube.list_kind(api, r), kube.RESOURCES))
+        listed = list(pool.map(lambda r: kube.list_kind(api, r), resources))
     errors: list[ValidationError] = []
     table = {}
     for items, _rv in listed:
@@ -325,22 +469,28 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     if errors:
         raise InvalidDesiredState(errors)
     state = _assembled(table)()
-    cache.cursors = {r.plural + "." + r.api_version: rv for r, (_i, rv) in zip(kube.RESOURCES, listed, strict=True)}
-    # Every list began after `before`: while the cluster's version is still `before`, nothing
-    # changed (versions are opaque: compared for equality only).
-    cache.cursors["*"] = before
+    cache.cursors = {_cursor(r): rv for r, (_i, rv) in zip(resources, listed, strict=True)}
+    # Every list began after `before` and lists are consistent reads: while the cluster's version
+    # is still `before`, nothing changed (versions are opaque: compared for equality only).
+    cache.cursors[CURRENT] = before
     cache.token = uuid.uuid4().hex
     cache.set_groups(_grouped(table))
     return Reading(cache.token, cache, lambda: state, state)
 
 
+def _cursor(resource) -> str:
+    return resource.plural + "." + resource.api_version
+
+
 def _watch_all(api, cursors: dict) -> list:
     """Each kind's events since its cursor; a kind without one, or whose events are no longer
-    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once."""
+    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once. The
+    kinds are those the cluster serves (API discovery: each Calico kind from one group)."""
     from weft.desired import api as kube
+    resources = kube.discover_resources(api)
 
     def one(resource):
-        cursor = cursors.get(resource.plural + "." + resource.api_version, "")
+        cursor = cursors.get(_cursor(resource), "")
         try:
             if not cursor:
                 raise kube.WatchExpired(resource.kind)
@@ -348,51 +498,68 @@ def _watch_all(api, cursors: dict) -> list:
         except kube.WatchExpired:
             return resource, "list", kube.list_kind(api, resource)
 
-    with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
-        return list(pool.map(one, kube.RESOURCES))
+    with ThreadPoolExecutor(len(resources), thread_name_prefix="weft-watch") as pool:
+        return list(pool.map(one, resources))
 
 
-def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups: dict) -> Reading:
+def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, kubeconfig: str | None,
+                   context: str | None, keep: Path) -> Reading:
+    """The cache brought up to the watches' answers. Only the groups holding objects that an
+    event names are decoded to compare; the rest only when the state changed."""
     from weft.desired.loader import convert_object
     for resource, _how, (_items, cursor) in results:
-        cache.cursors[resource.plural + "." + resource.api_version] = cursor
-    # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)
-    # is a change only where the list differs from what is cached; an empty list of a kind of
-    # which nothing is cached changes nothing, and no cached objects need to be read for it.
-    cached_kinds = {group[:2] for group in cache.blobs}
-    if not any(items if how == "events" else items or (r.api_version, r.kind) in cached_kinds
-               for r, how, (items, _c) in results):
-        cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
-        return Reading(cache.token, cache, lambda: _assembled(_flat(groups))())
-    table = _flat(groups)
-    errors: list[ValidationError] = []
-    touched = set()
-    for resource, how, (items, _cursor) in results:
+        cache.cursors[_cursor(resource)] = cursor
+    # Current at `now` only when the previous run that watched began at `now` too (see the
+    # module docstring); else this run's beginning is recorded for the next one to confirm.
+    cache.cursors[CURRENT] = now if now and cache.cursors.get(BEGUN) == now else ""
+    cache.cursors[BEGUN] = now
+    # Only each object's last event counts: an invalid version fixed since is not an error.
+    latest: dict[tuple, tuple[str, dict | None]] = {}
+    # A kind now read from the other of Calico's groups (or no longer served): what is cached of
+    # it under the group it is no longer read from is gone, as if listed empty.
+    from weft.desired.api import CALICO_API_GROUPS
+    read = {(r.api_version, r.kind) for r, _how, _answer in results}
+    relisted = [kind for kind in {g[:2] for g in cache.blobs} if kind[0] in CALICO_API_GROUPS and kind not in read]
+    for resource, how, (items, _position) in results:
         if how == "list":
             # The list is the whole kind: what is cached and not listed is gone.
-            group = (resource.api_version, resource.kind)
-            listed = {_key(obj) for obj in items}
-            changes = [("DELETED", {"apiVersion": k[0], "kind": k[1], "metadata": {"namespace": k[2], "name": k[3]}})
-                       for k in table if k[:2] == group and k not in listed]
-            changes += [("ADDED", obj) for obj in items]
+            relisted.append((resource.api_version, resource.kind))
+            latest.update((_key(obj), ("ADDED", obj)) for obj in items)
         else:
-            changes = items
-        # Only each object's last event counts: an invalid version fixed since is not an error.
-        latest = {_key(obj): (kind, obj) for kind, obj in changes}
-        for key, (kind, obj) in latest.items():
-            if kind == "DELETED":
-                if table.pop(key, None) is not None:
-                    touched.add(key[:3])
-                continue
-            entry = convert_object("api", obj, errors)
-            if entry is not None and table.get(key) != entry:
-                table[key] = entry
-                touched.add(key[:3])
+            latest.update((_key(obj), (kind, obj)) for kind, obj in items)
+    looked_at = {key[:3] for key in latest} | {g for g in cache.blobs if g[:2] in relisted}
+    if not looked_at:
+        return Reading(cache.token, cache, _assembled_from(cache, kubeconfig, context, keep))
+    groups = _decoded(cache, looked_at)
+    if groups is None or not _api_groups_ok(groups):
+        return _list_everything(cachemod.DesiredCache(cache.source, token=""), kubeconfig, context, keep)
+    for group in looked_at:
+        groups.setdefault(group, {})
+    listed = set(latest)
+    for group in [g for g in groups if g[:2] in relisted]:
+        for key in groups[group]:
+            if key not in listed:
+                latest[key] = ("DELETED", None)
+    errors: list[ValidationError] = []
+    touched = {}
+    for key, (kind, obj) in latest.items():
+        group = groups[key[:3]]
+        if kind == "DELETED":
+            if group.pop(key, None) is not None:
+                touched[key[:3]] = group
+            continue
+        entry = convert_object("api", obj, errors)
+        if entry is not None and group.get(key) != entry:
+            group[key] = entry
+            touched[key[:3]] = group
     if errors:
         raise InvalidDesiredState(errors)
-    state = _assembled(table)()
-    cache.cursors["*"] = ""                 # positions are per kind now; check them next run
-    if touched:
-        cache.token = uuid.uuid4().hex
-        cache.set_groups(_grouped(table), touched)
+    if not touched:
+        return Reading(cache.token, cache, _assembled_from(cache, kubeconfig, context, keep))
+    rest = _decoded(cache, [g for g in cache.blobs if g not in groups])
+    if rest is None or not _api_groups_ok(rest):
+        return _list_everything(cachemod.DesiredCache(cache.source, token=""), kubeconfig, context, keep)
+    state = _assembled(_flat(rest | groups))()
+    cache.token = uuid.uuid4().hex
+    cache.update_groups(touched)
     return Reading(cache.token, cache, lambda: state, state)

@@ -1,25 +1,40 @@
-"""Model values <-> JSON-able data, for what weft keeps between runs (the desired-state cache).
+"""Model values <-> JSON text, for what weft keeps between runs (the desired-state cache).
 
-Data, not code: decoding only ever builds the types registered here (the model's frozen
-dataclasses and enums), through their own constructors, so a cache file can at worst be wrong,
-never run anything. Anything else in the input is an error.
+Data, not code: decoding only ever builds the types registered here (the model's dataclasses
+and enums), so a cache file can at worst be wrong, never run anything. Anything else in the
+input is an error (CodecError).
 
-The shapes: a dataclass is {"@": "Name", "v": [field values in order]}; an enum member
-{"e": "Name", "v": value}; a tuple a JSON list; a list {"l": [...]}; a dict with string
-keys {"d": {...}}, any other mapping {"m": [[key, value], ...]}; a frozenset {"s": [...]}.
-Strings, numbers, booleans and None are themselves. Sets of strings and tuples of strings
-(ipset members, chain rules) cost one C-level conversion each, so large kernel states decode at
-about json.loads speed.
+The shapes: strings, numbers, booleans and None are themselves; a tuple is a JSON list; a dict
+with string keys is a JSON object. The rest are objects marked by one of these keys, which begin
+with a NUL character (a dict with such a key is written as a mapping):
+  a dataclass   {"\u0000": "Name", "v": [field values in order]}
+  an enum       {"\u0000e": "Name", "v": value}
+  a list        {"\u0000l": [...]}   (rare: lists are kept lists, e.g. the CNI snapshot's)
+  a frozenset   {"\u0000s": [...]}
+  any other mapping  {"\u0000m": [[key, value], ...]}
+`loads` decodes in one pass of the C JSON parser: it hands every object, inner ones first, to
+`_node`, which leaves a plain dict as it is and builds the value a marked one stands for. A JSON
+list is a tuple; a marked list comes out of `_node` as a `_Kept` (a list its container keeps a
+list rather than taking it for a tuple), made a plain list where it is placed.
+
+Speed (this matters: a run over 150,000 pods decodes them whenever anything changed): a
+dataclass whose __init__ is the one dataclasses generated, without `__post_init__` or slots, is
+built without calling that __init__ (which, the classes being frozen, sets each field through
+object.__setattr__): its fields are set at once, the same values in the same places. Any other
+class is built through its constructor, so its checks run.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
 
 _TYPES: dict[str, type] = {}
-_FIELDS_OK: set[type] = set()         # the registered dataclasses
+_BUILD: dict[str, tuple[type, tuple[str, ...], bool]] = {}   # name -> (class, field names, direct)
+DATACLASS, ENUM, LIST, FROZENSET, MAPPING = "\x00", "\x00e", "\x00l", "\x00s", "\x00m"
+_MARKERS = frozenset((DATACLASS, ENUM, LIST, FROZENSET, MAPPING))
 
 
 class CodecError(ValueError):
@@ -35,7 +50,19 @@ def register(*classes: type) -> None:
         if known is not cls:
             raise TypeError(f"two codec types named {cls.__name__}: {known!r} and {cls!r}")
         if dataclasses.is_dataclass(cls):
-            _FIELDS_OK.add(cls)
+            fields = tuple(f.name for f in dataclasses.fields(cls))
+            _BUILD[cls.__name__] = (cls, fields, _direct(cls))
+            _FIELDS[cls] = fields
+
+
+def _direct(cls: type) -> bool:
+    """Whether `cls` may be built by setting its fields: instances have a __dict__, there is no
+    __post_init__, and its __init__ is the one dataclasses generated (which only sets them)."""
+    init = cls.__dict__.get("__init__")
+    code = getattr(init, "__code__", None)
+    return (code is not None and code.co_filename == "<string>" and code.co_name == "__init__"
+            and not hasattr(cls, "__post_init__")
+            and not any("__slots__" in c.__dict__ for c in cls.__mro__[:-1]))
 
 
 def register_module(namespace: Mapping[str, Any]) -> None:
@@ -49,85 +76,143 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 _PLAIN = frozenset((str, int, float, bool, type(None)))
 
 
-def _fields(cls: type) -> tuple[str, ...]:
-    names = _FIELDS.get(cls)
-    if names is None:
-        if _TYPES.get(cls.__name__) is not cls:
-            raise CodecError(f"{cls.__qualname__} is not a registered model type")
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
-
+# ---- encoding -------------------------------------------------------------------------------
 
 def encode(value: Any) -> Any:
+    """`value` as JSON-able data (see the module docstring for the shapes)."""
     kind = type(value)
-    if kind in _PLAIN:
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
         return value
     if kind is tuple:
         return [v if type(v) is str else encode(v) for v in value]
-    if kind is list:
-        return {"l": [v if type(v) is str else encode(v) for v in value]}
-    if kind is frozenset:
-        return {"s": [v if type(v) is str else encode(v) for v in value]}
+    names = _FIELDS.get(kind)
+    if names is not None:
+        return {DATACLASS: kind.__name__, "v": [v if type(v) is str else encode(v)
+                                                for v in [getattr(value, name) for name in names]]}
     if kind is dict:
-        for k in value:
-            if type(k) is not str:
-                return {"m": [[encode(k), encode(v)] for k, v in value.items()]}
-        return {"d": {k: v if type(v) is str else encode(v) for k, v in value.items()}}
+        if set(map(type, value)) <= {str} and _MARKERS.isdisjoint(value):
+            return {k: v if type(v) is str else encode(v) for k, v in value.items()}
+        return {MAPPING: [[encode(k), encode(v)] for k, v in value.items()]}
+    if kind is list:
+        return {LIST: [v if type(v) is str else encode(v) for v in value]}
+    if kind is frozenset:
+        return {FROZENSET: [v if type(v) is str else encode(v) for v in value]}
     if isinstance(value, Enum):
-        return {"e": kind.__name__, "v": value.value}
+        return {ENUM: kind.__name__, "v": value.value}
     if dataclasses.is_dataclass(value):
-        return {"@": kind.__name__, "v": [encode(getattr(value, name)) for name in _fields(kind)]}
+        raise CodecError(f"{kind.__qualname__} is not a registered model type")
     if isinstance(value, Mapping):
         return encode(dict(value))
     raise CodecError(f"cannot encode a {kind.__name__}")
 
 
+def dumps(value: Any) -> str:
+    """`value` as compact JSON text."""
+    return json.dumps(encode(value), separators=(",", ":"), ensure_ascii=False)
+
+
+# ---- decoding -------------------------------------------------------------------------------
+
+class _Kept(list):
+    """A decoded list while it is being placed: its container makes it a plain list again."""
+
+
+_UNPLACED = frozenset((list, _Kept))
+_new = object.__new__
+
+
+def _placed(v: Any) -> Any:
+    """A decoded value as it is placed in its container: a JSON list (not yet converted) as the
+    tuple it encodes, a decoded list as a plain list, anything else as it is."""
+    kind = type(v)
+    return _tuple(v) if kind is list else list(v) if kind is _Kept else v
+
+
+def _tuple(items: list | tuple) -> tuple:
+    """A JSON list as the tuple it encodes (its lists too; its objects are decoded already)."""
+    if _UNPLACED.isdisjoint(map(type, items)):
+        return tuple(items)
+    return tuple([_tuple(v) if type(v) is list else list(v) if type(v) is _Kept else v for v in items])
+
+
+def _node(obj: dict) -> Any:
+    """One JSON object of encoded data -> its value (inner objects are values already)."""
+    if DATACLASS in obj:
+        name, values = obj[DATACLASS], obj.get("v")
+        built = _BUILD.get(name) if type(name) is str else None
+        if built is None or type(values) is not list or len(obj) != 2:
+            raise CodecError(f"unknown model type {str(name)[:80]!r}")
+        cls, names, direct = built
+        if not _UNPLACED.isdisjoint(map(type, values)):     # (inline _placed: this runs per object)
+            values = [_tuple(v) if type(v) is list else list(v) if type(v) is _Kept else v for v in values]
+        if direct:
+            if len(values) != len(names):
+                raise CodecError(f"{name}: {len(values)} values for {len(names)} fields")
+            value = _new(cls)
+            value.__dict__.update(zip(names, values, strict=False))   # lengths checked above
+            return value
+        try:
+            return cls(*values)
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"{name}: {str(exc)[:200]}") from None
+    if _MARKERS.isdisjoint(obj):                    # a plain dict
+        if not _UNPLACED.isdisjoint(map(type, obj.values())):
+            for k, v in obj.items():
+                obj[k] = _placed(v)
+        return obj
+    if len(obj) == 1 and LIST in obj:
+        items = obj[LIST]
+        if type(items) is not list:
+            raise CodecError("a list must hold a list")
+        return _Kept(map(_placed, items))
+    if len(obj) == 1 and FROZENSET in obj:
+        items = obj[FROZENSET]
+        if type(items) is not list:
+            raise CodecError("a frozenset must hold a list")
+        try:
+            return frozenset(_tuple(items) if not _UNPLACED.isdisjoint(map(type, items)) else items)
+        except TypeError:
+            raise CodecError("a frozenset holds an unhashable value") from None
+    if len(obj) == 2 and ENUM in obj:
+        cls = _TYPES.get(obj[ENUM]) if type(obj[ENUM]) is str else None
+        if cls is None or not issubclass(cls, Enum):
+            raise CodecError(f"unknown enum {str(obj[ENUM])[:80]!r}")
+        try:
+            return cls(obj.get("v"))
+        except (ValueError, TypeError) as exc:
+            raise CodecError(str(exc)[:200]) from None
+    if len(obj) == 1 and MAPPING in obj:
+        pairs = obj[MAPPING]
+        if type(pairs) is not list or not all(type(p) is list and len(p) == 2 for p in pairs):
+            raise CodecError("a mapping must hold [key, value] pairs")
+        try:
+            return {_placed(k): _placed(v) for k, v in pairs}
+        except TypeError:
+            raise CodecError("a mapping has an unhashable key") from None
+    raise CodecError(f"unexpected object with keys {sorted(map(repr, obj))[:4]}")
+
+
+def loads(text: str | bytes) -> Any:
+    """The value `dumps` made of it. Raises CodecError (or ValueError for text that is not JSON,
+    RecursionError for nesting deeper than the interpreter takes)."""
+    return _placed(json.loads(text, object_hook=_node))
+
+
 def decode(data: Any) -> Any:
+    """The value of already-parsed data (`encode`'s output, e.g. read back with json.loads)."""
+    return _placed(_inner(data))
+
+
+def _inner(data: Any) -> Any:
+    """`data` as json.loads with `_node` as object hook gives it: objects decoded, lists kept."""
     kind = type(data)
+    if kind is dict:
+        return _node({k: _inner(v) for k, v in data.items()})
+    if kind is list:
+        return [_inner(v) for v in data]
     if kind in _PLAIN:
         return data
-    if kind is list:
-        return tuple([v if type(v) in _PLAIN else decode(v) for v in data])
-    if kind is not dict:
-        raise CodecError(f"unexpected {kind.__name__} in encoded data")
-    if "@" in data:
-        cls = _TYPES.get(data["@"])
-        values = data.get("v")
-        if cls not in _FIELDS_OK or type(values) is not list:
-            raise CodecError(f"unknown model type {data['@']!r}")
-        try:
-            return cls(*[v if type(v) in _PLAIN else decode(v) for v in values])
-        except TypeError as exc:
-            raise CodecError(f"{data['@']}: {exc}") from None
-    if "d" in data:
-        mapping = data["d"]
-        if type(mapping) is not dict:
-            raise CodecError("a 'd' entry must hold an object")
-        return {k: v if type(v) in _PLAIN else decode(v) for k, v in mapping.items()}
-    if "s" in data:
-        return frozenset([v if type(v) is str else decode(v) for v in _items(data["s"])])
-    if "l" in data:
-        return [v if type(v) in _PLAIN else decode(v) for v in _items(data["l"])]
-    if "e" in data:
-        cls = _TYPES.get(data["e"])
-        if cls is None or not issubclass(cls, Enum):
-            raise CodecError(f"unknown enum {data['e']!r}")
-        try:
-            return cls(data.get("v"))
-        except ValueError as exc:
-            raise CodecError(str(exc)) from None
-    if "m" in data:
-        pairs = _items(data["m"])
-        if not all(type(p) is list and len(p) == 2 for p in pairs):
-            raise CodecError("an 'm' entry must hold [key, value] pairs")
-        return {decode(k): decode(v) for k, v in pairs}
-    raise CodecError(f"unexpected object with keys {sorted(data)[:4]}")
-
-
-def _items(value: Any) -> list:
-    if not isinstance(value, list):
-        raise CodecError("expected a list")
-    return value
+    raise CodecError(f"unexpected {kind.__name__} in encoded data")
 
 
 def decode_all(items: Iterable[Any]) -> list:

@@ -11,11 +11,13 @@ The CNI plugin calls these; they must be quick and must never race a reconcile r
   renderers.endpoint): exactly its policy when that is known, closed where a policy might apply
   and is not known, closed in both directions when there is no usable snapshot.
 Each function takes a list of pods: the CNI fast path (cni.fastpath) hands it the pods of
-concurrent calls, which share one listing of the dispatch chains and one iptables-restore.
+concurrent calls, which share one iptables-restore, and its DispatchCache, which spares the
+listing of the dispatch chains while nothing else changed the ruleset.
 """
 from __future__ import annotations
 
 from weft.probes.backend import Backend, detect
+from weft.probes.netlink import nft_generation
 from weft.probes.runner import KernelCommandError, Runner
 from weft.renderers.endpoint import endpoint_chains
 from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH
@@ -45,27 +47,77 @@ def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]
     return [ln for ln in lines or () if f" {flag} {iface} " in ln + " "]
 
 
-def _restore(state_dir, work, pods: list[tuple]) -> None:
+class DispatchCache:
+    """What weft's two dispatch chains held when this process last listed or wrote them, and the
+    nf_tables ruleset generation of that moment (probes.netlink.nft_generation).
+
+    The generation moves on with every commit to any nf_tables table of the namespace, whoever
+    makes it, so while it has not moved the chains are exactly as remembered and need no
+    listing: a policy step is then one iptables-restore instead of two `iptables -S` and one
+    restore (each a process of ~5 ms of CPU). Read before listing, so a change made while this
+    process lists makes the memory stale, never wrong; after this process's own restore, kept
+    only if the generation moved by exactly that one commit. Legacy iptables has no generation:
+    it is listed every time. The CNI fast path keeps one per process (cni.fastpath.FastPath);
+    `lock` is held for a whole step: listing (or not), restore, and what is remembered."""
+
+    def __init__(self) -> None:
+        import threading
+        self.lock = threading.Lock()
+        self._key: tuple[str, int] | None = None
+        self._lines: tuple[list[str], list[str]] = ([], [])
+
+    def get(self, backend: Backend, generation: int | None) -> tuple[list[str], list[str]] | None:
+        """The chains' rules (from, to) if nothing was committed since they were remembered."""
+        if generation is None or self._key != (backend.name, generation):
+            return None
+        return list(self._lines[0]), list(self._lines[1])
+
+    def keep(self, backend: Backend, generation: int | None, from_lines, to_lines) -> None:
+        """Remember the chains' rules as of `generation` (None, or a chain missing: forget)."""
+        if generation is None or from_lines is None or to_lines is None:
+            self._key = None
+            return
+        self._key, self._lines = (backend.name, generation), (list(from_lines), list(to_lines))
+
+
+def _restore(state_dir, work, pods: list[tuple], cache: DispatchCache | None = None) -> None:
     runner = Runner()
     sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
-    with sd.lock(shared=True, timeout=LOCK_TIMEOUT):
+    cache = cache if cache is not None else DispatchCache()
+    with sd.lock(shared=True, timeout=LOCK_TIMEOUT), cache.lock:
         backend = _backend(runner)
-        from_lines = _listing(runner, backend, FROM_DISPATCH)
-        if from_lines is None and work is _add_lines:
-            _first_run(sd, runner)                   # weft never ran here: put its base in place
+        generation = nft_generation() if backend.name == "nft" else None
+        known = cache.get(backend, generation)
+        from_lines: list[str] | None
+        to_lines: list[str] | None
+        if known is not None:
+            from_lines, to_lines = known
+        else:
             from_lines = _listing(runner, backend, FROM_DISPATCH)
-        if from_lines is None:
-            return                                   # weft never ran here: no pod of ours to remove
-        to_lines = _listing(runner, backend, TO_DISPATCH)
-        lines = work(sd, pods, from_lines, to_lines)
-        if lines:
-            runner.run(backend.restore, "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n", writes=True)
+            if from_lines is None and work is _add_lines:
+                _first_run(sd, runner)               # weft never ran here: put its base in place
+                generation = None                    # (a commit of its own: not remembered)
+                from_lines = _listing(runner, backend, FROM_DISPATCH)
+            if from_lines is None:
+                cache.keep(backend, None, None, None)
+                return                               # weft never ran here: no pod of ours to remove
+            to_lines = _listing(runner, backend, TO_DISPATCH)
+        lines, from_after, to_after = work(sd, pods, from_lines, to_lines or [])
+        if not lines:
+            cache.keep(backend, generation, from_lines, to_lines)
+            return
+        cache.keep(backend, None, None, None)        # until the restore is known to have landed alone
+        runner.run(backend.restore, "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n", writes=True)
+        if generation is not None and nft_generation() == generation + 1:
+            cache.keep(backend, generation + 1, from_after, to_after if to_lines is not None else None)
 
 
-def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]) -> list[str]:
+def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]):
     """Each pod's two chains and its dispatch rules, unless a reconcile run already programmed it
-    (its dispatch rules exist: a rule can only jump to a chain that exists)."""
+    (its dispatch rules exist: a rule can only jump to a chain that exists). Returns the restore's
+    lines and the dispatch chains' rules once they are in (from, to)."""
     chains, rules = {}, []
+    from_after, to_after = list(from_lines), list(to_lines)
     snap = load_snapshot(sd) if pods else None
     for iface, namespace, pod in pods:
         have_from = _dispatch_rules(from_lines, "-i", iface)
@@ -74,35 +126,42 @@ def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines:
             continue
         chains.update(endpoint_chains(snap, namespace, pod, iface))
         if not have_from:
-            rules.append(f'-I {FROM_DISPATCH} 1 -i {iface} -m comment --comment "weft:cni" -g weft-fw-{iface}')
+            rule = f'{FROM_DISPATCH} -i {iface} -m comment --comment "weft:cni" -g weft-fw-{iface}'
+            rules.append(f"-I {rule.replace(' ', ' 1 ', 1)}")
+            from_after.insert(0, f"-A {rule}")
         if not have_to:
-            rules.append(f'-I {TO_DISPATCH} 1 -o {iface} -m comment --comment "weft:cni" -g weft-tw-{iface}')
+            rule = f'{TO_DISPATCH} -o {iface} -m comment --comment "weft:cni" -g weft-tw-{iface}'
+            rules.append(f"-I {rule.replace(' ', ' 1 ', 1)}")
+            to_after.insert(0, f"-A {rule}")
     lines = [f":{name} - [0:0]" for name in chains]
     for body in chains.values():
         lines.extend(body)
-    return lines + rules
+    return lines + rules, from_after, to_after
 
 
-def _remove_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]) -> list[str]:
+def _remove_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]):
     """Each pod's dispatch rules, then its chains: declared first (which creates a missing one),
-    so that deleting them needs no look-up and cannot fail because one is already gone."""
-    stale, chains = [], []
+    so that deleting them needs no look-up and cannot fail because one is already gone. Returns
+    the restore's lines and the dispatch chains' rules once they are in (from, to)."""
+    stale, chains, gone = [], [], set()
     for iface, *_ in pods:
-        stale += [("-D" + ln[2:]) for ln in _dispatch_rules(from_lines, "-i", iface)]
-        stale += [("-D" + ln[2:]) for ln in _dispatch_rules(to_lines, "-o", iface)]
+        found = _dispatch_rules(from_lines, "-i", iface) + _dispatch_rules(to_lines, "-o", iface)
+        stale += [("-D" + ln[2:]) for ln in found]
+        gone.update(found)
         chains += [f"weft-fw-{iface}", f"weft-tw-{iface}"]
-    return [*stale, *(f":{c} - [0:0]" for c in chains), *(f"-X {c}" for c in chains)]
+    lines = [*stale, *(f":{c} - [0:0]" for c in chains), *(f"-X {c}" for c in chains)]
+    return lines, [ln for ln in from_lines if ln not in gone], [ln for ln in to_lines if ln not in gone]
 
 
-def add_endpoints(state_dir, pods: list[tuple[str, str, str]]) -> None:
+def add_endpoints(state_dir, pods: list[tuple[str, str, str]], cache: DispatchCache | None = None) -> None:
     """Make sure each pod's policy ((iface, namespace, pod) each) is in the kernel before it runs;
-    raise WeftError if not."""
-    _restore(state_dir, _add_lines, pods)
+    raise WeftError if not. `cache`: the process's DispatchCache, if it keeps one."""
+    _restore(state_dir, _add_lines, pods, cache)
 
 
-def remove_endpoints(state_dir, pods: list[tuple[str]]) -> None:
+def remove_endpoints(state_dir, pods: list[tuple[str]], cache: DispatchCache | None = None) -> None:
     """Remove each pod's ((iface,) each) chains and dispatch rules; nothing to do is fine."""
-    _restore(state_dir, _remove_lines, pods)
+    _restore(state_dir, _remove_lines, pods, cache)
 
 
 def add_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:

@@ -1,26 +1,37 @@
 """What one run leaves for the next, so the next reads and renders only what changed.
 
-One file in the state dir, `desired-cache.json`, replaced atomically (store.statedir): the
-source's cursors (API watch positions or manifest file digests), the converted objects grouped
-(by kind and namespace, or by file) and the last render per node. Everything in it is data
-(JSON through model.codec, which builds only the model's own types): a planted or damaged file
-can make a run read everything again, never run anything.
+Two files in the state dir, each replaced atomically (store.statedir):
+  `desired-cache.json`    the source's cursors (API watch positions, manifest file digests), the
+                          converted objects grouped (by kind and namespace, or by file) and the
+                          last render per node;
+  `desired-cursors.json`  newer cursors for that same file, when they are all that changed: the
+                          usual run on a live cluster (its resourceVersion moved, nothing weft
+                          reads changed) writes this small file, not the large one. It names the
+                          generation of the cache file it belongs to and is ignored with any other.
+The cache file is always written first and carries the cursors current then, so the cursors in
+use never run ahead of the objects they describe (a crash between the two writes only makes the
+next run read some changes again).
 
-Each group, and each render, is one line of the file, kept as text until it is needed: a run
-that changed one namespace's pods encodes that group again and copies the others' lines as they
-were. The cache is valid only for the same source and the same weft code (every file of the
-installed `weft` package counts); anything unreadable is a cache miss (a full read).
+Everything in them is data (JSON through model.codec, which builds only the model's own types):
+a planted or damaged file can make a run read everything again, never run anything.
 
-Layout: line 1 is the header {"format", "code", "source", "token", "cursors", "groups":
-[[group key, digest, kinds], ...], "rendered": [[node, key, basis], ...]}; then one line per
-group, then one line per render, in the header's order.
+Each group, and each render, is one line of the cache file, kept as text until it is needed: a
+run decodes only the groups it must look at, and one that changed one namespace's pods encodes
+that group again and copies the other lines as they were. The cache is valid only for the same
+source and the same weft code (every file of the installed `weft` package counts); anything
+unreadable is a cache miss (a full read).
+
+Layout: line 1 is the header {"format", "code", "generation", "source", "token", "cursors",
+"groups": [[group key, digest, kinds], ...], "rendered": [[node, key, basis], ...]}; then one
+line per group, then one line per render, in the header's order.
 """
 from __future__ import annotations
 
 import gc
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,10 +41,12 @@ from typing import Any
 from weft.model import codec
 from weft.store.statedir import CorruptState, StateDir, UnsafeState
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 CACHE_FILE = "desired-cache.json"
+CURSORS_FILE = "desired-cursors.json"
 OLD_CACHE_FILES = ("desired.cache",)      # pickles of weft <= 0.1.0: never read, removed
 MAX_CACHE = 1 << 30
+MAX_CURSORS = 1 << 20
 
 
 @contextmanager
@@ -65,12 +78,21 @@ def code_token() -> str:
 
 
 def _encoded(value: Any) -> str:
-    return json.dumps(codec.encode(value), separators=(",", ":"), ensure_ascii=False)
-
-
-def _decoded(text: str) -> Any:
     with gc_paused():
-        return codec.decode(json.loads(text))
+        return codec.dumps(value)
+
+
+def _decoded(text: str | bytes | memoryview) -> Any:
+    with gc_paused():
+        return codec.loads(bytes(text) if isinstance(text, memoryview) else text)
+
+
+def _bytes(text: str | bytes | memoryview) -> bytes | memoryview:
+    return text.encode() if isinstance(text, str) else text
+
+
+def _entries(value: Any) -> Iterable:
+    return value.values() if isinstance(value, dict) else value
 
 
 @dataclass
@@ -78,30 +100,64 @@ class DesiredCache:
     source: str                                  # "api:<server>" or "dir:<absolute path>"
     token: str                                   # changes whenever the desired objects change
     cursors: dict = field(default_factory=dict)  # per-source positions (resourceVersions, digests)
-    blobs: dict = field(default_factory=dict)    # group (a kind's namespace, a file) -> its encoded objects
+    blobs: dict = field(default_factory=dict)    # group (a kind's namespace, a file) -> its encoded objects (bytes)
     digests: dict = field(default_factory=dict)  # group -> sha256 of its encoded objects
     kinds: dict = field(default_factory=dict)    # group -> the model kinds of its objects ("Pod", ...)
-    rendered: dict = field(default_factory=dict)  # node -> (key, encoded render)
+    rendered: dict = field(default_factory=dict)  # node -> (key, encoded render: bytes)
     bases: dict = field(default_factory=dict)    # node -> what its rendered sets' members came from
     code: str = ""
+    generation: str = ""                         # names what the cache file holds (see the docstring)
+    saved: tuple | None = None                   # (token, cursors) as loaded or saved; None: not on disk
+    changed: bool = True                         # groups or renders changed since loaded or saved
 
     def groups(self) -> dict:
         """The converted objects, by group (decoded now; the model types must be registered)."""
         return {group: _decoded(text) for group, text in self.blobs.items()}
 
-    def set_groups(self, groups: dict, changed=None) -> None:
-        """Keep `groups`; only those in `changed` (all when None) are encoded again: one changed
-        policy does not re-encode ten thousand pods."""
-        for group in groups if changed is None else changed:
-            if group in groups:
-                value = groups[group]
-                self.blobs[group] = text = _encoded(value)
-                self.digests[group] = hashlib.sha256(text.encode()).hexdigest()
-                entries = value.values() if isinstance(value, dict) else value
-                self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
-        self.blobs = {g: b for g, b in self.blobs.items() if g in groups}
-        self.digests = {g: d for g, d in self.digests.items() if g in groups}
-        self.kinds = {g: k for g, k in self.kinds.items() if g in groups}
+    def group(self, group: Any) -> Any:
+        """One group's objects (decoded now), or None when there is no such group."""
+        text = self.blobs.get(group)
+        return None if text is None else _decoded(text)
+
+    def set_groups(self, groups: dict, changed=None,
+                   entries_of: Callable[[Any], Iterable] = _entries) -> None:
+        """Keep `groups`, all the groups there are; only those in `changed` (all when None) are
+        encoded again: one changed policy does not re-encode ten thousand pods."""
+        self.update_groups({g: groups[g] for g in (groups if changed is None else changed) if g in groups},
+                           entries_of)
+        for gone in [g for g in self.blobs if g not in groups]:
+            self._drop(gone)
+
+    def update_groups(self, changed: Mapping[Any, Any], entries_of: Callable[[Any], Iterable] = _entries) -> None:
+        """Encode the groups in `changed` again (a value of None, or empty, removes its group);
+        the others stay as they are. `entries_of` gives a group's objects (for their kinds)."""
+        for group, value in changed.items():
+            entries = () if value is None else list(entries_of(value))
+            if not entries:
+                self._drop(group)
+                continue
+            self.blobs[group] = text = _encoded(value).encode()
+            self.digests[group] = hashlib.sha256(text).hexdigest()
+            self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
+        self.changed = True
+
+    def take(self, group: Any) -> tuple | None:
+        """Remove `group` and give what is kept of it, still encoded (for `put` under another key)."""
+        if group not in self.blobs:
+            return None
+        kept = (self.blobs.pop(group), self.digests.pop(group), self.kinds.pop(group, frozenset()))
+        self.changed = True
+        return kept
+
+    def put(self, group: Any, kept: tuple) -> None:
+        """Keep what `take` gave under the key `group`, as it was (nothing encoded again)."""
+        self.blobs[group], self.digests[group], self.kinds[group] = kept
+        self.changed = True
+
+    def _drop(self, group: Any) -> None:
+        for table in (self.blobs, self.digests, self.kinds):
+            table.pop(group, None)
+        self.changed = True
 
     def basis(self, kinds) -> str:
         """A digest that changes whenever any object of `kinds` does (the groups holding them),
@@ -118,8 +174,9 @@ class DesiredCache:
 
     def keep_render(self, node: str, key: str, value: Any, basis: str) -> None:
         """Keep `value` (model values, or a JSON-able form of them) as the render of `node`."""
-        self.rendered[node] = (key, _encoded(value))
+        self.rendered[node] = (key, _encoded(value).encode())
         self.bases[node] = basis
+        self.changed = True
 
     def last_render(self, node: str, basis: str, decode: Callable[[Any], Any] = lambda v: v):
         """The last value rendered for `node` if its `basis` was this one (whatever its key), else None."""
@@ -127,7 +184,7 @@ class DesiredCache:
         return self._render(text, decode) if basis and self.bases.get(node) == basis else None
 
     @staticmethod
-    def _render(text: str | None, decode: Callable[[Any], Any]):
+    def _render(text: bytes | memoryview | None, decode: Callable[[Any], Any]):
         if text is None:
             return None
         try:
@@ -137,7 +194,8 @@ class DesiredCache:
 
 
 def load(state_dir: StateDir | Path | str, source: str | None = None) -> DesiredCache | None:
-    """The cache of `source` (of any source when None: the caller checks), or None."""
+    """The cache of `source` (of any source when None: the caller checks), or None. Only the
+    header is parsed; each group and render stays bytes of the file until it is asked for."""
     store = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     try:
         data = store.read_bytes(CACHE_FILE, MAX_CACHE)
@@ -146,43 +204,72 @@ def load(state_dir: StateDir | Path | str, source: str | None = None) -> Desired
     if not data:
         return None
     try:
-        lines = data.decode().split("\n")
-        header = json.loads(lines[0])
+        end = data.index(b"\n")
+        header = json.loads(data[:end])
         if not isinstance(header, dict) or header.get("format") != CACHE_FORMAT or header.get("code") != code_token():
             return None
         if source is not None and header.get("source") != source:
             return None
         groups, rendered = header["groups"], header["rendered"]
-        body = lines[1:]
-        if len(body) < len(groups) + len(rendered):
-            return None
+        lines, view = [], memoryview(data)     # slices of the file: nothing copied until used
+        for _ in range(len(groups) + len(rendered)):
+            start, end = end + 1, data.index(b"\n", end + 1)
+            lines.append(view[start:end])
         cache = DesiredCache(str(header["source"]), str(header["token"]), dict(header["cursors"]),
-                             code=header["code"])
-        for (key, digest, kinds), text in zip(groups, body, strict=False):
+                             code=header["code"], generation=str(header["generation"]))
+        for (key, digest, kinds), text in zip(groups, lines, strict=False):
             group = codec.decode(key)
             cache.blobs[group], cache.digests[group], cache.kinds[group] = text, str(digest), frozenset(kinds)
-        for (node, key, basis), text in zip(rendered, body[len(groups):], strict=False):
+        for (node, key, basis), text in zip(rendered, lines[len(groups):], strict=False):
             cache.rendered[str(node)] = (str(key), text)
             cache.bases[str(node)] = str(basis)
     except (ValueError, KeyError, TypeError, codec.CodecError, RecursionError, UnicodeDecodeError):
         return None
-    if not all(isinstance(v, str) for v in cache.cursors.values()):
+    newer = _newer_cursors(store, cache)
+    if newer is not None:
+        cache.cursors = newer
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cache.cursors.items()):
         return None
+    cache.saved, cache.changed = (cache.token, dict(cache.cursors)), False
     return cache
 
 
+def _newer_cursors(store: StateDir, cache: DesiredCache) -> dict | None:
+    """The cursors file's cursors, if it belongs to this very cache file."""
+    try:
+        kept = store.read_json(CURSORS_FILE, MAX_CURSORS)
+    except (UnsafeState, CorruptState, OSError):
+        return None
+    if not isinstance(kept, dict) or kept.get("generation") != cache.generation or not cache.generation \
+            or kept.get("source") != cache.source or not isinstance(kept.get("cursors"), dict):
+        return None
+    return dict(kept["cursors"])
+
+
 def save(state_dir: StateDir | Path | str, cache: DesiredCache) -> None:
+    """Keep `cache` for the next run: only its cursors when nothing else changed (the small
+    file), else the whole cache file; nothing when nothing changed."""
     store = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
-    cache.code = code_token()
+    code = code_token()
+    if not cache.changed and cache.saved is not None and cache.saved[0] == cache.token and cache.code == code:
+        if cache.saved[1] != cache.cursors:
+            store.replace(CURSORS_FILE, json.dumps({"generation": cache.generation, "source": cache.source,
+                                                    "cursors": cache.cursors}, separators=(",", ":")))
+            cache.saved = (cache.token, dict(cache.cursors))
+        return
+    cache.code, cache.generation = code, uuid.uuid4().hex
     order = list(cache.blobs)
     nodes = list(cache.rendered)
-    header = {"format": CACHE_FORMAT, "code": cache.code, "source": cache.source, "token": cache.token,
-              "cursors": cache.cursors,
+    header = {"format": CACHE_FORMAT, "code": cache.code, "generation": cache.generation, "source": cache.source,
+              "token": cache.token, "cursors": cache.cursors,
               "groups": [[codec.encode(g), cache.digests[g], sorted(cache.kinds.get(g, ()))] for g in order],
               "rendered": [[n, cache.rendered[n][0], cache.bases.get(n, "")] for n in nodes]}
-    lines = [json.dumps(header, separators=(",", ":"), ensure_ascii=False)]
-    lines += [cache.blobs[g] for g in order]
-    lines += [cache.rendered[n][1] for n in nodes]
-    store.replace(CACHE_FILE, "\n".join(lines) + "\n")
+    lines = [json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()]
+    lines += [_bytes(cache.blobs[g]) for g in order]
+    lines += [_bytes(cache.rendered[n][1]) for n in nodes]
+    lines.append(b"")
+    store.replace(CACHE_FILE, b"\n".join(lines))
+    store.remove(CURSORS_FILE)
+    cache.saved, cache.changed = (cache.token, dict(cache.cursors)), False
     for old in OLD_CACHE_FILES:
         store.remove(old)

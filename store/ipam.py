@@ -36,11 +36,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import sys
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 from weft.model.errors import WeftError
 from weft.store.statedir import CorruptState, StateDir
@@ -138,40 +140,58 @@ class _Bad(Exception):
     """A field that is not what weft writes (caught and reported with the file's name)."""
 
 
-def _str(value, what: str, limit: int = _NAME_MAX, empty: bool = False) -> str:
+# `what` names the field in the error; `field`, when given, is appended to it (what.field) only
+# when there is an error: the records are checked on every read, and formatting every field's
+# name for nothing cost more than the checks themselves.
+def _field(what: str, field: str) -> str:
+    return f"{what}.{field}" if field else what
+
+
+def _str(value, what: str, limit: int = _NAME_MAX, empty: bool = False, field: str = "") -> str:
     if not isinstance(value, str) or len(value) > limit or (not value and not empty):
-        raise _Bad(f"{what} must be a string of 1-{limit} characters")
+        raise _Bad(f"{_field(what, field)} must be a string of 1-{limit} characters")
     return value
 
 
-def _bool(value, what: str) -> bool:
+def _bool(value, what: str, field: str = "") -> bool:
     if not isinstance(value, bool):
-        raise _Bad(f"{what} must be true or false")
+        raise _Bad(f"{_field(what, field)} must be true or false")
     return value
 
 
-def _ip(value, what: str) -> str:
+def _canonical(value: str, network: bool) -> bool:
+    """Whether `value` is an address (a network) as ipaddress prints it."""
     try:
-        if isinstance(value, str) and str(ipaddress.ip_address(value)) == value:
-            return value
+        return str(ipaddress.ip_network(value) if network else ipaddress.ip_address(value)) == value
     except ValueError:
-        pass
-    raise _Bad(f"{what} must be an IP address in canonical form, not {str(value)[:60]!r}")
+        return False
+
+
+# The records are checked on every read, several times per CNI call, and ipaddress parses slowly
+# (most of a read's time), while the same few hundred addresses come back every time: the answers
+# for strings of an address's length are remembered.
+_canonical_short = lru_cache(maxsize=4096)(_canonical)
+
+
+def _ip(value, what: str, field: str = "") -> str:
+    if isinstance(value, str) and (_canonical_short if len(value) <= 64 else _canonical)(value, False):
+        return value
+    raise _Bad(f"{_field(what, field)} must be an IP address in canonical form, not {str(value)[:60]!r}")
 
 
 def _cidr(value, what: str) -> str:
-    try:
-        if isinstance(value, str) and str(ipaddress.ip_network(value)) == value:
-            return value
-    except ValueError:
-        pass
+    if isinstance(value, str) and (_canonical_short if len(value) <= 64 else _canonical)(value, True):
+        return value
     raise _Bad(f"{what} must be a network in canonical form, not {str(value)[:60]!r}")
 
 
-def _iface(value, what: str) -> str:
-    _str(value, what, 15)
-    if any(c in "/:" or c.isspace() for c in value) or value in (".", ".."):
-        raise _Bad(f"{what} must be an interface name")
+_NOT_IN_IFACE = re.compile(r"[/:\s]")         # \s: what str.isspace() calls space
+
+
+def _iface(value, what: str, field: str = "") -> str:
+    _str(value, what, 15, field=field)
+    if _NOT_IN_IFACE.search(value) or value in (".", ".."):
+        raise _Bad(f"{_field(what, field)} must be an interface name")
     return value
 
 
@@ -180,19 +200,19 @@ def _check_record(rec, at: str, named: bool = True) -> dict:
         raise _Bad(f"{at} must be an object")
     for key in ("namespace", "pod"):
         if named:
-            _str(rec.get(key), f"{at}.{key}")
+            _str(rec.get(key), at, field=key)
         elif rec.get(key) != "":
             raise _Bad(f"{at}.{key} must be \"\" (a record whose pod is not known)")
     for key in ("network", "ifname"):
-        _str(rec.get(key), f"{at}.{key}")
-    _str(rec.get("container_id"), f"{at}.container_id", _ID_MAX)
-    _iface(rec.get("iface"), f"{at}.iface")
+        _str(rec.get(key), at, field=key)
+    _str(rec.get("container_id"), at, _ID_MAX, field="container_id")
+    _iface(rec.get("iface"), at, "iface")
     ips = rec.get("ips")
     if not isinstance(ips, list) or not 1 <= len(ips) <= 2:
         raise _Bad(f"{at}.ips must be a list of one or two addresses")
     for i, ip in enumerate(ips):
-        _ip(ip, f"{at}.ips[{i}]")
-    _bool(rec.get("active", True), f"{at}.active")
+        _ip(ip, at, f"ips[{i}]")
+    _bool(rec.get("active", True), at, "active")
     created = rec.get("created", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise _Bad(f"{at}.created must be a number")

@@ -21,6 +21,10 @@ Decisions (documented differences from a real API server):
   `==`, `!=`; `labelSelector` is refused with 400 rather than silently ignored.
 - put() does not deep-copy: don't mutate an object after putting it (serialised bytes are
   taken at put time; the dict itself is kept for field selectors).
+- `bytes_sent` counts every byte the server wrote (status lines, headers, bodies, watch chunks),
+  what a client reads from it, and `connections` the connections it accepted; `watch_lag()`
+  holds back events from watches, as a real server's watch cache delivers a committed write a
+  moment after lists and resourceVersions show it.
 """
 from __future__ import annotations
 
@@ -175,6 +179,10 @@ class FakeKubeAPI:
                  history: int = 10_000, tls: TLSFiles | None = None):
         self.max_page, self.token, self.history, self.tls = max_page, token, history, tls
         self.requests: list[tuple[str, str]] = []
+        self.bytes_sent = 0    # everything written to clients (see the module docstring)
+        self.connections = 0   # connections accepted
+        self._bytes_lock = threading.Lock()
+        self._held: int | None = None   # watch_lag(): events after this resourceVersion wait
         self.on_request: Callable[[str, str], None] | None = None  # called before serving each request
         self.url = ""
         self._cond = threading.Condition()
@@ -276,6 +284,25 @@ class FakeKubeAPI:
             self._events.clear()
             self._floor = self._rv
 
+    @contextlib.contextmanager
+    def watch_lag(self) -> Iterator[None]:
+        """Writes made inside the block are committed at once (lists and the resourceVersion
+        show them) but reach watches only when the block ends: a write still on its way through
+        a real server's watch cache."""
+        with self._cond:
+            self._held = self._rv
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = None
+                self._cond.notify_all()
+
+    def _count(self, size: int, *, connection: bool = False) -> None:
+        with self._bytes_lock:
+            self.bytes_sent += size
+            self.connections += connection
+
     def fail(self, match: str, code: int, reason: str, message: str = "", times: int | None = None) -> None:
         """Answer requests whose "METHOD path?query" contains `match` with a Status error."""
         self._faults.append([match, code, reason, message or f"injected {reason}", times])
@@ -342,6 +369,13 @@ class FakeKubeAPI:
 
     def _since(self, rv: int) -> list[_Event]:
         return self._events[bisect.bisect_right(self._events, rv, key=lambda e: e.rv):]
+
+    def _deliverable(self, rv: int) -> list[_Event]:
+        """The events after `rv` that watches may see now (see watch_lag)."""
+        events = self._since(rv)
+        if self._held is not None:
+            events = [e for e in events if e.rv <= self._held]
+        return events
 
     def _snapshot(self, t: _Type, rv: int) -> tuple[dict, list]:
         """The objects of `t` as they were at resourceVersion `rv` (caller holds the lock)."""
@@ -412,9 +446,10 @@ class FakeKubeAPI:
         while True:
             with self._cond:
                 expired = last < self._floor   # the events after `last` are no longer known
-                while not (out or expired or self._since(last) or self._closing) and time.monotonic() < deadline:
+                while not (out or expired or self._deliverable(last) or self._closing) \
+                        and time.monotonic() < deadline:
                     self._cond.wait(deadline - time.monotonic())
-                for e in [] if expired else self._since(last):
+                for e in [] if expired else self._deliverable(last):
                     if e.type is not t:
                         continue
                     was, now = visible(e.old), visible(e.new) and e.kind != "DELETED"
@@ -425,7 +460,7 @@ class FakeKubeAPI:
                 if expired:
                     out.append(b'{"type":"ERROR","object":%s}\n' % _dumps(status(
                         410, "Expired", f"too old resource version: {last} ({self._floor})")))
-                last = self._rv
+                last = max(last, self._rv if self._held is None else self._held)
                 done = expired or self._closing or time.monotonic() >= deadline
             if done and bookmarks and not expired:   # tells the client where to resume
                 out.append(b'{"type":"BOOKMARK","object":%s}\n' % _dumps(
@@ -497,6 +532,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.wfile = _CountingWriter(self.wfile, self.api._count)
+        self.api._count(0, connection=True)
+
     def do_GET(self):
         self._serve("GET")
 
@@ -527,6 +567,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Fail(401, "Unauthorized", "Unauthorized")
             url = urlsplit(self.path)
             query = dict(parse_qsl(url.query))
+            discovery = self._discovery(url.path) if method == "GET" else None
+            if discovery is not None:
+                return self._send(200, discovery)
             t, ns, name, sub = self._route(url.path)
             if "labelSelector" in query:
                 raise _Fail(400, "BadRequest", "labelSelector is not implemented by FakeKubeAPI")
@@ -561,6 +604,21 @@ class _Handler(BaseHTTPRequestHandler):
             import traceback
             traceback.print_exc()
             self._send(500, _dumps(status(500, "InternalError", f"FakeKubeAPI: {e!r}")))
+
+    def _discovery(self, path: str) -> bytes | None:
+        """API discovery of one group version (GET /apis/GROUP/VERSION): an APIResourceList of
+        what the fake serves there; 404 where it serves nothing, as a group not installed."""
+        parts = [p for p in path.split("/") if p]
+        if len(parts) != 3 or parts[0] != "apis":
+            return None
+        api_version = f"{parts[1]}/{parts[2]}"
+        served = [t for (v, _plural), t in sorted(self.api._types.items()) if v == api_version]
+        if not served:
+            raise _Fail(404, "NotFound", "the server could not find the requested resource")
+        return _dumps({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version,
+                       "resources": [{"name": t.plural, "singularName": "", "namespaced": t.namespaced,
+                                      "kind": t.kind, "verbs": ["get", "list", "watch", "create", "update",
+                                                                "delete"]} for t in served]})
 
     def _route(self, path: str) -> tuple[_Type, str | None, str | None, str | None]:
         parts = [p for p in path.split("/") if p]
@@ -599,6 +657,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+
+class _CountingWriter:
+    """A handler's output stream that counts what it writes (FakeKubeAPI.bytes_sent)."""
+
+    def __init__(self, stream, count: Callable[[int], None]):
+        self._stream, self._count = stream, count
+
+    def write(self, data) -> int:
+        written = self._stream.write(data)
+        self._count(len(data))
+        return written
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _int(query: dict, name: str) -> int:

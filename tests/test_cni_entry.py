@@ -10,6 +10,7 @@ import ast
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ import pytest
 import weft.cni
 from tests.cninode import NSENTER, CniNode, helper_pids, node, plugin_binary, wait_for_helper
 from tests.nodens import REPO, node_netns, usable
-from weft.cni.install import install, launcher_paths
+from weft.cni.install import install, is_native, launcher_code, launcher_paths
 
 needs_root = pytest.mark.skipif(usable() is not None, reason=usable() or "")
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
 node, plugin_binary = node, plugin_binary  # the fixtures
 
 # What an ADD served by the plugin must never import: each costs tens to hundreds of ms.
@@ -34,8 +36,8 @@ def _launcher_lines(path: Path) -> tuple[str, list[str]]:
 
 
 def test_install_pins_the_installed_weft_even_run_from_inside_a_checkout(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(tmp_path / "weft")], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", f"from weft.cni.install import install; install({str(tmp_path)!r} "
+                           "+ '/weft', native=False)"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     shebang, paths = _launcher_lines(tmp_path / "weft")
     installed = Path(weft.cni.__file__).resolve().parents[1]          # .../site-packages/weft
@@ -49,6 +51,47 @@ def test_install_pins_the_installed_weft_even_run_from_inside_a_checkout(tmp_pat
     done = subprocess.run([str(tmp_path / "weft")], input=b'{"cniVersion": "1.0.0"}', cwd=REPO,
                           env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"}, capture_output=True, timeout=60)
     assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
+
+
+@needs_cc
+def test_the_native_client_is_built_for_the_installed_weft_even_from_inside_a_checkout(tmp_path):
+    """`python -m weft.cni.install` builds the native client when a C compiler is there; it hands
+    the call to the helper of the installed weft (the code root the helper compares) and runs the
+    installed weft's Python client for the rest."""
+    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(tmp_path / "weft")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "the native client" in done.stdout, done
+    assert is_native(tmp_path / "weft")
+    binary = (tmp_path / "weft").read_bytes()
+    installed = Path(weft.cni.__file__).resolve().parents[1]
+    assert b"WEFT_CODE=" + os.fsencode(str(installed)) + b"\0" in binary
+    assert launcher_code().encode() in binary and repr(str(REPO)) not in launcher_code()
+    done = subprocess.run([str(tmp_path / "weft")], input=b'{"cniVersion": "1.0.0"}', cwd=REPO,
+                          env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin"}, capture_output=True, timeout=60)
+    assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
+
+
+@needs_root
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_without_a_working_c_compiler_the_installed_plugin_is_the_python_launcher_and_serves(cc, tmp_path):
+    """The native client is optional: with no C compiler (or one that fails), `python -m
+    weft.cni.install` writes the Python launcher, says so, and that plugin does the whole job,
+    its helper included."""
+    binary = tmp_path / "bin" / "weft"
+    done = subprocess.run([sys.executable, "-m", "weft.cni.install", str(binary)], cwd=REPO,
+                          env={**os.environ, "CC": cc}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "the Python launcher (the native client was not built" in done.stdout, done
+    assert not is_native(binary) and binary.read_text().startswith(f"#!{sys.executable} -IS\n")
+    with contextlib.ExitStack() as stack:
+        cni = CniNode(stack.enter_context(node_netns()), tmp_path, str(binary), stack)
+        assert cni.add("a").startswith("198.18.4.")
+        helper = wait_for_helper(cni)
+        cni.add("b")
+        assert helper_pids(cni) == [helper]
+        assert cni.call(cni.env("CHECK", "b"))[0] == 0
+        cni.ok("DEL", "a")
+        cni.ok("DEL", "b")
+        cni.clean()
 
 
 def test_the_client_imports_only_built_in_modules():
@@ -85,12 +128,14 @@ def test_an_add_the_plugin_serves_itself_imports_nothing_heavy(node, tmp_path):
 
 
 @needs_root
-@pytest.mark.parametrize("how", ["console script", "installed launcher"])
+@pytest.mark.parametrize("how", ["console script", "installed launcher", "native client"])
 def test_the_helper_starts_from_every_entry_point_and_logs_no_error(how, tmp_path):
     """The issue: with the `weft-cni` console script every call found no helper and left
     `ModuleNotFoundError` in cni-helper.log."""
+    if how == "native client" and shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler")
     binary = str(Path(sys.executable).parent / "weft-cni") if how == "console script" else \
-        str(install(tmp_path / "bin" / "weft"))
+        str(install(tmp_path / "bin" / "weft", native=how == "native client"))
     with contextlib.ExitStack() as stack:
         ns = stack.enter_context(node_netns())
         cni = CniNode(ns, tmp_path, binary, stack)
@@ -105,3 +150,64 @@ def test_the_helper_starts_from_every_entry_point_and_logs_no_error(how, tmp_pat
         assert log == "", log
         cmdline = Path(f"/proc/{helper}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1] == b"-IS" and os.fsencode(str(Path(weft.cni.__file__).resolve().parents[2])) in cmdline[3]
+
+
+IMPOSTOR = """
+import os, socket, sys
+seen = open(sys.argv[1], "ab", buffering=0)
+os.setuid(65534)                    # the credentials a client sees are those of listen()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(b"\\0weft-cni")
+s.listen(8)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.settimeout(2)
+    try:
+        seen.write(c.recv(65536))
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["installed launcher", "native client"])
+def test_a_helper_name_held_by_another_user_is_handed_nothing(how, tmp_path):
+    """Any process in the node's namespace may bind @weft-cni first. The client hands the call
+    only to a helper of its own user; else it runs the plugin itself, says why, and starts no
+    helper (the name is taken)."""
+    if how == "native client" and shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler")
+    binary = str(install(tmp_path / "bin" / "weft", native=how == "native client"))
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(node_netns())
+        cni = CniNode(ns, tmp_path, binary, stack)
+        seen = tmp_path / "seen"
+        impostor = subprocess.Popen([NSENTER, f"--net=/run/netns/{ns}", sys.executable, "-I", "-c", IMPOSTOR,
+                                     str(seen)], stdout=subprocess.PIPE, text=True)
+        stack.callback(impostor.kill)
+        assert impostor.stdout.readline().strip() == "ready"
+        code, out, err = cni.call(cni.env("ADD", "a"))
+        assert code == 0, (out, err)
+        assert "held by a process of another user" in err
+        assert seen.read_bytes() == b"", "the call was handed to the impostor"
+        assert helper_pids(cni) == []
+        assert cni.call(cni.env("CHECK", "a"))[0] == 0
+        cni.ok("DEL", "a")
+        cni.clean()
+
+
+@needs_root
+@needs_cc
+def test_the_native_client_hands_a_large_configuration_whole_to_the_python_client(node, tmp_path):
+    """A call the helper declines ("helper": false) is run by the Python client with the stdin
+    the native client already read: whole, also when it is larger than a pipe holds."""
+    assert is_native(node.binary)
+    node.add("first")
+    wait_for_helper(node)
+    padding = "x" * (300 << 10)
+    out = node.ok("ADD", "b", config={"helper": False, "comment": padding})
+    assert out["ips"][0]["address"].startswith("198.18.4.")
+    node.ok("DEL", "b", config={"helper": False, "comment": padding})
+    assert [a["pod"] for a in node.allocations()] == ["first"]

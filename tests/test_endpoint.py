@@ -13,7 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.nodens import REPO, WeftNode, chain_rules, namespace, node_ns, pod, policy, usable, write_manifests
+from tests.nodens import (
+    REPO,
+    WeftNode,
+    chain_rules,
+    iptables_save,
+    namespace,
+    node_ns,
+    pod,
+    policy,
+    usable,
+    write_manifests,
+)
 from weft.model.names import host_iface_name
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=usable() or "")
@@ -109,3 +120,74 @@ def test_pods_added_at_once_are_each_dispatched_once(node_ns, tmp_path):
     for iface in ifaces:
         assert sum(f"-i {iface} " in r for r in dispatch) == 1
     assert dispatch[-1].endswith("-j DROP")
+
+
+CACHED = """
+import json
+from pathlib import Path
+from weft.reconciler import endpoint
+from weft.model.names import host_iface_name
+state = Path({state!r})
+listings = []
+real = endpoint._listing
+endpoint._listing = lambda runner, backend, chain: listings.append(chain) or real(runner, backend, chain)
+cache = endpoint.DispatchCache()
+out = {{}}
+a, b = host_iface_name("open", "a"), host_iface_name("open", "b")
+endpoint.add_endpoints(state, [(a, "open", "a")], cache)
+out["first"] = len(listings)
+endpoint.add_endpoints(state, [(b, "open", "b")], cache)
+endpoint.remove_endpoints(state, [(b,)], cache)
+out["then"] = len(listings)
+{between}
+listings.clear()
+endpoint.{step}
+out["after"] = len(listings)
+print(json.dumps(out))
+"""
+
+
+def _cached(ns, state_dir, between: str, step: str) -> dict:
+    import json
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                           CACHED.format(state=str(state_dir), between=between, step=step)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_process_lists_the_dispatch_chains_only_when_the_ruleset_changed(node_ns, tmp_path):
+    """The CNI helper remembers the dispatch chains with nf_tables' generation: while nothing
+    else committed, a policy step is one iptables-restore, without listing."""
+    node = applied(node_ns, tmp_path, CLUSTER)
+    a = host_iface_name("open", "a")
+    seen = _cached(node_ns, node.state_dir, "", f"add_endpoints(state, [({host_iface_name('open', 'c')!r}, 'open', "
+                                                "'c')], cache)")
+    assert (seen["first"], seen["then"], seen["after"]) == (2, 2, 0), seen
+    assert sum(f"-i {a} " in r for r in chain_rules(node_ns, "weft-from-wl-dispatch")) == 1
+
+
+@pytest.mark.parametrize("change", ["dispatch rules removed", "dispatch rules added"])
+def test_a_change_made_by_anyone_else_is_listed_again(node_ns, tmp_path, change):
+    """Whoever commits in between (a reconcile run, another plugin process, an admin), the next
+    step lists again: the pod whose rules went is dispatched again, the pod whose rules came is
+    removed whole."""
+    node = applied(node_ns, tmp_path, CLUSTER)
+    a, d = host_iface_name("open", "a"), host_iface_name("open", "d")
+    if change == "dispatch rules removed":
+        between = (f"import subprocess\nfor flag, chain, kind in (('-i', 'weft-from-wl-dispatch', 'fw'), "
+                   f"('-o', 'weft-to-wl-dispatch', 'tw')):\n"
+                   f"    subprocess.run(['iptables-nft', '-D', chain, flag, {a!r}, '-m', 'comment', '--comment', "
+                   f"'weft:cni', '-g', f'weft-{{kind}}-{a}'], check=True)")
+        step = f"add_endpoints(state, [({a!r}, 'open', 'a')], cache)"
+    else:
+        between = (f"import subprocess\nsubprocess.run(['iptables-nft-restore', '--noflush'], check=True, input="
+                   f"b'*filter\\n:weft-fw-{d} - [0:0]\\n:weft-tw-{d} - [0:0]\\n"
+                   f"-I weft-from-wl-dispatch 1 -i {d} -g weft-fw-{d}\\n"
+                   f"-I weft-to-wl-dispatch 1 -o {d} -g weft-tw-{d}\\nCOMMIT\\n')")
+        step = f"remove_endpoints(state, [({d!r},)], cache)"
+    seen = _cached(node_ns, node.state_dir, between, step)
+    assert seen["after"] == 2, f"the change was not seen: {seen}"
+    dispatch = chain_rules(node_ns, "weft-from-wl-dispatch") + chain_rules(node_ns, "weft-to-wl-dispatch")
+    assert sum(f" {a} " in r for r in dispatch) == 2, dispatch
+    assert not [r for r in dispatch if f" {d} " in r] and f":weft-fw-{d} " not in iptables_save(node_ns, "nft")

@@ -345,3 +345,40 @@ def test_create_in_a_missing_namespace_is_not_found(kube_source):
     with pytest.raises(ApiError) as missing:
         kube_source.create({**configmap("x"), "metadata": {"name": "x", "namespace": "weft-test-absent"}})
     assert missing.value.status == 404
+
+
+# --- one run's requests: connections kept, TLS sessions resumed -----------------------------------
+
+def test_a_runs_watches_resume_the_tls_session_of_its_first_request(tmp_path):
+    """Every watch of a run needs a connection of its own; over TLS, each resumes the session of
+    the run's first request instead of a full handshake (certificates are checked once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.kubeapi import TLSFiles
+    from weft.desired.api import current_resource_version
+
+    with FakeKubeAPI([namespace("ns1"), pod("a")], tls=TLSFiles.make(tmp_path / "tls")) as fake:
+        with connect(fake.write_kubeconfig(tmp_path / "kc")) as api:
+            since = current_resource_version(api)
+            fake.put(pod("b"))
+
+            def watch(resource):
+                response = api.open("GET", resource.path(), query=[("watch", "true"), ("resourceVersion", since),
+                                                                   ("timeoutSeconds", 1)])
+                try:
+                    return response.connection.sock.session_reused, response.read()
+                finally:
+                    response.release_conn()
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(watch, [r for r in RESOURCES if not r.crd]))
+    assert sum(reused for reused, _body in answers) >= 3     # one may take the first request's connection
+    assert b'"name":"b"' in next(body for (reused, body), r in zip(answers, RESOURCES, strict=False)
+                                 if r.kind == "Pod")
+
+
+def test_lists_run_at_once_keep_their_connections(tmp_path):
+    """Pages of lists run by several threads reuse the connections they opened."""
+    with FakeKubeAPI([namespace("ns1")] + [pod(f"p{i}") for i in range(40)], max_page=2) as fake:
+        load_objects(fake.write_kubeconfig(tmp_path / "kc"))
+    assert len(fake.requests) > 30 and fake.connections <= 8

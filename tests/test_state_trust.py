@@ -13,6 +13,7 @@ import pytest
 from tests.nodens import NODE, write_manifests
 from weft.model import codec
 from weft.model.cluster import Endpoint, Namespace
+from weft.model.selector import Eq
 from weft.store import cache as cachemod
 from weft.store.statedir import StateDir, UnsafeState
 
@@ -50,19 +51,36 @@ def test_the_codec_builds_only_registered_model_types():
     value = (Endpoint("a", "p", "n1", "weftabc", ("198.18.0.1",), {"app": "x"}), Namespace("a", {"k": "v"}))
     assert codec.decode(json.loads(json.dumps(codec.encode(value)))) == value
     plain = {"pods": {"x/a": {"egress": [["weft-po-a"], []]}}, "closed": {"x": (True, False)}, "n": [1, None]}
-    again = codec.decode(json.loads(json.dumps(codec.encode(plain))))
-    assert again == plain and type(again["pods"]["x/a"]["egress"]) is list and type(again["closed"]["x"]) is tuple
-    for hostile in ({"@": "Popen", "v": [["id"]]}, {"@": "_Boom", "v": ["x"]}, {"e": "Signals", "v": 9},
-                    {"x": 1}, {"@": "Endpoint", "v": "not a list"}, {"@": "Endpoint", "v": [1]}):
+    for again in (codec.decode(json.loads(json.dumps(codec.encode(plain)))), codec.loads(codec.dumps(plain))):
+        assert again == plain and type(again["pods"]["x/a"]["egress"]) is list and type(again["closed"]["x"]) is tuple
+        assert type(again["pods"]["x/a"]["egress"][0]) is list and type(again["n"]) is list
+    nested = ([1, (2, [3])], {"k": [(4,)]}, Namespace("a", {"k": "v"}))
+    assert codec.loads(codec.dumps(nested)) == nested and type(codec.loads(codec.dumps(nested))[0][1][1]) is list
+    assert type(codec.loads(codec.dumps([1]))) is list and type(codec.loads(codec.dumps((1,)))) is tuple
+    for hostile in ({codec.DATACLASS: "Popen", "v": [["id"]]}, {codec.DATACLASS: "_Boom", "v": ["x"]},
+                    {codec.ENUM: "Signals", "v": 9}, {codec.FROZENSET: "x"},
+                    {codec.DATACLASS: "Endpoint", "v": "not a list"}, {codec.DATACLASS: "Endpoint", "v": [1]},
+                    {codec.MAPPING: [[{"a": 1}, 2]]}, {codec.LIST: "x"}, {codec.FROZENSET: [{codec.LIST: [1]}]},
+                    {codec.MAPPING: [[{codec.LIST: [1]}, 2]]}):
         with pytest.raises(codec.CodecError):
             codec.decode(hostile)
+        with pytest.raises(codec.CodecError):
+            codec.loads(json.dumps(hostile))
+    # A class with checks of its own (a selector's __post_init__) is built through them.
+    with pytest.raises(codec.CodecError):
+        codec.loads(json.dumps({codec.DATACLASS: "Eq", "v": ["not a key!", "x"]}))
+    assert codec.loads(codec.dumps(Eq("app", "x"))) == Eq("app", "x")
+    # A dict that merely looks like an object of another format is data, never an object.
+    assert codec.loads('{"@": "Popen", "v": [["id"]]}') == {"@": "Popen", "v": (("id",),)}
 
 
 def test_a_cache_naming_an_unknown_type_is_a_miss(tmp_path):
     store = StateDir(tmp_path / "state")
-    header = {"format": cachemod.CACHE_FORMAT, "code": cachemod.code_token(), "source": "dir:/x", "token": "t",
+    header = {"format": cachemod.CACHE_FORMAT, "code": cachemod.code_token(), "generation": "g", "source": "dir:/x",
+              "token": "t",
               "cursors": {}, "groups": [["g", "d", []]], "rendered": []}
-    store.replace(cachemod.CACHE_FILE, json.dumps(header) + "\n" + json.dumps({"@": "Popen", "v": [["id"]]}) + "\n")
+    store.replace(cachemod.CACHE_FILE, json.dumps(header) + "\n" + json.dumps({codec.DATACLASS: "Popen", "v": [["id"]]})
+                  + "\n")
     cache = cachemod.load(store)
     assert cache is not None                                # the groups are decoded only when needed...
     with pytest.raises(codec.CodecError):
