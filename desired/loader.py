@@ -168,7 +168,7 @@ def assemble(converted: Iterable[Converted], ignored: Iterable[str] = ()) -> Clu
         felix_configurations=tuple(sorted(fields.pop("felix_configurations"), key=lambda f: f.name)),
         ignored_kinds=tuple(sorted(set(ignored))),
         warnings=_warnings(items),
-        **{name: tuple(values) for name, values in fields.items()},  # type: ignore[arg-type]
+        **{name: tuple(values) for name, values in fields.items()},
     )
 
 

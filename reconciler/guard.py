@@ -8,9 +8,9 @@ What weft may write:
   iptables-restore  only with --noflush; only `weft-*` chains (filter, and for the next waves
                     nat/raw/mangle) declared, filled, flushed and deleted; their rules jump only to
                     `weft-*` chains or standard targets and match only `weft-*` sets; built-in
-                    chains only through the documented hook rules: FORWARD -> weft-FORWARD and
-                    INPUT -> weft-INPUT, inserted at the top; weft's own rules deleted. No policy,
-                    no rename, no other table's built-ins.
+                    chains only through the documented hook rules: FORWARD -> weft-FORWARD,
+                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, inserted at the top; weft's
+                    own rules deleted. No policy, no rename, no other table's built-ins.
   ipset restore     only `weft-*` sets created (known types, inet/inet6), filled, emptied and
                     destroyed; every member valid for its set's type and family.
   routes            only weft's route protocol (201): host routes (/32, /128) through `weft*`
@@ -34,7 +34,8 @@ from weft.reconciler.resource import BirdWrite, Restore, RouteWrite, Step, Sysct
 
 PREFIX = "weft-"
 WEFT_TABLES = ("filter", "nat", "raw", "mangle")
-HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT"}
+HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT",
+         ("filter", "OUTPUT"): "weft-OUTPUT"}      # OUTPUT: only on a node with Calico host endpoints
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "LOG", "NFLOG", "CONNMARK"})
 IPTABLES_RESTORE = re.compile(r"^ip6?tables-(nft|legacy)-restore$")
 SET_TYPES = frozenset({"hash:ip", "hash:net", "hash:ip,port", "hash:net,port"})

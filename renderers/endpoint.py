@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from weft.renderers.rules import MARK_PASS, TABLE, chain_lines, pending_specs, tiered_specs
+from weft.renderers.rules import MARK_PASS, TABLE, TIER_PASSES, chain_lines, pending_specs, tiered_specs
 from weft.store.snapshot import FORMAT
 
 TYPE_CHECKING = False              # not typing's: importing typing costs the plugin ~5 ms (mypy knows the name)
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from weft.model.kernel import Dataplane
 
 _TIER_START = f"-j MARK --set-xmark 0x0/{MARK_PASS}"
+_TIER_DROP = f"-m mark --mark 0x0/{MARK_PASS} -j DROP"      # a tier's end when its defaultAction is Deny
 _POLICY_JUMP = re.compile(r" -j (weft-p[io]-\S+)$")
 
 
@@ -62,9 +63,14 @@ def _tiers(name: str, rules: tuple[str, ...]) -> list[list[str]] | None:
     again does not give exactly `rules` (a pod the snapshot cannot describe is left out of it,
     so the plugin closes it until the next run)."""
     tiers: list[list[str]] = []
+    dropping: list[bool] = []
     for line in rules:
         if line.endswith(_TIER_START):
             tiers.append([])
+            dropping.append(False)
         elif (jump := _POLICY_JUMP.search(line)) and tiers:
             tiers[-1].append(jump.group(1))
+        elif line.endswith(_TIER_DROP) and tiers:
+            dropping[-1] = True
+    tiers = [chains if drops else [*chains, TIER_PASSES] for chains, drops in zip(tiers, dropping, strict=True)]
     return tiers if chain_lines(name, tiered_specs(tiers)) == tuple(rules) else None

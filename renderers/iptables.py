@@ -7,11 +7,14 @@ Flow of a forwarded packet (Felix's design, with weft's names):
     to a pod:    weft-to-wl-dispatch   -> weft-tw-<iface> (the pod's ingress policy)
     then ACCEPT. An endpoint chain drops what its policies deny, RETURNs what they allow.
   INPUT -> weft-INPUT: traffic from pods to the host passes the pod's egress policy, then
-    RETURNs to the host's own INPUT rules (weft does not override the host firewall).
+    RETURNs to the host's own INPUT rules (weft does not override the host firewall); traffic
+    through an interface a Calico host endpoint of this node names goes to that endpoint's
+    chain (renderers.calico: failsafe ports, its policies, its profiles), which accepts or drops.
 
 Endpoint chains walk the tiers in order; in each tier the applicable policies are tried in
 order: an Allow sets the accept mark and returns, Deny drops, Pass sets the pass mark which
-skips the rest of the tier; a tier that had policies and neither passed nor allowed drops.
+skips the rest of the tier; a tier that had policies and neither passed nor allowed ends with its
+defaultAction (Deny drops, Pass goes on). The policy chains' rules are renderers.calico's.
 An endpoint that no policy selects for a direction is open in that direction.
 Unknown weft interfaces fall through the dispatch chains to DROP (fail closed).
 
@@ -19,37 +22,30 @@ Every rule carries a comment "weft:<id>" (renderers.rules).
 """
 from __future__ import annotations
 
-import ipaddress
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from functools import cache
+from dataclasses import replace
 
 from weft.desired.index import EndpointIndex
 from weft.model.cluster import (
     EGRESS,
     INGRESS,
-    Action,
     ClusterState,
     Direction,
     Endpoint,
-    EntityMatch,
-    NamedPort,
     Policy,
-    Rule,
+    Tier,
 )
 from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
+from weft.renderers.calico import host_endpoint_chains, policy_specs, tier_specs
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
     FROM_DISPATCH,
-    MARK_ACCEPT,
-    MARK_PASS,
     TABLE,
     TO_DISPATCH,
     Spec,
-    base_matches,
     chain_lines,
     pending_specs,
     tiered_specs,
@@ -58,8 +54,8 @@ from weft.renderers.rules import (
 WL_GLOB = PREFIX.rstrip("-") + "+"            # matches every weft host-side veth: "weft+"
 FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
+OUTPUT_CHAIN = f"{PREFIX}OUTPUT"              # hooked only on a node with host endpoints
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
-MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -91,7 +87,16 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
         chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
 
     add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
-    add(INPUT_CHAIN, _input_specs(), "entry from INPUT: pod traffic to this host")
+    pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
+    hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only)
+    hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
+                                                 EGRESS)
+    add(INPUT_CHAIN, _input_specs() + hosts_in, "entry from INPUT: pod traffic to this host")
+    if hosts_out:
+        add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
+    for name, specs, about in chains_in + chains_out:
+        if name not in chains:
+            add(name, specs, about)
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
@@ -104,17 +109,16 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
                 add(name, pending_specs(closed), f"{direction.lower()} of pod {ep.key}, not in the desired state yet")
                 continue
             policies = applying[ep.key][direction]
-            add(name, endpoint_specs(policies, direction),
+            add(name, endpoint_specs(policies, direction, state.tiers),
                 f"{direction.lower()} of pod {ep.key} ({len(policies)} policies)")
             for policy in policies:
                 pname = policy_chain_name(policy, direction)
                 if pname not in chains:
-                    rules = policy.ingress if direction == INGRESS else policy.egress
-                    specs = [s for rule in rules for s in _rule_specs(rule, sets)]
-                    add(pname, specs, f"{direction.lower()} rules of {policy.origin or policy.key}")
+                    add(pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                        f"{direction.lower()} rules of {policy.origin or policy.key}")
 
     hooks = {}
-    for builtin, target in HOOKED.items():
+    for builtin, target in {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if hosts_out else {})}.items():
         hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
     return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
                      render_routes(local), render_links(local))
@@ -214,91 +218,8 @@ def order_policies(policies, tiers) -> list:
     return sorted(policies, key=lambda p: (_sort_key(tiers[p.tier].order, p.tier), _sort_key(p.order, p.key)))
 
 
-def endpoint_specs(policies: list[Policy], direction: str) -> list[Spec]:
+def endpoint_specs(policies: list[Policy], direction: Direction, tiers: Mapping[str, Tier]) -> list[Spec]:
     """A pod's chain for `direction` from its policies in evaluation order (rules.tiered_specs:
-    the CNI plugin renders the same chain from the snapshot's chain names)."""
-    return tiered_specs(policy_tiers(policies, direction))
-
-
-def policy_tiers(policies: list[Policy], direction: str) -> list[list[str]]:
-    """The policies' chains for `direction`, one list per tier, in evaluation order."""
-    return [[policy_chain_name(p, direction) for p in group]
-            for _tier, group in itertools.groupby(policies, key=lambda p: p.tier)]
-
-
-def _rule_specs(rule: Rule, sets: SetCatalog) -> list[Spec]:
-    """One policy rule as iptables rules (several when ports must be split); [] if it can
-    never match an IPv4 packet (e.g. its nets are all IPv6)."""
-    src = _side(rule.source, "src", rule.protocol, sets)
-    dst = _side(rule.destination, "dst", rule.protocol, sets)
-    if src is None or dst is None:
-        return []
-    target = {
-        Action.ALLOW: f"-j MARK --set-xmark {MARK_ACCEPT}/{MARK_ACCEPT}",
-        Action.PASS: f"-j MARK --set-xmark {MARK_PASS}/{MARK_PASS}",
-        Action.DENY: "-j DROP",
-        Action.LOG: '-j LOG --log-prefix "weft-policy "',
-    }[rule.action]
-    base = base_matches(src=src.net, dst=dst.net, proto=rule.protocol or "")
-    specs = [Spec(base, " ".join(p for p in (sp, dp, src.sets, dst.sets) if p), target)
-             for sp, dp in itertools.product(src.ports, dst.ports)]
-    mark = {Action.ALLOW: MARK_ACCEPT, Action.PASS: MARK_PASS}.get(rule.action)
-    if mark:
-        specs.append(Spec(extra=f"-m mark --mark {mark}/{mark}", target="-j RETURN"))
-    return specs
-
-
-@dataclass(frozen=True)
-class _Side:
-    net: str                  # for -s / -d
-    sets: str                 # set matches
-    ports: tuple[str, ...]    # alternatives (OR); ("",) for any port
-
-
-def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> _Side | None:
-    nets = [n for n in entity.nets if _network(n).version == 4]
-    not_nets = [n for n in entity.not_nets if _network(n).version == 4]
-    if entity.nets and not nets:
-        return None
-    if any(_network(n).prefixlen == 0 for n in not_nets):
-        return None
-    net, matches = "", []
-    if len(nets) == 1:
-        network = _network(nets[0])
-        net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0
-    elif nets:
-        matches.append(f"-m set --match-set {sets.nets(tuple(nets))} {direction}")
-    if not_nets:
-        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets))} {direction}")
-    if entity.has_endpoint_constraint:
-        matches.append(f"-m set --match-set {sets.peers(entity)} {direction}")
-    ports = _port_alternatives(entity, direction, protocol, sets)
-    return _Side(net, " ".join(matches), ports)
-
-
-@cache
-def _network(net: str):
-    """Nets repeat across rules (a namespace's every policy allows the same CIDRs): parse once."""
-    return ipaddress.ip_network(net)
-
-
-def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> tuple[str, ...]:
-    if not entity.ports:
-        return ("",)
-    flag = "--dports" if direction == "dst" else "--sports"
-    numeric = [p for p in entity.ports if not isinstance(p, NamedPort)]
-    alternatives, chunk, used = [], [], 0
-    for p in numeric:
-        text, cost = (str(p.start), 1) if p.start == p.end else (f"{p.start}:{p.end}", 2)
-        if used + cost > MULTIPORT_MAX:
-            alternatives.append(f"-m multiport {flag} {','.join(chunk)}")
-            chunk, used = [], 0
-        chunk.append(text)
-        used += cost
-    if chunk:
-        alternatives.append(f"-m multiport {flag} {','.join(chunk)}")
-    for p in entity.ports:
-        if isinstance(p, NamedPort):
-            name = sets.named_port(entity, p.name, protocol)
-            alternatives.append(f"-m set --match-set {name} {direction},{direction}")
-    return tuple(alternatives)
+    the CNI plugin renders the same chain from the snapshot's chain names; each tier's end as
+    its defaultAction says: renderers.calico)."""
+    return tiered_specs(tier_specs(policies, direction, tiers, policy_chain_name))

@@ -21,6 +21,7 @@ MARK_PASS = "0x20000"                      # a policy passed it to the next tier
 MARK_ALL = "0x30000"
 FROM_DISPATCH = "weft-from-wl-dispatch"    # pod egress: one branch per local pod interface
 TO_DISPATCH = "weft-to-wl-dispatch"        # pod ingress
+TIER_PASSES = "pass"                       # ends a tier's chains in tiered_specs: its defaultAction is Pass
 
 
 def rule_id(chain: str, previous: str, body: str) -> str:
@@ -54,12 +55,16 @@ def pending_specs(closed: bool) -> list:
 def tiered_specs(tiers) -> list:
     """A pod's chain for one direction: `tiers` in evaluation order, each the chains of its
     policies in order. In each tier an Allow sets the accept mark and returns, Deny drops, Pass
-    skips the rest of the tier; a tier that neither passed nor allowed drops. No tiers: open."""
+    skips the rest of the tier; a tier that neither passed nor allowed drops, unless its list
+    ends with TIER_PASSES (its defaultAction is Pass: on to the next tier). No tiers: open."""
     specs = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")] if tiers else []
     for chains in tiers:
         specs.append(Spec(target=f"-j MARK --set-xmark 0x0/{MARK_PASS}"))
         for chain in chains:
+            if chain == TIER_PASSES:
+                break
             specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target=f"-j {chain}"))
             specs.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"))
-        specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
+        else:
+            specs.append(Spec(extra=f"-m mark --mark 0x0/{MARK_PASS}", target="-j DROP"))
     return specs

@@ -10,7 +10,8 @@ makes it and renders a pod's chains from it):
      "default": [<egress closed>, <ingress closed>]}
 
 "pods": every pod of this node the run rendered, its policies per direction in evaluation
-order, one list per tier, as the chain names of those policies (which the run put on the node);
+order, one list per tier, as the chain names of those policies (which the run put on the node),
+the list ending in TIER_PASSES ("pass") where the tier's defaultAction is Pass;
 "closed": per namespace, whether a pod the run did not know must be closed for egress and for
 ingress (some policy of the namespace might select it); "default" for namespaces the run did not
 know (only global policies could apply).
@@ -40,6 +41,7 @@ MAX_TIERS = 100
 MAX_POLICIES = 10000                 # policies of one pod in one direction
 _KEY_MAX = 512
 _CHAINS = {direction: re.compile(pattern) for direction, pattern in POLICY_CHAIN_PATTERNS.items()}
+TIER_PASSES = "pass"                 # last of a tier whose defaultAction is Pass (renderers.rules)
 
 
 class CorruptSnapshot(CorruptState):
@@ -124,7 +126,9 @@ def _check_tiers(tiers, direction: str, where: str) -> None:
         count += len(tier)
         if count > MAX_POLICIES:
             raise ValueError(f"{where}: more than {MAX_POLICIES} policies")
-        for chain in tier:
+        for j, chain in enumerate(tier):
+            if chain == TIER_PASSES and 0 < j == len(tier) - 1:
+                continue
             if not isinstance(chain, str) or not pattern.fullmatch(chain):
                 raise ValueError(f"{where}[{i}]: {str(chain)[:80]!r} is not a weft {direction} policy chain")
 

@@ -1,0 +1,385 @@
+"""Calico's policy model as iptables rules: a policy's rules and a pod's tiers, as Felix renders them.
+
+renderers.iptables lays out the chains (hooks, dispatch, one chain per pod and direction, one per
+policy and direction); this module fills a policy chain with the policy's rules and decides how
+each tier of a pod's chain ends. What the rules mean is Calico's (desired.verdict is the oracle
+the tests hold the kernel's verdicts against):
+
+- Actions: Allow sets the accept mark and returns, Deny drops, Pass sets the pass mark and
+  returns (the pod's chain skips the rest of the tier), Log writes a kernel log line with a
+  prefix naming the policy and the rule ("weft <policy> i0: ", at most 29 characters: the
+  LOG target's limit; a long name is cut and ends in a hash of the whole) and goes on to the next
+  rule, as Calico's Log does (Calico's default: not rate-limited).
+- A tier's end: where no policy of the tier decided, its defaultAction: Deny drops; Pass goes on
+  to the next tier (renderers.rules.TIER_PASSES). A tier applies to a pod only when one of its
+  policies selects the pod (the chain jumps only to those).
+- Matches, all of which must hold: ipVersion (a rule of the other family renders nothing);
+  protocol / notProtocol by name or number (`-p`, `! -p`, printed as iptables-save prints
+  them: PROTOCOL_SAVE_NAMES); icmp / notICMP type and code; per side nets (one net: `-s`/`-d`,
+  more: a hash:net set), notNets (a negated set; a notNet of /0 never matches), the
+  selector's addresses (workload endpoints, host endpoints' expectedIPs and network sets' nets:
+  a hash:ip set when only pods are selected -- renderers.ipsets' peers set -- else a hash:net
+  set), notSelector (a negated set of what it selects, in any namespace), ports (alternatives:
+  one rule per multiport group or named-port set) and notPorts (negated multiport groups and
+  named-port sets, all in the same rule).
+
+Host endpoints (host_endpoint_chains): traffic to and from the host through an interface a host
+endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
+what is not rendered yet: forwarded traffic (applyOnForward), preDNAT and doNotTrack policies, host endpoints that name
+their interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod
+to host traffic still ends in the host's own rules).
+
+Only the IPv4 family is rendered here (`family` is the seam for IPv6: nets, sets and protocols
+already filter by it).
+"""
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Callable, Mapping
+from functools import cache
+
+from weft.desired.index import Selection
+from weft.model import labels as calico_labels
+from weft.model.cluster import (
+    INGRESS,
+    Action,
+    ClusterState,
+    Direction,
+    EntityMatch,
+    NamedPort,
+    Policy,
+    Port,
+    PortRange,
+    ProtoPort,
+    Rule,
+    Tier,
+    protocol_number,
+)
+from weft.model.kernel import PREFIX, IpSet
+from weft.renderers.ipsets import SetCatalog, entity_key, ipset_net, short_hash
+from weft.renderers.rules import MARK_ACCEPT, MARK_ALL, MARK_PASS, TIER_PASSES, Spec, base_matches, tiered_specs
+
+MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
+LOG_PREFIX_MAX = 29                           # the LOG target's limit on --log-prefix
+# How iptables-save prints an IP protocol number: the name /etc/protocols gives it (Debian's
+# netbase, which weft's platform ships), else the number. Rendering the same text keeps a rule
+# with a numeric protocol from showing as drift.
+PROTOCOL_SAVE_NAMES = {
+    0: "ip", 1: "icmp", 2: "igmp", 3: "ggp", 4: "ipencap", 5: "st", 6: "tcp", 8: "egp", 9: "igp", 12: "pup",
+    17: "udp", 20: "hmp", 22: "xns-idp", 27: "rdp", 29: "iso-tp4", 33: "dccp", 36: "xtp", 37: "ddp",
+    38: "idpr-cmtp", 41: "ipv6", 43: "ipv6-route", 44: "ipv6-frag", 45: "idrp", 46: "rsvp", 47: "gre", 50: "esp",
+    51: "ah", 57: "skip", 58: "ipv6-icmp", 59: "ipv6-nonxt", 60: "ipv6-opts", 73: "rspf", 81: "vmtp", 88: "eigrp",
+    89: "ospf", 93: "ax.25", 94: "ipip", 97: "etherip", 98: "encap", 103: "pim", 108: "ipcomp", 112: "vrrp",
+    115: "l2tp", 124: "isis", 132: "sctp", 133: "fc", 135: "mobility-header", 136: "udplite", 137: "mpls-in-ip",
+    138: "manet", 139: "hip", 140: "shim6", 141: "wesp", 142: "rohc", 143: "ethernet",
+}
+_FAMILY_ONLY = {1: 4, 58: 6}                  # ICMP is IPv4's, ICMPv6 IPv6's; any other protocol both's
+
+
+def protocol_text(protocol: str) -> str:
+    """A protocol as weft keeps it (Calico's name or a number), as iptables-save prints it."""
+    number = protocol_number(protocol)
+    return PROTOCOL_SAVE_NAMES.get(number, str(number))
+
+
+def tier_specs(policies: list[Policy], direction: Direction, tiers: Mapping[str, Tier],
+               chain_name: Callable[[Policy, Direction], str]) -> list[list[str]]:
+    """A pod's policies for `direction` (in evaluation order) as renderers.rules.tiered_specs
+    takes them: the policy chains of each tier (`chain_name`: renderers.iptables' layout), and
+    TIER_PASSES last where the tier's defaultAction is Pass."""
+    result = []
+    for name, group in itertools.groupby(policies, key=lambda p: p.tier):
+        chains = [chain_name(p, direction) for p in group]
+        tier: Tier | None = tiers.get(name)
+        if tier is not None and tier.default_action == Action.PASS:
+            chains.append(TIER_PASSES)
+        result.append(chains)
+    return result
+
+
+def policy_specs(policy: Policy, direction: Direction, sets: SetCatalog, family: int = 4, *,
+                 pods_only: bool = False) -> list[Spec]:
+    """The rules of `policy` for `direction`, in order, as iptables rules of `family`.
+    `pods_only`: the state has no network sets or host endpoints, so selectors can pick only pods
+    (their sets are renderers.ipsets' peers sets, found in a reused render without the index)."""
+    tag = "i" if direction == INGRESS else "e"
+    specs: list[Spec] = []
+    for i, rule in enumerate(policy.rules(direction)):
+        specs += rule_specs(rule, sets, family, log_prefix(policy.key, f"{tag}{i}"), pods_only=pods_only)
+    return specs
+
+
+def log_prefix(policy: str, rule: str) -> str:
+    """"weft <policy> <rule>: " within the LOG target's 29 characters."""
+    text = f"weft {policy} {rule}: "
+    if len(text) <= LOG_PREFIX_MAX:
+        return text
+    room = LOG_PREFIX_MAX - len(f"weft  {rule}: ") - 5
+    return f"weft {policy[:room]}~{short_hash('log', policy, length=4)} {rule}: "
+
+
+def rule_specs(rule: Rule, sets: SetCatalog, family: int = 4, prefix: str = "weft-policy ", *,
+               pods_only: bool = False) -> list[Spec]:
+    """One Calico rule as iptables rules of `family` (several when its ports are alternatives);
+    [] when it can never match a packet of that family."""
+    if rule.ip_version not in (None, family):
+        return []
+    if rule.protocol is not None and _FAMILY_ONLY.get(protocol_number(rule.protocol), family) != family:
+        return []
+    if rule.protocol is not None and rule.not_protocol is not None and \
+            protocol_number(rule.protocol) == protocol_number(rule.not_protocol):
+        return []
+    src = _side(rule.source, "src", rule.protocol, sets, family, pods_only)
+    dst = _side(rule.destination, "dst", rule.protocol, sets, family, pods_only)
+    if src is None or dst is None:
+        return []
+    base = base_matches(src=src.net, dst=dst.net, proto=protocol_text(rule.protocol) if rule.protocol else "")
+    if rule.protocol is None and rule.not_protocol is not None:
+        base = f"{base} ! -p {protocol_text(rule.not_protocol)}".strip()
+    icmp = _icmp_matches(rule, family)
+    target = {
+        Action.ALLOW: f"-j MARK --set-xmark {MARK_ACCEPT}/{MARK_ACCEPT}",
+        Action.PASS: f"-j MARK --set-xmark {MARK_PASS}/{MARK_PASS}",
+        Action.DENY: "-j DROP",
+        Action.LOG: f'-j LOG --log-prefix "{prefix}"',
+    }[rule.action]
+    specs = [Spec(base, " ".join(p for p in (icmp, sp, dp, src.matches, dst.matches) if p), target)
+             for sp, dp in itertools.product(src.ports, dst.ports)]
+    mark = {Action.ALLOW: MARK_ACCEPT, Action.PASS: MARK_PASS}.get(rule.action)
+    if mark:
+        specs.append(Spec(extra=f"-m mark --mark {mark}/{mark}", target="-j RETURN"))
+    return specs
+
+
+def _icmp_matches(rule: Rule, family: int) -> str:
+    module, flag = ("icmp", "--icmp-type") if family == 4 else ("icmp6", "--icmpv6-type")
+    parts = []
+    for match, negate in ((rule.icmp, ""), (rule.not_icmp, "! ")):
+        if match is not None:
+            value = str(match.type) if match.code is None else f"{match.type}/{match.code}"
+            parts.append(f"-m {module} {negate}{flag} {value}")
+    return " ".join(parts)
+
+
+class _Side:
+    """A rule side's matches: `net` for -s/-d, `matches` (set and negated port matches, all of
+    which must hold), `ports` (alternatives, one rule each; ("",) for any port)."""
+
+    def __init__(self, net: str, matches: str, ports: tuple[str, ...]):
+        self.net, self.matches, self.ports = net, matches, ports
+
+
+def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog, family: int,
+          pods_only: bool) -> _Side | None:
+    nets = [n for n in entity.nets if _network(n).version == family]
+    not_nets = [n for n in entity.not_nets if _network(n).version == family]
+    if entity.nets and not nets:
+        return None
+    if any(_network(n).prefixlen == 0 for n in not_nets):
+        return None
+    net, matches = "", []
+    if len(nets) == 1:
+        network = _network(nets[0])
+        net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0
+    elif nets:
+        matches.append(f"-m set --match-set {sets.nets(tuple(nets))} {direction}")
+    if not_nets:
+        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets))} {direction}")
+    if entity.has_endpoint_constraint:
+        matches.append(f"-m set --match-set {_selected_set(entity, sets, family, pods_only)} {direction}")
+    if entity.not_selector is not None:
+        matches.append(f"-m set ! --match-set {_not_selected_set(entity, sets, family)} {direction}")
+    matches += _not_port_matches(entity, direction, protocol, sets)
+    return _Side(net, " ".join(matches), _port_alternatives(entity, direction, protocol, sets))
+
+
+@cache
+def _network(net: str):
+    return ipaddress.ip_network(net)
+
+
+def _selected_set(entity: EntityMatch, sets: SetCatalog, family: int, pods_only: bool) -> str:
+    """The set of the addresses a side's selector picks: renderers.ipsets' peers set while it
+    picks only pods; a set of its own when it picks host endpoints or network sets. A set the
+    reused render has is taken without selecting again (the reuse's basis covers all three)."""
+    if pods_only:
+        return sets.peers(entity)
+    key = entity_key(entity)
+    meaning = f"selected {key}"
+    found = _known(sets, meaning, family)
+    if found is None and f"{PREFIX}s-{short_hash('peers', key)}" in sets.reuse:
+        return sets.peers(entity)
+    if found is not None:
+        return found
+    selection = sets.index.side(entity)
+    if selection is None or not (selection.host_endpoints or selection.network_sets):
+        return sets.peers(entity)
+    return _selection_set(sets, meaning, selection, family)
+
+
+def _not_selected_set(entity: EntityMatch, sets: SetCatalog, family: int) -> str:
+    assert entity.not_selector is not None
+    meaning = f"notSelector {entity.not_selector.canonical()}"
+    found = _known(sets, meaning, family)
+    if found is not None:
+        return found
+    selection = sets.index.side_not(entity)
+    assert selection is not None
+    return _selection_set(sets, meaning, selection, family)
+
+
+def _selection_name(meaning: str, kind: str, family: int) -> str:
+    return f"{PREFIX}c-{short_hash('selection', meaning, kind, str(family))}"
+
+
+def _known(sets: SetCatalog, meaning: str, family: int) -> str | None:
+    """The name of the set for `meaning` if this render or the reused one has it."""
+    for kind in ("hash:ip", "hash:net"):
+        name = _selection_name(meaning, kind, family)
+        if name in sets.sets:
+            return name
+        if name in sets.reuse:
+            sets.sets[name] = sets.reuse[name]
+            return name
+    return None
+
+
+def _selection_set(sets: SetCatalog, meaning: str, selection: Selection, family: int) -> str:
+    """A set named after `meaning` with the addresses of `selection`: hash:ip when they are all
+    single addresses, else hash:net (the type is part of the name: a set never changes type)."""
+    nets = selection.nets(sets.index, family)
+    single = all(_network(n).prefixlen == _network(n).max_prefixlen for n in nets)
+    kind = "hash:ip" if single else "hash:net"
+    name = _selection_name(meaning, kind, family)
+    if name not in sets.sets:
+        members = frozenset(str(_network(n).network_address) for n in nets) if single else \
+            frozenset(m for n in nets for m in ipset_net(n))
+        sets.sets[name] = IpSet(name, kind, members, about=meaning)
+    return name
+
+
+def _numeric_groups(ports: tuple[Port, ...]) -> list[str]:
+    """Numeric ports as multiport lists of at most MULTIPORT_MAX (a range counting twice)."""
+    groups: list[str] = []
+    chunk: list[str] = []
+    used = 0
+    for p in ports:
+        if isinstance(p, NamedPort):
+            continue
+        text, cost = (str(p.start), 1) if p.start == p.end else (f"{p.start}:{p.end}", 2)
+        if used + cost > MULTIPORT_MAX:
+            groups.append(",".join(chunk))
+            chunk, used = [], 0
+        chunk.append(text)
+        used += cost
+    if chunk:
+        groups.append(",".join(chunk))
+    return groups
+
+
+def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> tuple[str, ...]:
+    if not entity.ports:
+        return ("",)
+    flag = "--dports" if direction == "dst" else "--sports"
+    alternatives = [f"-m multiport {flag} {group}" for group in _numeric_groups(entity.ports)]
+    for p in entity.ports:
+        if isinstance(p, NamedPort):
+            name = sets.named_port(entity, p.name, protocol)
+            alternatives.append(f"-m set --match-set {name} {direction},{direction}")
+    return tuple(alternatives)
+
+
+def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> list[str]:
+    """notPorts: the port is in none of them (every negated match must hold)."""
+    flag = "--dports" if direction == "dst" else "--sports"
+    matches = [f"-m multiport ! {flag} {group}" for group in _numeric_groups(entity.not_ports)]
+    for p in entity.not_ports:
+        if isinstance(p, NamedPort):
+            name = sets.named_port(entity, p.name, protocol)
+            matches.append(f"-m set ! --match-set {name} {direction},{direction}")
+    return matches
+
+
+# --- host endpoints: traffic to the host itself ---------------------------------------------------
+
+def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
+                         chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                         direction: Direction = INGRESS) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
+    """Calico's host endpoints of `node` for traffic to the host (INGRESS: the rules that end
+    weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
+    rules, about), the policies' own chains included. ([], []) when the node has none.
+
+    Only host endpoints with an interfaceName are rendered (one that names its interface by
+    expectedIPs needs the node's addresses, which a pure renderer does not have): the named
+    ones, then the first "*" one for every other interface but `lo` (the host always reaches
+    itself). Pod interfaces keep their own path (RETURN: the host's rules; the host's traffic
+    to its pods is never policed). Each host endpoint's chain: connections already accepted
+    pass, invalid ones drop, then the failsafe ports of the direction (FelixConfiguration,
+    Felix's defaults: SSH, BGP, DNS, the API server, ...) are accepted whatever the policy,
+    then the applicable policies' tiers (normal policies only: preDNAT and doNotTrack policies
+    are not rendered yet), then Allow accepts, and what no policy decided goes to the
+    endpoint's profiles (projectcalico-default-allow, or kns.<namespace> of an existing
+    namespace, accept), else drops: Calico's default for host endpoints.
+    """
+    heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
+    if not heps:
+        return [], []
+    ingress = direction == INGRESS
+    flag, kinds = ("-i", ("hi", "hp")) if ingress else ("-o", ("ho", "hq"))
+    wildcard = [h for h in heps if h.wildcard][:1]
+    chosen = [h for h in heps if not h.wildcard] + wildcard
+    entry = [Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    settings = state.felix_settings(node)
+    failsafes = settings.failsafe_inbound_host_ports if ingress else settings.failsafe_outbound_host_ports
+    for hep in chosen:
+        name, tiers_name = (f"{PREFIX}{k}-{short_hash('host-endpoint', hep.name, length=16)}" for k in kinds)
+        entry.append(Spec(f"! {flag} lo" if hep.wildcard else f"{flag} {hep.interface}", target=f"-g {name}"))
+        applicable = order([p for p in state.policies if direction in p.types and not p.pre_dnat
+                            and not p.do_not_track and hep in sets.index.policy_host_endpoints(p)], state.tiers)
+        specs = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j ACCEPT"),
+                 Spec(extra="-m conntrack --ctstate INVALID", target="-j DROP")]
+        specs += _failsafe_specs(failsafes, "src" if ingress else "dst")
+        specs += [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}"),
+                  Spec(target=f"-j {tiers_name}"),
+                  Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j ACCEPT")]
+        specs.append(Spec(target="-j ACCEPT" if _profiles_allow(state, hep.profiles) else "-j DROP"))
+        chains.append((name, specs, f"traffic {'to' if ingress else 'from'} this host through host endpoint "
+                                    f"{hep.name}"))
+        tiered = tiered_specs(tier_specs(applicable, direction, state.tiers, chain_name))
+        chains.append((tiers_name, tiered, f"the {direction.lower()} policies of host endpoint {hep.name} "
+                                           f"({len(applicable)})"))
+        for policy in applicable:
+            pname = chain_name(policy, direction)
+            if pname not in rendered:
+                rendered.add(pname)
+                chains.append((pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                               f"{direction.lower()} rules of {policy.origin or policy.key}"))
+    return entry, chains
+
+
+def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str) -> list[Spec]:
+    """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order;
+    a port's net is the peer's: the source inbound (`peer` "src"), the destination outbound."""
+    groups: dict[tuple[str, str], list[PortRange]] = {}
+    for fp in ports:
+        groups.setdefault((fp.net or "", fp.protocol), []).append(PortRange(fp.port, fp.port))
+    specs = []
+    for (net, protocol), group in groups.items():
+        source = "" if not net or _network(net).prefixlen == 0 else str(_network(net))
+        if net and _network(net).version != 4:
+            continue
+        for ports_text in _numeric_groups(tuple(group)):
+            matches = base_matches(src=source, proto=protocol) if peer == "src" else \
+                base_matches(dst=source, proto=protocol)
+            specs.append(Spec(matches, f"-m multiport --dports {ports_text}",
+                              "-j ACCEPT"))
+    return specs
+
+
+def _profiles_allow(state: ClusterState, profiles: tuple[str, ...]) -> bool:
+    """Whether a host endpoint's profiles allow what no policy decided (desired.verdict's rule)."""
+    return any(p == calico_labels.DEFAULT_ALLOW_PROFILE or (p.startswith(calico_labels.NAMESPACE_PROFILE_PREFIX) and
+               p[len(calico_labels.NAMESPACE_PROFILE_PREFIX):] in state.namespaces) for p in profiles)
