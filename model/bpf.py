@@ -87,6 +87,10 @@ class BpfMaps:
     ports: Mapping[PortKey, Verdict]
     # What each key means ("map name", key) -> text: for plan and drift output; desired side only.
     about: Mapping[tuple[str, tuple | str], str] = field(default_factory=dict, compare=False)
+    # Each rule id a verdict carries -> the rule it stands for, in evaluation order; desired side only.
+    rules: Mapping[int, str] = field(default_factory=dict, compare=False)
+    # Each profile id -> the ids of its rules (and tier ends) in evaluation order; desired side only.
+    profiles: Mapping[int, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
     def tables(self) -> dict[str, Mapping]:
         return {name: getattr(self, name) for name in MAP_NAMES}
@@ -187,3 +191,86 @@ def unpack_value(name: str, data: bytes):
         action, flags, _, rule, arg = _VERDICT.unpack(data)
         return Verdict(action, rule, arg, flags)
     raise KeyError(name)
+
+
+# --- As data (the render cache keeps a node's maps between runs; never code). -------------------
+
+def maps_to_data(maps: BpfMaps) -> dict:
+    """`maps` as JSON-able lists (see maps_from_data)."""
+    def key_data(name: str, key) -> object:
+        return key if name == "endpoints" else list(key)
+
+    def value_data(name: str, value) -> object:
+        if name == "endpoints":
+            return [list(value.egress), list(value.ingress)]
+        return value if name == "classifiers" else list(value)
+
+    data: dict = {name: [[key_data(name, k), value_data(name, v)] for k, v in table.items()]
+                  for name, table in maps.tables().items()}
+    data["about"] = [[name, key_data(name, key), text] for (name, key), text in maps.about.items()]
+    data["rules"] = [[rule, text] for rule, text in maps.rules.items()]
+    data["profiles"] = [[profile, list(rules)] for profile, rules in maps.profiles.items()]
+    return data
+
+
+def _int(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"not a map integer: {value!r}")
+    return value
+
+
+def _key_from(name: str, data: object):
+    if name == "endpoints":
+        if not isinstance(data, str):
+            raise ValueError("an endpoint key is an interface name")
+        return data
+    if not isinstance(data, list):
+        raise ValueError(f"a {name} key is a list")
+    if name == "classifiers":
+        classifier, net = data
+        if not isinstance(net, str):
+            raise ValueError("a classifier key's network is text")
+        return ClassifierKey(_int(classifier), str(ipaddress.IPv4Network(net)))
+    if name == "verdicts":
+        profile, src, dst, proto = data
+        return VerdictKey(_int(profile), _int(src), _int(dst), None if proto is None else _int(proto))
+    if name == "ports":
+        table, port, prefixlen = data
+        return PortKey(_int(table), _int(port), _int(prefixlen))
+    raise ValueError(f"no map {name!r}")
+
+
+def _value_from(name: str, data: object):
+    if name == "classifiers":
+        return _int(data)
+    if not isinstance(data, list):
+        raise ValueError(f"a {name} value is a list")
+    if name == "endpoints":
+        egress, ingress = data
+        return EndpointEntry(DirectionPolicy(*map(_int, egress)), DirectionPolicy(*map(_int, ingress)))
+    return Verdict(*map(_int, data))
+
+
+def maps_from_data(data: object) -> BpfMaps:
+    """The BpfMaps `maps_to_data` described; ValueError (or TypeError) for anything else: the
+    caller renders anew."""
+    if not isinstance(data, Mapping):
+        raise ValueError("not a description of eBPF maps")
+    tables = {}
+    for name in MAP_NAMES:
+        entries = data[name]
+        if not isinstance(entries, list):
+            raise ValueError(f"map {name} is not a list")
+        tables[name] = {_key_from(name, k): _value_from(name, v) for k, v in entries}
+    about = {}
+    for name, key, text in data["about"]:
+        if name not in MAP_NAMES or not isinstance(text, str):
+            raise ValueError("a key's description is (map, key, text)")
+        about[(name, _key_from(name, key))] = text
+    rules = {}
+    for rule, text in data["rules"]:
+        if not isinstance(text, str):
+            raise ValueError("a rule's description is text")
+        rules[_int(rule)] = text
+    profiles = {_int(profile): tuple(map(_int, ids)) for profile, ids in data["profiles"]}
+    return BpfMaps(**tables, about=about, rules=rules, profiles=profiles)
