@@ -240,3 +240,55 @@ def test_bpf_policy_conntrack_counters(lab, node, tmp_path):
     rows = node.json("bpf", "counters")["counters"]
     iface = host_iface_name("x", "a")
     assert {r["rule"] for r in rows if r["interface"] == iface and r["packets"]} >= {allowed["rule"], denied["rule"]}
+
+
+PROBE_LOOP = """
+import socket, sys, time
+target, port = sys.argv[1], int(sys.argv[2])
+tries = connected = 0
+print("ready", flush=True)
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline and not __import__("os").path.exists(sys.argv[4]):
+    tries += 1
+    try:
+        socket.create_connection((target, port), timeout=0.2).close()
+        connected += 1
+    except OSError:
+        pass
+print(tries, connected, flush=True)
+"""
+
+
+def test_switching_planes_leaves_no_window(lab, node, tmp_path):
+    """iptables -> eBPF -> iptables, each in one apply, while x/c (denied) and x/b (allowed) open
+    new connections to x/a as fast as they can: x/c never gets through, x/b keeps getting through,
+    and each apply leaves only its own plane (no policy chains on eBPF, no pins or filters on
+    iptables)."""
+    source = write_source(tmp_path / "src", SCENARIOS / "pod-selector-peer.yaml")
+    ip = {p.key: p.ip for p in lab.pods}
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+    node.weft("apply", source=source)
+    check_matrix(lab, node, PEER.matrix(), "iptables before the switch")
+    stop = tmp_path / "stop"
+    loops = {src: subprocess.Popen(["nsenter", f"--net=/run/netns/{pod_ns[src]}", sys.executable, "-c", PROBE_LOOP,
+                                    ip["x/a"], "80", "600", str(stop)], stdout=subprocess.PIPE, text=True)
+             for src in ("x/c", "x/b")}
+    try:
+        for loop in loops.values():
+            assert loop.stdout.readline().strip() == "ready"
+        to_ebpf = node.json("apply", "--dataplane", "ebpf", source=source)
+        assert any(c.startswith("bpf compile") for c in to_ebpf["commands"])
+        assert not [line for line in weft_chains(lab) if "-fw-" in line or "-tw-" in line or "DISPATCH" in line]
+        assert not lab.node_run(["ipset", "list", "-n"], check=True).stdout.strip()
+        back = node.json("apply", "--dataplane", "iptables", source=source)
+        assert any(c.startswith("bpf unpin") for c in back["commands"]), back["commands"]
+        assert not node.root.exists() and not any(node.hooks().values()), node.hooks()
+    finally:
+        stop.touch()
+        results = {src: loop.communicate(timeout=30)[0].split() for src, loop in loops.items()}
+    denied_tries, denied_connected = map(int, results["x/c"])
+    allowed_tries, allowed_connected = map(int, results["x/b"])
+    assert denied_tries > 20 and denied_connected == 0, f"x/c got through {denied_connected} of {denied_tries} times"
+    assert allowed_connected > 20, f"x/b connected only {allowed_connected} of {allowed_tries} times"
+    check_matrix(lab, node, PEER.matrix(), "iptables after the round trip")
+    assert is_no_op(node.json("apply", source=source))
