@@ -385,4 +385,77 @@ def _drop_clsact(runner: Runner, iface: str) -> None:
         pass                                    # the interface went away meanwhile
 
 
-__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "probe"]
+# ---- the CNI plugin's step on an eBPF node -------------------------------------------------------
+
+MAX_ID = (1 << 32) - 1
+
+
+def endpoint_entry(snapshot: Mapping[str, Any], pod: str) -> m.EndpointEntry:
+    """The endpoint entry of `pod` ("namespace/name") from the CNI snapshot the last run left
+    (store.snapshot.load_snapshot, already checked there but for its "bpf" part, checked here):
+    the rendered one, or, for a pod the run did not know, closed in each direction where a policy
+    of its namespace might select it ("closed", else "default"), open elsewhere. WeftError when
+    the snapshot is not an eBPF node's."""
+    from weft.renderers.bpf_policy import CLOSED, OPEN
+    part = snapshot.get("bpf")
+    endpoints = part.get("endpoints") if isinstance(part, Mapping) else None
+    if not isinstance(endpoints, Mapping):
+        raise WeftError("the CNI snapshot has no eBPF part: this node's last run was not `--dataplane ebpf`")
+    known = endpoints.get(pod)
+    if known is not None:
+        try:
+            egress, ingress = known
+            sides = [m.DirectionPolicy(*side) for side in (egress, ingress)]
+            if any(len(side) != 4 for side in (egress, ingress)) or \
+                    any(type(v) is not int or not 0 <= v <= MAX_ID for side in sides for v in side):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise WeftError(f"the CNI snapshot's eBPF entry of pod {pod} is not what weft writes") from None
+        return m.EndpointEntry(*sides)
+    namespace = pod.partition("/")[0]
+    closed = snapshot.get("closed", {}).get(namespace, snapshot.get("default"))
+    if not isinstance(closed, list) or len(closed) != 2:
+        closed = [True, True]
+    return m.EndpointEntry(*(CLOSED if flag is not False else OPEN for flag in closed))
+
+
+def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, runner: Runner | None = None
+                     ) -> list[str]:
+    """CNI ADD on an eBPF node, in the node's network namespace, once the pod's host-side veth
+    exists: write endpoints[ifindex of `iface`] = `entry`, then attach the pinned programs on both
+    tc hooks. Nothing is compiled: without this build's pinned programs (no `weft apply
+    --dataplane ebpf` ran yet) it raises, and the ADD fails rather than wiring an unpoliced pod.
+    Returns the hooks it attached. The next run finds exactly this (a no-op for the pod)."""
+    from weft.model.names import HOST_IFACE_PREFIX
+    from weft.reconciler.bpf_apply import attach, node_pin_dir
+    runner = runner or Runner()
+    if not iface.startswith(HOST_IFACE_PREFIX):
+        raise WeftError(f"{iface!r} is not a weft interface")
+    root = node_pin_dir(state_dir)
+    build = build_for(root)
+    if not programs_current(build, root):
+        raise BpfApplyError(f"no eBPF programs of this build are pinned in {root}: `weft apply --dataplane ebpf` "
+                            f"must run on this node before pods are added")
+    index = {name: i for i, name in interfaces().items()}.get(iface)
+    if index is None:
+        raise WeftError(f"no interface {iface} here")
+    with MapWriter(build.maps_dir(root) / "endpoints") as writer:
+        writer.update(m.pack_key("endpoints", index), m.pack_value("endpoints", entry))
+    return attach(runner, [iface], build.progs_dir(root))
+
+
+def forget_endpoint(state_dir: Path | str, iface: str) -> bool:
+    """CNI DEL on an eBPF node, before the veth is removed: delete its endpoint entry (a later
+    interface given the same ifindex must not inherit it). The filters go with the interface."""
+    from weft.reconciler.bpf_apply import node_pin_dir
+    root = node_pin_dir(state_dir)
+    path = build_for(root).maps_dir(root) / "endpoints"
+    index = {name: i for i, name in interfaces().items()}.get(iface)
+    if index is None or not path.exists():
+        return False
+    with MapWriter(path) as writer:
+        return writer.delete(m.pack_key("endpoints", index))
+
+
+__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "endpoint_entry", "forget_endpoint", "probe",
+           "program_endpoint"]

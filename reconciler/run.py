@@ -152,8 +152,11 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     bird_config = bird.bird_config if bird is not None else _bird_config(opts, state)
     me = state.nodes.get(opts.node)
     ipam = node_ipam_document(opts.node, state.ippools, state.blocks, opts.source(), dict(me.labels) if me else {})
-    node = RenderedNode(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key), bird_config,
-                        ipam, addressed, bpf)
+    snapshot = make_snapshot(state, opts.node, dataplane, key)
+    if bpf is not None:                 # the plugin writes a new pod's entry (reconciler.bpf.program_endpoint)
+        from weft.renderers.bpf_policy import cni_snapshot
+        snapshot["bpf"] = cni_snapshot(bpf, state.local_endpoints(opts.node))
+    node = RenderedNode(dataplane, state.ignored_kinds, snapshot, bird_config, ipam, addressed, bpf)
     reading.cache.keep_render(opts.node, key, node.to_data(), basis)
     reading.dirty = True
     return node

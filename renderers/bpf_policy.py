@@ -831,3 +831,19 @@ def host_dataplane(rendered: Dataplane) -> Dataplane:
              for builtin, target in HOOKED.items()}
     return Dataplane({(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()},
                      {}, hooks, rendered.routes, rendered.links)
+
+
+def cni_snapshot(maps: BpfMaps, local: Iterable[Endpoint]) -> dict:
+    """The eBPF part of the CNI snapshot (renderers.endpoint.make_snapshot's "bpf" key): each
+    local pod's endpoint entry, so the plugin writes it on ADD without rendering anything:
+
+        {"endpoints": {"<namespace>/<pod>": [[egress profile, src classifier, dst classifier,
+                                               digest], [ingress ...]]}}
+
+    A pod not listed is closed or open as the snapshot's "closed"/"default" say."""
+    out = {}
+    for ep in local:
+        entry = maps.endpoints.get(ep.iface)
+        if entry is not None:
+            out[ep.key] = [list(entry.egress), list(entry.ingress)]
+    return {"endpoints": out}

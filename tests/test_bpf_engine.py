@@ -16,6 +16,7 @@ import pytest
 
 from tests.matrices import NODE, SCENARIOS, Expect, diff, is_no_op, write_source
 from tests.test_bpf_dataplane import require_bcc
+from weft.model.errors import WeftError
 from weft.model.names import host_iface_name
 
 PEER = Expect().isolate_ingress("x/a").allow_ingress(dst="x/a", src="x/b")
@@ -292,3 +293,41 @@ def test_switching_planes_leaves_no_window(lab, node, tmp_path):
     assert allowed_connected > 20, f"x/b connected only {allowed_connected} of {allowed_tries} times"
     check_matrix(lab, node, PEER.matrix(), "iptables after the round trip")
     assert is_no_op(node.json("apply", source=source))
+
+
+def test_cni_step_writes_the_entry_and_attaches_without_compiling(lab, node, tmp_path):
+    """What the CNI plugin calls on an eBPF node (reconciler.bpf): the pod's entry from the
+    snapshot the run left, written and attached with no compile; the next run is a no-op. A pod
+    the run did not know is closed where a policy of its namespace might select it."""
+    from weft.playbooks.bpflab import in_netns
+    from weft.reconciler.bpf import endpoint_entry, forget_endpoint, program_endpoint
+    from weft.reconciler.bpf_apply import BpfApplyError
+    from weft.renderers.bpf_policy import CLOSED, OPEN
+    from weft.store.snapshot import load_snapshot
+    source = write_source(tmp_path / "src", SCENARIOS / "pod-selector-peer.yaml")
+    iface = host_iface_name("x", "a")
+    with pytest.raises(BpfApplyError, match="must run on this node"):       # nothing pinned: no unpoliced pod
+        in_netns(lab.node_netns, program_endpoint, node.state, iface, endpoint_entry(
+            {"bpf": {"endpoints": {}}, "closed": {}, "default": [False, False]}, "x/a"))
+    node.weft("apply", "--dataplane", "ebpf", source=source)
+    snapshot = load_snapshot(node.state)
+    entry = endpoint_entry(snapshot, "x/a")
+    assert entry.ingress.profile not in (0, 1) and entry.egress == OPEN
+    assert endpoint_entry(snapshot, "x/new") == (OPEN, CLOSED)        # x has an ingress policy
+    assert endpoint_entry(snapshot, "y/new") == (OPEN, OPEN)
+    with pytest.raises(WeftError, match="not what weft writes"):
+        endpoint_entry(snapshot | {"bpf": {"endpoints": {"x/a": [[1, 2, 3], [True, 0, 0, 0]]}}}, "x/a")
+
+    # x/a as the plugin finds a new pod: no entry, no programs (and so, for now, open).
+    assert in_netns(lab.node_netns, forget_endpoint, node.state, iface)
+    for hook in ("ingress", "egress"):
+        lab.node_run(["tc", "filter", "del", "dev", iface, hook, "pref", "49152"], check=True)
+    lab.node_run(["tc", "qdisc", "del", "dev", iface, "clsact"], check=True)
+    node.forget_connections()
+    assert lab.matrix()[("x/c", "x/a", "tcp", 80)], "x/a without programs should be unpoliced"
+
+    attached = in_netns(lab.node_netns, program_endpoint, node.state, iface, entry)
+    assert sorted(attached) == [f"{iface}/egress", f"{iface}/ingress"]
+    check_matrix(lab, node, PEER.matrix(), "after the CNI step")
+    again = node.json("apply", "--dataplane", "ebpf", source=source)
+    assert is_no_op(again), again["commands"]
