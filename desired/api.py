@@ -72,6 +72,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("v1", "Node", "nodes", False),
     Resource("v1", "Pod", "pods", True),
     Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", True),
+    Resource("v1", "Service", "services", True),
+    Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", True),
     _calico("GlobalNetworkPolicy", "globalnetworkpolicies", False),
     _calico("NetworkPolicy", "networkpolicies", True),
     _calico("GlobalNetworkSet", "globalnetworksets", False),

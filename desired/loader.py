@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from weft.desired.kinds import bgp, ipam, kubernetes
+from weft.desired.kinds import bgp, ipam, kubernetes, services
 from weft.desired.validation import Checker, namespace_of, namespace_problem, object_label, shown
 from weft.model import codec
 from weft.model.cluster import ClusterState, Namespace
@@ -43,6 +43,9 @@ for _api in CALICO_API_VERSIONS:
     KINDS[(_api, "BGPConfiguration")] = Kind("BGPConfiguration", False, bgp.bgp_configuration, "bgp_configurations")
     KINDS[(_api, "BGPPeer")] = Kind("BGPPeer", False, bgp.bgp_peer, "bgp_peers")
 KINDS[("v1", "Secret")] = Kind("Secret", True, bgp.secret, "secrets")
+KINDS[("v1", "Service")] = Kind("Service", True, services.service, "services")
+KINDS[("discovery.k8s.io/v1", "EndpointSlice")] = Kind("EndpointSlice", True, services.endpoint_slice,
+                                                       "endpoint_slices")
 # The kinds whose objects become endpoints or namespaces: what selectors are evaluated over.
 ENDPOINT_KINDS = frozenset(k.name for k in KINDS.values() if k.field in ("endpoints", "namespaces"))
 

@@ -75,7 +75,31 @@ class Verdict(NamedTuple):
         return text + (f", log {self.arg:08x}" if self.flags & FLAG_LOG else "")
 
 
-MAP_NAMES = ("endpoints", "classifiers", "verdicts", "ports")   # reconciled; conntrack, counters, log are runtime
+class ServiceKey(NamedTuple):
+    """A service address: the cluster IP, the service port, the protocol number."""
+    addr: str
+    port: int
+    proto: int
+
+
+class ServiceEntry(NamedTuple):
+    id: int                                     # its backends are BackendKey(id, 0 .. count - 1)
+    count: int
+    affinity: int = 0                           # ClientIP affinity timeout (seconds), 0: none
+
+
+class BackendKey(NamedTuple):
+    id: int
+    index: int
+
+
+class Backend(NamedTuple):
+    addr: str
+    port: int
+
+
+# Reconciled maps; conntrack, counters, log, nat and affinity are runtime state.
+MAP_NAMES = ("endpoints", "classifiers", "verdicts", "ports", "services", "backends")
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,8 @@ class BpfMaps:
     classifiers: Mapping[ClassifierKey, int]
     verdicts: Mapping[VerdictKey, Verdict]
     ports: Mapping[PortKey, Verdict]
+    services: Mapping[ServiceKey, ServiceEntry] = field(default_factory=dict)
+    backends: Mapping[BackendKey, Backend] = field(default_factory=dict)
     # What each key means ("map name", key) -> text: for plan and drift output; desired side only.
     about: Mapping[tuple[str, tuple | str], str] = field(default_factory=dict, compare=False)
     # Each rule id a verdict carries -> the rule it stands for, in evaluation order; desired side only.
@@ -128,6 +154,14 @@ CT_KEY = struct.Struct("=I4s4s2s2sB3x")                   # ifindex, addr a, add
 CT_VALUE = struct.Struct("=QI2s2sBBBx4x")       # seen, digest, policy sport, dport, origin, origin is a, flags
 COUNT_KEY = struct.Struct("=II")             # ifindex, rule
 COUNT = struct.Struct("=QQ")
+_SVC_KEY = struct.Struct("=4s2sBx")             # address, port (network order), protocol
+_SVC = struct.Struct("=IIII")
+_BACKEND_KEY = struct.Struct("=II")
+_BACKEND = struct.Struct("=4s2s2x")
+NAT_KEY = struct.Struct("=4s4s2s2sB3x")         # source, destination, ports, protocol
+NAT = struct.Struct("=Q4s2s2x")                 # seen, address, port
+AFF_KEY = struct.Struct("=4sI")
+AFF = struct.Struct("=Q4s2sH")
 
 SPECS = {
     "endpoints": MapSpec("hash", _U32.size, _EP.size),
@@ -136,6 +170,10 @@ SPECS = {
     "ports": MapSpec("lpm_trie", _PORT_KEY.size, _VERDICT.size),
     "conntrack": MapSpec("lru_hash", CT_KEY.size, CT_VALUE.size),
     "counters": MapSpec("percpu_hash", COUNT_KEY.size, COUNT.size),
+    "services": MapSpec("hash", _SVC_KEY.size, _SVC.size),
+    "backends": MapSpec("hash", _BACKEND_KEY.size, _BACKEND.size),
+    "nat": MapSpec("lru_hash", NAT_KEY.size, NAT.size),
+    "affinity": MapSpec("lru_hash", AFF_KEY.size, AFF.size),
 }
 
 
@@ -151,6 +189,10 @@ def pack_key(name: str, key) -> bytes:
                                  1 if any_proto else 0, 0)
     if name == "ports":
         return _PORT_KEY.pack(32 + key.prefixlen, key.table, key.port.to_bytes(2, "big"))
+    if name == "services":
+        return _SVC_KEY.pack(ipaddress.IPv4Address(key.addr).packed, key.port.to_bytes(2, "big"), key.proto)
+    if name == "backends":
+        return _BACKEND_KEY.pack(key.id, key.index)
     raise KeyError(name)
 
 
@@ -166,6 +208,11 @@ def unpack_key(name: str, data: bytes):
     if name == "ports":
         prefixlen, table, port = _PORT_KEY.unpack(data)
         return PortKey(table, int.from_bytes(port, "big"), prefixlen - 32)
+    if name == "services":
+        addr, port, proto = _SVC_KEY.unpack(data)
+        return ServiceKey(str(ipaddress.IPv4Address(addr)), int.from_bytes(port, "big"), proto)
+    if name == "backends":
+        return BackendKey(*_BACKEND_KEY.unpack(data))
     raise KeyError(name)
 
 
@@ -178,6 +225,10 @@ def pack_value(name: str, value) -> bytes:
         return _U32.pack(value)
     if name in ("verdicts", "ports"):
         return _VERDICT.pack(value.action, value.flags, 0, value.rule, value.arg)
+    if name == "services":
+        return _SVC.pack(value.id, value.count, value.affinity, 0)
+    if name == "backends":
+        return _BACKEND.pack(ipaddress.IPv4Address(value.addr).packed, value.port.to_bytes(2, "big"))
     raise KeyError(name)
 
 
@@ -190,6 +241,12 @@ def unpack_value(name: str, data: bytes):
     if name in ("verdicts", "ports"):
         action, flags, _, rule, arg = _VERDICT.unpack(data)
         return Verdict(action, rule, arg, flags)
+    if name == "services":
+        ident, count, affinity, _ = _SVC.unpack(data)
+        return ServiceEntry(ident, count, affinity)
+    if name == "backends":
+        addr, port = _BACKEND.unpack(data)
+        return Backend(str(ipaddress.IPv4Address(addr)), int.from_bytes(port, "big"))
     raise KeyError(name)
 
 
@@ -237,7 +294,19 @@ def _key_from(name: str, data: object):
     if name == "ports":
         table, port, prefixlen = data
         return PortKey(_int(table), _int(port), _int(prefixlen))
+    if name == "services":
+        addr, port, proto = data
+        return ServiceKey(_addr(addr), _int(port), _int(proto))
+    if name == "backends":
+        ident, index = data
+        return BackendKey(_int(ident), _int(index))
     raise ValueError(f"no map {name!r}")
+
+
+def _addr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("an address is text")
+    return str(ipaddress.IPv4Address(value))
 
 
 def _value_from(name: str, data: object):
@@ -248,6 +317,11 @@ def _value_from(name: str, data: object):
     if name == "endpoints":
         egress, ingress = data
         return EndpointEntry(DirectionPolicy(*map(_int, egress)), DirectionPolicy(*map(_int, ingress)))
+    if name == "services":
+        return ServiceEntry(*map(_int, data))
+    if name == "backends":
+        addr, port = data
+        return Backend(_addr(addr), _int(port))
     return Verdict(*map(_int, data))
 
 
@@ -258,7 +332,7 @@ def maps_from_data(data: object) -> BpfMaps:
         raise ValueError("not a description of eBPF maps")
     tables = {}
     for name in MAP_NAMES:
-        entries = data[name]
+        entries = data.get(name, [])
         if not isinstance(entries, list):
             raise ValueError(f"map {name} is not a list")
         tables[name] = {_key_from(name, k): _value_from(name, v) for k, v in entries}

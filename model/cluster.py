@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from weft.model import codec
 from weft.model.selector import Expr
+from weft.model.services import EndpointSlice, Service
 
 
 class Action(StrEnum):
@@ -246,6 +247,8 @@ class ClusterState:
     bgp_configurations: tuple[BGPConfiguration, ...] = ()
     bgp_peers: tuple[BGPPeer, ...] = ()
     secrets: tuple[Secret, ...] = ()
+    services: tuple[Service, ...] = ()                  # model.services: the eBPF plane's load balancing
+    endpoint_slices: tuple[EndpointSlice, ...] = ()
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         return tuple(sorted((e for e in self.endpoints if e.node == node), key=lambda e: e.iface))

@@ -319,6 +319,31 @@ def read_conntrack(maps_dir: Path) -> list[Connection]:
     return out
 
 
+@dataclass(frozen=True)
+class Translation:
+    """One direction of a connection to a service: packets from `source` to `destination` get
+    `to` as their destination (forward, client -> service address) or as their source (reverse,
+    backend -> client)."""
+    proto: int
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    to: tuple[str, int]
+    age_ns: int
+
+
+def read_nat(maps_dir: Path) -> list[Translation]:
+    out = []
+    now = time.monotonic_ns()
+    with MapHandle(maps_dir / "nat") as handle:
+        for key, value in handle.items():
+            saddr, daddr, sport, dport, proto = m.NAT_KEY.unpack(key)
+            seen, addr, port = m.NAT.unpack(value)
+            out.append(Translation(proto, (socket.inet_ntoa(saddr), int.from_bytes(sport, "big")),
+                                   (socket.inet_ntoa(daddr), int.from_bytes(dport, "big")),
+                                   (socket.inet_ntoa(addr), int.from_bytes(port, "big")), max(now - seen, 0)))
+    return out
+
+
 def read_counters(maps_dir: Path) -> dict[tuple[int, int], tuple[int, int]]:
     """(ifindex, rule id) -> (packets, bytes), summed over CPUs."""
     out = {}

@@ -28,7 +28,7 @@ as the iptables plane's dispatch drops an interface weft does not know).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,11 @@ def probe(root: Path, runner: Runner, look_at_hooks: bool) -> BpfFound:
         return BpfFound(root, False, False)
     build = build_for(root)
     maps_dir, progs_dir = build.maps_dir(root), build.progs_dir(root)
-    current = pinned and programs_current(build, root)
+    # A compile killed half way leaves some of the layout's maps: not there until a compile makes the rest.
+    complete = maps_dir.exists() and all((maps_dir / name).exists() for name in (*m.SPECS, "log"))
+    current = pinned and complete and programs_current(build, root)
     maps, capacity = m.EMPTY, {}
-    if maps_dir.exists():
+    if complete:
         maps = read_maps(maps_dir)
         for name in m.MAP_NAMES:
             with MapHandle(maps_dir / name) as handle:
@@ -124,7 +126,9 @@ def probe(root: Path, runner: Runner, look_at_hooks: bool) -> BpfFound:
     attached = {key: a.prog_id for key, a in read_attachments(runner, list(ifaces)).items()}
     pins = read_pins(root)
     stale = tuple(d for d in (*pins.maps_dirs, *pins.progs_dirs) if d not in (maps_dir.name, progs_dir.name))
-    return BpfFound(root, pinned, current, maps, maps_dir.exists(), capacity, ifaces, attached, programs, stale)
+    if pinned:                  # a compile killed before it renamed its staging directory (the run holds the lock)
+        stale += tuple(sorted(p.name for p in root.iterdir() if p.name.startswith("staging-")))
+    return BpfFound(root, pinned, current, maps, complete, capacity, ifaces, attached, programs, stale)
 
 
 class BpfPlane(Resource[Any, BpfChange]):
@@ -167,8 +171,7 @@ class BpfPlane(Resource[Any, BpfChange]):
         if not have.current:
             changes.append(BpfChange("programs", Action.CREATE, progs_dir.name, str(progs_dir)))
         present = set(have.ifaces)
-        here = m.BpfMaps({k: v for k, v in want.endpoints.items() if k in present}, want.classifiers,
-                         want.verdicts, want.ports, want.about)
+        here = replace(want, endpoints={k: v for k, v in want.endpoints.items() if k in present})
         delta = diff_maps(here, have.maps)
         for name in WRITE_ORDER:
             writes = delta.writes.get(name) or {}
@@ -390,33 +393,42 @@ def _drop_clsact(runner: Runner, iface: str) -> None:
 MAX_ID = (1 << 32) - 1
 
 
-def endpoint_entry(snapshot: Mapping[str, Any], pod: str) -> m.EndpointEntry:
+def endpoint_entry(snapshot: Mapping[str, Any] | None, pod: str) -> m.EndpointEntry:
     """The endpoint entry of `pod` ("namespace/name") from the CNI snapshot the last run left
-    (store.snapshot.load_snapshot, already checked there but for its "bpf" part, checked here):
-    the rendered one, or, for a pod the run did not know, closed in each direction where a policy
-    of its namespace might select it ("closed", else "default"), open elsewhere. WeftError when
-    the snapshot is not an eBPF node's."""
+    (store.snapshot.load_snapshot: checked there, but for its "bpf" part, checked here): the
+    rendered one; for a pod the run did not know, closed in each direction where a policy of its
+    namespace might select it ("closed", else "default"), open elsewhere. No snapshot, no eBPF
+    part, or an entry that is not what weft writes: closed both ways until the next run (as the
+    iptables plane does with a snapshot it cannot use)."""
     from weft.renderers.bpf_policy import CLOSED, OPEN
-    part = snapshot.get("bpf")
+    shut = m.EndpointEntry(CLOSED, CLOSED)
+    part = snapshot.get("bpf") if isinstance(snapshot, Mapping) else None
     endpoints = part.get("endpoints") if isinstance(part, Mapping) else None
-    if not isinstance(endpoints, Mapping):
-        raise WeftError("the CNI snapshot has no eBPF part: this node's last run was not `--dataplane ebpf`")
+    if snapshot is None or not isinstance(endpoints, Mapping):
+        return shut
     known = endpoints.get(pod)
     if known is not None:
         try:
             egress, ingress = known
-            sides = [m.DirectionPolicy(*side) for side in (egress, ingress)]
-            if any(len(side) != 4 for side in (egress, ingress)) or \
-                    any(type(v) is not int or not 0 <= v <= MAX_ID for side in sides for v in side):
-                raise ValueError
+            if any(not isinstance(side, list) or len(side) != 4 for side in (egress, ingress)) or \
+                    any(type(v) is not int or not 0 <= v <= MAX_ID for side in (egress, ingress) for v in side):
+                return shut
         except (TypeError, ValueError):
-            raise WeftError(f"the CNI snapshot's eBPF entry of pod {pod} is not what weft writes") from None
-        return m.EndpointEntry(*sides)
+            return shut
+        return m.EndpointEntry(m.DirectionPolicy(*egress), m.DirectionPolicy(*ingress))
     namespace = pod.partition("/")[0]
     closed = snapshot.get("closed", {}).get(namespace, snapshot.get("default"))
     if not isinstance(closed, list) or len(closed) != 2:
-        closed = [True, True]
+        return shut
     return m.EndpointEntry(*(CLOSED if flag is not False else OPEN for flag in closed))
+
+
+def ebpf_node(state_dir: Path | str) -> bool:
+    """Is this node's data plane eBPF (a `weft apply --dataplane ebpf` pinned this build's programs
+    for it)? What the CNI plugin asks before choosing the pod's policy step."""
+    from weft.reconciler.bpf_apply import node_pin_dir
+    root = node_pin_dir(state_dir)
+    return root.exists() and programs_current(build_for(root), root)
 
 
 def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, runner: Runner | None = None
@@ -457,5 +469,5 @@ def forget_endpoint(state_dir: Path | str, iface: str) -> bool:
         return writer.delete(m.pack_key("endpoints", index))
 
 
-__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "endpoint_entry", "forget_endpoint", "probe",
-           "program_endpoint"]
+__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "ebpf_node", "endpoint_entry", "forget_endpoint",
+           "probe", "program_endpoint"]

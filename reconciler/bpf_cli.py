@@ -5,6 +5,7 @@ pinned maps (run it where weft runs: in the node's network namespace, with the n
                packets and bytes of the connections each rule decided (the per-CPU counters,
                summed); the rules' names come from the desired state (read like `weft plan`)
   conntrack    the connections weft's programs track: who opened them, where, how long ago
+  nat          the service addresses and their backends, and the connections translated
   counters     every (interface, rule) counter
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     common(policy)
     policy.add_argument("pod", metavar="POD", help="the pod, as namespace/name")
     for name, text in (("conntrack", "the connections weft's programs track"),
+                       ("nat", "service addresses, their backends, and the connections translated"),
                        ("counters", "packets and bytes per interface and rule")):
         p = bsub.add_parser(name, help=text)
         p.add_argument("--node", default=socket.gethostname(), help="this node's name (default: the hostname)")
@@ -42,7 +44,8 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
 
 def run(args: argparse.Namespace) -> int:
     try:
-        data, text = {"policy": policy, "conntrack": conntrack, "counters": counters}[args.bpf_command](args)
+        show = {"policy": policy, "conntrack": conntrack, "nat": nat, "counters": counters}[args.bpf_command]
+        data, text = show(args)
     except (WeftError, OSError) as exc:
         message = str(exc) if isinstance(exc, WeftError) else f"{exc.filename or 'weft'}: {exc.strerror or exc}"
         if args.output == "json":
@@ -139,6 +142,29 @@ def conntrack(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     text += [f"  {r['interface']:<16} {r['protocol']:<5} {r['source']:>21} -> {r['destination']:<21} "
              f"{r['origin']:<8} {r['age_seconds']:>8}s" for r in rows]
     return {"connections": rows}, "\n".join(text) + "\n"
+
+
+def nat(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from weft.probes.bpf import read_maps, read_nat
+    maps_dir = _maps_dir(args)
+    maps = read_maps(maps_dir)
+    services = []
+    for key, entry in sorted(maps.services.items()):
+        backends = [f"{b.addr}:{b.port}" for i in range(entry.count)
+                    if (b := maps.backends.get(m.BackendKey(entry.id, i))) is not None]
+        services.append({"address": f"{key.addr}:{key.port}",
+                         "protocol": m.PROTOCOL_NAMES.get(key.proto, str(key.proto)),
+                         "backends": backends, "affinity_seconds": entry.affinity})
+    rows = [{"protocol": m.PROTOCOL_NAMES.get(t.proto, str(t.proto)), "source": f"{t.source[0]}:{t.source[1]}",
+             "destination": f"{t.destination[0]}:{t.destination[1]}", "translated_to": f"{t.to[0]}:{t.to[1]}",
+             "age_seconds": round(t.age_ns / 1e9, 1)}
+            for t in sorted(read_nat(maps_dir), key=lambda t: (t.proto, t.source, t.destination))]
+    text = [f"{len(services)} service addresses"]
+    text += [f"  {s['address']:>21}/{s['protocol']:<4} -> {', '.join(s['backends']) or '(no ready backend)'}"
+             + (f"  (ClientIP affinity {s['affinity_seconds']} s)" if s["affinity_seconds"] else "") for s in services]
+    text.append(f"{len(rows)} translations (both directions of each connection)")
+    text += [f"  {r['protocol']:<4} {r['source']:>21} -> {r['destination']:<21} as {r['translated_to']}" for r in rows]
+    return {"services": services, "translations": rows}, "\n".join(text) + "\n"
 
 
 def counters(args: argparse.Namespace) -> tuple[dict[str, Any], str]:

@@ -19,8 +19,9 @@ What weft may write:
                     proxy_ndp) on `weft*` interfaces, values 0-2: never a path built from other text.
   BIRD              only its configuration file in the state dir.
   eBPF              only under the node's pin directory (/sys/fs/bpf/weft/<node key>): programs
-                    compiled into its progs-<build> directory, keys of its four policy maps
-                    (maps-<layout>/endpoints|classifiers|verdicts|ports) of the model's types, tc
+                    compiled into its progs-<build> directory, keys of its reconciled maps
+                    (maps-<layout>/endpoints|classifiers|verdicts|ports|services|backends) of the
+                    model's types, tc
                     filters on `weft*` interfaces, pins removed only there.
 
 A refused write is a WeftError naming what was refused; nothing of that apply runs.
@@ -304,8 +305,11 @@ def check_sysctl(write: SysctlWrite) -> None:
 # ---- eBPF -------------------------------------------------------------------------------------
 
 _PIN_ENTRY = re.compile(r"^(maps|progs)-[0-9a-f]{16}$")
+_STAGING = re.compile(r"^staging-[0-9]{1,10}$")                     # a killed compile's (reconciler.bpf_apply)
 _MAP_TYPES = {"endpoints": (str, bpfmodel.EndpointEntry), "classifiers": (bpfmodel.ClassifierKey, int),
-              "verdicts": (bpfmodel.VerdictKey, bpfmodel.Verdict), "ports": (bpfmodel.PortKey, bpfmodel.Verdict)}
+              "verdicts": (bpfmodel.VerdictKey, bpfmodel.Verdict), "ports": (bpfmodel.PortKey, bpfmodel.Verdict),
+              "services": (bpfmodel.ServiceKey, bpfmodel.ServiceEntry),
+              "backends": (bpfmodel.BackendKey, bpfmodel.Backend)}
 _TC_HOOKS = ("ingress", "egress")
 
 
@@ -320,7 +324,7 @@ def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
         raise Refused(f"eBPF {write.op}: {write.path!r} is not a plain path")
     parent, name = os.path.split(path)
     if write.op == "unpin":
-        if path != root and not (parent == root and _PIN_ENTRY.match(name)):
+        if path != root and not (parent == root and (_PIN_ENTRY.match(name) or _STAGING.match(name))):
             raise Refused(f"unpin {path}: weft removes only its node's pin directory {root} or a build in it")
         return
     if write.op == "detach":

@@ -84,7 +84,7 @@ import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from weft.desired.index import EndpointIndex
@@ -109,6 +109,7 @@ from weft.model.bpf import (
 )
 from weft.model.cluster import EGRESS, INGRESS, Action, ClusterState, Endpoint, EntityMatch, NamedPort, Policy
 from weft.model.kernel import Chain, Dataplane, Hooks
+from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
 from weft.renderers.iptables import FORWARD_CHAIN, HOOKED, INPUT_CHAIN, WL_GLOB, might_apply, policies_by_endpoint
 from weft.renderers.rules import TABLE, Spec, chain_lines
@@ -598,7 +599,9 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
             if ident not in profiles:
                 profiles[ident] = _compile_profile(direction, policies, atoms, rule_about)
             chosen[ep.iface][direction] = ident
-    return _materialise(local, chosen, profiles, atoms, rule_about)
+    maps = _materialise(local, chosen, profiles, atoms, rule_about)
+    services, backends, about = render_services(state)
+    return replace(maps, services=services, backends=backends, about={**maps.about, **about})
 
 
 def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule_about: dict[str, str]) -> BpfMaps:
@@ -729,7 +732,7 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
             _direction_text(chosen[ep.iface][d], profiles, profile_ids) for d in (EGRESS, INGRESS))
     rules = {rule_ids[ident]: text for ident, text in rule_about.items()}
     in_force = {profile_ids[ident]: tuple(rule_ids[r] for r in p.rules) for ident, p in profiles.items()}
-    return BpfMaps(endpoints, classifiers, verdicts, ports, about, rules, in_force)
+    return BpfMaps(endpoints, classifiers, verdicts, ports, about=about, rules=rules, profiles=in_force)
 
 
 def _side_classes(p: Profile) -> dict[str, set[frozenset]]:

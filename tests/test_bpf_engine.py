@@ -16,7 +16,6 @@ import pytest
 
 from tests.matrices import NODE, SCENARIOS, Expect, diff, is_no_op, write_source
 from tests.test_bpf_dataplane import require_bcc
-from weft.model.errors import WeftError
 from weft.model.names import host_iface_name
 
 PEER = Expect().isolate_ingress("x/a").allow_ingress(dst="x/a", src="x/b")
@@ -300,7 +299,7 @@ def test_cni_step_writes_the_entry_and_attaches_without_compiling(lab, node, tmp
     snapshot the run left, written and attached with no compile; the next run is a no-op. A pod
     the run did not know is closed where a policy of its namespace might select it."""
     from weft.playbooks.bpflab import in_netns
-    from weft.reconciler.bpf import endpoint_entry, forget_endpoint, program_endpoint
+    from weft.reconciler.bpf import ebpf_node, endpoint_entry, forget_endpoint, program_endpoint
     from weft.reconciler.bpf_apply import BpfApplyError
     from weft.renderers.bpf_policy import CLOSED, OPEN
     from weft.store.snapshot import load_snapshot
@@ -315,8 +314,10 @@ def test_cni_step_writes_the_entry_and_attaches_without_compiling(lab, node, tmp
     assert entry.ingress.profile not in (0, 1) and entry.egress == OPEN
     assert endpoint_entry(snapshot, "x/new") == (OPEN, CLOSED)        # x has an ingress policy
     assert endpoint_entry(snapshot, "y/new") == (OPEN, OPEN)
-    with pytest.raises(WeftError, match="not what weft writes"):
-        endpoint_entry(snapshot | {"bpf": {"endpoints": {"x/a": [[1, 2, 3], [True, 0, 0, 0]]}}}, "x/a")
+    shut = (CLOSED, CLOSED)                       # what cannot be used closes the pod until the next run
+    assert endpoint_entry(snapshot | {"bpf": {"endpoints": {"x/a": [[1, 2, 3], [True, 0, 0, 0]]}}}, "x/a") == shut
+    assert endpoint_entry(None, "y/new") == shut and endpoint_entry({"closed": {}}, "y/new") == shut
+    assert in_netns(lab.node_netns, ebpf_node, node.state) and not ebpf_node(tmp_path / "other-state")
 
     # x/a as the plugin finds a new pod: no entry, no programs (and so, for now, open).
     assert in_netns(lab.node_netns, forget_endpoint, node.state, iface)
@@ -331,3 +332,40 @@ def test_cni_step_writes_the_entry_and_attaches_without_compiling(lab, node, tmp
     check_matrix(lab, node, PEER.matrix(), "after the CNI step")
     again = node.json("apply", "--dataplane", "ebpf", source=source)
     assert is_no_op(again), again["commands"]
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 3.5, 6.0])
+def test_switch_killed_at_a_moment_then_rerun_converges(lab, node, tmp_path, delay):
+    """iptables -> eBPF, the apply killed with SIGKILL `delay` seconds in (reading, compiling,
+    writing maps, attaching, replacing the chains): x/c (denied) never gets through meanwhile, and
+    the next apply leaves the node as one uninterrupted apply would (a third is a no-op)."""
+    import os
+    import signal
+    import time
+    source = write_source(tmp_path / "src", SCENARIOS / "pod-selector-peer.yaml")
+    ip = {p.key: p.ip for p in lab.pods}
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+    node.weft("apply", source=source)
+    stop = tmp_path / "stop"
+    loop = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod_ns['x/c']}", sys.executable, "-c", PROBE_LOOP,
+                             ip["x/a"], "80", "600", str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert loop.stdout.readline().strip() == "ready"
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab.node_netns}", sys.executable, "-m",
+                                 "weft.reconciler.cli", "apply", "--node", NODE, "--state-dir", str(node.state),
+                                 "--dataplane", "ebpf", "--from", str(source)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)     # weft and whatever tool it was running
+        proc.wait()
+        node.weft("apply", "--dataplane", "ebpf", source=source)
+    finally:
+        stop.touch()
+        tries, connected = map(int, loop.communicate(timeout=30)[0].split())
+    assert tries > 5 and connected == 0, f"x/c got through {connected} of {tries} times"
+    again = node.json("apply", "--dataplane", "ebpf", source=source)
+    assert is_no_op(again), again["commands"]
+    assert not [line for line in weft_chains(lab) if "-fw-" in line or "-tw-" in line]
+    assert not [p for p in node.root.iterdir() if p.name.startswith("staging-")]
+    check_matrix(lab, node, PEER.matrix(), f"after a kill at {delay} s and a rerun")
