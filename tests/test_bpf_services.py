@@ -174,3 +174,37 @@ def test_policy_judges_the_backend_after_translation(services, tmp_path):
         counts = Counter(seen[proto])
         assert "y/a" not in counts and {"y/b", "y/c"} <= set(counts), (proto, counts)
         assert sum(n for k, n in counts.items() if k not in BACKENDS) > 0, (proto, counts)   # y/a's share failed
+
+
+SAME_PORT = textwrap.dedent("""
+    import json, socket, sys
+    vip, ips = sys.argv[1], json.loads(sys.argv[2])
+    def connect(address, port):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(2)
+            s.bind(("0.0.0.0", 40123))
+            s.connect((address, port))
+            return s.recv(100).decode()
+    backend = connect(vip, 80)
+    try:
+        direct = connect(ips[backend], 9090)
+    except OSError as exc:
+        direct = type(exc).__name__
+    print(json.dumps([backend, direct]))
+""")
+
+
+def test_a_direct_connection_from_a_port_a_service_connection_used(services, tmp_path, lab):  # noqa: F811
+    """x/a reaches a backend through the service from port 40123, then the same backend directly
+    from the same port: the direct connection's replies keep the backend's address (the earlier
+    translation is not applied to them)."""
+    from tests.matrices import POD_IPS
+    node, _ = services
+    apply(node, tmp_path, "same-port")
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['x/a']}", sys.executable, "-c", SAME_PORT, VIP,
+                           json.dumps({k: POD_IPS[k] for k in BACKENDS})], capture_output=True, text=True,
+                          timeout=60, check=True)
+    backend, direct = json.loads(done.stdout)
+    assert backend in BACKENDS and direct == backend, (backend, direct)

@@ -241,21 +241,32 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4 *p, int dst,
     return 0;
 }
 
-/* 0: not to a service address (or translated); -1: drop (a service without backends). */
-static __always_inline int to_service(struct __sk_buff *skb, struct l4 *p, __u64 now)
+/* A connection opened straight to an address and port that an earlier, translated connection
+ * of the same client port went to: its replies must not get the service address put back. */
+static __always_inline void forget_reverse(struct l4 *p)
+{
+    struct weft_nat_key rk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                              .proto = p->proto};
+    weft_nat.delete(&rk);
+}
+
+/* 1: translated; 0: not to a service address; -1: drop (a service without backends). */
+static __always_inline int to_service(struct __sk_buff *skb, struct l4 *p, __u64 now, int *opening_direct)
 {
     if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
         return 0;
+    int opening = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
     struct weft_svc_key sk = {.addr = p->daddr, .port = p->dport, .proto = p->proto};
     struct weft_svc *svc = weft_svcs.lookup(&sk);
-    if (!svc)
+    if (!svc) {
+        *opening_direct = p->proto == IPPROTO_UDP ? 2 : opening;    /* 2: if not tracked */
         return 0;
+    }
     struct weft_nat_key fk = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
                               .proto = p->proto};
     struct weft_nat *fwd = weft_nat.lookup(&fk);
     __u32 baddr;
     __u16 bport;
-    int opening = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
     if (fwd && !opening) {
         fwd->seen = now;
         baddr = fwd->addr;
@@ -297,7 +308,7 @@ static __always_inline int to_service(struct __sk_buff *skb, struct l4 *p, __u64
     p->daddr = baddr;
     p->dport = bport;
     p->pol_dport = bport;
-    return 0;
+    return 1;
 }
 
 /* A reply from a backend on its way into the client: the service address back as its source. */
@@ -331,8 +342,11 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
         return TC_ACT_SHOT;
 
     __u64 now = bpf_ktime_get_ns();
-    if (dir == WEFT_DIR_EGRESS && to_service(skb, &p, now) < 0)
+    int direct = 0;
+    if (dir == WEFT_DIR_EGRESS && to_service(skb, &p, now, &direct) < 0)
         return TC_ACT_SHOT;
+    if (direct == 1)
+        forget_reverse(&p);
     struct weft_ct_key key = {};
     __u8 sender_is_a;
     ct_key(&key, ifindex, p.saddr, p.sport, p.daddr, p.dport, p.proto, &sender_is_a);
@@ -375,6 +389,8 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
     }
 
     /* Not part of a tracked connection. */
+    if (direct == 2)
+        forget_reverse(&p);
     if (p.proto == IPPROTO_ICMP && is_icmp_error(p.icmp_type))
         return related(skb, inner, ifindex);
     if (p.proto == IPPROTO_ICMP && !is_icmp_query(p.icmp_type))
