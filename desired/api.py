@@ -62,28 +62,52 @@ class Resource:
         return f"{base}/{name}" if name is not None else base
 
 
-def _calico(kind: str, plural: str, namespaced: bool) -> Resource:
-    return Resource(CALICO_API_VERSION, kind, plural, namespaced, crd=True)
+CALICO_API_GROUPS = (CALICO_API_VERSION, "projectcalico.org/v3")
+# Calico's kinds weft reads: (kind, plural, namespaced).
+CALICO_KINDS = (
+    ("GlobalNetworkPolicy", "globalnetworkpolicies", False),
+    ("NetworkPolicy", "networkpolicies", True),
+    ("Tier", "tiers", False),
+    ("GlobalNetworkSet", "globalnetworksets", False),
+    ("NetworkSet", "networksets", True),
+    ("HostEndpoint", "hostendpoints", False),
+    ("FelixConfiguration", "felixconfigurations", False),
+    ("IPPool", "ippools", False),
+    ("IPAMBlock", "ipamblocks", False),
+    ("BlockAffinity", "blockaffinities", False),
+    ("BGPConfiguration", "bgpconfigurations", False),
+    ("BGPPeer", "bgppeers", False),
+)
+
+
+def _calico(kind: str, plural: str, namespaced: bool, api_version: str = CALICO_API_VERSION) -> Resource:
+    return Resource(api_version, kind, plural, namespaced, crd=True)
 
 
 # Everything weft reads. Two kinds are called NetworkPolicy: tell them apart by apiVersion.
+# Calico's kinds are read from both of Calico's API groups: crd.projectcalico.org/v1 (its CRDs,
+# where Calico stores them) and projectcalico.org/v3 (Calico's API server, or Calico's newer
+# CRDs). A group that does not serve a kind answers 404: nothing of that kind there. Where both
+# serve one object, desired.loader keeps one (the v3 form).
 RESOURCES: tuple[Resource, ...] = (
     Resource("v1", "Namespace", "namespaces", False),
     Resource("v1", "Node", "nodes", False),
     Resource("v1", "Pod", "pods", True),
+    Resource("v1", "ServiceAccount", "serviceaccounts", True),
     Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", True),
     Resource("v1", "Service", "services", True),
     Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", True),
-    _calico("GlobalNetworkPolicy", "globalnetworkpolicies", False),
-    _calico("NetworkPolicy", "networkpolicies", True),
-    _calico("GlobalNetworkSet", "globalnetworksets", False),
-    _calico("NetworkSet", "networksets", True),
-    _calico("IPPool", "ippools", False),
-    _calico("IPAMBlock", "ipamblocks", False),
-    _calico("BlockAffinity", "blockaffinities", False),
-    _calico("BGPConfiguration", "bgpconfigurations", False),
-    _calico("BGPPeer", "bgppeers", False),
-    _calico("HostEndpoint", "hostendpoints", False),
+    *(_calico(kind, plural, namespaced, group)
+      for group in CALICO_API_GROUPS for kind, plural, namespaced in CALICO_KINDS),
+)
+
+# Calico's API server authorizes a list of tiered policies (projectcalico.org networkpolicies,
+# globalnetworkpolicies) through pseudo-resources too: "get" of the tier, and the list or watch
+# on tier.<plural> (Calico's "RBAC for tiered policies"). What the node's role must also grant.
+TIERED_POLICY_GRANTS = (
+    ("projectcalico.org", "tiers", "get"),
+    *(("projectcalico.org", f"tier.{plural}", verb)
+      for plural in ("networkpolicies", "globalnetworkpolicies") for verb in ("list", "watch")),
 )
 
 EXPIRED_RELIST_ATTEMPTS = 3
@@ -653,3 +677,49 @@ def _watch_event(line: bytes, what: str) -> tuple[str, dict]:
     if problem:
         raise SourceError(f"{what}: a {kind} event's {problem}")
     return kind, obj
+
+
+# ---- which of Calico's groups serves each kind ------------------------------------------------
+
+# Calico's kinds are served by crd.projectcalico.org/v1 (its CRDs, where Calico keeps them), by
+# projectcalico.org/v3 (Calico's API server, a view of those same CRDs; or, in Calico's newer
+# CRD mode, the CRDs themselves), or by both. weft reads each kind once, from the CRDs where they
+# exist, else from v3.
+DISCOVERY_MAX_PLURALS = 500
+
+
+def served_plurals(api: Connection, api_version: str, *, timeout: float = READ_TIMEOUT) -> frozenset[str]:
+    """The resources (plurals, no subresources) `api_version` serves: API discovery
+    (GET /apis/GROUP/VERSION); nothing when the group is not served (404)."""
+    path = f"/apis/{api_version}"
+    try:
+        doc = api.request("GET", path, timeout=timeout)
+    except ApiError as e:
+        if e.status == 404:
+            return frozenset()
+        raise _source_error(api, f"discovering what {api_version} serves ({path})", e) from None
+    resources = doc.get("resources")
+    if not isinstance(resources, list) or len(resources) > DISCOVERY_MAX_PLURALS:
+        raise SourceError(f"discovering what {api_version} serves ({path}) from {api.host}: "
+                          "the answer is not an APIResourceList")
+    return frozenset(r["name"] for r in resources
+                     if isinstance(r, dict) and isinstance(r.get("name"), str) and "/" not in r["name"])
+
+
+def choose_resources(served: dict[str, frozenset[str]]) -> tuple[Resource, ...]:
+    """RESOURCES with each Calico kind read from one group: the first of CALICO_API_GROUPS that
+    serves it (`served`: api_version -> plurals). A kind neither serves is not read."""
+    chosen: list[Resource] = []
+    taken: set[str] = set()
+    for r in RESOURCES:
+        if r.api_version not in CALICO_API_GROUPS:
+            chosen.append(r)
+        elif r.kind not in taken and r.plural in served.get(r.api_version, frozenset()):
+            chosen.append(r)
+            taken.add(r.kind)
+    return tuple(chosen)
+
+
+def discover_resources(api: Connection, *, timeout: float = READ_TIMEOUT) -> tuple[Resource, ...]:
+    """What this cluster serves of RESOURCES, each Calico kind from one group (choose_resources)."""
+    return choose_resources({group: served_plurals(api, group, timeout=timeout) for group in CALICO_API_GROUPS})

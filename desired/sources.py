@@ -313,8 +313,9 @@ def _key(obj: dict) -> tuple:
 def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     from weft.desired import api as kube
     from weft.desired.loader import convert_object
+    resources = kube.discover_resources(api)
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
-        listed = list(pool.map(lambda r: kube.list_kind(api, r), kube.RESOURCES))
+        listed = list(pool.map(lambda r: kube.list_kind(api, r), resources))
     errors: list[ValidationError] = []
     table = {}
     for items, _rv in listed:
@@ -325,7 +326,7 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
     if errors:
         raise InvalidDesiredState(errors)
     state = _assembled(table)()
-    cache.cursors = {r.plural + "." + r.api_version: rv for r, (_i, rv) in zip(kube.RESOURCES, listed, strict=True)}
+    cache.cursors = {r.plural + "." + r.api_version: rv for r, (_i, rv) in zip(resources, listed, strict=True)}
     # Every list began after `before`: while the cluster's version is still `before`, nothing
     # changed (versions are opaque: compared for equality only).
     cache.cursors["*"] = before
@@ -336,8 +337,10 @@ def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
 
 def _watch_all(api, cursors: dict) -> list:
     """Each kind's events since its cursor; a kind without one, or whose events are no longer
-    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once."""
+    kept (410), is listed again. Every watch ends with a quiet gap: they run all at once. The
+    kinds are those the cluster serves (API discovery: each Calico kind from one group)."""
     from weft.desired import api as kube
+    resources = kube.discover_resources(api)
 
     def one(resource):
         cursor = cursors.get(resource.plural + "." + resource.api_version, "")
@@ -348,8 +351,8 @@ def _watch_all(api, cursors: dict) -> list:
         except kube.WatchExpired:
             return resource, "list", kube.list_kind(api, resource)
 
-    with ThreadPoolExecutor(len(kube.RESOURCES), thread_name_prefix="weft-watch") as pool:
-        return list(pool.map(one, kube.RESOURCES))
+    with ThreadPoolExecutor(len(resources), thread_name_prefix="weft-watch") as pool:
+        return list(pool.map(one, resources))
 
 
 def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups: dict) -> Reading:
@@ -359,14 +362,22 @@ def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, groups
     # A kind listed again (its watch expired, or it has no position: a CRD that is not installed)
     # is a change only where the list differs from what is cached; an empty list of a kind of
     # which nothing is cached changes nothing, and no cached objects need to be read for it.
+    from weft.desired.api import CALICO_API_GROUPS
     cached_kinds = {group[:2] for group in cache.blobs}
-    if not any(items if how == "events" else items or (r.api_version, r.kind) in cached_kinds
-               for r, how, (items, _c) in results):
+    read = {(r.api_version, r.kind) for r, _how, _answer in results}
+    # A kind now read from the other of Calico's groups (or no longer served): what is cached of
+    # it under the group it is no longer read from is gone.
+    unread = {kind for kind in cached_kinds if kind[0] in CALICO_API_GROUPS and kind not in read}
+    if not unread and not any(items if how == "events" else items or (r.api_version, r.kind) in cached_kinds
+                              for r, how, (items, _c) in results):
         cache.cursors["*"] = now            # nothing we read changed: caught up to `now`
         return Reading(cache.token, cache, lambda: _assembled(_flat(groups))())
     table = _flat(groups)
     errors: list[ValidationError] = []
     touched = set()
+    for key in [k for k in table if k[:2] in unread]:
+        del table[key]
+        touched.add(key[:3])
     for resource, how, (items, _cursor) in results:
         if how == "list":
             # The list is the whole kind: what is cached and not listed is gone.

@@ -108,8 +108,10 @@ def probe(root: Path, runner: Runner, look_at_hooks: bool) -> BpfFound:
     """What weft's eBPF plane is on this node (the calling thread's network namespace). Hooks
     are read (one `tc -batch`) when the pin directory exists or `look_at_hooks`."""
     pinned = root.exists()
-    if not pinned and not look_at_hooks:
-        return BpfFound(root, False, False)
+    if not pinned and not look_at_hooks:       # nothing of weft's plane here: no tc process for nothing
+        ifaces = weft_ifaces()
+        return BpfFound(root, False, False, ifaces=ifaces,
+                        attached={(iface, hook): None for iface in ifaces for hook in TC_HOOKS})
     build = build_for(root)
     maps_dir, progs_dir = build.maps_dir(root), build.progs_dir(root)
     # A compile killed half way leaves some of the layout's maps: not there until a compile makes the rest.

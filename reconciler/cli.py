@@ -32,9 +32,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="where weft keeps its lock and state (default: /var/lib/weft)")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default: where weft's chains are, else the system's iptables)")
-    p.add_argument("--dataplane", choices=("iptables", "ebpf"), default="iptables",
+    p.add_argument("--dataplane", choices=("iptables", "ebpf", "auto"), default="auto",
                    help="how pod traffic is policed: iptables chains, or eBPF programs on the pods' interfaces "
-                        "(default iptables); switching removes the other plane in the same apply")
+                        "(default auto: eBPF where FelixConfiguration says bpfEnabled, else iptables); switching "
+                        "removes the other plane in the same apply")
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.add_argument("--bird-socket", metavar="PATH",
                    help="BIRD's control socket (default: <state dir>/bird.ctl)")

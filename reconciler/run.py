@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -51,7 +52,7 @@ class Options:
     lock_timeout: float = 300.0
     bird_socket: str | None = None      # BIRD's control socket (default <state dir>/bird.ctl)
     bird_log: str | None = None         # where BIRD logs (default <state dir>/bird.log; or syslog, stderr)
-    dataplane: str = "iptables"         # "iptables" or "ebpf" (reconciler.bpf)
+    dataplane: str = "auto"             # "iptables", "ebpf" (reconciler.bpf), or "auto": FelixConfiguration's bpfEnabled
     observer: Observer = field(default=QUIET, compare=False)   # phase timings and events (--metrics-file, logs)
 
     def source(self) -> dict[str, Any]:
@@ -133,6 +134,8 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     from weft.renderers.iptables import render_node
     from weft.store.ipam import node_ipam_document
     state = reading.state()
+    if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
+        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
     addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
     state = state.with_local_addresses(opts.node, addresses)
     pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
@@ -145,7 +148,7 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         reuse = None
     dataplane = render_node(state, opts.node, pending, reuse)
     bpf = None
-    if opts.dataplane == "ebpf":
+    if opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled:
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
         bpf = render_bpf(state, opts.node, pending)
         dataplane = host_dataplane(dataplane)

@@ -527,6 +527,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Fail(401, "Unauthorized", "Unauthorized")
             url = urlsplit(self.path)
             query = dict(parse_qsl(url.query))
+            discovery = self._discovery(url.path) if method == "GET" else None
+            if discovery is not None:
+                return self._send(200, discovery)
             t, ns, name, sub = self._route(url.path)
             if "labelSelector" in query:
                 raise _Fail(400, "BadRequest", "labelSelector is not implemented by FakeKubeAPI")
@@ -561,6 +564,21 @@ class _Handler(BaseHTTPRequestHandler):
             import traceback
             traceback.print_exc()
             self._send(500, _dumps(status(500, "InternalError", f"FakeKubeAPI: {e!r}")))
+
+    def _discovery(self, path: str) -> bytes | None:
+        """API discovery of one group version (GET /apis/GROUP/VERSION): an APIResourceList of
+        what the fake serves there; 404 where it serves nothing, as a group not installed."""
+        parts = [p for p in path.split("/") if p]
+        if len(parts) != 3 or parts[0] != "apis":
+            return None
+        api_version = f"{parts[1]}/{parts[2]}"
+        served = [t for (v, _plural), t in sorted(self.api._types.items()) if v == api_version]
+        if not served:
+            raise _Fail(404, "NotFound", "the server could not find the requested resource")
+        return _dumps({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version,
+                       "resources": [{"name": t.plural, "singularName": "", "namespaced": t.namespaced,
+                                      "kind": t.kind, "verbs": ["get", "list", "watch", "create", "update",
+                                                                "delete"]} for t in served]})
 
     def _route(self, path: str) -> tuple[_Type, str | None, str | None, str | None]:
         parts = [p for p in path.split("/") if p]

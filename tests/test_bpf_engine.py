@@ -369,3 +369,20 @@ def test_switch_killed_at_a_moment_then_rerun_converges(lab, node, tmp_path, del
     assert not [line for line in weft_chains(lab) if "-fw-" in line or "-tw-" in line]
     assert not [p for p in node.root.iterdir() if p.name.startswith("staging-")]
     check_matrix(lab, node, PEER.matrix(), f"after a kill at {delay} s and a rerun")
+
+
+def test_felix_configuration_bpf_enabled_chooses_the_plane(lab, node, tmp_path):
+    """Without --dataplane, FelixConfiguration's bpfEnabled decides: true puts the eBPF plane in
+    place (programs on every pod's hooks from the first run), false takes it away again."""
+    def felix(enabled: bool) -> dict[str, str]:
+        return {"felix.yaml": json.dumps({"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration",
+                                          "metadata": {"name": "default"}, "spec": {"bpfEnabled": enabled}})}
+    on = write_source(tmp_path / "on", SCENARIOS / "pod-selector-peer.yaml", texts=felix(True))
+    first = node.json("apply", source=on)
+    assert len([c for c in first["changes"]["bpf"] if c["kind"] == "attach"]) == 2 * len(lab.pods)
+    check_matrix(lab, node, PEER.matrix(), "bpfEnabled: true")
+    assert is_no_op(node.json("apply", source=on))
+    off = write_source(tmp_path / "off", SCENARIOS / "pod-selector-peer.yaml", texts=felix(False))
+    node.weft("apply", source=off)
+    assert not node.root.exists() and not any(node.hooks().values())
+    check_matrix(lab, node, PEER.matrix(), "bpfEnabled: false (iptables)")
