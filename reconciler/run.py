@@ -52,7 +52,7 @@ class Options:
     lock_timeout: float = 300.0
     bird_socket: str | None = None      # BIRD's control socket (default <state dir>/bird.ctl)
     bird_log: str | None = None         # where BIRD logs (default <state dir>/bird.log; or syslog, stderr)
-    dataplane: str = "auto"             # "iptables", "ebpf" (reconciler.bpf), or "auto": FelixConfiguration's bpfEnabled
+    dataplane: str = "auto"             # "iptables", "ebpf" (reconciler.bpf), "auto": bpfEnabled decides
     observer: Observer = field(default=QUIET, compare=False)   # phase timings and events (--metrics-file, logs)
 
     def source(self) -> dict[str, Any]:
