@@ -10,10 +10,14 @@ then the client opens, reads and closes connections one after another; printed s
 connections per second and the latency of one connection (p50, p99), and each figure relative to
 the same plane without policy.
 
+Then a ClusterIP service in front of the server: the latency of a connection to the service
+address against one straight to the server (eBPF translates on the client's interface),
+interleaved round by round.
+
 Then, with the synthetic cluster of bench_reconcile (10,000 pods, 1,000 policies): the policy maps'
 size for the benchmark node, and what one changed policy costs (render, keys to write; no compile).
 
-Run as root:  .venv/bin/python -m bench.bench_bpf [--connections N] [--rounds N]
+Run as root:  .venv/bin/python -m bench.bench_bpf [--connections N] [--rounds N] [--only-services]
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from bench.installed import compile_weft
 NODE = "bench-node"
 CLIENT_IP, SERVER_IP = "198.18.0.3", "198.18.0.2"
 COUNTS = (0, 1_000, 10_000)
+VIP = "198.19.200.10"                       # the ClusterIP (decoy peers stay below 198.19.40.0)
 
 CLIENT = textwrap.dedent("""
     import json, socket, sys, time
@@ -55,7 +60,7 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def manifests(directory: Path, peers: int) -> Path:
+def manifests(directory: Path, peers: int, service: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     docs = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}},
@@ -73,14 +78,22 @@ def manifests(directory: Path, peers: int) -> Path:
                      "spec": {"podSelector": {"matchLabels": {"app": "server"}},
                               "ingress": [{"from": decoys + [{"ipBlock": {"cidr": f"{CLIENT_IP}/32"}}],
                                            "ports": [{"port": 80}]}]}})
+    if service:
+        docs.append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "server", "namespace": "bench"},
+                     "spec": {"clusterIP": VIP, "ports": [{"name": "http", "port": 80, "targetPort": 80}]}})
+        docs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                     "metadata": {"name": "server-1", "namespace": "bench",
+                                  "labels": {"kubernetes.io/service-name": "server"}},
+                     "endpoints": [{"addresses": [SERVER_IP], "conditions": {"ready": True}}],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
     (directory / "cluster.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return directory
 
 
-def connections(lab, count: int, rounds: int) -> dict:
+def connections(lab, count: int, rounds: int, target: str = SERVER_IP) -> dict:
     client = next(p for p in lab.pods if p.name == "client")
     done = subprocess.run(["ip", "netns", "exec", lab.pod_netns(client), sys.executable, "-I", "-S", "-c", CLIENT,
-                           SERVER_IP, "80", str(count), str(rounds)], capture_output=True, text=True, timeout=600)
+                           target, "80", str(count), str(rounds)], capture_output=True, text=True, timeout=600)
     if done.returncode:
         raise SystemExit(f"client failed: {done.stderr.strip()}")
     runs = json.loads(done.stdout)
@@ -134,6 +147,43 @@ def measure(args) -> dict:
     return results
 
 
+def cluster_ip(args) -> dict:
+    """Connections to the ClusterIP vs straight to its one backend, on the eBPF plane, interleaved:
+    each figure is the median over rounds (p50 latency, conn/s), with the rounds' spread."""
+    from weft.desired.loader import build_cluster_state
+    from weft.desired.manifests import load_manifest_dir
+    from weft.playbooks.bpflab import BpfNode
+    from weft.playbooks.netlab import NodeLab, pods_from_manifests
+    from weft.renderers.bpf_policy import render_bpf
+    out: dict = {"direct": [], "service": []}
+    with tempfile.TemporaryDirectory(prefix="weft-bench-svc-") as tmp:
+        tmp = Path(tmp)
+        source = manifests(tmp / "svc", 0, service=True)
+        with NodeLab(pods_from_manifests(source, NODE), ports=(80,)) as lab:
+            ebpf = BpfNode(lab.node_netns, tmp / "state-svc")
+            try:
+                ebpf.apply(render_bpf(build_cluster_state(load_manifest_dir(source)), NODE))
+                for _ in range(args.rounds):
+                    for name, target in (("direct", SERVER_IP), ("service", VIP)):
+                        ebpf.forget_connections()
+                        out[name].append(connections(lab, args.connections, 1, target))
+            finally:
+                ebpf.destroy()
+    return {name: {"p50": statistics.median(r["p50"] for r in runs), "cps": statistics.median(r["cps"] for r in runs),
+                   "p50_spread": (min(r["p50"] for r in runs), max(r["p50"] for r in runs))}
+            for name, runs in out.items()}
+
+
+def print_cluster_ip(args) -> None:
+    svc = cluster_ip(args)
+    d, s = svc["direct"], svc["service"]
+    print(f"\nClusterIP (eBPF, {args.rounds} interleaved rounds of {args.connections} connections): direct to the "
+          f"backend p50 {d['p50']:.0f} us (rounds {d['p50_spread'][0]:.0f}-{d['p50_spread'][1]:.0f}), "
+          f"{d['cps']:.0f} conn/s; via the service address p50 {s['p50']:.0f} us "
+          f"(rounds {s['p50_spread'][0]:.0f}-{s['p50_spread'][1]:.0f}), {s['cps']:.0f} conn/s: "
+          f"{s['p50'] / d['p50'] - 1:+.1%} latency")
+
+
 def one_change() -> dict:
     """The synthetic 10k-pod cluster: policy maps of its benchmark node, and one policy changed."""
     from bench.synthetic import NODE as SYN_NODE
@@ -164,8 +214,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=2000, help="connections per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per case (default 5)")
+    parser.add_argument("--only-services", action="store_true", help="only the ClusterIP measurement")
     args = parser.parse_args()
     compile_weft()
+    if args.only_services:
+        print_cluster_ip(args)
+        return
     results = measure(args)
     print(f"New TCP connections client -> server through the node ({args.rounds} rounds of {args.connections}; "
           f"conn/s of the median round, latency percentiles of all); rules = ingress peers of the server's policy "
@@ -182,6 +236,7 @@ def main() -> None:
                       f"eBPF {results[('ebpf', peers)]['setup']:.1f} s" for peers in COUNTS)
     print(f"Putting the policy in place (iptables: `weft apply` from nothing; eBPF: render and apply, the first "
           f"with its one compile, then updates of the same maps): {setup}")
+    print_cluster_ip(args)
     change = one_change()
     print(f"\nSynthetic cluster (10,000 pods, 1,000 policies), node-000's policy maps: {change['keys']} keys, "
           f"rendered in {change['render']:.2f} s")

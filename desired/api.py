@@ -95,6 +95,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("v1", "Pod", "pods", True),
     Resource("v1", "ServiceAccount", "serviceaccounts", True),
     Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", True),
+    Resource("v1", "Service", "services", True),
+    Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", True),
     *(_calico(kind, plural, namespaced, group)
       for group in CALICO_API_GROUPS for kind, plural, namespaced in CALICO_KINDS),
 )

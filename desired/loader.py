@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from weft.desired.kinds import bgp, calico, calicopolicy, ipam, kubernetes
+from weft.desired.kinds import bgp, calico, calicopolicy, ipam, kubernetes, services
 from weft.desired.validation import Checker, namespace_of, namespace_problem, object_label, shown
 from weft.model import codec
 from weft.model.cluster import DEFAULT_TIER, ClusterState, Namespace, Policy
@@ -67,6 +67,9 @@ for _api in CALICO_API_VERSIONS:
     KINDS[(_api, "StagedKubernetesNetworkPolicy")] = Kind("StagedKubernetesNetworkPolicy", True,
                                                           calico.staged_policy, "", calico=True)
 KINDS[("v1", "Secret")] = Kind("Secret", True, bgp.secret, "secrets")
+KINDS[("v1", "Service")] = Kind("Service", True, services.service, "services")
+KINDS[("discovery.k8s.io/v1", "EndpointSlice")] = Kind("EndpointSlice", True, services.endpoint_slice,
+                                                       "endpoint_slices")
 # The kinds whose objects selectors are evaluated over (what set members are computed from).
 SELECTED_FIELDS = ("endpoints", "namespaces", "service_accounts", "network_sets", "host_endpoints")
 ENDPOINT_KINDS = frozenset(k.name for k in KINDS.values() if k.field in SELECTED_FIELDS)

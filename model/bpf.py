@@ -75,7 +75,31 @@ class Verdict(NamedTuple):
         return text + (f", log {self.arg:08x}" if self.flags & FLAG_LOG else "")
 
 
-MAP_NAMES = ("endpoints", "classifiers", "verdicts", "ports")   # reconciled; conntrack, counters, log are runtime
+class ServiceKey(NamedTuple):
+    """A service address: the cluster IP, the service port, the protocol number."""
+    addr: str
+    port: int
+    proto: int
+
+
+class ServiceEntry(NamedTuple):
+    id: int                                     # its backends are BackendKey(id, 0 .. count - 1)
+    count: int
+    affinity: int = 0                           # ClientIP affinity timeout (seconds), 0: none
+
+
+class BackendKey(NamedTuple):
+    id: int
+    index: int
+
+
+class Backend(NamedTuple):
+    addr: str
+    port: int
+
+
+# Reconciled maps; conntrack, counters, log, nat and affinity are runtime state.
+MAP_NAMES = ("endpoints", "classifiers", "verdicts", "ports", "services", "backends")
 
 
 @dataclass(frozen=True)
@@ -85,8 +109,14 @@ class BpfMaps:
     classifiers: Mapping[ClassifierKey, int]
     verdicts: Mapping[VerdictKey, Verdict]
     ports: Mapping[PortKey, Verdict]
+    services: Mapping[ServiceKey, ServiceEntry] = field(default_factory=dict)
+    backends: Mapping[BackendKey, Backend] = field(default_factory=dict)
     # What each key means ("map name", key) -> text: for plan and drift output; desired side only.
     about: Mapping[tuple[str, tuple | str], str] = field(default_factory=dict, compare=False)
+    # Each rule id a verdict carries -> the rule it stands for, in evaluation order; desired side only.
+    rules: Mapping[int, str] = field(default_factory=dict, compare=False)
+    # Each profile id -> the ids of its rules (and tier ends) in evaluation order; desired side only.
+    profiles: Mapping[int, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
     def tables(self) -> dict[str, Mapping]:
         return {name: getattr(self, name) for name in MAP_NAMES}
@@ -124,6 +154,14 @@ CT_KEY = struct.Struct("=I4s4s2s2sB3x")                   # ifindex, addr a, add
 CT_VALUE = struct.Struct("=QI2s2sBBBx4x")       # seen, digest, policy sport, dport, origin, origin is a, flags
 COUNT_KEY = struct.Struct("=II")             # ifindex, rule
 COUNT = struct.Struct("=QQ")
+_SVC_KEY = struct.Struct("=4s2sBx")             # address, port (network order), protocol
+_SVC = struct.Struct("=IIII")
+_BACKEND_KEY = struct.Struct("=II")
+_BACKEND = struct.Struct("=4s2s2x")
+NAT_KEY = struct.Struct("=4s4s2s2sB3x")         # source, destination, ports, protocol
+NAT = struct.Struct("=Q4s2s2x")                 # seen, address, port
+AFF_KEY = struct.Struct("=4sI")
+AFF = struct.Struct("=Q4s2sH")
 
 SPECS = {
     "endpoints": MapSpec("hash", _U32.size, _EP.size),
@@ -132,6 +170,10 @@ SPECS = {
     "ports": MapSpec("lpm_trie", _PORT_KEY.size, _VERDICT.size),
     "conntrack": MapSpec("lru_hash", CT_KEY.size, CT_VALUE.size),
     "counters": MapSpec("percpu_hash", COUNT_KEY.size, COUNT.size),
+    "services": MapSpec("hash", _SVC_KEY.size, _SVC.size),
+    "backends": MapSpec("hash", _BACKEND_KEY.size, _BACKEND.size),
+    "nat": MapSpec("lru_hash", NAT_KEY.size, NAT.size),
+    "affinity": MapSpec("lru_hash", AFF_KEY.size, AFF.size),
 }
 
 
@@ -147,6 +189,10 @@ def pack_key(name: str, key) -> bytes:
                                  1 if any_proto else 0, 0)
     if name == "ports":
         return _PORT_KEY.pack(32 + key.prefixlen, key.table, key.port.to_bytes(2, "big"))
+    if name == "services":
+        return _SVC_KEY.pack(ipaddress.IPv4Address(key.addr).packed, key.port.to_bytes(2, "big"), key.proto)
+    if name == "backends":
+        return _BACKEND_KEY.pack(key.id, key.index)
     raise KeyError(name)
 
 
@@ -162,6 +208,11 @@ def unpack_key(name: str, data: bytes):
     if name == "ports":
         prefixlen, table, port = _PORT_KEY.unpack(data)
         return PortKey(table, int.from_bytes(port, "big"), prefixlen - 32)
+    if name == "services":
+        addr, port, proto = _SVC_KEY.unpack(data)
+        return ServiceKey(str(ipaddress.IPv4Address(addr)), int.from_bytes(port, "big"), proto)
+    if name == "backends":
+        return BackendKey(*_BACKEND_KEY.unpack(data))
     raise KeyError(name)
 
 
@@ -174,6 +225,10 @@ def pack_value(name: str, value) -> bytes:
         return _U32.pack(value)
     if name in ("verdicts", "ports"):
         return _VERDICT.pack(value.action, value.flags, 0, value.rule, value.arg)
+    if name == "services":
+        return _SVC.pack(value.id, value.count, value.affinity, 0)
+    if name == "backends":
+        return _BACKEND.pack(ipaddress.IPv4Address(value.addr).packed, value.port.to_bytes(2, "big"))
     raise KeyError(name)
 
 
@@ -186,4 +241,110 @@ def unpack_value(name: str, data: bytes):
     if name in ("verdicts", "ports"):
         action, flags, _, rule, arg = _VERDICT.unpack(data)
         return Verdict(action, rule, arg, flags)
+    if name == "services":
+        ident, count, affinity, _ = _SVC.unpack(data)
+        return ServiceEntry(ident, count, affinity)
+    if name == "backends":
+        addr, port = _BACKEND.unpack(data)
+        return Backend(str(ipaddress.IPv4Address(addr)), int.from_bytes(port, "big"))
     raise KeyError(name)
+
+
+# --- As data (the render cache keeps a node's maps between runs; never code). -------------------
+
+def maps_to_data(maps: BpfMaps) -> dict:
+    """`maps` as JSON-able lists (see maps_from_data)."""
+    def key_data(name: str, key) -> object:
+        return key if name == "endpoints" else list(key)
+
+    def value_data(name: str, value) -> object:
+        if name == "endpoints":
+            return [list(value.egress), list(value.ingress)]
+        return value if name == "classifiers" else list(value)
+
+    data: dict = {name: [[key_data(name, k), value_data(name, v)] for k, v in table.items()]
+                  for name, table in maps.tables().items()}
+    data["about"] = [[name, key_data(name, key), text] for (name, key), text in maps.about.items()]
+    data["rules"] = [[rule, text] for rule, text in maps.rules.items()]
+    data["profiles"] = [[profile, list(rules)] for profile, rules in maps.profiles.items()]
+    return data
+
+
+def _int(value: object) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"not a map integer: {value!r}")
+    return value
+
+
+def _key_from(name: str, data: object):
+    if name == "endpoints":
+        if not isinstance(data, str):
+            raise ValueError("an endpoint key is an interface name")
+        return data
+    if not isinstance(data, list):
+        raise ValueError(f"a {name} key is a list")
+    if name == "classifiers":
+        classifier, net = data
+        if not isinstance(net, str):
+            raise ValueError("a classifier key's network is text")
+        return ClassifierKey(_int(classifier), str(ipaddress.IPv4Network(net)))
+    if name == "verdicts":
+        profile, src, dst, proto = data
+        return VerdictKey(_int(profile), _int(src), _int(dst), None if proto is None else _int(proto))
+    if name == "ports":
+        table, port, prefixlen = data
+        return PortKey(_int(table), _int(port), _int(prefixlen))
+    if name == "services":
+        addr, port, proto = data
+        return ServiceKey(_addr(addr), _int(port), _int(proto))
+    if name == "backends":
+        ident, index = data
+        return BackendKey(_int(ident), _int(index))
+    raise ValueError(f"no map {name!r}")
+
+
+def _addr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("an address is text")
+    return str(ipaddress.IPv4Address(value))
+
+
+def _value_from(name: str, data: object):
+    if name == "classifiers":
+        return _int(data)
+    if not isinstance(data, list):
+        raise ValueError(f"a {name} value is a list")
+    if name == "endpoints":
+        egress, ingress = data
+        return EndpointEntry(DirectionPolicy(*map(_int, egress)), DirectionPolicy(*map(_int, ingress)))
+    if name == "services":
+        return ServiceEntry(*map(_int, data))
+    if name == "backends":
+        addr, port = data
+        return Backend(_addr(addr), _int(port))
+    return Verdict(*map(_int, data))
+
+
+def maps_from_data(data: object) -> BpfMaps:
+    """The BpfMaps `maps_to_data` described; ValueError (or TypeError) for anything else: the
+    caller renders anew."""
+    if not isinstance(data, Mapping):
+        raise ValueError("not a description of eBPF maps")
+    tables = {}
+    for name in MAP_NAMES:
+        entries = data.get(name, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"map {name} is not a list")
+        tables[name] = {_key_from(name, k): _value_from(name, v) for k, v in entries}
+    about = {}
+    for name, key, text in data["about"]:
+        if name not in MAP_NAMES or not isinstance(text, str):
+            raise ValueError("a key's description is (map, key, text)")
+        about[(name, _key_from(name, key))] = text
+    rules = {}
+    for rule, text in data["rules"]:
+        if not isinstance(text, str):
+            raise ValueError("a rule's description is text")
+        rules[_int(rule)] = text
+    profiles = {_int(profile): tuple(map(_int, ids)) for profile, ids in data["profiles"]}
+    return BpfMaps(**tables, about=about, rules=rules, profiles=profiles)

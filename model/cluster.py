@@ -17,6 +17,7 @@ from enum import StrEnum
 from weft.model import codec
 from weft.model import labels as calico_labels
 from weft.model.selector import And, Eq, Expr, Has
+from weft.model.services import EndpointSlice, Service
 
 
 class Action(StrEnum):
@@ -459,6 +460,8 @@ class ClusterState:
     felix_configurations: tuple[FelixConfiguration, ...] = ()
     service_accounts: tuple[ServiceAccount, ...] = ()
     warnings: tuple[str, ...] = ()         # "Kind: field": fields of known kinds weft does not use
+    services: tuple[Service, ...] = ()                  # model.services: the eBPF plane's load balancing
+    endpoint_slices: tuple[EndpointSlice, ...] = ()
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         return tuple(sorted((e for e in self.endpoints if e.node == node), key=lambda e: e.iface))

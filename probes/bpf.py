@@ -29,6 +29,9 @@ from weft.probes.runner import KernelCommandError, Runner
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
+MAP_LOOKUP_BATCH = 24
+BATCH = 4096                               # keys per batched lookup
+_NO_BATCH = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, 524})   # 524: the kernel's ENOTSUPP
 OBJ_GET, OBJ_GET_INFO_BY_FD = 7, 15
 F_RDONLY, F_WRONLY = 1 << 3, 1 << 4
 _MAP_TYPES = {1: "hash", 5: "percpu_hash", 9: "lru_hash", 11: "lpm_trie", 27: "ringbuf"}
@@ -176,10 +179,49 @@ class MapHandle:
         return value.raw
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value): in batches of BATCH where the kernel has batched lookups for the
+        map's type (hash maps: one call per 4,096 keys instead of two per key), else key by key."""
+        batched = self._batched_items()
+        if batched is not None:
+            yield from batched
+            return
         for key in list(self.keys()):
             value = self.get(key)
             if value is not None:
                 yield key, value
+
+    def _batched_items(self) -> list[tuple[bytes, bytes]] | None:
+        """None when the kernel has no batched lookup for this map (LPM tries, older kernels)."""
+        ks, vs, count = self.info.key_size, self._value_len, BATCH
+        token_in, token_out = ctypes.create_string_buffer(max(ks, 8)), ctypes.create_string_buffer(max(ks, 8))
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            keys, values = ctypes.create_string_buffer(ks * count), ctypes.create_string_buffer(vs * count)
+            attr = ctypes.create_string_buffer(128)
+            struct.pack_into("=QQQQIIQQ", attr, 0, 0 if first else ctypes.addressof(token_in),
+                             ctypes.addressof(token_out), ctypes.addressof(keys), ctypes.addressof(values), count,
+                             self.fd, 0, 0)
+            done = False
+            try:
+                bpf(MAP_LOOKUP_BATCH, attr)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    done = True
+                elif exc.errno == errno.ENOSPC and count < 1 << 20:
+                    count *= 4                  # a hash bucket holds more keys than a batch: larger batches
+                    continue
+                elif first and exc.errno in _NO_BATCH:
+                    return None
+                else:
+                    raise BpfError(f"cannot read map {self.path}: {exc.strerror}") from None
+            got = struct.unpack_from("=I", attr, 32)[0]
+            raw_keys, raw_values = keys.raw, values.raw
+            out += [(raw_keys[i * ks:(i + 1) * ks], raw_values[i * vs:(i + 1) * vs]) for i in range(got)]
+            if done:
+                return out
+            ctypes.memmove(token_in, token_out, len(token_in))
+            first = False
 
 
 def possible_cpus() -> int:
@@ -274,6 +316,31 @@ def read_conntrack(maps_dir: Path) -> list[Connection]:
                 ends.reverse()
             out.append(Connection(ifindex, proto, ends[0], ends[1], ("egress", "ingress", "host")[min(origin, 2)],
                                   digest, max(now - seen, 0), flags))
+    return out
+
+
+@dataclass(frozen=True)
+class Translation:
+    """One direction of a connection to a service: packets from `source` to `destination` get
+    `to` as their destination (forward, client -> service address) or as their source (reverse,
+    backend -> client)."""
+    proto: int
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    to: tuple[str, int]
+    age_ns: int
+
+
+def read_nat(maps_dir: Path) -> list[Translation]:
+    out = []
+    now = time.monotonic_ns()
+    with MapHandle(maps_dir / "nat") as handle:
+        for key, value in handle.items():
+            saddr, daddr, sport, dport, proto = m.NAT_KEY.unpack(key)
+            seen, addr, port = m.NAT.unpack(value)
+            out.append(Translation(proto, (socket.inet_ntoa(saddr), int.from_bytes(sport, "big")),
+                                   (socket.inet_ntoa(daddr), int.from_bytes(dport, "big")),
+                                   (socket.inet_ntoa(addr), int.from_bytes(port, "big")), max(now - seen, 0)))
     return out
 
 

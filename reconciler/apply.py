@@ -14,15 +14,18 @@ from typing import Any
 
 from weft.probes.runner import KernelCommandError, Runner
 from weft.reconciler import guard
-from weft.reconciler.resource import BirdWrite, Restore, RouteWrite, Step, SysctlWrite, Write
+from weft.reconciler.resource import BirdWrite, BpfWrite, Restore, RouteWrite, Step, SysctlWrite, Write
 
 
 class Executor:
-    """Runs checked writes; `bird` loads BIRD's configuration (reconciler.bird.Bird.load)."""
+    """Runs checked writes; `bird` loads BIRD's configuration (reconciler.bird.Bird.load), `bpf`
+    changes the eBPF data plane (reconciler.bpf.BpfPlane.write)."""
 
-    def __init__(self, runner: Runner, bird: Callable[[BirdWrite, Runner], None] | None = None) -> None:
+    def __init__(self, runner: Runner, bird: Callable[[BirdWrite, Runner], None] | None = None,
+                 bpf: Callable[[BpfWrite, Runner], None] | None = None) -> None:
         self.runner = runner
         self.bird = bird
+        self.bpf = bpf
         self._netlink: Any = None
 
     def run(self, steps: Sequence[Step], known: guard.Known) -> None:
@@ -59,6 +62,10 @@ class Executor:
             if self.bird is None:
                 raise KernelCommandError("BIRD's configuration cannot be written here")
             self.bird(write, self.runner)
+        elif isinstance(write, BpfWrite):
+            if self.bpf is None:
+                raise KernelCommandError("the eBPF data plane cannot be written here")
+            self.bpf(write, self.runner)
 
     def _sysctl(self, write: SysctlWrite) -> None:
         shown = f"{write.key.replace('/', '.')}={write.value}"

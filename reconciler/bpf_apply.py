@@ -56,8 +56,8 @@ PIN_ROOT = BPFFS / "weft"
 OBJ_PIN = 6
 HOOKS = {"ingress": "from_wl", "egress": "to_wl"}      # tc hook of the host-side veth -> program
 # Order of writes and deletions (see the module docstring).
-WRITE_ORDER = ("ports", "verdicts", "classifiers", "endpoints")
-DELETE_ORDER = ("endpoints", "classifiers", "verdicts", "ports")
+WRITE_ORDER = ("ports", "verdicts", "classifiers", "endpoints", "backends", "services")
+DELETE_ORDER = ("services", "backends", "endpoints", "classifiers", "verdicts", "ports")
 
 
 class BpfApplyError(WeftError):
@@ -270,6 +270,10 @@ def _key_text(key) -> str:
         return f"[profile {key.profile:08x} {key.src_class:08x} -> {key.dst_class:08x} {proto}]"
     if isinstance(key, m.PortKey):
         return f"[table {key.table:08x} {key.port}/{key.prefixlen}]"
+    if isinstance(key, m.ServiceKey):
+        return f"[service {key.addr}:{key.port} {m.PROTOCOL_NAMES.get(key.proto, key.proto)}]"
+    if isinstance(key, m.BackendKey):
+        return f"[backend {key.id:08x} #{key.index}]"
     return f"[{key}]"
 
 

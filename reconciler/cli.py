@@ -1,4 +1,4 @@
-"""The `weft` command: plan, apply, drift, status, ipam, ipam-gc, node-jobs, version, lab.
+"""The `weft` command: plan, apply, drift, status, ipam, ipam-gc, node-jobs, bpf, version, lab.
 
 Exit codes are for machines: 0 success / no changes, 1 error, 2 changes pending or drift found
 (plan with --detailed-exitcode, drift).
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from weft.model.errors import WeftError
-from weft.reconciler import ipam_cli, ipam_gc, logs, metrics, nodejobs, status, version
+from weft.reconciler import bpf_cli, ipam_cli, ipam_gc, logs, metrics, nodejobs, status, version
 from weft.reconciler.output import emit
 from weft.store.statedir import default_state_dir
 
@@ -32,6 +32,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="where weft keeps its lock and state (default: /var/lib/weft)")
     p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
                    help="iptables backend (default: where weft's chains are, else the system's iptables)")
+    p.add_argument("--dataplane", choices=("iptables", "ebpf", "auto"), default="auto",
+                   help="how pod traffic is policed: iptables chains, or eBPF programs on the pods' interfaces "
+                        "(default auto: eBPF where FelixConfiguration says bpfEnabled, else iptables); switching "
+                        "removes the other plane in the same apply")
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.add_argument("--bird-socket", metavar="PATH",
                    help="BIRD's control socket (default: <state dir>/bird.ctl)")
@@ -66,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     ipam_cli.add_parsers(sub)
     ipam_gc.add_parser(sub)
     nodejobs.add_parser(sub)
+    bpf_cli.add_parser(sub, _common)
     version.add_parser(sub)
     return top
 
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lab":
         return _lab(args.lab_args)
     others = {"status": status.run, "ipam": ipam_cli.run, "ipam-gc": ipam_gc.run, "node-jobs": nodejobs.run,
-              "version": version.run}
+              "version": version.run, "bpf": bpf_cli.run}
     if args.command in others:
         return others[args.command](args)
     run = metrics.RunMetrics(args.node, args.command) if args.metrics_file else None
@@ -154,7 +159,8 @@ def _dispatch(args, run_metrics: metrics.RunMetrics | None = None, log: logs.Eve
     opts = run.Options(node=args.node, state_dir=args.state_dir or Path(default_state_dir()),
                        from_dir=args.from_dir, kubeconfig=args.kubeconfig, context=args.context,
                        backend=args.iptables_backend, lock_timeout=args.lock_timeout,
-                       bird_socket=args.bird_socket, bird_log=args.bird_log, observer=observer)
+                       bird_socket=args.bird_socket, bird_log=args.bird_log, observer=observer,
+                       dataplane=args.dataplane)
     runner = Runner()
     if args.command == "plan":
         plan = run.make_plan(opts, runner, destroy=args.destroy)

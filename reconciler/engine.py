@@ -3,6 +3,8 @@
 The declared order (reconciler.resource explains the phases):
 
   ipsets            sets that grow come first (GROW), sets that go come last (SHRINK)
+  bpf               the eBPF plane: programs attached before the chains they replace change,
+                    detached after the chains that replace them are in (reconciler.bpf)
   filter            the run's own backend's table: one transaction, which commits the sets' step
   filter@<other>    weft's leftovers in the other backend: removed
   routes            a pod becomes reachable only once its rules are in place
@@ -25,6 +27,7 @@ from weft.probes.runner import Runner
 from weft.reconciler import guard
 from weft.reconciler.apply import Executor
 from weft.reconciler.bird import Bird
+from weft.reconciler.bpf import BpfPlane
 from weft.reconciler.ipsets import IpSets
 from weft.reconciler.links import InterfaceSettings
 from weft.reconciler.rendered import RenderedNode
@@ -36,15 +39,17 @@ AnyResource = Resource[Any, Any]
 Changes = dict[str, tuple[Any, ...]]
 
 
-def kernel_resources(runner: Runner, backend_preference: str = "auto") -> tuple[Backend, list[AnyResource]]:
+def kernel_resources(runner: Runner, backend_preference: str = "auto",
+                     bpf: BpfPlane | None = None) -> tuple[Backend, list[AnyResource]]:
     """The node's kernel resources in the declared order, for the backend this run uses (weft's
-    chains left in the other backend are a table resource too, to be removed)."""
+    chains left in the other backend are a table resource too, to be removed). `bpf`: the node's
+    eBPF plane (present whatever the node's plane: leaving eBPF removes it)."""
     backend = detect(runner, backend_preference)
     tables: list[AnyResource] = [Table("filter", backend, main=True)]
     other = other_has_weft(runner, backend)
     if other is not None:
         tables.append(Table(f"filter@{other.name}", other, main=False))
-    return backend, [IpSets(), *tables, Routes(), InterfaceSettings()]
+    return backend, [IpSets(), *([bpf] if bpf is not None else []), *tables, Routes(), InterfaceSettings()]
 
 
 @dataclass
@@ -125,7 +130,8 @@ class Planned:
 
     def known(self) -> guard.Known:
         sets = self.have.get("ipsets", {})
-        return guard.Known({name: (s.type, s.family) for name, s in sets.items()})
+        bpf = next((r for r in self.resources if isinstance(r, BpfPlane)), None)
+        return guard.Known({name: (s.type, s.family) for name, s in sets.items()}, bpf.pin_dir if bpf else None)
 
 
 def plan(resources: list[AnyResource], backend: Backend, have: dict[str, Any], node: RenderedNode,
@@ -144,7 +150,8 @@ def execute(planned: Planned, runner: Runner) -> None:
     """Write the planned changes (PREPARE and GROW in order, SHRINK in reverse), every write
     checked by the guard before the first one runs."""
     bird = next((r for r in planned.resources if isinstance(r, Bird)), None)
-    Executor(runner, bird.load if bird else None).run(planned.steps(), planned.known())
+    bpf = next((r for r in planned.resources if isinstance(r, BpfPlane)), None)
+    Executor(runner, bird.load if bird else None, bpf.write if bpf else None).run(planned.steps(), planned.known())
 
 
 def verify(planned: Planned, runner: Runner) -> Changes:

@@ -18,19 +18,26 @@ What weft may write:
   sysctls           only an allowlist of settings (forwarding, rp_filter, accept_ra, proxy_arp,
                     proxy_ndp) on `weft*` interfaces, values 0-2: never a path built from other text.
   BIRD              only its configuration file in the state dir.
+  eBPF              only under the node's pin directory (/sys/fs/bpf/weft/<node key>): programs
+                    compiled into its progs-<build> directory, keys of its reconciled maps
+                    (maps-<layout>/endpoints|classifiers|verdicts|ports|services|backends) of the
+                    model's types, tc
+                    filters on `weft*` interfaces, pins removed only there.
 
 A refused write is a WeftError naming what was refused; nothing of that apply runs.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from weft.model import bpf as bpfmodel
 from weft.model.errors import WeftError
 from weft.model.names import HOST_IFACE_PREFIX, ROUTE_PROTOCOL
-from weft.reconciler.resource import BirdWrite, Restore, RouteWrite, Step, SysctlWrite, Write
+from weft.reconciler.resource import BirdWrite, BpfWrite, Restore, RouteWrite, Step, SysctlWrite, Write
 
 PREFIX = "weft-"
 WEFT_TABLES = ("filter", "nat", "raw", "mangle")
@@ -71,6 +78,7 @@ class Refused(WeftError):
 class Known:
     """What the guard judges member lines against: weft's sets in the kernel (type, family)."""
     sets: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    pin_dir: str | None = None          # the node's eBPF pin directory: the only place map writes go
 
 
 def check(steps: Sequence[Step], known: Known) -> None:
@@ -100,6 +108,8 @@ def check_write(write: Write, known: Known) -> None:
         check_route(write)
     elif isinstance(write, SysctlWrite):
         check_sysctl(write)
+    elif isinstance(write, BpfWrite):
+        check_bpf(write, known.pin_dir)
     elif isinstance(write, BirdWrite):
         if write.name != BIRD_CONFIG:
             raise Refused(f"BIRD's configuration is {BIRD_CONFIG} in the state dir, not {write.name!r}")
@@ -291,3 +301,59 @@ def check_sysctl(write: SysctlWrite) -> None:
         raise Refused(f"sysctl {write.key!r}: weft does not set {setting}")
     if write.value not in ("0", "1", "2"):
         raise Refused(f"sysctl {write.key!r} = {write.value!r}: weft writes 0, 1 or 2")
+
+
+# ---- eBPF -------------------------------------------------------------------------------------
+
+_PIN_ENTRY = re.compile(r"^(maps|progs)-[0-9a-f]{16}$")
+_STAGING = re.compile(r"^staging-[0-9]{1,10}$")                     # a killed compile's (reconciler.bpf_apply)
+_MAP_TYPES = {"endpoints": (str, bpfmodel.EndpointEntry), "classifiers": (bpfmodel.ClassifierKey, int),
+              "verdicts": (bpfmodel.VerdictKey, bpfmodel.Verdict), "ports": (bpfmodel.PortKey, bpfmodel.Verdict),
+              "services": (bpfmodel.ServiceKey, bpfmodel.ServiceEntry),
+              "backends": (bpfmodel.BackendKey, bpfmodel.Backend)}
+_TC_HOOKS = ("ingress", "egress")
+
+
+def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
+    """Only under the node's pin directory, only weft's maps with values of their types, only
+    weft interfaces."""
+    if not pin_dir:
+        raise Refused(f"eBPF {write.op} of {write.path!r}: this run has no pin directory")
+    root = os.path.normpath(pin_dir)
+    path = os.path.normpath(write.path)
+    if path != write.path.rstrip("/") or "\0" in path:
+        raise Refused(f"eBPF {write.op}: {write.path!r} is not a plain path")
+    parent, name = os.path.split(path)
+    if write.op == "unpin":
+        if path != root and not (parent == root and (_PIN_ENTRY.match(name) or _STAGING.match(name))):
+            raise Refused(f"unpin {path}: weft removes only its node's pin directory {root} or a build in it")
+        return
+    if write.op == "detach":
+        if path != root:
+            raise Refused(f"detach with pin directory {path}, not the node's {root}")
+    elif write.op in ("compile", "attach"):
+        if parent != root or not name.startswith("progs-") or not _PIN_ENTRY.match(name):
+            raise Refused(f"eBPF {write.op} of {path}: programs are pinned only in {root}/progs-<build>")
+        if write.op == "compile":
+            return
+    elif write.op == "map":
+        maps_dir, map_name = os.path.split(parent)[1], name
+        if os.path.dirname(parent) != root or not maps_dir.startswith("maps-") or not _PIN_ENTRY.match(maps_dir):
+            raise Refused(f"map write to {path}: weft writes only maps in {root}/maps-<layout>")
+        if map_name not in _MAP_TYPES:
+            raise Refused(f"map write to {path}: not one of weft's policy maps {sorted(_MAP_TYPES)}")
+        key_type, value_type = _MAP_TYPES[map_name]
+        for key, value in write.writes:
+            if not isinstance(key, key_type) or not isinstance(value, value_type):
+                raise Refused(f"map write to {path}: {key!r} = {value!r} is not a {map_name} entry")
+            if map_name == "endpoints" and not _IFACE.match(key):
+                raise Refused(f"map write to {path}: {key!r} is not a weft interface")
+        for key in write.deletes:
+            if not isinstance(key, key_type):
+                raise Refused(f"map delete in {path}: {key!r} is not a {map_name} key")
+        return
+    else:
+        raise Refused(f"eBPF {write.op!r} is not a change weft makes")
+    if not _IFACE.match(write.iface) or write.hook not in _TC_HOOKS:
+        raise Refused(f"eBPF {write.op} on {write.iface!r}/{write.hook!r}: weft attaches only to weft interfaces' "
+                      f"tc ingress and egress hooks")

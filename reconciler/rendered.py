@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from weft.model.bpf import BpfMaps, maps_from_data, maps_to_data
 from weft.model.kernel import EMPTY, Dataplane
 
 FORMAT = 1
@@ -24,11 +25,12 @@ class RenderedNode:
     bird_config: str | None = None           # None: BGP is off for this node (BIRD is left alone)
     ipam: dict[str, Any] | None = None       # store.ipam.node_ipam_document: what the plugin allocates from
     allocations: str = ""                    # digest of the IPAM allocations it was rendered with
+    bpf: BpfMaps | None = None               # the eBPF plane's policy maps (None: the node's plane is iptables)
 
     def to_data(self) -> dict[str, Any]:
         return {"format": FORMAT, "dataplane": self.dataplane.to_data(), "ignored": list(self.ignored),
                 "snapshot": self.snapshot, "bird_config": self.bird_config, "ipam": self.ipam,
-                "allocations": self.allocations}
+                "allocations": self.allocations, "bpf": None if self.bpf is None else maps_to_data(self.bpf)}
 
     @classmethod
     def from_data(cls, data: Any) -> RenderedNode | None:
@@ -42,8 +44,9 @@ class RenderedNode:
                 return None
             if not (bird is None or isinstance(bird, str)):
                 return None
+            bpf = data.get("bpf")
             return cls(Dataplane.from_data(data["dataplane"]), tuple(map(str, data["ignored"])), snapshot, bird,
-                       ipam, str(data["allocations"]))
+                       ipam, str(data["allocations"]), None if bpf is None else maps_from_data(bpf))
         except (KeyError, TypeError, ValueError):
             return None
 

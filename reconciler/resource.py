@@ -114,7 +114,26 @@ class BirdWrite:
     old: str | None                 # the live file's text, put back if BIRD refuses to load the new one
 
 
-Write = Restore | RouteWrite | SysctlWrite | BirdWrite
+@dataclass(frozen=True)
+class BpfWrite:
+    """A change to weft's eBPF data plane (reconciler.bpf runs it), always under the node's pin
+    directory (the guard checks `path`):
+
+      compile  build the programs, pin them at `path` (progs-<build>) with their maps
+      map      write `writes` and delete `deletes` in the pinned map `path`
+      attach   the programs pinned at `path` on tc hook `hook` of interface `iface`
+      detach   weft's program from tc hook `hook` of interface `iface` (`path`: the pin dir)
+      unpin    remove the pins at `path` (a stale build or layout, or the whole pin dir)
+    """
+    op: str
+    path: str
+    iface: str = ""
+    hook: str = ""
+    writes: tuple[tuple[Any, Any], ...] = ()
+    deletes: tuple[Any, ...] = ()
+
+
+Write = Restore | RouteWrite | SysctlWrite | BirdWrite | BpfWrite
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class Options:
     lock_timeout: float = 300.0
     bird_socket: str | None = None      # BIRD's control socket (default <state dir>/bird.ctl)
     bird_log: str | None = None         # where BIRD logs (default <state dir>/bird.log; or syslog, stderr)
+    dataplane: str = "auto"             # "iptables", "ebpf" (reconciler.bpf), "auto": bpfEnabled decides
     observer: Observer = field(default=QUIET, compare=False)   # phase timings and events (--metrics-file, logs)
 
     def source(self) -> dict[str, Any]:
@@ -120,8 +121,8 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     the same read whose BIRD configuration holds (it does not depend on the allocations; making
     it again could ask the API server for Secrets)."""
     addressed = _allocations_digest(allocations)
-    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, opts.bird_log, addressed)).encode()
-                                               ).hexdigest()[:16]
+    key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, opts.bird_log, addressed,
+                                                     opts.dataplane)).encode()).hexdigest()[:16]
     node = RenderedNode.from_data(reading.cache.rendered_for(opts.node, key))
     if node is not None:
         return node
@@ -146,11 +147,19 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     except (KeyError, TypeError, ValueError):
         reuse = None
     dataplane = render_node(state, opts.node, pending, reuse)
+    bpf = None
+    if opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled:
+        from weft.renderers.bpf_policy import host_dataplane, render_bpf
+        bpf = render_bpf(state, opts.node, pending)
+        dataplane = host_dataplane(dataplane)
     bird_config = bird.bird_config if bird is not None else _bird_config(opts, state)
     me = state.nodes.get(opts.node)
     ipam = node_ipam_document(opts.node, state.ippools, state.blocks, opts.source(), dict(me.labels) if me else {})
-    node = RenderedNode(dataplane, state.ignored_kinds, make_snapshot(state, opts.node, dataplane, key), bird_config,
-                        ipam, addressed)
+    snapshot = make_snapshot(state, opts.node, dataplane, key)
+    if bpf is not None:                 # the plugin writes a new pod's entry (reconciler.bpf.program_endpoint)
+        from weft.renderers.bpf_policy import cni_snapshot
+        snapshot["bpf"] = cni_snapshot(bpf, state.local_endpoints(opts.node))
+    node = RenderedNode(dataplane, state.ignored_kinds, snapshot, bird_config, ipam, addressed, bpf)
     reading.cache.keep_render(opts.node, key, node.to_data(), basis)
     reading.dirty = True
     return node
@@ -200,7 +209,7 @@ def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) ->
     reading: AbstractContextManager[Any] = nullcontext() if destroy else \
         sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
     with reading as started, gc_paused():
-        backend, resources = engine.kernel_resources(runner, opts.backend)
+        backend, resources = engine.kernel_resources(runner, opts.backend, _bpf_plane(opts, destroy))
         probing = engine.start_probe(resources, runner)
         with ThreadPoolExecutor(1, thread_name_prefix="weft-probe") as pool:
             found = pool.submit(probing)
@@ -211,6 +220,13 @@ def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) ->
                 raise
             result = found.result()
     return _Begun(desired, backend, resources, result, marker)
+
+
+def _bpf_plane(opts: Options, destroy: bool) -> Any:
+    """The node's eBPF plane as a resource: wanted on an eBPF node, removed anywhere else."""
+    from weft.reconciler.bpf import BpfPlane
+    from weft.reconciler.bpf_apply import node_pin_dir
+    return BpfPlane(node_pin_dir(opts.state_dir), enabled=opts.dataplane == "ebpf" and not destroy)
 
 
 def _planned(opts: Options, state_dir: StateDir, runner: Runner, begun: _Begun, check: bool) -> engine.Planned:
@@ -279,7 +295,7 @@ def _apply_locked(opts: Options, state_dir: StateDir, runner: Runner, begun: _Be
         planned = _planned(opts, state_dir, runner, begun, check=True)
         if not (unchanged and confirming()):
             # Another run, or a CNI step, wrote since the dumps were made: read again, now.
-            begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
+            begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend, _bpf_plane(opts, destroy))
             begun.found = engine.start_probe(begun.resources, runner)()
             planned = _planned(opts, state_dir, runner, begun, check=True)
     if saved is not None:

@@ -84,7 +84,7 @@ import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from weft.desired.index import EndpointIndex
@@ -108,8 +108,11 @@ from weft.model.bpf import (
     VerdictKey,
 )
 from weft.model.cluster import EGRESS, INGRESS, Action, ClusterState, Endpoint, EntityMatch, NamedPort, Policy
+from weft.model.kernel import Chain, Dataplane, Hooks
+from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
-from weft.renderers.iptables import _policies_by_endpoint, might_apply
+from weft.renderers.iptables import FORWARD_CHAIN, HOOKED, INPUT_CHAIN, WL_GLOB, might_apply, policies_by_endpoint
+from weft.renderers.rules import TABLE, Spec, chain_lines
 
 ADDRESSES = 1 << 32
 PORTS = 1 << 16
@@ -309,12 +312,14 @@ class Profile:
     src_intervals: list[tuple[int, int, frozenset]]    # classified address space (non-empty classes)
     dst_intervals: list[tuple[int, int, frozenset]]
     verdicts: dict[tuple[frozenset, frozenset, int | None], Leaf | Table]
+    rules: tuple[str, ...] = ()                          # every rule (and tier end) in evaluation order
 
 
 def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: Mapping[str, str]) -> Profile:
     tiers = list(dict.fromkeys(p.tier for p in policies))
     rules: list[CompiledRule] = []
-    for policy in policies:
+    order: list[str] = []
+    for position, policy in enumerate(policies):
         for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
             src = _compile_side(rule.source, rule.protocol, atoms)
             dst = _compile_side(rule.destination, rule.protocol, atoms)
@@ -325,10 +330,14 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
             rules.append(CompiledRule(len(rules), tiers.index(policy.tier), rule.action, protos, src, dst, ident))
             about.setdefault(ident, f"{policy.origin or policy.key} {direction.lower()} rule {i + 1} "
                                     f"({rule.action.value}, tier {policy.tier})")
+            order.append(ident)
+        if position + 1 == len(policies) or policies[position + 1].tier != policy.tier:
+            order.append(tier_end_ident(policy.tier, direction))
     for tier in tiers:
         about.setdefault(tier_end_ident(tier, direction),
                          f"end of tier {tier} ({direction.lower()}): no policy allowed or passed")
     about.setdefault(passed_ident(direction), f"every tier passed ({direction.lower()})")
+    order.append(passed_ident(direction))
 
     src_atoms = tuple(sorted({a for r in rules for a in (*r.src.pos, *r.src.neg, *_named_atoms(r.src))}))
     dst_atoms = tuple(sorted({a for r in rules for a in (*r.dst.pos, *r.dst.neg, *_named_atoms(r.dst))}))
@@ -369,7 +378,8 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
                     verdicts[(s_sig, d_sig, proto)] = value
     ident = direction + "|" + "|".join(f"{p.tier}/{p.key}" for p in policies)
     text = f"{direction.lower()} by " + ", ".join(p.origin or p.key for p in policies)
-    return Profile(ident, direction, text, src_atoms, dst_atoms, src_intervals, dst_intervals, verdicts)
+    return Profile(ident, direction, text, src_atoms, dst_atoms, src_intervals, dst_intervals, verdicts,
+                   tuple(dict.fromkeys(order)))
 
 
 def _named_atoms(side: Side) -> tuple[str, ...]:
@@ -569,7 +579,7 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
     known = state.local_endpoints(node)
     known_keys = {e.key for e in known}
     local = sorted(known + tuple(p for p in pending if p.key not in known_keys), key=lambda e: e.iface)
-    applying = _policies_by_endpoint(state, known)
+    applying = policies_by_endpoint(state, known)
     atoms = Atoms(lambda: EndpointIndex(state))
     rule_about: dict[str, str] = {}
     profiles: dict[str, Profile] = {}
@@ -589,7 +599,9 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
             if ident not in profiles:
                 profiles[ident] = _compile_profile(direction, policies, atoms, rule_about)
             chosen[ep.iface][direction] = ident
-    return _materialise(local, chosen, profiles, atoms, rule_about)
+    maps = _materialise(local, chosen, profiles, atoms, rule_about)
+    services, backends, about = render_services(state)
+    return replace(maps, services=services, backends=backends, about={**maps.about, **about})
 
 
 def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule_about: dict[str, str]) -> BpfMaps:
@@ -718,7 +730,9 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
         endpoints[ep.iface] = EndpointEntry(*sides)
         about[("endpoints", ep.iface)] = f"pod {ep.key}: " + "; ".join(
             _direction_text(chosen[ep.iface][d], profiles, profile_ids) for d in (EGRESS, INGRESS))
-    return BpfMaps(endpoints, classifiers, verdicts, ports, about)
+    rules = {rule_ids[ident]: text for ident, text in rule_about.items()}
+    in_force = {profile_ids[ident]: tuple(rule_ids[r] for r in p.rules) for ident, p in profiles.items()}
+    return BpfMaps(endpoints, classifiers, verdicts, ports, about=about, rules=rules, profiles=in_force)
 
 
 def _side_classes(p: Profile) -> dict[str, set[frozenset]]:
@@ -800,3 +814,39 @@ def _lookup_port(maps: BpfMaps, table: int, port: int) -> Verdict | None:
     return None
 
 
+
+
+def host_dataplane(rendered: Dataplane) -> Dataplane:
+    """What an eBPF node keeps of the iptables render: its routes and interface settings, and a
+    filter chain that accepts pod traffic (the node's FORWARD policy may be DROP) because the
+    programs on the pods' interfaces judge it; no policy chains, no sets.
+
+    A node switched from iptables gets this in the same apply, after the programs are attached
+    (reconciler.engine's order), so no pod is open in between."""
+    chains = {
+        FORWARD_CHAIN: chain_lines(FORWARD_CHAIN, [Spec(f"-i {WL_GLOB}", target="-j ACCEPT"),
+                                                   Spec(f"-o {WL_GLOB}", target="-j ACCEPT")]),
+        INPUT_CHAIN: (),
+    }
+    about = {FORWARD_CHAIN: "entry from FORWARD: pod traffic, judged by weft's eBPF programs",
+             INPUT_CHAIN: "entry from INPUT: pod traffic to this host, judged by weft's eBPF programs"}
+    hooks = {(TABLE, builtin): Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+             for builtin, target in HOOKED.items()}
+    return Dataplane({(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()},
+                     {}, hooks, rendered.routes, rendered.links)
+
+
+def cni_snapshot(maps: BpfMaps, local: Iterable[Endpoint]) -> dict:
+    """The eBPF part of the CNI snapshot (renderers.endpoint.make_snapshot's "bpf" key): each
+    local pod's endpoint entry, so the plugin writes it on ADD without rendering anything:
+
+        {"endpoints": {"<namespace>/<pod>": [[egress profile, src classifier, dst classifier,
+                                               digest], [ingress ...]]}}
+
+    A pod not listed is closed or open as the snapshot's "closed"/"default" say."""
+    out = {}
+    for ep in local:
+        entry = maps.endpoints.get(ep.iface)
+        if entry is not None:
+            out[ep.key] = [list(entry.egress), list(entry.ingress)]
+    return {"endpoints": out}

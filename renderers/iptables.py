@@ -192,6 +192,9 @@ def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> d
     return result
 
 
+policies_by_endpoint = _policies_by_endpoint     # public: the eBPF plane selects policies the same way
+
+
 def might_apply(policies: tuple[Policy, ...], namespace: str | None, direction: Direction) -> bool:
     """Could some policy select a pod of `namespace` whose labels are not known, for `direction`?"""
     scopes = _scopes(policies)

@@ -133,6 +133,19 @@ BASE: dict[str, dict] = {
                             "metadata": {"name": "preview", "namespace": "x"}, "spec": {"selector": "all()"}},
     "StagedKubernetesNetworkPolicy": {"apiVersion": CALICO, "kind": "StagedKubernetesNetworkPolicy",
                                       "metadata": {"name": "preview", "namespace": "x"}, "spec": {"podSelector": {}}},
+    "Service": {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "x"},
+                "spec": {"type": "NodePort", "clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10"],
+                         "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                         "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080,
+                                    "protocol": "TCP"},
+                                   {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]}},
+    "EndpointSlice": {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                      "metadata": {"name": "web-1", "namespace": "x",
+                                   "labels": {"kubernetes.io/service-name": "web"}},
+                      "addressType": "IPv4",
+                      "endpoints": [{"addresses": ["198.18.4.2"], "conditions": {"ready": True},
+                                     "targetRef": {"kind": "Pod", "name": "p", "namespace": "x"}}],
+                      "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
 }
 KIND_NAMES = sorted({k.name for k in KINDS.values()})
 CONTEXT = [BASE["Namespace"], BASE["IPPool"], BASE["Tier"]]       # what other objects refer to

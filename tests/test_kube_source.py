@@ -54,8 +54,13 @@ def manifest(kind: str, api_version: str, ns: str, tag: str) -> dict:
         "Pod": pod("x", node=node)["spec"],   # status: see below
         "NetworkPolicy": {"podSelector": {}, "policyTypes": ["Ingress"]},
         "ServiceAccount": {},
+        "Service": {"ports": [{"port": 80, "protocol": "TCP"}], "selector": {"weft-test": "never"}},
+        "EndpointSlice": None,
     }[kind]
     name = f"node.{node}" if kind == "BGPConfiguration" else f"weft-test-{kind.lower()}-{tag}"
+    if kind == "EndpointSlice":     # its fields are top-level, not a spec
+        return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "addressType": "IPv4",
+                "endpoints": [], "ports": []}
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec}
     if kind == "Pod":   # weft needs pod IPs, which only the status carries
         obj["status"] = {"phase": "Running", "podIP": "198.18.1.5", "podIPs": [{"ip": "198.18.1.5"}]}

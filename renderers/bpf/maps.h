@@ -102,6 +102,62 @@ struct weft_count {
     __u64 bytes;
 };
 
+/* Services (ClusterIP): (cluster address, port, protocol) -> the service's backends. */
+struct weft_svc_key {
+    __u32 addr;                     /* network order */
+    __u16 port;                     /* network order */
+    __u8 proto;
+    __u8 pad;
+};
+
+struct weft_svc {
+    __u32 id;                       /* its backends are (id, 0..count-1) in weft_backends */
+    __u32 count;
+    __u32 affinity;                 /* sessionAffinity ClientIP: its timeout in seconds; 0: none */
+    __u32 pad;
+};
+
+struct weft_backend_key {
+    __u32 id;
+    __u32 index;
+};
+
+struct weft_backend {
+    __u32 addr;                     /* network order */
+    __u16 port;                     /* network order */
+    __u16 pad;
+};
+
+/* A translated connection, both ways: forward (client -> service address) gives the backend,
+ * reverse (backend -> client) gives the service address to put back on replies. */
+struct weft_nat_key {
+    __u32 saddr;
+    __u32 daddr;
+    __u16 sport;
+    __u16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+struct weft_nat {
+    __u64 seen;
+    __u32 addr;
+    __u16 port;
+    __u16 pad;
+};
+
+struct weft_aff_key {
+    __u32 client;
+    __u32 id;
+};
+
+struct weft_aff {
+    __u64 seen;
+    __u32 addr;                     /* the backend chosen last (checked against the backends now) */
+    __u16 port;
+    __u16 index;
+};
+
 struct weft_log_event {
     __u32 log_id;
     __u32 ifindex;
@@ -123,6 +179,12 @@ BPF_TABLE_PINNED("hash", struct weft_verdict_key, struct weft_verdict, weft_verd
 BPF_TABLE_PINNED("lpm_trie", struct weft_port_key, struct weft_verdict, weft_ports, 262144,
                  WEFT_MAPS "/ports", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct weft_ct_key, struct weft_ct, weft_ct, 65536, WEFT_MAPS "/conntrack");
+BPF_TABLE_PINNED("hash", struct weft_svc_key, struct weft_svc, weft_svcs, 65536, WEFT_MAPS "/services",
+                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct weft_backend_key, struct weft_backend, weft_backends, 262144, WEFT_MAPS "/backends",
+                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct weft_nat_key, struct weft_nat, weft_nat, 131072, WEFT_MAPS "/nat");
+BPF_TABLE_PINNED("lru_hash", struct weft_aff_key, struct weft_aff, weft_aff, 65536, WEFT_MAPS "/affinity");
 BPF_TABLE_PINNED("percpu_hash", struct weft_count_key, struct weft_count, weft_counters, 65536, WEFT_MAPS "/counters",
                  BPF_F_NO_PREALLOC);
 

@@ -44,6 +44,7 @@ struct l4 {
     __u8 tcp_flags;
     __u8 icmp_type;
     __u8 pad;
+    __u32 l4off;        /* where the transport header starts */
 };
 
 static __always_inline __u32 classify(__u32 classifier, __u32 addr)
@@ -157,6 +158,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct l4 *p, __u32 *inn
     p->daddr = ip.daddr;
     p->proto = ip.protocol;
     __u32 off = ETH_HLEN + ip.ihl * 4;
+    p->l4off = off;
     __u8 hdr[14] = {};
     if (ip.protocol == IPPROTO_TCP) {
         if (bpf_skb_load_bytes(skb, off, hdr, 14) < 0)
@@ -217,6 +219,114 @@ static __always_inline int related(struct __sk_buff *skb, __u32 off, __u32 ifind
     return weft_ct.lookup(&key) ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
+/* --- Services: the client's side translates, both ways. -------------------------------------
+ * A workload's packet to a service address (weft_svcs) is sent to one of its backends (chosen at
+ * random, or the client's last one under ClientIP affinity) before policy judges it, so policy
+ * sees the backend, as Kubernetes specifies; the translation is kept both ways (weft_nat), and
+ * replies get the service address back on their way into the client (after policy and tracking,
+ * which know the connection by its backend). */
+
+static __always_inline int rewrite(struct __sk_buff *skb, struct l4 *p, int dst, __u32 addr, __u16 port)
+{
+    __u32 old_addr = dst ? p->daddr : p->saddr;
+    __u16 old_port = dst ? p->dport : p->sport;
+    __u32 csum = p->l4off + (p->proto == IPPROTO_TCP ? 16 : 6);
+    __u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+    if (bpf_l4_csum_replace(skb, csum, old_addr, addr, mangled | BPF_F_PSEUDO_HDR | 4) < 0 ||
+        bpf_l4_csum_replace(skb, csum, old_port, port, mangled | 2) < 0 ||
+        bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_addr, addr, 4) < 0 ||
+        bpf_skb_store_bytes(skb, ETH_HLEN + (dst ? 16 : 12), &addr, 4, 0) < 0 ||
+        bpf_skb_store_bytes(skb, p->l4off + (dst ? 2 : 0), &port, 2, 0) < 0)
+        return -1;
+    return 0;
+}
+
+/* A connection opened straight to an address and port that an earlier, translated connection
+ * of the same client port went to: its replies must not get the service address put back. */
+static __always_inline void forget_reverse(struct l4 *p)
+{
+    struct weft_nat_key rk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                              .proto = p->proto};
+    weft_nat.delete(&rk);
+}
+
+/* 1: translated; 0: not to a service address; -1: drop (a service without backends). */
+static __always_inline int to_service(struct __sk_buff *skb, struct l4 *p, __u64 now, int *opening_direct)
+{
+    if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+        return 0;
+    int opening = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+    struct weft_svc_key sk = {.addr = p->daddr, .port = p->dport, .proto = p->proto};
+    struct weft_svc *svc = weft_svcs.lookup(&sk);
+    if (!svc) {
+        *opening_direct = p->proto == IPPROTO_UDP ? 2 : opening;    /* 2: if not tracked */
+        return 0;
+    }
+    struct weft_nat_key fk = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+                              .proto = p->proto};
+    struct weft_nat *fwd = weft_nat.lookup(&fk);
+    __u32 baddr;
+    __u16 bport;
+    if (fwd && !opening) {
+        fwd->seen = now;
+        baddr = fwd->addr;
+        bport = fwd->port;
+    } else {
+        __u32 count = svc->count;
+        if (count == 0)
+            return -1;
+        __u32 index = bpf_get_prandom_u32() % count;
+        struct weft_aff_key ak = {.client = p->saddr, .id = svc->id};
+        if (svc->affinity) {
+            struct weft_aff *a = weft_aff.lookup(&ak);
+            if (a && now - a->seen < (__u64)svc->affinity * NSEC && a->index < count) {
+                struct weft_backend_key last = {.id = svc->id, .index = a->index};
+                struct weft_backend *b = weft_backends.lookup(&last);
+                if (b && b->addr == a->addr && b->port == a->port)
+                    index = a->index;
+            }
+        }
+        struct weft_backend_key bk = {.id = svc->id, .index = index};
+        struct weft_backend *b = weft_backends.lookup(&bk);
+        if (!b)
+            return -1;
+        baddr = b->addr;
+        bport = b->port;
+        if (svc->affinity) {
+            struct weft_aff chosen = {.seen = now, .addr = baddr, .port = bport, .index = index};
+            weft_aff.update(&ak, &chosen);
+        }
+        struct weft_nat f = {.seen = now, .addr = baddr, .port = bport};
+        weft_nat.update(&fk, &f);
+        struct weft_nat_key rk = {.saddr = baddr, .daddr = p->saddr, .sport = bport, .dport = p->sport,
+                                  .proto = p->proto};
+        struct weft_nat r = {.seen = now, .addr = p->daddr, .port = p->dport};
+        weft_nat.update(&rk, &r);
+    }
+    if (rewrite(skb, p, 1, baddr, bport) < 0)
+        return -1;
+    p->daddr = baddr;
+    p->dport = bport;
+    p->pol_dport = bport;
+    return 1;
+}
+
+/* A reply from a backend on its way into the client: the service address back as its source. */
+static __always_inline int from_service(struct __sk_buff *skb)
+{
+    struct l4 p = {};
+    __u32 inner = 0;
+    if (parse(skb, &p, &inner) != 0 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP))
+        return TC_ACT_OK;
+    struct weft_nat_key rk = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,
+                              .proto = p.proto};
+    struct weft_nat *r = weft_nat.lookup(&rk);
+    if (!r)
+        return TC_ACT_OK;
+    r->seen = bpf_ktime_get_ns();
+    return rewrite(skb, &p, 0, r->addr, r->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, const int dir)
 {
     struct l4 p = {};
@@ -232,6 +342,11 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
         return TC_ACT_SHOT;
 
     __u64 now = bpf_ktime_get_ns();
+    int direct = 0;
+    if (dir == WEFT_DIR_EGRESS && to_service(skb, &p, now, &direct) < 0)
+        return TC_ACT_SHOT;
+    if (direct == 1)
+        forget_reverse(&p);
     struct weft_ct_key key = {};
     __u8 sender_is_a;
     ct_key(&key, ifindex, p.saddr, p.sport, p.daddr, p.dport, p.proto, &sender_is_a);
@@ -274,6 +389,8 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
     }
 
     /* Not part of a tracked connection. */
+    if (direct == 2)
+        forget_reverse(&p);
     if (p.proto == IPPROTO_ICMP && is_icmp_error(p.icmp_type))
         return related(skb, inner, ifindex);
     if (p.proto == IPPROTO_ICMP && !is_icmp_query(p.icmp_type))
@@ -310,5 +427,6 @@ int weft_from_wl(struct __sk_buff *skb)
 
 int weft_to_wl(struct __sk_buff *skb)
 {
-    return handle(skb, WEFT_DIR_INGRESS);
+    int verdict = handle(skb, WEFT_DIR_INGRESS);
+    return verdict == TC_ACT_OK ? from_service(skb) : verdict;
 }

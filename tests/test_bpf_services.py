@@ -1,0 +1,210 @@
+"""Services on the eBPF plane, with real packets: a pod's connections to a ClusterIP service are
+load-balanced over the service's ready backends (TCP and UDP), replies come back from the
+service address, a backend removed from the slice gets no new connections, ClientIP affinity
+keeps a client on one backend, and policy judges the backend pod after the translation.
+
+Each backend pod (y/a, y/b, y/c) runs a small server on port 9090 that answers with its own
+name; the client is x/a. weft runs in the node namespace through `nsenter --net`, with a state
+(and pin) directory of the test's own, removed after.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+
+from tests.matrices import write_source
+from tests.test_bpf_engine import EbpfNode, lab  # noqa: F401  (the lab fixture)
+
+VIP = "198.19.0.10"
+BACKENDS = ("y/a", "y/b", "y/c")
+
+SERVER = textwrap.dedent("""
+    import selectors, socket, sys
+    name = sys.argv[1].encode()
+    tcp = socket.create_server(("0.0.0.0", 9090), backlog=256)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", 9090))
+    sel = selectors.DefaultSelector()
+    sel.register(tcp, selectors.EVENT_READ, "tcp")
+    sel.register(udp, selectors.EVENT_READ, "udp")
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            try:
+                if key.data == "tcp":
+                    conn, _ = tcp.accept()
+                    with conn:
+                        conn.sendall(name)
+                else:
+                    _, peer = udp.recvfrom(100)
+                    udp.sendto(name, peer)
+            except OSError:
+                pass
+""")
+
+CLIENT = textwrap.dedent("""
+    import json, socket, sys
+    vip, count = sys.argv[1], int(sys.argv[2])
+    out = {"tcp": [], "udp": []}
+    for _ in range(count):
+        try:
+            with socket.create_connection((vip, 80), timeout=1) as s:
+                out["tcp"].append(s.recv(100).decode())
+        except OSError as exc:
+            out["tcp"].append(type(exc).__name__)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.connect((vip, 53))                 # a reply from any other address is not received
+            s.send(b"?")
+            try:
+                out["udp"].append(s.recv(100).decode())
+            except OSError as exc:
+                out["udp"].append(type(exc).__name__)
+    print(json.dumps(out))
+""")
+
+
+def manifests(backends=BACKENDS, affinity=False, policy: str = "") -> dict[str, str]:
+    ips = {}
+    from tests.matrices import POD_IPS
+    ips = {key: POD_IPS[key] for key in backends}
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "y"},
+           "spec": {"clusterIP": VIP, "ports": [{"name": "http", "port": 80, "targetPort": "ident"},
+                                                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 9090}]}}
+    if affinity:
+        svc["spec"]["sessionAffinity"] = "ClientIP"
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+           "metadata": {"name": "web-1", "namespace": "y", "labels": {"kubernetes.io/service-name": "web"}},
+           "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
+                          "targetRef": {"kind": "Pod", "namespace": "y", "name": key.split("/")[1]}}
+                         for key, ip in ips.items()]
+           + [{"addresses": ["198.18.1.99"], "conditions": {"ready": False}}],     # never chosen
+           "ports": [{"name": "http", "port": 9090, "protocol": "TCP"},
+                     {"name": "dns", "port": 9090, "protocol": "UDP"}]}
+    texts = {"svc.yaml": json.dumps(svc), "slice.yaml": json.dumps(eps)}
+    if policy:
+        texts["policy.yaml"] = policy
+    return texts
+
+
+@pytest.fixture
+def services(lab, tmp_path):  # noqa: F811
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+    servers = []
+    node = EbpfNode(lab, tmp_path / "state")
+    try:
+        for key in BACKENDS:
+            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod_ns[key]}", sys.executable, "-c", SERVER, key],
+                                    stdout=subprocess.PIPE, text=True, start_new_session=True)
+            servers.append(proc)
+            assert proc.stdout.readline().strip() == "ready"
+
+        def connect(count: int = 30) -> dict[str, list[str]]:
+            done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['x/a']}", sys.executable, "-c", CLIENT,
+                                   VIP, str(count)], capture_output=True, text=True, timeout=120, check=True)
+            return json.loads(done.stdout)
+        yield node, connect
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+        node.cleanup()
+
+
+def apply(node: EbpfNode, tmp_path, name: str, **kwargs) -> dict:
+    source = write_source(tmp_path / name, texts=manifests(**kwargs))
+    return node.json("apply", "--dataplane", "ebpf", source=source)
+
+
+def test_cluster_ip_balances_tcp_and_udp_over_ready_backends(services, tmp_path):
+    node, connect = services
+    first = apply(node, tmp_path, "three")
+    assert [c for c in first["changes"]["bpf"] if c["kind"] == "map" and c["target"] == "services"]
+    seen = connect()
+    for proto in ("tcp", "udp"):
+        counts = Counter(seen[proto])
+        assert set(counts) == set(BACKENDS), (proto, counts)       # all answered, from the service address
+    from tests.matrices import POD_IPS
+    shown = node.json("bpf", "nat")
+    web = next(x for x in shown["services"] if x["address"] == f"{VIP}:80")
+    assert web["protocol"] == "tcp" and web["backends"] == sorted(f"{POD_IPS[k]}:9090" for k in BACKENDS), web
+    forward = [t for t in shown["translations"] if t["destination"] == f"{VIP}:80"]
+    assert forward and all(t["source"].startswith(POD_IPS["x/a"] + ":") for t in forward), shown["translations"]
+    assert {t["translated_to"] for t in forward} <= set(web["backends"])
+    assert "service addresses" in node.weft("bpf", "nat").stdout
+    again = node.json("apply", "--dataplane", "ebpf", source=write_source(tmp_path / "three-again",
+                                                                           texts=manifests()))
+    assert again["commands"] == [], again["commands"]
+
+    # y/c leaves the slice: no new connection goes to it; the others keep answering.
+    apply(node, tmp_path, "two", backends=BACKENDS[:2])
+    seen = connect()
+    for proto in ("tcp", "udp"):
+        assert set(Counter(seen[proto])) == set(BACKENDS[:2]), (proto, seen[proto])
+
+
+def test_client_ip_affinity_keeps_one_backend(services, tmp_path):
+    node, connect = services
+    apply(node, tmp_path, "affinity", affinity=True)
+    seen = connect(20)
+    assert len(set(seen["tcp"])) == 1 and seen["tcp"][0] in BACKENDS, seen["tcp"]
+
+
+def test_policy_judges_the_backend_after_translation(services, tmp_path):
+    """y/a admits only namespace z: x/a's connections that the service sends to y/a are
+    refused, those sent to y/b and y/c go through."""
+    node, connect = services
+    policy = textwrap.dedent("""\
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: a-from-z, namespace: y}
+        spec:
+          podSelector: {matchLabels: {pod: a}}
+          ingress:
+          - from: [{namespaceSelector: {matchLabels: {ns: z}}}]
+        """)
+    apply(node, tmp_path, "policy", policy=policy)
+    seen = connect(30)
+    for proto in ("tcp", "udp"):
+        counts = Counter(seen[proto])
+        assert "y/a" not in counts and {"y/b", "y/c"} <= set(counts), (proto, counts)
+        assert sum(n for k, n in counts.items() if k not in BACKENDS) > 0, (proto, counts)   # y/a's share failed
+
+
+SAME_PORT = textwrap.dedent("""
+    import json, socket, sys
+    vip, ips = sys.argv[1], json.loads(sys.argv[2])
+    def connect(address, port):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(2)
+            s.bind(("0.0.0.0", 40123))
+            s.connect((address, port))
+            return s.recv(100).decode()
+    backend = connect(vip, 80)
+    try:
+        direct = connect(ips[backend], 9090)
+    except OSError as exc:
+        direct = type(exc).__name__
+    print(json.dumps([backend, direct]))
+""")
+
+
+def test_a_direct_connection_from_a_port_a_service_connection_used(services, tmp_path, lab):  # noqa: F811
+    """x/a reaches a backend through the service from port 40123, then the same backend directly
+    from the same port: the direct connection's replies keep the backend's address (the earlier
+    translation is not applied to them)."""
+    from tests.matrices import POD_IPS
+    node, _ = services
+    apply(node, tmp_path, "same-port")
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['x/a']}", sys.executable, "-c", SAME_PORT, VIP,
+                           json.dumps({k: POD_IPS[k] for k in BACKENDS})], capture_output=True, text=True,
+                          timeout=60, check=True)
+    backend, direct = json.loads(done.stdout)
+    assert backend in BACKENDS and direct == backend, (backend, direct)
