@@ -73,6 +73,7 @@ def bgp_lab(nodes: int, *, extra: list | None = None, annotations: dict | None =
         if tor:
             lab.add_router("tor", f"{TOR_IP}/24", tor_config(lab, tor if isinstance(tor, str) else None, tor_announces))
         lab.wait_established()
+        _settled(lab)
         yield lab
     finally:
         names = [n for node in lab.nodes for n in node.netlab.netns_names] + [lab.fabric_netns]
@@ -424,6 +425,24 @@ def test_hand_edited_bird_file_is_drift_and_apply_repairs_it():
         missing = birdmod.plan_bird(state, one.name, one.state_dir, None)
         assert birdmod.bird_drift_items(missing) == [
             {"kind": "bird-config", "name": str(one.config), "problem": "missing"}]
+
+
+def _settled(lab: MultiNodeLab, quiet: float = 1.0, timeout: float = 20.0) -> None:
+    """Wait until no node's sessions changed state for `quiet` seconds: a session just up may go
+    down and up again within milliseconds (both ends connected at once), and the tests compare
+    sessions' `since` before and after a change to prove no session was reset."""
+    def snapshot() -> dict:
+        return {n.name: {name: (p.since, p.info) for name, p in lab.sessions(n).items()} for n in lab.nodes}
+    last, changed = snapshot(), time.monotonic()
+    deadline = changed + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = snapshot()
+        if now != last:
+            last, changed = now, time.monotonic()
+        elif time.monotonic() - changed >= quiet:
+            return
+    raise AssertionError(f"BGP sessions still changing after {timeout:g}s: {last}")
 
 
 def _eventually(check, timeout: float = 10.0) -> bool:
