@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from weft.model.errors import WeftError
@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 CONFIG_NAME = "bird.conf"
 SOCKET_NAME = "bird.ctl"
 LOG_NAME = "bird.log"
+# BIRD keeps times on its monotonic clock and shows them as wall-clock times converted when
+# printed, so one instant reads differently from one `show status` to the next (by a millisecond
+# idle, by tens of milliseconds on a loaded machine). Times closer than this are the same instant.
+BIRD_TIME_JITTER = timedelta(milliseconds=250)
 LOADED_NAME = "bird-loaded.json"     # BIRD's reconfiguration time after the last configure weft issued
 STAGED_NAME = f".{CONFIG_NAME}.new"
 CHECKED_NAME = f".{CONFIG_NAME}.check"
@@ -251,15 +255,21 @@ def _read_after_write(have: BirdState) -> bool:
     """Has BIRD (re)read its configuration since the live file was last written?"""
     if have.reconfigured is None or have.written is None:
         return False
-    written = datetime.fromtimestamp(have.written)
-    return datetime.fromisoformat(have.reconfigured) >= written.replace(
-        microsecond=written.microsecond // 1000 * 1000)       # BIRD shows milliseconds
+    return datetime.fromisoformat(have.reconfigured) >= datetime.fromtimestamp(have.written) - BIRD_TIME_JITTER
+
+
+def _same_instant(shown: str, recorded: str) -> bool:
+    """Two of BIRD's printed times for one instant (BIRD_TIME_JITTER)."""
+    try:
+        return abs(datetime.fromisoformat(shown) - datetime.fromisoformat(recorded)) < BIRD_TIME_JITTER
+    except ValueError:
+        return False
 
 
 def _not_loaded(have: BirdState) -> str | None:
     """Why BIRD is not known to run the live file (None: it is)."""
     if have.recorded is not None:
-        if have.reconfigured == have.recorded:
+        if have.reconfigured is not None and _same_instant(have.reconfigured, have.recorded):
             return None
         return (f"BIRD runs a configuration weft did not load (BIRD reconfigured at {have.reconfigured}, weft "
                 f"loaded {os.path.basename(have.path)} at {have.recorded}): it will be reloaded")

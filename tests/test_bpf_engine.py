@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,7 @@ def test_switching_planes_leaves_no_window(lab, node, tmp_path):
     try:
         for loop in loops.values():
             assert loop.stdout.readline().strip() == "ready"
+        probing_since = time.monotonic()
         to_ebpf = node.json("apply", "--dataplane", "ebpf", source=source)
         assert any(c.startswith("bpf compile") for c in to_ebpf["commands"])
         assert not [line for line in weft_chains(lab) if "-fw-" in line or "-tw-" in line or "DISPATCH" in line]
@@ -283,6 +285,7 @@ def test_switching_planes_leaves_no_window(lab, node, tmp_path):
         back = node.json("apply", "--dataplane", "iptables", source=source)
         assert any(c.startswith("bpf unpin") for c in back["commands"]), back["commands"]
         assert not node.root.exists() and not any(node.hooks().values()), node.hooks()
+        time.sleep(max(0.0, probing_since + 6.0 - time.monotonic()))   # enough tries however fast the switch
     finally:
         stop.touch()
         results = {src: loop.communicate(timeout=30)[0].split() for src, loop in loops.items()}
