@@ -140,9 +140,10 @@ class FastPath:
         """cni.wiring.wire's `host_side`: the host sides of pods wired at once, in one `ip -batch`."""
         self._host.run(None, lines)
 
-    def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str) -> None:
-        """The pod's policy in the kernel (reconciler.endpoint), one listing and restore per batch."""
-        self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod)
+    def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
+        """The pod's policy in the kernel, in the families of `ips` (reconciler.endpoint), one
+        listing and restore per family and batch."""
+        self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod, tuple(ips))
 
     def remove_endpoint(self, state_dir, iface: str) -> None:
         self._policy.run(("remove", os.fspath(state_dir)), iface)

@@ -12,13 +12,18 @@ The CNI plugin calls these; they must be quick and must never race a reconcile r
   and is not known, closed in both directions when there is no usable snapshot.
 Each function takes a list of pods: the CNI fast path (cni.fastpath) hands it the pods of
 concurrent calls, which share one listing of the dispatch chains and one iptables-restore.
+
+A pod's policy goes into the table of each IP family of its addresses (renderers.rules.families_of:
+both while none are known), with iptables and ip6tables, listed and restored at once; a family
+whose restore fails fails the call (the plugin then undoes the ADD: a pod never runs in a family
+whose policy is not in place). Removal looks in both families.
 """
 from __future__ import annotations
 
-from weft.probes.backend import Backend, detect
+from weft.probes.backend import Backend, detect, has_ipv6
 from weft.probes.runner import KernelCommandError, Runner
 from weft.renderers.endpoint import endpoint_chains
-from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH
+from weft.renderers.rules import FAMILIES, FROM_DISPATCH, TABLE, TO_DISPATCH, families_of
 from weft.store.snapshot import load_snapshot, save_snapshot  # noqa: F401  (save_snapshot: run.py)
 from weft.store.statedir import LOCK_FILE, StateDir  # noqa: F401  (LOCK_FILE: run.py)
 
@@ -32,8 +37,12 @@ def _backend(runner: Runner) -> Backend:
 
 def _listing(runner: Runner, backend: Backend, chain: str) -> list[str] | None:
     """`iptables -S chain` lines, None if the chain does not exist."""
+    return _listed(runner.start(backend.list_chain + ["-t", TABLE, "-S", chain]))
+
+
+def _listed(pending) -> list[str] | None:
     try:
-        out = runner.run(backend.list_chain + ["-t", TABLE, "-S", chain])
+        out = pending.result()
     except KernelCommandError as exc:
         if exc.missing:
             return None
@@ -41,38 +50,67 @@ def _listing(runner: Runner, backend: Backend, chain: str) -> list[str] | None:
     return [ln for ln in out.splitlines() if ln.startswith("-A ")]
 
 
+def _dispatch_listings(runner: Runner, backend: Backend, families) -> dict[int, tuple[list[str] | None, ...]]:
+    """Per family, the two dispatch chains' rules (None where weft's base is not in place), all
+    listed at once."""
+    started = {f: [runner.start(backend.in_family(f).list_chain + ["-t", TABLE, "-S", chain])
+                   for chain in (FROM_DISPATCH, TO_DISPATCH)] for f in families}
+    return {f: tuple(_listed(p) for p in pending) for f, pending in started.items()}
+
+
 def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]:
     return [ln for ln in lines or () if f" {flag} {iface} " in ln + " "]
 
 
-def _restore(state_dir, work, pods: list[tuple]) -> None:
+def _families(pods: list[tuple], adding: bool) -> list[int]:
+    """The families a batch touches: those of the pods' addresses when adding, both when removing;
+    IPv6 only where the kernel has it, unless a pod has an IPv6 address (then its step must fail)."""
+    wanted = {f for p in pods for f in families_of(p[3])} if adding else set(FAMILIES)
+    if not has_ipv6() and not (adding and any(":" in ip for p in pods for ip in p[3])):
+        wanted.discard(6)
+    return sorted(wanted)
+
+
+def _restore(state_dir, adding: bool, pods: list[tuple]) -> None:
     runner = Runner()
     sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     with sd.lock(shared=True, timeout=LOCK_TIMEOUT):
         backend = _backend(runner)
-        from_lines = _listing(runner, backend, FROM_DISPATCH)
-        if from_lines is None and work is _add_lines:
-            _first_run(sd, runner)                   # weft never ran here: put its base in place
-            from_lines = _listing(runner, backend, FROM_DISPATCH)
-        if from_lines is None:
-            return                                   # weft never ran here: no pod of ours to remove
-        to_lines = _listing(runner, backend, TO_DISPATCH)
-        lines = work(sd, pods, from_lines, to_lines)
-        if lines:
-            runner.run(backend.restore, "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n", writes=True)
+        families = _families(pods, adding)
+        found = _dispatch_listings(runner, backend, families)
+        missing = [f for f in families if found[f][0] is None]
+        if adding and missing:
+            _first_run(sd, runner, missing)              # weft never ran here (in these families): its base
+            found.update(_dispatch_listings(runner, backend, missing))
+        snap = load_snapshot(sd) if adding and pods else None
+        writes = []
+        for family in families:
+            from_lines, to_lines = found[family]
+            if from_lines is None:
+                continue                                 # weft never ran here: no pod of ours to remove
+            if adding:
+                lines = _add_lines(snap, family, [p for p in pods if family in families_of(p[3])], from_lines,
+                                   to_lines)
+            else:
+                lines = _remove_lines(pods, from_lines, to_lines, family)
+            if lines:
+                text = "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n"
+                writes.append(runner.start(backend.in_family(family).restore, text, writes=True))
+        for write in writes:
+            write.result()
 
 
-def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]) -> list[str]:
-    """Each pod's two chains and its dispatch rules, unless a reconcile run already programmed it
-    (its dispatch rules exist: a rule can only jump to a chain that exists)."""
+def _add_lines(snap: dict | None, family: int, pods: list[tuple], from_lines: list[str],
+               to_lines: list[str]) -> list[str]:
+    """Each pod's two chains and its dispatch rules in `family`'s table, unless a reconcile run
+    already programmed it (its dispatch rules exist: a rule can only jump to a chain that exists)."""
     chains, rules = {}, []
-    snap = load_snapshot(sd) if pods else None
-    for iface, namespace, pod in pods:
+    for iface, namespace, pod, _ips in pods:
         have_from = _dispatch_rules(from_lines, "-i", iface)
         have_to = _dispatch_rules(to_lines, "-o", iface)
         if have_from and have_to:
             continue
-        chains.update(endpoint_chains(snap, namespace, pod, iface))
+        chains.update(endpoint_chains(snap, namespace, pod, iface, family))
         if not have_from:
             rules.append(f'-I {FROM_DISPATCH} 1 -i {iface} -m comment --comment "weft:cni" -g weft-fw-{iface}')
         if not have_to:
@@ -83,31 +121,35 @@ def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines:
     return lines + rules
 
 
-def _remove_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]) -> list[str]:
+def _remove_lines(pods: list[tuple], from_lines: list[str], to_lines: list[str] | None, family: int) -> list[str]:
     """Each pod's dispatch rules, then its chains: declared first (which creates a missing one),
-    so that deleting them needs no look-up and cannot fail because one is already gone."""
+    so that deleting them needs no look-up and cannot fail because one is already gone. In the
+    IPv6 table only pods it dispatches to (a pod without an IPv6 address has nothing there)."""
     stale, chains = [], []
     for iface, *_ in pods:
-        stale += [("-D" + ln[2:]) for ln in _dispatch_rules(from_lines, "-i", iface)]
-        stale += [("-D" + ln[2:]) for ln in _dispatch_rules(to_lines, "-o", iface)]
+        rules = [("-D" + ln[2:]) for ln in _dispatch_rules(from_lines, "-i", iface)]
+        rules += [("-D" + ln[2:]) for ln in _dispatch_rules(to_lines, "-o", iface)]
+        if family != 4 and not rules:
+            continue
+        stale += rules
         chains += [f"weft-fw-{iface}", f"weft-tw-{iface}"]
     return [*stale, *(f":{c} - [0:0]" for c in chains), *(f"-X {c}" for c in chains)]
 
 
-def add_endpoints(state_dir, pods: list[tuple[str, str, str]]) -> None:
-    """Make sure each pod's policy ((iface, namespace, pod) each) is in the kernel before it runs;
-    raise WeftError if not."""
-    _restore(state_dir, _add_lines, pods)
+def add_endpoints(state_dir, pods: list[tuple[str, str, str, tuple[str, ...]]]) -> None:
+    """Make sure each pod's policy ((iface, namespace, pod, its addresses) each) is in the kernel,
+    in each family of its addresses, before it runs; raise WeftError if not."""
+    _restore(state_dir, True, pods)
 
 
 def remove_endpoints(state_dir, pods: list[tuple[str]]) -> None:
     """Remove each pod's ((iface,) each) chains and dispatch rules; nothing to do is fine."""
-    _restore(state_dir, _remove_lines, pods)
+    _restore(state_dir, False, pods)
 
 
 def add_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
-    """One pod's policy, alone (add_endpoints)."""
-    add_endpoints(state_dir, [(iface, namespace, pod)])
+    """One pod's policy, alone (add_endpoints); without `ips`, in both families."""
+    add_endpoints(state_dir, [(iface, namespace, pod, tuple(ips))])
 
 
 def remove_endpoint(state_dir, iface: str) -> None:
@@ -115,33 +157,42 @@ def remove_endpoint(state_dir, iface: str) -> None:
     remove_endpoints(state_dir, [(iface,)])
 
 
-def check_endpoint(state_dir, namespace: str, pod: str, iface: str) -> list[str]:
-    """What is missing of the pod's policy plumbing (empty when all is there)."""
+def check_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> list[str]:
+    """What is missing of the pod's policy plumbing, in each family of its addresses (empty when
+    all is there)."""
     runner = Runner()
     backend = _backend(runner)
     problems = []
-    for chain, flag in ((FROM_DISPATCH, "-i"), (TO_DISPATCH, "-o")):
-        lines = _listing(runner, backend, chain)
-        if lines is None:
-            problems.append(f"chain {chain} is missing (weft's base chains are not in place)")
-        elif not _dispatch_rules(lines, flag, iface):
-            problems.append(f"no rule for interface {iface} in chain {chain}")
-    for chain in (f"weft-fw-{iface}", f"weft-tw-{iface}"):
-        if _listing(runner, backend, chain) is None:
-            problems.append(f"chain {chain} (policy of pod {namespace}/{pod}) is missing")
+    for family in families_of(ips):
+        if family == 6 and not ips and not has_ipv6():
+            continue
+        fam = backend.in_family(family)
+        where = "" if family == 4 else " (IPv6)"
+        for chain, flag in ((FROM_DISPATCH, "-i"), (TO_DISPATCH, "-o")):
+            lines = _listing(runner, fam, chain)
+            if lines is None:
+                problems.append(f"chain {chain}{where} is missing (weft's base chains are not in place)")
+            elif not _dispatch_rules(lines, flag, iface):
+                problems.append(f"no rule for interface {iface} in chain {chain}{where}")
+        for chain in (f"weft-fw-{iface}", f"weft-tw-{iface}"):
+            if _listing(runner, fam, chain) is None:
+                problems.append(f"chain {chain}{where} (policy of pod {namespace}/{pod}) is missing")
     return problems
 
 
-def _first_run(state_dir, runner: Runner) -> None:
-    """weft's base chains and hooks, for a node where no reconcile run happened yet: without
-    them no policy is enforced at all. Pods not in any snapshot stay closed where needed."""
+def _first_run(state_dir, runner: Runner, families) -> None:
+    """weft's base chains and hooks in `families`, for a node where no reconcile run happened yet
+    (in them): without them no policy is enforced at all. Pods not in any snapshot stay closed
+    where needed."""
     from weft.model.cluster import ClusterState
     from weft.reconciler.engine import write_base
     from weft.renderers.iptables import render_node
 
     backend = _backend(runner)
     with state_dir.lock(shared=False, timeout=LOCK_TIMEOUT, name="base.lock"):   # two first ADDs: one sets up
-        if _listing(runner, backend, FROM_DISPATCH) is not None:
+        found = _dispatch_listings(runner, backend, families)
+        missing = [f for f in families if found[f][0] is None]
+        if not missing:
             return
         base = render_node(ClusterState(namespaces={}, endpoints=(), policies=(), nodes={}), "")
-        write_base(runner, backend, base)     # through the engine's one apply path (and its guard)
+        write_base(runner, backend, base, missing)     # through the engine's one apply path (and its guard)

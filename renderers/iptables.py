@@ -15,6 +15,17 @@ skips the rest of the tier; a tier that had policies and neither passed nor allo
 An endpoint that no policy selects for a direction is open in that direction.
 Unknown weft interfaces fall through the dispatch chains to DROP (fail closed).
 
+Both IP families get the same chains, under the same names, each in its own table (labels
+"filter" for iptables, "filter6" for ip6tables, renderers.rules): a family's table holds the
+pods with an address of that family (or with no address known yet), its rules match only nets of
+that family, and its sets hold that family's addresses (renderers.ipsets). A pod's traffic in a
+family its table does not hold falls to the dispatch chains' DROP. IPv6 needs one thing IPv4
+does not: neighbour discovery between a pod and its host side is ICMPv6, which iptables sees
+(ARP it does not). As Calico does, weft-INPUT of the IPv6 table accepts from pods the ICMPv6
+types of neighbour discovery and multicast listener discovery, whatever the policy: router
+solicitation (133), neighbour solicitation and advertisement (135, 136), MLD (130-132); nothing
+else passes unconditionally, and nothing of it is forwarded to other pods.
+
 Every rule carries a comment "weft:<id>" (renderers.rules).
 """
 from __future__ import annotations
@@ -43,14 +54,16 @@ from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
+    FAMILIES,
+    FAMILY_TABLES,
     FROM_DISPATCH,
     MARK_ACCEPT,
     MARK_PASS,
-    TABLE,
     TO_DISPATCH,
     Spec,
     base_matches,
     chain_lines,
+    families_of,
     pending_specs,
     tiered_specs,
 )
@@ -60,6 +73,9 @@ FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
+# ICMPv6 a pod sends its host whatever the policy (Felix's list): MLD query, report and done,
+# router solicitation, neighbour solicitation and advertisement.
+ICMPV6_FROM_POD = (130, 131, 132, 133, 135, 136)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -85,17 +101,32 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
                          key=lambda e: e.iface))
     refuse_shared_interfaces(local)
+    applying = _policies_by_endpoint(state, known)
+    chains: dict[tuple[str, str], Chain] = {}
+    hooks = {}
+    for family in FAMILIES:
+        table = FAMILY_TABLES[family]
+        members = tuple(ep for ep in local if family in families_of(ep.ips))
+        chains.update(((table, c.name), c) for c in _family_chains(state, family, members, applying, sets))
+        for builtin, target in HOOKED.items():
+            hooks[(table, builtin)] = Hooks(table, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+    return Dataplane(chains, dict(sets.sets), hooks, render_routes(local), render_links(local))
+
+
+def _family_chains(state: ClusterState, family: int, local: tuple[Endpoint, ...],
+                   applying: dict[str, dict[Direction, list[Policy]]], sets: SetCatalog) -> list[Chain]:
+    """The chains of one family's table for the local pods it holds."""
+    table = FAMILY_TABLES[family]
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
-        chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
+        chains[name] = Chain(table, name, chain_lines(name, specs), about)
 
     add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
-    add(INPUT_CHAIN, _input_specs(), "entry from INPUT: pod traffic to this host")
+    add(INPUT_CHAIN, _input_specs(family), "entry from INPUT: pod traffic to this host")
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
-    applying = _policies_by_endpoint(state, known)
     for ep in local:
         for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
             name = f"{PREFIX}{kind}-{ep.iface}"
@@ -110,14 +141,9 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
                 pname = policy_chain_name(policy, direction)
                 if pname not in chains:
                     rules = policy.ingress if direction == INGRESS else policy.egress
-                    specs = [s for rule in rules for s in _rule_specs(rule, sets)]
+                    specs = [s for rule in rules for s in _rule_specs(rule, sets, family)]
                     add(pname, specs, f"{direction.lower()} rules of {policy.origin or policy.key}")
-
-    hooks = {}
-    for builtin, target in HOOKED.items():
-        hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-    return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
-                     render_routes(local), render_links(local))
+    return list(chains.values())
 
 
 class SharedInterfaceName(WeftError):
@@ -151,12 +177,16 @@ def _forward_specs() -> list[Spec]:
     return specs
 
 
-def _input_specs() -> list[Spec]:
-    return [
+def _input_specs(family: int) -> list[Spec]:
+    specs = [
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"),
-        Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"),
     ]
+    if family == 6:
+        specs += [Spec(f"-i {WL_GLOB} -p ipv6-icmp", f"-m icmp6 --icmpv6-type {t}", "-j ACCEPT")
+                  for t in ICMPV6_FROM_POD]
+    specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
+    return specs
 
 
 def _dispatch(local: tuple[Endpoint, ...], flag: str, kind: str) -> list[Spec]:
@@ -228,11 +258,13 @@ def policy_tiers(policies: list[Policy], direction: str) -> list[list[str]]:
             for _tier, group in itertools.groupby(policies, key=lambda p: p.tier)]
 
 
-def _rule_specs(rule: Rule, sets: SetCatalog) -> list[Spec]:
-    """One policy rule as iptables rules (several when ports must be split); [] if it can
-    never match an IPv4 packet (e.g. its nets are all IPv6)."""
-    src = _side(rule.source, "src", rule.protocol, sets)
-    dst = _side(rule.destination, "dst", rule.protocol, sets)
+def _rule_specs(rule: Rule, sets: SetCatalog, family: int = 4) -> list[Spec]:
+    """One policy rule as rules of `family`'s table (several when ports must be split); [] if it
+    can never match a packet of that family (e.g. its nets are all of the other family)."""
+    if not _protocol_in_family(rule.protocol, family):
+        return []
+    src = _side(rule.source, "src", rule.protocol, sets, family)
+    dst = _side(rule.destination, "dst", rule.protocol, sets, family)
     if src is None or dst is None:
         return []
     target = {
@@ -250,6 +282,14 @@ def _rule_specs(rule: Rule, sets: SetCatalog) -> list[Spec]:
     return specs
 
 
+# Protocols of one family only (Calico's ICMP is IPv4's, ICMPv6 IPv6's); any other is both's.
+_FAMILY_ONLY = {"icmp": 4, "icmpv6": 6, "ipv6-icmp": 6}
+
+
+def _protocol_in_family(protocol: str | None, family: int) -> bool:
+    return _FAMILY_ONLY.get((protocol or "").lower(), family) == family
+
+
 @dataclass(frozen=True)
 class _Side:
     net: str                  # for -s / -d
@@ -257,9 +297,10 @@ class _Side:
     ports: tuple[str, ...]    # alternatives (OR); ("",) for any port
 
 
-def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> _Side | None:
-    nets = [n for n in entity.nets if _network(n).version == 4]
-    not_nets = [n for n in entity.not_nets if _network(n).version == 4]
+def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog,
+          family: int = 4) -> _Side | None:
+    nets = [n for n in entity.nets if _network(n).version == family]
+    not_nets = [n for n in entity.not_nets if _network(n).version == family]
     if entity.nets and not nets:
         return None
     if any(_network(n).prefixlen == 0 for n in not_nets):
@@ -267,14 +308,14 @@ def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCa
     net, matches = "", []
     if len(nets) == 1:
         network = _network(nets[0])
-        net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0
+        net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0 and ::/0
     elif nets:
-        matches.append(f"-m set --match-set {sets.nets(tuple(nets))} {direction}")
+        matches.append(f"-m set --match-set {sets.nets(tuple(nets), family)} {direction}")
     if not_nets:
-        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets))} {direction}")
+        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets), family)} {direction}")
     if entity.has_endpoint_constraint:
-        matches.append(f"-m set --match-set {sets.peers(entity)} {direction}")
-    ports = _port_alternatives(entity, direction, protocol, sets)
+        matches.append(f"-m set --match-set {sets.peers(entity, family)} {direction}")
+    ports = _port_alternatives(entity, direction, protocol, sets, family)
     return _Side(net, " ".join(matches), ports)
 
 
@@ -284,7 +325,8 @@ def _network(net: str):
     return ipaddress.ip_network(net)
 
 
-def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> tuple[str, ...]:
+def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog,
+                       family: int = 4) -> tuple[str, ...]:
     if not entity.ports:
         return ("",)
     flag = "--dports" if direction == "dst" else "--sports"
@@ -301,6 +343,6 @@ def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None
         alternatives.append(f"-m multiport {flag} {','.join(chunk)}")
     for p in entity.ports:
         if isinstance(p, NamedPort):
-            name = sets.named_port(entity, p.name, protocol)
+            name = sets.named_port(entity, p.name, protocol, family)
             alternatives.append(f"-m set --match-set {name} {direction},{direction}")
     return tuple(alternatives)

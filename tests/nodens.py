@@ -268,15 +268,16 @@ def namespace(name: str, **labels: str) -> dict:
 
 
 def pod(ns: str, name: str, ip: str, labels: dict | None = None, node: str = NODE,
-        ports: tuple[tuple[str, int, str], ...] = ()) -> dict:
-    """A running pod; `ports` are (name, number, protocol) of its one container."""
+        ports: tuple[tuple[str, int, str], ...] = (), ip6: str | None = None) -> dict:
+    """A running pod; `ports` are (name, number, protocol) of its one container; `ip6`: its IPv6
+    address too (dual-stack)."""
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": ns, "name": name, "labels": dict(labels or {})},
         "spec": {"nodeName": node, "containers": [{
             "name": "c", "image": "registry.k8s.io/pause:3.9",
             "ports": [{"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports]}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}, *([{"ip": ip6}] if ip6 else [])]},
     }
 
 

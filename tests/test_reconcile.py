@@ -380,10 +380,10 @@ def test_saved_plan_is_refused_when_stale_or_for_another_node(node_ns, tmp_path)
 
     fresh = tmp_path / "fresh.json"
     node.weft("plan", "--out", str(fresh), from_dir=src2)
-    (node.state_dir / "endpoints.json").unlink()
+    (node.state_dir / "endpoints.snapshot").unlink()
     node.weft("apply", str(fresh), from_dir=src2)
     node.weft("drift", from_dir=src2, expect=0)
-    assert (node.state_dir / "endpoints.json").exists(), "apply PLAN leaves the CNI plugin its snapshot too"
+    assert (node.state_dir / "endpoints.snapshot").exists(), "apply PLAN leaves the CNI plugin its snapshot too"
 
     other = tmp_path / "other.json"
     node.weft("plan", "--out", str(other), from_dir=src, node="other-node")
