@@ -18,7 +18,7 @@ import ipaddress
 
 from weft.desired.api import CALICO_API_VERSION
 from weft.desired.kinds.ipam import AFFINITY_HOST_PREFIX, block_name
-from weft.store.ipam import ClaimUnavailable, Exhausted
+from weft.store.ipam import ClaimForbidden, ClaimUnavailable, Exhausted
 
 BLOCKS_PATH = f"/apis/{CALICO_API_VERSION}/ipamblocks"
 AFFINITIES_PATH = f"/apis/{CALICO_API_VERSION}/blockaffinities"
@@ -52,7 +52,7 @@ def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, con
 
     try:
         with connect(kubeconfig, context) as api:
-            existing = api.request("GET", BLOCKS_PATH, timeout=timeout).get("items") or []
+            existing = _request(api, node, "list", "GET", BLOCKS_PATH, timeout).get("items") or []
             owners = {(b.get("spec") or {}).get("cidr"): (b.get("spec") or {}).get("affinity") for b in existing}
             for pool in pools:
                 for net in ipaddress.ip_network(pool["cidr"]).subnets(new_prefix=pool["block_size"]):
@@ -72,24 +72,39 @@ def claim_block(node: str, pools: list[dict], kubeconfig: str | None = None, con
     raise Exhausted(f"IPPool {names} is exhausted: every block is claimed by a node, none is free for {node!r}")
 
 
+def _request(api, node: str, verb: str, method: str, path: str, timeout: float, body: dict | None = None) -> dict:
+    """One request of a claim; a refusal (403) is ClaimForbidden naming the permission it needed
+    (permanent: retrying cannot help), every other failure the caller's to judge."""
+    from weft.desired.api import ApiError
+    try:
+        return api.request(method, path, body=body, timeout=timeout)
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        resource = f"{path.split('/')[4]}.{CALICO_API_VERSION.split('/')[0]}"
+        raise ClaimForbidden(f"claiming a block for node {node!r}: the API server refused `{verb}` on {resource} "
+                             "(HTTP 403 Forbidden); the node's identity needs it (playbooks/kubernetes/rbac.yaml)"
+                             ) from None
+
+
 def _create_block(api, cidr: str, node: str, timeout: float) -> bool:
     """Create the block's IPAMBlock; True if it is (now or already) this node's."""
     from weft.desired.api import ApiError
     try:
-        api.request("POST", BLOCKS_PATH, body=ipam_block_object(cidr, node), timeout=timeout)
+        _request(api, node, "create", "POST", BLOCKS_PATH, timeout, ipam_block_object(cidr, node))
         return True
     except ApiError as exc:
         if exc.status != 409:
             raise
     # Someone created it first: it is ours only if that someone was this node.
-    current = api.request("GET", f"{BLOCKS_PATH}/{block_name(cidr)}", timeout=timeout)
+    current = _request(api, node, "get", "GET", f"{BLOCKS_PATH}/{block_name(cidr)}", timeout)
     return (current.get("spec") or {}).get("affinity") == AFFINITY_HOST_PREFIX + node
 
 
 def _confirm_affinity(api, cidr: str, node: str, timeout: float) -> None:
     from weft.desired.api import ApiError
     try:
-        api.request("POST", AFFINITIES_PATH, body=block_affinity_object(cidr, node), timeout=timeout)
+        _request(api, node, "create", "POST", AFFINITIES_PATH, timeout, block_affinity_object(cidr, node))
     except ApiError as exc:
         if exc.status != 409:            # already recorded (by us: the name holds the node)
             raise

@@ -266,7 +266,8 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
         except ipam.SecondInterface as exc:
             raise CniError(spec.INVALID_ENVIRONMENT, "invalid CNI_IFNAME", f"{inv.ifname}: {exc}") from None
         except ipam.IpamError as exc:
-            code = spec.TRY_AGAIN_LATER if isinstance(exc, ipam.ClaimUnavailable) else spec.DESIRED_STATE
+            code = (spec.TRY_AGAIN_LATER if isinstance(exc, ipam.ClaimUnavailable) else
+                    spec.FORBIDDEN if isinstance(exc, ipam.ClaimForbidden) else spec.DESIRED_STATE)
             raise CniError(code, "cannot allocate an address", _line(exc)) from None
         # The endpoint's policy goes in while the pod is wired: neither needs the other, and ADD
         # returns only when both are done.

@@ -32,6 +32,7 @@ NO_ADDRESS = 101                   # no free address: pool exhausted, or no pool
 POLICY_FAILED = 102                # the endpoint's rules could not be put in the kernel
 DESIRED_STATE = 103                # weft's desired state (pools, blocks) is missing, unreadable or invalid
 CHECK_FAILED = 104                 # CHECK found the attachment not as ADD made it
+FORBIDDEN = 105                    # the API server refused a permission a block claim needs (not retryable)
 INTERNAL = 999                     # a bug (libcni's code for internal errors); the traceback is on stderr
 
 # Commands that exist only from a spec version on.

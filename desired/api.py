@@ -139,7 +139,8 @@ def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
                 return [], ""
             if e.status == 410 and token:
                 continue  # the snapshot behind the continue token is gone: list again
-            raise _source_error(api, f"listing {resource.kind} ({path})", e) from None
+            raise _source_error(api, f"listing {resource.kind} ({path})", e,
+                                need=("list", resource.plural, resource.api_version)) from None
     raise SourceError(
         f"listing {resource.kind} ({path}) from {api.host}: the continue token "
         f"expired {EXPIRED_RELIST_ATTEMPTS} times in a row (HTTP 410 Expired); the list changes faster "
@@ -519,8 +520,10 @@ def configuration(kubeconfig: str | None = None, context: str | None = None):
     return cfg
 
 
-def _source_error(api: Connection, what: str, e: ApiError) -> SourceError:
-    """A SourceError that says which request failed and what the server said."""
+def _source_error(api: Connection, what: str, e: ApiError,
+                  need: tuple[str, str, str] | None = None) -> SourceError:
+    """A SourceError that says which request failed and what the server said; for a refusal
+    (403), `need` = (verb, resource, apiVersion) names the permission the request needed."""
     message = ""
     try:
         status = json.loads(e.body)
@@ -528,8 +531,11 @@ def _source_error(api: Connection, what: str, e: ApiError) -> SourceError:
         reason = str(status.get("reason") or e.reason)[:80]
     except (TypeError, ValueError, AttributeError, RecursionError):
         reason = e.reason[:80]
-    hint = {401: " (check the kubeconfig's credentials)",
-            403: " (the user needs list permission on this resource)"}.get(e.status, "")
+    hint = " (check the kubeconfig's credentials)" if e.status == 401 else ""
+    if e.status == 403 and need is not None:
+        verb, plural, api_version = need
+        group = api_version.rpartition("/")[0]
+        hint = f" (the user needs `{verb}` on {plural}{'.' + group if group else ''})"
     text = f"{what} from {api.host}: HTTP {e.status} {reason}"
     return SourceError(text + (f": {message}" if message else "") + hint)
 
@@ -543,7 +549,8 @@ def current_resource_version(api: Connection, *, timeout: float = READ_TIMEOUT) 
     try:
         page = api.request("GET", "/api/v1/namespaces", query=[("limit", 1)], timeout=timeout)
     except ApiError as e:
-        raise _source_error(api, "reading the resourceVersion (/api/v1/namespaces)", e) from None
+        raise _source_error(api, "reading the resourceVersion (/api/v1/namespaces)", e,
+                            need=("list", "namespaces", "v1")) from None
     meta = page.get("metadata") or {}
     version = meta.get("resourceVersion", "") if isinstance(meta, dict) else None
     if not isinstance(version, str):
@@ -583,7 +590,8 @@ def watch_since(api: Connection, resource: Resource, resource_version: str, *, q
             except _http_errors():
                 body = b""
             raise _source_error(api, f"watching {resource.kind}", ApiError(response.status, response.reason or "",
-                                                                            body))
+                                                                            body),
+                                need=("watch", resource.plural, resource.api_version))
         if response.headers.get("Content-Encoding", "identity").lower() != "identity":
             raise SourceError(f"{what}: answered with a Content-Encoding weft does not ask for")
         deadline, size, buffer = time.monotonic() + timeout, 0, b""

@@ -72,11 +72,9 @@ class RunMetrics:
 
 
 def changes_by_kind(plan_json: Mapping) -> dict[str, int]:
-    """Changes by kind from a plan's JSON document (`Plan.to_json()`, format_version 1)."""
+    """Changes by kind from a plan's JSON document (`Plan.to_json()`, format_version 2)."""
     changes = plan_json.get("changes") or {}
-    counts = {kind: len(changes.get(kind) or ()) for kind in CHANGE_KINDS if kind != "bird"}
-    counts["bird"] = 0 if changes.get("bird") is None else 1
-    return counts
+    return {kind: len(changes.get(kind) or ()) for kind in CHANGE_KINDS}
 
 
 def bgp_counts(status: Mapping) -> tuple[int, int]:

@@ -18,8 +18,8 @@ import hashlib
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from weft.model.errors import WeftError
 from weft.probes.runner import Runner
 from weft.reconciler import engine
 from weft.reconciler.bird import Bird, desired_config
+from weft.reconciler.observe import QUIET, Observer
 from weft.reconciler.plan import Plan, PlanError, check_same, check_target
 from weft.reconciler.rendered import DESTROYED, RenderedNode
 from weft.store.cache import gc_paused
@@ -50,6 +51,7 @@ class Options:
     lock_timeout: float = 300.0
     bird_socket: str | None = None      # BIRD's control socket (default <state dir>/bird.ctl)
     bird_log: str | None = None         # where BIRD logs (default <state dir>/bird.log; or syslog, stderr)
+    observer: Observer = field(default=QUIET, compare=False)   # phase timings and events (--metrics-file, logs)
 
     def source(self) -> dict[str, Any]:
         from weft.store.ipam import source_of
@@ -234,8 +236,10 @@ def make_plan(opts: Options, runner: Runner, destroy: bool = False, check: bool 
 def plan_and_drift(opts: Options, runner: Runner, destroy: bool = False,
                    check: bool = True) -> tuple[Plan, list[dict[str, str]]]:
     state_dir = StateDir(opts.state_dir)
-    begun = _begin(opts, state_dir, runner, destroy)
-    planned = _planned(opts, state_dir, runner, begun, check)
+    with opts.observer.phase("read"):
+        begun = _begin(opts, state_dir, runner, destroy)
+    with opts.observer.phase("diff"):
+        planned = _planned(opts, state_dir, runner, begun, check)
     return _document(opts, planned, begun.desired.node, destroy), planned.drift_items()
 
 
@@ -249,8 +253,19 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
     if saved is not None:
         target = Plan(opts.node, os.path.abspath(opts.state_dir), opts.source(), destroy, "", "", {}, {})
         check_target(saved, target, saved_path)
-    begun = _begin(opts, state_dir, runner, destroy)
-    with state_dir.lock(shared=False, timeout=opts.lock_timeout):
+    observe = opts.observer
+    with observe.phase("read"):
+        begun = _begin(opts, state_dir, runner, destroy)
+    with ExitStack() as held:
+        with observe.phase("lock"):
+            held.enter_context(state_dir.lock(shared=False, timeout=opts.lock_timeout))
+        return _apply_locked(opts, state_dir, runner, begun, saved, saved_path, destroy)
+
+
+def _apply_locked(opts: Options, state_dir: StateDir, runner: Runner, begun: _Begun, saved: dict[str, Any] | None,
+                  saved_path: str, destroy: bool) -> Plan:
+    observe = opts.observer
+    with observe.phase("diff"):
         unchanged = begun.marker is not None and begun.marker == _read_marker(state_dir)
         confirming = engine.start_confirm(begun.resources, begun.found.have, runner)
         handoff = None
@@ -264,17 +279,20 @@ def apply(opts: Options, runner: Runner, saved: dict[str, Any] | None = None, sa
             begun.backend, begun.resources = engine.kernel_resources(runner, opts.backend)
             begun.found = engine.start_probe(begun.resources, runner)()
             planned = _planned(opts, state_dir, runner, begun, check=True)
-        if saved is not None:
-            check_same(saved, _document(opts, planned, begun.desired.node, destroy), saved_path)
-        if not planned.empty:
-            _write_marker(state_dir)
+    if saved is not None:
+        check_same(saved, _document(opts, planned, begun.desired.node, destroy), saved_path)
+    if not planned.empty:
+        _write_marker(state_dir)
+        with observe.phase("apply"):
             engine.execute(planned, runner)
+        with observe.phase("verify"):
             leftover = engine.verify(planned, runner)
-            if any(leftover.values()):
-                s = replace(planned, changes=leftover).summary()
-                raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
-                                f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
-        engine.settle(planned)
+        if any(leftover.values()):
+            s = replace(planned, changes=leftover).summary()
+            raise WeftError(f"after apply the kernel still differs from the plan: {s['add']} missing, "
+                            f"{s['change']} different, {s['destroy']} unexpected; see `weft drift`")
+    engine.settle(planned)
+    with observe.phase("handoff"):
         _leave_for_cni(opts, begun.desired.node, handoff)
     # The document last: its JSON and text need not coexist with the writes' input and read-back.
     return _document(opts, planned, begun.desired.node, destroy)

@@ -83,6 +83,11 @@ class ClaimUnavailable(IpamError):
     """A block could not be claimed because the API server could not be used: try again later."""
 
 
+class ClaimForbidden(IpamError):
+    """The API server refused the node a permission a claim needs (HTTP 403): trying again will
+    not help until an administrator grants it."""
+
+
 class CorruptRecords(CorruptState, Unavailable):
     """allocations.json is there but is not what weft writes."""
 

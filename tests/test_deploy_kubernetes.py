@@ -51,8 +51,8 @@ CALL_SITES = {
 }
 # Modules that talk to the API server with their own identity, not the node's.
 OTHER_IDENTITIES = {"reconciler/ipam_gc.py", "reconciler/nodejobs.py"}
-_CALL = re.compile(r"\b(?!self\b)(\w+)\.(?:request|open)\(\s*\"(GET|POST|PUT|PATCH|DELETE)\",\s*"
-                   r"((?:f?\"[^\"]*\")|[\w.()]+)")
+_CALL = re.compile(r"(?:\b(?!self\b)(\w+)\.(?:request|open)\(|\b_request\(api, node, \"\w+\",)\s*"
+                   r"\"(GET|POST|PUT|PATCH|DELETE)\",\s*((?:f?\"[^\"]*\")|[\w.()]+)")
 
 
 def _call_sites() -> set[tuple[str, str, str]]:

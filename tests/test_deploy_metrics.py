@@ -30,7 +30,7 @@ def _run() -> metrics.RunMetrics:
     run.phases["apply"] = 0.25
     run.success = True
     run.changes = metrics.changes_by_kind({"changes": {"ipsets": [{}], "chains": [{}, {}, {}], "hooks": [],
-                                                       "routes": [{}], "links": [], "bird": {"action": "update"}}})
+                                                       "routes": [{}], "links": [], "bird": [{"action": "update"}]}})
     run.drift_items = 4
     run.bgp_established, run.bgp_sessions = metrics.bgp_counts({"running": True, "peers": [
         {"info": "Established"}, {"info": "Established   "}, {"info": "Active        Socket: Connection refused"}]})
@@ -186,3 +186,33 @@ def test_text_logs_are_one_line_for_a_person():
                                            "WARNING: weft apply [n1] bird: reload skipped"]
     with pytest.raises(ValueError):
         logs.EventLog("xml")
+
+
+def test_a_real_run_writes_its_metrics_and_logs_json_lines(tmp_path):
+    """`weft apply --metrics-file F --log-format json` on a node namespace: F parses back with
+    prometheus_client and names the run's phases and changes; every stderr line is one JSON event
+    of this run; a failed run (bad input) still writes F, with success 0."""
+    from tests.nodens import NODE, WeftNode, namespace, node_netns, pod, policy, usable, write_manifests
+    if usable():
+        pytest.skip(usable())
+    manifests = write_manifests(tmp_path / "m", [
+        namespace("a"), pod("a", "web", "198.18.0.10", {"app": "web"}),
+        policy("a", "deny", {"podSelector": {}, "policyTypes": ["Ingress"]})])
+    prom = tmp_path / "weft.prom"
+    with node_netns() as ns:
+        node = WeftNode(ns, tmp_path / "state")
+        done = node.weft("apply", "--metrics-file", str(prom), "--log-format", "json", from_dir=manifests)
+        events = [json.loads(line) for line in done.stderr.splitlines()]
+        assert events and {e["run_id"] for e in events} == {events[0]["run_id"]}
+        assert {"read", "lock", "diff", "apply", "verify"} <= {e["phase"] for e in events}
+        assert all(e["node"] == NODE and e["command"] == "apply" for e in events)
+        samples = _samples(prom.read_text())
+        assert samples[("weft_last_run_success", (("command", "apply"), ("node", NODE)))] == 1.0
+        assert samples[("weft_last_run_changes", (("command", "apply"), ("kind", "chains"), ("node", NODE)))] > 0
+        assert ("weft_last_run_phase_seconds", (("command", "apply"), ("node", NODE), ("phase", "apply"))) in samples
+        (manifests / "bad.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: Bad_Name}\n")
+        failed = node.weft("apply", "--metrics-file", str(prom), "--log-format", "json", from_dir=manifests,
+                           expect=1)
+        errors = [json.loads(line) for line in failed.stderr.splitlines()]
+        assert any(e["level"] == "error" and "Bad_Name" in e["msg"] for e in errors)
+        assert _samples(prom.read_text())[("weft_last_run_success", (("command", "apply"), ("node", NODE)))] == 0.0

@@ -360,13 +360,22 @@ def fetch_secrets(api, refs) -> tuple[Secret, ...]:
     Secrets). A Secret found nowhere is left out; the renderer then names the BGPPeer or
     BGPConfiguration whose password is missing."""
     from weft.desired.api import ApiError
+    from weft.model.errors import SourceError
     found = []
     for name in sorted({ref.name for ref in refs}):
+        forbidden = []
         for ns in SECRET_NAMESPACES:
             try:
                 raw = api.request("GET", f"/api/v1/namespaces/{ns}/secrets/{name}")
             except ApiError as exc:
+                if exc.status == 403:
+                    forbidden.append(ns)           # it may be in the next namespace
                 if exc.status in (403, 404):
+                    if ns == SECRET_NAMESPACES[-1] and forbidden:
+                        raise SourceError(
+                            f"reading Secret {name} from {api.host}: forbidden in namespace "
+                            f"{', '.join(forbidden)} (HTTP 403): the user needs `get` on secrets there "
+                            "(playbooks/kubernetes/rbac.yaml)") from None
                     continue
                 raise
             errors: list = []

@@ -1,0 +1,314 @@
+/* weft's workload policy programs: tc classifiers on both directions of each workload's host-side
+ * veth. The policy itself is data (weft.renderers.bpf_policy explains the encoding); these
+ * programs only look it up, so their cost per packet does not depend on how many policies or
+ * rules there are:
+ *
+ *   1. connection tracking (weft_ct): a packet of a connection already allowed passes at once
+ *      (replies included), unless the policy of the direction that allowed the connection has
+ *      changed since (its digest): then the connection's opening packet is judged again by the
+ *      policy now in force, and the connection is kept if it is still allowed, cut if not;
+ *   2. a new connection: endpoint (weft_eps) -> profile and classifiers; classify the source and
+ *      the destination address (weft_cls, longest prefix); verdict by (profile, classes,
+ *      protocol) (weft_verdicts), refined by destination and source port (weft_ports, longest
+ *      prefix) where the verdict depends on them.
+ *
+ * Semantics kept from weft's iptables data plane: only IPv4 is policed (weft renders no
+ * ip6tables rules yet); connections the host opens to a workload are not (iptables sees them
+ * in OUTPUT, which weft does not hook), their replies pass; a packet conntrack would call
+ * INVALID (an ICMP error about no tracked connection, a TCP segment that cannot open one) is
+ * dropped; an interface without an endpoint entry drops everything (fail closed). A later
+ * fragment of a datagram passes: it has no ports, and its first fragment was judged.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+
+#include "maps.h"
+
+#define NSEC 1000000000ULL
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+struct l4 {
+    __u32 saddr;
+    __u32 daddr;
+    __u16 sport;        /* connection identity (network order); ICMP queries: the identifier */
+    __u16 dport;
+    __u16 pol_sport;    /* what policy matches on (network order); ICMP: 0 and type << 8 | code */
+    __u16 pol_dport;
+    __u8 proto;
+    __u8 tcp_flags;
+    __u8 icmp_type;
+    __u8 pad;
+};
+
+static __always_inline __u32 classify(__u32 classifier, __u32 addr)
+{
+    if (classifier == 0)
+        return 0;
+    struct weft_cls_key key = {.prefixlen = 64, .classifier = classifier, .addr = addr};
+    __u32 *class = weft_cls.lookup(&key);
+    return class ? *class : 0;
+}
+
+/* The verdict of `profile` for one packet; never a table reference (a missing entry denies). */
+static __always_inline struct weft_verdict judge(__u32 profile, __u32 src_classifier, __u32 dst_classifier,
+                                                 __u32 saddr, __u32 daddr, __u8 proto,
+                                                 __u16 pol_sport, __u16 pol_dport)
+{
+    struct weft_verdict out = {.action = WEFT_DENY};
+    if (profile == WEFT_PROFILE_OPEN) {
+        out.action = WEFT_ALLOW;
+        return out;
+    }
+    if (profile == WEFT_PROFILE_CLOSED)
+        return out;
+    struct weft_verdict_key vk = {};
+    vk.profile = profile;
+    vk.src_class = classify(src_classifier, saddr);
+    vk.dst_class = classify(dst_classifier, daddr);
+    vk.proto = proto;
+    struct weft_verdict *v = weft_verdicts.lookup(&vk);
+    if (!v) {
+        vk.proto = 0;
+        vk.any_proto = 1;
+        v = weft_verdicts.lookup(&vk);
+    }
+    if (v && (v->action == WEFT_DPORTS || v->action == WEFT_SPORTS)) {
+        struct weft_port_key pk = {.prefixlen = 48, .table = v->arg};
+        pk.port = v->action == WEFT_DPORTS ? pol_dport : pol_sport;
+        v = weft_ports.lookup(&pk);
+    }
+    if (v && (v->action == WEFT_DPORTS || v->action == WEFT_SPORTS)) {
+        struct weft_port_key pk = {.prefixlen = 48, .table = v->arg};
+        pk.port = v->action == WEFT_DPORTS ? pol_dport : pol_sport;
+        v = weft_ports.lookup(&pk);
+    }
+    if (v && (v->action == WEFT_ALLOW || v->action == WEFT_DENY))
+        out = *v;
+    return out;
+}
+
+static __always_inline void count(__u32 ifindex, __u32 rule, __u32 bytes)
+{
+    struct weft_count_key key = {.ifindex = ifindex, .rule = rule};
+    struct weft_count *c = weft_counters.lookup(&key);
+    if (c) {
+        c->packets += 1;
+        c->bytes += bytes;
+    } else {
+        struct weft_count first = {.packets = 1, .bytes = bytes};
+        weft_counters.update(&key, &first);
+    }
+}
+
+static __always_inline void log_packet(struct weft_verdict *v, struct l4 *p, __u32 ifindex, int dir)
+{
+    struct weft_log_event e = {.log_id = v->arg, .ifindex = ifindex, .saddr = p->saddr, .daddr = p->daddr,
+                               .sport = p->pol_sport, .dport = p->pol_dport, .proto = p->proto,
+                               .direction = dir, .action = v->action};
+    weft_log.ringbuf_output(&e, sizeof(e), 0);
+}
+
+static __always_inline void ct_key(struct weft_ct_key *k, __u32 ifindex, __u32 saddr, __u16 sport,
+                                   __u32 daddr, __u16 dport, __u8 proto, __u8 *sender_is_a)
+{
+    k->ifindex = ifindex;
+    k->proto = proto;
+    if (saddr < daddr || (saddr == daddr && sport <= dport)) {
+        k->addr_a = saddr; k->port_a = sport; k->addr_b = daddr; k->port_b = dport;
+        *sender_is_a = 1;
+    } else {
+        k->addr_a = daddr; k->port_a = dport; k->addr_b = saddr; k->port_b = sport;
+        *sender_is_a = 0;
+    }
+}
+
+static __always_inline __u64 ct_timeout(struct weft_ct *ct, __u8 proto)
+{
+    if (proto == IPPROTO_TCP) {
+        if ((ct->flags & WEFT_CT_RST) || (ct->flags & (WEFT_CT_FIN_A | WEFT_CT_FIN_B)) == (WEFT_CT_FIN_A | WEFT_CT_FIN_B))
+            return 10 * NSEC;
+        return 432000 * NSEC;       /* the kernel's established timeout: 5 days */
+    }
+    if (proto == IPPROTO_UDP)
+        return 120 * NSEC;
+    if (proto == IPPROTO_ICMP)
+        return 30 * NSEC;
+    return 600 * NSEC;
+}
+
+/* Reads the packet's addresses, protocol and ports. 0: judge it; 1: pass it untouched (not
+ * IPv4, a later fragment); -1: drop it (truncated). */
+static __always_inline int parse(struct __sk_buff *skb, struct l4 *p, __u32 *inner_off)
+{
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return 1;
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.ihl < 5)
+        return -1;
+    if (bpf_ntohs(ip.frag_off) & 0x1fff)
+        return 1;                   /* no transport header: its first fragment was judged */
+    p->saddr = ip.saddr;
+    p->daddr = ip.daddr;
+    p->proto = ip.protocol;
+    __u32 off = ETH_HLEN + ip.ihl * 4;
+    __u8 hdr[14] = {};
+    if (ip.protocol == IPPROTO_TCP) {
+        if (bpf_skb_load_bytes(skb, off, hdr, 14) < 0)
+            return -1;
+        p->tcp_flags = hdr[13];
+    } else if (ip.protocol == IPPROTO_UDP || ip.protocol == IPPROTO_SCTP || ip.protocol == IPPROTO_ICMP) {
+        if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0)
+            return -1;
+    } else {
+        return 0;
+    }
+    if (ip.protocol == IPPROTO_ICMP) {
+        p->icmp_type = hdr[0];
+        __builtin_memcpy(&p->pol_dport, &hdr[0], 2);     /* network order: type, then code */
+        __builtin_memcpy(&p->sport, &hdr[4], 2);
+        p->dport = p->sport;
+        *inner_off = off + 8;
+    } else {
+        __builtin_memcpy(&p->sport, &hdr[0], 2);
+        __builtin_memcpy(&p->dport, &hdr[2], 2);
+        p->pol_sport = p->sport;
+        p->pol_dport = p->dport;
+    }
+    return 0;
+}
+
+static __always_inline int is_icmp_error(__u8 type)
+{
+    return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+}
+
+static __always_inline int is_icmp_query(__u8 type)
+{
+    return type == 8 || type == 13 || type == 15 || type == 17;
+}
+
+/* An ICMP error belongs to the connection of the packet it quotes: pass it if that connection
+ * is tracked here (conntrack's RELATED), drop it otherwise (INVALID). */
+static __always_inline int related(struct __sk_buff *skb, __u32 off, __u32 ifindex)
+{
+    struct iphdr ip;
+    if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.ihl < 5)
+        return TC_ACT_SHOT;
+    __u8 hdr[8] = {};
+    if (bpf_skb_load_bytes(skb, off + ip.ihl * 4, hdr, 8) < 0)
+        return TC_ACT_SHOT;
+    __u16 sport = 0, dport = 0;
+    if (ip.protocol == IPPROTO_ICMP) {
+        __builtin_memcpy(&sport, &hdr[4], 2);
+        dport = sport;
+    } else if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP || ip.protocol == IPPROTO_SCTP) {
+        __builtin_memcpy(&sport, &hdr[0], 2);
+        __builtin_memcpy(&dport, &hdr[2], 2);
+    }
+    struct weft_ct_key key = {};
+    __u8 sender_is_a;
+    ct_key(&key, ifindex, ip.saddr, sport, ip.daddr, dport, ip.protocol, &sender_is_a);
+    return weft_ct.lookup(&key) ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, const int dir)
+{
+    struct l4 p = {};
+    __u32 inner = 0;
+    int parsed = parse(skb, &p, &inner);
+    if (parsed > 0)
+        return TC_ACT_OK;
+    if (parsed < 0)
+        return TC_ACT_SHOT;
+    __u32 ifindex = skb->ifindex;
+    struct weft_ep *ep = weft_eps.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_SHOT;
+
+    __u64 now = bpf_ktime_get_ns();
+    struct weft_ct_key key = {};
+    __u8 sender_is_a;
+    ct_key(&key, ifindex, p.saddr, p.sport, p.daddr, p.dport, p.proto, &sender_is_a);
+    struct weft_ct *ct = weft_ct.lookup(&key);
+    if (ct && now - ct->seen > ct_timeout(ct, p.proto)) {
+        weft_ct.delete(&key);
+        ct = 0;
+    }
+    if (ct) {
+        __u8 origin = ct->origin;
+        if (origin <= WEFT_DIR_INGRESS) {
+            __u32 digest = origin == WEFT_DIR_EGRESS ? ep->digest[WEFT_DIR_EGRESS] : ep->digest[WEFT_DIR_INGRESS];
+            if (digest != ct->digest) {
+                /* The policy changed since this connection was allowed: judge its opening packet again. */
+                __u32 osrc = ct->origin_is_a ? key.addr_a : key.addr_b;
+                __u32 odst = ct->origin_is_a ? key.addr_b : key.addr_a;
+                struct weft_verdict v;
+                if (origin == WEFT_DIR_EGRESS)
+                    v = judge(ep->profile[0], ep->classifier[0][0], ep->classifier[0][1], osrc, odst, p.proto,
+                              ct->pol_sport, ct->pol_dport);
+                else
+                    v = judge(ep->profile[1], ep->classifier[1][0], ep->classifier[1][1], osrc, odst, p.proto,
+                              ct->pol_sport, ct->pol_dport);
+                count(ifindex, v.rule, 0);
+                if (v.action != WEFT_ALLOW) {
+                    weft_ct.delete(&key);
+                    return TC_ACT_SHOT;
+                }
+                ct->digest = digest;
+            }
+        }
+        ct->seen = now;
+        if (p.proto == IPPROTO_TCP) {
+            if (p.tcp_flags & TCP_RST)
+                ct->flags |= WEFT_CT_RST;
+            if (p.tcp_flags & TCP_FIN)
+                ct->flags |= sender_is_a ? WEFT_CT_FIN_A : WEFT_CT_FIN_B;
+        }
+        return TC_ACT_OK;
+    }
+
+    /* Not part of a tracked connection. */
+    if (p.proto == IPPROTO_ICMP && is_icmp_error(p.icmp_type))
+        return related(skb, inner, ifindex);
+    if (p.proto == IPPROTO_ICMP && !is_icmp_query(p.icmp_type))
+        return TC_ACT_SHOT;         /* a reply without its query */
+    if (p.proto == IPPROTO_TCP) {
+        __u8 f = p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN);
+        if (f != TCP_SYN && f != TCP_ACK)
+            return TC_ACT_SHOT;     /* cannot open a connection */
+    }
+    struct weft_ct fresh = {.seen = now, .pol_sport = p.pol_sport, .pol_dport = p.pol_dport,
+                            .origin_is_a = sender_is_a};
+    if (dir == WEFT_DIR_INGRESS && skb->ingress_ifindex == 0) {
+        fresh.origin = WEFT_ORIGIN_HOST;
+        weft_ct.update(&key, &fresh);
+        return TC_ACT_OK;
+    }
+    struct weft_verdict v = judge(ep->profile[dir], ep->classifier[dir][0], ep->classifier[dir][1],
+                                  p.saddr, p.daddr, p.proto, p.pol_sport, p.pol_dport);
+    count(ifindex, v.rule, skb->len);
+    if (v.flags & WEFT_FLAG_LOG)
+        log_packet(&v, &p, ifindex, dir);
+    if (v.action != WEFT_ALLOW)
+        return TC_ACT_SHOT;
+    fresh.origin = dir;
+    fresh.digest = ep->digest[dir];
+    weft_ct.update(&key, &fresh);
+    return TC_ACT_OK;
+}
+
+int weft_from_wl(struct __sk_buff *skb)
+{
+    return handle(skb, WEFT_DIR_EGRESS);
+}
+
+int weft_to_wl(struct __sk_buff *skb)
+{
+    return handle(skb, WEFT_DIR_INGRESS);
+}
