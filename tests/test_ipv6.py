@@ -279,9 +279,10 @@ def test_add_of_a_dual_stack_pod_fails_when_ip6tables_cannot_be_programmed(node,
     node.ok("DEL", "v4")
 
     dual_stack(node)
+    (node.state_dir / "ipam" / "node.json").unlink()   # read once; a reconcile run would rewrite it
     env = {**node.env("ADD", "a"), **broken}
     code, out, err = node.call(env, helper=False)
-    assert (code, out["code"]) == (1, spec.POLICY_FAILED), (out, err)
+    assert (code, out.get("code")) == (1, spec.POLICY_FAILED), (out, err)
     assert "ip6tables" in out["details"]
     assert node.links() == ["lo"] and node.weft_routes() == "" and node.allocations() == []
     assert "2001:db8:4::" not in node.sh("ip", "-6", "route", "show")
