@@ -28,9 +28,10 @@ def endpoint_call(ns: str, state_dir, call: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def add(ns, state_dir, namespace_, name):
+def add(ns, state_dir, namespace_, name, ips: tuple[str, ...] = ()):
+    """add_endpoint as the CNI plugin calls it; without `ips` (addresses not known) in both families."""
     proc = endpoint_call(ns, state_dir, f"add_endpoint(Path({str(state_dir)!r}), {namespace_!r}, {name!r}, "
-                                        f"{host_iface_name(namespace_, name)!r})")
+                                        f"{host_iface_name(namespace_, name)!r}, {tuple(ips)!r})")
     assert proc.returncode == 0, proc.stderr
     return host_iface_name(namespace_, name)
 
@@ -48,7 +49,7 @@ CLUSTER = [namespace("open"), namespace("guarded"),
 def test_pod_programmed_by_the_reconcile_run_is_left_alone(node_ns, tmp_path):
     node = applied(node_ns, tmp_path, CLUSTER + [policy("guarded", "deny", DENY_INGRESS)])
     before = node.state()
-    iface = add(node_ns, node.state_dir, "guarded", "known")
+    iface = add(node_ns, node.state_dir, "guarded", "known", ("198.18.2.10",))
     assert node.state() == before
     assert chain_rules(node_ns, f"weft-tw-{iface}"), "the reconcile run's ingress chain is there"
 
