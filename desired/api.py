@@ -62,26 +62,50 @@ class Resource:
         return f"{base}/{name}" if name is not None else base
 
 
-def _calico(kind: str, plural: str, namespaced: bool) -> Resource:
-    return Resource(CALICO_API_VERSION, kind, plural, namespaced, crd=True)
+CALICO_API_GROUPS = (CALICO_API_VERSION, "projectcalico.org/v3")
+# Calico's kinds weft reads: (kind, plural, namespaced).
+CALICO_KINDS = (
+    ("GlobalNetworkPolicy", "globalnetworkpolicies", False),
+    ("NetworkPolicy", "networkpolicies", True),
+    ("Tier", "tiers", False),
+    ("GlobalNetworkSet", "globalnetworksets", False),
+    ("NetworkSet", "networksets", True),
+    ("HostEndpoint", "hostendpoints", False),
+    ("FelixConfiguration", "felixconfigurations", False),
+    ("IPPool", "ippools", False),
+    ("IPAMBlock", "ipamblocks", False),
+    ("BlockAffinity", "blockaffinities", False),
+    ("BGPConfiguration", "bgpconfigurations", False),
+    ("BGPPeer", "bgppeers", False),
+)
+
+
+def _calico(kind: str, plural: str, namespaced: bool, api_version: str = CALICO_API_VERSION) -> Resource:
+    return Resource(api_version, kind, plural, namespaced, crd=True)
 
 
 # Everything weft reads. Two kinds are called NetworkPolicy: tell them apart by apiVersion.
+# Calico's kinds are read from both of Calico's API groups: crd.projectcalico.org/v1 (its CRDs,
+# where Calico stores them) and projectcalico.org/v3 (Calico's API server, or Calico's newer
+# CRDs). A group that does not serve a kind answers 404: nothing of that kind there. Where both
+# serve one object, desired.loader keeps one (the v3 form).
 RESOURCES: tuple[Resource, ...] = (
     Resource("v1", "Namespace", "namespaces", False),
     Resource("v1", "Node", "nodes", False),
     Resource("v1", "Pod", "pods", True),
+    Resource("v1", "ServiceAccount", "serviceaccounts", True),
     Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", True),
-    _calico("GlobalNetworkPolicy", "globalnetworkpolicies", False),
-    _calico("NetworkPolicy", "networkpolicies", True),
-    _calico("GlobalNetworkSet", "globalnetworksets", False),
-    _calico("NetworkSet", "networksets", True),
-    _calico("IPPool", "ippools", False),
-    _calico("IPAMBlock", "ipamblocks", False),
-    _calico("BlockAffinity", "blockaffinities", False),
-    _calico("BGPConfiguration", "bgpconfigurations", False),
-    _calico("BGPPeer", "bgppeers", False),
-    _calico("HostEndpoint", "hostendpoints", False),
+    *(_calico(kind, plural, namespaced, group)
+      for group in CALICO_API_GROUPS for kind, plural, namespaced in CALICO_KINDS),
+)
+
+# Calico's API server authorizes a list of tiered policies (projectcalico.org networkpolicies,
+# globalnetworkpolicies) through pseudo-resources too: "get" of the tier, and the list or watch
+# on tier.<plural> (Calico's "RBAC for tiered policies"). What the node's role must also grant.
+TIERED_POLICY_GRANTS = (
+    ("projectcalico.org", "tiers", "get"),
+    *(("projectcalico.org", f"tier.{plural}", verb)
+      for plural in ("networkpolicies", "globalnetworkpolicies") for verb in ("list", "watch")),
 )
 
 EXPIRED_RELIST_ATTEMPTS = 3

@@ -6,6 +6,7 @@ readable length (`shown`): a value may be megabytes, or a structure built of YAM
 """
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import reprlib
@@ -50,11 +51,16 @@ class Checker:
 
     The object's label is made only when a problem is found: most objects have none, and
     there are tens of thousands of them.
-    """
-    __slots__ = ("where", "raw", "errors", "namespaced")
 
-    def __init__(self, where: str, raw: dict, errors: list[ValidationError], namespaced: bool = False):
+    `warnings`, when given (Calico's kinds, whose schema grows with every release), collects
+    the paths of fields weft does not know instead of refusing them (see known_fields).
+    """
+    __slots__ = ("where", "raw", "errors", "namespaced", "warnings")
+
+    def __init__(self, where: str, raw: dict, errors: list[ValidationError], namespaced: bool = False,
+                 warnings: list[str] | None = None):
         self.where, self.raw, self.errors, self.namespaced = where, raw, errors, namespaced
+        self.warnings = warnings
 
     @property
     def obj(self) -> str:
@@ -73,12 +79,33 @@ class Checker:
             return default
         return value
 
-    def known_fields(self, mapping: dict, path: str, allowed: set[str]) -> None:
-        """Every key of `mapping` not in `allowed` is a problem (keys of any type: YAML allows
-        ints, dates, ... as keys, and a typo must never be silently dropped)."""
-        unknown = [key for key in mapping if key not in allowed]
+    def known_fields(self, mapping: dict, path: str, allowed: set[str] | frozenset[str], *,
+                     ignored: set[str] | frozenset[str] = frozenset(), strict: bool = False) -> None:
+        """Every key of `mapping` not in `allowed` (the fields weft uses) or `ignored` (fields it
+        knows it does not use) is a problem (keys of any type: YAML allows ints, dates, ... as
+        keys, and a typo must never be silently dropped). Where the checker collects warnings
+        and not `strict`, an unknown field is only reported as a warning, unless it looks like
+        a typo of a field weft uses (same letters in another case, or nearly the same name)."""
+        unknown = [key for key in mapping if key not in allowed and key not in ignored]
         for key in sorted(unknown, key=lambda k: (not isinstance(k, str), k if isinstance(k, str) else shown(k))):
-            self.fail(child(path, key), f"unknown field (known: {', '.join(sorted(allowed))})")
+            typo = _close_to(key, allowed)
+            if self.warnings is not None and not strict and typo is None and isinstance(key, str) \
+                    and key.isprintable() and len(key) <= SHOWN_LENGTH:
+                self.warnings.append(child(path, key))
+                continue
+            hint = f"did you mean {typo!r}? " if typo else ""
+            self.fail(child(path, key), f"unknown field ({hint}known: {', '.join(sorted(allowed | ignored))})")
+
+
+def _close_to(key: Any, known: set[str] | frozenset[str]) -> str | None:
+    """The field of `known` that `key` is probably a misspelling of, if any."""
+    if not isinstance(key, str) or len(key) > SHOWN_LENGTH:
+        return None
+    folded = {k.lower(): k for k in known}
+    if key.lower() in folded:
+        return folded[key.lower()]
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def object_label(raw: dict, namespaced: bool) -> str:

@@ -1,21 +1,27 @@
 """The desired-state model: immutable, typed, and shaped after Calico's semantics.
 
 Every source (manifest directory, API server) and every resource kind (Kubernetes
-NetworkPolicy now, Calico's own kinds later) is converted into these few types, so the
-renderers only ever see one policy language: policies ordered within tiers, rules with
-actions, entity matches over labels, nets and ports.
+NetworkPolicy, Calico's GlobalNetworkPolicy, NetworkPolicy, Tier, (Global)NetworkSet,
+HostEndpoint, FelixConfiguration) is converted into these few types, so the renderers only
+ever see one policy language: policies ordered within tiers, rules with actions, entity
+matches over labels, nets and ports. What Calico means by them is desired.verdict's (the
+reference evaluator); which endpoints, host endpoints and network sets a selector picks is
+desired.index's, over the labels model.labels describes.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 
 from weft.model import codec
-from weft.model.selector import Expr
+from weft.model import labels as calico_labels
+from weft.model.selector import And, Eq, Expr, Has
 
 
 class Action(StrEnum):
+    """What a rule does with the packets it matches. Log records the packet and goes on to the
+    next rule; Pass skips the rest of the tier; Allow and Deny are final."""
     ALLOW = "Allow"
     DENY = "Deny"
     PASS = "Pass"
@@ -31,7 +37,17 @@ class Direction(StrEnum):
 
 INGRESS = Direction.INGRESS
 EGRESS = Direction.EGRESS
-PROTOCOLS = ("tcp", "udp", "sctp")
+PROTOCOLS = ("tcp", "udp", "sctp")            # the protocols with ports (container ports, k8s rules)
+# Calico's protocol names (lower case, as weft keeps them) and their IP protocol numbers.
+PROTOCOL_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132, "udplite": 136}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
+PORT_PROTOCOLS = frozenset(("tcp", "udp", "sctp"))
+
+
+def protocol_number(protocol: str) -> int:
+    """The IP protocol number of a protocol as weft keeps it (a name of PROTOCOL_NUMBERS or a
+    decimal number of one with no name)."""
+    return PROTOCOL_NUMBERS[protocol] if protocol in PROTOCOL_NUMBERS else int(protocol)
 
 
 @dataclass(frozen=True, order=True)
@@ -51,13 +67,23 @@ Port = PortRange | NamedPort
 
 
 @dataclass(frozen=True)
+class IcmpMatch:
+    """ICMP (or ICMPv6) type, and code within it (None: any code)."""
+    type: int
+    code: int | None = None
+
+
+@dataclass(frozen=True)
 class EntityMatch:
     """One side (source or destination) of a rule, as Calico's EntityRule.
 
-    The endpoint constraint is present when any of `selector`, `namespace_selector` or
-    `namespace` is set: it matches endpoints whose labels match `selector` (all when None),
-    whose namespace's labels match `namespace_selector` (any namespace when None) and, when
-    `namespace` is set, that live in that namespace. Selectors are Calico selector trees in
+    The positive endpoint constraint is present when any of `selector`, `namespace_selector`,
+    `namespace` or the service-account fields is set: it matches the addresses of the
+    selectable things (workload and host endpoints, network sets) that `endpoint_selector()`
+    selects. `namespace` is the namespace a namespaced policy confines its rule selectors to
+    (the converters set it where Calico does); `namespace_selector` may be `global()`.
+    `not_selector` is not confined to any namespace, as in Calico: the rule matches packets
+    to/from anywhere except the addresses it selects. Selectors are Calico selector trees in
     normal form (Kubernetes label selectors are converted to them when loaded).
     """
     nets: tuple[str, ...] = ()
@@ -66,24 +92,70 @@ class EntityMatch:
     namespace_selector: Expr | None = None
     namespace: str | None = None
     ports: tuple[Port, ...] = ()
+    not_selector: Expr | None = None
+    not_ports: tuple[Port, ...] = ()
+    service_account_names: tuple[str, ...] = ()
+    service_account_selector: Expr | None = None
 
     @property
     def has_endpoint_constraint(self) -> bool:
-        return self.selector is not None or self.namespace_selector is not None or self.namespace is not None
+        return (self.selector is not None or self.namespace_selector is not None or self.namespace is not None
+                or self.has_service_accounts)
+
+    @property
+    def has_service_accounts(self) -> bool:
+        return bool(self.service_account_names) or self.service_account_selector is not None
+
+    def endpoint_selector(self) -> Expr | None:
+        """The one selector, over the labels of model.labels, that Calico evaluates for the
+        positive endpoint constraint (None when there is none)."""
+        if not self.has_endpoint_constraint:
+            return None
+        parts: list[Expr] = []
+        if self.namespace_selector is not None:
+            parts.append(calico_labels.namespace_scope(self.namespace_selector))
+        elif self.namespace is not None:
+            parts.append(Eq(calico_labels.NAMESPACE, self.namespace))
+        if self.has_service_accounts:
+            parts.append(calico_labels.service_account_scope(self.service_account_names, self.service_account_selector))
+        if self.selector is not None:
+            parts.append(self.selector)
+        return And(tuple(parts)).normalize()
+
+    def named_ports(self) -> tuple[tuple[NamedPort, ...], tuple[NamedPort, ...]]:
+        """(named ports, named notPorts)."""
+        return (tuple(p for p in self.ports if isinstance(p, NamedPort)),
+                tuple(p for p in self.not_ports if isinstance(p, NamedPort)))
 
 
 @dataclass(frozen=True)
 class Rule:
+    """A Calico rule. `protocol` and `not_protocol` are lower-case names of PROTOCOL_NUMBERS or
+    the decimal number of a protocol without one; `ip_version` (4 or 6) or None for both.
+    `origin` names the rule in the user's object ("spec.ingress[2]"), for plan text and logs."""
     action: Action
-    protocol: str | None = None          # one of PROTOCOLS, or None for any
+    protocol: str | None = None
     source: EntityMatch = EntityMatch()
     destination: EntityMatch = EntityMatch()
+    not_protocol: str | None = None
+    icmp: IcmpMatch | None = None
+    not_icmp: IcmpMatch | None = None
+    ip_version: int | None = None
+    origin: str = ""
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A policy in Calico's form; Kubernetes NetworkPolicies become these (tier default, order 1000)."""
-    name: str                             # Calico name, e.g. "knp.default.allow-web"
+    """A policy in Calico's form: GlobalNetworkPolicy (namespace None), Calico NetworkPolicy, or
+    a Kubernetes NetworkPolicy converted as Calico converts it (tier default, order 1000, named
+    "knp.default.<name>").
+
+    `selector`, `namespace_selector` (global policies) and `service_account_selector` are what
+    the user wrote; `endpoint_selector()` combines them as Calico does. `apply_on_forward`,
+    `pre_dnat` and `do_not_track` only matter for host endpoints. `origin` names the user's
+    object ("GlobalNetworkPolicy security.deny-all"); each rule's own origin names the rule.
+    """
+    name: str                             # Calico name, e.g. "knp.default.allow-web", "security.deny"
     namespace: str | None                 # None for global policies
     selector: Expr                        # which endpoints it applies to (within `namespace` when set)
     types: frozenset[Direction]
@@ -92,14 +164,39 @@ class Policy:
     tier: str = "default"
     order: float | None = 1000.0
     origin: str = ""                      # "NetworkPolicy x/allow-web": what a user wrote
+    namespace_selector: Expr | None = None
+    service_account_selector: Expr | None = None
+    apply_on_forward: bool = False
+    pre_dnat: bool = False
+    do_not_track: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
+    def rules(self, direction: Direction) -> tuple[Rule, ...]:
+        return self.ingress if direction == INGRESS else self.egress
+
+    def endpoint_selector(self) -> Expr:
+        """Which endpoints the policy applies to, as one selector over model.labels' labels:
+        Calico's combination of the selector, the policy's namespace, its namespaceSelector
+        (all() meaning any namespaced endpoint) and its serviceAccountSelector (all() meaning,
+        in a global policy, any endpoint with a service account)."""
+        parts: list[Expr] = [self.selector]
+        if self.namespace is not None:
+            parts.append(Eq(calico_labels.NAMESPACE, self.namespace))
+        if self.namespace_selector is not None:
+            parts.append(calico_labels.namespace_scope(self.namespace_selector))
+        if self.service_account_selector is not None:
+            all_means = Has(calico_labels.SERVICE_ACCOUNT) if self.namespace is None else None
+            parts.append(calico_labels.prefixed(self.service_account_selector, calico_labels.SERVICE_ACCOUNT_PREFIX,
+                                                all_means))
+        return And(tuple(parts)).normalize()
+
 
 @dataclass(frozen=True)
 class ContainerPort:
+    """A named port of an endpoint (a pod's container port, a host endpoint's `ports`)."""
     name: str
     port: int
     protocol: str                          # one of PROTOCOLS
@@ -107,6 +204,14 @@ class ContainerPort:
 
 @dataclass(frozen=True)
 class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """A Kubernetes ServiceAccount: its labels are its pods' `pcsa.*` labels."""
+    namespace: str
     name: str
     labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)
 
@@ -121,10 +226,54 @@ class Endpoint:
     ips: tuple[str, ...]
     labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)
     ports: tuple[ContainerPort, ...] = ()
+    service_account: str | None = None     # spec.serviceAccountName
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.pod}"
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        """Calico's profiles of a pod: its namespace's, then its service account's."""
+        ns = calico_labels.NAMESPACE_PROFILE_PREFIX + self.namespace
+        if not self.service_account:
+            return (ns,)
+        return (ns, f"{calico_labels.SERVICE_ACCOUNT_PROFILE_PREFIX}{self.namespace}.{self.service_account}")
+
+
+@dataclass(frozen=True)
+class HostEndpoint:
+    """Calico HostEndpoint: one interface of a node (`interface` a name, or None: the interface
+    holding one of `expected_ips`), or all of its interfaces (`interface` "*")."""
+    name: str
+    node: str
+    interface: str | None
+    expected_ips: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)
+    profiles: tuple[str, ...] = ()
+    ports: tuple[ContainerPort, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    @property
+    def wildcard(self) -> bool:
+        return self.interface == "*"
+
+
+@dataclass(frozen=True)
+class NetworkSet:
+    """Calico NetworkSet (namespaced) or GlobalNetworkSet (namespace None): labelled CIDRs that
+    rule selectors can select; their nets become members where they match."""
+    name: str
+    namespace: str | None
+    nets: tuple[str, ...]
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=True)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
 @dataclass(frozen=True)
@@ -228,8 +377,67 @@ class Secret:
 
 @dataclass(frozen=True)
 class Tier:
+    """Calico Tier: tiers apply in order (None last, then by name); a tier that has policies for
+    an endpoint and direction, none of which decided, ends with its default action (Deny, or
+    Pass to the next tier)."""
     name: str
     order: float | None = None
+    default_action: Action = Action.DENY
+
+
+DEFAULT_TIER = Tier("default", 1_000_000.0, Action.DENY)   # Calico's: fixed order, always present
+
+
+@dataclass(frozen=True)
+class ProtoPort:
+    """A failsafe port: protocol (tcp, udp or sctp), port, and the peer net it is open to (None: any)."""
+    protocol: str
+    port: int
+    net: str | None = None
+
+
+def _ports(*entries: str) -> tuple[ProtoPort, ...]:
+    return tuple(ProtoPort(e.split(":")[0], int(e.split(":")[1])) for e in entries)
+
+
+# Felix's defaults: SSH, DHCP, BGP, etcd, Typha and the Kubernetes API stay reachable whatever the policy.
+DEFAULT_FAILSAFE_INBOUND = _ports("tcp:22", "udp:68", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473",
+                                  "tcp:6443", "tcp:6666", "tcp:6667")
+DEFAULT_FAILSAFE_OUTBOUND = _ports("udp:53", "udp:67", "tcp:179", "tcp:2379", "tcp:2380", "tcp:5473",
+                                   "tcp:6443", "tcp:6666", "tcp:6667")
+
+
+@dataclass(frozen=True)
+class FelixConfiguration:
+    """One FelixConfiguration object ("default", or "node.<name>" for one node): the fields weft
+    uses, None where the object does not set them (FelixSettings holds the effective values)."""
+    name: str
+    failsafe_inbound_host_ports: tuple[ProtoPort, ...] | None = None
+    failsafe_outbound_host_ports: tuple[ProtoPort, ...] | None = None
+    bpf_enabled: bool | None = None
+    default_endpoint_to_host_action: str | None = None      # Drop / Accept / Return
+    filter_allow_action: str | None = None                  # iptablesFilterAllowAction: Accept / Return
+    filter_deny_action: str | None = None                   # iptablesFilterDenyAction: Drop / Reject
+    log_prefix: str | None = None
+    ipv6_support: bool | None = None
+    nat_outgoing_address: str | None = None
+    nat_port_range: PortRange | None = None
+
+
+@dataclass(frozen=True)
+class FelixSettings:
+    """The Felix configuration in effect on one node: "node.<name>" over "default" over Felix's
+    defaults, field by field (as Felix merges them)."""
+    failsafe_inbound_host_ports: tuple[ProtoPort, ...] = DEFAULT_FAILSAFE_INBOUND
+    failsafe_outbound_host_ports: tuple[ProtoPort, ...] = DEFAULT_FAILSAFE_OUTBOUND
+    bpf_enabled: bool = False
+    default_endpoint_to_host_action: str = "Drop"
+    filter_allow_action: str = "Accept"
+    filter_deny_action: str = "Drop"
+    log_prefix: str = "calico-packet"
+    ipv6_support: bool = True
+    nat_outgoing_address: str | None = None
+    nat_port_range: PortRange | None = None
 
 
 @dataclass(frozen=True)
@@ -239,16 +447,34 @@ class ClusterState:
     endpoints: tuple[Endpoint, ...]
     policies: tuple[Policy, ...]
     nodes: Mapping[str, Node]
-    tiers: Mapping[str, Tier] = field(default_factory=lambda: {"default": Tier("default", 1_000_000.0)})
+    tiers: Mapping[str, Tier] = field(default_factory=lambda: {"default": DEFAULT_TIER})
     ignored_kinds: tuple[str, ...] = ()    # kinds seen and not understood, reported to the user
     ippools: tuple[IPPool, ...] = ()
     blocks: tuple[Block, ...] = ()
     bgp_configurations: tuple[BGPConfiguration, ...] = ()
     bgp_peers: tuple[BGPPeer, ...] = ()
     secrets: tuple[Secret, ...] = ()
+    network_sets: tuple[NetworkSet, ...] = ()
+    host_endpoints: tuple[HostEndpoint, ...] = ()
+    felix_configurations: tuple[FelixConfiguration, ...] = ()
+    service_accounts: tuple[ServiceAccount, ...] = ()
+    warnings: tuple[str, ...] = ()         # "Kind: field": fields of known kinds weft does not use
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         return tuple(sorted((e for e in self.endpoints if e.node == node), key=lambda e: e.iface))
+
+    def local_host_endpoints(self, node: str) -> tuple[HostEndpoint, ...]:
+        return tuple(sorted((h for h in self.host_endpoints if h.node == node), key=lambda h: h.name))
+
+    def felix_settings(self, node: str) -> FelixSettings:
+        """The Felix configuration in effect on `node` (FelixSettings)."""
+        by_name = {c.name: c for c in self.felix_configurations}
+        values: dict = {}
+        for config in (by_name.get("default"), by_name.get(f"node.{node}")):
+            if config is not None:
+                values.update({f.name: getattr(config, f.name) for f in fields(config)
+                               if f.name != "name" and getattr(config, f.name) is not None})
+        return FelixSettings(**values)
 
     def with_local_addresses(self, node: str, addresses: Mapping[str, tuple[str, ...]]) -> ClusterState:
         """This state with the addresses this node's IPAM gave its pods ("ns/pod" -> ips): they are

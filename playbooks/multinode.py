@@ -36,7 +36,7 @@ from weft.playbooks.netlab import PROBER, LabError, LabPod, NodeLab, format_matr
 from weft.probes import bird as probe
 
 FABRIC = ipaddress.ip_network("198.18.0.0/24")
-POOL = ipaddress.ip_network("198.18.4.0/22")
+POOL = ipaddress.IPv4Network("198.18.4.0/22")
 BLOCK_PREFIX = 26
 UPLINK = "fabric0"
 NAMESPACE = "lab"

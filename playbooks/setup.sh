@@ -61,6 +61,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 # A wheel, as users get it: the checkout's folders are installed under the `weft` namespace, the
 # BIRD templates as package data, bytecode compiled by pip.
+# setuptools builds in ./build: a module deleted from the checkout must not live on in it.
+rm -rf build
 .venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
 .venv/bin/python -m pip install -q --disable-pip-version-check '.[test]'
 echo "setup.sh: ready (.venv/bin/weft)"

@@ -99,7 +99,7 @@ def items(blocks: list[dict], affinities: list[dict]) -> list[Item]:
                     continue            # not a node's (a block without affinity is not ours to judge)
                 node = affinity[len("host:"):]
             else:
-                node = spec.get("node")
+                node = spec.get("node") or ""
             if not isinstance(node, str) or not node or not isinstance(meta.get("name"), str):
                 continue
             annotations = meta.get("annotations") or {}
@@ -146,12 +146,17 @@ def collect(api) -> tuple[list[Item], set[str], set[str]]:
     """Read what the plan needs: blocks, affinities, node names, nodes that still have pods."""
     from weft.desired.api import RESOURCES, list_kind
     by_kind = {(r.api_version, r.kind): r for r in RESOURCES}
-    nodes = {(o.get("metadata") or {}).get("name") for o in list_kind(api, by_kind[("v1", "Node")])[0]}
+    nodes = {_text((o.get("metadata") or {}).get("name")) for o in list_kind(api, by_kind[("v1", "Node")])[0]}
     pods = list_kind(api, by_kind[("v1", "Pod")])[0]
-    pod_nodes = {(p.get("spec") or {}).get("nodeName") for p in pods} - {None, ""}
+    pod_nodes = {_text((p.get("spec") or {}).get("nodeName")) for p in pods}
     blocks = list_kind(api, by_kind[("crd.projectcalico.org/v1", "IPAMBlock")])[0]
     affinities = list_kind(api, by_kind[("crd.projectcalico.org/v1", "BlockAffinity")])[0]
-    return items(blocks, affinities), nodes - {None}, pod_nodes
+    return items(blocks, affinities), nodes - {""}, pod_nodes - {""}
+
+
+def _text(value: object) -> str:
+    """A name from an API answer, "" when it is not a string (then it names nothing)."""
+    return value if isinstance(value, str) else ""
 
 
 def execute(api, todo: Plan, now: float) -> list[str]:
@@ -232,15 +237,3 @@ def run(args, now: float | None = None) -> int:
         return EXIT_ERROR
     emit(args.output, todo.to_json() | {"done": done}, format_text(todo, done, args.grace_period))
     return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m weft.reconciler.ipam_gc ...` until the `weft` command has the subcommand."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="weft")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from weft.store.statedir import atomic_write
+
 # Upper bounds (seconds) of the CNI latency histogram: an ADD served by the resident helper
 # takes ~30 ms alone and ~150 ms twenty at once; a cold start several hundred.
 CNI_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -167,39 +169,16 @@ def _le(bound: float) -> str:
 
 
 def write_textfile(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically: a new file in the same directory (created
-    exclusively, never through a link), fsync'd, renamed over `path`, the directory fsync'd.
-    node_exporter only reads files ending in .prom, so the temporary file is never read."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    st = os.stat(directory)
+    """Replace `path` with `data` atomically (store.statedir.atomic_write), in a directory only
+    root may write to: node_exporter only reads files ending in .prom, so the temporary file is
+    never read."""
+    path = os.path.abspath(os.fspath(path))
+    st = os.stat(os.path.dirname(path))
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
         from weft.model.errors import WeftError
         raise WeftError(f"metrics file {path}: its directory is writable by group or others "
                         f"(mode {stat.S_IMODE(st.st_mode):04o}); weft (as root) does not write there")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data, mode)
 
 
 def write(path: str | os.PathLike, run: RunMetrics, cni: Mapping | None = None) -> None:
@@ -278,7 +257,7 @@ def _checked(data) -> dict[str, dict]:
     for command, entry in data["commands"].items():
         if command not in CNI_COMMANDS or not isinstance(entry, dict):
             return {}
-        counts = [entry.get("ok"), entry.get("error")]
+        counts: list = [entry.get("ok"), entry.get("error")]
         buckets = entry.get("buckets")
         if (not all(type(c) is int and c >= 0 for c in counts)
                 or not isinstance(entry.get("sum"), int | float) or not math.isfinite(entry["sum"])

@@ -190,16 +190,3 @@ def run(args) -> int:
     if data["counts"]["failed"]:
         return EXIT_ERROR
     return EXIT_DRIFT if data["counts"]["drifted"] else EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m weft.reconciler.nodejobs ...` until the `weft` command has the subcommand."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="weft")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -132,6 +133,8 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     from weft.renderers.iptables import render_node
     from weft.store.ipam import node_ipam_document
     state = reading.state()
+    if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
+        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
     addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
     state = state.with_local_addresses(opts.node, addresses)
     pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)

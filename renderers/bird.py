@@ -202,15 +202,29 @@ def effective_configuration(state: ClusterState, node: str) -> BGPConfiguration:
     return BGPConfiguration(name=f"node.{node}", **merged)
 
 
-def _address(node: Node | None, version: int) -> str | None:
+def _interface(node: Node | None, version: int) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    """The node's BGP address of `version` with its subnet (Calico's IPv4Address/IPv6Address)."""
     bgp = node.bgp if node else None
     text = (bgp.ipv4_address if version == 4 else bgp.ipv6_address) if bgp else None
-    return str(ipaddress.ip_interface(text).ip) if text else None
+    return ipaddress.ip_interface(text) if text else None
 
 
-def _subnet(node: Node, version: int):
-    text = node.bgp.ipv4_address if version == 4 else node.bgp.ipv6_address
-    return ipaddress.ip_interface(text).network
+def _address(node: Node | None, version: int) -> str | None:
+    interface = _interface(node, version)
+    return str(interface.ip) if interface else None
+
+
+def _seconds(duration: str | None) -> int | None:
+    """Whole seconds of a Go duration the converter has checked; None when unset."""
+    seconds = duration_seconds(duration) if duration else None
+    return round(seconds) if seconds is not None else None
+
+
+def _peer_ip(p: BGPPeer) -> str:
+    """A BGPPeer without peerSelector has a peerIP (the converter refuses one without either)."""
+    if p.peer_ip is None:
+        raise WeftError(f"BGPPeer {p.name}: neither peerIP nor peerSelector")
+    return p.peer_ip
 
 
 def _cluster_id(node: Node | None) -> str | None:
@@ -299,7 +313,7 @@ def _mesh_settings(state: ClusterState, config: BGPConfiguration) -> _Mesh:
         password = _secret_password(state, config.node_mesh_password, "BGPConfiguration default",
                                     "spec.nodeMeshPassword")
     restart = config.node_mesh_max_restart_time
-    return _Mesh(password, round(duration_seconds(restart)) if restart else None)
+    return _Mesh(password, _seconds(restart))
 
 
 def _applies_to(p: BGPPeer, node: Node) -> bool:
@@ -316,10 +330,12 @@ def _node_peering(state: ClusterState, kind: str, version: int, other: Node, p: 
 def _forward(state: ClusterState, p: BGPPeer, others: list[Node], kind: str) -> list[_Peering]:
     if p.peer_selector is not None:
         return [_node_peering(state, kind, v, n, p) for n in others if _matches(p.peer_selector, n) for v in (4, 6)]
-    version = ipaddress.ip_address(p.peer_ip).version
+    peer_ip = _peer_ip(p)
     node = next((n for n in _nodes_at(state, p) if n in others), None)
     port = p.peer_port or (_listen_port(state, node.name) if node else BGP_PORT)
-    return [_Peering(kind, version, p.peer_ip, port, p.as_number, node, p)]
+    if p.as_number is None:             # the converter refuses a peerIP peer without asNumber
+        raise WeftError(f"BGPPeer {p.name}: peerIP without asNumber")
+    return [_Peering(kind, ipaddress.ip_address(peer_ip).version, peer_ip, port, p.as_number, node, p)]
 
 
 def _nodes_at(state: ClusterState, p: BGPPeer) -> list[Node]:
@@ -337,7 +353,7 @@ def _reverse_locals(state: ClusterState, p: BGPPeer) -> list[Node]:
 
 
 def _reverse_families(p: BGPPeer) -> tuple[int, ...]:
-    return (4, 6) if p.peer_selector is not None else (ipaddress.ip_address(p.peer_ip).version,)
+    return (4, 6) if p.peer_selector is not None else (ipaddress.ip_address(_peer_ip(p)).version,)
 
 
 def _session(state: ClusterState, me: Node, local_as: int, p: _Peering, mesh: _Mesh) -> Session:
@@ -347,7 +363,8 @@ def _session(state: ClusterState, me: Node, local_as: int, p: _Peering, mesh: _M
     if ttl:
         hops = None if ttl == 1 else ttl
     else:
-        hops = None if ipaddress.ip_address(p.address) in _subnet(me, p.family) else 0
+        mine = _interface(me, p.family)
+        hops = None if mine and ipaddress.ip_address(p.address) in mine.network else 0
     next_hop = None
     if peer and peer.next_hop_mode == "Self":
         next_hop = "self"
@@ -355,21 +372,27 @@ def _session(state: ClusterState, me: Node, local_as: int, p: _Peering, mesh: _M
         next_hop = "keep"
     my_cid = _cluster_id(me)
     rr_client = bool(my_cid) and p.peer_as == local_as and _cluster_id(p.peer_node) != my_cid
-    origin = (f"node-to-node mesh with node {p.peer_node.name}" if peer is None else
-              f"BGPPeer {peer.name}" + (f" (node {p.peer_node.name})" if p.peer_node else ""))
+    peer_node = p.peer_node.name if p.peer_node else None
+    origin = (f"node-to-node mesh with node {peer_node}" if peer is None else
+              f"BGPPeer {peer.name}" + (f" (node {peer_node})" if peer_node else ""))
     return Session(
         name=protocol_name(p.kind, p.address, p.port), kind=p.kind, family=p.family, address=p.address,
         port=p.port, peer_as=p.peer_as, local_as=local_as,
         local_address=None if peer and peer.source_address == "None" else my_address,
-        peer_node=p.peer_node.name if p.peer_node else None,
-        passive=p.peer_node is not None and ipaddress.ip_address(p.address) > ipaddress.ip_address(my_address),
+        peer_node=peer_node,
+        passive=p.peer_node is not None and my_address is not None and _after(p.address, my_address),
         hops=hops, ttl_security=bool(ttl), password=mesh.password if p.kind == "Mesh" else _password(state, peer),
         next_hop=next_hop, rr_client=rr_client, rr_cluster_id=my_cid if rr_client else None,
-        restart_time=(mesh.restart_time if p.kind == "Mesh" else
-                      round(duration_seconds(peer.max_restart_time)) if peer and peer.max_restart_time else None),
-        keepalive_time=round(duration_seconds(peer.keepalive_time)) if peer and peer.keepalive_time else None,
+        restart_time=mesh.restart_time if p.kind == "Mesh" else _seconds(peer.max_restart_time if peer else None),
+        keepalive_time=_seconds(peer.keepalive_time if peer else None),
         export="node" if p.peer_node is not None else "external", origin=origin,
     )
+
+
+def _after(address: str, other: str) -> bool:
+    """Whether `address` sorts after `other` (both of one family): that end of a session between
+    two nodes is passive."""
+    return int(ipaddress.ip_address(address)) > int(ipaddress.ip_address(other))
 
 
 def _password(state: ClusterState, peer: BGPPeer | None) -> str | None:

@@ -44,7 +44,11 @@ def short_hash(*parts: str, length: int = 20) -> str:
 def entity_key(entity: EntityMatch) -> str:
     sel = entity.selector.canonical() if entity.selector is not None else "-"
     nssel = entity.namespace_selector.canonical() if entity.namespace_selector is not None else "-"
-    return f"selector={sel};namespaceSelector={nssel};namespace={entity.namespace or '-'}"
+    key = f"selector={sel};namespaceSelector={nssel};namespace={entity.namespace or '-'}"
+    if entity.has_service_accounts:         # Calico rules only: Kubernetes rules keep their set names
+        sasel = entity.service_account_selector.canonical() if entity.service_account_selector is not None else "-"
+        key += f";serviceAccounts={','.join(entity.service_account_names) or '-'};serviceAccountSelector={sasel}"
+    return key
 
 
 def ipset_net(net: str) -> list[str]:

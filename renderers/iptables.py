@@ -207,9 +207,7 @@ def _policies_by_endpoint(state: ClusterState, local: tuple[Endpoint, ...]) -> d
     index = EndpointIndex(replace(state, endpoints=local))
     result: dict[str, dict[Direction, list[Policy]]] = {ep.key: {INGRESS: [], EGRESS: []} for ep in local}
     for policy in state.policies:
-        selected = index.select(policy.selector)
-        if policy.namespace is not None:
-            selected &= index.in_namespaces((policy.namespace,))
+        selected = index.policy_endpoints(policy)       # its selector, namespace and scoping selectors
         for i in selected:
             ep = index.endpoints[i]
             for direction in policy.types:

@@ -86,6 +86,36 @@ def _check_ancestors(path: str) -> None:
         parent = up
 
 
+def atomic_write(path: str, data: bytes | str, mode: int = FILE_MODE) -> None:
+    """Replace `path` with `data` atomically and durably: a new file in the same directory
+    (created exclusively, never through a link, `mode` whatever the umask), fsync'd, renamed over
+    `path` (a link there is replaced, never followed), then the directory fsync'd. The temporary
+    name starts with a dot and ends in .tmp, so readers that glob (node_exporter: *.prom) never
+    see it. The caller has checked the directory."""
+    directory = os.path.dirname(path)
+    if isinstance(data, str):
+        data = data.encode()
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    sync_dir(directory)
+
+
 class StateDir:
     """A checked state dir. `create`: make it (mode 0700) when it does not exist."""
 
@@ -129,11 +159,12 @@ class StateDir:
     # ---- reading ----------------------------------------------------------------------------
 
     def open_checked(self, name: str, flags: int = os.O_RDONLY) -> int | None:
-        """A descriptor of `name`, or None when there is no such file; refuses links and files
-        weft would not have written (see the module docstring)."""
+        """A descriptor of `name` opened with `flags` (with O_CREAT: made 0600 if missing), or None
+        when there is no such file; refuses links and files weft would not have written (see the
+        module docstring). Every open of a state-dir file goes through here."""
         path = self.file(name)
         try:
-            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -192,29 +223,7 @@ class StateDir:
 
     def replace(self, name: str, data: bytes | str, mode: int = FILE_MODE) -> None:
         """Replace `name` with `data` atomically and durably (see the module docstring)."""
-        path = self.file(name)
-        directory = os.path.dirname(path)
-        if isinstance(data, str):
-            data = data.encode()
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fchmod(fd, mode)                 # whatever the umask
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)                   # a link at `path` is replaced, never followed
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        sync_dir(directory)
+        atomic_write(self.file(name), data, mode)
 
     def remove(self, name: str) -> None:
         try:
@@ -224,17 +233,12 @@ class StateDir:
 
     def append_log(self, name: str) -> int:
         """A descriptor to append to log file `name` (created 0600; never through a link)."""
-        path = self.file(name)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeState(f"{path} is a symbolic link: weft does not follow links in its state dir") from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in _owners():
-            os.close(fd)
-            raise UnsafeState(f"{path} is not a regular file of root's: weft does not write to it; remove it")
+        return self._open_or_create(name, os.O_WRONLY | os.O_APPEND)
+
+    def _open_or_create(self, name: str, flags: int) -> int:
+        fd = self.open_checked(name, flags | os.O_CREAT)
+        if fd is None:                            # O_CREAT: only a missing directory gets here
+            raise UnsafeState(f"{self.file(name)}: cannot create it: its directory is gone")
         return fd
 
     # ---- the node lock ----------------------------------------------------------------------
@@ -244,20 +248,8 @@ class StateDir:
         """The node lock: exclusive for a reconcile run's kernel work, shared for the CNI plugin's
         per-pod steps. WeftError when it cannot be had within `timeout` seconds."""
         path = self.file(name)
+        fd = self._open_or_create(name, os.O_RDWR)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeState(f"{path} is a symbolic link: weft does not follow links in its state dir; "
-                                  "remove it") from None
-            raise UnsafeState(f"{path}: cannot open the node lock: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeState(f"{path} is not a regular file: remove it")
-            if st.st_uid not in _owners() or st.st_mode & _WRITABLE_BY_OTHERS:
-                raise UnsafeState(f"{path} belongs to uid {st.st_uid} or is writable by others "
-                                  f"(mode {stat.S_IMODE(st.st_mode):04o}): weft does not trust it; remove it")
             operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
             deadline = time.monotonic() + timeout
             pause = 0.002

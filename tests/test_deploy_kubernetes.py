@@ -76,7 +76,21 @@ def _needed() -> set[tuple[str, str, str]]:
                 need.add((group, r.plural, verb))
         elif grants != "secrets":
             need |= grants
-    return need
+    # Reading tiered policies through Calico's API server also needs its pseudo-resources.
+    return need | set(weft.desired.api.TIERED_POLICY_GRANTS)
+
+
+def test_calico_kinds_are_read_from_both_calico_groups():
+    calico = [r for r in weft.desired.api.RESOURCES if r.crd]
+    by_group: dict[str, set[str]] = {}
+    for r in calico:
+        by_group.setdefault(r.api_version, set()).add(r.kind)
+    assert set(by_group) == {f"{CALICO}/v1", "projectcalico.org/v3"}
+    assert by_group[f"{CALICO}/v1"] == by_group["projectcalico.org/v3"] == {
+        "GlobalNetworkPolicy", "NetworkPolicy", "Tier", "GlobalNetworkSet", "NetworkSet", "HostEndpoint",
+        "FelixConfiguration", "IPPool", "IPAMBlock", "BlockAffinity", "BGPConfiguration", "BGPPeer"}
+    core = {(r.api_version, r.kind) for r in weft.desired.api.RESOURCES if not r.crd}
+    assert ("v1", "ServiceAccount") in core
 
 
 def _grants(rules: list[dict]) -> set[tuple[str, str, str]]:
@@ -172,8 +186,10 @@ def test_manifests_are_valid_kubernetes_objects(name):
 
 
 def test_the_crds_serve_every_calico_kind_weft_reads():
+    """Calico's own CRDs (crd.projectcalico.org), for clusters without Calico: the v3 group is
+    Calico's API server's (or its newer CRDs'), which a cluster without Calico does not need."""
     crds = {d["spec"]["names"]["kind"]: d for d in _docs("crds.yaml")}
-    calico = [r for r in weft.desired.api.RESOURCES if r.crd]
+    calico = [r for r in weft.desired.api.RESOURCES if r.crd and r.api_version == f"{CALICO}/v1"]
     assert set(crds) == {r.kind for r in calico}
     for r in calico:
         crd = crds[r.kind]

@@ -46,11 +46,14 @@ def manifest(kind: str, api_version: str, ns: str, tag: str) -> dict:
         "BGPConfiguration": {"asNumber": 64512},
         "BGPPeer": {"peerIP": "198.18.0.254", "asNumber": 64513, "nodeSelector": "!all()"},
         "HostEndpoint": {"node": node, "interfaceName": "eth0", "expectedIPs": ["198.18.0.10"]},
+        "Tier": {"order": 500, "defaultAction": "Pass"},
+        "FelixConfiguration": {"logPrefix": "weft-test"},     # not "default" nor "node.<name>": no effect
     }
-    spec = calico[kind] if api_version == CALICO_API_VERSION else {
+    spec = calico[kind] if "projectcalico.org/" in api_version else {
         "Node": {"podCIDR": "198.18.5.0/24"},
         "Pod": pod("x", node=node)["spec"],   # status: see below
         "NetworkPolicy": {"podSelector": {}, "policyTypes": ["Ingress"]},
+        "ServiceAccount": {},
     }[kind]
     name = f"node.{node}" if kind == "BGPConfiguration" else f"weft-test-{kind.lower()}-{tag}"
     obj = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name}, "spec": spec}

@@ -202,7 +202,7 @@ def _communities(check: Checker, raw: Any) -> tuple[Community, ...]:
         elif name in found:
             check.fail(f"{path}.name", f"community {name!r} is defined twice")
         else:
-            found[name] = Community(name, value)
+            found[name] = Community(name, str(value))
     return tuple(sorted(found.values(), key=lambda c: c.name))
 
 

@@ -32,11 +32,17 @@ def block_name(cidr: str) -> str:
     return cidr.replace(".", "-").replace(":", "-").replace("/", "-")
 
 
+# IPPool's fields: those weft uses, and Calico's others (accepted; any further field is a warning).
+POOL_FIELDS = {"cidr", "blockSize", "nodeSelector", "disabled", "disableBGPExport", "natOutgoing"}
+POOL_FIELDS_UNUSED = {"vxlanMode", "ipipMode", "allowedUses", "assignmentMode", "ipip", "nat-outgoing"}
+
+
 def ippool(check: Checker, raw: dict) -> IPPool | None:
     name = name_of(check, raw)
     spec = _spec(check, raw)
     if spec is None:
         return None
+    check.known_fields(spec, "spec", POOL_FIELDS, ignored=POOL_FIELDS_UNUSED)
     cidr = _block_cidr(check, spec)
     if cidr is None:
         return None

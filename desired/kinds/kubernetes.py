@@ -24,6 +24,7 @@ from weft.desired.validation import (
     valid_label_key,
     valid_label_value,
 )
+from weft.model import labels as calico_labels
 from weft.model.cluster import (
     EGRESS,
     INGRESS,
@@ -42,7 +43,7 @@ from weft.model.cluster import (
     Rule,
 )
 from weft.model.names import host_iface_name
-from weft.model.selector import And, Expr, Has, In, Not, NotIn
+from weft.model.selector import All, And, Eq, Expr, Has, In, Not, NotIn
 
 # Namespaces every API server has; a manifest directory need not declare them.
 BUILTIN_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
@@ -157,8 +158,22 @@ def endpoint(check: Checker, raw: dict) -> Endpoint | None:
         return None
     return Endpoint(
         namespace=ns, pod=name, node=node, iface=host_iface_name(ns, name), ips=tuple(dict.fromkeys(ips)),
-        labels=labels, ports=ports,
+        labels=labels, ports=ports, service_account=_service_account(check, spec),
     )
+
+
+def _service_account(check: Checker, spec: dict) -> str:
+    """The pod's service account (Calico's projectcalico.org/serviceaccount label, and its
+    profile): "default" when a manifest does not say, as the API server sets it."""
+    for key in ("serviceAccountName", "serviceAccount"):           # the second: deprecated spelling
+        value = spec.get(key)
+        if value is None or value == "":
+            continue
+        if not valid_dns_subdomain(value):
+            check.fail(f"spec.{key}", f"must be a service account name (a DNS subdomain), got {shown(value)}")
+            return "default"
+        return value
+    return "default"
 
 
 def _container_ports(check: Checker, spec: dict) -> tuple[ContainerPort, ...]:
@@ -309,7 +324,8 @@ def network_policy(check: Checker, raw: dict) -> Policy | None:
 
 
 def _k8s_rule(check: Checker, raw: Any, path: str, ns: str | None, direction: Direction) -> list[Rule]:
-    """One Kubernetes rule -> Calico rules: one per (peer, protocol) pair, all Allow."""
+    """One Kubernetes rule -> Calico rules: one per (peer, protocol) pair, all Allow; each
+    names the rule it came from (its origin)."""
     if not isinstance(raw, dict):
         check.fail(path, "must be a mapping")
         return []
@@ -325,11 +341,12 @@ def _k8s_rule(check: Checker, raw: Any, path: str, ns: str | None, direction: Di
             continue
         for proto, ports in sorted(port_groups.items(), key=lambda kv: kv[0] or ""):
             if direction == INGRESS:
-                rules.append(Rule(Action.ALLOW, proto, source=peer, destination=EntityMatch(ports=ports)))
+                rules.append(Rule(Action.ALLOW, proto, source=peer, destination=EntityMatch(ports=ports),
+                                  origin=path))
             else:
                 dest = EntityMatch(peer.nets, peer.not_nets, peer.selector, peer.namespace_selector,
                                    peer.namespace, ports)
-                rules.append(Rule(Action.ALLOW, proto, destination=dest))
+                rules.append(Rule(Action.ALLOW, proto, destination=dest, origin=path))
     return rules
 
 
@@ -350,9 +367,12 @@ def _peer(check: Checker, raw: Any, path: str, ns: str | None) -> EntityMatch | 
     pod_sel = _selector(check, raw.get("podSelector"), f"{path}.podSelector") if "podSelector" in present else None
     ns_sel = _selector(check, raw.get("namespaceSelector"), f"{path}.namespaceSelector") \
         if "namespaceSelector" in present else None
+    # A Kubernetes peer is pods: Calico adds `projectcalico.org/orchestrator == 'k8s'`, so that
+    # neither network sets nor host endpoints match it.
+    pods = And((pod_sel or All(), Eq(calico_labels.ORCHESTRATOR, calico_labels.KUBERNETES))).normalize()
     if "namespaceSelector" in present:
-        return EntityMatch(selector=pod_sel, namespace_selector=ns_sel)
-    return EntityMatch(selector=pod_sel, namespace=ns)
+        return EntityMatch(selector=pods, namespace_selector=ns_sel)
+    return EntityMatch(selector=pods, namespace=ns)
 
 
 def _ip_block(check: Checker, raw: Any, path: str) -> EntityMatch | None:
