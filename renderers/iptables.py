@@ -258,8 +258,9 @@ def policy_tiers(policies: list[Policy], direction: str) -> list[list[str]]:
 
 def _rule_specs(rule: Rule, sets: SetCatalog, family: int = 4) -> list[Spec]:
     """One policy rule as rules of `family`'s table (several when ports must be split); [] if it
-    can never match a packet of that family (e.g. its nets are all of the other family)."""
-    if not _protocol_in_family(rule.protocol, family):
+    can never match a packet of that family (its ipVersion is the other one, or its nets, or
+    its protocol, are all of the other family)."""
+    if not _protocol_in_family(rule.protocol, family) or rule.ip_version not in (None, family):
         return []
     src = _side(rule.source, "src", rule.protocol, sets, family)
     dst = _side(rule.destination, "dst", rule.protocol, sets, family)
