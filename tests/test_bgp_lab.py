@@ -450,12 +450,17 @@ def _settled(lab: MultiNodeLab, quiet: float = 1.0, timeout: float = 20.0) -> No
     sessions' `since` before and after a change to prove no session was reset."""
     def snapshot() -> dict:
         return {n.name: {name: (p.since, p.info) for name, p in lab.sessions(n).items()} for n in lab.nodes}
+
+    def same(a: dict, b: dict) -> bool:      # `since` within BIRD's print jitter is one instant
+        return a.keys() == b.keys() and all(
+            a[n].keys() == b[n].keys() and all(a[n][k][1] == b[n][k][1] and (a[n][k][0] == b[n][k][0] or same_time(a[n][k][0], b[n][k][0]))
+                                               for k in a[n]) for n in a)
     last, changed = snapshot(), time.monotonic()
     deadline = changed + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         now = snapshot()
-        if now != last:
+        if not same(now, last):
             last, changed = now, time.monotonic()
         elif time.monotonic() - changed >= quiet:
             return
