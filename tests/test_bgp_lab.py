@@ -451,10 +451,12 @@ def _settled(lab: MultiNodeLab, quiet: float = 1.0, timeout: float = 20.0) -> No
     def snapshot() -> dict:
         return {n.name: {name: (p.since, p.info) for name, p in lab.sessions(n).items()} for n in lab.nodes}
 
-    def same(a: dict, b: dict) -> bool:      # `since` within BIRD's print jitter is one instant
+    def same_session(x: tuple, y: tuple) -> bool:      # `since` within BIRD's print jitter: one instant
+        return x[1] == y[1] and (x[0] == y[0] or same_time(x[0], y[0]))
+
+    def same(a: dict, b: dict) -> bool:
         return a.keys() == b.keys() and all(
-            a[n].keys() == b[n].keys() and all(a[n][k][1] == b[n][k][1] and (a[n][k][0] == b[n][k][0] or same_time(a[n][k][0], b[n][k][0]))
-                                               for k in a[n]) for n in a)
+            a[n].keys() == b[n].keys() and all(same_session(a[n][k], b[n][k]) for k in a[n]) for n in a)
     last, changed = snapshot(), time.monotonic()
     deadline = changed + timeout
     while time.monotonic() < deadline:
