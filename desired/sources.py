@@ -200,9 +200,10 @@ def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: lis
     for group in gone:
         cache.take(group)
     for path, documents in read.items():
-        old = {}
+        old: dict[str, tuple] = {}
         for group in [g for g in cache.blobs if g[0] == path]:
-            old[group[2]] = cache.take(group)
+            if (kept := cache.take(group)) is not None:     # always: the group is one of the cache's
+                old[group[2]] = kept
         new = {}
         for n, block in enumerate(_blocks(documents)):
             block_id = hashlib.sha256("".join(d.digest for d in block).encode()).hexdigest()[:16]
@@ -294,6 +295,7 @@ def _read_api(child: _ApiChild | _InProcess, cache: cachemod.DesiredCache | None
     if what == "full":
         return _list_everything(cachemod.DesiredCache(source, token=""), kubeconfig, context, keep)
     (now,) = rest
+    assert cache is not None            # without a cache the child answers "full" (_ask_api)
     if what == "same":
         return Reading(cache.token, cache, _assembled_from(cache, kubeconfig, context, keep), dirty=False)
     (results,) = child.receive()

@@ -252,7 +252,7 @@ class NodeLab:
         self._add_netns(netns)
         ip_batch(netns, ["link set lo up"])
         self._cni_added.append(pod)
-        result = self._cni_call("ADD", pod)
+        result = self._cni_call("ADD", pod) or {}     # no answer: no address, said below
         addresses = [ip["address"].split("/")[0] for ip in result.get("ips", ()) if "." in ip["address"]]
         if not addresses:
             raise LabError(f"CNI ADD of pod {pod.key} gave no IPv4 address: {result}")
@@ -264,6 +264,7 @@ class NodeLab:
     def _cni_call(self, command: str, pod: LabPod) -> dict | None:
         """One plugin call in the node's namespace, with the environment and stdin a runtime gives."""
         cni = self.cni
+        assert cni is not None                 # only a lab made with cni= calls the plugin
         container_id = self.pod_netns(pod)     # stable per pod, and unique
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
                "CNI_CONTAINERID": container_id, "CNI_NETNS": f"/run/netns/{self.pod_netns(pod)}",
@@ -289,12 +290,14 @@ class NodeLab:
         """Wait for every server's "ready" line: the servers start in parallel, the wait is shared."""
         deadline = time.monotonic() + READY_TIMEOUT
         for pod, server in zip(self.pods, self._servers, strict=True):
-            ready, _, _ = select.select([server.stdout], [], [], max(deadline - time.monotonic(), 0))
-            line = server.stdout.readline() if ready else ""
+            out, err = server.stdout, server.stderr
+            assert out is not None and err is not None     # _start_server pipes both
+            ready, _, _ = select.select([out], [], [], max(deadline - time.monotonic(), 0))
+            line = out.readline() if ready else ""
             if line.strip() != "ready":
                 if server.poll() is None:
                     server.kill()
-                raise LabError(f"server in pod {pod.key} did not start: {line}{server.stderr.read().strip()}")
+                raise LabError(f"server in pod {pod.key} did not start: {line}{err.read().strip()}")
 
     def close(self) -> None:
         """Stop the servers and delete every namespace; safe to call twice or on a half-built lab."""
@@ -304,8 +307,9 @@ class NodeLab:
             except ProcessLookupError:
                 pass
             server.wait()
-            server.stdout.close()
-            server.stderr.close()
+            for pipe in (server.stdout, server.stderr):
+                if pipe is not None:
+                    pipe.close()
         self._servers.clear()
         while self._cni_added:
             pod = self._cni_added.pop()
@@ -368,12 +372,13 @@ def format_matrix(pods: Sequence[LabPod], matrix: dict) -> str:
     probes = list(dict.fromkeys((proto, port) for _, _, proto, port in matrix))
     keys = [pod.key for pod in pods]
     width = max([len(key) for key in keys] + [1]) + 1
+    marks: dict[bool | None, str] = {True: ".", False: "X"}
     tables = []
     for proto, port in probes:
         lines = [f"{proto.upper()}/{port}  (rows: from, columns: to; . connected, X blocked)",
                  "-".ljust(width) + "".join(key.ljust(width) for key in keys).rstrip()]
         for src in keys:
-            cells = [{True: ".", False: "X"}.get(matrix.get((src, dst, proto, port)), "?") for dst in keys]
+            cells = [marks.get(matrix.get((src, dst, proto, port)), "?") for dst in keys]
             lines.append(src.ljust(width) + "".join(cell.ljust(width) for cell in cells).rstrip())
         tables.append("\n".join(lines))
     return "\n\n".join(tables)
