@@ -790,8 +790,9 @@ def check_needed(host: str, chosen: tuple[Resource, ...]) -> None:
     """SourceError (one line) when a kind weft needs is served by neither of Calico's groups."""
     missing = unserved(chosen, NEEDED_KINDS)
     if missing:
-        raise SourceError(f"the API server at {host} serves no {', '.join(missing)} (in neither "
-                          f"{' nor '.join(CALICO_API_GROUPS)}), which weft needs: {CRDS_FIX}")
+        raise SourceError(f"the API server at {host} serves {', '.join(missing)} in neither "
+                          f"{' nor '.join(CALICO_API_GROUPS)}; weft needs {'them' if len(missing) > 1 else 'it'}: "
+                          f"{CRDS_FIX}")
 
 
 def optional_warning(host: str, chosen: tuple[Resource, ...]) -> str | None:
@@ -811,4 +812,6 @@ def discover_served(api: Connection, *, timeout: float = READ_TIMEOUT) -> dict[s
 def discover_resources(api: Connection, *, timeout: float = READ_TIMEOUT) -> tuple[Resource, ...]:
     """What this cluster serves of RESOURCES, each Calico kind from one group (choose_resources);
     SourceError when a kind weft needs is served by neither group (check_needed)."""
-    return choose_resources(discover_served(api, timeout=timeout))
+    chosen = choose_resources(discover_served(api, timeout=timeout))
+    check_needed(api.host, chosen)
+    return chosen

@@ -30,8 +30,10 @@ from weft.desired.api import (
     Connection,
     NotServed,
     Resource,
+    check_needed,
     choose_resources,
     discover_served,
+    optional_warning,
 )
 
 DISCOVERY_FILE = "api-discovery.json"
@@ -82,6 +84,7 @@ class Discovery:
             served = self._kept()
             self.cached = served is not None
             self._chosen = choose_resources(served) if served is not None else self._discover()
+            check_needed(self.api.host, self._chosen)
         return self._chosen
 
     def rediscover(self) -> tuple[Resource, ...] | None:
@@ -118,8 +121,15 @@ class Discovery:
         return [(r, answers[r]) for r in resources]
 
     def _discover(self) -> tuple[Resource, ...]:
+        """Discovered now: SourceError when a kind weft needs is served by neither group (then
+        nothing is kept: the next run asks again); a newer kind missing is a warning, given
+        with each discovery (every DISCOVERY_MAX_AGE at most)."""
         served = discover_served(self.api)
         chosen = choose_resources(served)
+        check_needed(self.api.host, chosen)
+        warning = optional_warning(self.api.host, chosen)
+        if warning:
+            print(warning, file=sys.stderr)
         self._keep(served)
         return chosen
 

@@ -18,6 +18,7 @@ from weft.desired.api import (
     CALICO_API_GROUPS,
     CALICO_API_VERSION,
     CALICO_KINDS,
+    NEEDED_KINDS,
     RESOURCES,
     choose_resources,
     connect,
@@ -31,6 +32,12 @@ from weft.store.statedir import StateDir
 
 V3 = "projectcalico.org/v3"
 BUILTIN = [r for r in RESOURCES if r.api_version not in CALICO_API_GROUPS]
+
+
+MISSING = ("the API server at {url} serves IPPool, GlobalNetworkPolicy, NetworkPolicy, GlobalNetworkSet, "
+           "NetworkSet, HostEndpoint, BGPConfiguration, BGPPeer in neither crd.projectcalico.org/v1 nor "
+           "projectcalico.org/v3; weft needs them: apply weft's CRDs (kubectl apply -f "
+           "playbooks/kubernetes/crds.yaml) or install Calico")
 
 
 def calico_read(resources) -> dict[str, str]:
@@ -48,7 +55,7 @@ def test_every_kind_read_once_from_the_crds_when_both_groups_serve_it(tmp_path):
 
 def test_calicos_v3_crd_mode_is_read_from_v3(tmp_path):
     """Calico's newer CRD mode: projectcalico.org/v3 CRDs and no crd.projectcalico.org at all."""
-    with FakeKubeAPI() as fake:
+    with FakeKubeAPI(crds=False) as fake:
         for (api_version, kind), (plural, namespaced) in KINDS.items():
             if api_version == V3:
                 fake._serve(api_version, kind, plural, namespaced)
@@ -62,11 +69,42 @@ def test_calicos_v3_crd_mode_is_read_from_v3(tmp_path):
         assert not any(path.startswith(f"/apis/{CALICO_API_VERSION}/") for _m, path in fake.requests)
 
 
-def test_a_cluster_without_calico_reads_only_kubernetes_kinds(tmp_path):
-    with FakeKubeAPI() as fake:
+def test_a_cluster_without_calicos_kinds_is_an_error_naming_them_and_the_fix(tmp_path):
+    with FakeKubeAPI(crds=False) as fake:
         api = connect(fake.write_kubeconfig(tmp_path / "kubeconfig"))
         assert served_plurals(api, CALICO_API_VERSION) == frozenset()
-        assert discover_resources(api) == tuple(BUILTIN)
+        with pytest.raises(SourceError) as error:
+            discover_resources(api)
+    assert str(error.value) == MISSING.format(url=fake.url)
+
+
+def test_one_needed_kind_missing_is_an_error_naming_it(tmp_path):
+    with FakeKubeAPI(crds=True) as fake:
+        del fake._types[(CALICO_API_VERSION, "hostendpoints")]
+        del fake._types[(V3, "hostendpoints")]
+        api = connect(fake.write_kubeconfig(tmp_path / "kubeconfig"))
+        with pytest.raises(SourceError, match=r"serves HostEndpoint in neither .*; weft needs it: apply weft's CRDs"):
+            discover_resources(api)
+
+
+def test_newer_kinds_missing_are_a_warning_once_per_discovery(tmp_path, capsys):
+    """An older Calico has no Tier or FelixConfiguration: one line says so, and the run goes on."""
+    with FakeKubeAPI() as fake:                   # the kinds weft needs, not the newer ones
+        kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+        state = run(tmp_path / "state", kubeconfig)
+        touch(fake, "later")
+        run(tmp_path / "state", kubeconfig)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "weft: warning" in line]
+    assert warnings == [f"weft: warning: the API server at {fake.url} serves no Tier, FelixConfiguration: weft "
+                        "reads none (policies are in the default tier, Felix's settings are the defaults); to read "
+                        "them, apply weft's CRDs (kubectl apply -f playbooks/kubernetes/crds.yaml) or install Calico"]
+    assert list(state.tiers) == ["default"]
+
+
+def test_the_fake_serves_every_kind_weft_needs_by_default(tmp_path):
+    with FakeKubeAPI() as fake:
+        chosen = discover_resources(connect(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+    assert set(calico_read(chosen)) >= set(NEEDED_KINDS)
 
 
 def test_a_group_serving_some_kinds_mixes_with_the_other():
@@ -106,7 +144,7 @@ def test_a_kind_that_moves_to_the_other_group_is_read_from_there_and_its_old_cop
         return sorted(p.name for p in reading.state().ippools)
 
     state_dir = tmp_path / "state"
-    with FakeKubeAPI(crds=["IPPool"]) as fake:
+    with FakeKubeAPI(crds=True) as fake:
         kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
         for api_version in list(fake._types):
             if api_version[0] == V3:
@@ -266,3 +304,27 @@ def test_the_kept_discovery_is_what_the_server_answers(kube_source, tmp_path):
     assert first.resources() == discover_resources(kube_source.api) and not first.cached
     second = Discovery(kube_source.api, state_dir)
     assert second.resources() == first.resources() and second.cached
+
+
+def test_weft_apply_without_calicos_kinds_fails_in_one_line_and_changes_nothing(tmp_path):
+    """The real command on a node namespace: exit 1, the error as one line, the node's kernel
+    state as it was and nothing kept of the discovery."""
+    from tests.cninode import entered
+    from tests.nodens import describe, kernel_state, namespace, node_netns, pod, run_weft, usable
+    if usable() is not None:
+        pytest.skip(usable())
+    with node_netns() as ns:
+        fake = FakeKubeAPI([namespace("x"), pod("x", "a", "198.18.5.1")], crds=False)
+        with entered(ns):
+            fake.__enter__()                      # listening inside the node's namespace
+        try:
+            before = kernel_state(ns)
+            state_dir = tmp_path / "state"
+            proc = run_weft(ns, "apply", "--kubeconfig", fake.write_kubeconfig(tmp_path / "kubeconfig"),
+                            state_dir=state_dir)
+            assert proc.returncode == 1, describe(proc)
+            assert proc.stderr.splitlines() == ["weft: error: " + MISSING.format(url=fake.url)], describe(proc)
+            assert kernel_state(ns) == before
+            assert not (state_dir / DISCOVERY_FILE).exists()
+        finally:
+            fake.__exit__(None, None, None)
