@@ -300,6 +300,25 @@ def test_upgrade_shows_the_plan_stops_unless_approved_and_rolls_back(lab):
     assert str(lab.root / "opt/weft" / old_link).encode() in (lab.root / "opt/cni/bin/weft").read_bytes()
 
 
+def test_without_a_compiler_the_plugin_is_the_python_launcher_and_the_play_says_so(lab):
+    """A node whose compiler fails (CC=false): the installer's fallback is what the role leaves,
+    and says so; a second run changes nothing; with the compiler back the native client returns."""
+    plugin, build = lab.root / "opt/cni/bin/weft", lab.root / "opt/weft/venv/weft-cni"
+    build.unlink()                                  # as if this version had been installed without one
+    lab.env["CC"] = "false"
+    try:
+        changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
+        assert changed == 1 and "is weft's Python launcher, not its native client" in out, out
+        assert plugin.read_text().startswith(f"#!{lab.root}/opt/weft/venv/bin/python -IS\n")
+        changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
+        assert changed == 0 and "is weft's Python launcher" in out, out
+    finally:
+        del lab.env["CC"]
+    changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
+    assert changed == 1 and "is weft's Python launcher" not in out, out
+    assert plugin.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_remove_leaves_nothing_behind(lab):
     assert lab.run_unit("weft-reconcile.service").returncode == 0
     assert nodens.weft_names(lab.ns)
