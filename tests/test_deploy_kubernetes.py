@@ -49,8 +49,9 @@ CALL_SITES = {
     ("cni/claims.py", "POST", 'f"/apis/{version}/blockaffinities"'): {(g, "blockaffinities", "create")
                                                                      for g in CALICO_GROUPS},
     # the plugin's own read of pools, blocks, its node (by fieldSelector) and its pods
-    ("cni/nodesource.py", "GET", "path"): {("", "pods", "list"), ("", "nodes", "list"), (CALICO, "ippools", "list"),
-                                           (CALICO, "ipamblocks", "list"), (CALICO, "blockaffinities", "list")},
+    ("cni/nodesource.py", "GET", "path"): {("", "pods", "list"), ("", "nodes", "list"),
+                                           *((g, plural, "list") for g in CALICO_GROUPS
+                                             for plural in ("ippools", "ipamblocks", "blockaffinities"))},
 }
 # Modules that talk to the API server with their own identity, not the node's.
 OTHER_IDENTITIES = {"reconciler/ipam_gc.py", "reconciler/nodejobs.py"}

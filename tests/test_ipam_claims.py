@@ -140,3 +140,19 @@ def test_claims_use_projectcalico_v3_where_only_calicos_newer_crd_mode_serves_ip
             assert stored["apiVersion"] == v3 and stored["spec"]["affinity"] == "host:n1"
             confirmed = api.request("GET", f"/apis/{v3}/blockaffinities/n1-{block_name(second)}")
             assert confirmed["spec"]["state"] == "confirmed"
+
+
+def test_the_plugin_reads_pools_and_blocks_from_projectcalico_v3_when_only_it_serves_them(tmp_path):
+    """The CNI plugin's own read of its node's IPAM (cni/nodesource.py) on a v3-CRD-only cluster:
+    before, crd.projectcalico.org/v1 answered 404 and the node had no pools at all."""
+    from tests.kubeapi import FakeKubeAPI
+    from weft.cni.nodesource import read_node_ipam
+    v3 = "projectcalico.org/v3"
+    objects = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"zone": "a"}}},
+               {"apiVersion": v3, "kind": "IPPool", "metadata": {"name": "pool"},
+                "spec": {"cidr": "198.19.0.0/24", "blockSize": 26}},
+               ipam_block_object("198.19.0.0/26", "n1", v3), block_affinity_object("198.19.0.0/26", "n1", v3)]
+    with FakeKubeAPI(objects, crds=False) as fake:
+        seen = read_node_ipam({"kubeconfig": str(fake.write_kubeconfig(tmp_path / "kubeconfig"))}, "n1")
+    assert [p.cidr for p in seen.pools] == ["198.19.0.0/24"]
+    assert [b.cidr for b in seen.blocks] == ["198.19.0.0/26"] and seen.labels == {"zone": "a"}
