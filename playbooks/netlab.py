@@ -111,19 +111,17 @@ def check_lab_pods(pods: Sequence[LabPod]) -> None:
     if len(set(keys)) != len(keys):
         raise ValueError(f"pods named more than once: {sorted({key for key in keys if keys.count(key) > 1})}")
     for pod in pods:
-        try:
-            address = ipaddress.IPv4Address(pod.ip)
-        except ValueError:
-            raise ValueError(f"pod {pod.key}: {pod.ip!r} is not an IPv4 address") from None
-        if address not in LAB_NETWORK:
-            raise ValueError(f"pod {pod.key}: {pod.ip} is outside the lab range {LAB_NETWORK}")
-        if pod.ip6 is not None:
+        for family, text, network in ((4, pod.ip, LAB_NETWORK), (6, pod.ip6, LAB_NETWORK6)):
+            if text is None:
+                continue
             try:
-                address6 = ipaddress.IPv6Address(pod.ip6)
+                address = ipaddress.ip_address(text)
             except ValueError:
-                raise ValueError(f"pod {pod.key}: {pod.ip6!r} is not an IPv6 address") from None
-            if address6 not in LAB_NETWORK6:
-                raise ValueError(f"pod {pod.key}: {pod.ip6} is outside the lab's IPv6 range {LAB_NETWORK6}")
+                address = None
+            if address is None or address.version != family:
+                raise ValueError(f"pod {pod.key}: {text!r} is not an IPv{family} address")
+            if address not in network:
+                raise ValueError(f"pod {pod.key}: {text} is outside the lab's IPv{family} range {network}")
 
 
 def run(argv: list[str], *, input: str | None = None) -> str:

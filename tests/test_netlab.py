@@ -163,7 +163,7 @@ def test_failed_create_leaves_nothing(example_pods, monkeypatch, failure):
 
 
 @pytest.mark.parametrize("pods, error", [
-    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "10.1.2.3")], "outside the lab range"),
+    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "10.1.2.3")], "outside the lab's IPv4 range"),
     ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "198.18.1.300")], "not an IPv4 address"),
     ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "a", "198.18.1.12")], "named more than once"),
 ])
