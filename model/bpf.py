@@ -128,7 +128,7 @@ class BpfMaps:
         h = hashlib.sha256()
         for name, table in self.tables().items():
             h.update(f"\0{name}\n".encode())
-            for key, value in sorted(table.items()):
+            for key, value in sorted(table.items(), key=lambda kv: repr(kv[0])):   # keys may hold None (any protocol)
                 h.update(f"{key!r}={value!r}\n".encode())
         return h.hexdigest()
 

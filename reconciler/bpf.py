@@ -425,12 +425,28 @@ def endpoint_entry(snapshot: Mapping[str, Any] | None, pod: str) -> m.EndpointEn
     return m.EndpointEntry(*(CLOSED if flag is not False else OPEN for flag in closed))
 
 
+def pinned_build(root: Path):
+    """The build whose programs are pinned at `root` and use the pinned maps of this weft's layout
+    (None: none is). This build's first; else the one a run pinned (a run removes every other):
+    the plugin may run in an interpreter that sees another bcc version than the run's (a digest
+    input), and it only attaches what is pinned, it never compiles."""
+    build = build_for(root)
+    if programs_current(build, root):
+        return build
+    others = sorted(p.name for p in root.glob("progs-*")) if root.exists() else []
+    for name in others:
+        other = replace(build, digest=name.removeprefix("progs-"))
+        if other.progs_dir(root) != build.progs_dir(root) and programs_current(other, root):
+            return other
+    return None
+
+
 def ebpf_node(state_dir: Path | str) -> bool:
     """Is this node's data plane eBPF (a `weft apply --dataplane ebpf` pinned this build's programs
     for it)? What the CNI plugin asks before choosing the pod's policy step."""
     from weft.reconciler.bpf_apply import node_pin_dir
     root = node_pin_dir(state_dir)
-    return root.exists() and programs_current(build_for(root), root)
+    return root.exists() and pinned_build(root) is not None
 
 
 def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, runner: Runner | None = None
@@ -446,9 +462,9 @@ def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, 
     if not iface.startswith(HOST_IFACE_PREFIX):
         raise WeftError(f"{iface!r} is not a weft interface")
     root = node_pin_dir(state_dir)
-    build = build_for(root)
-    if not programs_current(build, root):
-        raise BpfApplyError(f"no eBPF programs of this build are pinned in {root}: `weft apply --dataplane ebpf` "
+    build = pinned_build(root)
+    if build is None:
+        raise BpfApplyError(f"no eBPF programs on this weft's maps are pinned in {root}: `weft apply --dataplane ebpf` "
                             f"must run on this node before pods are added")
     index = {name: i for i, name in interfaces().items()}.get(iface)
     if index is None:
@@ -471,5 +487,27 @@ def forget_endpoint(state_dir: Path | str, iface: str) -> bool:
         return writer.delete(m.pack_key("endpoints", index))
 
 
-__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "ebpf_node", "endpoint_entry", "forget_endpoint",
-           "probe", "program_endpoint"]
+def endpoint_problems(state_dir: Path | str, iface: str, runner: Runner | None = None) -> list[str]:
+    """CNI CHECK on an eBPF node: what is missing of the pod's entry and programs (empty: all there)."""
+    from weft.reconciler.bpf_apply import node_pin_dir
+    runner = runner or Runner()
+    root = node_pin_dir(state_dir)
+    build = pinned_build(root)
+    if build is None:
+        return [f"no eBPF programs on this weft's maps are pinned in {root}"]
+    index = {name: i for i, name in interfaces().items()}.get(iface)
+    if index is None:
+        return [f"no interface {iface}"]
+    problems = []
+    with MapHandle(build.maps_dir(root) / "endpoints") as handle:
+        if handle.get(m.pack_key("endpoints", index)) is None:
+            problems.append(f"no endpoint entry for {iface} in the eBPF map endpoints")
+    wanted = {hook: prog_info(build.progs_dir(root) / prog).id for hook, prog in HOOKS.items()}
+    for (name, hook), found in read_attachments(runner, [iface]).items():
+        if found.prog_id != wanted[hook]:
+            problems.append(f"weft's eBPF program is not attached on {name} {hook}")
+    return problems
+
+
+__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "ebpf_node", "endpoint_entry", "endpoint_problems",
+           "forget_endpoint", "probe", "program_endpoint"]

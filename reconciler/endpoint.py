@@ -19,6 +19,7 @@ from __future__ import annotations
 from weft.probes.backend import Backend, detect
 from weft.probes.netlink import nft_generation
 from weft.probes.runner import KernelCommandError, Runner
+from weft.reconciler.bpf_pins import pinned
 from weft.renderers.endpoint import endpoint_chains
 from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH
 from weft.store.snapshot import load_snapshot, save_snapshot  # noqa: F401  (save_snapshot: run.py)
@@ -85,6 +86,9 @@ def _restore(state_dir, work, pods: list[tuple], cache: DispatchCache | None = N
     sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     cache = cache if cache is not None else DispatchCache()
     with sd.lock(shared=True, timeout=LOCK_TIMEOUT), cache.lock:
+        if pinned(sd.path):                          # an eBPF node: map entries and programs, no chains
+            _bpf_step(sd, work, pods, runner)
+            return
         backend = _backend(runner)
         generation = nft_generation() if backend.name == "nft" else None
         known = cache.get(backend, generation)
@@ -110,6 +114,22 @@ def _restore(state_dir, work, pods: list[tuple], cache: DispatchCache | None = N
         runner.run(backend.restore, "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n", writes=True)
         if generation is not None and nft_generation() == generation + 1:
             cache.keep(backend, generation + 1, from_after, to_after if to_lines is not None else None)
+
+
+def _bpf_step(sd: StateDir, work, pods: list[tuple], runner: Runner) -> None:
+    """On an eBPF node (reconciler.bpf): ADD writes each pod's endpoint entry (from the snapshot,
+    as the iptables step renders its chains from it) and attaches the pinned programs to its veth,
+    which must exist (the plugin wires first on such a node); nothing is compiled, and without
+    this build's pinned programs it raises (the ADD fails closed). DEL deletes the entry before
+    the veth goes."""
+    from weft.reconciler import bpf
+    if work is _add_lines:
+        snap = load_snapshot(sd)
+        for iface, namespace, pod in pods:
+            bpf.program_endpoint(sd.path, iface, bpf.endpoint_entry(snap, f"{namespace}/{pod}"), runner)
+    else:
+        for iface, *_ in pods:
+            bpf.forget_endpoint(sd.path, iface)
 
 
 def _add_lines(sd: StateDir, pods: list[tuple], from_lines: list[str], to_lines: list[str]):
@@ -177,6 +197,10 @@ def remove_endpoint(state_dir, iface: str) -> None:
 def check_endpoint(state_dir, namespace: str, pod: str, iface: str) -> list[str]:
     """What is missing of the pod's policy plumbing (empty when all is there)."""
     runner = Runner()
+    path = state_dir.path if isinstance(state_dir, StateDir) else state_dir
+    if pinned(path):
+        from weft.reconciler.bpf import endpoint_problems
+        return endpoint_problems(path, iface, runner)
     backend = _backend(runner)
     problems = []
     for chain, flag in ((FROM_DISPATCH, "-i"), (TO_DISPATCH, "-o")):
