@@ -37,6 +37,7 @@ from weft.model.errors import WeftError
 from weft.probes.bpf import (
     MapHandle,
     interfaces,
+    ipv4_addresses,
     prog_info,
     read_attachments,
     read_maps,
@@ -70,6 +71,22 @@ from weft.reconciler.resource import (
 )
 
 TC_HOOKS = tuple(HOOKS)                 # ("ingress", "egress") of the host-side veth
+# The uplink's programs (node ports), keyed as in BpfFound.programs.
+_UPLINK_PROGRAMS = {"uplink/ingress": "from_up", "uplink/egress": "to_up"}
+
+
+def program_for(iface: str, hook: str) -> str:
+    """The key of BpfFound.programs (and the pinned program) weft runs on `hook` of `iface`: a
+    pod's veth gets the policy programs, any other interface (an uplink) the node-port ones."""
+    from weft.model.names import HOST_IFACE_PREFIX
+    return hook if iface.startswith(HOST_IFACE_PREFIX) else f"uplink/{hook}"
+
+
+def uplinks_for(want: m.BpfMaps, have: BpfFound) -> tuple[str, ...]:
+    """The interfaces weft's node-port programs belong on: those holding an address some
+    service key has (a node port on the node's address; cluster addresses are on no interface)."""
+    addresses = {key.addr for key in want.services}
+    return tuple(sorted(name for name, addrs in have.uplinks.items() if addresses & set(addrs)))
 SHOWN_KEYS = 200                        # keys listed per map in a plan; the rest are counted
 
 
@@ -86,6 +103,7 @@ class BpfFound:
     attached: Mapping[tuple[str, str], int | None] = field(default_factory=dict)   # (iface, hook) -> program id
     programs: Mapping[str, int] = field(default_factory=dict)   # tc hook -> id of this build's pinned program
     stale: tuple[str, ...] = ()                             # pinned builds and layouts other than this one's
+    uplinks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # other interfaces -> IPv4 addresses
 
 
 @dataclass(frozen=True)
@@ -123,14 +141,16 @@ def probe(root: Path, runner: Runner, look_at_hooks: bool) -> BpfFound:
         for name in m.MAP_NAMES:
             with MapHandle(maps_dir / name) as handle:
                 capacity[name] = handle.info.max_entries
-    programs = {hook: prog_info(progs_dir / prog).id for hook, prog in HOOKS.items()} if current else {}
+    programs = {hook: prog_info(progs_dir / prog).id for hook, prog in (*HOOKS.items(), *_UPLINK_PROGRAMS.items())
+                } if current else {}
     ifaces = weft_ifaces()
-    attached = {key: a.prog_id for key, a in read_attachments(runner, list(ifaces)).items()}
+    uplinks = {name: addrs for name, addrs in ipv4_addresses(runner).items() if name not in ifaces}
+    attached = {key: a.prog_id for key, a in read_attachments(runner, [*ifaces, *sorted(uplinks)]).items()}
     pins = read_pins(root)
     stale = tuple(d for d in (*pins.maps_dirs, *pins.progs_dirs) if d not in (maps_dir.name, progs_dir.name))
     if pinned:                  # a compile killed before it renamed its staging directory (the run holds the lock)
         stale += tuple(sorted(p.name for p in root.iterdir() if p.name.startswith("staging-")))
-    return BpfFound(root, pinned, current, maps, complete, capacity, ifaces, attached, programs, stale)
+    return BpfFound(root, pinned, current, maps, complete, capacity, ifaces, attached, programs, stale, uplinks)
 
 
 class BpfPlane(Resource[Any, BpfChange]):
@@ -188,10 +208,15 @@ class BpfPlane(Resource[Any, BpfChange]):
             action = Action.UPDATE if have.maps_pinned else Action.CREATE
             changes.append(BpfChange("map", action, name, str(maps_dir / name), tuple(writes.items()),
                                      tuple(deletes), tuple(lines)))
-        for iface in have.ifaces:
+        wanted_up = uplinks_for(want, have)
+        for iface in (*have.ifaces, *sorted(have.uplinks)):
             for hook in TC_HOOKS:
                 now = have.attached.get((iface, hook))
-                if have.current and now == have.programs.get(hook):
+                if iface in have.uplinks and iface not in wanted_up:
+                    if now is not None:         # no node port on its addresses (any more)
+                        changes.append(BpfChange("detach", Action.DELETE, f"{iface}/{hook}", str(root)))
+                    continue
+                if have.current and now == have.programs.get(program_for(iface, hook)):
                     continue
                 action = Action.CREATE if now is None else Action.UPDATE
                 changes.append(BpfChange("attach", action, f"{iface}/{hook}", str(progs_dir)))
@@ -265,14 +290,16 @@ class BpfPlane(Resource[Any, BpfChange]):
                            f"of map {n}") for n in WRITE_ORDER if n in maps and maps[n].writes]
             for c in by_kind.get("attach", []):
                 iface, hook = c.target.split("/")
-                steps.append(Step(BpfWrite("attach", c.path, iface, hook), f"attach on {c.target}"))
+                op = "attach" if program_for(iface, hook) == hook else "attach-uplink"
+                steps.append(Step(BpfWrite(op, c.path, iface, hook), f"attach on {c.target}"))
             return steps
         if phase is Phase.SHRINK:
             steps = [Step(BpfWrite("map", maps[n].path, deletes=maps[n].deletes), f"delete {len(maps[n].deletes)} "
                           f"keys of map {n}") for n in DELETE_ORDER if n in maps and maps[n].deletes]
             for c in by_kind.get("detach", []):
                 iface, hook = c.target.split("/")
-                steps.append(Step(BpfWrite("detach", c.path, iface, hook), f"detach from {c.target}"))
+                op = "detach" if program_for(iface, hook) == hook else "detach-uplink"
+                steps.append(Step(BpfWrite(op, c.path, iface, hook), f"detach from {c.target}"))
             steps += [Step(BpfWrite("unpin", c.path), f"unpin {c.path}") for c in by_kind.get("pins", [])]
             return steps
         return []
@@ -291,9 +318,9 @@ class BpfPlane(Resource[Any, BpfChange]):
             runner.writes.append(f"bpf map {path.parent.name}/{path.name}: {len(write.writes)} written, "
                                  f"{len(write.deletes)} deleted")
             _write_map(path, write)
-        elif write.op == "attach":
+        elif write.op in ("attach", "attach-uplink"):
             self._attach(write, runner)
-        elif write.op == "detach":
+        elif write.op in ("detach", "detach-uplink"):
             runner.run(["tc", "filter", "del", "dev", write.iface, write.hook, "pref", "49152"], writes=True)
             _drop_clsact(runner, write.iface)
         elif write.op == "unpin":
@@ -313,7 +340,8 @@ class BpfPlane(Resource[Any, BpfChange]):
             runner.run(["tc", "qdisc", "replace", "dev", write.iface, "clsact"], writes=True)
         runner.run(["tc", "filter", "replace", "dev", write.iface, write.hook, "pref", str(FILTER_PREF), "handle",
                     FILTER_HANDLE, "bpf", "direct-action", "object-pinned",
-                    str(Path(write.path) / HOOKS[write.hook])], writes=True)
+                    str(Path(write.path) / (HOOKS[write.hook] if write.op == "attach"
+                                            else _UPLINK_PROGRAMS[f"uplink/{write.hook}"]))], writes=True)
 
     # -- verifying ---------------------------------------------------------------------------
 
@@ -331,7 +359,7 @@ class BpfPlane(Resource[Any, BpfChange]):
                         left.append(c)
                 elif c.kind == "attach":
                     iface, hook = c.target.split("/")
-                    if now.attached.get((iface, hook)) != now.programs.get(hook):
+                    if now.attached.get((iface, hook)) != now.programs.get(program_for(iface, hook)):
                         left.append(c)
                 elif c.kind == "detach":
                     iface, hook = c.target.split("/")

@@ -27,31 +27,31 @@ PROBE = ("import socket,sys\ntry:\n s=socket.create_connection((sys.argv[1],int(
          " print(s.recv(2)==b'ok')\nexcept OSError: print(False)")
 
 
-def weft(node, *argv: str, expect: int = 0) -> subprocess.CompletedProcess:
-    command = ["nsenter", f"--net=/run/netns/{node.ns}", sys.executable, "-m", "weft.reconciler.cli", *argv,
-               "--node", NODE, "--state-dir", str(node.state_dir)]
+def weft(cn, *argv: str, expect: int = 0) -> subprocess.CompletedProcess:
+    command = ["nsenter", f"--net=/run/netns/{cn.ns}", sys.executable, "-m", "weft.reconciler.cli", *argv,
+               "--node", NODE, "--state-dir", str(cn.state_dir)]
     if argv[0] != "apply" or "--destroy" not in argv:
-        command += ["--from", str(node.manifests)]
+        command += ["--from", str(cn.manifests)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == expect, f"weft {' '.join(argv)} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done
 
 
-def serve(node, name: str, *ports: int) -> None:
-    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{node.pod_ns(name)}", sys.executable, "-I", "-S", "-c",
+def serve(cn, name: str, *ports: int) -> None:
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{cn.pod_ns(name)}", sys.executable, "-I", "-S", "-c",
                              SERVER, *map(str, ports)], stdout=subprocess.PIPE, text=True)
-    node.stack.callback(proc.kill)
+    cn.stack.callback(proc.kill)
     assert proc.stdout.readline().strip() == "ready"
 
 
-def reaches(node, src: str, ip: str, port: int) -> bool:
-    out = subprocess.run(["nsenter", f"--net=/run/netns/{node.pod_ns(src)}", sys.executable, "-I", "-S", "-c", PROBE,
+def reaches(cn, src: str, ip: str, port: int) -> bool:
+    out = subprocess.run(["nsenter", f"--net=/run/netns/{cn.pod_ns(src)}", sys.executable, "-I", "-S", "-c", PROBE,
                           ip, str(port)], capture_output=True, text=True, timeout=30).stdout
     return out.strip() == "True"
 
 
-def ifindex(node, iface: str) -> int:
-    return json.loads(node.sh("ip", "-j", "link", "show", "dev", iface))[0]["ifindex"]
+def ifindex(cn, iface: str) -> int:
+    return json.loads(cn.sh("ip", "-j", "link", "show", "dev", iface))[0]["ifindex"]
 
 
 def endpoint_keys(root) -> set[int]:
@@ -82,7 +82,7 @@ def ebpf(node):                                     # noqa: F811
         assert not root.exists(), f"pins left behind in {root}"
 
 
-def _manifests(node, ips: dict[str, str]) -> None:
+def _manifests(cn, ips: dict[str, str]) -> None:
     """Namespace x: `server` (app=server) takes TCP 80 from role=friend pods only; `friend`,
     `stranger` are unselected. Pods without an address yet are listed without status (the run
     knows them, and their interface names, before ADD)."""
@@ -96,55 +96,55 @@ def _manifests(node, ips: dict[str, str]) -> None:
         if name not in ips:
             del manifest["status"]
         objects.append(manifest)
-    node.write(objects)
+    cn.write(objects)
 
 
 def test_add_on_an_ebpf_node_enforces_before_the_next_run_and_del_leaves_no_key(ebpf):
-    node, root = ebpf
-    _manifests(node, {})
-    weft(node, "apply", "--dataplane", "ebpf")
+    cn, root = ebpf
+    _manifests(cn, {})
+    weft(cn, "apply", "--dataplane", "ebpf")
     assert root.exists()
-    ips = {name: node.add(name) for name in ("friend", "stranger")}
-    _manifests(node, ips)
-    weft(node, "apply", "--dataplane", "ebpf")        # the peers' addresses are known: the friend is a friend
-    serve(node, "server", 80, 81)                     # listening before ADD: enforced the moment ADD returns
-    ips["server"] = node.add("server")
+    ips = {name: cn.add(name) for name in ("friend", "stranger")}
+    _manifests(cn, ips)
+    weft(cn, "apply", "--dataplane", "ebpf")        # the peers' addresses are known: the friend is a friend
+    serve(cn, "server", 80, 81)                     # listening before ADD: enforced the moment ADD returns
+    ips["server"] = cn.add("server")
     iface = host_iface_name("x", "server")
-    index = ifindex(node, iface)
+    index = ifindex(cn, iface)
     assert index in endpoint_keys(root), "ADD wrote no endpoint entry"
-    filters = node.sh("tc", "filter", "show", "dev", iface, "ingress") + node.sh("tc", "filter", "show", "dev", iface,
+    filters = cn.sh("tc", "filter", "show", "dev", iface, "ingress") + cn.sh("tc", "filter", "show", "dev", iface,
                                                                                 "egress")
     assert filters.count("direct-action") == 2, f"the programs are not on both hooks of {iface}:\n{filters}"
-    assert not [ln for ln in node.sh("iptables-nft-save").splitlines() if f"weft-tw-{iface}" in ln], \
+    assert not [ln for ln in cn.sh("iptables-nft-save").splitlines() if f"weft-tw-{iface}" in ln], \
         "ADD on an eBPF node programmed iptables chains"
-    assert reaches(node, "friend", ips["server"], 80), "allowed traffic was dropped"
-    assert not reaches(node, "stranger", ips["server"], 80), "a peer the policy does not allow got through"
-    assert not reaches(node, "friend", ips["server"], 81), "a port the policy does not allow got through"
+    assert reaches(cn, "friend", ips["server"], 80), "allowed traffic was dropped"
+    assert not reaches(cn, "stranger", ips["server"], 80), "a peer the policy does not allow got through"
+    assert not reaches(cn, "friend", ips["server"], 81), "a port the policy does not allow got through"
 
-    _manifests(node, ips)
-    again = json.loads(weft(node, "apply", "--dataplane", "ebpf", "--output", "json").stdout)
+    _manifests(cn, ips)
+    again = json.loads(weft(cn, "apply", "--dataplane", "ebpf", "--output", "json").stdout)
     touched = [c for c in again["changes"].get("bpf", []) if iface in c["target"] or c["kind"] in ("attach", "programs")
                or (c["kind"] == "map" and c["target"] == "endpoints")]
     assert not touched, f"the run after ADD changed the pod's eBPF state: {touched}"
-    assert reaches(node, "friend", ips["server"], 80) and not reaches(node, "stranger", ips["server"], 80)
+    assert reaches(cn, "friend", ips["server"], 80) and not reaches(cn, "stranger", ips["server"], 80)
 
-    node.ok("CHECK", "server")
-    node.ok("DEL", "server")
+    cn.ok("CHECK", "server")
+    cn.ok("DEL", "server")
     assert index not in endpoint_keys(root), "DEL left the pod's endpoint key"
-    assert iface not in node.links()
+    assert iface not in cn.links()
     for name in ("friend", "stranger"):
-        node.ok("DEL", name)
+        cn.ok("DEL", name)
     assert endpoint_keys(root) == set()
 
 
 def test_add_fails_closed_when_the_pinned_programs_are_missing(ebpf):
-    node, root = ebpf
-    _manifests(node, {})
-    weft(node, "apply", "--dataplane", "ebpf")
+    cn, root = ebpf
+    _manifests(cn, {})
+    weft(cn, "apply", "--dataplane", "ebpf")
     from weft.reconciler.bpf_apply import _remove_tree, build_for
     _remove_tree(build_for(root).progs_dir(root))      # the programs gone (say, a newer weft not applied yet)
-    code, out, err = node.call(node.env("ADD", "server"))
+    code, out, err = cn.call(cn.env("ADD", "server"))
     assert code != 0 and out["code"] == 102, (out, err)
     assert "no eBPF programs on this weft's maps are pinned" in out["details"] and "weft apply" in out["details"], out
-    assert host_iface_name("x", "server") not in node.links(), "the failed ADD left the pod wired"
-    assert node.allocations() == []
+    assert host_iface_name("x", "server") not in cn.links(), "the failed ADD left the pod wired"
+    assert cn.allocations() == []

@@ -430,3 +430,24 @@ int weft_to_wl(struct __sk_buff *skb)
     int verdict = handle(skb, WEFT_DIR_INGRESS);
     return verdict == TC_ACT_OK ? from_service(skb) : verdict;
 }
+
+/* --- Node ports: the programs on the node's uplink. -----------------------------------------
+ * A connection from outside the node to one of its addresses at a node port (a weft_svcs key
+ * whose address is the node's) is sent to one of the service's backends before routing (tc
+ * ingress of the uplink); the backend pod's own program then judges it with the client's
+ * address, and tracks it. Its replies get the node address and port back as they leave by the
+ * uplink (tc egress). Anything else passes untouched: these programs police nothing. */
+int weft_from_up(struct __sk_buff *skb)
+{
+    struct l4 p = {};
+    __u32 inner = 0;
+    if (parse(skb, &p, &inner) != 0)
+        return TC_ACT_OK;
+    int direct = 0;
+    return to_service(skb, &p, bpf_ktime_get_ns(), &direct) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int weft_to_up(struct __sk_buff *skb)
+{
+    return from_service(skb);
+}
