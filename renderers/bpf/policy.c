@@ -327,7 +327,69 @@ static __always_inline int from_service(struct __sk_buff *skb)
     return rewrite(skb, &p, 0, r->addr, r->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, const int dir)
+/* --- Hairpin: a pod sent to a service address, and is the backend chosen. -------------------
+ * Its own address as the source would be dropped as a martian when the packet came back to it,
+ * so the service address stands in as the source (kube-proxy masquerades to the node's), and
+ * the packet goes straight back out of the veth it came in by (bpf_redirect: no routing, whose
+ * strict rp_filter would drop that source). A weft_nat entry marked HAIRPIN, keyed by the pod's
+ * reply (pod:target -> service address:client port), turns the replies back the same way; the
+ * usual reverse entry then puts the service address and port on them as for any client. The
+ * connection's way in is judged as one from the host (never policed: Kubernetes always allows
+ * a pod's traffic from its node), its way out by the pod's egress policy, as for any client. */
+#define WEFT_NAT_HAIRPIN 1          /* weft_nat value `pad`: a hairpin reply entry */
+
+static __always_inline int turn_back(struct __sk_buff *skb)
+{
+    __u8 mac[12];
+    if (bpf_skb_load_bytes(skb, 0, mac, 12) < 0 || bpf_skb_store_bytes(skb, 0, mac + 6, 6, 0) < 0 ||
+        bpf_skb_store_bytes(skb, 6, mac, 6, 0) < 0)
+        return TC_ACT_SHOT;
+    return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int hairpin(struct __sk_buff *skb, struct l4 *p)
+{
+    if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+        return TC_ACT_OK;
+    if (p->saddr == p->daddr) {
+        struct weft_nat_key rk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                                  .proto = p->proto};
+        struct weft_nat *r = weft_nat.lookup(&rk);
+        if (!r)
+            return TC_ACT_OK;       /* not through a service: the pod talks to itself by its address */
+        __u32 vip = r->addr;
+        struct weft_nat_key hk = {.saddr = p->saddr, .daddr = vip, .sport = p->dport, .dport = p->sport,
+                                  .proto = p->proto};
+        struct weft_nat back = {.seen = bpf_ktime_get_ns(), .addr = p->saddr, .port = p->sport,
+                                .pad = WEFT_NAT_HAIRPIN};
+        weft_nat.update(&hk, &back);
+        if (rewrite(skb, p, 0, vip, p->sport) < 0)
+            return TC_ACT_SHOT;
+        return turn_back(skb);
+    }
+    struct weft_nat_key hk = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+                              .proto = p->proto};
+    struct weft_nat *h = weft_nat.lookup(&hk);
+    if (!h || h->pad != WEFT_NAT_HAIRPIN || h->addr != p->saddr)
+        return TC_ACT_OK;
+    h->seen = bpf_ktime_get_ns();
+    if (rewrite(skb, p, 1, h->addr, h->port) < 0)
+        return TC_ACT_SHOT;
+    return turn_back(skb);
+}
+
+/* A hairpinned connection's way in (service address -> pod): the pod's HAIRPIN entry exists. */
+static __always_inline int hairpinned(struct l4 *p)
+{
+    if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+        return 0;
+    struct weft_nat_key hk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                              .proto = p->proto};
+    struct weft_nat *h = weft_nat.lookup(&hk);
+    return h && h->pad == WEFT_NAT_HAIRPIN && h->addr == p->daddr;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, const int dir, struct l4 *pp)
 {
     struct l4 p = {};
     __u32 inner = 0;
@@ -385,6 +447,7 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
             if (p.tcp_flags & TCP_FIN)
                 ct->flags |= sender_is_a ? WEFT_CT_FIN_A : WEFT_CT_FIN_B;
         }
+        *pp = p;
         return TC_ACT_OK;
     }
 
@@ -402,9 +465,10 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
     }
     struct weft_ct fresh = {.seen = now, .pol_sport = p.pol_sport, .pol_dport = p.pol_dport,
                             .origin_is_a = sender_is_a};
-    if (dir == WEFT_DIR_INGRESS && skb->ingress_ifindex == 0) {
+    if (dir == WEFT_DIR_INGRESS && (skb->ingress_ifindex == 0 || hairpinned(&p))) {
         fresh.origin = WEFT_ORIGIN_HOST;
         weft_ct.update(&key, &fresh);
+        *pp = p;
         return TC_ACT_OK;
     }
     struct weft_verdict v = judge(ep->profile[dir], ep->classifier[dir][0], ep->classifier[dir][1],
@@ -417,17 +481,21 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
     fresh.origin = dir;
     fresh.digest = ep->digest[dir];
     weft_ct.update(&key, &fresh);
+    *pp = p;
     return TC_ACT_OK;
 }
 
 int weft_from_wl(struct __sk_buff *skb)
 {
-    return handle(skb, WEFT_DIR_EGRESS);
+    struct l4 p = {};
+    int verdict = handle(skb, WEFT_DIR_EGRESS, &p);
+    return verdict == TC_ACT_OK ? hairpin(skb, &p) : verdict;
 }
 
 int weft_to_wl(struct __sk_buff *skb)
 {
-    int verdict = handle(skb, WEFT_DIR_INGRESS);
+    struct l4 p = {};
+    int verdict = handle(skb, WEFT_DIR_INGRESS, &p);
     return verdict == TC_ACT_OK ? from_service(skb) : verdict;
 }
 
