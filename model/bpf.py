@@ -117,8 +117,6 @@ class BpfMaps:
     rules: Mapping[int, str] = field(default_factory=dict, compare=False)
     # Each profile id -> the ids of its rules (and tier ends) in evaluation order; desired side only.
     profiles: Mapping[int, tuple[int, ...]] = field(default_factory=dict, compare=False)
-    # What the run should tell the user about this node's rendering (a service it serves only in part).
-    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def tables(self) -> dict[str, Mapping]:
         return {name: getattr(self, name) for name in MAP_NAMES}

@@ -152,8 +152,6 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
         bpf = render_bpf(state, opts.node, pending)
         dataplane = host_dataplane(dataplane)
-        for warning in bpf.warnings:    # reported once per change, as state.warnings
-            print(f"weft: warning: {warning}", file=sys.stderr)
     bird_config = bird.bird_config if bird is not None else _bird_config(opts, state)
     me = state.nodes.get(opts.node)
     ipam = node_ipam_document(opts.node, state.ippools, state.blocks, opts.source(), dict(me.labels) if me else {})

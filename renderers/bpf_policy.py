@@ -600,8 +600,8 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
                 profiles[ident] = _compile_profile(direction, policies, atoms, rule_about)
             chosen[ep.iface][direction] = ident
     maps = _materialise(local, chosen, profiles, atoms, rule_about)
-    services, backends, about, warnings = render_services(state, node, local)
-    return replace(maps, services=services, backends=backends, about={**maps.about, **about}, warnings=warnings)
+    services, backends, about = render_services(state, node, local)
+    return replace(maps, services=services, backends=backends, about={**maps.about, **about})
 
 
 def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule_about: dict[str, str]) -> BpfMaps:

@@ -13,11 +13,10 @@ rewrites the service's count and the backends whose index moved, nothing else.
 Node ports (Service type NodePort, and LoadBalancer's nodePort) are keys of the same map, with
 the node's own IPv4 addresses (its InternalIPs) as the address: the programs on the node's
 uplink translate a connection from outside, and a pod's connection to a node address is
-translated like one to a cluster address. With externalTrafficPolicy Local a node port has
-backends of its own (another id): this node's backends only, none if it has none (its packets
-are dropped). With Cluster, a backend on another node would need its connection source
-translated to this node's address (SNAT), which weft does not do yet: the node port gets this
-node's backends only, and a warning names the service.
+translated like one to a cluster address. With externalTrafficPolicy Cluster a node port has the
+service's backends (one on another node gets the connection from this node's address: the
+uplink's programs translate its source); with Local it has backends of its own (another id):
+this node's backends only, none if it has none (its packets are dropped).
 """
 from __future__ import annotations
 
@@ -35,16 +34,14 @@ def _id(ident: str) -> int:
 
 
 def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoint] = ()
-                    ) -> tuple[dict[ServiceKey, ServiceEntry], dict[BackendKey, Backend], dict[tuple[str, tuple], str],
-                               tuple[str, ...]]:
-    """(services, backends, what each key means, warnings) on `node`, whose pods are `local`
+                    ) -> tuple[dict[ServiceKey, ServiceEntry], dict[BackendKey, Backend], dict[tuple[str, tuple], str]]:
+    """(services, backends, what each key means) on `node`, whose pods are `local`
     (cluster addresses are the same on every node; node ports are the node's addresses)."""
     me = state.nodes.get(node)
     node_addresses = sorted(a for a in (me.addresses if me else ()) if ":" not in a)
     local = tuple(local)
     local_pods = {e.key for e in local}
     local_ips = {ip for e in local for ip in e.ips}
-    warnings: list[str] = []
     slices = defaultdict(list)
     for s in state.endpoint_slices:
         slices[s.service_key].append(s)
@@ -55,7 +52,6 @@ def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoin
     for svc in sorted(state.services, key=lambda s: s.key):
         if not svc.cluster_ips:
             continue
-        remote_noted = False
         for port in svc.ports:
             proto = PROTOCOL_NUMBERS[port.protocol.lower()]
             found = sorted({(address, p.port) for s in slices.get(svc.key, ()) for p in s.ports
@@ -70,16 +66,11 @@ def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoin
             ident = _unused(f"{svc.key}:{port.name}/{port.protocol}", used)
             _add_backends(backends, about, ident, found, named)
             if port.node_port and node_addresses:
-                if here == found:
+                if here == found or not svc.external_local:
                     node_ident, node_found = ident, found
                 else:
                     node_ident, node_found = _unused(f"{svc.key}:{port.name}/{port.protocol}@{node}", used), here
                     _add_backends(backends, about, node_ident, here, f"{named} (node port {port.node_port})")
-                    if not svc.external_local and not remote_noted:
-                        remote_noted = True
-                        warnings.append(f"service {svc.key}: node port {port.node_port} reaches only this node's "
-                                        f"{len(here)} of {len(found)} backends (externalTrafficPolicy Cluster with "
-                                        f"backends on other nodes needs SNAT, which eBPF mode does not do yet)")
                 policy = "Local" if svc.external_local else "Cluster"
                 for address in node_addresses:
                     key = ServiceKey(address, port.node_port, proto)
@@ -94,7 +85,7 @@ def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoin
                 about[("services", key)] = (f"service {svc.key} {cluster_ip}:{port.port}/{port.protocol}: "
                                             f"{len(found)} backends" + (f", ClientIP affinity {svc.affinity_seconds} s"
                                                                         if svc.affinity_seconds else ""))
-    return services, backends, about, tuple(warnings)
+    return services, backends, about
 
 
 def _add_backends(backends: dict, about: dict, ident: int, chosen: list, named: str) -> None:

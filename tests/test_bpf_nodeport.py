@@ -2,9 +2,10 @@
 connected to the node namespace's uplink (198.19.200.0/24) opens TCP and UDP connections to the
 node's address at a Service's node port; weft's programs on the uplink send each to a ready
 backend and put the node's address back on the replies. externalTrafficPolicy Local serves
-only this node's backends (and drops when it has none); Cluster with backends on other nodes
-serves this node's only, with a warning naming the service (no SNAT yet). The uplink's programs
-are reconciled like the rest (plan/apply/drift), and go when no node port needs them.
+only this node's backends (and drops when it has none); Cluster also serves a backend on another
+node (here an address of the client's namespace, routed there), reached from the node's address
+(SNAT). The uplink's programs are reconciled like the rest (plan/apply/drift), and go when no
+node port needs them.
 
 weft runs in the lab's node namespace through `nsenter --net`, with a state (and pin) directory
 of the test's own; the client namespace and the uplink are the test's, removed after.
@@ -29,7 +30,7 @@ NODE_IP, CLIENT_IP = "198.19.200.1", "198.19.200.2"
 VIP = "198.19.0.10"
 UPLINK = "up0"
 BACKENDS = ("y/a", "y/b", "y/c")
-REMOTE = "198.18.9.50"                  # a backend on another node (no pod of this node has it)
+REMOTE = "198.18.9.50"                  # a backend on another node: an address of the client's namespace
 
 CLIENT = textwrap.dedent("""
     import json, socket, sys
@@ -104,6 +105,13 @@ def outside(lab, tmp_path):  # noqa: F811
         sh("ip", "-n", client_ns, "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
         sh("ip", "-n", client_ns, "link", "set", "eth0", "up")
         sh("ip", "-n", client_ns, "link", "set", "lo", "up")
+        sh("ip", "-n", client_ns, "addr", "add", f"{REMOTE}/32", "dev", "lo")
+        sh("ip", "-n", lab.node_netns, "route", "add", f"{REMOTE}/32", "via", CLIENT_IP, "dev", UPLINK)
+        remote = subprocess.Popen(["nsenter", f"--net=/run/netns/{client_ns}", sys.executable, "-c",
+                                   SERVER.replace('"0.0.0.0"', f'"{REMOTE}"'), "remote"],
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+        servers.append(remote)
+        assert remote.stdout.readline().strip() == "ready"
         for key in BACKENDS:
             proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod_ns[key]}", sys.executable, "-c", SERVER, key],
                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -163,14 +171,16 @@ def test_node_port_balances_outside_connections_with_reverse_nat(lab, outside, t
 
 def test_external_traffic_policy_local_and_cluster_with_remote_backends(lab, outside, tmp_path):  # noqa: F811
     node, connect = outside
-    local = node.weft("apply", "--dataplane", "ebpf", source=sources(tmp_path / "local", local=True, remote=True))
-    assert "warning" not in local.stderr, local.stderr
+    node.weft("apply", "--dataplane", "ebpf", source=sources(tmp_path / "local", local=True, remote=True))
     for proto, answers in connect(24).items():
         assert set(answers) == set(BACKENDS), (proto, Counter(answers))     # never the remote backend
 
-    cluster = node.weft("apply", "--dataplane", "ebpf", source=sources(tmp_path / "cluster", remote=True))
-    assert "warning: service y/web: node port 30080" in cluster.stderr and "SNAT" in cluster.stderr, cluster.stderr
-    assert set(connect(24)["tcp"]) == set(BACKENDS)
+    node.weft("apply", "--dataplane", "ebpf", source=sources(tmp_path / "cluster", remote=True))
+    for proto, answers in connect(40).items():
+        assert set(answers) == {*BACKENDS, "remote"}, (proto, Counter(answers))
+    nat = node.json("bpf", "nat")
+    snat = [t for t in nat["translations"] if t["destination"].startswith(f"{REMOTE}:")]
+    assert snat, f"no translation towards the remote backend: {nat['translations']}"
 
     # Local with no backend on this node: nothing answers (dropped), though the service has one.
     node.weft("apply", "--dataplane", "ebpf", source=sources(tmp_path / "none", local=True, backends=(), remote=True))

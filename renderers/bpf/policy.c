@@ -502,20 +502,88 @@ int weft_to_wl(struct __sk_buff *skb)
 /* --- Node ports: the programs on the node's uplink. -----------------------------------------
  * A connection from outside the node to one of its addresses at a node port (a weft_svcs key
  * whose address is the node's) is sent to one of the service's backends before routing (tc
- * ingress of the uplink); the backend pod's own program then judges it with the client's
- * address, and tracks it. Its replies get the node address and port back as they leave by the
- * uplink (tc egress). Anything else passes untouched: these programs police nothing. */
+ * ingress of the uplink). A backend here: its pod's own program judges the connection with the
+ * client's address, and tracks it; its replies get the node address and port back as they leave
+ * by the uplink (tc egress). A backend on another node (externalTrafficPolicy Cluster): the
+ * connection leaves by an uplink again, and there its source becomes the node address the client
+ * used (SNAT, so that the backend's replies come back through this node), on the client's port
+ * if that is free towards the backend, else on one of a few random ones (none free: dropped);
+ * a reply coming back gets the client as its destination on the way in (before routing: a local
+ * address as its source would be a martian there) and the node port as its source on the way
+ * out. Anything else passes untouched: these programs police nothing. */
+#define WEFT_NAT_SNAT 2             /* weft_nat value `pad`: a node port's SNAT entry */
+
 int weft_from_up(struct __sk_buff *skb)
 {
     struct l4 p = {};
     __u32 inner = 0;
-    if (parse(skb, &p, &inner) != 0)
+    if (parse(skb, &p, &inner) != 0 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP))
         return TC_ACT_OK;
+    struct weft_nat_key bk = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,
+                              .proto = p.proto};
+    struct weft_nat *back = weft_nat.lookup(&bk);
+    if (back && back->pad == WEFT_NAT_SNAT) {
+        back->seen = bpf_ktime_get_ns();
+        return rewrite(skb, &p, 1, back->addr, back->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+    }
     int direct = 0;
     return to_service(skb, &p, bpf_ktime_get_ns(), &direct) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
+static __always_inline int snat_out(struct __sk_buff *skb, struct l4 *p, __u64 now)
+{
+    __u32 in = skb->ingress_ifindex;
+    if (in == 0 || weft_eps.lookup(&in))
+        return TC_ACT_OK;           /* the host's own, or a pod's: not a connection from outside */
+    struct weft_nat_key rk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                              .proto = p->proto};
+    struct weft_nat *r = weft_nat.lookup(&rk);
+    if (!r || r->pad != 0)
+        return TC_ACT_OK;           /* not sent here by a node port */
+    __u32 node = r->addr;
+    struct weft_nat_key fk = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+                              .proto = p->proto};
+    struct weft_nat *f = weft_nat.lookup(&fk);
+    __u16 port = 0;
+    if (f && f->pad == WEFT_NAT_SNAT && f->addr == node) {
+        f->seen = now;
+        port = f->port;
+    } else {
+        for (int i = 0; i < 4; i++) {
+            __u16 candidate = i == 0 ? p->sport : bpf_htons(32768 + bpf_get_prandom_u32() % 28232);
+            struct weft_nat_key ck = {.saddr = p->daddr, .daddr = node, .sport = p->dport, .dport = candidate,
+                                      .proto = p->proto};
+            struct weft_nat *taken = weft_nat.lookup(&ck);
+            if (!taken || (taken->addr == p->saddr && taken->port == p->sport)) {
+                port = candidate;
+                break;
+            }
+        }
+        if (port == 0)
+            return TC_ACT_SHOT;
+        struct weft_nat out = {.seen = now, .addr = node, .port = port, .pad = WEFT_NAT_SNAT};
+        weft_nat.update(&fk, &out);
+        struct weft_nat_key ck = {.saddr = p->daddr, .daddr = node, .sport = p->dport, .dport = port,
+                                  .proto = p->proto};
+        struct weft_nat in_back = {.seen = now, .addr = p->saddr, .port = p->sport, .pad = WEFT_NAT_SNAT};
+        weft_nat.update(&ck, &in_back);
+    }
+    return rewrite(skb, p, 0, node, port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
 int weft_to_up(struct __sk_buff *skb)
 {
-    return from_service(skb);
+    struct l4 p = {};
+    __u32 inner = 0;
+    if (parse(skb, &p, &inner) != 0 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP))
+        return TC_ACT_OK;
+    __u64 now = bpf_ktime_get_ns();
+    struct weft_nat_key rk = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,
+                              .proto = p.proto};
+    struct weft_nat *r = weft_nat.lookup(&rk);
+    if (r && r->pad == 0) {         /* a backend's reply: the node port's address back as its source */
+        r->seen = now;
+        return rewrite(skb, &p, 0, r->addr, r->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+    }
+    return snat_out(skb, &p, now);
 }
