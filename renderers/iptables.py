@@ -18,6 +18,17 @@ defaultAction (Deny drops, Pass goes on). The policy chains' rules are renderers
 An endpoint that no policy selects for a direction is open in that direction.
 Unknown weft interfaces fall through the dispatch chains to DROP (fail closed).
 
+Both IP families get the same chains, under the same names, each in its own table (labels
+"filter" for iptables, "filter6" for ip6tables, renderers.rules): a family's table holds the
+pods with an address of that family (or with no address known yet), its rules match only nets of
+that family, and its sets hold that family's addresses (renderers.ipsets). A pod's traffic in a
+family its table does not hold falls to the dispatch chains' DROP. IPv6 needs one thing IPv4
+does not: neighbour discovery between a pod and its host side is ICMPv6, which iptables sees
+(ARP it does not). As Calico does, weft-INPUT of the IPv6 table accepts from pods the ICMPv6
+types of neighbour discovery and multicast listener discovery, whatever the policy: router
+solicitation (133), neighbour solicitation and advertisement (135, 136), MLD (130-132); nothing
+else passes unconditionally, and nothing of it is forwarded to other pods.
+
 Every rule carries a comment "weft:<id>" (renderers.rules).
 """
 from __future__ import annotations
@@ -42,11 +53,13 @@ from weft.renderers.calico import host_endpoint_chains, policy_specs, tier_specs
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
+    FAMILIES,
+    FAMILY_TABLES,
     FROM_DISPATCH,
-    TABLE,
     TO_DISPATCH,
     Spec,
     chain_lines,
+    families_of,
     pending_specs,
     tiered_specs,
 )
@@ -56,6 +69,9 @@ FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
 OUTPUT_CHAIN = f"{PREFIX}OUTPUT"              # hooked only on a node with host endpoints
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
+# ICMPv6 a pod sends its host whatever the policy (Felix's list): MLD query, report and done,
+# router solicitation, neighbour solicitation and advertisement.
+ICMPV6_FROM_POD = (130, 131, 132, 133, 135, 136)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -81,17 +97,36 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
                          key=lambda e: e.iface))
     refuse_shared_interfaces(local)
+    applying = _policies_by_endpoint(state, known)
+    chains: dict[tuple[str, str], Chain] = {}
+    hooks = {}
+    for family in FAMILIES:
+        table = FAMILY_TABLES[family]
+        members = tuple(ep for ep in local if family in families_of(ep.ips))
+        family_chains = _family_chains(state, node, family, members, applying, sets)
+        chains.update(((table, c.name), c) for c in family_chains)
+        hooked = {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if any(c.name == OUTPUT_CHAIN for c in family_chains) else {})}
+        for builtin, target in hooked.items():
+            hooks[(table, builtin)] = Hooks(table, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+    return Dataplane(chains, dict(sets.sets), hooks, render_routes(local), render_links(local))
+
+
+def _family_chains(state: ClusterState, node: str, family: int, local: tuple[Endpoint, ...],
+                   applying: dict[str, dict[Direction, list[Policy]]], sets: SetCatalog) -> list[Chain]:
+    """The chains of one family's table for the local pods it holds."""
+    table = FAMILY_TABLES[family]
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
-        chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
+        chains[name] = Chain(table, name, chain_lines(name, specs), about)
 
     add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
-    hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only)
+    hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
+                                               family=family)
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                                 EGRESS)
-    add(INPUT_CHAIN, _input_specs() + hosts_in, "entry from INPUT: pod traffic to this host")
+                                                 EGRESS, family=family)
+    add(INPUT_CHAIN, _input_specs(family) + hosts_in, "entry from INPUT: pod traffic to this host")
     if hosts_out:
         add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
     for name, specs, about in chains_in + chains_out:
@@ -100,7 +135,6 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
-    applying = _policies_by_endpoint(state, known)
     for ep in local:
         for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
             name = f"{PREFIX}{kind}-{ep.iface}"
@@ -114,14 +148,9 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
             for policy in policies:
                 pname = policy_chain_name(policy, direction)
                 if pname not in chains:
-                    add(pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                    add(pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                         f"{direction.lower()} rules of {policy.origin or policy.key}")
-
-    hooks = {}
-    for builtin, target in {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if hosts_out else {})}.items():
-        hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-    return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
-                     render_routes(local), render_links(local))
+    return list(chains.values())
 
 
 class SharedInterfaceName(WeftError):
@@ -155,12 +184,16 @@ def _forward_specs() -> list[Spec]:
     return specs
 
 
-def _input_specs() -> list[Spec]:
-    return [
+def _input_specs(family: int) -> list[Spec]:
+    specs = [
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"),
-        Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"),
     ]
+    if family == 6:
+        specs += [Spec(f"-i {WL_GLOB} -p ipv6-icmp", f"-m icmp6 --icmpv6-type {t}", "-j ACCEPT")
+                  for t in ICMPV6_FROM_POD]
+    specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
+    return specs
 
 
 def _dispatch(local: tuple[Endpoint, ...], flag: str, kind: str) -> list[Spec]:

@@ -148,3 +148,25 @@ def test_add_fails_closed_when_the_pinned_programs_are_missing(ebpf):
     assert "no eBPF programs on this weft's maps are pinned" in out["details"] and "weft apply" in out["details"], out
     assert host_iface_name("x", "server") not in cn.links(), "the failed ADD left the pod wired"
     assert cn.allocations() == []
+
+
+def test_a_dual_stack_pod_on_an_ebpf_node_gets_ipv4_in_the_maps_and_ipv6_in_ip6tables(ebpf):
+    """The programs judge IPv4 and pass IPv6, which ip6tables enforces on an eBPF node as on any:
+    ADD writes the endpoint entry and the pod's IPv6 chains, CHECK reads both, DEL removes both."""
+    from tests.test_ipv6 import POOL6
+    cn, root = ebpf
+    cn.write([block("198.18.4.0/26"), POOL6, block("2001:db8:4::/122"), namespace("x"),
+              policy("x", "deny-in", {"podSelector": {}, "policyTypes": ["Ingress"]})])
+    weft(cn, "apply", "--dataplane", "ebpf")
+    out = cn.ok("ADD", "a")
+    assert [ip["address"] for ip in out["ips"]] == ["198.18.4.0/32", "2001:db8:4::/128"]
+    iface = host_iface_name("x", "a")
+    index = ifindex(cn, iface)
+    assert index in endpoint_keys(root)
+    save4, save6 = cn.sh("iptables-nft-save", "-t", "filter"), cn.sh("ip6tables-nft-save", "-t", "filter")
+    assert f"weft-fw-{iface}" not in save4, "IPv4 chains on an eBPF node"
+    assert f":weft-fw-{iface}" in save6 and f"-A weft-to-wl-dispatch -o {iface}" in save6, save6
+    cn.ok("CHECK", "a")
+    cn.ok("DEL", "a")
+    assert index not in endpoint_keys(root)
+    assert f"weft-fw-{iface}" not in cn.sh("ip6tables-nft-save", "-t", "filter")
