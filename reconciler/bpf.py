@@ -10,20 +10,27 @@ between, never neither.
 
 What it finds (the probe): the node's pin directory (reconciler.bpf_apply.node_pin_dir), whether
 the programs of this build are pinned and use the pinned maps, the policy maps' contents
-(probes.bpf.read_maps), and which program weft's tc filter runs on each hook of each weft
-interface. What it changes, each as one change of the plan:
+(probes.bpf.read_maps), the other interfaces with IPv4 addresses (uplinks), and which program
+weft's tc filter runs on each hook of each of them. What it changes, each as one change of the
+plan:
 
   programs   compiled and pinned (only when no programs of this build are: a second run
              compiles nothing)
   map        one per policy map: the keys written and deleted, each named in the plan by the
              policy and rule it comes from (only changed keys: a second run writes nothing)
-  attach     weft's program on a hook of a weft interface (missing, or another program's)
-  detach     weft's program off a hook (the node left eBPF, or weft is destroyed)
+  attach     weft's program on a hook of a weft interface (missing, or another program's), or
+             the node-port programs on an uplink holding an address a node port is on
+  detach     weft's program off a hook (the node left eBPF, or weft is destroyed; an uplink's
+             when no node port is on its addresses any more)
   pins       a stale build's or layout's pins, or, leaving eBPF, the node's whole pin directory
 
 Endpoint entries are written only for interfaces that exist here (no traffic can use the others);
 every weft interface gets the programs, so one without an entry drops everything (fail closed,
 as the iptables plane's dispatch drops an interface weft does not know).
+
+The CNI plugin's step on such a node (reconciler.endpoint, at the end of this module): ADD writes
+the new pod's entry and attaches the pinned programs before it returns, DEL deletes the entry
+before the veth goes; nothing is compiled there.
 """
 from __future__ import annotations
 
