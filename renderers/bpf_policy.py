@@ -606,7 +606,7 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
                 profiles[ident] = _compile_profile(direction, policies, atoms, rule_about)
             chosen[ep.iface][direction] = ident
     maps = _materialise(local, chosen, profiles, atoms, rule_about)
-    services, backends, about = render_services(state)
+    services, backends, about = render_services(state, node, local)
     return replace(maps, services=services, backends=backends, about={**maps.about, **about})
 
 
