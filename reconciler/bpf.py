@@ -60,6 +60,7 @@ from weft.reconciler.bpf_apply import (
     build_for,
     compile_programs,
     diff_maps,
+    drop_clsact,
     ensure_bpffs,
     programs_current,
 )
@@ -329,7 +330,7 @@ class BpfPlane(Resource[Any, BpfChange]):
             self._attach(write, runner)
         elif write.op in ("detach", "detach-uplink"):
             runner.run(["tc", "filter", "del", "dev", write.iface, write.hook, "pref", "49152"], writes=True)
-            _drop_clsact(runner, write.iface)
+            drop_clsact(runner, write.iface)
         elif write.op == "unpin":
             runner.writes.append(f"bpf unpin {path}")
             remove_tree(path)
@@ -412,17 +413,6 @@ def _raw_key(name: str, key: Any, index: Mapping[str, int]) -> bytes | None:
     if key.startswith("ifindex:"):
         return m.pack_key(name, int(key.split(":", 1)[1]))
     return m.pack_key(name, index[key]) if key in index else None
-
-
-def _drop_clsact(runner: Runner, iface: str) -> None:
-    """The clsact qdisc goes too once no filter is left on either hook (weft added it)."""
-    from weft.probes.runner import KernelCommandError
-    try:
-        left = [runner.run(["tc", "filter", "show", "dev", iface, hook]).strip() for hook in TC_HOOKS]
-        if not any(left):
-            runner.run(["tc", "qdisc", "del", "dev", iface, "clsact"], writes=True)
-    except KernelCommandError:
-        pass                                    # the interface went away meanwhile
 
 
 # ---- the CNI plugin's step on an eBPF node -------------------------------------------------------

@@ -341,15 +341,19 @@ def detach(runner: Runner, ifaces: list[str]) -> list[str]:
         for hook in mine:
             runner.run(["tc", "filter", "del", "dev", iface, hook, "pref", str(FILTER_PREF)], writes=True)
             removed.append(f"{iface}/{hook}")
-        if not mine:
-            continue
-        try:
-            left = [runner.run(["tc", "filter", "show", "dev", iface, hook]).strip() for hook in HOOKS]
-            if not any(left):
-                runner.run(["tc", "qdisc", "del", "dev", iface, "clsact"], writes=True)
-        except KernelCommandError:
-            pass                                # the interface went away meanwhile
+        if mine:
+            drop_clsact(runner, iface)
     return removed
+
+
+def drop_clsact(runner: Runner, iface: str) -> None:
+    """The clsact qdisc goes too once no filter is left on either hook (weft added it)."""
+    try:
+        left = [runner.run(["tc", "filter", "show", "dev", iface, hook]).strip() for hook in HOOKS]
+        if not any(left):
+            runner.run(["tc", "qdisc", "del", "dev", iface, "clsact"], writes=True)
+    except KernelCommandError:
+        pass                                    # the interface went away meanwhile
 
 
 def weft_interfaces() -> list[str]:

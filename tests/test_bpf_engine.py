@@ -16,19 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.matrices import NODE, SCENARIOS, Expect, diff, is_no_op, write_source
-from tests.test_bpf_dataplane import require_bcc
+from tests.test_bpf_dataplane import lab
 from weft.model.names import host_iface_name
 
 PEER = Expect().isolate_ingress("x/a").allow_ingress(dst="x/a", src="x/b")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    require_bcc()
-    from weft.playbooks.netlab import NodeLab, pods_from_manifests
-    cluster_dir = write_source(tmp_path_factory.mktemp("cluster"))
-    with NodeLab(pods_from_manifests(cluster_dir, NODE)) as node:
-        yield node
+lab = lab        # the lab of every pod of the base cluster (a fixture, one per module)
 
 
 class EbpfNode:
