@@ -20,7 +20,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +131,7 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     from weft.model.cluster import Endpoint
     from weft.model.kernel import ipsets_from_data
     from weft.renderers.endpoint import make_snapshot
-    from weft.renderers.iptables import render_node
+    from weft.renderers.iptables import render_node_sets
     from weft.store.ipam import node_ipam_document
     state = reading.state()
     if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
@@ -146,9 +146,11 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         reuse = ipsets_from_data(last["dataplane"]["ipsets"]) if last else None
     except (KeyError, TypeError, ValueError):
         reuse = None
-    dataplane = render_node(state, opts.node, pending, reuse)
+    ebpf = opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled
+    made = None if reuse is not None or ebpf else _incremental(opts, reading, state, pending, key, addresses)
+    dataplane, meanings = made or render_node_sets(state, opts.node, pending, reuse)
     bpf = None
-    if opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled:
+    if ebpf:
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
         bpf = render_bpf(state, opts.node, pending)
         dataplane = host_dataplane(dataplane)
@@ -160,9 +162,95 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         from weft.renderers.bpf_policy import cni_snapshot
         snapshot["bpf"] = cni_snapshot(bpf, state.local_endpoints(opts.node))
     node = RenderedNode(dataplane, state.ignored_kinds, snapshot, bird_config, ipam, addressed, bpf)
-    reading.cache.keep_render(opts.node, key, node.to_data(), basis)
+    reading.cache.keep_render(opts.node, key, node.to_data() | {"sets": None if ebpf else meanings}, basis)
     reading.dirty = True
     return node
+
+
+def _incremental(opts: Options, reading: Reading, state: ClusterState, pending: tuple[Any, ...], key: str,
+                 addresses: dict[str, tuple[str, ...]]) -> tuple[Any, dict[str, tuple]] | None:
+    """The render made from the last one when only pods and namespaces changed since
+    (renderers.incremental), or None. The last render counts only if the loaded cache file holds
+    it together with the very objects it was rendered from, and it was rendered with the same
+    options and allocations (the part of its key after the read's token)."""
+    cache = reading.cache
+    have = cache.rendered.get(opts.node, ("", None))[0]
+    if not have or have.partition(":")[2] != key.partition(":")[2]:
+        return None
+    previous = cache.previous_render(opts.node)
+    last = RenderedNode.from_data(previous)
+    if last is None or last.bpf is not None or not isinstance(previous, dict):
+        return None
+    changes = cache.changes_since_load()
+    if changes is None:
+        return None
+    from weft.renderers.incremental import rerender
+    diff = _endpoint_changes(*changes, opts.node, addresses)
+    if diff is None:
+        return None
+    return rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff)
+
+
+def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, tuple[str, ...]]) -> Any:
+    """The pods and namespaces that differ between the objects of the changed groups as loaded
+    (`before`) and now, or None when anything else changed (or a group is not what a read keeps)."""
+    from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
+    from weft.model.cluster import Endpoint, Namespace
+    from weft.renderers.incremental import EndpointChanges
+    was, has = _converted(before), _converted(now)
+    if was is None or has is None:
+        return None
+    old: list[Endpoint] = []
+    new: list[Endpoint] = []
+    namespaces: dict[str, Namespace | None] = {}
+    for k in was.keys() | has.keys():
+        a, b = was.get(k), has.get(k)
+        if a is not None and b is not None and a.value == b.value:
+            continue
+        kind = (a or b).kind
+        for entry, into in ((a, old), (b, new)):
+            value = None if entry is None else entry.value
+            if kind == "Pod" and value is not None:
+                if not isinstance(value, Endpoint):
+                    return None
+                if value.node == node and value.key in addresses:
+                    value = replace(value, ips=addresses[value.key])
+                into.append(value)
+        if kind == "Namespace":
+            name = (a or b).name
+            value = None if a is None else a.value
+            if value is None and name in BUILTIN_NAMESPACES:
+                value = Namespace(name, {NAMESPACE_NAME_LABEL: name})
+            if not (value is None or isinstance(value, Namespace)):
+                return None
+            namespaces[name] = value
+        elif kind != "Pod":
+            return None
+    return EndpointChanges(tuple(old), tuple(new), namespaces)
+
+
+def _converted(groups: dict) -> dict | None:
+    """Every converted object in `groups` (of either source's layout) by identity; None on
+    anything unexpected (two objects of one identity, a value of an unknown type)."""
+    from weft.desired.loader import Converted
+    found: dict[tuple, Any] = {}
+    stack: list[Any] = list(groups.values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Converted):
+            k = (value.api_version, value.kind, value.namespace, value.name)
+            if k in found:
+                return None
+            found[k] = value
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        elif is_dataclass(value) and not isinstance(value, type):
+            stack.extend(getattr(value, f.name) for f in fields(value))
+        elif not isinstance(value, str | bytes | int | float | type(None)):
+            return None
+    return found
 
 
 def _bird_config(opts: Options, state: ClusterState) -> str | None:

@@ -87,7 +87,15 @@ def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = 
     found there is taken as it is, and the index of every endpoint is built only for sets that
     are not: the result equals a render without `reuse`.
     """
-    return _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
+    return render_node_sets(state, node, pending, reuse)[0]
+
+
+def render_node_sets(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (),
+                     reuse: Mapping[str, IpSet] | None = None) -> tuple[Dataplane, dict[str, tuple]]:
+    """`render_node`, and what each of its peers and named-port sets means (SetCatalog.meanings:
+    renderers.incremental computes a later render's members from them)."""
+    sets = SetCatalog(lambda: EndpointIndex(state), reuse)
+    return _render_filter(state, node, sets, pending), sets.meanings
 
 
 def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tuple[Endpoint, ...]) -> Dataplane:

@@ -1,0 +1,106 @@
+"""A render after some pods and namespaces changed, made from the previous render.
+
+A render's chains depend on the policies and on this node's pods (their labels, their
+namespaces' and service accounts' labels); its sets' members depend on every pod. When only pods
+and namespaces changed since the previous render, a set can change only if its selector matched
+a changed pod, with its old or its new labels (a pod of a relabelled namespace counts as
+changed): only those sets are computed again, from the few changed pods (what they added or took
+away; a member another, unchanged pod also gives is kept, as a full render keeps it). The chains
+are rendered again only when a changed pod is on this node; otherwise they are the previous
+ones. The result equals a render from scratch (`render_node_sets`); tests/test_incremental.py
+checks that over random sequences of changes.
+
+This is a pure function: the caller (reconciler.run) vouches that `previous` was rendered from
+the state before these changes, with `meanings` as that render gave them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from weft.desired.index import EndpointIndex
+from weft.model.cluster import ClusterState, Endpoint, EntityMatch, Namespace
+from weft.model.kernel import Dataplane, IpSet
+from weft.renderers.ipsets import NAMED_PORT, PEERS, SET_FAMILY, set_members, set_prefix
+from weft.renderers.iptables import render_node_sets
+
+
+@dataclass(frozen=True)
+class EndpointChanges:
+    """What changed since the previous render: pods (as endpoints, addressed as the render saw
+    them) and namespaces."""
+    old: tuple[Endpoint, ...]                   # previous versions of pods changed or gone
+    new: tuple[Endpoint, ...]                   # current versions of pods changed or added
+    namespaces: Mapping[str, Namespace | None]  # changed namespaces' previous versions (None: it did not exist)
+
+
+def valid_meanings(meanings: object, sets: Mapping[str, IpSet]) -> dict[str, tuple] | None:
+    """`meanings` as kept with a render (read back from the cache: hostile until checked),
+    if it describes every set of `sets` whose members come from endpoints, else None."""
+    if not isinstance(meanings, Mapping):
+        return None
+    checked: dict[str, tuple] = {}
+    for name, ipset in sets.items():
+        if any(name.startswith(set_prefix("n", f)) for f in SET_FAMILY):
+            continue                              # nets: their members are the policy's own
+        meaning = meanings.get(name)
+        if not (isinstance(meaning, tuple | list) and len(meaning) == 5):
+            return None
+        kind, entity, port, protocol, family = meaning
+        expected = {PEERS: ("s", "hash:ip"), NAMED_PORT: ("p", "hash:ip,port")}.get(kind)
+        if expected is None or not isinstance(entity, EntityMatch) or family not in SET_FAMILY \
+                or not isinstance(port, str) or not (protocol is None or isinstance(protocol, str)) \
+                or not name.startswith(set_prefix(expected[0], family)) or ipset.type != expected[1] \
+                or ipset.family != SET_FAMILY[family]:
+            return None
+        checked[name] = (kind, entity, port, protocol, family)
+    return checked
+
+
+def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], previous: Dataplane,
+             meanings: Mapping[str, tuple], changes: EndpointChanges) -> tuple[Dataplane, dict[str, tuple]] | None:
+    """This node's render of `state` (with local addresses applied, as for render_node_sets),
+    from `previous`, the render of the state before `changes`; None when that cannot be done
+    here (host endpoints or network sets are selectable: the caller renders from scratch)."""
+    if state.network_sets or state.host_endpoints:
+        return None
+    checked = valid_meanings(meanings, previous.ipsets)
+    if checked is None:
+        return None
+    touched_ns = set(changes.namespaces)
+    changed_keys = {e.key for e in changes.old} | {e.key for e in changes.new}
+    same = tuple(e for e in state.endpoints if e.namespace in touched_ns and e.key not in changed_keys)
+    old_namespaces = dict(state.namespaces)
+    for name, before in changes.namespaces.items():
+        if before is None:
+            old_namespaces.pop(name, None)
+        else:
+            old_namespaces[name] = before
+    was = EndpointIndex(replace(state, endpoints=changes.old + same, namespaces=old_namespaces))
+    now = EndpointIndex(replace(state, endpoints=changes.new + same))
+    considered = changed_keys | {e.key for e in same}
+    # Members a changed pod took away may still be given by another pod (a shared address):
+    # the unchanged pods holding one of the changed pods' old addresses.
+    old_ips = {ip for e in was.endpoints for ip in e.ips}
+    holders = [e for e in state.endpoints if e.key not in considered and not old_ips.isdisjoint(e.ips)] \
+        if old_ips else []
+    full: list[EndpointIndex] = []
+
+    def updated(ipset: IpSet, meaning: tuple) -> IpSet:
+        before, after = set_members(was, meaning), set_members(now, meaning)
+        if before == after:
+            return ipset
+        gone = before - after
+        if gone and holders and any(h.ips for h in holders):
+            held = {ip for h in holders for ip in h.ips}
+            if any(m.split(",", 1)[0] in held for m in gone):
+                if not full:
+                    full.append(EndpointIndex(state))
+                return replace(ipset, members=set_members(full[0], meaning))
+        return replace(ipset, members=(ipset.members - gone) | after)
+
+    sets = {name: updated(s, checked[name]) if name in checked else s for name, s in previous.ipsets.items()}
+    local = any(e.node == node for e in was.endpoints) or any(e.node == node for e in now.endpoints)
+    if not local:
+        return replace(previous, ipsets=sets), dict(checked)
+    return render_node_sets(state, node, pending, sets)
