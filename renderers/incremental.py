@@ -6,9 +6,11 @@ and namespaces changed since the previous render, a set can change only if its s
 a changed pod, with its old or its new labels (a pod of a relabelled namespace counts as
 changed): only those sets are computed again, from the few changed pods (what they added or took
 away; a member another, unchanged pod also gives is kept, as a full render keeps it). The chains
-are rendered again only when a changed pod is on this node; otherwise they are the previous
-ones. The result equals a render from scratch (`render_node_sets`); tests/test_incremental.py
-checks that over random sequences of changes.
+are rendered again only when a changed pod is on this node, otherwise they are the previous
+ones; and even then a policy's chain is taken from the previous render (its rules depend only
+on the policy and its sets' names): only the changed pods' own chains are new. The result
+equals a render from scratch (`render_node_sets`); tests/test_render_endpoint_changes.py checks
+that over random sequences of changes.
 
 This is a pure function: the caller (reconciler.run) vouches that `previous` was rendered from
 the state before these changes, with `meanings` as that render gave them.
@@ -103,4 +105,4 @@ def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], prev
     local = any(e.node == node for e in was.endpoints) or any(e.node == node for e in now.endpoints)
     if not local:
         return replace(previous, ipsets=sets), dict(checked)
-    return render_node_sets(state, node, pending, sets)
+    return render_node_sets(state, node, pending, sets, chains=previous.chains, meanings=checked)

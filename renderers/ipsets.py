@@ -89,13 +89,28 @@ class SetCatalog:
     found there is taken as it is (its meaning is its name; nets sets cost nothing to make).
     """
 
-    def __init__(self, index: EndpointIndex | Callable[[], EndpointIndex], reuse: Mapping[str, IpSet] | None = None):
+    def __init__(self, index: EndpointIndex | Callable[[], EndpointIndex], reuse: Mapping[str, IpSet] | None = None,
+                 reused_meanings: Mapping[str, tuple] | None = None):
         self._index = index
         self.reuse = reuse or {}
+        self.reused_meanings = reused_meanings or {}
         self.sets: dict[str, IpSet] = {}
         # What each peers and named-port set means (its members are computed from it), kept with
         # a render so a later one can tell which sets a changed pod touches (renderers.incremental).
         self.meanings: dict[str, tuple] = {}
+
+    def adopt(self, names: Iterable[str]) -> bool:
+        """Take the sets `names` (those a chain of the reused render refers to) from the reused
+        render, with what they mean; False, taking none, when it lacks one of them."""
+        names = [n for n in names if n not in self.sets]
+        if not all(n in self.reuse and (n in self.reused_meanings or n.startswith(set_prefix("n", 4))
+                                        or n.startswith(set_prefix("n", 6))) for n in names):
+            return False
+        for n in names:
+            self.sets[n] = self.reuse[n]
+            if n in self.reused_meanings:
+                self.meanings[n] = self.reused_meanings[n]
+        return True
 
     @property
     def index(self) -> EndpointIndex:

@@ -164,3 +164,24 @@ def test_runs_through_the_cache_render_incrementally(tmp_path: Path, monkeypatch
         assert kernel_input(cached.dataplane) == kernel_input(fresh.dataplane)
         assert cached.snapshot["pods"] == fresh.snapshot["pods"]
     assert len(calls) == len(steps) and all(c is not None for c in calls)
+
+
+def test_a_local_change_renders_only_its_pods_chains():
+    """A local pod relabelled: its own chains are rendered again; the policies' chains are the
+    previous render's (their rules depend only on the policy and its sets' names)."""
+    spec = {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "x"}}}],
+                                            "ports": [{"port": "http"}]}]}
+    policies = {("a", "p"): spec, ("a", "q"): spec | {"podSelector": {"matchLabels": {"app": "x"}}}}
+    namespaces = {"a": {}, "b": {}, "c": {}}
+    pods = {("a", "one"): ({}, NODE, 1, 1), ("a", "two"): ({"app": "x"}, NODE, 2, None)}
+    before = state_of(pods, namespaces, policies)
+    rendered, meanings = render_node_sets(before, NODE)
+    pods[("a", "one")] = ({"app": "x"}, NODE, 1, 1)
+    after = state_of(pods, namespaces, policies)
+    made, _ = rerender(after, NODE, (), rendered, meanings, changes_between(before, after))
+    same_render(made, render_node_sets(after, NODE)[0])
+    policy_chains = [k for k in made.chains if k[1].startswith("weft-pi-")]
+    # p in both tables, q in the IPv4 one (pod two, IPv4 only) and now in the IPv6 one (pod one)
+    assert len(policy_chains) == 4
+    assert [k for k in policy_chains if k not in rendered.chains] == [("filter6", policy_chains[-1][1])]
+    assert all(made.chains[k] is rendered.chains[k] for k in policy_chains if k in rendered.chains)
