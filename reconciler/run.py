@@ -20,7 +20,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,14 +133,20 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     from weft.renderers.endpoint import make_snapshot
     from weft.renderers.iptables import render_node_sets
     from weft.store.ipam import node_ipam_document
-    state = reading.state()
-    if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
-        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
     addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
-    state = state.with_local_addresses(opts.node, addresses)
     pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
     # What set members are computed from: every endpoint (as addressed here) and namespace.
     basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
+    quick = None if bird is not None else _without_state(opts, reading, pending, key, addresses, addressed)
+    if quick is not None:
+        node, data = quick
+        reading.cache.keep_render(opts.node, key, data, basis)
+        reading.dirty = True
+        return node
+    state = reading.state()
+    if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
+        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
+    state = state.with_local_addresses(opts.node, addresses)
     last = reading.cache.last_render(opts.node, basis)
     try:
         reuse = ipsets_from_data(last["dataplane"]["ipsets"]) if last else None
@@ -148,7 +154,10 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         reuse = None
     ebpf = opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled
     made = None if reuse is not None or ebpf else _incremental(opts, reading, state, pending, key, addresses)
-    dataplane, meanings = made or render_node_sets(state, opts.node, pending, reuse)
+    if made is None:
+        from weft.renderers.incremental import address_counts
+        made = (*render_node_sets(state, opts.node, pending, reuse), address_counts(state.endpoints))
+    dataplane, meanings, counts = made
     bpf = None
     if ebpf:
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
@@ -162,17 +171,18 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         from weft.renderers.bpf_policy import cni_snapshot
         snapshot["bpf"] = cni_snapshot(bpf, state.local_endpoints(opts.node))
     node = RenderedNode(dataplane, state.ignored_kinds, snapshot, bird_config, ipam, addressed, bpf)
-    reading.cache.keep_render(opts.node, key, node.to_data() | {"sets": None if ebpf else meanings}, basis)
+    kept = {"sets": None, "addresses": None} if ebpf else {"sets": meanings, "addresses": " ".join(counts.elements())}
+    reading.cache.keep_render(opts.node, key, node.to_data() | kept, basis)
     reading.dirty = True
     return node
 
 
-def _incremental(opts: Options, reading: Reading, state: ClusterState, pending: tuple[Any, ...], key: str,
-                 addresses: dict[str, tuple[str, ...]]) -> tuple[Any, dict[str, tuple]] | None:
-    """The render made from the last one when only pods and namespaces changed since
-    (renderers.incremental), or None. The last render counts only if the loaded cache file holds
-    it together with the very objects it was rendered from, and it was rendered with the same
-    options and allocations (the part of its key after the read's token)."""
+def _last_render(opts: Options, reading: Reading, key: str) -> tuple[dict, RenderedNode, Any] | None:
+    """The last render (its data, the node, its address counts) if a render can be made from it:
+    the loaded cache file holds it with the very objects it was rendered from, it was rendered
+    with the same options and allocations (the part of its key after the read's token), and for
+    the iptables plane."""
+    from collections import Counter
     cache = reading.cache
     have = cache.rendered.get(opts.node, ("", None))[0]
     if not have or have.partition(":")[2] != key.partition(":")[2]:
@@ -181,14 +191,90 @@ def _incremental(opts: Options, reading: Reading, state: ClusterState, pending: 
     last = RenderedNode.from_data(previous)
     if last is None or last.bpf is not None or not isinstance(previous, dict):
         return None
+    addresses = previous.get("addresses")
+    return previous, last, Counter(addresses.split()) if isinstance(addresses, str) else None
+
+
+def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], key: str,
+                   addresses: dict[str, tuple[str, ...]], addressed: str) -> tuple[RenderedNode, dict] | None:
+    """The render made from the last one without assembling the whole desired state (decoding
+    every cached pod): when only pods of other nodes changed, and namespaces' labels (the pods
+    of those namespaces are decoded), the chains, the CNI snapshot (but its token), BIRD's
+    configuration and the IPAM document are the last render's, and only the sets those pods
+    were or are selected by change (renderers.incremental). None when that does not hold."""
+    if opts.dataplane == "ebpf":
+        return None
+    found = _last_render(opts, reading, key)
+    if found is None or found[2] is None or found[1].snapshot is None:
+        return None
+    previous, last, counts = found
+    cache = reading.cache
+    kinds: frozenset[str] = frozenset().union(*cache.kinds.values()) if cache.kinds else frozenset()
+    if kinds & {"NetworkSet", "GlobalNetworkSet", "HostEndpoint"}:
+        return None
     changes = cache.changes_since_load()
-    if changes is None:
+    diff = None if changes is None else _endpoint_changes(*changes, opts.node, addresses)
+    if diff is None or any(v is None for v in diff.namespaces.values()):
+        return None                                   # a namespace came: the snapshot names every one
+    touched = set(diff.namespaces)
+    if touched and not cache.source.startswith("api:"):
+        return None                                   # a manifest dir's groups are not per namespace
+    wanted = [g for g in cache.blobs if cache.kinds.get(g, frozenset()) & {"Namespace", "ServiceAccount"}
+              or touched and "Pod" in cache.kinds.get(g, ()) and isinstance(g, tuple) and len(g) == 3
+              and g[2] in touched]
+    from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
+    from weft.model.cluster import ClusterState, Endpoint, Namespace, ServiceAccount
+    from weft.model.codec import CodecError
+    from weft.renderers.incremental import rerender
+    try:
+        read = _converted({g: cache.group(g) for g in wanted})
+    except (CodecError, ValueError, TypeError, RecursionError):
+        return None
+    if read is None:
+        return None
+    namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
+    accounts, endpoints = [], []
+    for c in read[0].values():
+        if c.value is None:
+            continue
+        if c.kind == "Namespace" and isinstance(c.value, Namespace):
+            namespaces[c.name] = c.value
+        elif c.kind == "ServiceAccount" and isinstance(c.value, ServiceAccount):
+            accounts.append(c.value)
+        elif c.kind == "Pod" and isinstance(c.value, Endpoint):
+            ep = c.value
+            endpoints.append(replace(ep, ips=addresses[ep.key]) if ep.node == opts.node and ep.key in addresses else ep)
+        else:
+            return None
+    if any(n not in namespaces for n in touched) or any(e.namespace not in namespaces for e in diff.new):
+        return None                                   # the whole state's checks say what is wrong
+    state = ClusterState(namespaces, tuple(sorted(endpoints, key=lambda e: (e.namespace, e.pod))), (), {},
+                         service_accounts=tuple(sorted(accounts, key=lambda a: (a.namespace, a.name))))
+    made = rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff, counts, partial=True)
+    if made is None:
+        return None
+    dataplane, meanings, counts = made
+    node = RenderedNode(dataplane, last.ignored, {**last.snapshot, "token": key}, last.bird_config, last.ipam,
+                        addressed, None)
+    return node, node.to_data() | {"sets": meanings, "addresses": " ".join(counts.elements())}
+
+
+def _incremental(opts: Options, reading: Reading, state: ClusterState, pending: tuple[Any, ...], key: str,
+                 addresses: dict[str, tuple[str, ...]]) -> tuple[Any, dict[str, tuple]] | None:
+    """The render made from the last one when only pods and namespaces changed since
+    (renderers.incremental), or None. The last render counts only if the loaded cache file holds
+    it together with the very objects it was rendered from, and it was rendered with the same
+    options and allocations (the part of its key after the read's token)."""
+    found = _last_render(opts, reading, key)
+    changes = None if found is None else reading.cache.changes_since_load()
+    if found is None or changes is None:
         return None
     from weft.renderers.incremental import rerender
     diff = _endpoint_changes(*changes, opts.node, addresses)
     if diff is None:
         return None
-    return rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff)
+    previous, last, counts = found
+    return rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff, counts)
 
 
 def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, tuple[str, ...]]) -> Any:
@@ -197,9 +283,10 @@ def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, t
     from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
     from weft.model.cluster import Endpoint, Namespace
     from weft.renderers.incremental import EndpointChanges
-    was, has = _converted(before), _converted(now)
-    if was is None or has is None:
+    one, other = _converted(before), _converted(now)
+    if one is None or other is None or one[1] != other[1]:      # an ignored kind came or went
         return None
+    was, has = one[0], other[0]
     old: list[Endpoint] = []
     new: list[Endpoint] = []
     namespaces: dict[str, Namespace | None] = {}
@@ -229,11 +316,13 @@ def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, t
     return EndpointChanges(tuple(old), tuple(new), namespaces)
 
 
-def _converted(groups: dict) -> dict | None:
-    """Every converted object in `groups` (of either source's layout) by identity; None on
-    anything unexpected (two objects of one identity, a value of an unknown type)."""
+def _converted(groups: dict) -> tuple[dict, list[str]] | None:
+    """Every converted object in `groups` (of either source's layout: an API read's objects by
+    identity, a manifest dir's documents) by identity, and the names of the ignored kinds met;
+    None on anything unexpected (two objects of one identity, a value of an unknown type)."""
     from weft.desired.loader import Converted
     found: dict[tuple, Any] = {}
+    ignored: list[str] = []
     stack: list[Any] = list(groups.values())
     while stack:
         value = stack.pop()
@@ -242,15 +331,17 @@ def _converted(groups: dict) -> dict | None:
             if k in found:
                 return None
             found[k] = value
+        elif isinstance(value, str):
+            ignored.append(value)
         elif isinstance(value, dict):
             stack.extend(value.values())
         elif isinstance(value, list | tuple):
             stack.extend(value)
-        elif is_dataclass(value) and not isinstance(value, type):
-            stack.extend(getattr(value, f.name) for f in fields(value))
-        elif not isinstance(value, str | bytes | int | float | type(None)):
+        elif is_dataclass(value) and not isinstance(value, type) and hasattr(value, "entries"):
+            stack.append(value.entries)             # a manifest document: its objects
+        else:
             return None
-    return found
+    return found, sorted(ignored)
 
 
 def _bird_config(opts: Options, state: ClusterState) -> str | None:

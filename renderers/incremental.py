@@ -17,7 +17,8 @@ the state before these changes, with `meanings` as that render gave them.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from weft.desired.index import EndpointIndex
@@ -59,13 +60,32 @@ def valid_meanings(meanings: object, sets: Mapping[str, IpSet]) -> dict[str, tup
     return checked
 
 
+def address_counts(endpoints: Iterable[Endpoint]) -> Counter[str]:
+    """How many endpoints hold each address (kept with a render: a set member a changed pod took
+    away stays when another pod holds it too)."""
+    return Counter(ip for e in endpoints for ip in e.ips)
+
+
 def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], previous: Dataplane,
-             meanings: Mapping[str, tuple], changes: EndpointChanges) -> tuple[Dataplane, dict[str, tuple]] | None:
+             meanings: Mapping[str, tuple], changes: EndpointChanges, counts: Counter[str] | None = None,
+             partial: bool = False) -> tuple[Dataplane, dict[str, tuple], Counter[str]] | None:
     """This node's render of `state` (with local addresses applied, as for render_node_sets),
-    from `previous`, the render of the state before `changes`; None when that cannot be done
-    here (host endpoints or network sets are selectable: the caller renders from scratch)."""
+    from `previous`, the render of the state before `changes`, with what its sets mean and the
+    new state's address counts; None when that cannot be done here (host endpoints or network
+    sets are selectable: the caller renders from scratch).
+
+    `counts`: the previous state's `address_counts` (computed from `state` when None).
+    `partial`: `state` holds only the pods of the changed namespaces (and, as always, every
+    namespace and service account): enough unless a changed pod is local or a member taken away
+    is held by another pod too (None then: the caller renders with the whole state)."""
     if state.network_sets or state.host_endpoints:
         return None
+    if counts is None:
+        if partial:
+            return None
+        counts = address_counts(state.endpoints)
+    else:
+        counts = counts - address_counts(changes.old) + address_counts(changes.new)
     checked = valid_meanings(meanings, previous.ipsets)
     if checked is None:
         return None
@@ -80,29 +100,36 @@ def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], prev
             old_namespaces[name] = before
     was = EndpointIndex(replace(state, endpoints=changes.old + same, namespaces=old_namespaces))
     now = EndpointIndex(replace(state, endpoints=changes.new + same))
-    considered = changed_keys | {e.key for e in same}
-    # Members a changed pod took away may still be given by another pod (a shared address):
-    # the unchanged pods holding one of the changed pods' old addresses.
-    old_ips = {ip for e in was.endpoints for ip in e.ips}
-    holders = [e for e in state.endpoints if e.key not in considered and not old_ips.isdisjoint(e.ips)] \
-        if old_ips else []
+    local = any(e.node == node for e in was.endpoints) or any(e.node == node for e in now.endpoints)
+    if local and partial:
+        return None
+    # Members a changed pod took away may still be given by another pod (a shared address): the
+    # addresses held by more endpoints of the new state than the changed ones considered here.
+    mine = address_counts(now.endpoints)
+    held = {ip for e in was.endpoints for ip in e.ips if counts[ip] > mine[ip]}
     full: list[EndpointIndex] = []
+
+    class Partial(Exception):
+        pass
 
     def updated(ipset: IpSet, meaning: tuple) -> IpSet:
         before, after = set_members(was, meaning), set_members(now, meaning)
         if before == after:
             return ipset
         gone = before - after
-        if gone and holders and any(h.ips for h in holders):
-            held = {ip for h in holders for ip in h.ips}
-            if any(m.split(",", 1)[0] in held for m in gone):
-                if not full:
-                    full.append(EndpointIndex(state))
-                return replace(ipset, members=set_members(full[0], meaning))
+        if held and any(m.split(",", 1)[0] in held for m in gone):
+            if partial:
+                raise Partial
+            if not full:
+                full.append(EndpointIndex(state))
+            return replace(ipset, members=set_members(full[0], meaning))
         return replace(ipset, members=(ipset.members - gone) | after)
 
-    sets = {name: updated(s, checked[name]) if name in checked else s for name, s in previous.ipsets.items()}
-    local = any(e.node == node for e in was.endpoints) or any(e.node == node for e in now.endpoints)
+    try:
+        sets = {name: updated(s, checked[name]) if name in checked else s for name, s in previous.ipsets.items()}
+    except Partial:
+        return None
     if not local:
-        return replace(previous, ipsets=sets), dict(checked)
-    return render_node_sets(state, node, pending, sets, chains=previous.chains, meanings=checked)
+        return replace(previous, ipsets=sets), dict(checked), counts
+    dataplane, made = render_node_sets(state, node, pending, sets, chains=previous.chains, meanings=checked)
+    return dataplane, made, counts

@@ -9,6 +9,7 @@ the state dir's cache (which is where the previous render comes from in a real r
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from weft.desired.loader import build_cluster_state
 from weft.model.cluster import ClusterState
 from weft.reconciler import run
 from weft.renderers import incremental
-from weft.renderers.incremental import EndpointChanges, rerender, valid_meanings
+from weft.renderers.incremental import EndpointChanges, address_counts, rerender, valid_meanings
 from weft.renderers.iptables import render_node_sets
 
 NODE = "n1"
@@ -83,22 +84,32 @@ def apply_change(pods: dict, namespaces: dict, change: tuple) -> None:
             pods[(arg, key[1])] = (labels, node, v4, v6)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(POD, max_size=6), POLICIES, st.lists(CHANGE, min_size=1, max_size=6))
 def test_incremental_endpoint_changes_equal_a_full_render(first, policies, changes):
     pods = {(ns, f"p{i}"): (labels, node, v4, v6) for i, (ns, labels, node, v4, v6) in enumerate(first)}
     namespaces = {"a": {"team": "a"}, "b": {"team": "b", "env": "prod"}, "c": {"env": "prod"}}
     state = state_of(pods, namespaces, policies)
     rendered, meanings = render_node_sets(state, NODE)
+    counts = address_counts(state.endpoints)
     for change in changes:
         apply_change(pods, namespaces, change)
         after = state_of(pods, namespaces, policies)
-        made = rerender(after, NODE, (), rendered, meanings, changes_between(state, after))
+        diff = changes_between(state, after)
+        made = rerender(after, NODE, (), rendered, meanings, diff, counts)
         full, full_meanings = render_node_sets(after, NODE)
         assert made is not None                     # pods only: never refused
         same_render(made[0], full)
-        assert made[1] == full_meanings
-        state, (rendered, meanings) = after, made
+        assert made[1].keys() == full_meanings.keys()   # (of two selectors of one meaning, either is kept)
+        assert made[2] == address_counts(after.endpoints)
+        # With only the changed namespaces' pods (what a run has without decoding every pod):
+        # the same render, or None where that is not enough.
+        touched = replace(after, endpoints=tuple(e for e in after.endpoints if e.namespace in diff.namespaces))
+        partly = rerender(touched, NODE, (), rendered, meanings, diff, counts, partial=True)
+        if partly is not None:
+            same_render(partly[0], full)
+            assert partly[1].keys() == made[1].keys() and partly[2] == made[2]
+        state, (rendered, meanings, counts) = after, made
 
 
 def test_a_remote_change_renders_no_chain(monkeypatch):
@@ -113,7 +124,7 @@ def test_a_remote_change_renders_no_chain(monkeypatch):
     pods[("a", "remote")] = ({"app": "y"}, "n2", 2, None)
     after = state_of(pods, namespaces, {("a", "p"): spec})
     monkeypatch.setattr(incremental, "render_node_sets", None)      # must not be called
-    made, _ = rerender(after, NODE, (), rendered, meanings, changes_between(before, after))
+    made, *_ = rerender(after, NODE, (), rendered, meanings, changes_between(before, after))
     assert made.chains is rendered.chains
     changed = [n for n in made.ipsets if made.ipsets[n] is not rendered.ipsets[n]]
     assert len(changed) == 2                        # app == x (now empty), app == y (now the pod)
@@ -178,10 +189,47 @@ def test_a_local_change_renders_only_its_pods_chains():
     rendered, meanings = render_node_sets(before, NODE)
     pods[("a", "one")] = ({"app": "x"}, NODE, 1, 1)
     after = state_of(pods, namespaces, policies)
-    made, _ = rerender(after, NODE, (), rendered, meanings, changes_between(before, after))
+    made, *_ = rerender(after, NODE, (), rendered, meanings, changes_between(before, after))
     same_render(made, render_node_sets(after, NODE)[0])
     policy_chains = [k for k in made.chains if k[1].startswith("weft-pi-")]
     # p in both tables, q in the IPv4 one (pod two, IPv4 only) and now in the IPv6 one (pod one)
     assert len(policy_chains) == 4
     assert [k for k in policy_chains if k not in rendered.chains] == [("filter6", policy_chains[-1][1])]
     assert all(made.chains[k] is rendered.chains[k] for k in policy_chains if k in rendered.chains)
+
+
+def test_api_runs_render_remote_changes_without_the_whole_state(tmp_path: Path, monkeypatch):
+    """From the API server, a remote pod's change or a namespace's relabel is rendered from the
+    last render with only the changed namespaces' pods decoded (the whole state is never
+    assembled), and ends where a fresh run does; a local pod's change assembles it."""
+    from tests.kubeapi import FakeKubeAPI
+    from weft.desired import sources
+    built = []
+    real = sources._assembled
+    monkeypatch.setattr(sources, "_assembled", lambda table: built.append(1) or real(table))
+    spec = {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "web"}}},
+                                                     {"namespaceSelector": {"matchLabels": {"team": "a"}}}],
+                                            "ports": [{"port": "http"}]}]}
+    namespaces = {"a": {"team": "a"}, "b": {"team": "b"}, "c": {}}
+    pods = {("a", "l1"): ({"app": "x"}, NODE, 1, 1), ("b", "r1"): ({"tier": "web"}, "n2", 2, None),
+            ("c", "r2"): ({}, "n2", 3, 3), ("c", "r3"): ({"tier": "web"}, "n2", 4, None)}
+    first = objects(pods, namespaces, {("a", "p0"): spec})
+    steps = [(("relabel", 1, {"tier": "db"}), False), (("ns", "c", {"team": "a"}), False),
+             (("relabel", 3, {"tier": "db"}), False), (("relabel", 0, {"tier": "web"}), True)]
+    with FakeKubeAPI(first) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kc")
+        options = run.Options(node=NODE, state_dir=tmp_path / "state", kubeconfig=kubeconfig)
+        run.desired_state(options)
+        for i, (change, whole) in enumerate(steps):
+            apply_change(pods, namespaces, change)
+            for obj in objects(pods, namespaces, {("a", "p0"): spec}):
+                api.put(obj)
+            built.clear()
+            cached = run.desired_state(options)
+            assert bool(built) == whole, change
+            fresh = run.desired_state(run.Options(node=NODE, state_dir=tmp_path / f"fresh{i}", kubeconfig=kubeconfig))
+            assert cached.dataplane == fresh.dataplane
+            assert kernel_input(cached.dataplane) == kernel_input(fresh.dataplane)
+            assert {k: v for k, v in cached.snapshot.items() if k != "token"} == \
+                {k: v for k, v in fresh.snapshot.items() if k != "token"}
+            assert (cached.bird_config, cached.ipam, cached.ignored) == (fresh.bird_config, fresh.ipam, fresh.ignored)
