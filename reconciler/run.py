@@ -14,6 +14,7 @@ are rendered in too.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -137,7 +138,11 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
     # What set members are computed from: every endpoint (as addressed here) and namespace.
     basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
-    quick = None if bird is not None else _without_state(opts, reading, pending, key, addresses, addressed)
+    # Only pods and namespaces changed since a last render this one can be made from?
+    diff = _since_last(opts, reading, key, addresses)
+    last_render = functools.cache(lambda: _last_render(opts, reading))      # decoded once, if at all
+    quick = None if bird is not None or diff is None else \
+        _without_state(opts, reading, pending, key, addresses, addressed, diff, last_render())
     if quick is not None:
         node, data = quick
         reading.cache.keep_render(opts.node, key, data, basis)
@@ -153,7 +158,8 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     except (KeyError, TypeError, ValueError):
         reuse = None
     ebpf = opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled
-    made = None if reuse is not None or ebpf else _incremental(opts, reading, state, pending, key, addresses)
+    made = None if reuse is not None or ebpf or diff is None else \
+        _incremental(state, opts.node, pending, diff, last_render())
     if made is None:
         from weft.renderers.incremental import address_counts
         made = (*render_node_sets(state, opts.node, pending, reuse), address_counts(state.endpoints))
@@ -177,17 +183,24 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     return node
 
 
-def _last_render(opts: Options, reading: Reading, key: str) -> tuple[dict, RenderedNode, Any] | None:
-    """The last render (its data, the node, its address counts) if a render can be made from it:
-    the loaded cache file holds it with the very objects it was rendered from, it was rendered
-    with the same options and allocations (the part of its key after the read's token), and for
-    the iptables plane."""
-    from collections import Counter
-    cache = reading.cache
-    have = cache.rendered.get(opts.node, ("", None))[0]
+def _since_last(opts: Options, reading: Reading, key: str, addresses: dict[str, tuple[str, ...]]) -> Any:
+    """The pods and namespaces changed since the last render (renderers.incremental's
+    EndpointChanges), when nothing else changed and that render was made with the same options
+    and allocations (the part of its key after the read's token); else None. Only the changed
+    groups are decoded."""
+    have = reading.cache.rendered.get(opts.node, ("", None))[0]
     if not have or have.partition(":")[2] != key.partition(":")[2]:
         return None
-    previous = cache.previous_render(opts.node)
+    changes = reading.cache.changes_since_load()
+    return None if changes is None else _endpoint_changes(*changes, opts.node, addresses)
+
+
+def _last_render(opts: Options, reading: Reading) -> tuple[dict, RenderedNode, Any] | None:
+    """The last render (its data, the node, its address counts) if a render can be made from it:
+    the loaded cache file holds it with the very objects it was rendered from, for the iptables
+    plane."""
+    from collections import Counter
+    previous = reading.cache.previous_render(opts.node)
     last = RenderedNode.from_data(previous)
     if last is None or last.bpf is not None or not isinstance(previous, dict):
         return None
@@ -196,7 +209,8 @@ def _last_render(opts: Options, reading: Reading, key: str) -> tuple[dict, Rende
 
 
 def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], key: str,
-                   addresses: dict[str, tuple[str, ...]], addressed: str) -> tuple[RenderedNode, dict] | None:
+                   addresses: dict[str, tuple[str, ...]], addressed: str, diff: Any,
+                   found: tuple[dict, RenderedNode, Any] | None) -> tuple[RenderedNode, dict] | None:
     """The render made from the last one without assembling the whole desired state (decoding
     every cached pod): when only pods of other nodes changed, and namespaces' labels (the pods
     of those namespaces are decoded), the chains, the CNI snapshot (but its token), BIRD's
@@ -204,18 +218,16 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     were or are selected by change (renderers.incremental). None when that does not hold."""
     if opts.dataplane == "ebpf":
         return None
-    found = _last_render(opts, reading, key)
-    if found is None or found[2] is None or found[1].snapshot is None:
-        return None
-    previous, last, counts = found
+    if any(v is None for v in diff.namespaces.values()) or \
+            any(e.node == opts.node for e in diff.old) or any(e.node == opts.node for e in diff.new):
+        return None                                   # a namespace came (the snapshot names every one), a local pod
     cache = reading.cache
     kinds: frozenset[str] = frozenset().union(*cache.kinds.values()) if cache.kinds else frozenset()
     if kinds & {"NetworkSet", "GlobalNetworkSet", "HostEndpoint"}:
         return None
-    changes = cache.changes_since_load()
-    diff = None if changes is None else _endpoint_changes(*changes, opts.node, addresses)
-    if diff is None or any(v is None for v in diff.namespaces.values()):
-        return None                                   # a namespace came: the snapshot names every one
+    if found is None or found[2] is None or found[1].snapshot is None:
+        return None
+    previous, last, counts = found
     touched = set(diff.namespaces)
     if touched and not cache.source.startswith("api:"):
         return None                                   # a manifest dir's groups are not per namespace
@@ -259,22 +271,15 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     return node, node.to_data() | {"sets": meanings, "addresses": " ".join(counts.elements())}
 
 
-def _incremental(opts: Options, reading: Reading, state: ClusterState, pending: tuple[Any, ...], key: str,
-                 addresses: dict[str, tuple[str, ...]]) -> tuple[Any, dict[str, tuple]] | None:
-    """The render made from the last one when only pods and namespaces changed since
-    (renderers.incremental), or None. The last render counts only if the loaded cache file holds
-    it together with the very objects it was rendered from, and it was rendered with the same
-    options and allocations (the part of its key after the read's token)."""
-    found = _last_render(opts, reading, key)
-    changes = None if found is None else reading.cache.changes_since_load()
-    if found is None or changes is None:
+def _incremental(state: ClusterState, node: str, pending: tuple[Any, ...], diff: Any,
+                 found: tuple[dict, RenderedNode, Any] | None) -> tuple[Any, dict[str, tuple], Any] | None:
+    """The render made from the last one (`found`: `_last_render`) when only pods and namespaces
+    changed since (`diff`: renderers.incremental), or None."""
+    if found is None:
         return None
     from weft.renderers.incremental import rerender
-    diff = _endpoint_changes(*changes, opts.node, addresses)
-    if diff is None:
-        return None
     previous, last, counts = found
-    return rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff, counts)
+    return rerender(state, node, pending, last.dataplane, previous.get("sets"), diff, counts)
 
 
 def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, tuple[str, ...]]) -> Any:

@@ -22,8 +22,11 @@ source and the same weft code (every file of the installed `weft` package counts
 unreadable is a cache miss (a full read).
 
 Layout: line 1 is the header {"format", "code", "generation", "source", "token", "cursors",
-"groups": [[group key, digest, kinds], ...], "rendered": [[node, key, basis], ...]}; then one
-line per group, then one line per render, in the header's order.
+"groups": [[group key, digest, kinds], ...], "rendered": [[node, key, basis, inputs], ...]}; then
+one line per group, then one line per render, in the header's order. A render's `inputs` is a
+digest of every group it was rendered from: when it is the loaded groups' own, the groups a run
+changes are exactly what changed since that render, and their text as loaded is kept (for
+`changes_since_load`) so the next render can be made from the last one (reconciler.run).
 """
 from __future__ import annotations
 
