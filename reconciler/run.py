@@ -177,8 +177,9 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         from weft.renderers.bpf_policy import cni_snapshot
         snapshot["bpf"] = cni_snapshot(bpf, state.local_endpoints(opts.node))
     node = RenderedNode(dataplane, state.ignored_kinds, snapshot, bird_config, ipam, addressed, bpf)
-    kept = {"sets": None, "addresses": None} if ebpf else {"sets": meanings, "addresses": " ".join(counts.elements())}
-    reading.cache.keep_render(opts.node, key, node.to_data() | kept, basis)
+    kept = _render_data(node, None, None, None) if ebpf else \
+        _render_data(node, meanings, counts, state.local_endpoints(opts.node))
+    reading.cache.keep_render(opts.node, key, kept, basis)
     reading.dirty = True
     return node
 
@@ -195,80 +196,112 @@ def _since_last(opts: Options, reading: Reading, key: str, addresses: dict[str, 
     return None if changes is None else _endpoint_changes(*changes, opts.node, addresses)
 
 
-def _last_render(opts: Options, reading: Reading) -> tuple[dict, RenderedNode, Any] | None:
-    """The last render (its data, the node, its address counts) if a render can be made from it:
-    the loaded cache file holds it with the very objects it was rendered from, for the iptables
-    plane."""
+def _last_render(opts: Options, reading: Reading) -> tuple[dict, RenderedNode, Any, Any] | None:
+    """The last render (its data, the node, its address counts, this node's pods as rendered) if
+    a render can be made from it: the loaded cache file holds it with the very objects it was
+    rendered from, for the iptables plane."""
     from collections import Counter
+
+    from weft.model.cluster import Endpoint
     previous = reading.cache.previous_render(opts.node)
     last = RenderedNode.from_data(previous)
     if last is None or last.bpf is not None or not isinstance(previous, dict):
         return None
-    addresses = previous.get("addresses")
-    return previous, last, Counter(addresses.split()) if isinstance(addresses, str) else None
+    addresses, local = previous.get("addresses"), previous.get("local")
+    if not (isinstance(local, list | tuple) and all(isinstance(e, Endpoint) and e.node == opts.node for e in local)):
+        local = None
+    return previous, last, Counter(addresses.split()) if isinstance(addresses, str) else None, local
+
+
+def _render_data(node: RenderedNode, meanings: dict | None, counts: Any, local: Any) -> dict:
+    """What the cache keeps of a render: the node, and what a later render made from it needs
+    (renderers.incremental: what its sets mean, how many pods hold each address, this node's pods)."""
+    return node.to_data() | {"sets": meanings, "addresses": None if counts is None else " ".join(counts.elements()),
+                             "local": None if local is None else tuple(local)}
 
 
 def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], key: str,
                    addresses: dict[str, tuple[str, ...]], addressed: str, diff: Any,
-                   found: tuple[dict, RenderedNode, Any] | None) -> tuple[RenderedNode, dict] | None:
+                   found: tuple[dict, RenderedNode, Any, Any] | None) -> tuple[RenderedNode, dict] | None:
     """The render made from the last one without assembling the whole desired state (decoding
-    every cached pod): when only pods of other nodes changed, and namespaces' labels (the pods
-    of those namespaces are decoded), the chains, the CNI snapshot (but its token), BIRD's
-    configuration and the IPAM document are the last render's, and only the sets those pods
-    were or are selected by change (renderers.incremental). None when that does not hold."""
-    if opts.dataplane == "ebpf":
+    every cached pod). When only pods and namespaces' labels changed, BIRD's configuration and
+    the IPAM document are the last render's, and only the sets the changed pods (and the pods of
+    the relabelled namespaces, which are decoded) were or are selected by change
+    (renderers.incremental). When none of this node's pods is among them, the chains and the CNI
+    snapshot (but its token) are the last render's too, and only namespaces and service accounts
+    are decoded besides; otherwise everything but the other nodes' pods is (this node's pods are
+    kept with the render), and this node's chains are rendered. None when that does not hold."""
+    if opts.dataplane == "ebpf" or found is None or found[2] is None or found[3] is None or found[1].snapshot is None:
         return None
-    if any(v is None for v in diff.namespaces.values()) or \
-            any(e.node == opts.node for e in diff.old) or any(e.node == opts.node for e in diff.new):
-        return None                                   # a namespace came (the snapshot names every one), a local pod
+    if any(v is None for v in diff.namespaces.values()):
+        return None                                   # a namespace came: the snapshot names every one
     cache = reading.cache
     kinds: frozenset[str] = frozenset().union(*cache.kinds.values()) if cache.kinds else frozenset()
     if kinds & {"NetworkSet", "GlobalNetworkSet", "HostEndpoint"}:
         return None
-    if found is None or found[2] is None or found[1].snapshot is None:
-        return None
-    previous, last, counts = found
+    previous, last, counts, local = found
     touched = set(diff.namespaces)
     if touched and not cache.source.startswith("api:"):
         return None                                   # a manifest dir's groups are not per namespace
-    wanted = [g for g in cache.blobs if cache.kinds.get(g, frozenset()) & {"Namespace", "ServiceAccount"}
-              or touched and "Pod" in cache.kinds.get(g, ()) and isinstance(g, tuple) and len(g) == 3
-              and g[2] in touched]
+    changed = {e.key for e in diff.old} | {e.key for e in diff.new}
+    mine = {e.key: e for e in local if e.key not in changed} | {e.key: e for e in diff.new if e.node == opts.node}
+    # This node's pods are among the changed ones, or in a relabelled namespace: its chains change.
+    whole = any(e.node == opts.node for e in diff.old + diff.new) or any(e.namespace in touched for e in local)
+
+    def wanted(group: Any, kinds: frozenset[str]) -> bool:
+        if kinds & {"Namespace", "ServiceAccount"}:
+            return True
+        pods = isinstance(group, tuple) and len(group) == 3 and group[2] in touched and "Pod" in kinds
+        return pods or whole and kinds != frozenset({"Pod"})
     from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
+    from weft.desired.loader import Converted, assemble
     from weft.model.cluster import ClusterState, Endpoint, Namespace, ServiceAccount
     from weft.model.codec import CodecError
+    from weft.model.errors import InvalidDesiredState
     from weft.renderers.incremental import rerender
     try:
-        read = _converted({g: cache.group(g) for g in wanted})
+        read = _converted({g: cache.group(g) for g in cache.blobs if wanted(g, cache.kinds.get(g, frozenset()))})
     except (CodecError, ValueError, TypeError, RecursionError):
         return None
-    if read is None:
+    if read is None or not all(isinstance(c, Converted) for c in read[0].values()):
         return None
-    namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
-    accounts, endpoints = [], []
-    for c in read[0].values():
-        if c.value is None:
-            continue
-        if c.kind == "Namespace" and isinstance(c.value, Namespace):
-            namespaces[c.name] = c.value
-        elif c.kind == "ServiceAccount" and isinstance(c.value, ServiceAccount):
-            accounts.append(c.value)
-        elif c.kind == "Pod" and isinstance(c.value, Endpoint):
-            ep = c.value
-            endpoints.append(replace(ep, ips=addresses[ep.key]) if ep.node == opts.node and ep.key in addresses else ep)
-        else:
+    if whole:
+        try:
+            state = assemble(read[0].values(), read[1])
+        except InvalidDesiredState:
+            return None                               # the whole state's checks say what is wrong
+    else:
+        namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
+        namespaces |= {c.name: c.value for c in read[0].values() if c.kind == "Namespace" and c.value is not None}
+        accounts = [c.value for c in read[0].values() if c.kind == "ServiceAccount" and c.value is not None]
+        if not all(isinstance(n, Namespace) for n in namespaces.values()) or \
+                not all(isinstance(a, ServiceAccount) for a in accounts):
             return None
-    if any(n not in namespaces for n in touched) or any(e.namespace not in namespaces for e in diff.new):
+        state = ClusterState(namespaces, (), (), {},
+                             service_accounts=tuple(sorted(accounts, key=lambda a: (a.namespace, a.name))))
+    # Of the pods: those of the relabelled namespaces, and when this node's chains are rendered,
+    # this node's (as kept with the last render, changed as read now).
+    decoded = [c.value for c in read[0].values() if c.kind == "Pod" and c.value is not None]
+    if not all(isinstance(e, Endpoint) for e in decoded):
+        return None
+    pods = {e.key: e for e in decoded if e.namespace in touched} | (mine if whole else {})
+    if any(e.namespace not in state.namespaces for e in pods.values()) or touched - set(state.namespaces):
         return None                                   # the whole state's checks say what is wrong
-    state = ClusterState(namespaces, tuple(sorted(endpoints, key=lambda e: (e.namespace, e.pod))), (), {},
-                         service_accounts=tuple(sorted(accounts, key=lambda a: (a.namespace, a.name))))
+    endpoints = tuple(sorted(pods.values(), key=lambda e: (e.namespace, e.pod)))
+    state = replace(state, endpoints=endpoints).with_local_addresses(opts.node, addresses)
+    if not whole and any(e.node == opts.node for e in state.endpoints):
+        return None
     made = rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff, counts, partial=True)
     if made is None:
         return None
     dataplane, meanings, counts = made
-    node = RenderedNode(dataplane, last.ignored, {**last.snapshot, "token": key}, last.bird_config, last.ipam,
-                        addressed, None)
-    return node, node.to_data() | {"sets": meanings, "addresses": " ".join(counts.elements())}
+    if whole:
+        from weft.renderers.endpoint import make_snapshot
+        snapshot = make_snapshot(state, opts.node, dataplane, key)
+    else:
+        snapshot = {**last.snapshot, "token": key}
+    node = RenderedNode(dataplane, last.ignored, snapshot, last.bird_config, last.ipam, addressed, None)
+    return node, _render_data(node, meanings, counts, state.local_endpoints(opts.node) if whole else local)
 
 
 def _incremental(state: ClusterState, node: str, pending: tuple[Any, ...], diff: Any,
@@ -278,7 +311,7 @@ def _incremental(state: ClusterState, node: str, pending: tuple[Any, ...], diff:
     if found is None:
         return None
     from weft.renderers.incremental import rerender
-    previous, last, counts = found
+    previous, last, counts, _local = found
     return rerender(state, node, pending, last.dataplane, previous.get("sets"), diff, counts)
 
 

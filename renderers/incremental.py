@@ -75,9 +75,11 @@ def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], prev
     sets are selectable: the caller renders from scratch).
 
     `counts`: the previous state's `address_counts` (computed from `state` when None).
-    `partial`: `state` holds only the pods of the changed namespaces (and, as always, every
-    namespace and service account): enough unless a changed pod is local or a member taken away
-    is held by another pod too (None then: the caller renders with the whole state)."""
+    `partial`: of the pods, `state` holds only this node's and those of the changed namespaces;
+    when a changed pod is local, the rest of it must be whole, otherwise only its namespaces and
+    service accounts are looked at. That is enough unless a member taken away is held by another
+    pod too, or a set the previous render did not have is needed (None then: the caller renders
+    with the whole state)."""
     if state.network_sets or state.host_endpoints:
         return None
     if counts is None:
@@ -101,16 +103,12 @@ def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], prev
     was = EndpointIndex(replace(state, endpoints=changes.old + same, namespaces=old_namespaces))
     now = EndpointIndex(replace(state, endpoints=changes.new + same))
     local = any(e.node == node for e in was.endpoints) or any(e.node == node for e in now.endpoints)
-    if local and partial:
-        return None
     # Members a changed pod took away may still be given by another pod (a shared address): the
     # addresses held by more endpoints of the new state than the changed ones considered here.
     mine = address_counts(now.endpoints)
     held = {ip for e in was.endpoints for ip in e.ips if counts[ip] > mine[ip]}
     full: list[EndpointIndex] = []
 
-    class Partial(Exception):
-        pass
 
     def updated(ipset: IpSet, meaning: tuple) -> IpSet:
         before, after = set_members(was, meaning), set_members(now, meaning)
@@ -127,9 +125,18 @@ def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], prev
 
     try:
         sets = {name: updated(s, checked[name]) if name in checked else s for name, s in previous.ipsets.items()}
+        if not local:
+            return replace(previous, ipsets=sets), dict(checked), counts
+        dataplane, made = render_node_sets(state, node, pending, sets, chains=previous.chains, meanings=checked,
+                                           index=_not_whole if partial else None)
     except Partial:
         return None
-    if not local:
-        return replace(previous, ipsets=sets), dict(checked), counts
-    dataplane, made = render_node_sets(state, node, pending, sets, chains=previous.chains, meanings=checked)
     return dataplane, made, counts
+
+
+class Partial(Exception):
+    """A set must be computed over every pod, and the state at hand does not hold them all."""
+
+
+def _not_whole() -> EndpointIndex:
+    raise Partial

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from weft.desired.index import EndpointIndex
@@ -94,15 +94,17 @@ def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = 
 
 def render_node_sets(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (),
                      reuse: Mapping[str, IpSet] | None = None, *, chains: Mapping[tuple[str, str], Chain] | None = None,
-                     meanings: Mapping[str, tuple] | None = None) -> tuple[Dataplane, dict[str, tuple]]:
+                     meanings: Mapping[str, tuple] | None = None,
+                     index: Callable[[], EndpointIndex] | None = None) -> tuple[Dataplane, dict[str, tuple]]:
     """`render_node`, and what each of its peers and named-port sets means (SetCatalog.meanings:
     renderers.incremental computes a later render's members from them).
 
     `chains` and `meanings`: a previous render's chains and set meanings, from the same policies
     (renderers.incremental vouches for that): a policy's chain is taken from there as it is, with
     the sets it refers to (from `reuse`), instead of rendering its rules again; a chain's rules
-    depend only on its policy and its sets' names while selectors can pick only pods."""
-    sets = SetCatalog(lambda: EndpointIndex(state), reuse, meanings)
+    depend only on its policy and its sets' names while selectors can pick only pods. `index`:
+    what builds the index of every endpoint when a set must be computed (by default, of `state`)."""
+    sets = SetCatalog(index or (lambda: EndpointIndex(state)), reuse, meanings)
     return _render_filter(state, node, sets, pending, chains or {}), sets.meanings
 
 
