@@ -37,6 +37,7 @@ from weft.cni.spec import CniError
 from weft.model.errors import WeftError
 from weft.model.names import host_iface_name
 from weft.probes.pods import routed_addresses
+from weft.reconciler.bpf_pins import pinned
 from weft.store import ipam
 from weft.store.statedir import StateDir, UnsafeState, default_state_dir
 
@@ -270,8 +271,10 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
                     spec.FORBIDDEN if isinstance(exc, ipam.ClaimForbidden) else spec.DESIRED_STATE)
             raise CniError(code, "cannot allocate an address", _line(exc)) from None
         # The endpoint's policy goes in while the pod is wired: neither needs the other, and ADD
-        # returns only when both are done.
-        policy = _Background(_add_endpoint, conf, fast, namespace, pod, iface, tuple(allocation.ips))
+        # returns only when both are done. On an eBPF node the programs attach to the veth: after.
+        ebpf = pinned(conf.state_dir)
+        step = (_add_endpoint, conf, fast, namespace, pod, iface, tuple(allocation.ips))
+        policy = None if ebpf else _Background(*step)
         wired = False
         try:
             if iface in wiring.host_links():
@@ -281,12 +284,13 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
             pod_mac = wiring.wire(inv.netns, inv.ifname, iface, list(allocation.ips), conf.mtu, alias,
                                   netns_fd=netns)
         except BaseException as exc:
-            policy.join()
+            if policy is not None:
+                policy.join()
             undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
             if isinstance(exc, wiring.WiringError):
                 raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc) + undo) from None
             raise
-        failed = policy.join()
+        failed = policy.join() if policy is not None else _Background(*step).join()
         if failed is not None:
             undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
             if isinstance(failed, CniError):
@@ -336,13 +340,12 @@ def _undo_add(conf: Config, fast: FastPath, inv: spec.Invocation, iface: str, al
     Each step is tried whatever the others do; what fails (the runtime's DEL retries it) is
     returned as text to add to the ADD's own error, which stays one line.
     """
-    steps = []
+    steps: list = [lambda: fast.remove_endpoint(conf.sd, iface)]   # first: an eBPF entry is keyed by the veth's ifindex
     if wired:
         def unwire():
             if iface in wiring.host_links() and wiring.link_alias(iface) in (alias, None):
                 wiring.delete_host_side(iface)      # the pod side goes with it
         steps.append(unwire)
-    steps.append(lambda: fast.remove_endpoint(conf.sd, iface))
     if created:
         steps.append(lambda: records.release(conf.network, inv.container_id, inv.ifname))
     failed = []
@@ -403,6 +406,8 @@ def teardown(conf: Config, fast: FastPath, container_id: str, ifname: str, iface
         found = wiring.link_alias(iface)
         delete = found == wiring.alias_for(container_id, ifname) or (found is None and allocation is not None)
     rules = _Background(_remove_endpoint, conf, fast, iface) if ours and (delete or not present) else None
+    if rules is not None and delete and pinned(conf.state_dir):
+        rules.join()                            # eBPF: the entry (keyed by ifindex) goes before the veth
     release = _Background(records.release, conf.network, container_id, ifname)
     unwired: BaseException | None = None
     try:
@@ -479,9 +484,9 @@ def _gc_interfaces(conf: Config, fast: FastPath, records: ipam.Store) -> list[st
             continue
         try:
             with ipam.pod_lock(conf.sd, link["ifname"]):
-                wiring.delete_host_side(link["ifname"])
-                if records.iface_owner(link["ifname"]) is None:
+                if records.iface_owner(link["ifname"]) is None:    # first: an eBPF entry is keyed by ifindex
                     _remove_endpoint(conf, fast, link["ifname"])
+                wiring.delete_host_side(link["ifname"])
         except (wiring.WiringError, CniError) as exc:
             errors.append(str(exc))
     return errors

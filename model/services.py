@@ -2,8 +2,8 @@
 
 Only what the data plane needs: a Service's cluster addresses, its ports (a target port is a
 number or the name of a container port of the backends), whether it is a NodePort and with which
-node ports, and its session affinity; an EndpointSlice's ready endpoints (address, the pod it
-is, if any) and its ports by name. Validated by desired.kinds.services.
+node ports (and its externalTrafficPolicy), and its session affinity; an EndpointSlice's ready
+endpoints (address, the pod it is, if any) and its ports by name. Validated by desired.kinds.services.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Service:
     cluster_ips: tuple[str, ...]    # () for a headless Service (nothing to translate)
     ports: tuple[ServicePort, ...]
     affinity_seconds: int = 0       # sessionAffinity ClientIP: its timeout; 0 without affinity
+    external_local: bool = False    # externalTrafficPolicy Local: node ports reach this node's backends only
 
     @property
     def key(self) -> str:

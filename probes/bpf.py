@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 from weft.model import bpf as m
 from weft.model.errors import WeftError
@@ -36,7 +37,8 @@ OBJ_GET, OBJ_GET_INFO_BY_FD = 7, 15
 F_RDONLY, F_WRONLY = 1 << 3, 1 << 4
 _MAP_TYPES = {1: "hash", 5: "percpu_hash", 9: "lru_hash", 11: "lpm_trie", 27: "ringbuf"}
 
-PROGRAMS = ("from_wl", "to_wl")            # pinned program files: pod egress (tc ingress), pod ingress (tc egress)
+PROGRAMS = ("from_wl", "to_wl", "from_up", "to_up")  # pinned programs: pod egress (tc ingress of its veth),
+#                                                    pod ingress (tc egress), node ports in and out (the uplink)
 FILTER_PREF = 49152                        # the tc filter priority and handle weft's programs use
 FILTER_HANDLE = "0x1"
 
@@ -141,7 +143,7 @@ class MapHandle:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> MapHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -255,6 +257,18 @@ def read_pins(root: Path) -> Pins:
         return Pins(root, (), ())
     return Pins(root, tuple(n for n in names if n.startswith("maps-")),
                 tuple(n for n in names if n.startswith("progs-")))
+
+
+def ipv4_addresses(runner: Runner) -> dict[str, tuple[str, ...]]:
+    """Interface -> its IPv4 addresses, for every interface that has one but the loopback (where
+    a node's own addresses are: the uplinks its node ports are reached by)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for link in json.loads(runner.run(["ip", "-j", "-4", "addr", "show"]) or "[]"):
+        name = link.get("ifname")
+        addrs = tuple(a["local"] for a in link.get("addr_info", ()) if a.get("family") == "inet" and "local" in a)
+        if isinstance(name, str) and name != "lo" and addrs:
+            found[name] = addrs
+    return found
 
 
 def interfaces() -> dict[int, str]:
@@ -381,7 +395,8 @@ def read_attachments(runner: Runner, ifaces: list[str]) -> dict[tuple[str, str],
         out = runner.run(["tc", "-j", "-force", "-batch", "-"], "\n".join(commands) + "\n")
     except KernelCommandError as exc:
         out = exc.said if exc.said.lstrip().startswith("[") else ""
-    answers, decoder, pos = [], json.JSONDecoder(), 0
+    answers: list[list[dict[str, Any]]] = []        # one JSON list of qdiscs or filters per command
+    decoder, pos = json.JSONDecoder(), 0
     while len(answers) < len(commands):
         while pos < len(out) and out[pos].isspace():
             pos += 1

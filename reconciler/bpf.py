@@ -10,20 +10,27 @@ between, never neither.
 
 What it finds (the probe): the node's pin directory (reconciler.bpf_apply.node_pin_dir), whether
 the programs of this build are pinned and use the pinned maps, the policy maps' contents
-(probes.bpf.read_maps), and which program weft's tc filter runs on each hook of each weft
-interface. What it changes, each as one change of the plan:
+(probes.bpf.read_maps), the other interfaces with IPv4 addresses (uplinks), and which program
+weft's tc filter runs on each hook of each of them. What it changes, each as one change of the
+plan:
 
   programs   compiled and pinned (only when no programs of this build are: a second run
              compiles nothing)
   map        one per policy map: the keys written and deleted, each named in the plan by the
              policy and rule it comes from (only changed keys: a second run writes nothing)
-  attach     weft's program on a hook of a weft interface (missing, or another program's)
-  detach     weft's program off a hook (the node left eBPF, or weft is destroyed)
+  attach     weft's program on a hook of a weft interface (missing, or another program's), or
+             the node-port programs on an uplink holding an address a node port is on
+  detach     weft's program off a hook (the node left eBPF, or weft is destroyed; an uplink's
+             when no node port is on its addresses any more)
   pins       a stale build's or layout's pins, or, leaving eBPF, the node's whole pin directory
 
 Endpoint entries are written only for interfaces that exist here (no traffic can use the others);
 every weft interface gets the programs, so one without an entry drops everything (fail closed,
 as the iptables plane's dispatch drops an interface weft does not know).
+
+The CNI plugin's step on such a node (reconciler.endpoint, at the end of this module): ADD writes
+the new pod's entry and attaches the pinned programs before it returns, DEL deletes the entry
+before the veth goes; nothing is compiled there.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from weft.model.errors import WeftError
 from weft.probes.bpf import (
     MapHandle,
     interfaces,
+    ipv4_addresses,
     prog_info,
     read_attachments,
     read_maps,
@@ -70,6 +78,22 @@ from weft.reconciler.resource import (
 )
 
 TC_HOOKS = tuple(HOOKS)                 # ("ingress", "egress") of the host-side veth
+# The uplink's programs (node ports), keyed as in BpfFound.programs.
+_UPLINK_PROGRAMS = {"uplink/ingress": "from_up", "uplink/egress": "to_up"}
+
+
+def program_for(iface: str, hook: str) -> str:
+    """The key of BpfFound.programs (and the pinned program) weft runs on `hook` of `iface`: a
+    pod's veth gets the policy programs, any other interface (an uplink) the node-port ones."""
+    from weft.model.names import HOST_IFACE_PREFIX
+    return hook if iface.startswith(HOST_IFACE_PREFIX) else f"uplink/{hook}"
+
+
+def uplinks_for(want: m.BpfMaps, have: BpfFound) -> tuple[str, ...]:
+    """The interfaces weft's node-port programs belong on: those holding an address some
+    service key has (a node port on the node's address; cluster addresses are on no interface)."""
+    addresses = {key.addr for key in want.services}
+    return tuple(sorted(name for name, addrs in have.uplinks.items() if addresses & set(addrs)))
 SHOWN_KEYS = 200                        # keys listed per map in a plan; the rest are counted
 
 
@@ -86,6 +110,7 @@ class BpfFound:
     attached: Mapping[tuple[str, str], int | None] = field(default_factory=dict)   # (iface, hook) -> program id
     programs: Mapping[str, int] = field(default_factory=dict)   # tc hook -> id of this build's pinned program
     stale: tuple[str, ...] = ()                             # pinned builds and layouts other than this one's
+    uplinks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # other interfaces -> IPv4 addresses
 
 
 @dataclass(frozen=True)
@@ -123,14 +148,16 @@ def probe(root: Path, runner: Runner, look_at_hooks: bool) -> BpfFound:
         for name in m.MAP_NAMES:
             with MapHandle(maps_dir / name) as handle:
                 capacity[name] = handle.info.max_entries
-    programs = {hook: prog_info(progs_dir / prog).id for hook, prog in HOOKS.items()} if current else {}
+    programs = {hook: prog_info(progs_dir / prog).id for hook, prog in (*HOOKS.items(), *_UPLINK_PROGRAMS.items())
+                } if current else {}
     ifaces = weft_ifaces()
-    attached = {key: a.prog_id for key, a in read_attachments(runner, list(ifaces)).items()}
+    uplinks = {name: addrs for name, addrs in ipv4_addresses(runner).items() if name not in ifaces}
+    attached = {key: a.prog_id for key, a in read_attachments(runner, [*ifaces, *sorted(uplinks)]).items()}
     pins = read_pins(root)
     stale = tuple(d for d in (*pins.maps_dirs, *pins.progs_dirs) if d not in (maps_dir.name, progs_dir.name))
     if pinned:                  # a compile killed before it renamed its staging directory (the run holds the lock)
         stale += tuple(sorted(p.name for p in root.iterdir() if p.name.startswith("staging-")))
-    return BpfFound(root, pinned, current, maps, complete, capacity, ifaces, attached, programs, stale)
+    return BpfFound(root, pinned, current, maps, complete, capacity, ifaces, attached, programs, stale, uplinks)
 
 
 class BpfPlane(Resource[Any, BpfChange]):
@@ -188,10 +215,15 @@ class BpfPlane(Resource[Any, BpfChange]):
             action = Action.UPDATE if have.maps_pinned else Action.CREATE
             changes.append(BpfChange("map", action, name, str(maps_dir / name), tuple(writes.items()),
                                      tuple(deletes), tuple(lines)))
-        for iface in have.ifaces:
+        wanted_up = uplinks_for(want, have)
+        for iface in (*have.ifaces, *sorted(have.uplinks)):
             for hook in TC_HOOKS:
                 now = have.attached.get((iface, hook))
-                if have.current and now == have.programs.get(hook):
+                if iface in have.uplinks and iface not in wanted_up:
+                    if now is not None:         # no node port on its addresses (any more)
+                        changes.append(BpfChange("detach", Action.DELETE, f"{iface}/{hook}", str(root)))
+                    continue
+                if have.current and now == have.programs.get(program_for(iface, hook)):
                     continue
                 action = Action.CREATE if now is None else Action.UPDATE
                 changes.append(BpfChange("attach", action, f"{iface}/{hook}", str(progs_dir)))
@@ -265,14 +297,16 @@ class BpfPlane(Resource[Any, BpfChange]):
                            f"of map {n}") for n in WRITE_ORDER if n in maps and maps[n].writes]
             for c in by_kind.get("attach", []):
                 iface, hook = c.target.split("/")
-                steps.append(Step(BpfWrite("attach", c.path, iface, hook), f"attach on {c.target}"))
+                op = "attach" if program_for(iface, hook) == hook else "attach-uplink"
+                steps.append(Step(BpfWrite(op, c.path, iface, hook), f"attach on {c.target}"))
             return steps
         if phase is Phase.SHRINK:
             steps = [Step(BpfWrite("map", maps[n].path, deletes=maps[n].deletes), f"delete {len(maps[n].deletes)} "
                           f"keys of map {n}") for n in DELETE_ORDER if n in maps and maps[n].deletes]
             for c in by_kind.get("detach", []):
                 iface, hook = c.target.split("/")
-                steps.append(Step(BpfWrite("detach", c.path, iface, hook), f"detach from {c.target}"))
+                op = "detach" if program_for(iface, hook) == hook else "detach-uplink"
+                steps.append(Step(BpfWrite(op, c.path, iface, hook), f"detach from {c.target}"))
             steps += [Step(BpfWrite("unpin", c.path), f"unpin {c.path}") for c in by_kind.get("pins", [])]
             return steps
         return []
@@ -291,9 +325,9 @@ class BpfPlane(Resource[Any, BpfChange]):
             runner.writes.append(f"bpf map {path.parent.name}/{path.name}: {len(write.writes)} written, "
                                  f"{len(write.deletes)} deleted")
             _write_map(path, write)
-        elif write.op == "attach":
+        elif write.op in ("attach", "attach-uplink"):
             self._attach(write, runner)
-        elif write.op == "detach":
+        elif write.op in ("detach", "detach-uplink"):
             runner.run(["tc", "filter", "del", "dev", write.iface, write.hook, "pref", "49152"], writes=True)
             _drop_clsact(runner, write.iface)
         elif write.op == "unpin":
@@ -313,7 +347,8 @@ class BpfPlane(Resource[Any, BpfChange]):
             runner.run(["tc", "qdisc", "replace", "dev", write.iface, "clsact"], writes=True)
         runner.run(["tc", "filter", "replace", "dev", write.iface, write.hook, "pref", str(FILTER_PREF), "handle",
                     FILTER_HANDLE, "bpf", "direct-action", "object-pinned",
-                    str(Path(write.path) / HOOKS[write.hook])], writes=True)
+                    str(Path(write.path) / (HOOKS[write.hook] if write.op == "attach"
+                                            else _UPLINK_PROGRAMS[f"uplink/{write.hook}"]))], writes=True)
 
     # -- verifying ---------------------------------------------------------------------------
 
@@ -331,7 +366,7 @@ class BpfPlane(Resource[Any, BpfChange]):
                         left.append(c)
                 elif c.kind == "attach":
                     iface, hook = c.target.split("/")
-                    if now.attached.get((iface, hook)) != now.programs.get(hook):
+                    if now.attached.get((iface, hook)) != now.programs.get(program_for(iface, hook)):
                         left.append(c)
                 elif c.kind == "detach":
                     iface, hook = c.target.split("/")
@@ -425,12 +460,28 @@ def endpoint_entry(snapshot: Mapping[str, Any] | None, pod: str) -> m.EndpointEn
     return m.EndpointEntry(*(CLOSED if flag is not False else OPEN for flag in closed))
 
 
+def pinned_build(root: Path):
+    """The build whose programs are pinned at `root` and use the pinned maps of this weft's layout
+    (None: none is). This build's first; else the one a run pinned (a run removes every other):
+    the plugin may run in an interpreter that sees another bcc version than the run's (a digest
+    input), and it only attaches what is pinned, it never compiles."""
+    build = build_for(root)
+    if programs_current(build, root):
+        return build
+    others = sorted(p.name for p in root.glob("progs-*")) if root.exists() else []
+    for name in others:
+        other = replace(build, digest=name.removeprefix("progs-"))
+        if other.progs_dir(root) != build.progs_dir(root) and programs_current(other, root):
+            return other
+    return None
+
+
 def ebpf_node(state_dir: Path | str) -> bool:
     """Is this node's data plane eBPF (a `weft apply --dataplane ebpf` pinned this build's programs
     for it)? What the CNI plugin asks before choosing the pod's policy step."""
     from weft.reconciler.bpf_apply import node_pin_dir
     root = node_pin_dir(state_dir)
-    return root.exists() and programs_current(build_for(root), root)
+    return root.exists() and pinned_build(root) is not None
 
 
 def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, runner: Runner | None = None
@@ -446,9 +497,9 @@ def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, 
     if not iface.startswith(HOST_IFACE_PREFIX):
         raise WeftError(f"{iface!r} is not a weft interface")
     root = node_pin_dir(state_dir)
-    build = build_for(root)
-    if not programs_current(build, root):
-        raise BpfApplyError(f"no eBPF programs of this build are pinned in {root}: `weft apply --dataplane ebpf` "
+    build = pinned_build(root)
+    if build is None:
+        raise BpfApplyError(f"no eBPF programs on this weft's maps are pinned in {root}: `weft apply --dataplane ebpf` "
                             f"must run on this node before pods are added")
     index = {name: i for i, name in interfaces().items()}.get(iface)
     if index is None:
@@ -471,5 +522,27 @@ def forget_endpoint(state_dir: Path | str, iface: str) -> bool:
         return writer.delete(m.pack_key("endpoints", index))
 
 
-__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "ebpf_node", "endpoint_entry", "forget_endpoint",
-           "probe", "program_endpoint"]
+def endpoint_problems(state_dir: Path | str, iface: str, runner: Runner | None = None) -> list[str]:
+    """CNI CHECK on an eBPF node: what is missing of the pod's entry and programs (empty: all there)."""
+    from weft.reconciler.bpf_apply import node_pin_dir
+    runner = runner or Runner()
+    root = node_pin_dir(state_dir)
+    build = pinned_build(root)
+    if build is None:
+        return [f"no eBPF programs on this weft's maps are pinned in {root}"]
+    index = {name: i for i, name in interfaces().items()}.get(iface)
+    if index is None:
+        return [f"no interface {iface}"]
+    problems = []
+    with MapHandle(build.maps_dir(root) / "endpoints") as handle:
+        if handle.get(m.pack_key("endpoints", index)) is None:
+            problems.append(f"no endpoint entry for {iface} in the eBPF map endpoints")
+    wanted = {hook: prog_info(build.progs_dir(root) / prog).id for hook, prog in HOOKS.items()}
+    for (name, hook), found in read_attachments(runner, [iface]).items():
+        if found.prog_id != wanted[hook]:
+            problems.append(f"weft's eBPF program is not attached on {name} {hook}")
+    return problems
+
+
+__all__ = ["BpfChange", "BpfFound", "BpfPlane", "WeftError", "ebpf_node", "endpoint_entry", "endpoint_problems",
+           "forget_endpoint", "probe", "program_endpoint"]

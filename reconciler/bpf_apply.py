@@ -50,9 +50,8 @@ from weft.probes.bpf import (
     read_pins,
 )
 from weft.probes.runner import KernelCommandError, Runner
+from weft.reconciler.bpf_pins import BPFFS, PIN_ROOT, node_pin_dir  # noqa: F401  (re-exported)
 
-BPFFS = Path("/sys/fs/bpf")
-PIN_ROOT = BPFFS / "weft"
 OBJ_PIN = 6
 HOOKS = {"ingress": "from_wl", "egress": "to_wl"}      # tc hook of the host-side veth -> program
 # Order of writes and deletions (see the module docstring).
@@ -62,11 +61,6 @@ DELETE_ORDER = ("services", "backends", "endpoints", "classifiers", "verdicts", 
 
 class BpfApplyError(WeftError):
     """The eBPF data plane could not be put in place; the message says what and why."""
-
-
-def node_pin_dir(state_dir: Path | str) -> Path:
-    """The node's pin directory: pins are machine-wide, state directories are per node."""
-    return PIN_ROOT / hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def bpffs_mounted() -> bool:

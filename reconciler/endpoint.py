@@ -24,6 +24,7 @@ from __future__ import annotations
 from weft.probes.backend import Backend, detect, has_ipv6
 from weft.probes.netlink import nft_generation
 from weft.probes.runner import KernelCommandError, Runner
+from weft.reconciler.bpf_pins import pinned
 from weft.renderers.endpoint import endpoint_chains
 from weft.renderers.rules import FAMILIES, FROM_DISPATCH, TABLE, TO_DISPATCH, families_of
 from weft.store.snapshot import load_snapshot, save_snapshot  # noqa: F401  (save_snapshot: run.py)
@@ -52,12 +53,13 @@ def _listed(pending) -> list[str] | None:
     return [ln for ln in out.splitlines() if ln.startswith("-A ")]
 
 
-def _dispatch_listings(runner: Runner, backend: Backend, families) -> dict[int, tuple[list[str] | None, ...]]:
+def _dispatch_listings(runner: Runner, backend: Backend,
+                       families) -> dict[int, tuple[list[str] | None, list[str] | None]]:
     """Per family, the two dispatch chains' rules (None where weft's base is not in place), all
     listed at once."""
     started = {f: [runner.start(backend.in_family(f).list_chain + ["-t", TABLE, "-S", chain])
                    for chain in (FROM_DISPATCH, TO_DISPATCH)] for f in families}
-    return {f: tuple(_listed(p) for p in pending) for f, pending in started.items()}
+    return {f: (_listed(from_dispatch), _listed(to_dispatch)) for f, (from_dispatch, to_dispatch) in started.items()}
 
 
 def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]:
@@ -115,8 +117,13 @@ def _restore(state_dir, adding: bool, pods: list[tuple], cache: DispatchCache | 
     sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     cache = cache if cache is not None else DispatchCache()
     with sd.lock(shared=True, timeout=LOCK_TIMEOUT), cache.lock:
-        backend = _backend(runner)
         families = _families(pods, adding)
+        if pinned(sd.path):                          # an eBPF node: IPv4 by map entries and programs,
+            _bpf_step(sd, adding, pods, runner)      # IPv6 (which they pass) by ip6tables as elsewhere
+            families = [f for f in families if f != 4]
+            if not families:
+                return
+        backend = _backend(runner)
         generation = nft_generation() if backend.name == "nft" else None
         found: dict[int, tuple[list[str] | None, list[str] | None]] = {}
         for family in families:
@@ -153,6 +160,21 @@ def _restore(state_dir, adding: bool, pods: list[tuple], cache: DispatchCache | 
         if generation is not None and (not writes or nft_generation() == generation + len(writes)):
             for family, (from_after, to_after) in after.items():
                 cache.keep(backend, family, generation + len(writes), from_after, to_after)
+
+
+def _bpf_step(sd: StateDir, adding: bool, pods: list[tuple], runner: Runner) -> None:
+    """On an eBPF node (reconciler.bpf): ADD writes each pod's endpoint entry (from the snapshot,
+    as the iptables step renders its chains from it) and attaches the pinned programs to its veth,
+    which must exist (the plugin wires first on such a node); nothing is compiled, and without
+    pinned programs it raises (the ADD fails closed). DEL deletes the entry before the veth goes."""
+    from weft.reconciler import bpf
+    if adding:
+        snap = load_snapshot(sd)
+        for iface, namespace, pod, *_ in pods:
+            bpf.program_endpoint(sd.path, iface, bpf.endpoint_entry(snap, f"{namespace}/{pod}"), runner)
+    else:
+        for iface, *_ in pods:
+            bpf.forget_endpoint(sd.path, iface)
 
 
 def _add_lines(snap: dict | None, family: int, pods: list[tuple], from_lines: list[str], to_lines: list[str]):
@@ -225,10 +247,15 @@ def check_endpoint(state_dir, namespace: str, pod: str, iface: str, ips: tuple[s
     """What is missing of the pod's policy plumbing, in each family of its addresses (empty when
     all is there)."""
     runner = Runner()
-    backend = _backend(runner)
+    path = state_dir.path if isinstance(state_dir, StateDir) else state_dir
     problems = []
+    ebpf = pinned(path)
+    if ebpf:                                # IPv4 by weft's eBPF programs (IPv6 by ip6tables, below)
+        from weft.reconciler.bpf import endpoint_problems
+        problems += endpoint_problems(path, iface, runner)
+    backend = _backend(runner)
     for family in families_of(ips):
-        if family == 6 and not ips and not has_ipv6():
+        if family == 6 and not ips and not has_ipv6() or family == 4 and ebpf:
             continue
         fam = backend.in_family(family)
         where = "" if family == 4 else " (IPv6)"

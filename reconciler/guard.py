@@ -346,6 +346,7 @@ _MAP_TYPES = {"endpoints": (str, bpfmodel.EndpointEntry), "classifiers": (bpfmod
               "services": (bpfmodel.ServiceKey, bpfmodel.ServiceEntry),
               "backends": (bpfmodel.BackendKey, bpfmodel.Backend)}
 _TC_HOOKS = ("ingress", "egress")
+_UPLINK = re.compile(r"^(?!lo$)[A-Za-z0-9_.@-]{1,15}$")            # an interface name (not the loopback)
 
 
 def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
@@ -362,10 +363,10 @@ def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
         if path != root and not (parent == root and (_PIN_ENTRY.match(name) or _STAGING.match(name))):
             raise Refused(f"unpin {path}: weft removes only its node's pin directory {root} or a build in it")
         return
-    if write.op == "detach":
+    if write.op in ("detach", "detach-uplink"):
         if path != root:
             raise Refused(f"detach with pin directory {path}, not the node's {root}")
-    elif write.op in ("compile", "attach"):
+    elif write.op in ("compile", "attach", "attach-uplink"):
         if parent != root or not name.startswith("progs-") or not _PIN_ENTRY.match(name):
             raise Refused(f"eBPF {write.op} of {path}: programs are pinned only in {root}/progs-<build>")
         if write.op == "compile":
@@ -380,7 +381,7 @@ def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
         for key, value in write.writes:
             if not isinstance(key, key_type) or not isinstance(value, value_type):
                 raise Refused(f"map write to {path}: {key!r} = {value!r} is not a {map_name} entry")
-            if map_name == "endpoints" and not _IFACE.match(key):
+            if map_name == "endpoints" and not (isinstance(key, str) and _IFACE.match(key)):
                 raise Refused(f"map write to {path}: {key!r} is not a weft interface")
         for key in write.deletes:
             if not isinstance(key, key_type):
@@ -388,6 +389,10 @@ def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
         return
     else:
         raise Refused(f"eBPF {write.op!r} is not a change weft makes")
+    if write.op.endswith("-uplink"):            # node ports: weft's filter on an interface holding a node address
+        if not _UPLINK.match(write.iface) or _IFACE.match(write.iface) or write.hook not in _TC_HOOKS:
+            raise Refused(f"eBPF {write.op} on {write.iface!r}/{write.hook!r}: not an uplink's tc hook")
+        return
     if not _IFACE.match(write.iface) or write.hook not in _TC_HOOKS:
         raise Refused(f"eBPF {write.op} on {write.iface!r}/{write.hook!r}: weft attaches only to weft interfaces' "
                       f"tc ingress and egress hooks")

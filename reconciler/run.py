@@ -299,13 +299,13 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
         from weft.renderers.endpoint import make_snapshot
         snapshot = make_snapshot(state, opts.node, dataplane, key)
     else:
-        snapshot = {**last.snapshot, "token": key}
+        snapshot = {**(last.snapshot or {}), "token": key}
     node = RenderedNode(dataplane, last.ignored, snapshot, last.bird_config, last.ipam, addressed, None)
     return node, _render_data(node, meanings, counts, state.local_endpoints(opts.node) if whole else local)
 
 
 def _incremental(state: ClusterState, node: str, pending: tuple[Any, ...], diff: Any,
-                 found: tuple[dict, RenderedNode, Any] | None) -> tuple[Any, dict[str, tuple], Any] | None:
+                 found: tuple[dict, RenderedNode, Any, Any] | None) -> tuple[Any, dict[str, tuple], Any] | None:
     """The render made from the last one (`found`: `_last_render`) when only pods and namespaces
     changed since (`diff`: renderers.incremental), or None."""
     if found is None:
@@ -332,7 +332,9 @@ def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, t
         a, b = was.get(k), has.get(k)
         if a is not None and b is not None and a.value == b.value:
             continue
-        kind = (a or b).kind
+        either = a if a is not None else b
+        assert either is not None           # k is a key of one of them
+        kind = either.kind
         for entry, into in ((a, old), (b, new)):
             value = None if entry is None else entry.value
             if kind == "Pod" and value is not None:
@@ -342,7 +344,7 @@ def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, t
                     value = replace(value, ips=addresses[value.key])
                 into.append(value)
         if kind == "Namespace":
-            name = (a or b).name
+            name = either.name
             value = None if a is None else a.value
             if value is None and name in BUILTIN_NAMESPACES:
                 value = Namespace(name, {NAMESPACE_NAME_LABEL: name})

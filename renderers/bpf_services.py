@@ -9,14 +9,23 @@ to send them to) rather than let them leave the node towards an address no one h
 
 Ids are stable digests of "namespace/name:port-name/protocol": a backend added or removed
 rewrites the service's count and the backends whose index moved, nothing else.
+
+Node ports (Service type NodePort, and LoadBalancer's nodePort) are keys of the same map, with
+the node's own IPv4 addresses (its InternalIPs) as the address: the programs on the node's
+uplink translate a connection from outside, and a pod's connection to a node address is
+translated like one to a cluster address. With externalTrafficPolicy Cluster a node port has the
+service's backends (one on another node gets the connection from this node's address: the
+uplink's programs translate its source); with Local it has backends of its own (another id):
+this node's backends only, none if it has none (its packets are dropped).
 """
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Iterable
 
 from weft.model.bpf import PROTOCOL_NUMBERS, RESERVED_IDS, Backend, BackendKey, ServiceEntry, ServiceKey
-from weft.model.cluster import ClusterState
+from weft.model.cluster import ClusterState, Endpoint
 
 
 def _id(ident: str) -> int:
@@ -24,15 +33,22 @@ def _id(ident: str) -> int:
     return value if value not in RESERVED_IDS else value + 2
 
 
-def render_services(state: ClusterState) -> tuple[dict[ServiceKey, ServiceEntry], dict[BackendKey, Backend],
-                                                   dict[tuple[str, tuple], str]]:
-    """(services, backends, what each key means) for every node (a service is the same everywhere)."""
+def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoint] = ()
+                    ) -> tuple[dict[ServiceKey, ServiceEntry], dict[BackendKey, Backend],
+                               dict[tuple[str, tuple | str], str]]:
+    """(services, backends, what each key means) on `node`, whose pods are `local`
+    (cluster addresses are the same on every node; node ports are the node's addresses)."""
+    me = state.nodes.get(node)
+    node_addresses = sorted(a for a in (me.addresses if me else ()) if ":" not in a)
+    local = tuple(local)
+    local_pods = {e.key for e in local}
+    local_ips = {ip for e in local for ip in e.ips}
     slices = defaultdict(list)
     for s in state.endpoint_slices:
         slices[s.service_key].append(s)
     services: dict[ServiceKey, ServiceEntry] = {}
     backends: dict[BackendKey, Backend] = {}
-    about: dict[tuple[str, tuple], str] = {}
+    about: dict[tuple[str, tuple | str], str] = {}
     used: set[int] = set()
     for svc in sorted(state.services, key=lambda s: s.key):
         if not svc.cluster_ips:
@@ -42,15 +58,26 @@ def render_services(state: ClusterState) -> tuple[dict[ServiceKey, ServiceEntry]
             found = sorted({(address, p.port) for s in slices.get(svc.key, ()) for p in s.ports
                             if p.name == port.name and p.protocol == port.protocol
                             for e in s.endpoints for address in e.addresses})
-            ident = _id(f"{svc.key}:{port.name}/{port.protocol}")
-            while ident in used:                # a collision: the next free id (stable in practice)
-                ident += 1
-            used.add(ident)
-            for index, (address, target) in enumerate(found):
-                key = BackendKey(ident, index)
-                backends[key] = Backend(address, target)
-                about[("backends", key)] = f"service {svc.key} port {port.name or port.port}: " \
-                                           f"backend {address}:{target}"
+            here = sorted({(address, p.port) for s in slices.get(svc.key, ()) for p in s.ports
+                           if p.name == port.name and p.protocol == port.protocol
+                           for e in s.endpoints if e.pod in local_pods or set(e.addresses) & local_ips
+                           for address in e.addresses})
+
+            named = f"service {svc.key} port {port.name or port.port}"
+            ident = _unused(f"{svc.key}:{port.name}/{port.protocol}", used)
+            _add_backends(backends, about, ident, found, named)
+            if port.node_port and node_addresses:
+                if here == found or not svc.external_local:
+                    node_ident, node_found = ident, found
+                else:
+                    node_ident, node_found = _unused(f"{svc.key}:{port.name}/{port.protocol}@{node}", used), here
+                    _add_backends(backends, about, node_ident, here, f"{named} (node port {port.node_port})")
+                policy = "Local" if svc.external_local else "Cluster"
+                for address in node_addresses:
+                    key = ServiceKey(address, port.node_port, proto)
+                    services[key] = ServiceEntry(node_ident, len(node_found), svc.affinity_seconds)
+                    about[("services", key)] = (f"service {svc.key} node port {address}:{port.node_port}/"
+                                                f"{port.protocol} ({policy}): {len(node_found)} backends")
             for cluster_ip in svc.cluster_ips:
                 if ":" in cluster_ip:
                     continue
@@ -60,3 +87,18 @@ def render_services(state: ClusterState) -> tuple[dict[ServiceKey, ServiceEntry]
                                             f"{len(found)} backends" + (f", ClientIP affinity {svc.affinity_seconds} s"
                                                                         if svc.affinity_seconds else ""))
     return services, backends, about
+
+
+def _add_backends(backends: dict, about: dict, ident: int, chosen: list, named: str) -> None:
+    for index, (address, target) in enumerate(chosen):
+        key = BackendKey(ident, index)
+        backends[key] = Backend(address, target)
+        about[("backends", key)] = f"{named}: backend {address}:{target}"
+
+
+def _unused(ident: str, used: set[int]) -> int:
+    value = _id(ident)
+    while value in used:                        # a collision: the next free id (stable in practice)
+        value += 1
+    used.add(value)
+    return value

@@ -67,12 +67,13 @@ def address_counts(endpoints: Iterable[Endpoint]) -> Counter[str]:
 
 
 def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], previous: Dataplane,
-             meanings: Mapping[str, tuple], changes: EndpointChanges, counts: Counter[str] | None = None,
+             meanings: object, changes: EndpointChanges, counts: Counter[str] | None = None,
              partial: bool = False) -> tuple[Dataplane, dict[str, tuple], Counter[str]] | None:
     """This node's render of `state` (with local addresses applied, as for render_node_sets),
     from `previous`, the render of the state before `changes`, with what its sets mean and the
     new state's address counts; None when that cannot be done here (host endpoints or network
-    sets are selectable: the caller renders from scratch).
+    sets are selectable, `meanings` (as read back from the cache) do not describe `previous`'s
+    sets: the caller renders from scratch).
 
     `counts`: the previous state's `address_counts` (computed from `state` when None).
     `partial`: of the pods, `state` holds only this node's and those of the changed namespaces;

@@ -208,3 +208,40 @@ def test_a_direct_connection_from_a_port_a_service_connection_used(services, tmp
                           timeout=60, check=True)
     backend, direct = json.loads(done.stdout)
     assert backend in BACKENDS and direct == backend, (backend, direct)
+
+
+def test_hairpin_a_backend_reaches_its_own_service_and_itself_through_it(services, tmp_path, lab):  # noqa: F811
+    """y/a connects to the service it backs: with y/a the only backend every connection (TCP and
+    UDP) comes back to it, answered from the service address; with three, y/a is one of those
+    answering. A policy closing y/a to everyone does not cut its hairpin (the way in is judged as
+    from the node, which Kubernetes always allows); its egress policy still applies."""
+    node, _ = services
+    pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
+
+    def connect(count: int) -> dict[str, list[str]]:
+        node.forget_connections()
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['y/a']}", sys.executable, "-c", CLIENT, VIP,
+                               str(count)], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(done.stdout)
+
+    apply(node, tmp_path, "alone", backends=("y/a",))
+    for proto, answers in connect(6).items():
+        assert set(answers) == {"y/a"}, (proto, answers)
+    apply(node, tmp_path, "three")
+    for proto, answers in connect(30).items():
+        assert set(answers) == set(BACKENDS), (proto, Counter(answers))
+    closed = textwrap.dedent("""\
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: a-closed, namespace: y}
+        spec:
+          podSelector: {matchLabels: {pod: a}}
+          policyTypes: [Ingress]
+        """)
+    apply(node, tmp_path, "closed", backends=("y/a",), policy=closed)
+    for proto, answers in connect(4).items():
+        assert set(answers) == {"y/a"}, (proto, answers)
+    no_egress = closed.replace("a-closed", "a-no-egress").replace("[Ingress]", "[Egress]")
+    apply(node, tmp_path, "no-egress", backends=("y/a",), policy=no_egress)
+    for proto, answers in connect(3).items():
+        assert "y/a" not in answers, (proto, answers)

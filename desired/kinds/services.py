@@ -98,7 +98,10 @@ def service(check: Checker, raw: dict) -> Service | None:
             affinity = 0
     elif spec.get("sessionAffinity") not in (None, "None"):
         check.fail("spec.sessionAffinity", f"must be None or ClientIP, got {shown(spec.get('sessionAffinity'))}")
-    return Service(ns, name, kind, tuple(ips), tuple(ports), affinity)
+    external = spec.get("externalTrafficPolicy") or "Cluster"
+    if external not in ("Cluster", "Local"):
+        check.fail("spec.externalTrafficPolicy", f"must be Cluster or Local, got {shown(external)}")
+    return Service(ns, name, kind, tuple(ips), tuple(ports), affinity, external == "Local" and kind != "ClusterIP")
 
 
 def endpoint_slice(check: Checker, raw: dict) -> EndpointSlice | None:

@@ -327,7 +327,69 @@ static __always_inline int from_service(struct __sk_buff *skb)
     return rewrite(skb, &p, 0, r->addr, r->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, const int dir)
+/* --- Hairpin: a pod sent to a service address, and is the backend chosen. -------------------
+ * Its own address as the source would be dropped as a martian when the packet came back to it,
+ * so the service address stands in as the source (kube-proxy masquerades to the node's), and
+ * the packet goes straight back out of the veth it came in by (bpf_redirect: no routing, whose
+ * strict rp_filter would drop that source). A weft_nat entry marked HAIRPIN, keyed by the pod's
+ * reply (pod:target -> service address:client port), turns the replies back the same way; the
+ * usual reverse entry then puts the service address and port on them as for any client. The
+ * connection's way in is judged as one from the host (never policed: Kubernetes always allows
+ * a pod's traffic from its node), its way out by the pod's egress policy, as for any client. */
+#define WEFT_NAT_HAIRPIN 1          /* weft_nat value `pad`: a hairpin reply entry */
+
+static __always_inline int turn_back(struct __sk_buff *skb)
+{
+    __u8 mac[12];
+    if (bpf_skb_load_bytes(skb, 0, mac, 12) < 0 || bpf_skb_store_bytes(skb, 0, mac + 6, 6, 0) < 0 ||
+        bpf_skb_store_bytes(skb, 6, mac, 6, 0) < 0)
+        return TC_ACT_SHOT;
+    return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int hairpin(struct __sk_buff *skb, struct l4 *p)
+{
+    if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+        return TC_ACT_OK;
+    if (p->saddr == p->daddr) {
+        struct weft_nat_key rk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                                  .proto = p->proto};
+        struct weft_nat *r = weft_nat.lookup(&rk);
+        if (!r)
+            return TC_ACT_OK;       /* not through a service: the pod talks to itself by its address */
+        __u32 vip = r->addr;
+        struct weft_nat_key hk = {.saddr = p->saddr, .daddr = vip, .sport = p->dport, .dport = p->sport,
+                                  .proto = p->proto};
+        struct weft_nat back = {.seen = bpf_ktime_get_ns(), .addr = p->saddr, .port = p->sport,
+                                .pad = WEFT_NAT_HAIRPIN};
+        weft_nat.update(&hk, &back);
+        if (rewrite(skb, p, 0, vip, p->sport) < 0)
+            return TC_ACT_SHOT;
+        return turn_back(skb);
+    }
+    struct weft_nat_key hk = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+                              .proto = p->proto};
+    struct weft_nat *h = weft_nat.lookup(&hk);
+    if (!h || h->pad != WEFT_NAT_HAIRPIN || h->addr != p->saddr)
+        return TC_ACT_OK;
+    h->seen = bpf_ktime_get_ns();
+    if (rewrite(skb, p, 1, h->addr, h->port) < 0)
+        return TC_ACT_SHOT;
+    return turn_back(skb);
+}
+
+/* A hairpinned connection's way in (service address -> pod): the pod's HAIRPIN entry exists. */
+static __always_inline int hairpinned(struct l4 *p)
+{
+    if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+        return 0;
+    struct weft_nat_key hk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                              .proto = p->proto};
+    struct weft_nat *h = weft_nat.lookup(&hk);
+    return h && h->pad == WEFT_NAT_HAIRPIN && h->addr == p->daddr;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, const int dir, struct l4 *pp)
 {
     struct l4 p = {};
     __u32 inner = 0;
@@ -385,6 +447,7 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
             if (p.tcp_flags & TCP_FIN)
                 ct->flags |= sender_is_a ? WEFT_CT_FIN_A : WEFT_CT_FIN_B;
         }
+        *pp = p;
         return TC_ACT_OK;
     }
 
@@ -402,9 +465,10 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
     }
     struct weft_ct fresh = {.seen = now, .pol_sport = p.pol_sport, .pol_dport = p.pol_dport,
                             .origin_is_a = sender_is_a};
-    if (dir == WEFT_DIR_INGRESS && skb->ingress_ifindex == 0) {
+    if (dir == WEFT_DIR_INGRESS && (skb->ingress_ifindex == 0 || hairpinned(&p))) {
         fresh.origin = WEFT_ORIGIN_HOST;
         weft_ct.update(&key, &fresh);
+        *pp = p;
         return TC_ACT_OK;
     }
     struct weft_verdict v = judge(ep->profile[dir], ep->classifier[dir][0], ep->classifier[dir][1],
@@ -417,16 +481,109 @@ static __always_inline int handle(struct __sk_buff *skb, const int dir)
     fresh.origin = dir;
     fresh.digest = ep->digest[dir];
     weft_ct.update(&key, &fresh);
+    *pp = p;
     return TC_ACT_OK;
 }
 
 int weft_from_wl(struct __sk_buff *skb)
 {
-    return handle(skb, WEFT_DIR_EGRESS);
+    struct l4 p = {};
+    int verdict = handle(skb, WEFT_DIR_EGRESS, &p);
+    return verdict == TC_ACT_OK ? hairpin(skb, &p) : verdict;
 }
 
 int weft_to_wl(struct __sk_buff *skb)
 {
-    int verdict = handle(skb, WEFT_DIR_INGRESS);
+    struct l4 p = {};
+    int verdict = handle(skb, WEFT_DIR_INGRESS, &p);
     return verdict == TC_ACT_OK ? from_service(skb) : verdict;
+}
+
+/* --- Node ports: the programs on the node's uplink. -----------------------------------------
+ * A connection from outside the node to one of its addresses at a node port (a weft_svcs key
+ * whose address is the node's) is sent to one of the service's backends before routing (tc
+ * ingress of the uplink). A backend here: its pod's own program judges the connection with the
+ * client's address, and tracks it; its replies get the node address and port back as they leave
+ * by the uplink (tc egress). A backend on another node (externalTrafficPolicy Cluster): the
+ * connection leaves by an uplink again, and there its source becomes the node address the client
+ * used (SNAT, so that the backend's replies come back through this node), on the client's port
+ * if that is free towards the backend, else on one of a few random ones (none free: dropped);
+ * a reply coming back gets the client as its destination on the way in (before routing: a local
+ * address as its source would be a martian there) and the node port as its source on the way
+ * out. Anything else passes untouched: these programs police nothing. */
+#define WEFT_NAT_SNAT 2             /* weft_nat value `pad`: a node port's SNAT entry */
+
+int weft_from_up(struct __sk_buff *skb)
+{
+    struct l4 p = {};
+    __u32 inner = 0;
+    if (parse(skb, &p, &inner) != 0 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP))
+        return TC_ACT_OK;
+    struct weft_nat_key bk = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,
+                              .proto = p.proto};
+    struct weft_nat *back = weft_nat.lookup(&bk);
+    if (back && back->pad == WEFT_NAT_SNAT) {
+        back->seen = bpf_ktime_get_ns();
+        return rewrite(skb, &p, 1, back->addr, back->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+    }
+    int direct = 0;
+    return to_service(skb, &p, bpf_ktime_get_ns(), &direct) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+static __always_inline int snat_out(struct __sk_buff *skb, struct l4 *p, __u64 now)
+{
+    __u32 in = skb->ingress_ifindex;
+    if (in == 0 || weft_eps.lookup(&in))
+        return TC_ACT_OK;           /* the host's own, or a pod's: not a connection from outside */
+    struct weft_nat_key rk = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport,
+                              .proto = p->proto};
+    struct weft_nat *r = weft_nat.lookup(&rk);
+    if (!r || r->pad != 0)
+        return TC_ACT_OK;           /* not sent here by a node port */
+    __u32 node = r->addr;
+    struct weft_nat_key fk = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+                              .proto = p->proto};
+    struct weft_nat *f = weft_nat.lookup(&fk);
+    __u16 port = 0;
+    if (f && f->pad == WEFT_NAT_SNAT && f->addr == node) {
+        f->seen = now;
+        port = f->port;
+    } else {
+        for (int i = 0; i < 4; i++) {
+            __u16 candidate = i == 0 ? p->sport : bpf_htons(32768 + bpf_get_prandom_u32() % 28232);
+            struct weft_nat_key ck = {.saddr = p->daddr, .daddr = node, .sport = p->dport, .dport = candidate,
+                                      .proto = p->proto};
+            struct weft_nat *taken = weft_nat.lookup(&ck);
+            if (!taken || (taken->addr == p->saddr && taken->port == p->sport)) {
+                port = candidate;
+                break;
+            }
+        }
+        if (port == 0)
+            return TC_ACT_SHOT;
+        struct weft_nat out = {.seen = now, .addr = node, .port = port, .pad = WEFT_NAT_SNAT};
+        weft_nat.update(&fk, &out);
+        struct weft_nat_key ck = {.saddr = p->daddr, .daddr = node, .sport = p->dport, .dport = port,
+                                  .proto = p->proto};
+        struct weft_nat in_back = {.seen = now, .addr = p->saddr, .port = p->sport, .pad = WEFT_NAT_SNAT};
+        weft_nat.update(&ck, &in_back);
+    }
+    return rewrite(skb, p, 0, node, port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int weft_to_up(struct __sk_buff *skb)
+{
+    struct l4 p = {};
+    __u32 inner = 0;
+    if (parse(skb, &p, &inner) != 0 || (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP))
+        return TC_ACT_OK;
+    __u64 now = bpf_ktime_get_ns();
+    struct weft_nat_key rk = {.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,
+                              .proto = p.proto};
+    struct weft_nat *r = weft_nat.lookup(&rk);
+    if (r && r->pad == 0) {         /* a backend's reply: the node port's address back as its source */
+        r->seen = now;
+        return rewrite(skb, &p, 0, r->addr, r->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+    }
+    return snat_out(skb, &p, now);
 }
