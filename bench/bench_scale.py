@@ -23,10 +23,9 @@ set against the kernel dumps it cannot avoid (`iptables-save` + `ipset save`).
 Sizes: the default is issue #14's 10k table (10,000 pods, 1,000 policies, 91 nodes, 110 pods
 on this node); `--scale` is 150,000 pods, 10,000 policies, 5,000 nodes, 1,000 namespaces (it takes
 many minutes). `--calico K` makes every K-th policy one of Calico's kinds (GlobalNetworkPolicy /
-NetworkPolicy of projectcalico.org/v3) once weft models them. If the first apply fails (at 150k
-pods, ipset's default maxelem of 65,536 stops `ipset restore` with "Hash is full" until sets are
-sized), the failure is printed and the changes are measured with `weft plan` instead, which reads,
-renders and diffs the same way but writes nothing.
+NetworkPolicy of projectcalico.org/v3) once weft models them. If the first apply fails, the
+failure is printed and the changes are measured with `weft plan` instead, which reads, renders
+and diffs the same way but writes nothing.
 
 Run as root:  .venv/bin/python -m bench.bench_scale [--scale] [--sources api,chunks,kinds]
               [--repeats N] [--changes C,..] [--profile C,..]   (C: a key of CHANGES, e.g. relabel-remote)

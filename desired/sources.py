@@ -560,10 +560,15 @@ def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, kubeco
         raise InvalidDesiredState(errors)
     if not touched:
         return Reading(cache.token, cache, _assembled_from(cache, kubeconfig, context, keep))
-    rest = _decoded(cache, [g for g in cache.blobs if g not in groups])
-    if rest is None or not _api_groups_ok(rest):
-        return _list_everything(cachemod.DesiredCache(cache.source, token=""), kubeconfig, context, keep)
-    state = _assembled(_flat(rest | groups))()
+    unchanged = [g for g in cache.blobs if g not in groups]
+
+    def build() -> ClusterState:
+        """The whole state: every other group decoded too, only when asked for (a render made
+        from the last one may not need it: reconciler.run)."""
+        rest = _decoded(cache, unchanged)
+        if rest is None or not _api_groups_ok(rest):
+            return _list_everything(cachemod.DesiredCache(cache.source, token=""), kubeconfig, context, keep).state()
+        return _assembled(_flat(rest | groups))()
     cache.token = uuid.uuid4().hex
     cache.update_groups(touched)
-    return Reading(cache.token, cache, lambda: state, state)
+    return Reading(cache.token, cache, build)

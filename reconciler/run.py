@@ -14,13 +14,14 @@ are rendered in too.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,24 +132,40 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     from weft.model.cluster import Endpoint
     from weft.model.kernel import ipsets_from_data
     from weft.renderers.endpoint import make_snapshot
-    from weft.renderers.iptables import render_node
+    from weft.renderers.iptables import render_node_sets
     from weft.store.ipam import node_ipam_document
-    state = reading.state()
-    if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
-        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
     addresses = {f"{a.namespace}/{a.pod}": tuple(a.ips) for a in allocations}
-    state = state.with_local_addresses(opts.node, addresses)
     pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
     # What set members are computed from: every endpoint (as addressed here) and namespace.
     basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
+    # Only pods and namespaces changed since a last render this one can be made from?
+    diff = _since_last(opts, reading, key, addresses)
+    last_render = functools.cache(lambda: _last_render(opts, reading))      # decoded once, if at all
+    quick = None if bird is not None or diff is None else \
+        _without_state(opts, reading, pending, key, addresses, addressed, diff, last_render())
+    if quick is not None:
+        node, data = quick
+        reading.cache.keep_render(opts.node, key, data, basis)
+        reading.dirty = True
+        return node
+    state = reading.state()
+    if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
+        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
+    state = state.with_local_addresses(opts.node, addresses)
     last = reading.cache.last_render(opts.node, basis)
     try:
         reuse = ipsets_from_data(last["dataplane"]["ipsets"]) if last else None
     except (KeyError, TypeError, ValueError):
         reuse = None
-    dataplane = render_node(state, opts.node, pending, reuse)
+    ebpf = opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled
+    made = None if reuse is not None or ebpf or diff is None else \
+        _incremental(state, opts.node, pending, diff, last_render())
+    if made is None:
+        from weft.renderers.incremental import address_counts
+        made = (*render_node_sets(state, opts.node, pending, reuse), address_counts(state.endpoints))
+    dataplane, meanings, counts = made
     bpf = None
-    if opts.dataplane == "ebpf" or opts.dataplane == "auto" and state.felix_settings(opts.node).bpf_enabled:
+    if ebpf:
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
         bpf = render_bpf(state, opts.node, pending)
         dataplane = host_dataplane(dataplane)
@@ -160,9 +177,211 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         from weft.renderers.bpf_policy import cni_snapshot
         snapshot["bpf"] = cni_snapshot(bpf, state.local_endpoints(opts.node))
     node = RenderedNode(dataplane, state.ignored_kinds, snapshot, bird_config, ipam, addressed, bpf)
-    reading.cache.keep_render(opts.node, key, node.to_data(), basis)
+    kept = _render_data(node, None, None, None) if ebpf else \
+        _render_data(node, meanings, counts, state.local_endpoints(opts.node))
+    reading.cache.keep_render(opts.node, key, kept, basis)
     reading.dirty = True
     return node
+
+
+def _since_last(opts: Options, reading: Reading, key: str, addresses: dict[str, tuple[str, ...]]) -> Any:
+    """The pods and namespaces changed since the last render (renderers.incremental's
+    EndpointChanges), when nothing else changed and that render was made with the same options
+    and allocations (the part of its key after the read's token); else None. Only the changed
+    groups are decoded."""
+    have = reading.cache.rendered.get(opts.node, ("", None))[0]
+    if not have or have.partition(":")[2] != key.partition(":")[2]:
+        return None
+    changes = reading.cache.changes_since_load()
+    return None if changes is None else _endpoint_changes(*changes, opts.node, addresses)
+
+
+def _last_render(opts: Options, reading: Reading) -> tuple[dict, RenderedNode, Any, Any] | None:
+    """The last render (its data, the node, its address counts, this node's pods as rendered) if
+    a render can be made from it: the loaded cache file holds it with the very objects it was
+    rendered from, for the iptables plane."""
+    from collections import Counter
+
+    from weft.model.cluster import Endpoint
+    previous = reading.cache.previous_render(opts.node)
+    last = RenderedNode.from_data(previous)
+    if last is None or last.bpf is not None or not isinstance(previous, dict):
+        return None
+    addresses, local = previous.get("addresses"), previous.get("local")
+    if not (isinstance(local, list | tuple) and all(isinstance(e, Endpoint) and e.node == opts.node for e in local)):
+        local = None
+    return previous, last, Counter(addresses.split()) if isinstance(addresses, str) else None, local
+
+
+def _render_data(node: RenderedNode, meanings: dict | None, counts: Any, local: Any) -> dict:
+    """What the cache keeps of a render: the node, and what a later render made from it needs
+    (renderers.incremental: what its sets mean, how many pods hold each address, this node's pods)."""
+    return node.to_data() | {"sets": meanings, "addresses": None if counts is None else " ".join(counts.elements()),
+                             "local": None if local is None else tuple(local)}
+
+
+def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], key: str,
+                   addresses: dict[str, tuple[str, ...]], addressed: str, diff: Any,
+                   found: tuple[dict, RenderedNode, Any, Any] | None) -> tuple[RenderedNode, dict] | None:
+    """The render made from the last one without assembling the whole desired state (decoding
+    every cached pod). When only pods and namespaces' labels changed, BIRD's configuration and
+    the IPAM document are the last render's, and only the sets the changed pods (and the pods of
+    the relabelled namespaces, which are decoded) were or are selected by change
+    (renderers.incremental). When none of this node's pods is among them, the chains and the CNI
+    snapshot (but its token) are the last render's too, and only namespaces and service accounts
+    are decoded besides; otherwise everything but the other nodes' pods is (this node's pods are
+    kept with the render), and this node's chains are rendered. None when that does not hold."""
+    if opts.dataplane == "ebpf" or found is None or found[2] is None or found[3] is None or found[1].snapshot is None:
+        return None
+    if any(v is None for v in diff.namespaces.values()):
+        return None                                   # a namespace came: the snapshot names every one
+    cache = reading.cache
+    kinds: frozenset[str] = frozenset().union(*cache.kinds.values()) if cache.kinds else frozenset()
+    if kinds & {"NetworkSet", "GlobalNetworkSet", "HostEndpoint"}:
+        return None
+    previous, last, counts, local = found
+    touched = set(diff.namespaces)
+    if touched and not cache.source.startswith("api:"):
+        return None                                   # a manifest dir's groups are not per namespace
+    changed = {e.key for e in diff.old} | {e.key for e in diff.new}
+    mine = {e.key: e for e in local if e.key not in changed} | {e.key: e for e in diff.new if e.node == opts.node}
+    # This node's pods are among the changed ones, or in a relabelled namespace: its chains change.
+    whole = any(e.node == opts.node for e in diff.old + diff.new) or any(e.namespace in touched for e in local)
+
+    def wanted(group: Any, kinds: frozenset[str]) -> bool:
+        if kinds & {"Namespace", "ServiceAccount"}:
+            return True
+        pods = isinstance(group, tuple) and len(group) == 3 and group[2] in touched and "Pod" in kinds
+        return pods or whole and kinds != frozenset({"Pod"})
+    from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
+    from weft.desired.loader import Converted, assemble
+    from weft.model.cluster import ClusterState, Endpoint, Namespace, ServiceAccount
+    from weft.model.codec import CodecError
+    from weft.model.errors import InvalidDesiredState
+    from weft.renderers.incremental import rerender
+    try:
+        read = _converted({g: cache.group(g) for g in cache.blobs if wanted(g, cache.kinds.get(g, frozenset()))})
+    except (CodecError, ValueError, TypeError, RecursionError):
+        return None
+    if read is None or not all(isinstance(c, Converted) for c in read[0].values()):
+        return None
+    if whole:
+        try:
+            state = assemble(read[0].values(), read[1])
+        except InvalidDesiredState:
+            return None                               # the whole state's checks say what is wrong
+    else:
+        namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
+        namespaces |= {c.name: c.value for c in read[0].values() if c.kind == "Namespace" and c.value is not None}
+        accounts = [c.value for c in read[0].values() if c.kind == "ServiceAccount" and c.value is not None]
+        if not all(isinstance(n, Namespace) for n in namespaces.values()) or \
+                not all(isinstance(a, ServiceAccount) for a in accounts):
+            return None
+        state = ClusterState(namespaces, (), (), {},
+                             service_accounts=tuple(sorted(accounts, key=lambda a: (a.namespace, a.name))))
+    # Of the pods: those of the relabelled namespaces, and when this node's chains are rendered,
+    # this node's (as kept with the last render, changed as read now).
+    decoded = [c.value for c in read[0].values() if c.kind == "Pod" and c.value is not None]
+    if not all(isinstance(e, Endpoint) for e in decoded):
+        return None
+    pods = {e.key: e for e in decoded if e.namespace in touched} | (mine if whole else {})
+    if any(e.namespace not in state.namespaces for e in pods.values()) or touched - set(state.namespaces):
+        return None                                   # the whole state's checks say what is wrong
+    endpoints = tuple(sorted(pods.values(), key=lambda e: (e.namespace, e.pod)))
+    state = replace(state, endpoints=endpoints).with_local_addresses(opts.node, addresses)
+    if not whole and any(e.node == opts.node for e in state.endpoints):
+        return None
+    made = rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff, counts, partial=True)
+    if made is None:
+        return None
+    dataplane, meanings, counts = made
+    if whole:
+        from weft.renderers.endpoint import make_snapshot
+        snapshot = make_snapshot(state, opts.node, dataplane, key)
+    else:
+        snapshot = {**(last.snapshot or {}), "token": key}
+    node = RenderedNode(dataplane, last.ignored, snapshot, last.bird_config, last.ipam, addressed, None)
+    return node, _render_data(node, meanings, counts, state.local_endpoints(opts.node) if whole else local)
+
+
+def _incremental(state: ClusterState, node: str, pending: tuple[Any, ...], diff: Any,
+                 found: tuple[dict, RenderedNode, Any, Any] | None) -> tuple[Any, dict[str, tuple], Any] | None:
+    """The render made from the last one (`found`: `_last_render`) when only pods and namespaces
+    changed since (`diff`: renderers.incremental), or None."""
+    if found is None:
+        return None
+    from weft.renderers.incremental import rerender
+    previous, last, counts, _local = found
+    return rerender(state, node, pending, last.dataplane, previous.get("sets"), diff, counts)
+
+
+def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, tuple[str, ...]]) -> Any:
+    """The pods and namespaces that differ between the objects of the changed groups as loaded
+    (`before`) and now, or None when anything else changed (or a group is not what a read keeps)."""
+    from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
+    from weft.model.cluster import Endpoint, Namespace
+    from weft.renderers.incremental import EndpointChanges
+    one, other = _converted(before), _converted(now)
+    if one is None or other is None or one[1] != other[1]:      # an ignored kind came or went
+        return None
+    was, has = one[0], other[0]
+    old: list[Endpoint] = []
+    new: list[Endpoint] = []
+    namespaces: dict[str, Namespace | None] = {}
+    for k in was.keys() | has.keys():
+        a, b = was.get(k), has.get(k)
+        if a is not None and b is not None and a.value == b.value:
+            continue
+        either = a if a is not None else b
+        assert either is not None           # k is a key of one of them
+        kind = either.kind
+        for entry, into in ((a, old), (b, new)):
+            value = None if entry is None else entry.value
+            if kind == "Pod" and value is not None:
+                if not isinstance(value, Endpoint):
+                    return None
+                if value.node == node and value.key in addresses:
+                    value = replace(value, ips=addresses[value.key])
+                into.append(value)
+        if kind == "Namespace":
+            name = either.name
+            value = None if a is None else a.value
+            if value is None and name in BUILTIN_NAMESPACES:
+                value = Namespace(name, {NAMESPACE_NAME_LABEL: name})
+            if not (value is None or isinstance(value, Namespace)):
+                return None
+            namespaces[name] = value
+        elif kind != "Pod":
+            return None
+    return EndpointChanges(tuple(old), tuple(new), namespaces)
+
+
+def _converted(groups: dict) -> tuple[dict, list[str]] | None:
+    """Every converted object in `groups` (of either source's layout: an API read's objects by
+    identity, a manifest dir's documents) by identity, and the names of the ignored kinds met;
+    None on anything unexpected (two objects of one identity, a value of an unknown type)."""
+    from weft.desired.loader import Converted
+    found: dict[tuple, Any] = {}
+    ignored: list[str] = []
+    stack: list[Any] = list(groups.values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Converted):
+            k = (value.api_version, value.kind, value.namespace, value.name)
+            if k in found:
+                return None
+            found[k] = value
+        elif isinstance(value, str):
+            ignored.append(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        elif is_dataclass(value) and not isinstance(value, type) and hasattr(value, "entries"):
+            stack.append(value.entries)             # a manifest document: its objects
+        else:
+            return None
+    return found, sorted(ignored)
 
 
 def _bird_config(opts: Options, state: ClusterState) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 
 from weft.desired.index import EndpointIndex
@@ -60,6 +60,26 @@ def ipset_net(net: str) -> list[str]:
     return [str(network.network_address)] if network.prefixlen == network.max_prefixlen else [str(network)]
 
 
+PEERS, NAMED_PORT = "peers", "named-port"      # the kinds of set whose members come from endpoints
+
+
+def set_members(index: EndpointIndex, meaning: tuple, positions: Iterable[int] | None = None) -> frozenset[str]:
+    """The members a peers or named-port set of `meaning` ((kind, entity, port name, protocol,
+    family), as SetCatalog.meanings keeps it) gets from the endpoints of `index` (or only from
+    those at `positions`, a subset of the ones it matches)."""
+    kind, entity, port_name, protocol, family = meaning
+    eps = index.endpoints
+    chosen = index.match(entity) if positions is None else positions
+    if kind == PEERS:
+        return frozenset(ip for i in chosen for ip in eps[i].ips if _in_family(ip, family))
+    return frozenset(
+        f"{ip},{cp.protocol}:{cp.port}"
+        for i in chosen for cp in eps[i].ports
+        if cp.name == port_name and (protocol is None or cp.protocol == protocol)
+        for ip in eps[i].ips if _in_family(ip, family)
+    )
+
+
 class SetCatalog:
     """Collects the sets the rendered rules refer to, with their members.
 
@@ -69,10 +89,28 @@ class SetCatalog:
     found there is taken as it is (its meaning is its name; nets sets cost nothing to make).
     """
 
-    def __init__(self, index: EndpointIndex | Callable[[], EndpointIndex], reuse: Mapping[str, IpSet] | None = None):
+    def __init__(self, index: EndpointIndex | Callable[[], EndpointIndex], reuse: Mapping[str, IpSet] | None = None,
+                 reused_meanings: Mapping[str, tuple] | None = None):
         self._index = index
         self.reuse = reuse or {}
+        self.reused_meanings = reused_meanings or {}
         self.sets: dict[str, IpSet] = {}
+        # What each peers and named-port set means (its members are computed from it), kept with
+        # a render so a later one can tell which sets a changed pod touches (renderers.incremental).
+        self.meanings: dict[str, tuple] = {}
+
+    def adopt(self, names: Iterable[str]) -> bool:
+        """Take the sets `names` (those a chain of the reused render refers to) from the reused
+        render, with what they mean; False, taking none, when it lacks one of them."""
+        names = [n for n in names if n not in self.sets]
+        if not all(n in self.reuse and (n in self.reused_meanings or n.startswith(set_prefix("n", 4))
+                                        or n.startswith(set_prefix("n", 6))) for n in names):
+            return False
+        for n in names:
+            self.sets[n] = self.reuse[n]
+            if n in self.reused_meanings:
+                self.meanings[n] = self.reused_meanings[n]
+        return True
 
     @property
     def index(self) -> EndpointIndex:
@@ -86,11 +124,11 @@ class SetCatalog:
         name = f"{set_prefix('s', family)}{short_hash('peers', key)}"
         if name not in self.sets:
             self.sets[name] = self.reuse.get(name) or self._peers(name, entity, key, family)
+            self.meanings[name] = (PEERS, entity, "", None, family)
         return name
 
     def _peers(self, name: str, entity: EntityMatch, key: str, family: int) -> IpSet:
-        eps = self.index.endpoints
-        members = frozenset(ip for i in self.index.match(entity) for ip in eps[i].ips if _in_family(ip, family))
+        members = set_members(self.index, (PEERS, entity, "", None, family))
         return IpSet(name, "hash:ip", members, SET_FAMILY[family], about=f"endpoints matching {key}")
 
     def nets(self, nets: tuple[str, ...], family: int = 4) -> str:
@@ -107,16 +145,11 @@ class SetCatalog:
         name = f"{set_prefix('p', family)}{short_hash('named-port', key, port_name, protocol or '*')}"
         if name not in self.sets:
             self.sets[name] = self.reuse.get(name) or self._named_port(name, entity, key, port_name, protocol, family)
+            self.meanings[name] = (NAMED_PORT, entity, port_name, protocol, family)
         return name
 
     def _named_port(self, name: str, entity: EntityMatch, key: str, port_name: str, protocol: str | None,
                     family: int) -> IpSet:
-        eps = self.index.endpoints
-        members = frozenset(
-            f"{ip},{cp.protocol}:{cp.port}"
-            for i in self.index.match(entity) for cp in eps[i].ports
-            if cp.name == port_name and (protocol is None or cp.protocol == protocol)
-            for ip in eps[i].ips if _in_family(ip, family)
-        )
+        members = set_members(self.index, (NAMED_PORT, entity, port_name, protocol, family))
         about = f"port {port_name!r}/{protocol or 'any'} of endpoints matching {key}"
         return IpSet(name, "hash:ip,port", members, SET_FAMILY[family], about=about)

@@ -34,7 +34,8 @@ Every rule carries a comment "weft:<id>" (renderers.rules).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from weft.desired.index import EndpointIndex
@@ -72,6 +73,7 @@ HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 # ICMPv6 a pod sends its host whatever the policy (Felix's list): MLD query, report and done,
 # router solicitation, neighbour solicitation and advertisement.
 ICMPV6_FROM_POD = (130, 131, 132, 133, 135, 136)
+MATCH_SET = re.compile(r"--match-set (\S+)")     # the sets a rule refers to
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -87,10 +89,27 @@ def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = 
     found there is taken as it is, and the index of every endpoint is built only for sets that
     are not: the result equals a render without `reuse`.
     """
-    return _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
+    return render_node_sets(state, node, pending, reuse)[0]
 
 
-def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tuple[Endpoint, ...]) -> Dataplane:
+def render_node_sets(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (),
+                     reuse: Mapping[str, IpSet] | None = None, *, chains: Mapping[tuple[str, str], Chain] | None = None,
+                     meanings: Mapping[str, tuple] | None = None,
+                     index: Callable[[], EndpointIndex] | None = None) -> tuple[Dataplane, dict[str, tuple]]:
+    """`render_node`, and what each of its peers and named-port sets means (SetCatalog.meanings:
+    renderers.incremental computes a later render's members from them).
+
+    `chains` and `meanings`: a previous render's chains and set meanings, from the same policies
+    (renderers.incremental vouches for that): a policy's chain is taken from there as it is, with
+    the sets it refers to (from `reuse`), instead of rendering its rules again; a chain's rules
+    depend only on its policy and its sets' names while selectors can pick only pods. `index`:
+    what builds the index of every endpoint when a set must be computed (by default, of `state`)."""
+    sets = SetCatalog(index or (lambda: EndpointIndex(state)), reuse, meanings)
+    return _render_filter(state, node, sets, pending, chains or {}), sets.meanings
+
+
+def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tuple[Endpoint, ...],
+                   reused: Mapping[tuple[str, str], Chain] | None = None) -> Dataplane:
     """`pending`: local pods wired by the CNI plugin that the desired state does not show yet
     (their labels are unknown): closed wherever a policy of their namespace could apply."""
     known = state.local_endpoints(node)
@@ -103,16 +122,18 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     for family in FAMILIES:
         table = FAMILY_TABLES[family]
         members = tuple(ep for ep in local if family in families_of(ep.ips))
-        family_chains = _family_chains(state, node, family, members, applying, sets)
+        family_chains = _family_chains(state, node, family, members, applying, sets, reused or {})
         chains.update(((table, c.name), c) for c in family_chains)
         hooked = {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if any(c.name == OUTPUT_CHAIN for c in family_chains) else {})}
         for builtin, target in hooked.items():
             hooks[(table, builtin)] = Hooks(table, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-    return Dataplane(chains, dict(sets.sets), hooks, render_routes(local), render_links(local))
+    # Sets by name: their order does not depend on which rules were rendered and which reused.
+    return Dataplane(chains, dict(sorted(sets.sets.items())), hooks, render_routes(local), render_links(local))
 
 
 def _family_chains(state: ClusterState, node: str, family: int, local: tuple[Endpoint, ...],
-                   applying: dict[str, dict[Direction, list[Policy]]], sets: SetCatalog) -> list[Chain]:
+                   applying: dict[str, dict[Direction, list[Policy]]], sets: SetCatalog,
+                   reused: Mapping[tuple[str, str], Chain]) -> list[Chain]:
     """The chains of one family's table for the local pods it holds."""
     table = FAMILY_TABLES[family]
     chains: dict[str, Chain] = {}
@@ -147,7 +168,10 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
                 f"{direction.lower()} of pod {ep.key} ({len(policies)} policies)")
             for policy in policies:
                 pname = policy_chain_name(policy, direction)
-                if pname not in chains:
+                kept = reused.get((table, pname)) if pname not in chains else None
+                if kept is not None and sets.adopt(MATCH_SET.findall("\n".join(kept.rules))):
+                    chains[pname] = kept
+                elif pname not in chains:
                     add(pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                         f"{direction.lower()} rules of {policy.origin or policy.key}")
     return list(chains.values())

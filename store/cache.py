@@ -22,8 +22,11 @@ source and the same weft code (every file of the installed `weft` package counts
 unreadable is a cache miss (a full read).
 
 Layout: line 1 is the header {"format", "code", "generation", "source", "token", "cursors",
-"groups": [[group key, digest, kinds], ...], "rendered": [[node, key, basis], ...]}; then one
-line per group, then one line per render, in the header's order.
+"groups": [[group key, digest, kinds], ...], "rendered": [[node, key, basis, inputs], ...]}; then
+one line per group, then one line per render, in the header's order. A render's `inputs` is a
+digest of every group it was rendered from: when it is the loaded groups' own, the groups a run
+changes are exactly what changed since that render, and their text as loaded is kept (for
+`changes_since_load`) so the next render can be made from the last one (reconciler.run).
 """
 from __future__ import annotations
 
@@ -95,6 +98,12 @@ def _entries(value: Any) -> Iterable:
     return value.values() if isinstance(value, dict) else value
 
 
+def inputs_digest(digests: Mapping) -> str:
+    """One digest of every group (key and content digest): what a render was made from."""
+    parts = sorted(f"{g!r}={d}" for g, d in digests.items())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 @dataclass
 class DesiredCache:
     source: str                                  # "api:<server>" or "dir:<absolute path>"
@@ -107,8 +116,11 @@ class DesiredCache:
     bases: dict = field(default_factory=dict)    # node -> what its rendered sets' members came from
     code: str = ""
     generation: str = ""                         # names what the cache file holds (see the docstring)
+    inputs: dict = field(default_factory=dict)   # node -> `inputs_digest` of the groups its render came from
     saved: tuple | None = None                   # (token, cursors) as loaded or saved; None: not on disk
     changed: bool = True                         # groups or renders changed since loaded or saved
+    loaded: dict | None = None                   # group -> digest as loaded (None: not loaded from a file)
+    replaced: dict = field(default_factory=dict)  # group -> its text as loaded, once this run changed or dropped it
 
     def groups(self) -> dict:
         """The converted objects, by group (decoded now; the model types must be registered)."""
@@ -136,6 +148,7 @@ class DesiredCache:
             if not entries:
                 self._drop(group)
                 continue
+            self._keep_loaded(group)
             self.blobs[group] = text = _encoded(value).encode()
             self.digests[group] = hashlib.sha256(text).hexdigest()
             self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
@@ -145,16 +158,24 @@ class DesiredCache:
         """Remove `group` and give what is kept of it, still encoded (for `put` under another key)."""
         if group not in self.blobs:
             return None
+        self._keep_loaded(group)
         kept = (self.blobs.pop(group), self.digests.pop(group), self.kinds.pop(group, frozenset()))
         self.changed = True
         return kept
 
     def put(self, group: Any, kept: tuple) -> None:
         """Keep what `take` gave under the key `group`, as it was (nothing encoded again)."""
+        self._keep_loaded(group)
         self.blobs[group], self.digests[group], self.kinds[group] = kept
         self.changed = True
 
+    def _keep_loaded(self, group: Any) -> None:
+        """Before `group` changes: its text as loaded is kept (`changes_since_load`)."""
+        if self.loaded is not None and group in self.loaded and group not in self.replaced and group in self.blobs:
+            self.replaced[group] = self.blobs[group]
+
     def _drop(self, group: Any) -> None:
+        self._keep_loaded(group)
         for table in (self.blobs, self.digests, self.kinds):
             table.pop(group, None)
         self.changed = True
@@ -173,10 +194,42 @@ class DesiredCache:
         return self._render(text, decode) if have == key else None
 
     def keep_render(self, node: str, key: str, value: Any, basis: str) -> None:
-        """Keep `value` (model values, or a JSON-able form of them) as the render of `node`."""
+        """Keep `value` (model values, or a JSON-able form of them) as the render of `node`,
+        made from the groups as they are now."""
         self.rendered[node] = (key, _encoded(value).encode())
         self.bases[node] = basis
+        self.inputs[node] = inputs_digest(self.digests)
         self.changed = True
+
+    def previous_render(self, node: str, decode: Callable[[Any], Any] = lambda v: v):
+        """The render of `node` the loaded file holds, if it was made from exactly the groups
+        that file holds (so `changes_since_load` is what changed since), else None."""
+        _key, text = self.rendered.get(node, (None, None))
+        if self.loaded is None or not self.inputs.get(node) or self.inputs[node] != inputs_digest(self.loaded):
+            return None
+        return self._render(text, decode)
+
+    def changes_since_load(self) -> tuple[dict, dict] | None:
+        """(group -> its objects as loaded, group -> its objects now) for every group that
+        changed, came or went since the file was loaded (decoded now; a group missing on one
+        side is missing from that dict), or None when that is not known or does not decode."""
+        if self.loaded is None:
+            return None
+        changed = {g for g, d in self.loaded.items() if self.digests.get(g) != d} | \
+            {g for g in self.digests if g not in self.loaded}
+        try:
+            before, now = {}, {}
+            for group in changed:
+                if group in self.loaded:
+                    text = self.replaced.get(group)
+                    if text is None or hashlib.sha256(_bytes(text)).hexdigest() != self.loaded[group]:
+                        return None
+                    before[group] = _decoded(text)
+                if group in self.blobs:
+                    now[group] = _decoded(self.blobs[group])
+        except (codec.CodecError, ValueError, TypeError, RecursionError):
+            return None
+        return before, now
 
     def last_render(self, node: str, basis: str, decode: Callable[[Any], Any] = lambda v: v):
         """The last value rendered for `node` if its `basis` was this one (whatever its key), else None."""
@@ -220,9 +273,10 @@ def load(state_dir: StateDir | Path | str, source: str | None = None) -> Desired
         for (key, digest, kinds), text in zip(groups, lines, strict=False):
             group = codec.decode(key)
             cache.blobs[group], cache.digests[group], cache.kinds[group] = text, str(digest), frozenset(kinds)
-        for (node, key, basis), text in zip(rendered, lines[len(groups):], strict=False):
+        for (node, key, basis, *inputs), text in zip(rendered, lines[len(groups):], strict=False):
             cache.rendered[str(node)] = (str(key), text)
             cache.bases[str(node)] = str(basis)
+            cache.inputs[str(node)] = str(inputs[0]) if inputs else ""
     except (ValueError, KeyError, TypeError, codec.CodecError, RecursionError, UnicodeDecodeError):
         return None
     newer = _newer_cursors(store, cache)
@@ -231,6 +285,7 @@ def load(state_dir: StateDir | Path | str, source: str | None = None) -> Desired
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in cache.cursors.items()):
         return None
     cache.saved, cache.changed = (cache.token, dict(cache.cursors)), False
+    cache.loaded = dict(cache.digests)
     return cache
 
 
@@ -263,7 +318,7 @@ def save(state_dir: StateDir | Path | str, cache: DesiredCache) -> None:
     header = {"format": CACHE_FORMAT, "code": cache.code, "generation": cache.generation, "source": cache.source,
               "token": cache.token, "cursors": cache.cursors,
               "groups": [[codec.encode(g), cache.digests[g], sorted(cache.kinds.get(g, ()))] for g in order],
-              "rendered": [[n, cache.rendered[n][0], cache.bases.get(n, "")] for n in nodes]}
+              "rendered": [[n, cache.rendered[n][0], cache.bases.get(n, ""), cache.inputs.get(n, "")] for n in nodes]}
     lines: list[bytes | memoryview] = [json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()]
     lines += [_bytes(cache.blobs[g]) for g in order]
     lines += [_bytes(cache.rendered[n][1]) for n in nodes]
