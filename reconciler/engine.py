@@ -7,6 +7,7 @@ The declared order (reconciler.resource explains the phases):
                     detached after the chains that replace them are in (reconciler.bpf)
   filter            the run's own backend's table: one transaction, which commits the sets' step
   filter@<other>    weft's leftovers in the other backend: removed
+  nat               natOutgoing's chain and hook (renderers.natoutgoing)
   routes            a pod becomes reachable only once its rules are in place
   links             the settings of pods' interfaces
   bird              BIRD's configuration (where BGP is on)
@@ -49,6 +50,7 @@ def kernel_resources(runner: Runner, backend_preference: str = "auto",
     other = other_has_weft(runner, backend)
     if other is not None:
         tables.append(Table(f"filter@{other.name}", other, main=False))
+    tables.append(Table("nat", backend, main=False))         # natOutgoing (renderers.natoutgoing)
     return backend, [IpSets(), *([bpf] if bpf is not None else []), *tables, Routes(), InterfaceSettings()]
 
 

@@ -9,8 +9,10 @@ What weft may write:
                     nat/raw/mangle) declared, filled, flushed and deleted; their rules jump only to
                     `weft-*` chains or standard targets and match only `weft-*` sets; built-in
                     chains only through the documented hook rules: FORWARD -> weft-FORWARD,
-                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, inserted at the top; weft's
-                    own rules deleted. No policy, no rename, no other table's built-ins.
+                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, and nat POSTROUTING ->
+                    weft-nat-outgoing, inserted at the top; weft's own rules deleted. No policy,
+                    no rename, no other built-ins. MASQUERADE only in natOutgoing's one rule
+                    (nat weft-nat-outgoing: from weft-masq-pools, not to weft-all-pools).
   ipset restore     only `weft-*` sets created (known types, inet/inet6), filled, emptied and
                     destroyed; every member valid for its set's type and family.
   routes            only weft's route protocol (201): host routes (/32, /128) through `weft*`
@@ -42,7 +44,12 @@ from weft.reconciler.resource import BirdWrite, BpfWrite, Restore, RouteWrite, S
 PREFIX = "weft-"
 WEFT_TABLES = ("filter", "nat", "raw", "mangle")
 HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT",
-         ("filter", "OUTPUT"): "weft-OUTPUT"}      # OUTPUT: only on a node with Calico host endpoints
+         ("filter", "OUTPUT"): "weft-OUTPUT",      # OUTPUT: only on a node with Calico host endpoints
+         ("nat", "POSTROUTING"): "weft-nat-outgoing"}          # only while some pool has natOutgoing
+# The one rule with a target other than STANDARD_TARGETS: natOutgoing's (renderers.natoutgoing).
+_MASQUERADE_RULE = re.compile(r'^-A weft-nat-outgoing -m comment --comment "weft:[A-Za-z0-9_-]{1,32}" '
+                              r"-m set --match-set weft-masq-pools src -m set ! --match-set weft-all-pools dst "
+                              r"-j MASQUERADE$")
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "LOG", "NFLOG", "CONNMARK"})
 IPTABLES_RESTORE = re.compile(r"^ip6?tables-(nft|legacy)-restore$")
 SET_TYPES = frozenset({"hash:ip", "hash:net", "hash:ip,port", "hash:net,port"})
@@ -166,6 +173,8 @@ def _iptables_line(table: str, line: str) -> str | None:
         if command in ("-X", "-F"):
             return None if len(tokens) == 2 else "deletes or flushes with extra arguments"
         if command in ("-A", "-I", "-D"):
+            if table == "nat" and _MASQUERADE_RULE.match(line):
+                return None
             return _rule_body(line)
         return f"{command} is not a change weft makes to its chains"
     hook = HOOKS.get((table, chain))

@@ -40,6 +40,7 @@ from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.calico import host_endpoint_chains, policy_specs, tier_specs
 from weft.renderers.ipsets import SetCatalog, short_hash
+from weft.renderers.natoutgoing import render_nat_outgoing
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
     FROM_DISPATCH,
@@ -71,7 +72,12 @@ def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = 
     found there is taken as it is, and the index of every endpoint is built only for sets that
     are not: the result equals a render without `reuse`.
     """
-    return _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
+    rendered = _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
+    chains, sets, hooks = render_nat_outgoing(state)         # the nat table: renderers.natoutgoing
+    if not chains:
+        return rendered
+    return replace(rendered, chains={**rendered.chains, **chains}, ipsets={**rendered.ipsets, **sets},
+                   hooks={**rendered.hooks, **hooks})
 
 
 def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tuple[Endpoint, ...]) -> Dataplane:

@@ -1,0 +1,236 @@
+"""Calico's natOutgoing (renderers.natoutgoing): pool traffic to outside every pool leaves the node
+with the node's address; nothing else is masqueraded. The render, the guard's one MASQUERADE
+rule, and on a real kernel: pod namespaces -> node namespace -> a "router" namespace (198.19.0.2,
+no route out) that answers each datagram with the source address it saw, through the real `weft`
+command's apply, drift, repair and destroy, foreign nat rules left byte for byte.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests import nodens
+from tests.nodens import WeftNode, namespace, pod, write_manifests
+from weft.desired.loader import build_cluster_state
+from weft.model.names import host_iface_name
+from weft.reconciler import guard
+from weft.renderers.iptables import render_node
+from weft.renderers.natoutgoing import ALL_SET, MASQ_SET, NAT_CHAIN, render_nat_outgoing
+
+CRD = "crd.projectcalico.org/v1"
+
+
+def pool(name: str, cidr: str, **spec) -> dict:
+    return {"apiVersion": CRD, "kind": "IPPool", "metadata": {"name": name}, "spec": {"cidr": cidr, **spec}}
+
+
+POOLS = [pool("masq", "198.18.4.0/24", natOutgoing=True), pool("plain", "198.18.9.0/24"),
+         pool("other", "198.18.8.0/24"), pool("old", "198.18.10.0/24", disabled=True, natOutgoing=True),
+         pool("v6", "2001:db8:4::/48", natOutgoing=True)]
+
+
+def state_of(objects: list[dict]):
+    return build_cluster_state(("m.yaml", o) for o in objects)
+
+
+# --- the render ------------------------------------------------------------------------------------
+
+def test_masquerade_sets_hold_natoutgoing_pools_and_every_pool():
+    chains, sets, hooks = render_nat_outgoing(state_of(POOLS))
+    assert sets[MASQ_SET].members == {"198.18.4.0/24", "198.18.10.0/24"}       # disabled pools' too
+    assert sets[ALL_SET].members == {"198.18.4.0/24", "198.18.9.0/24", "198.18.8.0/24", "198.18.10.0/24"}
+    assert {s.family for s in sets.values()} == {"inet"} and {s.type for s in sets.values()} == {"hash:net"}
+    [rule] = chains[("nat", NAT_CHAIN)].rules
+    assert rule.endswith(f"-m set --match-set {MASQ_SET} src -m set ! --match-set {ALL_SET} dst -j MASQUERADE")
+    [hook] = hooks[("nat", "POSTROUTING")].rules
+    assert hook.startswith("-A POSTROUTING ") and hook.endswith(f"-j {NAT_CHAIN}")
+
+
+def test_nothing_in_nat_without_natoutgoing():
+    plain = [pool("plain", "198.18.9.0/24"), pool("v6", "2001:db8:4::/48", natOutgoing=True)]
+    assert render_nat_outgoing(state_of(plain)) == ({}, {}, {})
+    dataplane = render_node(state_of(plain), "n1")
+    assert not [t for t, _ in dataplane.chains if t == "nat"] and not [t for t, _ in dataplane.hooks if t == "nat"]
+
+
+def test_render_node_carries_the_nat_table():
+    dataplane = render_node(state_of(POOLS), "n1")
+    assert ("nat", NAT_CHAIN) in dataplane.chains and ("nat", "POSTROUTING") in dataplane.hooks
+    assert {MASQ_SET, ALL_SET} <= set(dataplane.ipsets)
+
+
+# --- the guard: MASQUERADE in exactly natOutgoing's rule ---------------------------------------------
+
+RULE = (f'-A {NAT_CHAIN} -m comment --comment "weft:abc" -m set --match-set {MASQ_SET} src '
+        f'-m set ! --match-set {ALL_SET} dst -j MASQUERADE')
+HOOK = f'-I POSTROUTING 1 -m comment --comment "weft:abc" -j {NAT_CHAIN}'
+
+
+def restore(table: str, *lines: str) -> str:
+    return "\n".join([f"*{table}", *lines, "COMMIT"]) + "\n"
+
+
+def test_guard_allows_natoutgoing_chain_and_hook():
+    guard.check_iptables(restore("nat", f":{NAT_CHAIN} - [0:0]", RULE, HOOK))
+    guard.check_iptables(restore("nat", f":{NAT_CHAIN} - [0:0]", HOOK.replace("-I POSTROUTING 1", "-D POSTROUTING"),
+                                 f"-X {NAT_CHAIN}"))
+
+
+@pytest.mark.parametrize("text, why", [
+    (restore("filter", ":weft-x - [0:0]", RULE.replace(NAT_CHAIN, "weft-x")), "MASQUERADE"),
+    (restore("filter", f":{NAT_CHAIN} - [0:0]", RULE), "MASQUERADE"),
+    (restore("nat", ":weft-x - [0:0]", RULE.replace(NAT_CHAIN, "weft-x")), "MASQUERADE"),
+    (restore("nat", RULE.replace(" -j MASQUERADE", " -j MASQUERADE --to-ports 1-2")), "MASQUERADE"),
+    (restore("nat", RULE.replace(f"! --match-set {ALL_SET}", "! --match-set weft-other")), "MASQUERADE"),
+    (restore("nat", RULE.replace(f"--match-set {MASQ_SET} src", f"--match-set {MASQ_SET} dst")), "MASQUERADE"),
+    (restore("nat", f'-A {NAT_CHAIN} -m comment --comment "weft:abc" -j MASQUERADE'), "MASQUERADE"),
+    (restore("nat", f'-A {NAT_CHAIN} -j SNAT --to-source 198.18.0.1'), "SNAT"),
+    (restore("nat", HOOK.replace("POSTROUTING", "PREROUTING")), "nat/PREROUTING"),
+    (restore("nat", HOOK.replace(NAT_CHAIN, "weft-FORWARD")), "hook"),
+    (restore("nat", "-A POSTROUTING -j MASQUERADE"), "POSTROUTING"),
+])
+def test_guard_refuses_any_other_masquerade(text, why):
+    with pytest.raises(guard.Refused, match=why):
+        guard.check_iptables(text)
+
+
+# --- on a real kernel ---------------------------------------------------------------------------------
+
+if nodens.usable() is None:
+    node_ns = nodens.node_ns
+kernel = pytest.mark.skipif(nodens.usable() is not None, reason=str(nodens.usable()))
+
+PORT = 7777
+GATEWAY, HOST_MAC = "169.254.1.1", "ee:ee:ee:ee:ee:ee"
+NODE_UP, ROUTER = "198.19.0.1", "198.19.0.2"
+A_IP, B_IP = "198.18.4.1", "198.18.9.1"              # pod a: pool masq (natOutgoing); pod b: pool plain
+OTHER_POOL, DISABLED_POOL = "198.18.8.5", "198.18.10.5"    # addresses of pools, on the router
+ECHO = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',PORT))\n"
+        "print('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(64)\n s.sendto(a[0].encode(),a)\n"
+        ).replace("PORT", str(PORT))
+ASK = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1.5)\n"
+       "for _ in range(3):\n s.sendto(b'?',(sys.argv[1],PORT))\n try:\n  print(s.recv(64).decode()); break\n"
+       " except TimeoutError: pass\nelse: print('timeout')\n").replace("PORT", str(PORT))
+
+FOREIGN_NAT = """\
+*nat
+:KUBE-POSTROUTING - [0:0]
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A POSTROUTING -s 198.18.250.0/24 -j MASQUERADE
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+COMMIT
+"""
+
+
+class Net:
+    """The node namespace, pods a and b wired like Calico's, and the router behind the node."""
+
+    def __init__(self, stack: ExitStack, node: str):
+        self.node = node
+        self.a, self.b, self.router = (stack.enter_context(nodens.node_netns()) for _ in range(3))
+        nodens.in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for netns, name, ip in ((self.a, "a", A_IP), (self.b, "b", B_IP)):
+            iface = host_iface_name("ns1", name)
+            nodens.in_ns(node, "ip", "-batch", "-", stdin="\n".join([
+                f"link add {iface} address {HOST_MAC} type veth peer name eth0 netns {netns}",
+                f"link set {iface} up"]) + "\n")
+            nodens.in_ns(netns, "ip", "-batch", "-", stdin="\n".join([
+                "link set eth0 up", f"addr add {ip}/32 dev eth0",
+                f"neigh add {GATEWAY} lladdr {HOST_MAC} dev eth0 nud permanent",
+                f"route add default via {GATEWAY} dev eth0 onlink"]) + "\n")
+        nodens.in_ns(node, "ip", "-batch", "-", stdin="\n".join([
+            f"link add up0 type veth peer name up0 netns {self.router}", "link set up0 up",
+            f"addr add {NODE_UP}/24 dev up0",
+            f"route add 198.18.8.0/24 via {ROUTER}", f"route add 198.18.10.0/24 via {ROUTER}"]) + "\n")
+        nodens.in_ns(self.router, "ip", "-batch", "-", stdin="\n".join([
+            "link set up0 up", f"addr add {ROUTER}/24 dev up0",
+            f"addr add {OTHER_POOL}/32 dev lo", f"addr add {DISABLED_POOL}/32 dev lo",
+            f"route add 198.18.4.0/24 via {NODE_UP}", f"route add 198.18.9.0/24 via {NODE_UP}"]) + "\n")
+        self.servers = [self._serve(ns) for ns in (self.router, self.b)]
+        stack.callback(self._stop)
+
+    def _serve(self, netns: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-I", "-S", "-c", ECHO],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return proc
+
+    def _stop(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+
+    def seen(self, src: str, dst: str) -> str:
+        """The source address `dst` saw a datagram from pod `src` ("a", "b") come from."""
+        netns = {"a": self.a, "b": self.b}[src]
+        nodens.in_ns(self.node, "conntrack", "-F", check=False)
+        return nodens.in_ns(netns, sys.executable, "-I", "-S", "-c", ASK, dst).strip()
+
+    def all_seen(self) -> dict[tuple[str, str], str]:
+        return {(s, d): self.seen(s, d) for s, d in (("a", ROUTER), ("a", OTHER_POOL), ("a", DISABLED_POOL),
+                                                      ("a", B_IP), ("b", ROUTER))}
+
+
+def cluster(nat: bool) -> list[dict]:
+    pools = [pool("masq", "198.18.4.0/24", natOutgoing=nat), pool("plain", "198.18.9.0/24"),
+             pool("other", "198.18.8.0/24"), pool("old", "198.18.10.0/24", disabled=True)]
+    return [namespace("ns1"), pod("ns1", "a", A_IP), pod("ns1", "b", B_IP), *pools]
+
+
+UNCHANGED = {("a", ROUTER): A_IP, ("a", OTHER_POOL): A_IP, ("a", DISABLED_POOL): A_IP, ("a", B_IP): A_IP,
+             ("b", ROUTER): B_IP}
+MASQUERADED = {**UNCHANGED, ("a", ROUTER): NODE_UP}
+
+
+def nat_part(node: WeftNode) -> dict[str, str]:
+    """weft's and the foreign lines of the node's nat table (nodens.split_iptables_save)."""
+    save = nodens.in_ns(node.ns, f"{node.iptables}-save", "-t", "nat")
+    return nodens.split_iptables_save(save)
+
+
+@kernel
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_natoutgoing_on_the_kernel(node_ns, tmp_path: Path, backend):
+    with ExitStack() as stack:
+        net = Net(stack, node_ns)
+        node = WeftNode(node_ns, tmp_path / "state", backend)
+        nodens.in_ns(node_ns, f"iptables-{backend}-restore", "--noflush", stdin=FOREIGN_NAT)
+        foreign = nat_part(node)["foreign"]
+        src = tmp_path / "src"
+
+        # Without natOutgoing: nothing of weft's in nat, every source address is the pod's own.
+        node.weft("apply", from_dir=write_manifests(src, cluster(nat=False)))
+        assert nat_part(node) == {"weft": "", "foreign": foreign}
+        assert net.all_seen() == UNCHANGED
+
+        # natOutgoing on: only pool traffic to outside every pool leaves with the node's address.
+        plan = node.weft_json("plan", from_dir=write_manifests(src, cluster(nat=True)))
+        assert {(c["table"], c["name"], c["action"]) for c in plan["changes"]["chains"]} == \
+            {("nat", NAT_CHAIN, "create")}
+        node.weft("apply", from_dir=src)
+        assert net.all_seen() == MASQUERADED
+        assert nat_part(node)["foreign"] == foreign
+        node.weft("drift", from_dir=src, expect=0)
+        assert node.weft_json("plan", from_dir=src)["summary"] == {"add": 0, "change": 0, "destroy": 0}
+
+        # A hand-edited rule and a removed hook are drift, named; apply repairs them.
+        iptables = f"iptables-{backend}"
+        nodens.in_ns(node_ns, iptables, "-t", "nat", "-A", NAT_CHAIN, "-j", "RETURN")
+        hook = next(line for line in nat_part(node)["weft"].splitlines() if "-A POSTROUTING" in line)
+        nodens.in_ns(node_ns, iptables, "-t", "nat", "-D", *shlex.split(hook.split(": ", 1)[1])[1:])
+        drift = node.weft("drift", from_dir=src, expect=2).stdout
+        assert f"nat/{NAT_CHAIN}" in drift and "-j RETURN" in drift and "nat/POSTROUTING" in drift, drift
+        assert net.seen("a", ROUTER) == A_IP                        # the hook is gone: not masqueraded
+        node.weft("apply", from_dir=src)
+        node.weft("drift", from_dir=src, expect=0)
+        assert net.all_seen() == MASQUERADED
+
+        # Destroy: weft's nat chain, hook and sets go; the foreign nat rules stay byte for byte.
+        node.weft("apply", "--destroy", from_dir=src)
+        assert nat_part(node) == {"weft": "", "foreign": foreign}
+        assert not [n for n in nodens.weft_names(node_ns) if "weft" in n]
