@@ -25,9 +25,10 @@ the tests hold the kernel's verdicts against):
 
 Host endpoints (host_endpoint_chains): traffic to and from the host through an interface a host
 endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
-what is not rendered yet: forwarded traffic (applyOnForward), preDNAT and doNotTrack policies, host endpoints that name
-their interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod
-to host traffic still ends in the host's own rules).
+traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward).
+What is not rendered yet: preDNAT and doNotTrack policies, host endpoints that name their
+interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod to host
+traffic still ends in the host's own rules).
 
 Only the IPv4 family is rendered here (`family` is the seam for IPv6: nets, sets and protocols
 already filter by it).
@@ -42,6 +43,7 @@ from functools import cache
 from weft.desired.index import Selection
 from weft.model import labels as calico_labels
 from weft.model.cluster import (
+    EGRESS,
     INGRESS,
     Action,
     ClusterState,
@@ -358,6 +360,60 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
                 chains.append((pname, policy_specs(policy, direction, sets, pods_only=pods_only),
                                f"{direction.lower()} rules of {policy.origin or policy.key}"))
     return entry, chains
+
+
+def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
+                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool
+                        ) -> tuple[list[Spec], list[Spec], list[tuple[str, list[Spec], str]]]:
+    """Calico's applyOnForward: traffic the host forwards (to or from its pods, or between its
+    interfaces) through an interface a host endpoint of `node` names passes that endpoint's
+    policies with applyOnForward (ingress where it comes in, egress where it goes out). Returns
+    (the rules of weft-FORWARD before the pods' egress, those after the pods' ingress, the chains
+    to add); nothing when no such policy applies to a host endpoint of the node.
+
+    As Felix does it: no failsafe ports and no profiles for forwarded traffic; a host endpoint
+    that no applyOnForward policy applies to lets it through; where policies apply, their tiers
+    end with the tier's defaultAction, Allow returns to weft-FORWARD (the pods' own policies still
+    apply), and where every tier passed the packet goes on. Established connections and the pods'
+    own interfaces are not host endpoints' forwarded traffic (the dispatch chains return first).
+    """
+    heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
+    wildcard = [h for h in heps if h.wildcard][:1]
+    chosen = [h for h in heps if not h.wildcard] + wildcard
+    applicable = {(hep.name, direction): order([p for p in state.policies if direction in p.types and p.apply_on_forward
+                                                and not p.pre_dnat and not p.do_not_track
+                                                and hep in sets.index.policy_host_endpoints(p)], state.tiers)
+                  for hep in chosen for direction in (INGRESS, EGRESS)}
+    if not any(applicable.values()):
+        return [], [], []
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    entries = []
+    for direction, flag, dispatch, kind in ((INGRESS, "-i", f"{PREFIX}from-hep-fwd", "hfi"),
+                                            (EGRESS, "-o", f"{PREFIX}to-hep-fwd", "hfo")):
+        specs = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j RETURN"),
+                 Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
+        for hep in chosen:
+            match = f"! {flag} lo" if hep.wildcard else f"{flag} {hep.interface}"
+            policies = applicable[(hep.name, direction)]
+            if not policies:
+                specs.append(Spec(match, target="-j RETURN"))
+                continue
+            name = f"{PREFIX}{kind}-{short_hash('host-endpoint-forward', hep.name, length=16)}"
+            specs.append(Spec(match, target=f"-g {name}"))
+            chains.append((name, tiered_specs(tier_specs(policies, direction, state.tiers, chain_name)),
+                           f"forwarded {direction.lower()} through host endpoint {hep.name} "
+                           f"({len(policies)} applyOnForward policies)"))
+            for policy in policies:
+                pname = chain_name(policy, direction)
+                if pname not in rendered:
+                    rendered.add(pname)
+                    chains.append((pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                                   f"{direction.lower()} rules of {policy.origin or policy.key}"))
+        chains.append((dispatch, specs, f"forwarded traffic {'from' if direction == INGRESS else 'to'} host "
+                                        f"endpoints: one branch per interface"))
+        entries.append([Spec(target=f"-j {dispatch}")])
+    return entries[0], entries[1], chains
 
 
 def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str) -> list[Spec]:

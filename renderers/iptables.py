@@ -6,6 +6,8 @@ Flow of a forwarded packet (Felix's design, with weft's names):
     from a pod:  weft-from-wl-dispatch -> weft-fw-<iface> (the pod's egress policy)
     to a pod:    weft-to-wl-dispatch   -> weft-tw-<iface> (the pod's ingress policy)
     then ACCEPT. An endpoint chain drops what its policies deny, RETURNs what they allow.
+    Through a Calico host endpoint's interface (renderers.calico.host_forward_chains): its
+    applyOnForward policies, before the pods' egress (coming in) and after their ingress (going out).
   INPUT -> weft-INPUT: traffic from pods to the host passes the pod's egress policy, then
     RETURNs to the host's own INPUT rules (weft does not override the host firewall); traffic
     through an interface a Calico host endpoint of this node names goes to that endpoint's
@@ -38,7 +40,7 @@ from weft.model.cluster import (
 )
 from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
-from weft.renderers.calico import host_endpoint_chains, policy_specs, tier_specs
+from weft.renderers.calico import host_endpoint_chains, host_forward_chains, policy_specs, tier_specs
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.natoutgoing import render_nat_outgoing
 from weft.renderers.routes import render_links, render_routes
@@ -92,15 +94,17 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     def add(name: str, specs: list[Spec], about: str) -> None:
         chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
 
-    add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
+    from_hosts, to_hosts, chains_fwd = host_forward_chains(state, node, sets, policy_chain_name, order_policies,
+                                                           pods_only)
+    add(FORWARD_CHAIN, _forward_specs(from_hosts, to_hosts), "entry from FORWARD: pod traffic through this node")
     hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only)
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
                                                  EGRESS)
     add(INPUT_CHAIN, _input_specs() + hosts_in, "entry from INPUT: pod traffic to this host")
     if hosts_out:
         add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
-    for name, specs, about in chains_in + chains_out:
+    for name, specs, about in chains_in + chains_out + chains_fwd:
         if name not in chains:
             add(name, specs, about)
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
@@ -148,14 +152,18 @@ def refuse_shared_interfaces(local: tuple[Endpoint, ...]) -> None:
                 f"\"<namespace>.<pod>\"): rename one of them; nothing was changed")
 
 
-def _forward_specs() -> list[Spec]:
+def _forward_specs(from_hosts: list[Spec], to_hosts: list[Spec]) -> list[Spec]:
+    """`from_hosts`, `to_hosts`: host endpoints' applyOnForward checks (renderers.calico), around
+    the pods' own, in Felix's order."""
     specs = []
     for flag in ("-i", "-o"):
         specs.append(Spec(f"{flag} {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"))
     for flag in ("-i", "-o"):
         specs.append(Spec(f"{flag} {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"))
+    specs += from_hosts
     specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
     specs.append(Spec(f"-o {WL_GLOB}", target=f"-j {TO_DISPATCH}"))
+    specs += to_hosts
     specs.append(Spec(f"-i {WL_GLOB}", target="-j ACCEPT"))
     specs.append(Spec(f"-o {WL_GLOB}", target="-j ACCEPT"))
     return specs

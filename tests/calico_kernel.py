@@ -221,10 +221,27 @@ class KernelNode:
                 decision = evaluator.between(self.pods[flow.src][0], self.pods[flow.dst][0], packet)
             elif flow.src in self.pods:
                 decision = evaluator.workload(self.pods[flow.src][0], EGRESS, packet)
+                decision = self._forwarded(evaluator, EGRESS, packet, decision)
             else:
-                decision = evaluator.workload(self.pods[flow.dst][0], INGRESS, packet)
+                decision = self._forwarded(evaluator, INGRESS, packet)
+                decision = evaluator.workload(self.pods[flow.dst][0], INGRESS, packet) if decision.allowed \
+                    else decision
             result.append(decision.allowed)
         return result
+
+    def _forwarded(self, evaluator: Evaluator, direction, packet: Packet, before: Decision | None = None) -> Decision:
+        """A pod's packet from or to the outside also crosses eth0: its host endpoint's verdict on
+        forwarded traffic (applyOnForward policies); one that leaves it to the next rules (every
+        tier passed) is forwarded here (the node's FORWARD accepts)."""
+        if before is not None and not before.allowed:
+            return before
+        hep = evaluator.host_endpoint_for(self.node, "eth0", [self.host_ip] if self.host_ip else [])
+        if hep is None:
+            return before or Decision(Verdict.ALLOW, "no host endpoint")
+        decision = evaluator.host(hep, direction, packet, forwarded=True)
+        if decision.verdict == Verdict.UNMANAGED:
+            return Decision(Verdict.ALLOW, decision.by, decision.logged)
+        return decision
 
     def mismatches(self, flows: list[Flow]) -> list[str]:
         """Flows where the kernel and the reference evaluator disagree, described."""

@@ -362,3 +362,50 @@ def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server():
         out = [Flow("host", "198.19.1.5", "udp", 53), Flow("host", "198.19.1.5", "tcp", 6443),
                Flow("host", "198.19.1.5", "tcp", 80)]
         assert node.delivered(node.probes(out)) == [True, True, False]
+
+
+# --- host endpoints: forwarded traffic (applyOnForward) ----------------------------------------------
+
+FWD = {"applyOnForward": True}
+FORWARD_CASES = {
+    "forward-tiers-and-pod-policies": [
+        HEP, tier("t1", 10, "Pass"),
+        gnp("t1.fwd", tier="t1", selector="role == 'worker'", types=["Ingress", "Egress"], **FWD, ingress=[
+            {"action": "Log", "protocol": "UDP"},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}}],
+            egress=[{"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}}]),
+        gnp("fwd", selector="role == 'worker'", types=["Ingress", "Egress"], **FWD, ingress=[
+            {"action": "Allow", "protocol": "TCP", "destination": {"ports": [80, 443, 8080]}},
+            {"action": "Allow", "protocol": "UDP"}, {"action": "Allow", "protocol": "ICMP", "icmp": {"type": 8}}],
+            egress=[{"action": "Allow", "protocol": "TCP", "destination": {"nets": ["198.19.0.0/16"],
+                                                                           "notPorts": [5432]}},
+                    {"action": "Deny", "protocol": "UDP", "destination": {"selector": "role == 'db'"}},
+                    {"action": "Allow", "protocol": "UDP"}]),
+        gnp("host-only", selector="role == 'worker'", types=["Ingress", "Egress"], ingress=DENY_ALL, egress=DENY_ALL),
+        np("pod-b", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "protocol": "TCP"}]),
+        kind("GlobalNetworkSet", "db", {"nets": ["198.19.66.0/24"]}, role="db")],
+    "star-forward-deny-all": [
+        kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+        gnp("deny-all", selector="role == 'worker'", types=["Ingress", "Egress"], **FWD, ingress=DENY_ALL,
+            egress=DENY_ALL)],
+    "named-endpoint-without-forward-policy": [
+        HEP, kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="all"),
+        gnp("deny-all", selector="role == 'all'", types=["Ingress", "Egress"], **FWD, ingress=DENY_ALL,
+            egress=DENY_ALL),
+        gnp("egress-only", selector="role == 'worker'", types=["Egress"], **FWD, egress=[
+            {"action": "Deny", "protocol": "ICMP"}])],
+}
+
+
+@pytest.mark.parametrize("name", FORWARD_CASES)
+def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name):
+    """Pods to and from the outside cross eth0, a host endpoint: its applyOnForward policies
+    judge that traffic too (others do not); pod to pod traffic is not a host endpoint's."""
+    state = cluster(*BASE, *FORWARD_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        dataplane = node.load(state)
+        rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
+        assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        assert any(n.startswith("weft-hf") for n in rendered), f"{name}: no forward chain rendered"
+        wrong = node.mismatches(matrix(node))
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
