@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from weft.model.kernel import PREFIX, Chain, Hooks
 
-BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("POSTROUTING",)}
+BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("POSTROUTING",), "mangle": ("PREROUTING",)}
 
 
 def table_may_exist(backend: str, table: str) -> bool:

@@ -8,6 +8,7 @@ The declared order (reconciler.resource explains the phases):
   filter            the run's own backend's table: one transaction, which commits the sets' step
   filter@<other>    weft's leftovers in the other backend: removed
   nat               natOutgoing's chain and hook (renderers.natoutgoing)
+  mangle            preDNAT policies' chains and hook (renderers.calico.host_prednat_chains)
   routes            a pod becomes reachable only once its rules are in place
   links             the settings of pods' interfaces
   bird              BIRD's configuration (where BGP is on)
@@ -51,6 +52,7 @@ def kernel_resources(runner: Runner, backend_preference: str = "auto",
     if other is not None:
         tables.append(Table(f"filter@{other.name}", other, main=False))
     tables.append(Table("nat", backend, main=False))         # natOutgoing (renderers.natoutgoing)
+    tables.append(Table("mangle", backend, main=False))      # preDNAT policies (renderers.calico)
     return backend, [IpSets(), *([bpf] if bpf is not None else []), *tables, Routes(), InterfaceSettings()]
 
 

@@ -9,10 +9,11 @@ What weft may write:
                     nat/raw/mangle) declared, filled, flushed and deleted; their rules jump only to
                     `weft-*` chains or standard targets and match only `weft-*` sets; built-in
                     chains only through the documented hook rules: FORWARD -> weft-FORWARD,
-                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, and nat POSTROUTING ->
-                    weft-nat-outgoing, inserted at the top; weft's own rules deleted. No policy,
-                    no rename, no other built-ins. MASQUERADE only in natOutgoing's one rule
-                    (nat weft-nat-outgoing: from weft-masq-pools, not to weft-all-pools).
+                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, nat POSTROUTING ->
+                    weft-nat-outgoing, mangle PREROUTING -> weft-PREROUTING, inserted at
+                    the top; weft's own rules deleted. No policy, no rename, no other built-ins.
+                    MASQUERADE only in natOutgoing's one rule (nat weft-nat-outgoing: from
+                    weft-masq-pools, not to weft-all-pools).
   ipset restore     only `weft-*` sets created (known types, inet/inet6), filled, emptied and
                     destroyed; every member valid for its set's type and family.
   routes            only weft's route protocol (201): host routes (/32, /128) through `weft*`
@@ -45,7 +46,8 @@ PREFIX = "weft-"
 WEFT_TABLES = ("filter", "nat", "raw", "mangle")
 HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT",
          ("filter", "OUTPUT"): "weft-OUTPUT",      # OUTPUT: only on a node with Calico host endpoints
-         ("nat", "POSTROUTING"): "weft-nat-outgoing"}          # only while some pool has natOutgoing
+         ("nat", "POSTROUTING"): "weft-nat-outgoing",          # only while some pool has natOutgoing
+         ("mangle", "PREROUTING"): "weft-PREROUTING"}          # only while preDNAT policies apply here
 # The one rule with a target other than STANDARD_TARGETS: natOutgoing's (renderers.natoutgoing).
 _MASQUERADE_RULE = re.compile(r'^-A weft-nat-outgoing -m comment --comment "weft:[A-Za-z0-9_-]{1,32}" '
                               r"-m set --match-set weft-masq-pools src -m set ! --match-set weft-all-pools dst "

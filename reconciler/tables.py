@@ -216,8 +216,8 @@ class Table(Resource[TableState, TableChange]):
     def start_confirm(self, have: TableState, session: ProbeSession) -> Callable[[], bool]:
         """The CNI plugin's per-pod steps add or remove a pod's dispatch rules together with its
         chains: the dispatch chains as they are now tell whether such a step came since `have`."""
-        if self.table == "nat":
-            return lambda: True            # only apply writes the nat table (renderers.natoutgoing)
+        if self.table in ("nat", "mangle", "raw"):
+            return lambda: True            # only apply writes these tables (the CNI plugin only filter)
         reads = {name: session.start([*self.backend.list_chain, "-t", self.table, "-S", name])
                  for name in SHARED_WRITERS_CHANGE}
 

@@ -25,8 +25,9 @@ the tests hold the kernel's verdicts against):
 
 Host endpoints (host_endpoint_chains): traffic to and from the host through an interface a host
 endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
-traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward).
-What is not rendered yet: preDNAT and doNotTrack policies, host endpoints that name their
+traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward),
+preDNAT policies in the mangle table (host_prednat_chains).
+What is not rendered yet: doNotTrack policies, host endpoints that name their
 interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod to host
 traffic still ends in the host's own rules).
 
@@ -307,7 +308,8 @@ def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None,
 
 def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
                          chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
-                         direction: Direction = INGRESS) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
+                         direction: Direction = INGRESS, *, accepted_before: bool = False
+                         ) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
     """Calico's host endpoints of `node` for traffic to the host (INGRESS: the rules that end
     weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
     rules, about), the policies' own chains included. ([], []) when the node has none.
@@ -322,7 +324,9 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     then the applicable policies' tiers (normal policies only: preDNAT and doNotTrack policies
     are not rendered yet), then Allow accepts, and what no policy decided goes to the
     endpoint's profiles (projectcalico-default-allow, or kns.<namespace> of an existing
-    namespace, accept), else drops: Calico's default for host endpoints.
+    namespace, accept), else drops: Calico's default for host endpoints. `accepted_before`: a
+    preDNAT policy may have allowed the packet already (the accept mark, host_prednat_chains):
+    then it is accepted before the host endpoints' chains, as Felix's INPUT does.
     """
     heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
     if not heps:
@@ -332,6 +336,8 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     wildcard = [h for h in heps if h.wildcard][:1]
     chosen = [h for h in heps if not h.wildcard] + wildcard
     entry = [Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    if accepted_before and ingress:
+        entry.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j ACCEPT"))
     chains: list[tuple[str, list[Spec], str]] = []
     rendered: set[str] = set()
     settings = state.felix_settings(node)
@@ -363,7 +369,8 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
 
 
 def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
-                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool
+                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                        *, accepted_before: bool = False
                         ) -> tuple[list[Spec], list[Spec], list[tuple[str, list[Spec], str]]]:
     """Calico's applyOnForward: traffic the host forwards (to or from its pods, or between its
     interfaces) through an interface a host endpoint of `node` names passes that endpoint's
@@ -376,10 +383,10 @@ def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
     end with the tier's defaultAction, Allow returns to weft-FORWARD (the pods' own policies still
     apply), and where every tier passed the packet goes on. Established connections and the pods'
     own interfaces are not host endpoints' forwarded traffic (the dispatch chains return first).
+    `accepted_before`: a packet a preDNAT policy allowed (the accept mark) skips the ingress
+    applyOnForward policies, as in Felix's FORWARD.
     """
-    heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
-    wildcard = [h for h in heps if h.wildcard][:1]
-    chosen = [h for h in heps if not h.wildcard] + wildcard
+    chosen = _chosen_host_endpoints(state, node)
     applicable = {(hep.name, direction): order([p for p in state.policies if direction in p.types and p.apply_on_forward
                                                 and not p.pre_dnat and not p.do_not_track
                                                 and hep in sets.index.policy_host_endpoints(p)], state.tiers)
@@ -412,11 +419,68 @@ def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
                                    f"{direction.lower()} rules of {policy.origin or policy.key}"))
         chains.append((dispatch, specs, f"forwarded traffic {'from' if direction == INGRESS else 'to'} host "
                                         f"endpoints: one branch per interface"))
-        entries.append([Spec(target=f"-j {dispatch}")])
+        gate = f"-m mark --mark 0x0/{MARK_ACCEPT}" if accepted_before and direction == INGRESS else ""
+        entries.append([Spec(extra=gate, target=f"-j {dispatch}")])
     return entries[0], entries[1], chains
 
 
-def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str) -> list[Spec]:
+PREROUTING_CHAIN = f"{PREFIX}PREROUTING"     # mangle PREROUTING -> weft-PREROUTING: preDNAT policies
+
+
+def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
+                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool
+                        ) -> list[tuple[str, list[Spec], str]]:
+    """Calico's preDNAT policies: the mangle table's chains (weft-PREROUTING first, hooked from
+    PREROUTING), or [] when no preDNAT policy applies to a host endpoint of `node`.
+
+    A new connection coming in through a host endpoint's interface (to the host or forwarded:
+    before DNAT, the two are not told apart) passes the failsafe inbound ports first (they skip
+    preDNAT policy, as Felix's failsafe-in chain in mangle does), then the preDNAT policies' tiers
+    (ingress only) without the tiers' default drop: Deny drops here, Allow sets the accept mark
+    (the filter table then accepts the packet to the host and skips the ingress applyOnForward
+    policies of forwarded traffic; the pods' own policies still apply), and a packet no preDNAT
+    rule decided goes on to the normal policies. Established connections and the pods'
+    interfaces return at once.
+    """
+    chosen = _chosen_host_endpoints(state, node)
+    applicable = {hep.name: order([p for p in state.policies if INGRESS in p.types and p.pre_dnat
+                                   and hep in sets.index.policy_host_endpoints(p)], state.tiers) for hep in chosen}
+    if not any(applicable.values()):
+        return []
+    entry = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j RETURN"),
+             Spec(f"-i {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    failsafes = _failsafe_specs(state.felix_settings(node).failsafe_inbound_host_ports, "src", "-j RETURN")
+    for hep in chosen:
+        match = "! -i lo" if hep.wildcard else f"-i {hep.interface}"
+        policies = applicable[hep.name]
+        if not policies:
+            entry.append(Spec(match, target="-j RETURN"))
+            continue
+        name = f"{PREFIX}hd-{short_hash('host-endpoint-prednat', hep.name, length=16)}"
+        entry.append(Spec(match, target=f"-g {name}"))
+        tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]     # no tier's default drop
+                 for chains_ in tier_specs(policies, INGRESS, state.tiers, chain_name)]
+        chains.append((name, failsafes + tiered_specs(tiers),
+                       f"new connections into host endpoint {hep.name}, before DNAT "
+                       f"({len(policies)} preDNAT policies)"))
+        for policy in policies:
+            pname = chain_name(policy, INGRESS)
+            if pname not in rendered:
+                rendered.add(pname)
+                chains.append((pname, policy_specs(policy, INGRESS, sets, pods_only=pods_only),
+                               f"ingress rules of {policy.origin or policy.key} (preDNAT)"))
+    return [(PREROUTING_CHAIN, entry, "entry from mangle PREROUTING: host endpoints' preDNAT policies"), *chains]
+
+
+def _chosen_host_endpoints(state: ClusterState, node: str) -> list:
+    """The node's host endpoints that weft polices: those naming their interface, then the first "*"."""
+    heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
+    return [h for h in heps if not h.wildcard] + [h for h in heps if h.wildcard][:1]
+
+
+def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, target: str = "-j ACCEPT") -> list[Spec]:
     """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order;
     a port's net is the peer's: the source inbound (`peer` "src"), the destination outbound."""
     groups: dict[tuple[str, str], list[PortRange]] = {}
@@ -430,8 +494,7 @@ def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str) -> list[Spec]:
         for ports_text in _numeric_groups(tuple(group)):
             matches = base_matches(src=source, proto=protocol) if peer == "src" else \
                 base_matches(dst=source, proto=protocol)
-            specs.append(Spec(matches, f"-m multiport --dports {ports_text}",
-                              "-j ACCEPT"))
+            specs.append(Spec(matches, f"-m multiport --dports {ports_text}", target))
     return specs
 
 

@@ -40,7 +40,14 @@ from weft.model.cluster import (
 )
 from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
-from weft.renderers.calico import host_endpoint_chains, host_forward_chains, policy_specs, tier_specs
+from weft.renderers.calico import (
+    PREROUTING_CHAIN,
+    host_endpoint_chains,
+    host_forward_chains,
+    host_prednat_chains,
+    policy_specs,
+    tier_specs,
+)
 from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.natoutgoing import render_nat_outgoing
 from weft.renderers.routes import render_links, render_routes
@@ -59,6 +66,7 @@ FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
 OUTPUT_CHAIN = f"{PREFIX}OUTPUT"              # hooked only on a node with host endpoints
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
+MANGLE = "mangle"                             # preDNAT policies (renderers.calico.host_prednat_chains)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -95,10 +103,12 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
         chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
 
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
+    prednat = host_prednat_chains(state, node, sets, policy_chain_name, order_policies, pods_only)   # mangle
     from_hosts, to_hosts, chains_fwd = host_forward_chains(state, node, sets, policy_chain_name, order_policies,
-                                                           pods_only)
+                                                           pods_only, accepted_before=bool(prednat))
     add(FORWARD_CHAIN, _forward_specs(from_hosts, to_hosts), "entry from FORWARD: pod traffic through this node")
-    hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only)
+    hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
+                                               accepted_before=bool(prednat))
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
                                                  EGRESS)
     add(INPUT_CHAIN, _input_specs() + hosts_in, "entry from INPUT: pod traffic to this host")
@@ -130,7 +140,11 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     hooks = {}
     for builtin, target in {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if hosts_out else {})}.items():
         hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-    return Dataplane({(TABLE, n): c for n, c in chains.items()}, dict(sets.sets), hooks,
+    if prednat:
+        hooks[(MANGLE, "PREROUTING")] = Hooks(MANGLE, "PREROUTING",
+                                              chain_lines("PREROUTING", [Spec(target=f"-j {PREROUTING_CHAIN}")]))
+    mangle = {(MANGLE, n): Chain(MANGLE, n, chain_lines(n, specs), about) for n, specs, about in prednat}
+    return Dataplane({(TABLE, n): c for n, c in chains.items()} | mangle, dict(sets.sets), hooks,
                      render_routes(local), render_links(local))
 
 

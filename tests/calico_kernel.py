@@ -1,4 +1,4 @@
-"""A real node for Calico semantics tests: weft's rendered filter table in a network namespace,
+"""A real node for Calico semantics tests: weft's rendered tables in a network namespace,
 pods in their own namespaces, an "outside" namespace behind the node, and single packets sent
 between them (tests/calico_probe.py) to read the kernel's verdict.
 
@@ -32,6 +32,10 @@ GATEWAY_IP = "169.254.1.1"
 HOST_SIDE_MAC = "ee:ee:ee:ee:ee:ee"
 OUTSIDE_NEXT_HOP, OUTSIDE_MAC = "169.254.2.2", "ee:ee:ee:00:00:02"
 OUTSIDE_NET = "198.19.0.0/16"
+# Behind the outside too: cluster-internal addresses that are not this node's pods (a peer node's
+# pod, say). Above every pod address, so the outside never sends and receives in one batch.
+INTERNAL_NET = "198.18.7.0/24"
+TABLES = ("filter", "mangle", "raw", "nat")
 _counter = itertools.count()
 _ids = itertools.count(1)
 
@@ -48,16 +52,18 @@ def in_ns(netns: str, *argv: str, stdin: str | None = None, check: bool = True) 
 
 
 def restore_text(dataplane: Dataplane) -> tuple[str, str]:
-    """(iptables-restore input for the filter table, ipset restore input) of a render."""
-    lines = ["*filter"]
-    chains = [c for (table, _), c in sorted(dataplane.chains.items()) if table == "filter"]
-    lines += [f":{c.name} - [0:0]" for c in chains]
-    for c in chains:
-        lines += c.rules
-    for (table, _), hook in sorted(dataplane.hooks.items()):
-        if table == "filter":
-            lines += hook.rules
-    lines.append("COMMIT")
+    """(iptables-restore input for every table of a render, ipset restore input)."""
+    lines = []
+    for name in sorted({t for t, _ in dataplane.chains} | {t for t, _ in dataplane.hooks}):
+        lines.append(f"*{name}")
+        chains = [c for (table, _), c in sorted(dataplane.chains.items()) if table == name]
+        lines += [f":{c.name} - [0:0]" for c in chains]
+        for c in chains:
+            lines += c.rules
+        for (table, _), hook in sorted(dataplane.hooks.items()):
+            if table == name:
+                lines += hook.rules
+        lines.append("COMMIT")
     sets = []
     for s in sorted(dataplane.ipsets.values(), key=lambda s: s.name):
         sets.append(f"create {s.name} {s.type} family {s.family}")
@@ -133,7 +139,8 @@ class KernelNode:
             *([f"addr add {self.host_ip}/32 dev eth0"] if self.host_ip else []),
             f"neigh add {OUTSIDE_NEXT_HOP} lladdr {OUTSIDE_MAC} dev eth0 nud permanent",
             f"route add {OUTSIDE_NET} via {OUTSIDE_NEXT_HOP} dev eth0 onlink",
-            f"route add 198.18.100.0/24 via {OUTSIDE_NEXT_HOP} dev eth0 onlink"]) + "\n")
+            f"route add 198.18.100.0/24 via {OUTSIDE_NEXT_HOP} dev eth0 onlink",
+            f"route add {INTERNAL_NET} via {OUTSIDE_NEXT_HOP} dev eth0 onlink"]) + "\n")
         in_ns(self.outside_ns, "ip", "-batch", "-", stdin="\n".join([
             f"link set eth0 address {OUTSIDE_MAC}", "link set eth0 up",
             f"neigh add {GATEWAY_IP} lladdr {HOST_SIDE_MAC} dev eth0 nud permanent",
@@ -153,8 +160,9 @@ class KernelNode:
         self.state = state
         dataplane = render_node(state, self.node)
         rules, sets = restore_text(dataplane)
-        in_ns(self.node_ns, "iptables", "-F")
-        in_ns(self.node_ns, "iptables", "-X")
+        for table in TABLES:
+            in_ns(self.node_ns, "iptables", "-t", table, "-F")
+            in_ns(self.node_ns, "iptables", "-t", table, "-X")
         in_ns(self.node_ns, "ipset", "destroy")
         in_ns(self.node_ns, "ipset", "restore", stdin=sets)
         in_ns(self.node_ns, "iptables-restore", stdin=rules)

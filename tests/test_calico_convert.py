@@ -357,9 +357,8 @@ def test_every_example_file_loads_on_its_own_or_with_its_cluster(path):
         files = ["tiers"]
     state = example(*files)
     assert not state.ignored_kinds
-    # What the iptables renderer does not enforce yet is said, never silently dropped.
-    expected = {"GlobalNetworkPolicy: spec.preDNAT (not enforced yet)"} if path == "hosts/pre-dnat.yaml" else set()
-    assert set(state.warnings) == expected
+    # Everything the examples use is enforced: no warning.
+    assert set(state.warnings) == set()
 
 
 def test_what_the_renderer_does_not_enforce_yet_is_a_warning():

@@ -34,10 +34,10 @@ def matrix(node: KernelNode, probes=PROBES, outside=OUTSIDE) -> list[Flow]:
             for src, dst in pairs for proto, dport, sport, itype, icode in probes]
 
 
-def saved_chains(node: KernelNode) -> dict[str, list[str]]:
-    """weft's chains as iptables-save prints them in the node (without counters)."""
+def saved_chains(node: KernelNode, table: str = "filter") -> dict[str, list[str]]:
+    """weft's chains of `table` as iptables-save prints them in the node (without counters)."""
     chains: dict[str, list[str]] = {}
-    for line in in_ns(node.node_ns, "iptables-save", "-t", "filter").splitlines():
+    for line in in_ns(node.node_ns, "iptables-save", "-t", table).splitlines():
         if line.startswith(":weft-"):
             chains.setdefault(line[1:].split()[0], [])
         elif line.startswith("-A weft-"):
@@ -258,7 +258,8 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
     destroy removes it all."""
     policies = []
     for i, case in enumerate([*CASES.values(), random_policies(3), HOST_CASES["tiers-on-a-host"],
-                              HOST_CASES["egress-from-a-host"][2:]]):
+                              HOST_CASES["egress-from-a-host"][2:], FORWARD_CASES["forward-tiers-and-pod-policies"][2:],
+                              PREDNAT_CASES["tiers-log-pass-and-forward-policies"][2:]]):
         for d in case:
             if d["kind"] != "Tier":       # the cases reuse names: each gets its own prefix
                 tier_name, dot, name = d["metadata"]["name"].rpartition(".")
@@ -275,15 +276,16 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
         for text in ("--icmp-type 8/1", "! --icmp-type 8", "-p gre", "! -p tcp", "-j LOG --log-prefix"):
             assert text in saved, text
         for text in ("-m multiport ! --dports", "-m set ! --match-set weft-c-", "-m set --match-set weft-c-",
-                     "-i eth0 -m comment", "-j weft-hp-", "-A OUTPUT", "-o eth0 -m comment", "-j weft-hq-"):
+                     "-i eth0 -m comment", "-j weft-hp-", "-A OUTPUT", "-o eth0 -m comment", "-j weft-hq-",
+                     "-j weft-from-hep-fwd", "-g weft-hfi-", "-g weft-hfo-", "-A PREROUTING", "-g weft-hd-"):
             assert text in saved, text
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         assert "No drift" in node.weft("drift", from_dir=src, expect=0).stdout
-        # Without host endpoints, the OUTPUT hook and the host endpoints' chains go.
+        # Without host endpoints, the OUTPUT and PREROUTING hooks and the host endpoints' chains go.
         nodens.write_manifests(src, [d for d in docs if d["kind"] != "HostEndpoint"])
         node.weft("apply", from_dir=src)
         assert not [line for line in node.save().splitlines() if "OUTPUT" in line and "weft" in line]
-        assert "weft-h" not in node.save()
+        assert "weft-h" not in node.save() and "weft-PREROUTING" not in node.save()
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         node.weft("apply", "--destroy")
         assert nodens.weft_names(ns) == []
@@ -408,4 +410,50 @@ def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name):
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
         assert any(n.startswith("weft-hf") for n in rendered), f"{name}: no forward chain rendered"
         wrong = node.mismatches(matrix(node))
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+
+
+# --- host endpoints: preDNAT policies (mangle PREROUTING) ---------------------------------------------
+
+PRE = {"preDNAT": True, "applyOnForward": True}
+INTERNAL_PEER = "198.18.7.200"          # in the pods' 198.18.4.0/22: cluster-internal
+PREDNAT_CASES = {
+    "documented-protect-hosts": (),          # tests/calico/hosts/pre-dnat.yaml alone
+    "tiers-log-pass-and-forward-policies": (
+        HEP, tier("t1", 10),
+        gnp("t1.pre", tier="t1", selector="role == 'worker'", **PRE, ingress=[
+            {"action": "Log", "protocol": "UDP"}, {"action": "Pass", "protocol": "TCP", "destination": {"ports": [80]}},
+            {"action": "Deny", "protocol": "ICMP", "icmp": {"type": 13}}]),
+        gnp("pre-allow", selector="role == 'worker'", **PRE, ingress=[
+            {"action": "Allow", "protocol": "TCP", "source": {"nets": ["198.19.0.0/16"]},
+             "destination": {"ports": [443, 8080]}},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}}]),
+        gnp("fwd", selector="role == 'worker'", **FWD, ingress=[
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [443, 8080]}}, {"action": "Allow"}]),
+        gnp("host", selector="role == 'worker'", ingress=[{"action": "Allow", "protocol": "TCP",
+                                                          "destination": {"ports": [80]}}]),
+        np("pod-b", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "protocol": "TCP"}])),
+}
+
+
+@pytest.mark.parametrize("name", PREDNAT_CASES)
+def test_pre_dnat_policies_on_the_kernel(name):
+    """New connections into eth0 (a host endpoint), to the host or forwarded to pods, from the
+    outside and from a peer node: preDNAT policies decide first (in mangle), the host's and the
+    forwarded traffic's normal policies after them; the kernel's verdicts equal desired.verdict's."""
+    state = example("hosts/pre-dnat.yaml") if not PREDNAT_CASES[name] else \
+        cluster(*BASE, *PREDNAT_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        dataplane = node.load(state)
+        for table in ("filter", "mangle"):
+            rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
+            assert saved_chains(node, table) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        assert any(t == "mangle" for t, _ in dataplane.chains), f"{name}: no mangle chain rendered"
+        peers = (*HOST_PEERS, INTERNAL_PEER)
+        probes = (*HOST_PROBES, ("tcp", 31852, None, None, None), ("tcp", 443, None, None, None),
+                  ("icmp", None, None, 13, 0))
+        flows = matrix(node, outside=(*OUTSIDE, INTERNAL_PEER))
+        flows += [Flow(peer, "host", *probe) for peer in peers for probe in probes]
+        flows += [Flow("host", peer, *probe) for peer in peers for probe in probes]
+        wrong = node.mismatches(flows)
         assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
