@@ -136,10 +136,11 @@ class FastPath:
         """store.ipam.Store's `commit`: steps of concurrent calls on one state dir share a transaction."""
         return self._ipam.run(store.sd.path, store, step)
 
-    def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str) -> None:
-        """The pod's policy in the kernel (reconciler.endpoint), one restore per batch (and a
-        listing of the dispatch chains only when they changed since this process last saw them)."""
-        self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod)
+    def add_endpoint(self, state_dir, namespace: str, pod: str, iface: str, ips: tuple[str, ...] = ()) -> None:
+        """The pod's policy in the kernel, in the families of `ips` (reconciler.endpoint), one
+        restore per family and batch (and a listing of a family's dispatch chains only when they
+        changed since this process last saw them)."""
+        self._policy.run(("add", os.fspath(state_dir)), iface, namespace, pod, tuple(ips))
 
     def remove_endpoint(self, state_dir, iface: str) -> None:
         self._policy.run(("remove", os.fspath(state_dir)), iface)

@@ -271,7 +271,7 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
             raise CniError(code, "cannot allocate an address", _line(exc)) from None
         # The endpoint's policy goes in while the pod is wired: neither needs the other, and ADD
         # returns only when both are done.
-        policy = _Background(_add_endpoint, conf, fast, namespace, pod, iface)
+        policy = _Background(_add_endpoint, conf, fast, namespace, pod, iface, tuple(allocation.ips))
         wired = False
         try:
             if iface in wiring.host_links():
@@ -315,10 +315,14 @@ class _Background:
         return self.error
 
 
-def _add_endpoint(conf: Config, fast: FastPath, namespace: str, pod: str, iface: str) -> None:
-    """The endpoint's rules, in the kernel before ADD returns: a pod under a policy never runs open."""
+def _add_endpoint(conf: Config, fast: FastPath, namespace: str, pod: str, iface: str, ips: tuple[str, ...]) -> None:
+    """The endpoint's rules, in the kernel before ADD returns: a pod under a policy never runs open.
+
+    Fail closed per IP family: the rules go into the table of every family the pod has an address
+    in (an IPv6 address: ip6tables too); if one family's cannot be programmed, ADD fails and is
+    undone, so a pod is never wired in a family whose policy is not enforced."""
     try:
-        fast.add_endpoint(conf.sd, namespace, pod, iface)
+        fast.add_endpoint(conf.sd, namespace, pod, iface, ips)
     except UnsafeState as exc:
         raise CniError(spec.DESIRED_STATE, "weft's state dir is not safe to use", _line(exc)) from None
     except WeftError as exc:
@@ -438,7 +442,7 @@ def cmd_check(inv: spec.Invocation, conf: Config, fast: FastPath) -> None:
                      for ip in sorted(listed - set(allocation.ips)) if ip]
     problems += wiring.check(inv.netns, inv.ifname, allocation.iface, list(allocation.ips), conf.mtu, alias)
     from weft.reconciler.endpoint import check_endpoint
-    problems += check_endpoint(conf.sd, allocation.namespace, allocation.pod, allocation.iface)
+    problems += check_endpoint(conf.sd, allocation.namespace, allocation.pod, allocation.iface, tuple(allocation.ips))
     if problems:
         raise CniError(spec.CHECK_FAILED, "CHECK failed", "; ".join(problems))
 

@@ -128,8 +128,9 @@ class BpfMaps:
         h = hashlib.sha256()
         for name, table in self.tables().items():
             h.update(f"\0{name}\n".encode())
-            for key, value in sorted(table.items()):
-                h.update(f"{key!r}={value!r}\n".encode())
+            # by text: a key's fields may be None beside numbers (a verdict for any protocol)
+            for line in sorted(f"{key!r}={value!r}\n" for key, value in table.items()):
+                h.update(line.encode())
         return h.hexdigest()
 
 

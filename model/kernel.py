@@ -3,6 +3,10 @@
 Both sides use the kernel's own printed form (iptables-save lines, ipset save members), so
 "in sync" is plain equality and an unchanged system diffs as empty.
 
+Each IP family has its own tables, labelled by family: chains and hooks of the "filter" label
+are iptables' (IPv4), those of "filter6" ip6tables' (both are the kernel's filter table). Sets
+say their family themselves ("inet" / "inet6").
+
 `Dataplane.to_data()` / `from_data()` turn a whole state into JSON-able data and back (lists
 and strings only): a rendered state kept between runs is data, never code.
 """
@@ -23,13 +27,17 @@ class IpSet:
     name: str
     type: str                       # "hash:ip", "hash:net", "hash:ip,port"
     members: frozenset[str]
-    family: str = "inet"
+    family: str = "inet"            # "inet" (IPv4 members) or "inet6" (IPv6 members)
     about: str = field(default="", compare=False)   # what it is for; desired side only
+    # How many members the kernel's set can hold (probed side only; a rendered set says 0: apply
+    # sizes it for its members, reconciler.ipsets). Not part of equality: a set is "the same"
+    # whatever its size, and a size is judged only against the members it must hold.
+    maxelem: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
 class Chain:
-    table: str
+    table: str                      # the table's label: "filter" (IPv4), "filter6" (IPv6), see renderers.rules
     name: str
     rules: tuple[str, ...]          # full iptables-save lines, "-A <name> ..."
     about: str = field(default="", compare=False)

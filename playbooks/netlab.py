@@ -3,10 +3,13 @@
 The node is a namespace of its own with one veth per pod and nothing else: no uplink, no default
 route, so lab traffic cannot leave the lab. Each pod namespace gets `eth0` with its /32 and a
 default route to 169.254.1.1 on the host side of its veth; the node routes each pod's /32 to that
-pod's veth. weft then programs the node namespace exactly as it would a real node, and `matrix()`
-shows what the policies let through. Only addresses in 198.18.0.0/15 (RFC 2544 benchmarking) are
-accepted, and every namespace and process the lab makes is removed on close, also after a failure
-half-way through `create()` or a Ctrl-C.
+pod's veth. A dual-stack pod (an IPv6 address in its podIPs) gets its /128 too, with a default
+route to the host side's link-local address fe80::ecee:eeff:feee:eeee (Calico's), and the node
+forwards IPv6. weft then programs the node namespace exactly as it would a real node, and
+`matrix()` shows what the policies let through, over IPv4 or IPv6. Only addresses in
+198.18.0.0/15 (RFC 2544 benchmarking) and 2001:db8::/32 (documentation) are accepted, and every
+namespace and process the lab makes is removed on close, also after a failure half-way through
+`create()` or a Ctrl-C.
 
 With `cni=LabCni(...)` the lab does not wire pods itself: it creates each pod's namespace and calls
 the CNI plugin in the node's namespace exactly as a container runtime would (CNI_* variables, the
@@ -37,7 +40,9 @@ from weft.model.names import host_iface_name
 log = logging.getLogger(__name__)
 
 LAB_NETWORK = ipaddress.ip_network("198.18.0.0/15")
+LAB_NETWORK6 = ipaddress.ip_network("2001:db8::/32")
 GATEWAY_IP = "169.254.1.1"
+GATEWAY_IP6 = "fe80::ecee:eeff:feee:eeee"     # the host side's link-local address (EUI-64 of its MAC)
 HOST_SIDE_MAC = "ee:ee:ee:ee:ee:ee"  # Calico's fixed host-side MAC: the pod's gateway neighbour
 DEFAULT_PROBES = (("tcp", 80), ("tcp", 81), ("udp", 80), ("udp", 81))
 READY_TIMEOUT = 10.0
@@ -56,10 +61,18 @@ class LabPod:
     namespace: str
     name: str
     ip: str
+    ip6: str | None = None               # a dual-stack pod's IPv6 address
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def address(self, family: int) -> str:
+        if family == 6:
+            if self.ip6 is None:
+                raise LabError(f"pod {self.key} has no IPv6 address")
+            return self.ip6
+        return self.ip
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class LabCni:
 
 def pods_from_manifests(directory: str | Path, node: str) -> list[LabPod]:
     """Pods of YAML manifests in `directory` (all *.yaml / *.yml, multi-document) whose
-    spec.nodeName == node, with their status.podIP.
+    spec.nodeName == node, with their status.podIP (and the IPv6 address of status.podIPs, if any).
 
     Read with weft's own `--from` loader, so the lab wires exactly the pods weft will see. Pods
     without an IP yet (Pending) are left out: there is nothing to wire for them.
@@ -86,7 +99,8 @@ def pods_from_manifests(directory: str | Path, node: str) -> list[LabPod]:
             continue
         spec, status, meta = doc.get("spec") or {}, doc.get("status") or {}, doc["metadata"]
         if spec.get("nodeName") == node and status.get("podIP"):
-            pods.append(LabPod(meta.get("namespace", "default"), meta["name"], status["podIP"]))
+            ip6 = next((entry["ip"] for entry in status.get("podIPs") or () if ":" in str(entry.get("ip"))), None)
+            pods.append(LabPod(meta.get("namespace", "default"), meta["name"], status["podIP"], ip6))
     return pods
 
 
@@ -103,6 +117,13 @@ def check_lab_pods(pods: Sequence[LabPod]) -> None:
             raise ValueError(f"pod {pod.key}: {pod.ip!r} is not an IPv4 address") from None
         if address not in LAB_NETWORK:
             raise ValueError(f"pod {pod.key}: {pod.ip} is outside the lab range {LAB_NETWORK}")
+        if pod.ip6 is not None:
+            try:
+                address6 = ipaddress.IPv6Address(pod.ip6)
+            except ValueError:
+                raise ValueError(f"pod {pod.key}: {pod.ip6!r} is not an IPv6 address") from None
+            if address6 not in LAB_NETWORK6:
+                raise ValueError(f"pod {pod.key}: {pod.ip6} is outside the lab's IPv6 range {LAB_NETWORK6}")
 
 
 def run(argv: list[str], *, input: str | None = None) -> str:
@@ -198,6 +219,12 @@ class NodeLab:
         self._add_netns(self.node_netns)
         ip_batch(self.node_netns, ["link set lo up"])
         self.node_run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+        if any(pod.ip6 for pod in self.pods) or self.cni:
+            # The host sides' link-local addresses must be usable at once (no duplicate address
+            # detection: each is alone on its veth), or the node cannot ask a pod's neighbour
+            # address for the first second or two.
+            self.node_run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0",
+                           "net.ipv6.conf.all.accept_dad=0"], check=True)
 
     def _wire_pod(self, pod: LabPod) -> None:
         netns, host_iface = self.pod_netns(pod), host_iface_name(pod.namespace, pod.name)
@@ -206,6 +233,7 @@ class NodeLab:
             f"link add {host_iface} address {HOST_SIDE_MAC} type veth peer name eth0 netns {netns}",
             f"link set {host_iface} up",
             f"route add {pod.ip}/32 dev {host_iface} scope link",
+            *([f"route add {pod.ip6}/128 dev {host_iface}"] if pod.ip6 else []),
         ])
         ip_batch(netns, [
             "link set lo up",
@@ -213,6 +241,9 @@ class NodeLab:
             f"addr add {pod.ip}/32 dev eth0",
             f"neigh add {GATEWAY_IP} lladdr {HOST_SIDE_MAC} dev eth0 nud permanent",
             f"route add default via {GATEWAY_IP} dev eth0 onlink",
+            *([f"addr add {pod.ip6}/128 dev eth0 nodad",
+               f"neigh add {GATEWAY_IP6} lladdr {HOST_SIDE_MAC} dev eth0 nud permanent",
+               f"route add default via {GATEWAY_IP6} dev eth0"] if pod.ip6 else []),
         ])
 
     def _add_pod_cni(self, pod: LabPod) -> LabPod:
@@ -225,7 +256,8 @@ class NodeLab:
         addresses = [ip["address"].split("/")[0] for ip in result.get("ips", ()) if "." in ip["address"]]
         if not addresses:
             raise LabError(f"CNI ADD of pod {pod.key} gave no IPv4 address: {result}")
-        wired = LabPod(pod.namespace, pod.name, addresses[0])
+        addresses6 = [ip["address"].split("/")[0] for ip in result.get("ips", ()) if ":" in ip["address"]]
+        wired = LabPod(pod.namespace, pod.name, addresses[0], addresses6[0] if addresses6 else None)
         check_lab_pods([wired])                # network safety: the plugin's pools must be lab addresses
         return wired
 
@@ -291,16 +323,16 @@ class NodeLab:
                               capture_output=True, check=check, timeout=timeout)
 
     def matrix(self, probes: Sequence[tuple[str, int]] = DEFAULT_PROBES,
-               timeout: float = 1.0) -> dict[tuple[str, str, str, int], bool]:
-        """Probe every ordered pod pair (src != dst and src == dst both included) on each (proto, port):
-        key (src.key, dst.key, proto, port) -> connected?
+               timeout: float = 1.0, family: int = 4) -> dict[tuple[str, str, str, int], bool]:
+        """Probe every ordered pod pair (src != dst and src == dst both included) on each (proto, port),
+        to the pods' addresses of `family` (4 or 6): key (src.key, dst.key, proto, port) -> connected?
 
         One prober per source pod, all in parallel, so the whole matrix costs about one timeout.
         """
         self._forget_flows()
         cases = [(dst, proto, port) for dst in self.pods for proto, port in probes]
         request = json.dumps({"timeout": timeout, "targets": [
-            {"ip": dst.ip, "proto": proto, "port": port} for dst, proto, port in cases]})
+            {"ip": dst.address(family), "proto": proto, "port": port} for dst, proto, port in cases]})
         with ThreadPoolExecutor(max_workers=max(len(self.pods), 1)) as pool:
             rows = pool.map(lambda src: self._probe_from(src, request, timeout), self.pods)
             return {

@@ -25,7 +25,7 @@ def probe_tcp(ip: str, port: int, timeout: float) -> bool:
 
 def probe_udp(ip: str, port: int, timeout: float) -> bool:
     """Connected means the echo came back; a connected socket also reports ICMP unreachable."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.connect((ip, port))
         sock.send(PAYLOAD)

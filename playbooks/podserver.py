@@ -4,6 +4,7 @@ Run inside a pod namespace as `python -I -S podserver.py 80 81`. TCP: accept, se
 UDP: echo each datagram back to its sender. Prints "ready" once every socket is bound, so the lab
 can wait for it instead of sleeping. Standard library only, so it can start without site-packages.
 """
+import os
 import selectors
 import socket
 import sys
@@ -12,16 +13,23 @@ TCP_REPLY = b"ok\n"
 
 
 def bind_all(ports: list[int]) -> selectors.DefaultSelector:
-    """Bind TCP listeners and UDP sockets on 0.0.0.0 for each port, registered on one selector."""
+    """Bind TCP listeners and UDP sockets on 0.0.0.0 for each port, and on :: where the namespace
+    has IPv6 (a dual-stack pod), registered on one selector."""
     selector = selectors.DefaultSelector()
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if os.path.exists("/proc/net/if_inet6"):
+        families.append((socket.AF_INET6, "::"))
     for port in ports:
-        tcp = socket.create_server(("0.0.0.0", port), backlog=256)
-        tcp.setblocking(False)
-        selector.register(tcp, selectors.EVENT_READ, "tcp")
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("0.0.0.0", port))
-        udp.setblocking(False)
-        selector.register(udp, selectors.EVENT_READ, "udp")
+        for family, address in families:
+            tcp = socket.create_server((address, port), family=family, backlog=256)
+            tcp.setblocking(False)
+            selector.register(tcp, selectors.EVENT_READ, "tcp")
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            udp.bind((address, port))
+            udp.setblocking(False)
+            selector.register(udp, selectors.EVENT_READ, "udp")
     return selector
 
 

@@ -11,7 +11,7 @@ import threading
 from weft.model.errors import WeftError
 
 # Lines some tools print on stderr that are information, not failure.
-_BENIGN = ("# Warning: iptables-legacy tables present", "# Table `")
+_BENIGN = ("# Warning: iptables-legacy tables present", "# Warning: ip6tables-legacy tables present", "# Table `")
 
 
 # How the tools say "no such chain / set" (iptables-nft 1.8.9 calls a missing chain "incompatible").

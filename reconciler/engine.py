@@ -5,10 +5,11 @@ The declared order (reconciler.resource explains the phases):
   ipsets            sets that grow come first (GROW), sets that go come last (SHRINK)
   bpf               the eBPF plane: programs attached before the chains they replace change,
                     detached after the chains that replace them are in (reconciler.bpf)
-  filter            the run's own backend's table: one transaction, which commits the sets' step
-  filter@<other>    weft's leftovers in the other backend: removed
-  nat               natOutgoing's chain and hook (renderers.natoutgoing)
-  mangle            preDNAT policies' chains and hook (renderers.calico.host_prednat_chains)
+  filter, filter6   the run's own backend's table per IP family (iptables, ip6tables): one
+                    transaction each, which commits the sets' step
+  filter@<other>, filter6@<other>   weft's leftovers in the other backend: removed
+  nat, nat6         natOutgoing's chain and hook (renderers.natoutgoing)
+  mangle, mangle6   preDNAT policies' chains and hook (renderers.calico.host_prednat_chains)
   routes            a pod becomes reachable only once its rules are in place
   links             the settings of pods' interfaces
   bird              BIRD's configuration (where BGP is on)
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weft.model.kernel import EMPTY, Dataplane
-from weft.probes.backend import Backend, detect, other_has_weft
+from weft.probes.backend import Backend, detect, has_ipv6, other_has_weft
 from weft.probes.runner import Runner
 from weft.reconciler import guard
 from weft.reconciler.apply import Executor
@@ -36,6 +37,7 @@ from weft.reconciler.rendered import RenderedNode
 from weft.reconciler.resource import Action, DriftItem, Phase, ProbeSession, Resource, Restore, Step, digest
 from weft.reconciler.routes import Routes
 from weft.reconciler.tables import Table
+from weft.renderers.rules import FAMILY_TABLES
 
 AnyResource = Resource[Any, Any]
 Changes = dict[str, tuple[Any, ...]]
@@ -47,12 +49,15 @@ def kernel_resources(runner: Runner, backend_preference: str = "auto",
     chains left in the other backend are a table resource too, to be removed). `bpf`: the node's
     eBPF plane (present whatever the node's plane: leaving eBPF removes it)."""
     backend = detect(runner, backend_preference)
-    tables: list[AnyResource] = [Table("filter", backend, main=True)]
-    other = other_has_weft(runner, backend)
-    if other is not None:
-        tables.append(Table(f"filter@{other.name}", other, main=False))
-    tables.append(Table("nat", backend, main=False))         # natOutgoing (renderers.natoutgoing)
-    tables.append(Table("mangle", backend, main=False))      # preDNAT policies (renderers.calico)
+    families = (4, 6) if has_ipv6() else (4,)
+    tables: list[AnyResource] = [Table(FAMILY_TABLES[f], backend, main=True) for f in families]
+    for family in families:
+        other = other_has_weft(runner, backend, family)
+        if other is not None:
+            tables.append(Table(f"{FAMILY_TABLES[family]}@{other.name}", other, main=False))
+    for family in families:                                   # natOutgoing, preDNAT (renderers.natoutgoing,
+        for table in ("nat", "mangle"):                       # renderers.calico)
+            tables.append(Table(f"{table}{'6' if family == 6 else ''}", backend, main=False))
     return backend, [IpSets(), *([bpf] if bpf is not None else []), *tables, Routes(), InterfaceSettings()]
 
 
@@ -174,10 +179,10 @@ def settle(planned: Planned) -> None:
         r.settle(planned.have[r.name])
 
 
-def write_base(runner: Runner, backend: Backend, dataplane: Dataplane) -> None:
-    """Write `dataplane`'s sets and filter chains on a node where weft never ran (the CNI
-    plugin's first pod): nothing of weft's is there, so nothing is read first."""
-    resources: list[AnyResource] = [IpSets(), Table("filter", backend, main=True)]
+def write_base(runner: Runner, backend: Backend, dataplane: Dataplane, families: Sequence[int] = (4, 6)) -> None:
+    """Write `dataplane`'s sets and filter chains of `families` on a node where weft never ran in
+    them (the CNI plugin's first pod): nothing of weft's is there, so nothing is read first."""
+    resources: list[AnyResource] = [IpSets(), *(Table(FAMILY_TABLES[f], backend, main=True) for f in families)]
     empty = RenderedNode(EMPTY)
     have = {r.name: r.want(empty) for r in resources}
     execute(plan(resources, backend, have, RenderedNode(dataplane), check=False), runner)
@@ -185,8 +190,8 @@ def write_base(runner: Runner, backend: Backend, dataplane: Dataplane) -> None:
 
 def restore_texts(desired: Dataplane, actual: Dataplane = EMPTY, backend: str = "nft") -> list[str]:
     """The input apply would feed the kernel's restore tools to make `actual` into `desired`
-    (sets and the filter table), in order. Pure: for tests and tools."""
-    resources: list[AnyResource] = [IpSets(), Table("filter", Backend(backend), main=True)]
+    (sets and both families' filter tables), in order. Pure: for tests and tools."""
+    resources: list[AnyResource] = [IpSets(), *(Table(t, Backend(backend), main=True) for t in FAMILY_TABLES.values())]
     have = {r.name: r.want(RenderedNode(actual)) for r in resources}
     planned = plan(resources, Backend(backend), have, RenderedNode(desired), check=False)
     return [step.write.text for step in planned.steps() if isinstance(step.write, Restore)]

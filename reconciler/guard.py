@@ -5,7 +5,8 @@ weft renders everything it writes, but a write's text passes through many hands 
 cache, a diff); this is the last look, at the one place writes are executed (reconciler.apply).
 What weft may write:
 
-  iptables-restore  only with --noflush; only `weft-*` chains (filter, and for the next waves
+  iptables-restore  and ip6tables-restore (the IPv6 family's: the same rules) only with
+                    --noflush; only `weft-*` chains (filter, and for the next waves
                     nat/raw/mangle) declared, filled, flushed and deleted; their rules jump only to
                     `weft-*` chains or standard targets and match only `weft-*` sets; built-in
                     chains only through the documented hook rules: FORWARD -> weft-FORWARD,
@@ -13,9 +14,10 @@ What weft may write:
                     weft-nat-outgoing, mangle PREROUTING -> weft-PREROUTING, inserted at
                     the top; weft's own rules deleted. No policy, no rename, no other built-ins.
                     MASQUERADE only in natOutgoing's one rule (nat weft-nat-outgoing: from
-                    weft-masq-pools, not to weft-all-pools).
-  ipset restore     only `weft-*` sets created (known types, inet/inet6), filled, emptied and
-                    destroyed; every member valid for its set's type and family.
+                    weft-masq-pools, not to weft-all-pools; weft-masq6-/all6-pools in ip6tables').
+  ipset restore     only `weft-*` sets created (known types, inet/inet6, sizes within bounds),
+                    filled, emptied, swapped with another weft set of the same type and family
+                    (a resize), and destroyed; every member valid for its set's type and family.
   routes            only weft's route protocol (201): host routes (/32, /128) through `weft*`
                     interfaces, or block-sized blackholes.
   sysctls           only an allowlist of settings (forwarding, rp_filter, accept_ra, proxy_arp,
@@ -50,7 +52,7 @@ HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT
          ("mangle", "PREROUTING"): "weft-PREROUTING"}          # only while preDNAT policies apply here
 # The one rule with a target other than STANDARD_TARGETS: natOutgoing's (renderers.natoutgoing).
 _MASQUERADE_RULE = re.compile(r'^-A weft-nat-outgoing -m comment --comment "weft:[A-Za-z0-9_-]{1,32}" '
-                              r"-m set --match-set weft-masq-pools src -m set ! --match-set weft-all-pools dst "
+                              r"-m set --match-set weft-masq(6?)-pools src -m set ! --match-set weft-all\1-pools dst "
                               r"-j MASQUERADE$")
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "LOG", "NFLOG", "CONNMARK"})
 IPTABLES_RESTORE = re.compile(r"^ip6?tables-(nft|legacy)-restore$")
@@ -73,6 +75,22 @@ _MEMBER_V4 = {
     "hash:ip,port": re.compile(rf"^{_V4},{_PROTO}:{_PORT}$"),
     "hash:net,port": re.compile(rf"^{_V4}(?:/(?:3[0-2]|[12]?\d))?,{_PROTO}:{_PORT}$"),
 }
+# IPv6 as ipset prints it and weft renders it (lowercase, "::" at most once, no embedded IPv4).
+# A fast path only: what it does not match is judged by ipaddress (`_member_ok`).
+_H = "[0-9a-f]{1,4}"
+_V6 = (rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}"
+       rf"|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
+       rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:))")
+_PREFIX6 = r"(?:/(?:12[0-8]|1[01]\d|[1-9]?\d))"
+_MEMBER_V6 = {
+    "hash:ip": re.compile(rf"^{_V6}$"),
+    "hash:net": re.compile(rf"^{_V6}{_PREFIX6}?$"),
+    "hash:ip,port": re.compile(rf"^{_V6},{_PROTO}:{_PORT}$"),
+    "hash:net,port": re.compile(rf"^{_V6}{_PREFIX6}?,{_PROTO}:{_PORT}$"),
+}
+_MEMBER = {"inet": _MEMBER_V4, "inet6": _MEMBER_V6}
+# The sizes reconciler.ipsets gives sets: powers of two, from ipset's defaults up.
+SET_SIZES = {"hashsize": (1024, 1 << 26), "maxelem": (65536, 1 << 27)}
 _COMMANDS = frozenset({"-A", "--append", "-I", "--insert", "-D", "--delete", "-R", "--replace", "-N", "--new-chain",
                        "-X", "--delete-chain", "-F", "--flush", "-Z", "--zero", "-P", "--policy", "-E",
                        "--rename-chain", "-t", "--table", "-L", "--list", "-S", "--list-rules", "-C", "--check"})
@@ -222,7 +240,7 @@ def check_ipset(text: str, known: Known) -> None:
             name = tokens[1]
             kind, family = types[name]
             if name not in runs:
-                member = _MEMBER_V4.get(kind) if family == "inet" else None
+                member = _MEMBER.get(family, {}).get(kind)
                 runs[name] = None if member is None else \
                     re.compile(rf"(?:(?:add|del) {re.escape(name)} (?:{member.pattern[1:-1]})\n){{0,512}}")
             run = runs[name]
@@ -245,12 +263,26 @@ def _ipset_line(tokens: list[str], types: dict[str, tuple[str, str]]) -> str | N
     if not _SET.match(name):
         return "names a set that is not weft's"
     if command == "create":
-        if len(tokens) not in (3, 5) or (len(tokens) == 5 and tokens[3] != "family"):
+        options = dict(zip(tokens[3::2], tokens[4::2], strict=False))
+        if len(tokens) < 3 or len(tokens) % 2 == 0 or len(options) != (len(tokens) - 3) // 2 \
+                or not set(options) <= {"family", "hashsize", "maxelem"}:
             return "creates a set with options weft does not use"
-        kind, family = tokens[2], tokens[4] if len(tokens) == 5 else "inet"
+        kind, family = tokens[2], options.get("family", "inet")
         if kind not in SET_TYPES or family not in ("inet", "inet6"):
             return f"creates a set of type {kind} family {family}, which weft does not use"
+        for option, (least, most) in SET_SIZES.items():
+            value = options.get(option, str(least))
+            number = int(value) if value.isdigit() and len(value) <= 10 else 0
+            if not (least <= number <= most and number & (number - 1) == 0):
+                return f"creates a set of {option} {value[:20]}: weft sizes sets in powers of two, {least} to {most}"
         types[name] = (kind, family)
+        return None
+    if command == "swap":
+        other = tokens[2] if len(tokens) == 3 else ""
+        if not _SET.match(other):
+            return "swaps with a set that is not weft's"
+        if name not in types or types.get(other) != types[name]:
+            return "swaps two sets that are not weft's sets of one type and family"
         return None
     if command in ("destroy", "flush"):
         return None if len(tokens) == 2 else f"{command} with extra arguments"
@@ -265,6 +297,8 @@ def _member_ok(member: str, kind: str, family: str) -> bool:
     if family == "inet":
         pattern = _MEMBER_V4.get(kind)
         return bool(pattern and pattern.match(member))
+    if kind not in SET_TYPES:
+        return False
     address, _, port = member.partition(",")
     try:
         net = ipaddress.ip_network(address, strict=True)

@@ -1,8 +1,11 @@
 """One iptables table as a resource: weft's `weft-*` chains and its hook rules in built-in chains.
 
-A resource per table label: "filter" is the table of the backend this run uses; "filter@legacy"
-(or "filter@nft") holds weft's leftovers in the other backend, which still filter packets and are
-never wanted, so the plan removes them; the next waves' tables ("ip6", nat) fit the same way.
+A resource per table label: "filter" is the IPv4 family's table (iptables) of the backend this
+run uses, "filter6" the IPv6 family's (ip6tables' filter table); "filter@legacy" (or
+"filter6@nft", ...) holds weft's leftovers in the other backend, which still filter packets and
+are never wanted, so the plan removes them. A label is the kernel's table name, a "6" for the
+IPv6 family, and "@<backend>" for the other backend; the next waves' tables (nat, nat6) fit the
+same way. Plan text and JSON name a table by its label.
 
 A table's changes are one `iptables-restore --noflush` transaction: changed chains are declared
 (which flushes them) and refilled, removed chains emptied and deleted, hook rules fixed; the
@@ -74,6 +77,12 @@ class HookChange:
 TableChange = ChainChange | HookChange
 
 
+def kernel_table(label: str) -> tuple[str, int]:
+    """(the kernel's table name, the IP family) of a table label: "filter6@legacy" -> ("filter", 6)."""
+    base = label.partition("@")[0]
+    return (base[:-1], 6) if base.endswith("6") else (base, 4)
+
+
 def names_set(rule: str, set_name: str) -> bool:
     return f"--match-set {set_name} " in rule
 
@@ -83,15 +92,15 @@ class Table(Resource[TableState, TableChange]):
 
     def __init__(self, label: str, backend: Backend, main: bool) -> None:
         self.name = label
-        self.table = label.partition("@")[0]
-        self.backend = backend
+        self.table, self.family = kernel_table(label)
+        self.backend = backend.in_family(self.family)
         self.main = main             # the run's own backend: its transaction commits the sets' step
 
     def sections(self) -> tuple[str, ...]:
         return ("chains", "hooks")
 
     def start_probe(self, session: ProbeSession) -> Callable[[], TableState]:
-        if self.table != "filter" and not probe.table_may_exist(self.backend.name, self.table):
+        if self.table != "filter" and not probe.table_may_exist(self.backend.name, self.table, self.family):
             return lambda: TableState()    # reading a legacy table would create it: nothing of weft's there
         dump = session.start([*self.backend.save, "-t", self.table])
         return lambda: self._parse(dump.result())

@@ -112,7 +112,7 @@ from weft.model.kernel import Chain, Dataplane, Hooks
 from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
 from weft.renderers.iptables import FORWARD_CHAIN, HOOKED, INPUT_CHAIN, WL_GLOB, might_apply, policies_by_endpoint
-from weft.renderers.rules import TABLE, Spec, chain_lines
+from weft.renderers.rules import TABLE, TABLE6, Spec, chain_lines
 
 ADDRESSES = 1 << 32
 PORTS = 1 << 16
@@ -817,9 +817,11 @@ def _lookup_port(maps: BpfMaps, table: int, port: int) -> Verdict | None:
 
 
 def host_dataplane(rendered: Dataplane) -> Dataplane:
-    """What an eBPF node keeps of the iptables render: its routes and interface settings, and a
-    filter chain that accepts pod traffic (the node's FORWARD policy may be DROP) because the
-    programs on the pods' interfaces judge it; no policy chains, no sets.
+    """What an eBPF node keeps of the iptables render: its routes and interface settings; in the
+    IPv4 table a filter chain that accepts pod traffic (the node's FORWARD policy may be DROP)
+    because the programs on the pods' interfaces judge it, no policy chains, no IPv4 sets; and
+    the IPv6 table and sets whole: the programs judge IPv4 only and pass IPv6 untouched, so a
+    dual-stack pod's IPv6 is enforced by ip6tables as on an iptables node.
 
     A node switched from iptables gets this in the same apply, after the programs are attached
     (reconciler.engine's order), so no pod is open in between."""
@@ -832,8 +834,11 @@ def host_dataplane(rendered: Dataplane) -> Dataplane:
              INPUT_CHAIN: "entry from INPUT: pod traffic to this host, judged by weft's eBPF programs"}
     hooks = {(TABLE, builtin): Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
              for builtin, target in HOOKED.items()}
-    return Dataplane({(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()},
-                     {}, hooks, rendered.routes, rendered.links)
+    hooks.update({key: h for key, h in rendered.hooks.items() if key[0] == TABLE6})
+    kept = {(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()}
+    kept.update({key: c for key, c in rendered.chains.items() if key[0] == TABLE6})
+    sets = {name: s for name, s in rendered.ipsets.items() if s.family == "inet6"}
+    return Dataplane(kept, sets, hooks, rendered.routes, rendered.links)
 
 
 def cni_snapshot(maps: BpfMaps, local: Iterable[Endpoint]) -> dict:

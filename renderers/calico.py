@@ -31,8 +31,9 @@ What is not rendered yet: doNotTrack policies, host endpoints that name their
 interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod to host
 traffic still ends in the host's own rules).
 
-Only the IPv4 family is rendered here (`family` is the seam for IPv6: nets, sets and protocols
-already filter by it).
+Each IP family's table gets its own rendering (`family`): a rule's nets, sets, protocols, ICMP
+matches and failsafe ports of the other family render nothing there; a rule that can match
+nothing in a family is left out of that family's chain.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from weft.model.cluster import (
     protocol_number,
 )
 from weft.model.kernel import PREFIX, IpSet
-from weft.renderers.ipsets import SetCatalog, entity_key, ipset_net, short_hash
+from weft.renderers.ipsets import SET_FAMILY, SetCatalog, entity_key, ipset_net, set_prefix, short_hash
 from weft.renderers.rules import MARK_ACCEPT, MARK_ALL, MARK_PASS, TIER_PASSES, Spec, base_matches, tiered_specs
 
 MULTIPORT_MAX = 15                            # xt_multiport's limit, a range counting twice
@@ -186,15 +187,15 @@ def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCa
         network = _network(nets[0])
         net = "" if network.prefixlen == 0 else str(network)    # iptables-save omits 0.0.0.0/0
     elif nets:
-        matches.append(f"-m set --match-set {sets.nets(tuple(nets))} {direction}")
+        matches.append(f"-m set --match-set {sets.nets(tuple(nets), family)} {direction}")
     if not_nets:
-        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets))} {direction}")
+        matches.append(f"-m set ! --match-set {sets.nets(tuple(not_nets), family)} {direction}")
     if entity.has_endpoint_constraint:
         matches.append(f"-m set --match-set {_selected_set(entity, sets, family, pods_only)} {direction}")
     if entity.not_selector is not None:
         matches.append(f"-m set ! --match-set {_not_selected_set(entity, sets, family)} {direction}")
-    matches += _not_port_matches(entity, direction, protocol, sets)
-    return _Side(net, " ".join(matches), _port_alternatives(entity, direction, protocol, sets))
+    matches += _not_port_matches(entity, direction, protocol, sets, family)
+    return _Side(net, " ".join(matches), _port_alternatives(entity, direction, protocol, sets, family))
 
 
 @cache
@@ -207,17 +208,17 @@ def _selected_set(entity: EntityMatch, sets: SetCatalog, family: int, pods_only:
     picks only pods; a set of its own when it picks host endpoints or network sets. A set the
     reused render has is taken without selecting again (the reuse's basis covers all three)."""
     if pods_only:
-        return sets.peers(entity)
+        return sets.peers(entity, family)
     key = entity_key(entity)
     meaning = f"selected {key}"
     found = _known(sets, meaning, family)
-    if found is None and f"{PREFIX}s-{short_hash('peers', key)}" in sets.reuse:
-        return sets.peers(entity)
+    if found is None and f"{set_prefix('s', family)}{short_hash('peers', key)}" in sets.reuse:
+        return sets.peers(entity, family)
     if found is not None:
         return found
     selection = sets.index.side(entity)
     if selection is None or not (selection.host_endpoints or selection.network_sets):
-        return sets.peers(entity)
+        return sets.peers(entity, family)
     return _selection_set(sets, meaning, selection, family)
 
 
@@ -233,7 +234,7 @@ def _not_selected_set(entity: EntityMatch, sets: SetCatalog, family: int) -> str
 
 
 def _selection_name(meaning: str, kind: str, family: int) -> str:
-    return f"{PREFIX}c-{short_hash('selection', meaning, kind, str(family))}"
+    return f"{set_prefix('c', family)}{short_hash('selection', meaning, kind, str(family))}"
 
 
 def _known(sets: SetCatalog, meaning: str, family: int) -> str | None:
@@ -258,7 +259,7 @@ def _selection_set(sets: SetCatalog, meaning: str, selection: Selection, family:
     if name not in sets.sets:
         members = frozenset(str(_network(n).network_address) for n in nets) if single else \
             frozenset(m for n in nets for m in ipset_net(n))
-        sets.sets[name] = IpSet(name, kind, members, about=meaning)
+        sets.sets[name] = IpSet(name, kind, members, SET_FAMILY[family], about=meaning)
     return name
 
 
@@ -281,25 +282,27 @@ def _numeric_groups(ports: tuple[Port, ...]) -> list[str]:
     return groups
 
 
-def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> tuple[str, ...]:
+def _port_alternatives(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog,
+                       family: int) -> tuple[str, ...]:
     if not entity.ports:
         return ("",)
     flag = "--dports" if direction == "dst" else "--sports"
     alternatives = [f"-m multiport {flag} {group}" for group in _numeric_groups(entity.ports)]
     for p in entity.ports:
         if isinstance(p, NamedPort):
-            name = sets.named_port(entity, p.name, protocol)
+            name = sets.named_port(entity, p.name, protocol, family)
             alternatives.append(f"-m set --match-set {name} {direction},{direction}")
     return tuple(alternatives)
 
 
-def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog) -> list[str]:
+def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog,
+                      family: int) -> list[str]:
     """notPorts: the port is in none of them (every negated match must hold)."""
     flag = "--dports" if direction == "dst" else "--sports"
     matches = [f"-m multiport ! {flag} {group}" for group in _numeric_groups(entity.not_ports)]
     for p in entity.not_ports:
         if isinstance(p, NamedPort):
-            name = sets.named_port(entity, p.name, protocol)
+            name = sets.named_port(entity, p.name, protocol, family)
             matches.append(f"-m set ! --match-set {name} {direction},{direction}")
     return matches
 
@@ -308,7 +311,7 @@ def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None,
 
 def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
                          chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
-                         direction: Direction = INGRESS, *, accepted_before: bool = False
+                         direction: Direction = INGRESS, family: int = 4, *, accepted_before: bool = False
                          ) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
     """Calico's host endpoints of `node` for traffic to the host (INGRESS: the rules that end
     weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
@@ -349,7 +352,7 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
                             and not p.do_not_track and hep in sets.index.policy_host_endpoints(p)], state.tiers)
         specs = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j ACCEPT"),
                  Spec(extra="-m conntrack --ctstate INVALID", target="-j DROP")]
-        specs += _failsafe_specs(failsafes, "src" if ingress else "dst")
+        specs += _failsafe_specs(failsafes, "src" if ingress else "dst", family)
         specs += [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}"),
                   Spec(target=f"-j {tiers_name}"),
                   Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j ACCEPT")]
@@ -363,14 +366,14 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
             pname = chain_name(policy, direction)
             if pname not in rendered:
                 rendered.add(pname)
-                chains.append((pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                                f"{direction.lower()} rules of {policy.origin or policy.key}"))
     return entry, chains
 
 
 def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
                         chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
-                        *, accepted_before: bool = False
+                        family: int = 4, *, accepted_before: bool = False
                         ) -> tuple[list[Spec], list[Spec], list[tuple[str, list[Spec], str]]]:
     """Calico's applyOnForward: traffic the host forwards (to or from its pods, or between its
     interfaces) through an interface a host endpoint of `node` names passes that endpoint's
@@ -415,7 +418,7 @@ def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
                 pname = chain_name(policy, direction)
                 if pname not in rendered:
                     rendered.add(pname)
-                    chains.append((pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                    chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                                    f"{direction.lower()} rules of {policy.origin or policy.key}"))
         chains.append((dispatch, specs, f"forwarded traffic {'from' if direction == INGRESS else 'to'} host "
                                         f"endpoints: one branch per interface"))
@@ -428,8 +431,8 @@ PREROUTING_CHAIN = f"{PREFIX}PREROUTING"     # mangle PREROUTING -> weft-PREROUT
 
 
 def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
-                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool
-                        ) -> list[tuple[str, list[Spec], str]]:
+                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                        family: int = 4) -> list[tuple[str, list[Spec], str]]:
     """Calico's preDNAT policies: the mangle table's chains (weft-PREROUTING first, hooked from
     PREROUTING), or [] when no preDNAT policy applies to a host endpoint of `node`.
 
@@ -451,7 +454,7 @@ def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
              Spec(f"-i {PREFIX.rstrip('-')}+", target="-j RETURN")]
     chains: list[tuple[str, list[Spec], str]] = []
     rendered: set[str] = set()
-    failsafes = _failsafe_specs(state.felix_settings(node).failsafe_inbound_host_ports, "src", "-j RETURN")
+    failsafes = _failsafe_specs(state.felix_settings(node).failsafe_inbound_host_ports, "src", family, "-j RETURN")
     for hep in chosen:
         match = "! -i lo" if hep.wildcard else f"-i {hep.interface}"
         policies = applicable[hep.name]
@@ -469,7 +472,7 @@ def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
             pname = chain_name(policy, INGRESS)
             if pname not in rendered:
                 rendered.add(pname)
-                chains.append((pname, policy_specs(policy, INGRESS, sets, pods_only=pods_only),
+                chains.append((pname, policy_specs(policy, INGRESS, sets, family, pods_only=pods_only),
                                f"ingress rules of {policy.origin or policy.key} (preDNAT)"))
     return [(PREROUTING_CHAIN, entry, "entry from mangle PREROUTING: host endpoints' preDNAT policies"), *chains]
 
@@ -480,7 +483,8 @@ def _chosen_host_endpoints(state: ClusterState, node: str) -> list:
     return [h for h in heps if not h.wildcard] + [h for h in heps if h.wildcard][:1]
 
 
-def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, target: str = "-j ACCEPT") -> list[Spec]:
+def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, family: int, target: str = "-j ACCEPT"
+                    ) -> list[Spec]:
     """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order;
     a port's net is the peer's: the source inbound (`peer` "src"), the destination outbound."""
     groups: dict[tuple[str, str], list[PortRange]] = {}
@@ -489,7 +493,7 @@ def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, target: str = "-j A
     specs = []
     for (net, protocol), group in groups.items():
         source = "" if not net or _network(net).prefixlen == 0 else str(_network(net))
-        if net and _network(net).version != 4:
+        if net and _network(net).version != family:
             continue
         for ports_text in _numeric_groups(tuple(group)):
             matches = base_matches(src=source, proto=protocol) if peer == "src" else \

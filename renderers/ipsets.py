@@ -3,6 +3,11 @@
 A rule refers to a set by a name derived from what the set means (its selector, its nets),
 so two rules meaning the same peers share one set, the same meaning always gets the same name,
 and a chain's length never depends on how many pods match.
+
+Sets hold one IP family each (ipset's "inet" / "inet6"): an IPv6 set's name carries a 6 after
+its kind ("weft-s6-...", "weft-n6-...", "weft-p6-..."), so a pod's IPv4 addresses go to the IPv4
+rules' sets and its IPv6 addresses to the IPv6 rules' ones. Names stay within ipset's 31
+characters with room for the temporary name a resized set is filled under (reconciler.ipsets).
 """
 from __future__ import annotations
 
@@ -15,6 +20,17 @@ from functools import cache
 from weft.desired.index import EndpointIndex
 from weft.model.cluster import EntityMatch
 from weft.model.kernel import PREFIX, IpSet
+
+SET_FAMILY = {4: "inet", 6: "inet6"}
+
+
+def set_prefix(letter: str, family: int) -> str:
+    """The name prefix of a set of this kind and family: "weft-s-" (IPv4), "weft-s6-" (IPv6)."""
+    return f"{PREFIX}{letter}{'6' if family == 6 else ''}-"
+
+
+def _in_family(ip: str, family: int) -> bool:
+    return (":" in ip) == (family == 6)
 
 
 @cache
@@ -64,39 +80,43 @@ class SetCatalog:
             self._index = self._index()
         return self._index
 
-    def peers(self, entity: EntityMatch) -> str:
+    def peers(self, entity: EntityMatch, family: int = 4) -> str:
+        """The addresses of `family` of the endpoints matching `entity`."""
         key = entity_key(entity)
-        name = f"{PREFIX}s-{short_hash('peers', key)}"
+        name = f"{set_prefix('s', family)}{short_hash('peers', key)}"
         if name not in self.sets:
-            self.sets[name] = self.reuse.get(name) or self._peers(name, entity, key)
+            self.sets[name] = self.reuse.get(name) or self._peers(name, entity, key, family)
         return name
 
-    def _peers(self, name: str, entity: EntityMatch, key: str) -> IpSet:
+    def _peers(self, name: str, entity: EntityMatch, key: str, family: int) -> IpSet:
         eps = self.index.endpoints
-        members = frozenset(ip for i in self.index.match(entity) for ip in eps[i].ips if ":" not in ip)
-        return IpSet(name, "hash:ip", members, about=f"endpoints matching {key}")
+        members = frozenset(ip for i in self.index.match(entity) for ip in eps[i].ips if _in_family(ip, family))
+        return IpSet(name, "hash:ip", members, SET_FAMILY[family], about=f"endpoints matching {key}")
 
-    def nets(self, nets: tuple[str, ...]) -> str:
+    def nets(self, nets: tuple[str, ...], family: int = 4) -> str:
+        """The CIDRs `nets` (all of `family`)."""
         normal = sorted({m for n in nets for m in ipset_net(n)})
-        name = f"{PREFIX}n-{short_hash('nets', *normal)}"
-        self.sets.setdefault(name, IpSet(name, "hash:net", frozenset(normal), about="nets " + ", ".join(nets)))
+        name = f"{set_prefix('n', family)}{short_hash('nets', *normal)}"
+        self.sets.setdefault(name, IpSet(name, "hash:net", frozenset(normal), SET_FAMILY[family],
+                                         about="nets " + ", ".join(nets)))
         return name
 
-    def named_port(self, entity: EntityMatch, port_name: str, protocol: str | None) -> str:
-        """(address, protocol:port) of endpoints matching `entity` that have a port of that name."""
+    def named_port(self, entity: EntityMatch, port_name: str, protocol: str | None, family: int = 4) -> str:
+        """(address of `family`, protocol:port) of endpoints matching `entity` that have a port of that name."""
         key = entity_key(entity)
-        name = f"{PREFIX}p-{short_hash('named-port', key, port_name, protocol or '*')}"
+        name = f"{set_prefix('p', family)}{short_hash('named-port', key, port_name, protocol or '*')}"
         if name not in self.sets:
-            self.sets[name] = self.reuse.get(name) or self._named_port(name, entity, key, port_name, protocol)
+            self.sets[name] = self.reuse.get(name) or self._named_port(name, entity, key, port_name, protocol, family)
         return name
 
-    def _named_port(self, name: str, entity: EntityMatch, key: str, port_name: str, protocol: str | None) -> IpSet:
+    def _named_port(self, name: str, entity: EntityMatch, key: str, port_name: str, protocol: str | None,
+                    family: int) -> IpSet:
         eps = self.index.endpoints
         members = frozenset(
             f"{ip},{cp.protocol}:{cp.port}"
             for i in self.index.match(entity) for cp in eps[i].ports
             if cp.name == port_name and (protocol is None or cp.protocol == protocol)
-            for ip in eps[i].ips if ":" not in ip
+            for ip in eps[i].ips if _in_family(ip, family)
         )
         about = f"port {port_name!r}/{protocol or 'any'} of endpoints matching {key}"
-        return IpSet(name, "hash:ip,port", members, about=about)
+        return IpSet(name, "hash:ip,port", members, SET_FAMILY[family], about=about)

@@ -20,6 +20,17 @@ defaultAction (Deny drops, Pass goes on). The policy chains' rules are renderers
 An endpoint that no policy selects for a direction is open in that direction.
 Unknown weft interfaces fall through the dispatch chains to DROP (fail closed).
 
+Both IP families get the same chains, under the same names, each in its own table (labels
+"filter" for iptables, "filter6" for ip6tables, renderers.rules): a family's table holds the
+pods with an address of that family (or with no address known yet), its rules match only nets of
+that family, and its sets hold that family's addresses (renderers.ipsets). A pod's traffic in a
+family its table does not hold falls to the dispatch chains' DROP. IPv6 needs one thing IPv4
+does not: neighbour discovery between a pod and its host side is ICMPv6, which iptables sees
+(ARP it does not). As Calico does, weft-INPUT of the IPv6 table accepts from pods the ICMPv6
+types of neighbour discovery and multicast listener discovery, whatever the policy: router
+solicitation (133), neighbour solicitation and advertisement (135, 136), MLD (130-132); nothing
+else passes unconditionally, and nothing of it is forwarded to other pods.
+
 Every rule carries a comment "weft:<id>" (renderers.rules).
 """
 from __future__ import annotations
@@ -52,11 +63,13 @@ from weft.renderers.ipsets import SetCatalog, short_hash
 from weft.renderers.natoutgoing import render_nat_outgoing
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
+    FAMILIES,
+    FAMILY_TABLES,
     FROM_DISPATCH,
-    TABLE,
     TO_DISPATCH,
     Spec,
     chain_lines,
+    families_of,
     pending_specs,
     tiered_specs,
 )
@@ -66,7 +79,10 @@ FORWARD_CHAIN = f"{PREFIX}FORWARD"
 INPUT_CHAIN = f"{PREFIX}INPUT"
 OUTPUT_CHAIN = f"{PREFIX}OUTPUT"              # hooked only on a node with host endpoints
 HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
-MANGLE = "mangle"                             # preDNAT policies (renderers.calico.host_prednat_chains)
+# ICMPv6 a pod sends its host whatever the policy (Felix's list): MLD query, report and done,
+# router solicitation, neighbour solicitation and advertisement.
+ICMPV6_FROM_POD = (130, 131, 132, 133, 135, 136)
+MANGLE_TABLES = {4: "mangle", 6: "mangle6"}   # preDNAT policies (renderers.calico.host_prednat_chains)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -83,11 +99,12 @@ def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = 
     are not: the result equals a render without `reuse`.
     """
     rendered = _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
-    chains, sets, hooks = render_nat_outgoing(state)         # the nat table: renderers.natoutgoing
-    if not chains:
-        return rendered
-    return replace(rendered, chains={**rendered.chains, **chains}, ipsets={**rendered.ipsets, **sets},
-                   hooks={**rendered.hooks, **hooks})
+    for family in FAMILIES:                                  # the nat tables: renderers.natoutgoing
+        chains, sets, hooks = render_nat_outgoing(state, family)
+        if chains:
+            rendered = replace(rendered, chains={**rendered.chains, **chains}, ipsets={**rendered.ipsets, **sets},
+                               hooks={**rendered.hooks, **hooks})
+    return rendered
 
 
 def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tuple[Endpoint, ...]) -> Dataplane:
@@ -97,21 +114,43 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     local = tuple(sorted(known + tuple(p for p in pending if p.key not in {e.key for e in known}),
                          key=lambda e: e.iface))
     refuse_shared_interfaces(local)
+    applying = _policies_by_endpoint(state, known)
+    chains: dict[tuple[str, str], Chain] = {}
+    hooks = {}
+    for family in FAMILIES:
+        table = FAMILY_TABLES[family]
+        members = tuple(ep for ep in local if family in families_of(ep.ips))
+        family_chains = _family_chains(state, node, family, members, applying, sets)
+        chains.update(((c.table, c.name), c) for c in family_chains)
+        hooked = {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if any(c.name == OUTPUT_CHAIN for c in family_chains) else {})}
+        for builtin, target in hooked.items():
+            hooks[(table, builtin)] = Hooks(table, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+        mangle = MANGLE_TABLES[family]
+        if (mangle, PREROUTING_CHAIN) in chains:
+            hooks[(mangle, "PREROUTING")] = Hooks(mangle, "PREROUTING",
+                                                  chain_lines("PREROUTING", [Spec(target=f"-j {PREROUTING_CHAIN}")]))
+    return Dataplane(chains, dict(sets.sets), hooks, render_routes(local), render_links(local))
+
+
+def _family_chains(state: ClusterState, node: str, family: int, local: tuple[Endpoint, ...],
+                   applying: dict[str, dict[Direction, list[Policy]]], sets: SetCatalog) -> list[Chain]:
+    """The chains of one family's table for the local pods it holds."""
+    table = FAMILY_TABLES[family]
     chains: dict[str, Chain] = {}
 
     def add(name: str, specs: list[Spec], about: str) -> None:
-        chains[name] = Chain(TABLE, name, chain_lines(name, specs), about)
+        chains[name] = Chain(table, name, chain_lines(name, specs), about)
 
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
-    prednat = host_prednat_chains(state, node, sets, policy_chain_name, order_policies, pods_only)   # mangle
+    prednat = host_prednat_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
     from_hosts, to_hosts, chains_fwd = host_forward_chains(state, node, sets, policy_chain_name, order_policies,
-                                                           pods_only, accepted_before=bool(prednat))
+                                                           pods_only, family, accepted_before=bool(prednat))
     add(FORWARD_CHAIN, _forward_specs(from_hosts, to_hosts), "entry from FORWARD: pod traffic through this node")
     hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                               accepted_before=bool(prednat))
+                                               family=family, accepted_before=bool(prednat))
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                                 EGRESS)
-    add(INPUT_CHAIN, _input_specs() + hosts_in, "entry from INPUT: pod traffic to this host")
+                                                 EGRESS, family=family)
+    add(INPUT_CHAIN, _input_specs(family) + hosts_in, "entry from INPUT: pod traffic to this host")
     if hosts_out:
         add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
     for name, specs, about in chains_in + chains_out + chains_fwd:
@@ -120,7 +159,6 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
     add(TO_DISPATCH, _dispatch(local, "-o", "tw"), "pod ingress: one branch per local pod interface")
 
-    applying = _policies_by_endpoint(state, known)
     for ep in local:
         for direction, kind in ((EGRESS, "fw"), (INGRESS, "tw")):
             name = f"{PREFIX}{kind}-{ep.iface}"
@@ -134,18 +172,10 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
             for policy in policies:
                 pname = policy_chain_name(policy, direction)
                 if pname not in chains:
-                    add(pname, policy_specs(policy, direction, sets, pods_only=pods_only),
+                    add(pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                         f"{direction.lower()} rules of {policy.origin or policy.key}")
-
-    hooks = {}
-    for builtin, target in {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if hosts_out else {})}.items():
-        hooks[(TABLE, builtin)] = Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-    if prednat:
-        hooks[(MANGLE, "PREROUTING")] = Hooks(MANGLE, "PREROUTING",
-                                              chain_lines("PREROUTING", [Spec(target=f"-j {PREROUTING_CHAIN}")]))
-    mangle = {(MANGLE, n): Chain(MANGLE, n, chain_lines(n, specs), about) for n, specs, about in prednat}
-    return Dataplane({(TABLE, n): c for n, c in chains.items()} | mangle, dict(sets.sets), hooks,
-                     render_routes(local), render_links(local))
+    mangle = MANGLE_TABLES[family]              # preDNAT policies: the family's mangle table
+    return list(chains.values()) + [Chain(mangle, n, chain_lines(n, specs), about) for n, specs, about in prednat]
 
 
 class SharedInterfaceName(WeftError):
@@ -183,12 +213,16 @@ def _forward_specs(from_hosts: list[Spec], to_hosts: list[Spec]) -> list[Spec]:
     return specs
 
 
-def _input_specs() -> list[Spec]:
-    return [
+def _input_specs(family: int) -> list[Spec]:
+    specs = [
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"),
-        Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"),
     ]
+    if family == 6:
+        specs += [Spec(f"-i {WL_GLOB} -p ipv6-icmp", f"-m icmp6 --icmpv6-type {t}", "-j ACCEPT")
+                  for t in ICMPV6_FROM_POD]
+    specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
+    return specs
 
 
 def _dispatch(local: tuple[Endpoint, ...], flag: str, kind: str) -> list[Spec]:

@@ -13,7 +13,8 @@ nodeSelector: a pod's traffic is masqueraded on the node it leaves. Nothing is r
 pool of the family has natOutgoing (no chain, no hook, no sets). The guard (reconciler.guard)
 allows MASQUERADE in exactly this rule.
 
-Only IPv4 pools are rendered here (`family`: the seam for the ip6 nat table).
+Each family's pools in its own nat table (`family`: "nat" for IPv4, "nat6" for IPv6, with sets
+weft-masq6-pools and weft-all6-pools of family inet6).
 """
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ from weft.model.kernel import PREFIX, Chain, Hooks, IpSet
 from weft.renderers.ipsets import ipset_net
 from weft.renderers.rules import Spec, chain_lines
 
-NAT_TABLE = "nat"
+NAT_TABLES = {4: "nat", 6: "nat6"}          # table labels: iptables' nat, ip6tables' nat
 NAT_CHAIN = f"{PREFIX}nat-outgoing"
-MASQ_SET = f"{PREFIX}masq-pools"             # the natOutgoing pools' CIDRs
-ALL_SET = f"{PREFIX}all-pools"               # every pool's CIDR, disabled ones too
+SETS = {4: (f"{PREFIX}masq-pools", f"{PREFIX}all-pools"),       # the natOutgoing pools' CIDRs, every
+        6: (f"{PREFIX}masq6-pools", f"{PREFIX}all6-pools")}     # pool's CIDR (disabled ones too)
+MASQ_SET, ALL_SET = SETS[4]
 HOOK = "POSTROUTING"
-MASQ_MATCH = f"-m set --match-set {MASQ_SET} src -m set ! --match-set {ALL_SET} dst"
+
+
+def masq_match(family: int) -> str:
+    masq, every = SETS[family]
+    return f"-m set --match-set {masq} src -m set ! --match-set {every} dst"
 
 
 def render_nat_outgoing(state: ClusterState, family: int = 4
@@ -40,15 +46,18 @@ def render_nat_outgoing(state: ClusterState, family: int = 4
     masq = [p.cidr for p in pools if p.nat_outgoing]
     if not masq:
         return {}, {}, {}
+    masq_set, all_set = SETS[family]
+    kind = "inet" if family == 4 else "inet6"
     sets = {
-        MASQ_SET: IpSet(MASQ_SET, "hash:net", _members(masq), about="the CIDRs of the pools with natOutgoing"),
-        ALL_SET: IpSet(ALL_SET, "hash:net", _members([p.cidr for p in pools]),
+        masq_set: IpSet(masq_set, "hash:net", _members(masq), kind, about="the CIDRs of the pools with natOutgoing"),
+        all_set: IpSet(all_set, "hash:net", _members([p.cidr for p in pools]), kind,
                        about="the CIDRs of every pool (natOutgoing's destinations not masqueraded)"),
     }
-    rules = chain_lines(NAT_CHAIN, [Spec(extra=MASQ_MATCH, target="-j MASQUERADE")])
-    chains = {(NAT_TABLE, NAT_CHAIN): Chain(NAT_TABLE, NAT_CHAIN, rules,
-                                            "natOutgoing: pool traffic to outside every pool, masqueraded")}
-    hooks = {(NAT_TABLE, HOOK): Hooks(NAT_TABLE, HOOK, chain_lines(HOOK, [Spec(target=f"-j {NAT_CHAIN}")]))}
+    table = NAT_TABLES[family]
+    rules = chain_lines(NAT_CHAIN, [Spec(extra=masq_match(family), target="-j MASQUERADE")])
+    chains = {(table, NAT_CHAIN): Chain(table, NAT_CHAIN, rules,
+                                        "natOutgoing: pool traffic to outside every pool, masqueraded")}
+    hooks = {(table, HOOK): Hooks(table, HOOK, chain_lines(HOOK, [Spec(target=f"-j {NAT_CHAIN}")]))}
     return chains, sets, hooks
 
 

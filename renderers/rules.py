@@ -15,13 +15,23 @@ from collections import namedtuple
 # comment, and the target ("-j ..." / "-g ...").
 Spec = namedtuple("Spec", "matches extra target", defaults=("", "", ""))
 
-TABLE = "filter"
+TABLE = "filter"                           # the IPv4 family's filter table (iptables)
+TABLE6 = "filter6"                         # the IPv6 family's (ip6tables' filter table), as weft labels it
+FAMILY_TABLES = {4: TABLE, 6: TABLE6}
+FAMILIES = (4, 6)
 MARK_ACCEPT = "0x10000"                    # a policy allowed the packet
 MARK_PASS = "0x20000"                      # a policy passed it to the next tier
 MARK_ALL = "0x30000"
 FROM_DISPATCH = "weft-from-wl-dispatch"    # pod egress: one branch per local pod interface
 TO_DISPATCH = "weft-to-wl-dispatch"        # pod ingress
 TIER_PASSES = "pass"                       # ends a tier's chains in tiered_specs: its defaultAction is Pass
+
+
+def families_of(ips) -> tuple[int, ...]:
+    """The IP families whose tables hold a pod's policy: those of its addresses, or both while
+    they are not known (a pod is never left unenforced in a family it might use)."""
+    found = tuple(f for f in FAMILIES if any((":" in ip) == (f == 6) for ip in ips))
+    return found or FAMILIES
 
 
 def rule_id(chain: str, previous: str, body: str) -> str:

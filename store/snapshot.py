@@ -3,15 +3,18 @@
 `<state dir>/endpoints.snapshot` is data that weft renders, never rule text (renderers.endpoint
 makes it and renders a pod's chains from it):
 
-    {"format": 2, "node": "n1", "token": "<the desired state's token>",
-     "pods":    {"<namespace>/<pod>": {"egress":  [["weft-po-<hash>", ...], ...],
-                                       "ingress": [["weft-pi-<hash>", ...], ...]}},
+    {"format": 3, "node": "n1", "token": "<the desired state's token>",
+     "pods":    {"<namespace>/<pod>": {"egress":   [["weft-po-<hash>", ...], ...],
+                                       "ingress":  [["weft-pi-<hash>", ...], ...],
+                                       "families": [4, 6]}},
      "closed":  {"<namespace>": [<egress closed>, <ingress closed>]},
      "default": [<egress closed>, <ingress closed>]}
 
 "pods": every pod of this node the run rendered, its policies per direction in evaluation
 order, one list per tier, as the chain names of those policies (which the run put on the node),
-the list ending in TIER_PASSES ("pass") where the tier's defaultAction is Pass;
+the list ending in TIER_PASSES ("pass") where the tier's defaultAction is Pass, and the IP
+families (4, 6) whose tables the run put those chains in (a pod's policies are the same in both
+families; in a family not listed the plugin treats the pod as one the run did not know);
 "closed": per namespace, whether a pod the run did not know must be closed for egress and for
 ingress (some policy of the namespace might select it); "default" for namespaces the run did not
 know (only global policies could apply).
@@ -33,7 +36,7 @@ from weft.store.statedir import CorruptState, StateDir
 
 FILE = "endpoints.snapshot"
 OLD_FILE = "endpoints.json"          # weft before December 2026 kept rule text there: never read
-FORMAT = 2
+FORMAT = 3                           # 3: "families" per pod (2 had IPv4 only)
 MAX_FILE = 32 << 20
 MAX_PODS = 10000                     # pods of one node
 MAX_NAMESPACES = 200000
@@ -90,6 +93,10 @@ def read_snapshot(state_dir) -> dict | None:
 
 def check_snapshot(snap) -> dict:
     """`snap` if it has the documented shape, names and sizes; ValueError naming the first problem."""
+    if isinstance(snap, dict) and snap.get("format") == 2 and isinstance(snap.get("pods"), dict):
+        # format 2 (before IPv6 was enforced): the run put every pod's chains in the IPv4 table only
+        snap = {**snap, "format": FORMAT, "pods": {key: {**pod, "families": [4]} if isinstance(pod, dict) else pod
+                                                   for key, pod in snap["pods"].items()}}
     if not isinstance(snap, dict) or snap.get("format") != FORMAT:
         raise ValueError(f"not a weft CNI snapshot of format {FORMAT}")
     for key in ("node", "token"):
@@ -102,10 +109,14 @@ def check_snapshot(snap) -> dict:
         namespace, slash, name = key.partition("/")
         if not (namespace and slash and name) or len(key) > _KEY_MAX:
             raise ValueError(f"pods: {key[:80]!r} is not <namespace>/<pod>")
-        if not isinstance(pod, dict) or set(pod) != {"egress", "ingress"}:
-            raise ValueError(f"pods.{key}: must have \"egress\" and \"ingress\", and nothing else")
-        for direction, tiers in pod.items():
-            _check_tiers(tiers, direction, f"pods.{key}.{direction}")
+        if not isinstance(pod, dict) or set(pod) != {"egress", "ingress", "families"}:
+            raise ValueError(f"pods.{key}: must have \"egress\", \"ingress\" and \"families\", and nothing else")
+        for direction in ("egress", "ingress"):
+            _check_tiers(pod[direction], direction, f"pods.{key}.{direction}")
+        families = pod["families"]
+        if not isinstance(families, list) or any(type(f) is not int for f in families) \
+                or families not in ([4], [6], [4, 6]):
+            raise ValueError(f"pods.{key}.families: must be [4], [6] or [4, 6]")
     if not isinstance(closed, dict) or len(closed) > MAX_NAMESPACES:
         raise ValueError(f"\"closed\" must be an object of at most {MAX_NAMESPACES} namespaces")
     for namespace, flags in closed.items():

@@ -52,9 +52,11 @@ def in_ns(netns: str, *argv: str, stdin: str | None = None, check: bool = True) 
 
 
 def restore_text(dataplane: Dataplane) -> tuple[str, str]:
-    """(iptables-restore input for every table of a render, ipset restore input)."""
+    """(iptables-restore input for every IPv4 table of a render, ipset restore input)."""
     lines = []
     for name in sorted({t for t, _ in dataplane.chains} | {t for t, _ in dataplane.hooks}):
+        if name.endswith("6"):
+            continue                    # the IPv6 family's tables (filter6, ...): this node is IPv4
         lines.append(f"*{name}")
         chains = [c for (table, _), c in sorted(dataplane.chains.items()) if table == name]
         lines += [f":{c.name} - [0:0]" for c in chains]

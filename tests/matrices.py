@@ -46,6 +46,9 @@ POD_IPS = {
     for i, ns in enumerate(NAMESPACES)
     for j, pod in enumerate(POD_NAMES)
 }
+# Every pod is dual-stack: its IPv6 address ends in the same digits (x/a: 198.18.1.11, 2001:db8:1::11).
+POD_IPS6 = {key: "2001:db8:1::" + ip.rsplit(".", 1)[1] for key, ip in POD_IPS.items()}
+FAMILIES = (4, 6)
 POD_LABELS = {key: {"pod": key.split("/")[1]} for key in POD_KEYS}
 NAMESPACE_LABELS = {ns: {"ns": ns, "kubernetes.io/metadata.name": ns} for ns in NAMESPACES}
 # Every pod: (name, protocol, port) of its container ports.
@@ -194,10 +197,11 @@ def _index(seq, item):
 
 # --- An independent reference evaluator (cross-check only). -------------------------------------
 
-def reference_matrix(policies: Iterable[Mapping], relabel: Mapping[str, Mapping] = {}) -> dict[Cell, bool]:
+def reference_matrix(policies: Iterable[Mapping], relabel: Mapping[str, Mapping] = {},
+                     family: int = 4) -> dict[Cell, bool]:
     """The matrix the Kubernetes semantics give for `policies` (NetworkPolicy dicts) on the lab
-    cluster (with `relabel`, see `write_source`). Written apart from the hand tables so the two
-    can catch each other's mistakes."""
+    cluster (with `relabel`, see `write_source`), over the pods' addresses of `family`. Written
+    apart from the hand tables so the two can catch each other's mistakes."""
     policies = [p for p in policies if p]
     pod_labels, ns_labels = labels_after(relabel)
     selected = {"ingress": set(), "egress": set()}
@@ -216,7 +220,7 @@ def reference_matrix(policies: Iterable[Mapping], relabel: Mapping[str, Mapping]
             for rule in spec.get(section) or []:
                 peers = rule.get(peer_key)
                 others = POD_KEYS if not peers else [
-                    k for k in POD_KEYS if any(_peer_matches(peer, ns, k, pod_labels, ns_labels)
+                    k for k in POD_KEYS if any(_peer_matches(peer, ns, k, pod_labels, ns_labels, family)
                                               for peer in peers)]
                 for subject in subjects:
                     for other in others:
@@ -271,9 +275,9 @@ def labels_after(relabel: Mapping[str, Mapping]) -> tuple[dict, dict]:
     return pod_labels, ns_labels
 
 
-def _peer_matches(peer: Mapping, policy_ns: str, pod: str, pod_labels, ns_labels) -> bool:
+def _peer_matches(peer: Mapping, policy_ns: str, pod: str, pod_labels, ns_labels, family: int = 4) -> bool:
     if "ipBlock" in peer:
-        ip = ipaddress.ip_address(POD_IPS[pod])
+        ip = ipaddress.ip_address((POD_IPS6 if family == 6 else POD_IPS)[pod])
         block = peer["ipBlock"]
         return ip in ipaddress.ip_network(block["cidr"]) and not any(
             ip in ipaddress.ip_network(e) for e in block.get("except") or [])
@@ -361,9 +365,10 @@ def describe(done) -> str:
 
 
 def kernel_state(lab) -> dict[str, str]:
-    """Both iptables backends and the ipsets of the node, normalised (comments and counters)."""
+    """Both iptables backends of both families and the ipsets of the node, normalised (comments
+    and counters)."""
     out = {}
-    for tool in ("iptables-nft-save", "iptables-legacy-save"):
+    for tool in ("iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save"):
         done = lab.node_run([tool], check=True)
         out[tool] = normalise_iptables(done.stdout)
     out["ipset save"] = normalise_ipset(lab.node_run(["ipset", "save"], check=True).stdout)

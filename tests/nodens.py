@@ -203,14 +203,16 @@ def split_iptables_save(text: str) -> dict[str, str]:
     return {"weft": "\n".join(weft), "foreign": "\n".join(foreign)}
 
 
-def iptables_save(ns: str, backend: str) -> str:
-    """The raw `iptables-<backend>-save` of `ns`; "" when the backend has no table there (legacy
-    is only read when the namespace already has legacy tables, so reading never creates any)."""
+def iptables_save(ns: str, backend: str, family: int = 4) -> str:
+    """The raw `iptables-<backend>-save` (ip6tables' for `family` 6) of `ns`; "" when the backend
+    has no table there (legacy is only read when the namespace already has legacy tables, so
+    reading never creates any)."""
+    tool = "ip6tables" if family == 6 else "iptables"
     if backend == "legacy":
-        names = in_ns(ns, "cat", "/proc/net/ip_tables_names", check=False).split()
+        names = in_ns(ns, "cat", f"/proc/net/{'ip6' if family == 6 else 'ip'}_tables_names", check=False).split()
         if not names:
             return ""
-    return in_ns(ns, f"iptables-{backend}-save")
+    return in_ns(ns, f"{tool}-{backend}-save")
 
 
 def normalise_ipset_save(text: str, portable: bool = False) -> dict[str, str]:
@@ -239,10 +241,13 @@ def normalise_ipset_save(text: str, portable: bool = False) -> dict[str, str]:
 
 def kernel_state(ns: str, portable: bool = False) -> dict:
     """Everything weft could have written in `ns`, weft's part and the foreign part separately:
-    {"nft": {"weft", "foreign"}, "legacy": {...}, "ipset": {...}}."""
+    {"nft": {"weft", "foreign"}, "legacy": {...}, "nft6": ..., "legacy6": ..., "ipset": {...}}
+    (nft6, legacy6: ip6tables)."""
     return {
         "nft": split_iptables_save(iptables_save(ns, "nft")),
         "legacy": split_iptables_save(iptables_save(ns, "legacy")),
+        "nft6": split_iptables_save(iptables_save(ns, "nft", 6)),
+        "legacy6": split_iptables_save(iptables_save(ns, "legacy", 6)),
         "ipset": normalise_ipset_save(in_ns(ns, "ipset", "save"), portable),
     }
 
@@ -252,8 +257,10 @@ def weft_part(state: dict) -> dict:
 
 
 def weft_names(ns: str) -> list[str]:
-    """Every line of iptables-save (both backends) and `ipset list -n` that mentions weft."""
-    text = iptables_save(ns, "nft") + iptables_save(ns, "legacy") + in_ns(ns, "ipset", "list", "-n")
+    """Every line of iptables-save and ip6tables-save (both backends) and `ipset list -n` that
+    mentions weft."""
+    text = "".join(iptables_save(ns, backend, family) for backend in ("nft", "legacy") for family in (4, 6))
+    text += in_ns(ns, "ipset", "list", "-n")
     return [line for line in text.splitlines() if "weft" in line]
 
 
@@ -268,15 +275,16 @@ def namespace(name: str, **labels: str) -> dict:
 
 
 def pod(ns: str, name: str, ip: str, labels: dict | None = None, node: str = NODE,
-        ports: tuple[tuple[str, int, str], ...] = ()) -> dict:
-    """A running pod; `ports` are (name, number, protocol) of its one container."""
+        ports: tuple[tuple[str, int, str], ...] = (), ip6: str | None = None) -> dict:
+    """A running pod; `ports` are (name, number, protocol) of its one container; `ip6`: its IPv6
+    address too (dual-stack)."""
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": ns, "name": name, "labels": dict(labels or {})},
         "spec": {"nodeName": node, "containers": [{
             "name": "c", "image": "registry.k8s.io/pause:3.9",
             "ports": [{"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports]}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}, *([{"ip": ip6}] if ip6 else [])]},
     }
 
 

@@ -457,3 +457,4 @@ def test_pre_dnat_policies_on_the_kernel(name):
         flows += [Flow("host", peer, *probe) for peer in peers for probe in probes]
         wrong = node.mismatches(flows)
         assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+

@@ -51,6 +51,17 @@ def test_masquerade_sets_hold_natoutgoing_pools_and_every_pool():
     assert hook.startswith("-A POSTROUTING ") and hook.endswith(f"-j {NAT_CHAIN}")
 
 
+def test_ipv6_pools_in_the_ip6tables_nat_table():
+    chains, sets, hooks = render_nat_outgoing(state_of(POOLS), 6)
+    assert set(chains) == {("nat6", NAT_CHAIN)} and set(hooks) == {("nat6", "POSTROUTING")}
+    assert sets["weft-masq6-pools"].members == sets["weft-all6-pools"].members == {"2001:db8:4::/48"}
+    assert {s.family for s in sets.values()} == {"inet6"}
+    [rule] = chains[("nat6", NAT_CHAIN)].rules
+    guard.check_iptables(restore("nat", f":{NAT_CHAIN} - [0:0]", rule))
+    with pytest.raises(guard.Refused):      # one family's masquerade set with the other's pools
+        guard.check_iptables(restore("nat", rule.replace("weft-all6-pools", ALL_SET)))
+
+
 def test_nothing_in_nat_without_natoutgoing():
     plain = [pool("plain", "198.18.9.0/24"), pool("v6", "2001:db8:4::/48", natOutgoing=True)]
     assert render_nat_outgoing(state_of(plain)) == ({}, {}, {})

@@ -104,7 +104,7 @@ def test_pods_with_passing_tiers_are_in_the_snapshot_and_render_the_same():
 @pytest.mark.parametrize("tiers", [[["pass"]], [["pass", "weft-pi-aaaa"]], [["weft-pi-aaaa", "pass", "pass"]]])
 def test_the_snapshot_accepts_pass_only_after_a_tiers_chains(tiers):
     snap = {"format": snapshot.FORMAT, "node": NODE, "token": "t", "closed": {}, "default": [False, False],
-            "pods": {"ns1/a": {"egress": [], "ingress": tiers}}}
+            "pods": {"ns1/a": {"egress": [], "ingress": tiers, "families": [4]}}}
     with pytest.raises(ValueError, match="is not a weft ingress policy chain"):
         snapshot.check_snapshot(snap)
 

@@ -14,7 +14,7 @@ from weft.desired.loader import build_cluster_state
 from weft.model.cluster import Endpoint, Tier
 from weft.renderers.endpoint import endpoint_chains, make_snapshot
 from weft.renderers.iptables import policy_chain_name, render_node
-from weft.renderers.rules import TABLE
+from weft.renderers.rules import FAMILY_TABLES, TABLE
 from weft.store import snapshot
 from weft.store.statedir import UnsafeState
 
@@ -30,7 +30,8 @@ def cluster():
     """Pods on this node and another, policies in two tiers (a `security` tier before `default`)."""
     state = build_cluster_state(("m.yaml", o) for o in [
         namespace("shop"), namespace("open"), namespace("other"),
-        pod("shop", "db", "198.18.2.10", {"app": "db"}), pod("shop", "web", "198.18.2.11", {"app": "web"}),
+        pod("shop", "db", "198.18.2.10", {"app": "db"}, ip6="2001:db8:2::10"),
+        pod("shop", "web", "198.18.2.11", {"app": "web"}),
         pod("shop", "elsewhere", "198.18.3.10", {"app": "db"}, node="n2"), pod("open", "o", "198.18.2.12"),
         policy("shop", "allow-db", ALLOW_DB), policy("shop", "deny-in", DENY_IN), policy("shop", "web", WEB),
         policy("other", "deny-in", DENY_IN)])
@@ -47,10 +48,29 @@ def test_pod_chains_from_the_snapshot_equal_the_runs():
     assert snapshot.check_snapshot(snap) is snap
     local = [ep for ep in state.endpoints if ep.node == NODE]
     assert sorted(snap["pods"]) == sorted(ep.key for ep in local) == ["open/o", "shop/db", "shop/web"]
-    assert [len(tiers) for tiers in snap["pods"]["shop/db"].values()] == [1, 2], "egress: 1 tier, ingress: 2"
+    db = snap["pods"]["shop/db"]
+    assert [len(db["egress"]), len(db["ingress"])] == [1, 2], "egress: 1 tier, ingress: 2"
+    assert {key: pod["families"] for key, pod in snap["pods"].items()} == \
+        {"shop/db": [4, 6], "shop/web": [4], "open/o": [4]}, "a family's table holds the pods with its addresses"
     for ep in local:
-        run = {name: dataplane.chains[(TABLE, name)].rules for name in (f"weft-fw-{ep.iface}", f"weft-tw-{ep.iface}")}
-        assert endpoint_chains(snap, ep.namespace, ep.pod, ep.iface) == run, ep.key
+        for family in snap["pods"][ep.key]["families"]:
+            table = FAMILY_TABLES[family]
+            run = {name: dataplane.chains[(table, name)].rules
+                   for name in (f"weft-fw-{ep.iface}", f"weft-tw-{ep.iface}")}
+            assert endpoint_chains(snap, ep.namespace, ep.pod, ep.iface, family) == run, (ep.key, family)
+
+
+def test_a_family_the_run_did_not_put_a_pod_in_is_closed_where_a_policy_might_apply():
+    """shop/web had only an IPv4 address when the run rendered: given an IPv6 one by the plugin
+    now, its IPv6 chains are those of a pod the run did not know (the IPv6 table has no chains of
+    its policies to jump to)."""
+    state = cluster()
+    snap = make_snapshot(state, NODE, render_node(state, NODE), "token")
+    web = next(ep for ep in state.endpoints if ep.key == "shop/web")
+    chains = endpoint_chains(snap, "shop", "web", web.iface, 6)
+    assert snap["closed"]["shop"] == [True, True] and [len(rules) for rules in chains.values()] == [1, 1]
+    assert all(rules[-1].endswith("-j DROP") for rules in chains.values()), "shop has policies both ways: closed"
+    assert endpoint_chains(snap, "shop", "web", web.iface, 4) != chains, "IPv4: the policies the run rendered"
 
 
 def test_a_pod_the_run_did_not_know_is_closed_where_a_policy_might_apply():
@@ -74,21 +94,28 @@ def test_policy_chain_names_match_the_pattern_the_snapshot_is_checked_against():
             assert not snapshot._CHAINS["egress" if direction == "ingress" else "ingress"].fullmatch(name)
 
 
-GOOD = {"format": 2, "node": NODE, "token": "t", "pods": {"a/b": {"egress": [], "ingress": [["weft-pi-abc"]]}},
+F = {"families": [4, 6]}
+GOOD = {"format": 3, "node": NODE, "token": "t", "pods": {"a/b": {"egress": [], "ingress": [["weft-pi-abc"]], **F}},
         "closed": {"a": [False, True]}, "default": [False, False]}
 HOSTILE = [
-    ({"pods": {"a/b": {"egress": [], "ingress": [["weft-pi-abc -j ACCEPT"]]}}}, "not a weft ingress policy chain"),
-    ({"pods": {"a/b": {"egress": [], "ingress": [["weft-po-abc"]]}}}, "not a weft ingress policy chain"),
-    ({"pods": {"a/b": {"egress": [["ACCEPT"]], "ingress": []}}}, "not a weft egress policy chain"),
-    ({"pods": {"a/b": {"egress": [], "ingress": [[]]}}}, "non-empty list"),
-    ({"pods": {"a/b": {"egress": [], "ingress": [], "fw": ["-A weft-fw-x -j ACCEPT"]}}}, "nothing else"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [["weft-pi-abc -j ACCEPT"]], **F}}}, "not a weft ingress policy chain"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [["weft-po-abc"]], **F}}}, "not a weft ingress policy chain"),
+    ({"pods": {"a/b": {"egress": [["ACCEPT"]], "ingress": [], **F}}}, "not a weft egress policy chain"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [[]], **F}}}, "non-empty list"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [], "fw": ["-A weft-fw-x -j ACCEPT"], **F}}}, "nothing else"),
     ({"pods": {"a/b": {"fw": ["-A weft-fw-x -j ACCEPT"], "tw": []}}}, "nothing else"),
-    ({"pods": {"ab": {"egress": [], "ingress": []}}}, "not <namespace>/<pod>"),
-    ({"pods": {"a/b": {"egress": [], "ingress": [["weft-pi-a"]] * 101}}}, "at most 100 tiers"),
+    ({"pods": {"a/b": {"egress": [], "ingress": []}}}, "nothing else"),
+    ({"pods": {"ab": {"egress": [], "ingress": [], **F}}}, "not <namespace>/<pod>"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [["weft-pi-a"]] * 101, **F}}}, "at most 100 tiers"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [], "families": [6, 4]}}}, "families"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [], "families": [4.0]}}}, "families"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [], "families": []}}}, "families"),
+    ({"pods": {"a/b": {"egress": [], "ingress": [], "families": "4"}}}, "families"),
     ({"closed": {"a": [False]}}, "two booleans"),
     ({"closed": {"a": ["no", True]}}, "two booleans"),
     ({"default": None}, "two booleans"),
-    ({"format": 1}, "format 2"),
+    ({"format": 4}, "format 3"),
+    ({"format": 1}, "format 3"),
     ({"token": ["x"]}, "\"token\""),
 ]
 
@@ -102,6 +129,16 @@ def test_a_snapshot_that_is_not_what_weft_writes_is_refused(tmp_path, capsys, ch
     assert snapshot.load_snapshot(tmp_path) is None, "not used: new pods closed, the next run replaces it"
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "endpoints.snapshot" in err and "closed" in err
+
+
+def test_a_format_2_snapshot_from_before_ipv6_reads_as_ipv4_only(tmp_path):
+    """A node upgraded from a weft that enforced IPv4 only keeps its last run's snapshot usable
+    until the next run: its pods' policies are known in the IPv4 table (an IPv6 address of a
+    new pod is then treated as unknown: closed where a policy might apply)."""
+    old = {**GOOD, "format": 2, "pods": {"a/b": {"egress": [], "ingress": [["weft-pi-abc"]]}}}
+    (tmp_path / snapshot.FILE).write_text(json.dumps(old))
+    os.chmod(tmp_path / snapshot.FILE, 0o600)
+    assert snapshot.read_snapshot(tmp_path)["pods"]["a/b"]["families"] == [4]
 
 
 def test_the_old_rule_text_snapshot_is_never_read_and_goes_at_the_next_save(tmp_path):

@@ -224,7 +224,7 @@ def test_rule_text_planted_in_the_snapshot_never_reaches_iptables(node):
     WeftNode(node.ns, node.state_dir).weft("apply", from_dir=node.manifests)
     path = node.state_dir / "endpoints.snapshot"
     snap = json.loads(path.read_text())
-    snap["pods"]["x/a"] = {"egress": [["weft-po-aaaa -j ACCEPT"]], "ingress": []}
+    snap["pods"]["x/a"] = {"egress": [["weft-po-aaaa -j ACCEPT"]], "ingress": [], "families": [4]}
     path.write_text(json.dumps(snap))
     (node.state_dir / "endpoints.json").write_text(json.dumps(            # the old file, rule text
         {"format": 1, "pods": {"x/a": {"fw": ["-A weft-fw-x -j ACCEPT"], "tw": []}}, "closed": {}, "default": [0, 0]}))

@@ -1,12 +1,13 @@
 """End-to-end Kubernetes NetworkPolicy semantics on a real kernel.
 
 One lab node (network namespaces, veths, TCP and UDP servers on ports 80 and 81 in every pod of
-playbooks/example/cluster.yaml) is shared by every scenario. For each scenario step weft applies
-the base cluster plus the step's policies inside the node namespace, the lab probes every pod
-pair, and the observed matrix must equal the expected one -- written by hand below from the
-Kubernetes semantics (tests/matrices.py explains the notation). Then a second apply must do
-nothing and `plan --detailed-exitcode` must say so; `apply --destroy` resets between scenarios and
-must leave nothing weft owns behind.
+playbooks/example/cluster.yaml) is shared by every scenario. Its pods are dual-stack (198.18.1.x
+and 2001:db8:1::x). For each scenario step weft applies the base cluster plus the step's policies
+inside the node namespace, the lab probes every pod pair over IPv4 and again over IPv6, and each
+observed matrix must equal the expected one -- written once, by hand, from the Kubernetes
+semantics (tests/matrices.py explains the notation): a policy means the same in both families.
+Then a second apply must do nothing and `plan --detailed-exitcode` must say so; `apply --destroy`
+resets between scenarios and must leave nothing weft owns behind, in either family.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import yaml
 from tests.matrices import (
     BASE_CLUSTER,
     CONTAINER_PORTS,
+    FAMILIES,
     NAMESPACE_LABELS,
     NAMESPACES,
     POD_IPS,
+    POD_IPS6,
     POD_KEYS,
     POD_LABELS,
     PROBES,
@@ -218,12 +221,14 @@ def test_scenario_yaml_is_a_valid_policy_set(scenario, index, step):
 
 @pytest.mark.parametrize("scenario, index, step", all_steps())
 def test_hand_written_matrix_agrees_with_reference_model(scenario, index, step):
-    """Two independent derivations of the same semantics must agree before either is trusted."""
+    """Two independent derivations of the same semantics must agree before either is trusted;
+    the reference model reads the policies for each family's addresses, the hand table is one."""
     expected = step.expect.matrix()
     assert len(expected) == len(POD_KEYS) ** 2 * len(PROBES)
     assert all(expected[(k, k, pr, po)] for k in POD_KEYS for pr, po in PROBES)
-    differences = diff(expected, reference_matrix(load_policies(step), step.relabel))
-    assert not differences, "\n".join(["hand table vs reference model:", *differences])
+    for family in FAMILIES:
+        differences = diff(expected, reference_matrix(load_policies(step), step.relabel, family))
+        assert not differences, "\n".join([f"hand table vs reference model (IPv{family}):", *differences])
 
 
 def test_every_step_changes_the_matrix():
@@ -271,8 +276,10 @@ def test_base_cluster_matches_the_contract():
         key = f"{d['metadata']['namespace']}/{d['metadata']['name']}"
         ports = {(p["name"], p.get("protocol", "TCP").lower(), p["containerPort"])
                  for c in d["spec"]["containers"] for p in c.get("ports", [])}
-        found[key] = (d["metadata"]["labels"], d["status"]["podIP"], d["spec"]["nodeName"], ports)
-    assert found == {k: (POD_LABELS[k], POD_IPS[k], "lab-node", set(CONTAINER_PORTS)) for k in POD_KEYS}
+        found[key] = (d["metadata"]["labels"], d["status"]["podIP"], [ip["ip"] for ip in d["status"]["podIPs"]],
+                      d["spec"]["nodeName"], ports)
+    assert found == {k: (POD_LABELS[k], POD_IPS[k], [POD_IPS[k], POD_IPS6[k]], "lab-node", set(CONTAINER_PORTS))
+                     for k in POD_KEYS}
 
 
 # --- The lab. -------------------------------------------------------------------------------------
@@ -285,6 +292,7 @@ def lab(tmp_path_factory):
     node = NodeLab(pods_from_manifests(cluster_dir, "lab-node"))
     with node:
         assert sorted(p.key for p in node.pods) == sorted(POD_KEYS)
+        assert {p.key: p.ip6 for p in node.pods} == POD_IPS6, "dual-stack pods"
         yield node
 
 
@@ -315,7 +323,9 @@ def weft_lab(lab, state_dir, tmp_path):
 def flush_node(lab):
     """Empty every table and set of the lab node (it holds nothing but what weft made)."""
     for save, restore in (("iptables-nft-save", "iptables-nft-restore"),
-                          ("iptables-legacy-save", "iptables-legacy-restore")):
+                          ("iptables-legacy-save", "iptables-legacy-restore"),
+                          ("ip6tables-nft-save", "ip6tables-nft-restore"),
+                          ("ip6tables-legacy-save", "ip6tables-legacy-restore")):
         tables = [line[1:] for line in lab.node_run([save]).stdout.splitlines() if line.startswith("*")]
         for table in tables:
             lab.node_run([restore, "-w"] if "legacy" in restore else [restore],
@@ -324,21 +334,27 @@ def flush_node(lab):
     lab.node_run(["ipset", "destroy"])
 
 
-def observe(lab):
+def observe(lab, family=4):
     """Probe every pair with new connections only: forget the node's tracked flows first, so a
     probe that happens to reuse an earlier probe's source port cannot ride on its old entry."""
     lab.node_run(["conntrack", "-F"])
-    return lab.matrix()
+    return lab.matrix(family=family)
 
 
-def check_matrix(lab, expected, context):
-    """Compare; on a difference probe once more (a loaded machine can lose a probe) and report
-    the second observation, naming any cell that changed between the two."""
+def check_matrix(lab, expected, context, families=FAMILIES):
+    """Compare, over each family's addresses; on a difference probe once more (a loaded machine
+    can lose a probe) and report the second observation, naming any cell that changed between
+    the two."""
+    for family in families:
+        check_family_matrix(lab, expected, f"{context} over IPv{family}", family)
+
+
+def check_family_matrix(lab, expected, context, family):
     from weft.playbooks.netlab import format_matrix
-    observed = observe(lab)
+    observed = observe(lab, family)
     differences, unstable = diff(expected, observed), []
     if differences:
-        first, observed = observed, observe(lab)
+        first, observed = observed, observe(lab, family)
         differences = diff(expected, observed)
         unstable = diff(first, observed)
     if differences:

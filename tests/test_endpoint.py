@@ -39,9 +39,10 @@ def endpoint_call(ns: str, state_dir, call: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def add(ns, state_dir, namespace_, name):
+def add(ns, state_dir, namespace_, name, ips: tuple[str, ...] = ()):
+    """add_endpoint as the CNI plugin calls it; without `ips` (addresses not known) in both families."""
     proc = endpoint_call(ns, state_dir, f"add_endpoint(Path({str(state_dir)!r}), {namespace_!r}, {name!r}, "
-                                        f"{host_iface_name(namespace_, name)!r})")
+                                        f"{host_iface_name(namespace_, name)!r}, {tuple(ips)!r})")
     assert proc.returncode == 0, proc.stderr
     return host_iface_name(namespace_, name)
 
@@ -59,7 +60,7 @@ CLUSTER = [namespace("open"), namespace("guarded"),
 def test_pod_programmed_by_the_reconcile_run_is_left_alone(node_ns, tmp_path):
     node = applied(node_ns, tmp_path, CLUSTER + [policy("guarded", "deny", DENY_INGRESS)])
     before = node.state()
-    iface = add(node_ns, node.state_dir, "guarded", "known")
+    iface = add(node_ns, node.state_dir, "guarded", "known", ("198.18.2.10",))
     assert node.state() == before
     assert chain_rules(node_ns, f"weft-tw-{iface}"), "the reconcile run's ingress chain is there"
 
@@ -129,14 +130,21 @@ from weft.reconciler import endpoint
 from weft.model.names import host_iface_name
 state = Path({state!r})
 listings = []
-real = endpoint._listing
-endpoint._listing = lambda runner, backend, chain: listings.append(chain) or real(runner, backend, chain)
+real = endpoint._dispatch_listings
+
+
+def counting(runner, backend, families):
+    listings.extend((f, chain) for f in families for chain in ("from", "to"))
+    return real(runner, backend, families)
+
+
+endpoint._dispatch_listings = counting
 cache = endpoint.DispatchCache()
-out = {{}}
+out = {{"v6": endpoint.has_ipv6()}}
 a, b = host_iface_name("open", "a"), host_iface_name("open", "b")
-endpoint.add_endpoints(state, [(a, "open", "a")], cache)
+endpoint.add_endpoints(state, [(a, "open", "a", ("198.18.0.10",))], cache)
 out["first"] = len(listings)
-endpoint.add_endpoints(state, [(b, "open", "b")], cache)
+endpoint.add_endpoints(state, [(b, "open", "b", ("198.18.0.11",))], cache)
 endpoint.remove_endpoints(state, [(b,)], cache)
 out["then"] = len(listings)
 {between}
@@ -162,8 +170,9 @@ def test_a_process_lists_the_dispatch_chains_only_when_the_ruleset_changed(node_
     node = applied(node_ns, tmp_path, CLUSTER)
     a = host_iface_name("open", "a")
     seen = _cached(node_ns, node.state_dir, "", f"add_endpoints(state, [({host_iface_name('open', 'c')!r}, 'open', "
-                                                "'c')], cache)")
-    assert (seen["first"], seen["then"], seen["after"]) == (2, 2, 0), seen
+                                                "'c', ('198.18.0.12',))], cache)")
+    # an IPv4 pod's steps list the IPv4 chains once; a removal looks in both families (IPv6's once)
+    assert (seen["first"], seen["then"], seen["after"]) == (2, 4 if seen["v6"] else 2, 0), seen
     assert sum(f"-i {a} " in r for r in chain_rules(node_ns, "weft-from-wl-dispatch")) == 1
 
 
@@ -179,7 +188,7 @@ def test_a_change_made_by_anyone_else_is_listed_again(node_ns, tmp_path, change)
                    f"('-o', 'weft-to-wl-dispatch', 'tw')):\n"
                    f"    subprocess.run(['iptables-nft', '-D', chain, flag, {a!r}, '-m', 'comment', '--comment', "
                    f"'weft:cni', '-g', f'weft-{{kind}}-{a}'], check=True)")
-        step = f"add_endpoints(state, [({a!r}, 'open', 'a')], cache)"
+        step = f"add_endpoints(state, [({a!r}, 'open', 'a', ('198.18.0.10',))], cache)"
     else:
         between = (f"import subprocess\nsubprocess.run(['iptables-nft-restore', '--noflush'], check=True, input="
                    f"b'*filter\\n:weft-fw-{d} - [0:0]\\n:weft-tw-{d} - [0:0]\\n"
@@ -187,7 +196,8 @@ def test_a_change_made_by_anyone_else_is_listed_again(node_ns, tmp_path, change)
                    f"-I weft-to-wl-dispatch 1 -o {d} -g weft-tw-{d}\\nCOMMIT\\n')")
         step = f"remove_endpoints(state, [({d!r},)], cache)"
     seen = _cached(node_ns, node.state_dir, between, step)
-    assert seen["after"] == 2, f"the change was not seen: {seen}"
+    families = 2 if seen["v6"] and change == "dispatch rules added" else 1     # a removal looks in both
+    assert seen["after"] == 2 * families, f"the change was not seen: {seen}"
     dispatch = chain_rules(node_ns, "weft-from-wl-dispatch") + chain_rules(node_ns, "weft-to-wl-dispatch")
     assert sum(f" {a} " in r for r in dispatch) == 2, dispatch
     assert not [r for r in dispatch if f" {d} " in r] and f":weft-fw-{d} " not in iptables_save(node_ns, "nft")

@@ -45,7 +45,8 @@ def test_verify_judges_only_what_the_plan_touched(node_ns):
     done = subprocess.run(["ip", "netns", "exec", node_ns, sys.executable, "-c", VERIFY], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"ipsets": [], "filter": ["weft-x"], "routes": [], "links": []}
+    untouched = {t: [] for t in ("filter6", "nat", "mangle", "nat6", "mangle6")}
+    assert json.loads(done.stdout) == {"ipsets": [], "filter": ["weft-x"], **untouched, "routes": [], "links": []}
     assert "weft-meanwhile" in in_ns(node_ns, "iptables-nft-save", "-t", "filter")
 
 
@@ -67,7 +68,7 @@ def test_writes_run_in_the_declared_order():
     steps = planned.steps()
     what = [(type(s.write).__name__, s.write.text.split("\n")[0] if isinstance(s.write, Restore) else s.what,
              s.commits, s.undo is not None) for s in steps]
-    assert what == [("Restore", "create weft-s-new hash:ip family inet", False, True),
+    assert what == [("Restore", "create weft-s-new hash:ip family inet hashsize 1024 maxelem 65536", False, True),
                     ("Restore", "*filter", True, False),
                     ("RouteWrite", "route replace 198.18.0.2/32", False, False),
                     ("Restore", "destroy weft-s-old", False, False)]

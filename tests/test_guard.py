@@ -16,6 +16,7 @@ from weft.reconciler.resource import BirdWrite, Restore, RouteWrite, Step, Sysct
 from weft.renderers.iptables import render_node
 
 IPT = ("iptables-nft-restore", "--noflush")
+IP6T = ("ip6tables-nft-restore", "--noflush")
 IPSET = ("ipset", "restore")
 HOOK = '-I FORWARD 1 -m comment --comment "weft:abcDEF12_-" -j weft-FORWARD'
 KNOWN = guard.Known({"weft-s-known": ("hash:ip", "inet"), "weft-n-nets": ("hash:net", "inet")})
@@ -33,19 +34,25 @@ def refused(write, match: str) -> None:
 # --- what weft renders passes ---------------------------------------------------------------
 
 def test_what_weft_renders_passes():
+    """Both families: a dual-stack pod's IPv4 and IPv6 sets, iptables and ip6tables input."""
     objects = [namespace("a"), namespace("b", team="b"),
-               pod("a", "web", "198.18.0.10", {"app": "web"}, ports=(("http", 80, "TCP"),)),
-               pod("b", "c", "198.18.0.20", {"app": "c"}),
+               pod("a", "web", "198.18.0.10", {"app": "web"}, ports=(("http", 80, "TCP"),), ip6="2001:db8::a"),
+               pod("b", "c", "198.18.0.20", {"app": "c"}, ip6="2001:db8::14"),
                policy("a", "p", {"podSelector": {}, "ingress": [
                    {"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}},
-                             {"ipBlock": {"cidr": "198.18.0.0/15", "except": ["198.18.1.0/24", "198.18.2.0/24"]}}],
+                             {"ipBlock": {"cidr": "198.18.0.0/15", "except": ["198.18.1.0/24", "198.18.2.0/24"]}},
+                             {"ipBlock": {"cidr": "2001:db8::/32", "except": ["2001:db8:1::/48", "2001:db8:2::/48"]}}],
                     "ports": [{"port": "http"}, {"protocol": "UDP", "port": 53}]}]})]
     dp = render_node(build_cluster_state([("t.yaml", o) for o in objects]), "n1")
     texts = restore_texts(dp, EMPTY)
-    assert len(texts) == 2 and texts[0].startswith("create ") and texts[1].startswith("*filter")
-    guard.check([Step(Restore(IPSET, texts[0]), "sets"), Step(Restore(IPT, texts[1]), "table")], KNOWN)
+    assert len(texts) == 3 and texts[0].startswith("create ") and texts[1].startswith("*filter")
+    assert "family inet6" in texts[0] and "add weft-s6-" in texts[0] and "2001:db8::14" in texts[0]
+    assert "-p ipv6-icmp" in texts[2] and "-s 198.18" not in texts[2] and "2001:db8" not in texts[1]
+    guard.check([Step(Restore(IPSET, texts[0]), "sets"), Step(Restore(IPT, texts[1]), "table"),
+                 Step(Restore(IP6T, texts[2]), "table6")], KNOWN)
     removal = restore_texts(EMPTY, dp)
     guard.check([Step(Restore(IPT if t.startswith("*") else IPSET, t), "x") for t in removal], KNOWN)
+    guard.check([Step(Restore(IP6T, t), "x") for t in removal if t.startswith("*")], KNOWN)
     guard.check([Step(Restore(IPT, table(HOOK, '-D INPUT -m comment --comment "weft:x" -j weft-INPUT')), "h")],
                 KNOWN)
     guard.check([Step(RouteWrite(False, "198.18.0.10/32", "weft0123456789a"), "r"),
@@ -91,6 +98,22 @@ def test_iptables_input_touching_what_weft_does_not_own_is_refused(text, match):
 
 def test_iptables_restore_without_noflush_is_refused():
     refused(Restore(("iptables-nft-restore",), table(":weft-x - [0:0]")), "noflush")
+    refused(Restore(("ip6tables-legacy-restore", "-w", "5"), table(":weft-x - [0:0]")), "noflush")
+
+
+@pytest.mark.parametrize("text, match", [
+    (table("-A INPUT -p ipv6-icmp -j ACCEPT"), "INPUT"),
+    (table("-I INPUT 1 -s 2001:db8::/32 -j ACCEPT"), "other than weft's hook"),
+    (table("-A weft-x -s 2001:db8::/32 -j KUBE-SERVICES"), "KUBE-SERVICES"),
+    (table("-A weft-x -m set --match-set KUBE-6 src -j ACCEPT"), "KUBE-6"),
+    (table(":weft-x - [0:0]", name="nat"), None),
+])
+def test_ip6tables_input_is_judged_as_iptables_input(text, match):
+    """The IPv6 family's input passes the same checks (the table is "filter" in both tools)."""
+    if match is None:
+        guard.check([Step(Restore(IP6T, text), "x")], KNOWN)
+    else:
+        refused(Restore(IP6T, text), match)
 
 
 def test_only_the_restore_tools_are_run():
@@ -104,10 +127,20 @@ def test_only_the_restore_tools_are_run():
     ("add KUBE-xyz 198.18.0.1\n", "not weft's"),
     ("destroy KUBE-xyz\n", "not weft's"),
     ("flush\n", "not weft's"),
-    ("swap weft-a weft-b\n", "not a change weft makes"),
+    ("swap weft-a weft-b\n", "not weft's sets of one type"),
+    ("swap weft-s-known KUBE-xyz\n", "not weft's"),
+    ("swap weft-s-known weft-n-nets\n", "not weft's sets of one type"),
+    ("create weft-t hash:ip family inet6\nswap weft-t weft-s-known\n", "not weft's sets of one type"),
     ("rename weft-a foo\n", "not a change weft makes"),
     ("create weft-x list:set\n", "list:set"),
-    ("create weft-x hash:ip family inet hashsize 1 maxelem 1\n", "options"),
+    ("create weft-x hash:ip family inet hashsize 1 maxelem 1\n", "hashsize 1"),
+    ("create weft-x hash:ip family inet maxelem 1000000000\n", "maxelem 1000000000"),
+    ("create weft-x hash:ip family inet maxelem 100000\n", "maxelem 100000"),
+    ("create weft-x hash:ip family inet timeout 5\n", "options"),
+    ("create weft-x hash:ip family inet maxelem 65536 maxelem 65536\n", "options"),
+    ("create weft-x hash:ip family inet6\nadd weft-x 2001:db8::/64\n", "not a member"),
+    ("create weft-x hash:ip family inet6\nadd weft-x 2001:db8::g\n", "not a member"),
+    ("create weft-x hash:ip,port family inet6\nadd weft-x 2001:db8::1,tcp:65536\n", "not a member"),
     ("add weft-s-known 198.18.0.300\n", "not a member"),
     ("add weft-s-known 198.18.0.0/24\n", "not a member"),
     ("add weft-s-known 198.18.0.1 timeout 0\n", "options"),
@@ -126,6 +159,13 @@ def test_ipset_members_valid_for_their_type_pass():
                                      "create weft-6 hash:net family inet6\nadd weft-6 2001:db8::/32\n"
                                      "add weft-n-nets 198.18.0.0/16\nadd weft-n-nets 198.18.0.1\n"
                                      "del weft-s-known 198.18.0.2\ndestroy weft-s-known\n"), "x")], KNOWN)
+
+
+def test_a_resize_passes():
+    """A set outgrowing its size: a bigger one filled under a temporary name and swapped in."""
+    text = ("create weft-t-s-known hash:ip family inet hashsize 65536 maxelem 131072\n"
+            "add weft-t-s-known 198.18.0.1\nswap weft-t-s-known weft-s-known\ndestroy weft-t-s-known\n")
+    guard.check([Step(Restore(IPSET, text), "x")], KNOWN)
 
 
 # --- routes and sysctls ---------------------------------------------------------------------
@@ -172,6 +212,21 @@ def test_one_refused_write_and_nothing_of_the_apply_runs():
         Executor(runner).run(steps, KNOWN)
     assert runner.writes == [] and "nothing was applied" in str(info.value)
     assert "iptables-nft-restore (table filter)" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind, member", [
+    ("hash:ip", lambda i: f"2001:db8::{i:x}"),
+    ("hash:net", lambda i: f"2001:db8:{i:x}::/48"),
+    ("hash:ip,port", lambda i: f"2001:db8::1:{i:x},tcp:80"),
+])
+def test_a_bad_ipv6_member_deep_in_a_long_run_is_found(kind, member):
+    good = f"create weft-big {kind} family inet6\n" + "".join(f"add weft-big {member(i)}\n" for i in range(5000))
+    guard.check([Step(Restore(IPSET, good), "x")], KNOWN)
+    for bad in ("198.18.0.1", "2001:db8::1::2", "2001:db8::/129", "2001:db8::1 timeout 5", "2001:db8::1\tx"):
+        lines = good.split("\n")
+        lines[3000] = f"add weft-big {bad}"
+        with pytest.raises(guard.Refused, match="not a member|options"):
+            guard.check([Step(Restore(IPSET, "\n".join(lines)), "x")], KNOWN)
 
 
 def test_a_bad_member_deep_in_a_long_run_is_found():

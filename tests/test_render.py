@@ -248,6 +248,21 @@ def test_ipv6_only_ip_block_renders_no_ipv4_rule():
     assert endpoint_rules(dp, "a", "p", "fw")[-1].endswith("-j DROP")
 
 
+def test_a_calico_rule_with_an_ip_version_is_rendered_in_that_family_only():
+    state, dp = render(NAMESPACES + [
+        pod("a", "p", "198.18.0.10", {"app": "p"}, ip6="2001:db8::10"),
+        {"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy", "metadata": {"namespace": "a", "name": "ipv"},
+         "spec": {"selector": "app == 'p'", "types": ["Ingress"],
+                  "ingress": [{"action": "Allow", "ipVersion": 6, "protocol": "TCP", "destination": {"ports": [80]}},
+                              {"action": "Allow", "ipVersion": 4, "protocol": "TCP", "destination": {"ports": [81]}},
+                              {"action": "Allow", "protocol": "TCP", "destination": {"ports": [82]}}]}},
+    ])
+    (pol,) = [p for p in state.policies if p.namespace == "a"]
+    ports = {table: [r.split("--dports ")[1].split()[0] for r in allow_rules(
+                 dp.chains[(table, policy_chain_name(pol, INGRESS))].rules)] for table in ("filter", "filter6")}
+    assert ports == {"filter": ["81", "82"], "filter6": ["80", "82"]}
+
+
 # --- named ports -----------------------------------------------------------------------------
 
 NAMED_PODS = NAMESPACES + [
