@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from weft.model.kernel import PREFIX, Chain, Hooks
 
-BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("POSTROUTING",), "mangle": ("PREROUTING",)}
+BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("POSTROUTING",), "mangle": ("PREROUTING",),
+           "raw": ("PREROUTING", "OUTPUT")}
 
 
 def table_may_exist(backend: str, table: str, family: int = 4) -> bool:

@@ -11,8 +11,10 @@ What weft may write:
                     `weft-*` chains or standard targets and match only `weft-*` sets; built-in
                     chains only through the documented hook rules: FORWARD -> weft-FORWARD,
                     INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, nat POSTROUTING ->
-                    weft-nat-outgoing, mangle PREROUTING -> weft-PREROUTING, inserted at
-                    the top; weft's own rules deleted. No policy, no rename, no other built-ins.
+                    weft-nat-outgoing, mangle PREROUTING -> weft-PREROUTING, raw PREROUTING
+                    -> weft-PREROUTING and raw OUTPUT -> weft-OUTPUT, inserted at the top;
+                    weft's own rules deleted. No policy, no rename, no other built-ins.
+                    NOTRACK only in the raw table.
                     MASQUERADE only in natOutgoing's one rule (nat weft-nat-outgoing: from
                     weft-masq-pools, not to weft-all-pools; weft-masq6-/all6-pools in ip6tables').
   ipset restore     only `weft-*` sets created (known types, inet/inet6, sizes within bounds),
@@ -49,11 +51,13 @@ WEFT_TABLES = ("filter", "nat", "raw", "mangle")
 HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT",
          ("filter", "OUTPUT"): "weft-OUTPUT",      # OUTPUT: only on a node with Calico host endpoints
          ("nat", "POSTROUTING"): "weft-nat-outgoing",          # only while some pool has natOutgoing
-         ("mangle", "PREROUTING"): "weft-PREROUTING"}          # only while preDNAT policies apply here
+         ("mangle", "PREROUTING"): "weft-PREROUTING",          # only while preDNAT policies apply here
+         ("raw", "PREROUTING"): "weft-PREROUTING", ("raw", "OUTPUT"): "weft-OUTPUT"}    # doNotTrack's
 # The one rule with a target other than STANDARD_TARGETS: natOutgoing's (renderers.natoutgoing).
 _MASQUERADE_RULE = re.compile(r'^-A weft-nat-outgoing -m comment --comment "weft:[A-Za-z0-9_-]{1,32}" '
                               r"-m set --match-set weft-masq(6?)-pools src -m set ! --match-set weft-all\1-pools dst "
                               r"-j MASQUERADE$")
+_NOTRACK = " -j NOTRACK"
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "LOG", "NFLOG", "CONNMARK"})
 IPTABLES_RESTORE = re.compile(r"^ip6?tables-(nft|legacy)-restore$")
 SET_TYPES = frozenset({"hash:ip", "hash:net", "hash:ip,port", "hash:net,port"})
@@ -195,6 +199,8 @@ def _iptables_line(table: str, line: str) -> str | None:
         if command in ("-A", "-I", "-D"):
             if table == "nat" and _MASQUERADE_RULE.match(line):
                 return None
+            if table == "raw" and line.endswith(_NOTRACK):          # doNotTrack's: only in the raw table
+                return _rule_body(line[:-len(_NOTRACK)])
             return _rule_body(line)
         return f"{command} is not a change weft makes to its chains"
     hook = HOOKS.get((table, chain))

@@ -53,9 +53,11 @@ from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
 from weft.renderers.calico import (
     PREROUTING_CHAIN,
+    RAW_CHAINS,
     host_endpoint_chains,
     host_forward_chains,
     host_prednat_chains,
+    host_untracked_chains,
     policy_specs,
     tier_specs,
 )
@@ -83,6 +85,7 @@ HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 # router solicitation, neighbour solicitation and advertisement.
 ICMPV6_FROM_POD = (130, 131, 132, 133, 135, 136)
 MANGLE_TABLES = {4: "mangle", 6: "mangle6"}   # preDNAT policies (renderers.calico.host_prednat_chains)
+RAW_TABLES = {4: "raw", 6: "raw6"}            # doNotTrack policies (renderers.calico.host_untracked_chains)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -125,10 +128,11 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
         hooked = {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if any(c.name == OUTPUT_CHAIN for c in family_chains) else {})}
         for builtin, target in hooked.items():
             hooks[(table, builtin)] = Hooks(table, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-        mangle = MANGLE_TABLES[family]
-        if (mangle, PREROUTING_CHAIN) in chains:
-            hooks[(mangle, "PREROUTING")] = Hooks(mangle, "PREROUTING",
-                                                  chain_lines("PREROUTING", [Spec(target=f"-j {PREROUTING_CHAIN}")]))
+        for extra, builtin, target in ((MANGLE_TABLES[family], "PREROUTING", PREROUTING_CHAIN),
+                                       (RAW_TABLES[family], "PREROUTING", RAW_CHAINS[INGRESS]),
+                                       (RAW_TABLES[family], "OUTPUT", RAW_CHAINS[EGRESS])):
+            if (extra, target) in chains:
+                hooks[(extra, builtin)] = Hooks(extra, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
     return Dataplane(chains, dict(sets.sets), hooks, render_routes(local), render_links(local))
 
 
@@ -143,13 +147,15 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
 
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
     prednat = host_prednat_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
+    untracked, raw = host_untracked_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
+    accepted_in = bool(prednat) or INGRESS in untracked      # the accept mark may come from mangle or raw
     from_hosts, to_hosts, chains_fwd = host_forward_chains(state, node, sets, policy_chain_name, order_policies,
-                                                           pods_only, family, accepted_before=bool(prednat))
+                                                           pods_only, family, accepted_before=accepted_in)
     add(FORWARD_CHAIN, _forward_specs(from_hosts, to_hosts), "entry from FORWARD: pod traffic through this node")
     hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                               family=family, accepted_before=bool(prednat))
+                                               family=family, accepted_before=accepted_in)
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                                 EGRESS, family=family)
+                                                 EGRESS, family=family, accepted_before=EGRESS in untracked)
     add(INPUT_CHAIN, _input_specs(family) + hosts_in, "entry from INPUT: pod traffic to this host")
     if hosts_out:
         add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
@@ -174,8 +180,8 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
                 if pname not in chains:
                     add(pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                         f"{direction.lower()} rules of {policy.origin or policy.key}")
-    mangle = MANGLE_TABLES[family]              # preDNAT policies: the family's mangle table
-    return list(chains.values()) + [Chain(mangle, n, chain_lines(n, specs), about) for n, specs, about in prednat]
+    extra = [(MANGLE_TABLES[family], c) for c in prednat] + [(RAW_TABLES[family], c) for c in raw]
+    return list(chains.values()) + [Chain(table, n, chain_lines(n, specs), about) for table, (n, specs, about) in extra]
 
 
 class SharedInterfaceName(WeftError):

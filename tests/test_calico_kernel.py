@@ -259,7 +259,8 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
     policies = []
     for i, case in enumerate([*CASES.values(), random_policies(3), HOST_CASES["tiers-on-a-host"],
                               HOST_CASES["egress-from-a-host"][2:], FORWARD_CASES["forward-tiers-and-pod-policies"][2:],
-                              PREDNAT_CASES["tiers-log-pass-and-forward-policies"][2:]]):
+                              PREDNAT_CASES["tiers-log-pass-and-forward-policies"][2:],
+                              UNTRACKED_CASES["untracked-before-pre-dnat-and-normal"][2:]]):
         for d in case:
             if d["kind"] != "Tier":       # the cases reuse names: each gets its own prefix
                 tier_name, dot, name = d["metadata"]["name"].rpartition(".")
@@ -277,7 +278,8 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
             assert text in saved, text
         for text in ("-m multiport ! --dports", "-m set ! --match-set weft-c-", "-m set --match-set weft-c-",
                      "-i eth0 -m comment", "-j weft-hp-", "-A OUTPUT", "-o eth0 -m comment", "-j weft-hq-",
-                     "-j weft-from-hep-fwd", "-g weft-hfi-", "-g weft-hfo-", "-A PREROUTING", "-g weft-hd-"):
+                     "-j weft-from-hep-fwd", "-g weft-hfi-", "-g weft-hfo-", "-A PREROUTING", "-g weft-hd-",
+                     "-j weft-hu-", "-j weft-hv-", "-j NOTRACK"):
             assert text in saved, text
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         assert "No drift" in node.weft("drift", from_dir=src, expect=0).stdout
@@ -457,4 +459,60 @@ def test_pre_dnat_policies_on_the_kernel(name):
         flows += [Flow("host", peer, *probe) for peer in peers for probe in probes]
         wrong = node.mismatches(flows)
         assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+
+
+# --- host endpoints: doNotTrack policies (raw PREROUTING and OUTPUT) ------------------------------------
+
+RAW = {"doNotTrack": True, "applyOnForward": True}
+UNTRACKED_CASES = {
+    "untracked-before-pre-dnat-and-normal": (
+        HEP, tier("t1", 10),
+        gnp("t1.raw", tier="t1", selector="role == 'worker'", types=["Ingress", "Egress"], **RAW, ingress=[
+            {"action": "Log", "protocol": "TCP"},
+            {"action": "Allow", "protocol": "TCP", "source": {"nets": ["198.19.0.0/16"]},
+             "destination": {"ports": [8080, 9090]}},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}},
+            {"action": "Pass", "protocol": "ICMP"}],
+            egress=[{"action": "Allow", "protocol": "TCP", "destination": {"nets": ["198.19.1.0/24"], "ports": [443]}},
+                    {"action": "Deny", "protocol": "UDP", "destination": {"ports": [5000, 68]}}]),
+        gnp("pre", selector="role == 'worker'", **PRE, ingress=[
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [8080, 443]}}]),
+        gnp("fwd", selector="role == 'worker'", **FWD, ingress=[
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}}, {"action": "Allow"}]),
+        gnp("host", selector="role == 'worker'", types=["Ingress", "Egress"],
+            ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80, 9090]}}],
+            egress=[{"action": "Allow", "protocol": "ICMP"}]),
+        np("pod-b", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "protocol": "TCP"}])),
+    "star-endpoint-has-no-untracked-policy": (
+        kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+        gnp("raw", selector="role == 'worker'", types=["Ingress", "Egress"], **RAW, ingress=DENY_ALL, egress=DENY_ALL),
+        gnp("host", selector="role == 'worker'", types=["Ingress", "Egress"], ingress=ALLOW_ALL, egress=ALLOW_ALL)),
+}
+
+
+@pytest.mark.parametrize("name", UNTRACKED_CASES)
+def test_do_not_track_policies_on_the_kernel(name):
+    """doNotTrack policies judge eth0's traffic first (in raw, before conntrack: an allowed
+    packet is not tracked and accepted), then preDNAT, applyOnForward and normal policies; a "*"
+    host endpoint gets none; the kernel's verdicts equal desired.verdict's."""
+    state = cluster(*BASE, *UNTRACKED_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        dataplane = node.load(state)
+        for table in ("filter", "mangle", "raw"):
+            rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
+            assert saved_chains(node, table) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        assert any(t == "raw" for t, _ in dataplane.chains) == (name != "star-endpoint-has-no-untracked-policy")
+        peers = (*HOST_PEERS, INTERNAL_PEER)
+        probes = (*HOST_PROBES, ("tcp", 8080, None, None, None), ("tcp", 9090, None, None, None),
+                  ("tcp", 443, None, None, None), ("udp", 5000, None, None, None))
+        flows = matrix(node, outside=(*OUTSIDE, INTERNAL_PEER))
+        flows += [Flow(peer, "host", *probe) for peer in peers for probe in probes]
+        flows += [Flow("host", peer, *probe) for peer in peers for probe in probes]
+        wrong = node.mismatches(flows)
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+        if name != "star-endpoint-has-no-untracked-policy":      # allowed untracked: not in conntrack
+            in_ns(node.node_ns, "conntrack", "-F", check=False)
+            assert node.delivered(node.probes([Flow("198.19.1.5", "host", "tcp", 8080)])) == [True]
+            tracked = in_ns(node.node_ns, "conntrack", "-L", check=False)
+            assert "dport=8080" not in tracked, tracked
 
