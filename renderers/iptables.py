@@ -9,9 +9,11 @@ Flow of a forwarded packet (Felix's design, with weft's names):
     Through a Calico host endpoint's interface (renderers.calico.host_forward_chains): its
     applyOnForward policies, before the pods' egress (coming in) and after their ingress (going out).
   INPUT -> weft-INPUT: traffic from pods to the host passes the pod's egress policy, then
-    RETURNs to the host's own INPUT rules (weft does not override the host firewall); traffic
-    through an interface a Calico host endpoint of this node names goes to that endpoint's
-    chain (renderers.calico: failsafe ports, its policies, its profiles), which accepts or drops.
+    FelixConfiguration's defaultEndpointToHostAction: DROP (Felix's default), ACCEPT, or RETURN
+    to the host's own INPUT rules; traffic through an interface a Calico host endpoint of this
+    node names goes to that endpoint's chain (renderers.calico: failsafe ports, its policies,
+    its profiles), which accepts or drops. preDNAT and doNotTrack policies run earlier, in the
+    mangle and raw tables (renderers.calico), and what they allowed is accepted here.
 
 Endpoint chains walk the tiers in order; in each tier the applicable policies are tried in
 order: an Allow sets the accept mark and returns, Deny drops, Pass sets the pass mark which
@@ -103,7 +105,7 @@ def render_node(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = 
     """
     rendered = _render_filter(state, node, SetCatalog(lambda: EndpointIndex(state), reuse), pending)
     for family in FAMILIES:                                  # the nat tables: renderers.natoutgoing
-        chains, sets, hooks = render_nat_outgoing(state, family)
+        chains, sets, hooks = render_nat_outgoing(state, family, node)
         if chains:
             rendered = replace(rendered, chains={**rendered.chains, **chains}, ipsets={**rendered.ipsets, **sets},
                                hooks={**rendered.hooks, **hooks})
@@ -156,7 +158,8 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
                                                family=family, accepted_before=accepted_in)
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
                                                  EGRESS, family=family, accepted_before=EGRESS in untracked)
-    add(INPUT_CHAIN, _input_specs(family) + hosts_in, "entry from INPUT: pod traffic to this host")
+    to_host = state.felix_settings(node).default_endpoint_to_host_action
+    add(INPUT_CHAIN, _input_specs(family, to_host) + hosts_in, "entry from INPUT: pod traffic to this host")
     if hosts_out:
         add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
     for name, specs, about in chains_in + chains_out + chains_fwd:
@@ -219,7 +222,10 @@ def _forward_specs(from_hosts: list[Spec], to_hosts: list[Spec]) -> list[Spec]:
     return specs
 
 
-def _input_specs(family: int) -> list[Spec]:
+def _input_specs(family: int, to_host: str = "Drop") -> list[Spec]:
+    """Pod traffic to this host: the pod's egress policy (the dispatch chain drops what it
+    denies), then FelixConfiguration's defaultEndpointToHostAction (Felix's default Drop;
+    Accept; Return: on to the host's own INPUT rules)."""
     specs = [
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"),
@@ -228,6 +234,8 @@ def _input_specs(family: int) -> list[Spec]:
         specs += [Spec(f"-i {WL_GLOB} -p ipv6-icmp", f"-m icmp6 --icmpv6-type {t}", "-j ACCEPT")
                   for t in ICMPV6_FROM_POD]
     specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
+    if to_host != "Return":
+        specs.append(Spec(f"-i {WL_GLOB}", target="-j ACCEPT" if to_host == "Accept" else "-j DROP"))
     return specs
 
 

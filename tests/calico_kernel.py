@@ -223,7 +223,13 @@ class KernelNode:
             packet = Packet(probe["src"], probe["dst"], probe["proto"], probe["sport"] if ported else None,
                             probe["dport"] if ported else None, probe["icmp_type"] if icmp else None,
                             probe["icmp_code"] if icmp else None)
-            if "host" in (flow.src, flow.dst):
+            if flow.dst == "host" and flow.src in self.pods:
+                decision = evaluator.to_host(self.pods[flow.src][0], packet)
+                if decision.verdict == Verdict.UNMANAGED:      # Return: the node's own INPUT accepts
+                    decision = Decision(Verdict.ALLOW, decision.by, decision.logged)
+            elif flow.src == "host" and flow.dst in self.pods:
+                decision = evaluator.from_host(self.pods[flow.dst][0], packet)
+            elif "host" in (flow.src, flow.dst):
                 hep = evaluator.host_endpoint_for(self.node, "eth0", [self.host_ip])
                 direction = INGRESS if flow.dst == "host" else EGRESS
                 decision = evaluator.host(hep, direction, packet) if hep else Decision(Verdict.ALLOW, "not policed")

@@ -516,3 +516,35 @@ def test_do_not_track_policies_on_the_kernel(name):
             tracked = in_ns(node.node_ns, "conntrack", "-L", check=False)
             assert "dport=8080" not in tracked, tracked
 
+
+# --- FelixConfiguration defaultEndpointToHostAction: pods to their own host ------------------------------
+
+TO_HOST_CASES = {
+    "felix-default-drop": (),
+    "drop": (kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Drop"}),),
+    "accept-with-star-endpoint": (
+        kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Accept"}),
+        kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+        gnp("deny-all", selector="role == 'worker'", types=["Ingress", "Egress"], ingress=DENY_ALL, egress=DENY_ALL)),
+    "return-per-node": (kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Drop"}),
+                        kind("FelixConfiguration", f"node.{NODE}", {"defaultEndpointToHostAction": "Return"})),
+}
+NO_KUBELET = gnp("no-kubelet", selector="app == 'a'", types=["Egress"], egress=[
+    {"action": "Deny", "protocol": "TCP", "destination": {"ports": [10250]}}, {"action": "Allow"}])
+
+
+@pytest.mark.parametrize("name", TO_HOST_CASES)
+def test_pods_to_their_host_on_the_kernel(name):
+    """A pod's packets to its own host pass the pod's egress policy, then the configured
+    defaultEndpointToHostAction (Felix's default: Drop); host endpoints do not apply to them and
+    the host reaches its pods whatever the policy; the kernel's verdicts equal desired.verdict's."""
+    state = cluster(*BASE, NO_KUBELET, *TO_HOST_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        node.load(state)
+        flows = [Flow(pod, "host", *probe) for pod in sorted(node.pods) for probe in HOST_PROBES]
+        flows += [Flow("host", pod, *probe) for pod in sorted(node.pods) for probe in HOST_PROBES[:4]]
+        wrong = node.mismatches(flows)
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+        delivered = node.delivered(node.probes([Flow("ns2/c", "host", "tcp", 22), Flow("ns1/a", "host", "tcp", 10250)]))
+        assert delivered == {"felix-default-drop": [False, False], "drop": [False, False],
+                             "accept-with-star-endpoint": [True, False], "return-per-node": [True, False]}[name]

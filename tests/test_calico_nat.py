@@ -96,7 +96,8 @@ def test_guard_allows_natoutgoing_chain_and_hook():
     (restore("filter", ":weft-x - [0:0]", RULE.replace(NAT_CHAIN, "weft-x")), "MASQUERADE"),
     (restore("filter", f":{NAT_CHAIN} - [0:0]", RULE), "MASQUERADE"),
     (restore("nat", ":weft-x - [0:0]", RULE.replace(NAT_CHAIN, "weft-x")), "MASQUERADE"),
-    (restore("nat", RULE.replace(" -j MASQUERADE", " -j MASQUERADE --to-ports 1-2")), "MASQUERADE"),
+    (restore("nat", RULE.replace(" -j MASQUERADE", " -j MASQUERADE --to-ports 1-2 --random")), "MASQUERADE"),
+    (restore("nat", RULE.replace(" -m comment", " -p icmp -m comment")), "MASQUERADE"),
     (restore("nat", RULE.replace(f"! --match-set {ALL_SET}", "! --match-set weft-other")), "MASQUERADE"),
     (restore("nat", RULE.replace(f"--match-set {MASQ_SET} src", f"--match-set {MASQ_SET} dst")), "MASQUERADE"),
     (restore("nat", f'-A {NAT_CHAIN} -m comment --comment "weft:abc" -j MASQUERADE'), "MASQUERADE"),
@@ -119,10 +120,11 @@ kernel = pytest.mark.skipif(nodens.usable() is not None, reason=str(nodens.usabl
 PORT = 7777
 GATEWAY, HOST_MAC = "169.254.1.1", "ee:ee:ee:ee:ee:ee"
 NODE_UP, ROUTER = "198.19.0.1", "198.19.0.2"
+NODE_SNAT = "198.19.0.3"                              # the node's second address: natOutgoingAddress
 A_IP, B_IP = "198.18.4.1", "198.18.9.1"              # pod a: pool masq (natOutgoing); pod b: pool plain
 OTHER_POOL, DISABLED_POOL = "198.18.8.5", "198.18.10.5"    # addresses of pools, on the router
 ECHO = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',PORT))\n"
-        "print('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(64)\n s.sendto(a[0].encode(),a)\n"
+        "print('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(64)\n s.sendto(f'{a[0]} {a[1]}'.encode(),a)\n"
         ).replace("PORT", str(PORT))
 ASK = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1.5)\n"
        "for _ in range(3):\n s.sendto(b'?',(sys.argv[1],PORT))\n try:\n  print(s.recv(64).decode()); break\n"
@@ -156,7 +158,7 @@ class Net:
                 f"route add default via {GATEWAY} dev eth0 onlink"]) + "\n")
         nodens.in_ns(node, "ip", "-batch", "-", stdin="\n".join([
             f"link add up0 type veth peer name up0 netns {self.router}", "link set up0 up",
-            f"addr add {NODE_UP}/24 dev up0",
+            f"addr add {NODE_UP}/24 dev up0", f"addr add {NODE_SNAT}/24 dev up0",
             f"route add 198.18.8.0/24 via {ROUTER}", f"route add 198.18.10.0/24 via {ROUTER}"]) + "\n")
         nodens.in_ns(self.router, "ip", "-batch", "-", stdin="\n".join([
             "link set up0 up", f"addr add {ROUTER}/24 dev up0",
@@ -176,21 +178,27 @@ class Net:
             proc.kill()
             proc.wait()
 
-    def seen(self, src: str, dst: str) -> str:
-        """The source address `dst` saw a datagram from pod `src` ("a", "b") come from."""
+    def seen(self, src: str, dst: str, port: bool = False) -> str:
+        """The source address (`port`: and port, "address port") `dst` saw a datagram from pod
+        `src` ("a", "b") come from."""
         netns = {"a": self.a, "b": self.b}[src]
         nodens.in_ns(self.node, "conntrack", "-F", check=False)
-        return nodens.in_ns(netns, sys.executable, "-I", "-S", "-c", ASK, dst).strip()
+        answer = nodens.in_ns(netns, sys.executable, "-I", "-S", "-c", ASK, dst).strip()
+        return answer if port else answer.split()[0]
 
     def all_seen(self) -> dict[tuple[str, str], str]:
         return {(s, d): self.seen(s, d) for s, d in (("a", ROUTER), ("a", OTHER_POOL), ("a", DISABLED_POOL),
                                                       ("a", B_IP), ("b", ROUTER))}
 
 
-def cluster(nat: bool) -> list[dict]:
+def cluster(nat: bool, *extra: dict) -> list[dict]:
     pools = [pool("masq", "198.18.4.0/24", natOutgoing=nat), pool("plain", "198.18.9.0/24"),
              pool("other", "198.18.8.0/24"), pool("old", "198.18.10.0/24", disabled=True)]
-    return [namespace("ns1"), pod("ns1", "a", A_IP), pod("ns1", "b", B_IP), *pools]
+    return [namespace("ns1"), pod("ns1", "a", A_IP), pod("ns1", "b", B_IP), *pools, *extra]
+
+
+def felix(name: str = "default", **spec) -> dict:
+    return {"apiVersion": CRD, "kind": "FelixConfiguration", "metadata": {"name": name}, "spec": spec}
 
 
 UNCHANGED = {("a", ROUTER): A_IP, ("a", OTHER_POOL): A_IP, ("a", DISABLED_POOL): A_IP, ("a", B_IP): A_IP,
@@ -245,3 +253,41 @@ def test_natoutgoing_on_the_kernel(node_ns, tmp_path: Path, backend):
         node.weft("apply", "--destroy", from_dir=src)
         assert nat_part(node) == {"weft": "", "foreign": foreign}
         assert not [n for n in nodens.weft_names(node_ns) if "weft" in n]
+
+
+@kernel
+def test_natoutgoing_address_and_port_range_on_the_kernel(node_ns, tmp_path: Path):
+    """FelixConfiguration natOutgoingAddress: SNAT to that address instead; natPortRange: TCP and
+    UDP get source ports from that range (per node over default, as Felix merges them)."""
+    with ExitStack() as stack:
+        net = Net(stack, node_ns)
+        node = WeftNode(node_ns, tmp_path / "state")
+        src = tmp_path / "src"
+        node.weft("apply", from_dir=write_manifests(src, cluster(True, felix(natPortRange="40000:40009"))))
+        address, port = net.seen("a", ROUTER, port=True).split()
+        assert address == NODE_UP and 40000 <= int(port) <= 40009
+        node.weft("apply", from_dir=write_manifests(src, cluster(True, felix(natPortRange="40000:40009"),
+                                                                 felix("node.n1", natOutgoingAddress=NODE_SNAT))))
+        address, port = net.seen("a", ROUTER, port=True).split()
+        assert address == NODE_SNAT and 40000 <= int(port) <= 40009
+        assert net.all_seen() == {**MASQUERADED, ("a", ROUTER): NODE_SNAT}
+        node.weft("drift", from_dir=src, expect=0)
+        node.weft("apply", "--destroy", from_dir=src)
+        assert nat_part(node)["weft"] == ""
+
+
+def test_natoutgoing_rules_follow_felix_configuration():
+    address = felix(natOutgoingAddress="198.18.0.7", natPortRange="1024:2047")
+    chains, _, _ = render_nat_outgoing(state_of([*POOLS, address]), 4, "n1")
+    rules = chains[("nat", NAT_CHAIN)].rules
+    assert [r.split(" -j ", 1)[1] for r in rules] == ["SNAT --to-source 198.18.0.7:1024-2047"] * 2 + \
+        ["SNAT --to-source 198.18.0.7"]
+    assert rules[0].startswith(f"-A {NAT_CHAIN} -p tcp ") and rules[1].startswith(f"-A {NAT_CHAIN} -p udp ")
+    guard.check_iptables(restore("nat", f":{NAT_CHAIN} - [0:0]", *rules))
+    v6, _, _ = render_nat_outgoing(state_of([*POOLS, address]), 6, "n1")     # the address is IPv4's
+    assert [r.split(" -j ", 1)[1] for r in v6[("nat6", NAT_CHAIN)].rules] == ["MASQUERADE --to-ports 1024-2047"] * 2 \
+        + ["MASQUERADE"]
+    for bad in (" -j SNAT --to-source 2001:db8::1", " -j SNAT --to-source 198.18.0.7 --random",
+                " -j MASQUERADE --to-ports 1024", " -j DNAT --to-destination 198.18.0.7"):
+        with pytest.raises(guard.Refused):
+            guard.check_iptables(restore("nat", rules[2].split(" -j ", 1)[0] + bad))
