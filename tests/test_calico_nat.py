@@ -123,12 +123,20 @@ NODE_UP, ROUTER = "198.19.0.1", "198.19.0.2"
 NODE_SNAT = "198.19.0.3"                              # the node's second address: natOutgoingAddress
 A_IP, B_IP = "198.18.4.1", "198.18.9.1"              # pod a: pool masq (natOutgoing); pod b: pool plain
 OTHER_POOL, DISABLED_POOL = "198.18.8.5", "198.18.10.5"    # addresses of pools, on the router
-ECHO = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',PORT))\n"
+ECHO = ("import socket,sys\nfamily=socket.AF_INET6 if sys.argv[1:]==['6'] else socket.AF_INET\n"
+        "s=socket.socket(family,socket.SOCK_DGRAM)\n"
+        "if family==socket.AF_INET6: s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,1)\n"
+        "s.bind(('::' if family==socket.AF_INET6 else '0.0.0.0',PORT))\n"
         "print('ready',flush=True)\nwhile True:\n d,a=s.recvfrom(64)\n s.sendto(f'{a[0]} {a[1]}'.encode(),a)\n"
         ).replace("PORT", str(PORT))
-ASK = ("import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1.5)\n"
+ASK = ("import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET,"
+       "socket.SOCK_DGRAM)\ns.settimeout(1.5)\n"
        "for _ in range(3):\n s.sendto(b'?',(sys.argv[1],PORT))\n try:\n  print(s.recv(64).decode()); break\n"
        " except TimeoutError: pass\nelse: print('timeout')\n").replace("PORT", str(PORT))
+# IPv6 (the same topology, dual-stack): pods a and b, the node's and router's link, another pool.
+A6, B6, NODE_UP6, ROUTER6, OTHER_POOL6 = "2001:db8:4::1", "2001:db8:9::1", "2001:db8:ff::1", "2001:db8:ff::2", \
+    "2001:db8:8::5"
+GATEWAY6 = "fe80::ecee:eeff:feee:eeee"               # the host side's link-local (from its MAC)
 
 FOREIGN_NAT = """\
 *nat
@@ -143,11 +151,11 @@ COMMIT
 class Net:
     """The node namespace, pods a and b wired like Calico's, and the router behind the node."""
 
-    def __init__(self, stack: ExitStack, node: str):
+    def __init__(self, stack: ExitStack, node: str, v6: bool = False):
         self.node = node
         self.a, self.b, self.router = (stack.enter_context(nodens.node_netns()) for _ in range(3))
         nodens.in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for netns, name, ip in ((self.a, "a", A_IP), (self.b, "b", B_IP)):
+        for netns, name, ip, ip6 in ((self.a, "a", A_IP, A6), (self.b, "b", B_IP, B6)):
             iface = host_iface_name("ns1", name)
             nodens.in_ns(node, "ip", "-batch", "-", stdin="\n".join([
                 f"link add {iface} address {HOST_MAC} type veth peer name eth0 netns {netns}",
@@ -155,7 +163,12 @@ class Net:
             nodens.in_ns(netns, "ip", "-batch", "-", stdin="\n".join([
                 "link set eth0 up", f"addr add {ip}/32 dev eth0",
                 f"neigh add {GATEWAY} lladdr {HOST_MAC} dev eth0 nud permanent",
-                f"route add default via {GATEWAY} dev eth0 onlink"]) + "\n")
+                f"route add default via {GATEWAY} dev eth0 onlink",
+                *([f"addr add {ip6}/128 dev eth0 nodad",
+                   f"neigh add {GATEWAY6} lladdr {HOST_MAC} dev eth0 nud permanent",
+                   f"route add ::/0 via {GATEWAY6} dev eth0"] if v6 else [])]) + "\n")
+        if v6:
+            nodens.in_ns(node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         nodens.in_ns(node, "ip", "-batch", "-", stdin="\n".join([
             f"link add up0 type veth peer name up0 netns {self.router}", "link set up0 up",
             f"addr add {NODE_UP}/24 dev up0", f"addr add {NODE_SNAT}/24 dev up0",
@@ -164,11 +177,17 @@ class Net:
             "link set up0 up", f"addr add {ROUTER}/24 dev up0",
             f"addr add {OTHER_POOL}/32 dev lo", f"addr add {DISABLED_POOL}/32 dev lo",
             f"route add 198.18.4.0/24 via {NODE_UP}", f"route add 198.18.9.0/24 via {NODE_UP}"]) + "\n")
-        self.servers = [self._serve(ns) for ns in (self.router, self.b)]
+        if v6:
+            nodens.in_ns(node, "ip", "-batch", "-", stdin="\n".join([
+                f"addr add {NODE_UP6}/64 dev up0 nodad", f"route add 2001:db8:8::/64 via {ROUTER6}"]) + "\n")
+            nodens.in_ns(self.router, "ip", "-batch", "-", stdin="\n".join([
+                f"addr add {ROUTER6}/64 dev up0 nodad", f"addr add {OTHER_POOL6}/128 dev lo",
+                f"route add 2001:db8:4::/64 via {NODE_UP6}", f"route add 2001:db8:9::/64 via {NODE_UP6}"]) + "\n")
+        self.servers = [self._serve(ns, family) for ns in (self.router, self.b) for family in ("4", "6")[:1 + v6]]
         stack.callback(self._stop)
 
-    def _serve(self, netns: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-I", "-S", "-c", ECHO],
+    def _serve(self, netns: str, family: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-I", "-S", "-c", ECHO, family],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         return proc
@@ -291,3 +310,28 @@ def test_natoutgoing_rules_follow_felix_configuration():
                 " -j MASQUERADE --to-ports 1024", " -j DNAT --to-destination 198.18.0.7"):
         with pytest.raises(guard.Refused):
             guard.check_iptables(restore("nat", rules[2].split(" -j ", 1)[0] + bad))
+
+
+@kernel
+@pytest.mark.skipif(not Path("/proc/net/if_inet6").exists(), reason="IPv6 is not enabled in this kernel")
+def test_natoutgoing_ipv6_on_the_kernel(node_ns, tmp_path: Path):
+    """IPv6 pools: the same in ip6tables' nat table (weft-masq6-pools / weft-all6-pools)."""
+    with ExitStack() as stack:
+        net = Net(stack, node_ns, v6=True)
+        node = WeftNode(node_ns, tmp_path / "state")
+        pools6 = [pool("masq6", "2001:db8:4::/64", natOutgoing=True), pool("plain6", "2001:db8:9::/64"),
+                  pool("other6", "2001:db8:8::/64")]
+        objects = [namespace("ns1"), pod("ns1", "a", A_IP, ip6=A6), pod("ns1", "b", B_IP, ip6=B6),
+                   pool("plain", "198.18.0.0/16"), *pools6]
+        src = write_manifests(tmp_path / "src", objects)
+        node.weft("apply", from_dir=src)
+        seen = {(s, d): net.seen(s, d) for s, d in (("a", ROUTER6), ("a", OTHER_POOL6), ("a", B6), ("b", ROUTER6),
+                                                     ("a", ROUTER))}
+        assert seen == {("a", ROUTER6): NODE_UP6, ("a", OTHER_POOL6): A6, ("a", B6): A6, ("b", ROUTER6): B6,
+                        ("a", ROUTER): A_IP}, seen                 # no IPv4 pool has natOutgoing here
+        save6 = nodens.in_ns(node_ns, "ip6tables-nft-save", "-t", "nat")
+        assert f"-j {NAT_CHAIN}" in save6 and "weft-masq6-pools" in save6
+        assert NAT_CHAIN not in nodens.in_ns(node_ns, "iptables-nft-save", "-t", "nat")
+        node.weft("drift", from_dir=src, expect=0)
+        node.weft("apply", "--destroy", from_dir=src)
+        assert NAT_CHAIN not in nodens.in_ns(node_ns, "ip6tables-nft-save", "-t", "nat")
