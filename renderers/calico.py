@@ -28,8 +28,8 @@ endpoint of the node names ("*": every interface but lo and the pods'), failsafe
 traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward),
 preDNAT policies in the mangle table (host_prednat_chains), doNotTrack policies in the raw
 table (host_untracked_chains). What is not rendered yet: host endpoints that name their
-interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod to host
-traffic still ends in the host's own rules).
+interface by expectedIPs only. (Pods' traffic to their own host, FelixConfiguration's
+defaultEndpointToHostAction, is renderers.iptables'.)
 
 Each IP family's table gets its own rendering (`family`): a rule's nets, sets, protocols, ICMP
 matches and failsafe ports of the other family render nothing there; a rule that can match
@@ -325,9 +325,10 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     pass, invalid ones drop, then the failsafe ports of the direction (FelixConfiguration,
     Felix's defaults: SSH, BGP, DNS, the API server, ...) are accepted whatever the policy,
     then the applicable policies' tiers (normal policies only: preDNAT and doNotTrack policies
-    are not rendered yet), then Allow accepts, and what no policy decided goes to the
-    endpoint's profiles (projectcalico-default-allow, or kns.<namespace> of an existing
-    namespace, accept), else drops: Calico's default for host endpoints. `accepted_before`: a
+    have their own tables, host_prednat_chains and host_untracked_chains), then Allow accepts,
+    and what no policy decided goes to the endpoint's profiles (projectcalico-default-allow, or
+    kns.<namespace> of an existing namespace, accept), else drops: Calico's default for host
+    endpoints. `accepted_before`: a
     preDNAT or doNotTrack policy may have allowed the packet already (the accept mark:
     host_prednat_chains, host_untracked_chains): then it is accepted before the host endpoints'
     chains, as Felix's INPUT and OUTPUT do.
@@ -479,7 +480,7 @@ def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
     return [(PREROUTING_CHAIN, entry, "entry from mangle PREROUTING: host endpoints' preDNAT policies"), *chains]
 
 
-RAW_CHAINS = {INGRESS: f"{PREFIX}PREROUTING", EGRESS: f"{PREFIX}OUTPUT"}     # raw PREROUTING / OUTPUT ->
+RAW_CHAINS = {INGRESS: f"{PREFIX}PREROUTING", EGRESS: f"{PREFIX}OUTPUT"}     # hooked from raw's namesakes
 
 
 def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,

@@ -335,3 +335,13 @@ def test_natoutgoing_ipv6_on_the_kernel(node_ns, tmp_path: Path):
         node.weft("drift", from_dir=src, expect=0)
         node.weft("apply", "--destroy", from_dir=src)
         assert NAT_CHAIN not in nodens.in_ns(node_ns, "ip6tables-nft-save", "-t", "nat")
+
+
+def test_an_ebpf_node_keeps_natoutgoing():
+    """natOutgoing is not policy: a node whose policy plane is eBPF keeps the nat tables and sets."""
+    from weft.renderers.bpf_policy import host_dataplane
+    rendered = render_node(state_of(POOLS), "n1")
+    kept = host_dataplane(rendered)
+    assert {k for k in kept.chains if k[0].startswith("nat")} == {("nat", NAT_CHAIN), ("nat6", NAT_CHAIN)}
+    assert {k for k in kept.hooks if k[0].startswith("nat")} == {("nat", "POSTROUTING"), ("nat6", "POSTROUTING")}
+    assert {MASQ_SET, ALL_SET, "weft-masq6-pools", "weft-all6-pools"} <= set(kept.ipsets)
