@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from weft.desired.api import CALICO_API_VERSION, ApiError, connect
+from weft.desired.api import CALICO_API_GROUPS, ApiError, connect
 from weft.desired.loader import build_cluster_state, flatten_lists
 from weft.desired.manifests import load_manifest_dir
 from weft.model.errors import SourceError
@@ -71,13 +71,27 @@ def _read(source: dict, node: str, timeout: float, pods: bool) -> list[tuple[str
             return [("api", obj) for obj in _list(api, "/api/v1/pods", "v1", "Pod", timeout,
                                                    [("fieldSelector", f"spec.nodeName={node}")])]
         kinds = (("IPPool", "ippools"), ("IPAMBlock", "ipamblocks"), ("BlockAffinity", "blockaffinities"))
-        objects: list[tuple[str, object]] = [
-            ("api", obj) for kind, plural in kinds
-            for obj in _list(api, f"/apis/{CALICO_API_VERSION}/{plural}", CALICO_API_VERSION, kind, timeout, crd=True)]
+        objects: list[tuple[str, object]] = [("api", obj) for kind, plural in kinds
+                                             for obj in _calico_list(api, kind, plural, timeout)]
         # The node by a list with a field selector: the same permission as every other read (no `get`).
         objects += [("api", obj) for obj in _list(api, "/api/v1/nodes", "v1", "Node", timeout,
                                                   [("fieldSelector", f"metadata.name={node}")])]
         return objects
+
+
+def _calico_list(api, kind: str, plural: str, timeout: float) -> list[dict]:
+    """A Calico kind from the first of Calico's groups that serves it (crd.projectcalico.org/v1,
+    else projectcalico.org/v3, Calico's newer CRD mode); none if neither does."""
+    for version in CALICO_API_GROUPS:
+        try:
+            return _list(api, f"/apis/{version}/{plural}", version, kind, timeout, crd=True)
+        except _NotServed:
+            continue
+    return []
+
+
+class _NotServed(Exception):
+    """A CRD group that does not serve the kind (404)."""
 
 
 def _list(api, path: str, api_version: str, kind: str, timeout: float, query=(), crd: bool = False) -> list[dict]:
@@ -88,7 +102,7 @@ def _list(api, path: str, api_version: str, kind: str, timeout: float, query=(),
                                timeout=timeout)
         except ApiError as exc:
             if exc.status == 404 and crd:
-                return []                           # the CRD is not installed: no objects of it
+                raise _NotServed(path) from None     # the CRD is not served in this group
             raise SourceError(f"listing {kind} ({path}) from {api.host}: HTTP {exc.status} {exc.reason}") from None
         if not isinstance(page, dict) or not isinstance(page.get("items") or [], list):
             raise SourceError(f"listing {kind} ({path}) from {api.host}: not a list")

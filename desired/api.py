@@ -135,12 +135,21 @@ def load_objects(kubeconfig: str | None = None, context: str | None = None, page
     return [obj for objs in per_kind for obj in objs]
 
 
+class NotServed(Exception):
+    """A CRD kind answered 404 where discovery said it is served (a list or watch with
+    `absent_ok=False`): the discovery is stale (a CRD removed, or moved to Calico's other group)."""
+
+    def __init__(self, resource: Resource):
+        super().__init__(f"{resource.kind} ({resource.path()}) is not served")
+        self.resource = resource
+
+
 def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
-              timeout: float = READ_TIMEOUT) -> tuple[list[dict], str]:
+              timeout: float = READ_TIMEOUT, absent_ok: bool = True) -> tuple[list[dict], str]:
     """All objects of one resource (all namespaces) and the list's resourceVersion.
 
     The resourceVersion is where a watch can start without missing a change. A CRD that is not
-    installed yields ([], "").
+    installed yields ([], ""), or raises NotServed when not `absent_ok`.
     """
     path = resource.path()
     for _ in range(EXPIRED_RELIST_ATTEMPTS):
@@ -162,6 +171,8 @@ def list_kind(api: Connection, resource: Resource, page_size: int = 500, *,
                     return items, meta.get("resourceVersion", "")
         except ApiError as e:
             if e.status == 404 and resource.crd:
+                if not absent_ok:
+                    raise NotServed(resource) from None
                 return [], ""
             if e.status == 410 and token:
                 continue  # the snapshot behind the continue token is gone: list again
@@ -622,14 +633,15 @@ def current_resource_version(api: Connection, *, timeout: float = READ_TIMEOUT) 
 
 
 def watch_since(api: Connection, resource: Resource, resource_version: str, *, quiet: float = 0.1,
-                timeout: float = READ_TIMEOUT) -> tuple[list[tuple[str, dict]], str]:
+                timeout: float = READ_TIMEOUT, absent_ok: bool = True) -> tuple[list[tuple[str, dict]], str]:
     """The (type, object) events of `resource` after `resource_version`, and where they end.
 
     The server sends what it has at once; reading stops after `quiet` seconds without data
     (after its answer began: a server slow to answer has `timeout`), after `timeout` seconds in
     all, or after MAX_RESPONSE_BYTES. A change still in flight then is not lost: the returned
     resourceVersion is that of the last event received, so the next run's watch starts right
-    after it. An event that is not JSON, or not of a watch event's shape, is a SourceError.
+    after it. An event that is not JSON, or not of a watch event's shape, is a SourceError. A
+    CRD that is not installed has no events, or raises NotServed when not `absent_ok`.
     """
     query = [("watch", "true"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
              ("timeoutSeconds", max(1, int(timeout)))]
@@ -645,6 +657,8 @@ def watch_since(api: Connection, resource: Resource, resource_version: str, *, q
         if response.status == 410:
             raise WatchExpired(resource.kind)
         if response.status == 404 and resource.crd:
+            if not absent_ok:
+                raise NotServed(resource)
             return [], resource_version
         if not 200 <= response.status <= 299:
             try:
@@ -756,6 +770,48 @@ def choose_resources(served: dict[str, frozenset[str]]) -> tuple[Resource, ...]:
     return tuple(chosen)
 
 
+# Calico's kinds weft cannot do without: a cluster serving one of them in neither group is an
+# error (weft would silently enforce less than asked). Tier and FelixConfiguration are newer
+# kinds an older Calico lacks: without them weft uses the default tier and Felix's defaults, and
+# says so. IPAMBlock and BlockAffinity are read where served (weft claims blocks itself).
+NEEDED_KINDS = ("IPPool", "GlobalNetworkPolicy", "NetworkPolicy", "GlobalNetworkSet", "NetworkSet",
+                "HostEndpoint", "BGPConfiguration", "BGPPeer")
+OPTIONAL_KINDS = ("Tier", "FelixConfiguration")
+CRDS_FIX = "apply weft's CRDs (kubectl apply -f playbooks/kubernetes/crds.yaml) or install Calico"
+
+
+def unserved(chosen: tuple[Resource, ...], kinds: tuple[str, ...]) -> list[str]:
+    """Which of Calico's `kinds` no resource of `chosen` reads."""
+    read = {r.kind for r in chosen if r.api_version in CALICO_API_GROUPS}
+    return [kind for kind in kinds if kind not in read]
+
+
+def check_needed(host: str, chosen: tuple[Resource, ...]) -> None:
+    """SourceError (one line) when a kind weft needs is served by neither of Calico's groups."""
+    missing = unserved(chosen, NEEDED_KINDS)
+    if missing:
+        raise SourceError(f"the API server at {host} serves {', '.join(missing)} in neither "
+                          f"{' nor '.join(CALICO_API_GROUPS)}; weft needs {'them' if len(missing) > 1 else 'it'}: "
+                          f"{CRDS_FIX}")
+
+
+def optional_warning(host: str, chosen: tuple[Resource, ...]) -> str | None:
+    """A one-line warning when a newer kind (OPTIONAL_KINDS) is served by neither group."""
+    missing = unserved(chosen, OPTIONAL_KINDS)
+    if not missing:
+        return None
+    return (f"weft: warning: the API server at {host} serves no {', '.join(missing)}: weft reads none "
+            f"(policies are in the default tier, Felix's settings are the defaults); to read them, {CRDS_FIX}")
+
+
+def discover_served(api: Connection, *, timeout: float = READ_TIMEOUT) -> dict[str, frozenset[str]]:
+    """API discovery of Calico's groups: api_version -> the plurals it serves."""
+    return {group: served_plurals(api, group, timeout=timeout) for group in CALICO_API_GROUPS}
+
+
 def discover_resources(api: Connection, *, timeout: float = READ_TIMEOUT) -> tuple[Resource, ...]:
-    """What this cluster serves of RESOURCES, each Calico kind from one group (choose_resources)."""
-    return choose_resources({group: served_plurals(api, group, timeout=timeout) for group in CALICO_API_GROUPS})
+    """What this cluster serves of RESOURCES, each Calico kind from one group (choose_resources);
+    SourceError when a kind weft needs is served by neither group (check_needed)."""
+    chosen = choose_resources(discover_served(api, timeout=timeout))
+    check_needed(api.host, chosen)
+    return chosen

@@ -18,9 +18,15 @@ converters it must fit these bounds, so no input can exhaust memory or the inter
 The check is a walk of each loaded document that counts the values below each mapping or list
 once per object (so an alias bomb costs what its text does, not what it expands to) and refuses
 the document at the first limit it passes.
+
+Files weft is handed by path (manifests; a saved plan, reconciler.plan, with bounds of its own)
+are read by `read_bounded`, and JSON by `check_depth`: one way to refuse a file too large or
+too deep, whoever reads it.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 MiB = 1 << 20
@@ -91,6 +97,21 @@ class ValueBudget:
     def _too_many(self) -> str:
         return (f"more than {self.limit:,} values (YAML aliases count each time they are used): "
                 f"an alias bomb, or more than weft reads from one file")
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str, error: Callable[[str], Exception]) -> bytes:
+    """The bytes of the file at `path` (a `what`: "manifest file", "saved plan"). More than `limit`
+    of them is an `error`, found without reading more than that (the file may be a /proc file, or
+    growing); so is a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    if len(data) > limit:
+        most = f"{limit >> 20} MiB" if limit >= MiB else f"{limit:,} bytes"
+        raise error(f"{path}: larger than {most}, the most weft reads from one {what}")
+    return data
 
 
 def check_depth(value: Any, what: str, max_depth: int = MAX_DEPTH) -> None:

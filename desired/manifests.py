@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import yaml
 
-from weft.desired.bounds import MAX_FILE_BYTES, MAX_VALUES, BoundExceeded, ValueBudget
+from weft.desired.bounds import MAX_FILE_BYTES, MAX_VALUES, BoundExceeded, ValueBudget, read_bounded
 from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
 
 # libyaml's loader is ~8x faster than the pure-Python one; same results for manifests.
@@ -40,16 +40,8 @@ def manifest_files(directory: str | Path) -> list[Path]:
 
 
 def read_manifest(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
-    """A manifest file's bytes; more than `limit` of them is an error, found without reading
-    more than that (the file may be a /proc file, or growing)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise SourceError(f"{path}: larger than {limit >> 20} MiB, the most weft reads from one manifest file")
-    return data
+    """A manifest file's bytes; SourceError past `limit` of them (desired.bounds.read_bounded)."""
+    return read_bounded(path, limit, "manifest file", SourceError)
 
 
 def parse_manifest_file(path: str | Path, data: bytes, errors: list[ValidationError]) -> list[tuple[str, object]]:

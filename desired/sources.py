@@ -28,7 +28,6 @@ import pickle
 import signal
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,9 +199,10 @@ def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: lis
     for group in gone:
         cache.take(group)
     for path, documents in read.items():
-        old = {}
+        old: dict[str, tuple] = {}
         for group in [g for g in cache.blobs if g[0] == path]:
-            old[group[2]] = cache.take(group)
+            if (kept := cache.take(group)) is not None:     # always: the group is one of the cache's
+                old[group[2]] = kept
         new = {}
         for n, block in enumerate(_blocks(documents)):
             block_id = hashlib.sha256("".join(d.digest for d in block).encode()).hexdigest()[:16]
@@ -294,6 +294,7 @@ def _read_api(child: _ApiChild | _InProcess, cache: cachemod.DesiredCache | None
     if what == "full":
         return _list_everything(cachemod.DesiredCache(source, token=""), kubeconfig, context, keep)
     (now,) = rest
+    assert cache is not None            # without a cache the child answers "full" (_ask_api)
     if what == "same":
         return Reading(cache.token, cache, _assembled_from(cache, kubeconfig, context, keep), dirty=False)
     (results,) = child.receive()
@@ -305,7 +306,7 @@ def _list_everything(cache: cachemod.DesiredCache, kubeconfig: str | None, conte
     from weft.desired import api as kube
     with kube.connect(kubeconfig, context, keep=keep) as api:
         now = kube.current_resource_version(api)
-        return _full_list(api, cache, now)
+        return _full_list(api, cache, now, keep.parent)
 
 
 def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str | None,
@@ -324,7 +325,7 @@ def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str
             send(("same", source, now))
             return
         send(("moved", source, now))
-        send((_watch_all(api, cache.cursors),))
+        send((_watch_all(api, cache.cursors, keep.parent),))
 
 
 class _ApiChild:
@@ -453,12 +454,15 @@ def _key(obj: dict) -> tuple:
     return (obj.get("apiVersion"), obj.get("kind"), meta.get("namespace"), meta.get("name"))
 
 
-def _full_list(api, cache: cachemod.DesiredCache, before: str) -> Reading:
+def _full_list(api, cache: cachemod.DesiredCache, before: str, state_dir: Path | None = None) -> Reading:
     from weft.desired import api as kube
+    from weft.desired.discovery import Discovery
     from weft.desired.loader import convert_object
-    resources = kube.discover_resources(api)
-    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="weft-list") as pool:
-        listed = list(pool.map(lambda r: kube.list_kind(api, r), resources))
+    # The kinds the cluster serves (API discovery, kept in the state dir: desired.discovery).
+    answers = Discovery(api, state_dir).each(lambda r, absent_ok: kube.list_kind(api, r, absent_ok=absent_ok),
+                                             _WORKERS)
+    resources = [r for r, _answer in answers]
+    listed = [answer for _r, answer in answers]
     errors: list[ValidationError] = []
     table = {}
     for items, _rv in listed:
@@ -482,24 +486,24 @@ def _cursor(resource) -> str:
     return resource.plural + "." + resource.api_version
 
 
-def _watch_all(api, cursors: dict) -> list:
+def _watch_all(api, cursors: dict, state_dir: Path | None = None) -> list:
     """Each kind's events since its cursor; a kind without one, or whose events are no longer
     kept (410), is listed again. Every watch ends with a quiet gap: they run all at once. The
-    kinds are those the cluster serves (API discovery: each Calico kind from one group)."""
+    kinds are those the cluster serves (API discovery, kept in the state dir: each Calico kind
+    from one group; see desired.discovery)."""
     from weft.desired import api as kube
-    resources = kube.discover_resources(api)
+    from weft.desired.discovery import Discovery
 
-    def one(resource):
+    def one(resource, absent_ok: bool):
         cursor = cursors.get(_cursor(resource), "")
         try:
             if not cursor:
                 raise kube.WatchExpired(resource.kind)
-            return resource, "events", kube.watch_since(api, resource, cursor)
+            return "events", kube.watch_since(api, resource, cursor, absent_ok=absent_ok)
         except kube.WatchExpired:
-            return resource, "list", kube.list_kind(api, resource)
+            return "list", kube.list_kind(api, resource, absent_ok=absent_ok)
 
-    with ThreadPoolExecutor(len(resources), thread_name_prefix="weft-watch") as pool:
-        return list(pool.map(one, resources))
+    return [(resource, how, answer) for resource, (how, answer) in Discovery(api, state_dir).each(one)]
 
 
 def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, kubeconfig: str | None,

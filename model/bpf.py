@@ -84,13 +84,16 @@ class ServiceKey(NamedTuple):
 
 class ServiceEntry(NamedTuple):
     id: int                                     # its backends are BackendKey(id, 0 .. count - 1)
-    count: int
+    # Named as in struct weft_svc (renderers/bpf/maps.h); the field hides tuple.count, which
+    # nothing calls on an entry (mypy sees a method overridden by an int).
+    count: int                                  # type: ignore[assignment]
     affinity: int = 0                           # ClientIP affinity timeout (seconds), 0: none
 
 
 class BackendKey(NamedTuple):
     id: int
-    index: int
+    # Named as in struct weft_backend_key (renderers/bpf/maps.h); hides tuple.index, as `count` above.
+    index: int                                  # type: ignore[assignment]
 
 
 class Backend(NamedTuple):

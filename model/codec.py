@@ -148,7 +148,7 @@ def _node(obj: dict) -> Any:
         if direct:
             if len(values) != len(names):
                 raise CodecError(f"{name}: {len(values)} values for {len(names)} fields")
-            value = _new(cls)
+            value: object = _new(cls)
             value.__dict__.update(zip(names, values, strict=False))   # lengths checked above
             return value
         try:
@@ -174,11 +174,11 @@ def _node(obj: dict) -> Any:
         except TypeError:
             raise CodecError("a frozenset holds an unhashable value") from None
     if len(obj) == 2 and ENUM in obj:
-        cls = _TYPES.get(obj[ENUM]) if type(obj[ENUM]) is str else None
-        if cls is None or not issubclass(cls, Enum):
+        enum = _TYPES.get(obj[ENUM]) if type(obj[ENUM]) is str else None
+        if enum is None or not issubclass(enum, Enum):
             raise CodecError(f"unknown enum {str(obj[ENUM])[:80]!r}")
         try:
-            return cls(obj.get("v"))
+            return enum(obj.get("v"))
         except (ValueError, TypeError) as exc:
             raise CodecError(str(exc)[:200]) from None
     if len(obj) == 1 and MAPPING in obj:

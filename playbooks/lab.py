@@ -78,11 +78,19 @@ def sigterm_as_exit():
 
 
 def show_matrix(lab: NodeLab, title: str, timeout: float) -> dict:
-    section(title)
-    matrix = lab.matrix(timeout=timeout)
-    print(format_matrix(lab.pods, matrix))
-    print(f"\n{sum(matrix.values())} of {len(matrix)} probes connected")
-    return matrix
+    """The matrix over IPv4, and over IPv6 too when the pods are dual-stack (then both must be
+    the same: weft enforces the families alike). Returns IPv4's."""
+    families = (4, 6) if any(p.ip6 for p in lab.pods) else (4,)
+    found = {}
+    for family in families:
+        section(f"{title} (IPv{family})")
+        matrix = found[family] = lab.matrix(timeout=timeout, family=family)
+        print(format_matrix(lab.pods, matrix))
+        print(f"\n{sum(matrix.values())} of {len(matrix)} probes connected")
+    if len(found) == 2 and found[4] != found[6]:
+        differ = sorted(k for k in found[4] if found[4][k] != found[6][k])
+        raise StepFailed(f"{title}: IPv6 differs from IPv4 for {len(differ)} probes, e.g. {differ[0]}")
+    return found[4]
 
 
 def weft(lab: NodeLab, verb: str, manifests: Path, state: Path, *extra: str, ok=(0,)) -> None:

@@ -111,19 +111,17 @@ def check_lab_pods(pods: Sequence[LabPod]) -> None:
     if len(set(keys)) != len(keys):
         raise ValueError(f"pods named more than once: {sorted({key for key in keys if keys.count(key) > 1})}")
     for pod in pods:
-        try:
-            address = ipaddress.IPv4Address(pod.ip)
-        except ValueError:
-            raise ValueError(f"pod {pod.key}: {pod.ip!r} is not an IPv4 address") from None
-        if address not in LAB_NETWORK:
-            raise ValueError(f"pod {pod.key}: {pod.ip} is outside the lab range {LAB_NETWORK}")
-        if pod.ip6 is not None:
+        for family, text, network in ((4, pod.ip, LAB_NETWORK), (6, pod.ip6, LAB_NETWORK6)):
+            if text is None:
+                continue
             try:
-                address6 = ipaddress.IPv6Address(pod.ip6)
+                address = ipaddress.ip_address(text)
             except ValueError:
-                raise ValueError(f"pod {pod.key}: {pod.ip6!r} is not an IPv6 address") from None
-            if address6 not in LAB_NETWORK6:
-                raise ValueError(f"pod {pod.key}: {pod.ip6} is outside the lab's IPv6 range {LAB_NETWORK6}")
+                address = None
+            if address is None or address.version != family:
+                raise ValueError(f"pod {pod.key}: {text!r} is not an IPv{family} address")
+            if address not in network:
+                raise ValueError(f"pod {pod.key}: {text} is outside the lab's IPv{family} range {network}")
 
 
 def run(argv: list[str], *, input: str | None = None) -> str:
@@ -252,7 +250,7 @@ class NodeLab:
         self._add_netns(netns)
         ip_batch(netns, ["link set lo up"])
         self._cni_added.append(pod)
-        result = self._cni_call("ADD", pod)
+        result = self._cni_call("ADD", pod) or {}     # no answer: no address, said below
         addresses = [ip["address"].split("/")[0] for ip in result.get("ips", ()) if "." in ip["address"]]
         if not addresses:
             raise LabError(f"CNI ADD of pod {pod.key} gave no IPv4 address: {result}")
@@ -264,6 +262,7 @@ class NodeLab:
     def _cni_call(self, command: str, pod: LabPod) -> dict | None:
         """One plugin call in the node's namespace, with the environment and stdin a runtime gives."""
         cni = self.cni
+        assert cni is not None                 # only a lab made with cni= calls the plugin
         container_id = self.pod_netns(pod)     # stable per pod, and unique
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
                "CNI_CONTAINERID": container_id, "CNI_NETNS": f"/run/netns/{self.pod_netns(pod)}",
@@ -289,12 +288,14 @@ class NodeLab:
         """Wait for every server's "ready" line: the servers start in parallel, the wait is shared."""
         deadline = time.monotonic() + READY_TIMEOUT
         for pod, server in zip(self.pods, self._servers, strict=True):
-            ready, _, _ = select.select([server.stdout], [], [], max(deadline - time.monotonic(), 0))
-            line = server.stdout.readline() if ready else ""
+            out, err = server.stdout, server.stderr
+            assert out is not None and err is not None     # _start_server pipes both
+            ready, _, _ = select.select([out], [], [], max(deadline - time.monotonic(), 0))
+            line = out.readline() if ready else ""
             if line.strip() != "ready":
                 if server.poll() is None:
                     server.kill()
-                raise LabError(f"server in pod {pod.key} did not start: {line}{server.stderr.read().strip()}")
+                raise LabError(f"server in pod {pod.key} did not start: {line}{err.read().strip()}")
 
     def close(self) -> None:
         """Stop the servers and delete every namespace; safe to call twice or on a half-built lab."""
@@ -304,8 +305,9 @@ class NodeLab:
             except ProcessLookupError:
                 pass
             server.wait()
-            server.stdout.close()
-            server.stderr.close()
+            for pipe in (server.stdout, server.stderr):
+                if pipe is not None:
+                    pipe.close()
         self._servers.clear()
         while self._cni_added:
             pod = self._cni_added.pop()
@@ -368,12 +370,13 @@ def format_matrix(pods: Sequence[LabPod], matrix: dict) -> str:
     probes = list(dict.fromkeys((proto, port) for _, _, proto, port in matrix))
     keys = [pod.key for pod in pods]
     width = max([len(key) for key in keys] + [1]) + 1
+    marks: dict[bool | None, str] = {True: ".", False: "X"}
     tables = []
     for proto, port in probes:
         lines = [f"{proto.upper()}/{port}  (rows: from, columns: to; . connected, X blocked)",
                  "-".ljust(width) + "".join(key.ljust(width) for key in keys).rstrip()]
         for src in keys:
-            cells = [{True: ".", False: "X"}.get(matrix.get((src, dst, proto, port)), "?") for dst in keys]
+            cells = [marks.get(matrix.get((src, dst, proto, port)), "?") for dst in keys]
             lines.append(src.ljust(width) + "".join(cell.ljust(width) for cell in cells).rstrip())
         tables.append("\n".join(lines))
     return "\n\n".join(tables)

@@ -53,7 +53,8 @@ def main(argv: list[str]) -> None:
     print("ready", flush=True)
     while True:
         for key, _ in selector.select():
-            answer(key.fileobj, key.data)
+            if isinstance(sock := key.fileobj, socket.socket):     # always: bind_all registers sockets
+                answer(sock, key.data)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 from weft.model import bpf as m
 from weft.model.errors import WeftError
@@ -141,7 +142,7 @@ class MapHandle:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> MapHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -381,7 +382,8 @@ def read_attachments(runner: Runner, ifaces: list[str]) -> dict[tuple[str, str],
         out = runner.run(["tc", "-j", "-force", "-batch", "-"], "\n".join(commands) + "\n")
     except KernelCommandError as exc:
         out = exc.said if exc.said.lstrip().startswith("[") else ""
-    answers, decoder, pos = [], json.JSONDecoder(), 0
+    answers: list[list[dict[str, Any]]] = []        # one JSON list of qdiscs or filters per command
+    decoder, pos = json.JSONDecoder(), 0
     while len(answers) < len(commands):
         while pos < len(out) and out[pos].isspace():
             pos += 1

@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from weft.model import bpf as m
 from weft.model.errors import WeftError
@@ -23,6 +23,22 @@ from weft.reconciler.output import emit
 from weft.store.statedir import default_state_dir
 
 FORMAT_VERSION = 1
+
+
+class RuleRow(TypedDict):
+    """One rule of `weft bpf policy`'s JSON, with what it decided."""
+    rule: str                           # its id, 8 hex digits
+    text: str
+    packets: int
+    bytes: int
+
+
+class ServiceRow(TypedDict):
+    """One service address of `weft bpf nat`'s JSON."""
+    address: str                        # "addr:port"
+    protocol: str
+    backends: list[str]                 # "addr:port" each
+    affinity_seconds: int
 
 
 def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -115,7 +131,7 @@ def policy(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             data[direction] = {"state": "closed", "rules": []}
             lines.append(f"  {direction}: closed (not in the desired state yet, and a policy may select it)")
             continue
-        rules = []
+        rules: list[RuleRow] = []
         for rule in rendered.profiles.get(side.profile, ()):
             packets, size = counts.get(rule, (0, 0))
             rules.append({"rule": f"{rule:08x}", "text": rendered.rules.get(rule, "?"), "packets": packets,
@@ -148,7 +164,7 @@ def nat(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from weft.probes.bpf import read_maps, read_nat
     maps_dir = _maps_dir(args)
     maps = read_maps(maps_dir)
-    services = []
+    services: list[ServiceRow] = []
     for key, entry in sorted(maps.services.items()):
         backends = [f"{b.addr}:{b.port}" for i in range(entry.count)
                     if (b := maps.backends.get(m.BackendKey(entry.id, i))) is not None]

@@ -52,12 +52,13 @@ def _listed(pending) -> list[str] | None:
     return [ln for ln in out.splitlines() if ln.startswith("-A ")]
 
 
-def _dispatch_listings(runner: Runner, backend: Backend, families) -> dict[int, tuple[list[str] | None, ...]]:
+def _dispatch_listings(runner: Runner, backend: Backend,
+                       families) -> dict[int, tuple[list[str] | None, list[str] | None]]:
     """Per family, the two dispatch chains' rules (None where weft's base is not in place), all
     listed at once."""
     started = {f: [runner.start(backend.in_family(f).list_chain + ["-t", TABLE, "-S", chain])
                    for chain in (FROM_DISPATCH, TO_DISPATCH)] for f in families}
-    return {f: tuple(_listed(p) for p in pending) for f, pending in started.items()}
+    return {f: (_listed(from_dispatch), _listed(to_dispatch)) for f, (from_dispatch, to_dispatch) in started.items()}
 
 
 def _dispatch_rules(lines: list[str] | None, flag: str, iface: str) -> list[str]:

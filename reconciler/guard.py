@@ -400,7 +400,7 @@ def check_bpf(write: BpfWrite, pin_dir: str | None) -> None:
         for key, value in write.writes:
             if not isinstance(key, key_type) or not isinstance(value, value_type):
                 raise Refused(f"map write to {path}: {key!r} = {value!r} is not a {map_name} entry")
-            if map_name == "endpoints" and not _IFACE.match(key):
+            if map_name == "endpoints" and not (isinstance(key, str) and _IFACE.match(key)):
                 raise Refused(f"map write to {path}: {key!r} is not a weft interface")
         for key in write.deletes:
             if not isinstance(key, key_type):

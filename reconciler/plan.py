@@ -35,11 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from weft.desired.bounds import BoundExceeded, check_depth, read_bounded
 from weft.model.errors import WeftError
 
 FORMAT_VERSION = 2
 MAX_PLAN_BYTES = 256 << 20       # a plan's sets for 100k pods are tens of MB
-MAX_DEPTH = 16                   # the document nests 6 deep
+MAX_DEPTH = 16                   # levels of objects and lists; the document nests 5
 DIFFERENCES_SHOWN = 3
 
 
@@ -91,19 +92,15 @@ def save_plan(plan: Plan, path: str) -> None:
 def load_plan(path: str) -> dict[str, Any]:
     """A saved plan's document, checked for shape and size only (it is hostile input: it is
     compared with a plan weft makes, never executed)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PLAN_BYTES + 1)
-    except OSError as exc:
-        raise PlanError(f"{path}: cannot read the plan: {exc.strerror}") from None
-    if len(data) > MAX_PLAN_BYTES:
-        raise PlanError(f"{path}: larger than the {MAX_PLAN_BYTES >> 20} MiB a plan may be")
+    data = read_bounded(path, MAX_PLAN_BYTES, "saved plan", PlanError)
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise PlanError(f"{path}: not a weft plan (not JSON: {str(exc)[:80]})") from None
-    if _depth(doc) > MAX_DEPTH:
-        raise PlanError(f"{path}: not a weft plan (nested deeper than {MAX_DEPTH})")
+    try:
+        check_depth(doc, "not a weft plan", MAX_DEPTH)
+    except BoundExceeded as exc:
+        raise PlanError(f"{path}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
         got = doc.get("format_version") if isinstance(doc, dict) else None
         raise PlanError(f"{path}: not a weft plan of format_version {FORMAT_VERSION} (got {_short(got)}); "
@@ -112,20 +109,6 @@ def load_plan(path: str) -> dict[str, Any]:
         if not isinstance(doc.get(key), kind):
             raise PlanError(f"{path}: not a weft plan (field {key!r} missing or not a {kind.__name__})")
     return doc
-
-
-def _depth(doc: Any) -> int:
-    deepest, todo = 0, [(doc, 1)]
-    while todo:
-        value, depth = todo.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_DEPTH:
-            break
-        if isinstance(value, dict):
-            todo.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            todo.extend((v, depth + 1) for v in value)
-    return deepest
 
 
 def check_target(saved: dict[str, Any], fresh: Plan, path: str) -> None:

@@ -83,9 +83,9 @@ import hashlib
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, partial
 
 from weft.desired.index import EndpointIndex
 from weft.model.bpf import (
@@ -201,7 +201,8 @@ class Atoms:
     """The atoms a node's rules refer to, named by meaning (as renderers.ipsets names its sets)."""
 
     def __init__(self, index: Callable[[], EndpointIndex]):
-        self._make_index, self._index = index, None
+        self._make_index = index
+        self._index: EndpointIndex | None = None
         self.atoms: dict[str, Atom] = {}
         self._named: dict[tuple, tuple] = {}
         self._classified: dict[tuple[str, ...], tuple] = {}
@@ -259,9 +260,14 @@ class Atoms:
         for (proto, port), addresses in sorted(by_number.items()):
             ident = f"port:{key};name={name};{PROTOCOL_NAMES[proto]}:{port}"
             about = f"endpoints matching {key} with port {name!r} = {PROTOCOL_NAMES[proto]}/{port}"
-            out.append((self._add(ident, about, lambda a=addresses: ((x, x) for x in a)), proto, port))
+            out.append((self._add(ident, about, partial(_points, addresses)), proto, port))
         self._named[(key, name, protocol)] = result = tuple(out)
         return result
+
+
+def _points(addresses: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """Each address as a one-address range."""
+    return ((x, x) for x in addresses)
 
 
 def _compile_side(entity: EntityMatch, protocol: str | None, atoms: Atoms) -> Side | None:
@@ -316,7 +322,7 @@ class Profile:
     rules: tuple[str, ...] = ()                          # every rule (and tier end) in evaluation order
 
 
-def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: Mapping[str, str]) -> Profile:
+def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: dict[str, str]) -> Profile:
     tiers = list(dict.fromkeys(p.tier for p in policies))
     rules: list[CompiledRule] = []
     order: list[str] = []
@@ -345,15 +351,15 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
     src_intervals, src_sigs = atoms.classify(src_atoms)
     dst_intervals, dst_sigs = atoms.classify(dst_atoms)
 
-    protos = set()
+    named_protos: set[int] = set()          # every protocol some rule names
     for r in rules:
         if r.protos is not None:
-            protos |= r.protos
+            named_protos |= r.protos
         for side in (r.src, r.dst):
             if side.ports is not None:
-                protos |= {proto for _, proto, _ in side.ports.named}
+                named_protos |= {proto for _, proto, _ in side.ports.named}
                 if side.ports.ranges and r.protos is None:
-                    protos |= PORT_PROTOCOLS
+                    named_protos |= PORT_PROTOCOLS
     walk = _walker(rules, tiers, direction)
     src_of, dst_of = _candidates(rules, lambda r: r.src), _candidates(rules, lambda r: r.dst)
     src_cand = {sig: src_of(sig) for sig in src_sigs}
@@ -365,7 +371,7 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
             other = _port_function([(r, None, None) for r in cand if r.protos is None
                                     and r.src.ports is None and r.dst.ports is None], walk)
             verdicts[(s_sig, d_sig, None)] = other
-            for proto in sorted(protos):
+            for proto in sorted(named_protos):
                 entries = []
                 for r in cand:
                     if r.protos is not None and proto not in r.protos:
@@ -705,30 +711,30 @@ def _materialise(local, chosen, profiles: dict[str, Profile], atoms: Atoms, rule
             if atom_list:
                 h.update(classifier(classifier_ids[f"{ident}|{side}"], ident, side, intervals))
         for (s_sig, d_sig, proto), value in sorted(p.verdicts.items(), key=lambda kv: _verdict_order(kv[0])):
-            key = VerdictKey(pid, class_of(ident, "src", s_sig), class_of(ident, "dst", d_sig), proto)
-            verdicts[key] = verdict_of(value)
-            h.update(f"v{key}={_table_text(value)}\n".encode())
+            vkey = VerdictKey(pid, class_of(ident, "src", s_sig), class_of(ident, "dst", d_sig), proto)
+            verdicts[vkey] = verdict_of(value)
+            h.update(f"v{vkey}={_table_text(value)}\n".encode())
             shown = "any other protocol" if proto is None else PROTOCOL_NAMES.get(proto, str(proto))
-            about[("verdicts", key)] = (
+            about[("verdicts", vkey)] = (
                 f"{p.about}: {shown} from {_class_text(s_sig, atoms)} to {_class_text(d_sig, atoms)}: "
-                + (leaf_text(value) if isinstance(value, Leaf) else verdicts[key].describe()))
+                + (leaf_text(value) if isinstance(value, Leaf) else verdicts[vkey].describe()))
         digest = int.from_bytes(h.digest()[:4], "little")
         digests[ident] = digest if digest not in RESERVED_IDS else digest + 2
 
     endpoints: dict[str, EndpointEntry] = {}
     for ep in local:
-        sides = []
+        directions: list[DirectionPolicy] = []
         for direction in (EGRESS, INGRESS):
             what = chosen[ep.iface][direction]
             if isinstance(what, DirectionPolicy):
-                sides.append(what)
+                directions.append(what)
                 continue
             p = profiles[what]
-            sides.append(DirectionPolicy(profile_ids[what],
+            directions.append(DirectionPolicy(profile_ids[what],
                                          classifier_ids[f"{what}|src"] if p.src_atoms else 0,
                                          classifier_ids[f"{what}|dst"] if p.dst_atoms else 0,
                                          digests[what]))
-        endpoints[ep.iface] = EndpointEntry(*sides)
+        endpoints[ep.iface] = EndpointEntry(*directions)
         about[("endpoints", ep.iface)] = f"pod {ep.key}: " + "; ".join(
             _direction_text(chosen[ep.iface][d], profiles, profile_ids) for d in (EGRESS, INGRESS))
     rules = {rule_ids[ident]: text for ident, text in rule_about.items()}

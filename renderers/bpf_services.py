@@ -25,14 +25,14 @@ def _id(ident: str) -> int:
 
 
 def render_services(state: ClusterState) -> tuple[dict[ServiceKey, ServiceEntry], dict[BackendKey, Backend],
-                                                   dict[tuple[str, tuple], str]]:
+                                                   dict[tuple[str, tuple | str], str]]:
     """(services, backends, what each key means) for every node (a service is the same everywhere)."""
     slices = defaultdict(list)
     for s in state.endpoint_slices:
         slices[s.service_key].append(s)
     services: dict[ServiceKey, ServiceEntry] = {}
     backends: dict[BackendKey, Backend] = {}
-    about: dict[tuple[str, tuple], str] = {}
+    about: dict[tuple[str, tuple | str], str] = {}
     used: set[int] = set()
     for svc in sorted(state.services, key=lambda s: s.key):
         if not svc.cluster_ips:
@@ -47,9 +47,9 @@ def render_services(state: ClusterState) -> tuple[dict[ServiceKey, ServiceEntry]
                 ident += 1
             used.add(ident)
             for index, (address, target) in enumerate(found):
-                key = BackendKey(ident, index)
-                backends[key] = Backend(address, target)
-                about[("backends", key)] = f"service {svc.key} port {port.name or port.port}: " \
+                backend_key = BackendKey(ident, index)
+                backends[backend_key] = Backend(address, target)
+                about[("backends", backend_key)] = f"service {svc.key} port {port.name or port.port}: " \
                                            f"backend {address}:{target}"
             for cluster_ip in svc.cluster_ips:
                 if ":" in cluster_ip:

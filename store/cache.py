@@ -264,7 +264,7 @@ def save(state_dir: StateDir | Path | str, cache: DesiredCache) -> None:
               "token": cache.token, "cursors": cache.cursors,
               "groups": [[codec.encode(g), cache.digests[g], sorted(cache.kinds.get(g, ()))] for g in order],
               "rendered": [[n, cache.rendered[n][0], cache.bases.get(n, "")] for n in nodes]}
-    lines = [json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()]
+    lines: list[bytes | memoryview] = [json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()]
     lines += [_bytes(cache.blobs[g]) for g in order]
     lines += [_bytes(cache.rendered[n][1]) for n in nodes]
     lines.append(b"")

@@ -9,8 +9,12 @@ that pass against it also run against a real cluster (set KUBECONFIG; see `kube_
 
 Decisions (documented differences from a real API server):
 - Built-in kinds (core v1, networking.k8s.io/v1, discovery.k8s.io/v1) are always served. A CRD
-  kind is served only if an object of it was given or put(), or `crds=True` (every Calico kind in
-  KINDS) or `crds=[kind, ...]`; otherwise its paths answer 404, as an uninstalled CRD does.
+  kind is served if an object of it was given or put(), with `crds=True` (every Calico kind in
+  KINDS, in both of Calico's groups) or `crds=[kind, ...]` (those, in both groups), and by
+  default (`crds=None`) the kinds weft needs (desired.api.NEEDED_KINDS) that no given object
+  installs, from crd.projectcalico.org/v1 (so a run that reads the cluster does not fail for
+  want of them); `crds=False`: none but those of the given objects. A CRD not served answers 404 on its paths, as an
+  uninstalled CRD does.
 - List items of built-in kinds lack kind/apiVersion; CRD items carry them (unstructured objects
   do on a real server too).
 - A watch from a resourceVersion older than the retained history answers HTTP 200 and one ERROR
@@ -46,7 +50,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
-from weft.desired.api import CALICO_API_VERSION, RESOURCES
+from weft.desired.api import CALICO_API_GROUPS, CALICO_API_VERSION, NEEDED_KINDS, RESOURCES
 
 BUILTIN_API_VERSIONS = ("v1", "networking.k8s.io/v1", "discovery.k8s.io/v1")
 
@@ -200,6 +204,11 @@ class FakeKubeAPI:
                 self._serve(api_version, kind, plural, namespaced)
         for obj in objects:
             self.put(obj)
+        if crds is None:            # weft's CRDs applied: every kind weft needs is served
+            for kind in NEEDED_KINDS:
+                if not any(t.kind == kind and t.api_version in CALICO_API_GROUPS for t in self._types.values()):
+                    plural, namespaced = KINDS[(CALICO_API_VERSION, kind)]
+                    self._serve(CALICO_API_VERSION, kind, plural, namespaced)
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -450,12 +450,19 @@ def _settled(lab: MultiNodeLab, quiet: float = 1.0, timeout: float = 20.0) -> No
     sessions' `since` before and after a change to prove no session was reset."""
     def snapshot() -> dict:
         return {n.name: {name: (p.since, p.info) for name, p in lab.sessions(n).items()} for n in lab.nodes}
+
+    def same_session(x: tuple, y: tuple) -> bool:      # `since` within BIRD's print jitter: one instant
+        return x[1] == y[1] and (x[0] == y[0] or same_time(x[0], y[0]))
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(
+            a[n].keys() == b[n].keys() and all(same_session(a[n][k], b[n][k]) for k in a[n]) for n in a)
     last, changed = snapshot(), time.monotonic()
     deadline = changed + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         now = snapshot()
-        if now != last:
+        if not same(now, last):
             last, changed = now, time.monotonic()
         elif time.monotonic() - changed >= quiet:
             return

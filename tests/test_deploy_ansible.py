@@ -1,6 +1,7 @@
 """The Ansible playbooks, run for real against this machine (connection local) into a disposable
 root: install, a second install that changes nothing, the installed unit's command line
-reconciling a node network namespace, check.yml's drift report, an upgrade stopped by its plan
+reconciling a node network namespace, a pod's ADD and DEL through the installed CNI plugin (the
+native client the role builds with the node's C compiler), check.yml's drift report, an upgrade stopped by its plan
 gate and then approved, a rollback, and remove.yml leaving the root as it found it.
 
 Nothing outside the disposable root changes: weft_root moves every path under it, systemd is
@@ -34,6 +35,10 @@ PLAYBOOKS = REPO / "playbooks" / "ansible"
 ANSIBLE = Path(sys.executable).parent / "ansible-playbook"
 NODE = "n1"
 # Real system paths a test run must not touch: compared before and after.
+POOL = {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool", "metadata": {"name": "pods"},
+        "spec": {"cidr": "198.19.0.0/16", "blockSize": 26}}
+BLOCK = {"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": "198-19-4-0-26"},
+         "spec": {"cidr": "198.19.4.0/26", "affinity": f"host:{NODE}"}}
 WATCHED = ("/etc/systemd/system", "/opt/cni/bin", "/etc/cni/net.d", "/opt/weft", "/etc/weft", "/var/lib/weft")
 
 
@@ -76,6 +81,7 @@ class Lab:
         self.manifests = base / "manifests"
         self.manifests.mkdir()
         nodens.write_manifests(self.manifests, [
+            POOL, BLOCK,
             nodens.namespace("web", team="web"),
             nodens.pod("web", "front", "198.18.0.10", {"app": "front"}),
             nodens.pod("web", "back", "198.18.0.11", {"app": "back"}),
@@ -176,7 +182,9 @@ def test_install_writes_the_node_and_a_second_run_changes_nothing(lab):
     assert (root / "etc/weft/weft.env").stat().st_mode & 0o777 == 0o600
     launcher = root / "opt/cni/bin/weft"
     assert launcher.stat().st_mode & 0o777 == 0o755
-    assert launcher.read_text().startswith(f"#!{root}/opt/weft/venv/bin/python -IS\n")
+    assert launcher.read_bytes()[:4] == b"\x7fELF", "the CNI plugin is the native client"
+    assert f"{root}/opt/weft/venv/bin/python".encode() in launcher.read_bytes()
+    assert launcher.read_bytes() == (root / "opt/weft/venv/weft-cni").read_bytes()
     conflist = json.loads((root / "etc/cni/net.d/10-weft.conflist").read_text())
     assert conflist["cniVersion"] == "1.0.0" and conflist["cniVersions"] == ["1.0.0", "1.1.0"]
     assert conflist["plugins"] == [{"type": "weft", "node": NODE, "state_dir": str(root / "var/lib/weft"),
@@ -193,6 +201,7 @@ def test_install_writes_the_node_and_a_second_run_changes_nothing(lab):
     assert "OnUnitInactiveSec=60s" in (lab.unit_dir / "weft-reconcile.timer.d/period.conf").read_text()
     changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
     assert changed == 0, out
+    assert "is weft's Python launcher" not in out, out
 
 
 def test_the_installed_units_command_line_reconciles_the_node(lab):
@@ -206,6 +215,45 @@ def test_the_installed_units_command_line_reconciles_the_node(lab):
     drift = lab.run_unit("weft-drift.service")
     assert drift.returncode == 0, nodens.describe(drift)
     assert json.loads(drift.stdout)["drifted"] is False
+
+
+def cni(lab, command: str, pod_ns: str, conflist: dict) -> subprocess.CompletedProcess:
+    """The installed plugin called in the node namespace as a runtime calls it, with the
+    installed conflist's configuration."""
+    config = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **conflist["plugins"][0]}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": "c-app",
+           "CNI_NETNS": f"/run/netns/{pod_ns}", "CNI_IFNAME": "eth0", "CNI_PATH": str(lab.root / "opt/cni/bin"),
+           "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME=app"}
+    return subprocess.run(["nsenter", f"--net=/run/netns/{lab.ns}", str(lab.root / "opt/cni/bin/weft")],
+                          input=json.dumps(config), capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_a_pods_add_and_del_through_the_installed_native_plugin(lab):
+    conflist = json.loads((lab.root / "etc/cni/net.d/10-weft.conflist").read_text())
+    with nodens.node_netns() as pod_ns:
+        try:
+            added = cni(lab, "ADD", pod_ns, conflist)
+            assert added.returncode == 0, nodens.describe(added)
+            address = json.loads(added.stdout)["ips"][0]["address"]
+            assert address.startswith("198.19.4."), added.stdout
+            assert address.split("/")[0] in nodens.in_ns(pod_ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0")
+            assert "weft" in nodens.in_ns(lab.ns, "ip", "-o", "link", "show", "type", "veth")
+        finally:
+            deleted = cni(lab, "DEL", pod_ns, conflist)
+        assert deleted.returncode == 0, nodens.describe(deleted)
+    assert nodens.in_ns(lab.ns, "ip", "-o", "link", "show", "type", "veth").strip() == ""
+    _stop_helpers(lab.ns)
+
+
+def _stop_helpers(ns: str) -> None:
+    """The resident CNI helper the calls started in the node namespace (it would exit once idle)."""
+    import signal
+    for pid in nodens.sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        try:
+            if b"cni.helper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGTERM)
+        except OSError:
+            pass
 
 
 def test_check_reports_drift_on_the_fleet(lab):
@@ -238,7 +286,7 @@ def test_upgrade_shows_the_plan_stops_unless_approved_and_rolls_back(lab):
     assert new_link != old_link and changed > 0, out
     assert sorted(p.name for p in (lab.root / "opt/weft/venvs").iterdir()) == sorted(
         [Path(old_link).name, Path(new_link).name])          # the old version is kept for a rollback
-    assert str(lab.root / "opt/weft" / new_link) in (lab.root / "opt/cni/bin/weft").read_text()
+    assert str(lab.root / "opt/weft" / new_link).encode() in (lab.root / "opt/cni/bin/weft").read_bytes()
     version = subprocess.run([str(lab.root / "opt/weft/venv/bin/python"), "-c",
                               "import importlib.metadata as m; print(m.version('weft'))"],
                              capture_output=True, text=True, cwd=lab.base).stdout.strip()
@@ -249,7 +297,26 @@ def test_upgrade_shows_the_plan_stops_unless_approved_and_rolls_back(lab):
     # Rollback: the old wheel again; its venv is still there, so only the link moves back.
     changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
     assert lab.venv_link() == old_link and changed > 0, out
-    assert str(lab.root / "opt/weft" / old_link) in (lab.root / "opt/cni/bin/weft").read_text()
+    assert str(lab.root / "opt/weft" / old_link).encode() in (lab.root / "opt/cni/bin/weft").read_bytes()
+
+
+def test_without_a_compiler_the_plugin_is_the_python_launcher_and_the_play_says_so(lab):
+    """A node whose compiler fails (CC=false): the installer's fallback is what the role leaves,
+    and says so; a second run changes nothing; with the compiler back the native client returns."""
+    plugin, build = lab.root / "opt/cni/bin/weft", lab.root / "opt/weft/venv/weft-cni"
+    build.unlink()                                  # as if this version had been installed without one
+    lab.env["CC"] = "false"
+    try:
+        changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
+        assert changed == 1 and "is weft's Python launcher, not its native client" in out, out
+        assert plugin.read_text().startswith(f"#!{lab.root}/opt/weft/venv/bin/python -IS\n")
+        changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
+        assert changed == 0 and "is weft's Python launcher" in out, out
+    finally:
+        del lab.env["CC"]
+    changed, out = lab.play("install.yml", "-e", f"weft_wheel={lab.wheel}")
+    assert changed == 1 and "is weft's Python launcher" not in out, out
+    assert plugin.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_remove_leaves_nothing_behind(lab):

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "playbooks" / "kubernetes"
 WEFT = Path(weft.desired.api.__file__).resolve().parents[1]          # the installed weft package
 CALICO = "crd.projectcalico.org"
+CALICO_GROUPS = (CALICO, "projectcalico.org")
 
 
 def _docs(name: str) -> list[dict]:
@@ -41,13 +42,16 @@ CALL_SITES = {
     ("desired/api.py", "GET", "resource.path()"): RESOURCE_WATCH,                       # watch_since
     ("desired/api.py", "GET", '"/api/v1/namespaces"'): {("", "namespaces", "list")},    # limit=1
     ("desired/kinds/bgp.py", "GET", 'f"/api/v1/namespaces/{ns}/secrets/{name}"'): "secrets",
-    ("cni/claims.py", "GET", "BLOCKS_PATH"): {(CALICO, "ipamblocks", "list")},
-    ("cni/claims.py", "POST", "BLOCKS_PATH"): {(CALICO, "ipamblocks", "create")},
-    ("cni/claims.py", "GET", 'f"{BLOCKS_PATH}/{block_name(cidr)}"'): {(CALICO, "ipamblocks", "get")},
-    ("cni/claims.py", "POST", "AFFINITIES_PATH"): {(CALICO, "blockaffinities", "create")},
+    # block claims, in whichever of Calico's groups serves the IPAM kinds
+    ("cni/claims.py", "GET", 'f"/apis/{version}/ipamblocks"'): {(g, "ipamblocks", "list") for g in CALICO_GROUPS},
+    ("cni/claims.py", "POST", "blocks"): {(g, "ipamblocks", "create") for g in CALICO_GROUPS},
+    ("cni/claims.py", "GET", 'f"{blocks}/{block_name(cidr)}"'): {(g, "ipamblocks", "get") for g in CALICO_GROUPS},
+    ("cni/claims.py", "POST", 'f"/apis/{version}/blockaffinities"'): {(g, "blockaffinities", "create")
+                                                                     for g in CALICO_GROUPS},
     # the plugin's own read of pools, blocks, its node (by fieldSelector) and its pods
-    ("cni/nodesource.py", "GET", "path"): {("", "pods", "list"), ("", "nodes", "list"), (CALICO, "ippools", "list"),
-                                           (CALICO, "ipamblocks", "list"), (CALICO, "blockaffinities", "list")},
+    ("cni/nodesource.py", "GET", "path"): {("", "pods", "list"), ("", "nodes", "list"),
+                                           *((g, plural, "list") for g in CALICO_GROUPS
+                                             for plural in ("ippools", "ipamblocks", "blockaffinities"))},
 }
 # Modules that talk to the API server with their own identity, not the node's.
 OTHER_IDENTITIES = {"reconciler/ipam_gc.py", "reconciler/nodejobs.py"}

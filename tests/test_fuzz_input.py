@@ -353,6 +353,28 @@ def test_a_file_beyond_the_size_bound_is_refused_unread(tmp_path, monkeypatch):
     Path(tmp_path / "big.yaml").write_text("a: " + "x" * 2000 + "\n")
     with pytest.raises(SourceError, match=r"big.yaml: larger than"):
         manifests.read_manifest(tmp_path / "big.yaml", limit=1000)
+    with pytest.raises(SourceError, match=r"gone.yaml: cannot read the manifest file: No such file"):
+        manifests.read_manifest(tmp_path / "gone.yaml")
+
+
+def test_a_saved_plan_beyond_its_bounds_is_refused(tmp_path, monkeypatch):
+    """A saved plan is read with the manifests' bounded read (desired.bounds): too large, too deep
+    or unreadable, it is one clear PlanError naming the file."""
+    from weft.reconciler import plan
+    monkeypatch.setattr(plan, "MAX_PLAN_BYTES", 1000)
+    saved = tmp_path / "plan.json"
+    saved.write_text('{"node": "' + "n" * 2000 + '"}')
+    with pytest.raises(plan.PlanError, match=r"plan.json: larger than 1,000 bytes, the most weft reads from one "
+                                             r"saved plan"):
+        plan.load_plan(str(saved))
+    saved.write_text("[" * 17 + "]" * 17)
+    with pytest.raises(plan.PlanError, match=r"plan.json: not a weft plan: nested deeper than 16 levels"):
+        plan.load_plan(str(saved))
+    saved.write_text("[" * 16 + "]" * 16)
+    with pytest.raises(plan.PlanError, match=r"plan.json: not a weft plan of format_version 2"):
+        plan.load_plan(str(saved))
+    with pytest.raises(plan.PlanError, match=r"gone.json: cannot read the saved plan: No such file"):
+        plan.load_plan(str(tmp_path / "gone.json"))
 
 
 # --- the eight tracebacks of issue 9 ------------------------------------------------------------

@@ -119,3 +119,40 @@ def test_an_unreachable_api_server_is_worth_retrying(tmp_path):
                       '"contexts": [{"name": "x", "context": {"cluster": "x", "user": "x"}}]}')
     with pytest.raises(ipam.ClaimUnavailable, match="claiming a block for node 'n1'"):
         claim_block("n1", [fresh_pool()], str(config), timeout=2)
+
+
+def test_claims_use_projectcalico_v3_where_only_calicos_newer_crd_mode_serves_ipam(tmp_path):
+    """A cluster with Calico's projectcalico.org/v3 CRDs only: crd.projectcalico.org/v1 answers
+    404, and the claim reads and writes the IPAM kinds in v3 (before, every claim failed there)."""
+    from tests.kubeapi import FakeKubeAPI
+    v3 = "projectcalico.org/v3"
+    pool = fresh_pool(prefix=25)
+    first, second = (str(n) for n in ipaddress.ip_network(pool["cidr"]).subnets(new_prefix=26))
+    taken = {**ipam_block_object(first, "other", v3), "metadata": {"name": block_name(first)}}
+    affinity = block_affinity_object(first, "other", v3)
+    from weft.desired.api import connect
+    with FakeKubeAPI([taken, affinity], crds=False) as fake:
+        config = str(fake.write_kubeconfig(tmp_path / "kubeconfig"))
+        block = claim_block("n1", [pool], config)
+        assert block["cidr"] == second, "the other node's v3 block was seen and skipped"
+        with connect(config) as api:
+            stored = api.request("GET", f"/apis/{v3}/ipamblocks/{block_name(second)}")
+            assert stored["apiVersion"] == v3 and stored["spec"]["affinity"] == "host:n1"
+            confirmed = api.request("GET", f"/apis/{v3}/blockaffinities/n1-{block_name(second)}")
+            assert confirmed["spec"]["state"] == "confirmed"
+
+
+def test_the_plugin_reads_pools_and_blocks_from_projectcalico_v3_when_only_it_serves_them(tmp_path):
+    """The CNI plugin's own read of its node's IPAM (cni/nodesource.py) on a v3-CRD-only cluster:
+    before, crd.projectcalico.org/v1 answered 404 and the node had no pools at all."""
+    from tests.kubeapi import FakeKubeAPI
+    from weft.cni.nodesource import read_node_ipam
+    v3 = "projectcalico.org/v3"
+    objects = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"zone": "a"}}},
+               {"apiVersion": v3, "kind": "IPPool", "metadata": {"name": "pool"},
+                "spec": {"cidr": "198.19.0.0/24", "blockSize": 26}},
+               ipam_block_object("198.19.0.0/26", "n1", v3), block_affinity_object("198.19.0.0/26", "n1", v3)]
+    with FakeKubeAPI(objects, crds=False) as fake:
+        seen = read_node_ipam({"kubeconfig": str(fake.write_kubeconfig(tmp_path / "kubeconfig"))}, "n1")
+    assert [p.cidr for p in seen.pools] == ["198.19.0.0/24"]
+    assert [b.cidr for b in seen.blocks] == ["198.19.0.0/26"] and seen.labels == {"zone": "a"}

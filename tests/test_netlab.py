@@ -163,7 +163,7 @@ def test_failed_create_leaves_nothing(example_pods, monkeypatch, failure):
 
 
 @pytest.mark.parametrize("pods, error", [
-    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "10.1.2.3")], "outside the lab range"),
+    ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "10.1.2.3")], "outside the lab's IPv4 range"),
     ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "b", "198.18.1.300")], "not an IPv4 address"),
     ([LabPod("x", "a", "198.18.1.11"), LabPod("x", "a", "198.18.1.12")], "named more than once"),
 ])
@@ -197,9 +197,9 @@ with open({log!r}, "a") as log:
     log.write(json.dumps({{"argv": sys.argv[1:], "links": sorted(os.listdir("/sys/class/net"))}}) + "\\n")
 if verb == {fail!r}:
     sys.exit("fake weft: " + verb + " failed")
-rule = ["FORWARD", "-d", "198.18.1.21", "-j", "REJECT"]
 if verb == "apply":
-    subprocess.run(["iptables", "-D" if destroy else "-I", *rule], check=True)
+    for tool, address in (("iptables", "198.18.1.21"), ("ip6tables", "2001:db8:1::21")):
+        subprocess.run([tool, "-D" if destroy else "-I", "FORWARD", "-d", address, "-j", "REJECT"], check=True)
 print("fake weft", verb)
 sys.exit(2 if verb == "plan" else 0)
 """
@@ -230,8 +230,10 @@ def test_lab_main_runs_every_step_with_weft_in_the_node(example_pods, tmp_path, 
     assert all("--node" in call["argv"] and "--state-dir" in call["argv"] for call in calls)
     node_links = sorted(["lo", *(host_iface_name(pod.namespace, pod.name) for pod in example_pods)])
     assert all(call["links"] == node_links for call in calls)  # weft ran in the node namespace
-    # the fake's REJECT while applied: 8 pods x 4 probes, to y/a and (replies) from it
-    assert output.out.count("324 of 324 probes connected") == 2 and "260 of 324 probes connected" in output.out
+    # the fake's REJECT while applied: 8 pods x 4 probes, to y/a and (replies) from it; each matrix
+    # over IPv4 and IPv6 (the example pods are dual-stack)
+    assert output.out.count("324 of 324 probes connected") == 4
+    assert output.out.count("260 of 324 probes connected") == 2 and "(IPv6)" in output.out
 
 
 def test_lab_main_stops_and_cleans_up_when_a_step_fails(tmp_path, monkeypatch, capsys):
