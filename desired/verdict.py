@@ -315,9 +315,15 @@ class Evaluator:
                                                f"{' from ' + failsafe.net if failsafe.net else ''}")
         policies = self.applicable(endpoint, direction)
         phases = []
-        if not endpoint.wildcard and (not forwarded or direction == INGRESS):
+        # Felix's raw and mangle chains skip their policies for failsafe traffic whatever its
+        # destination (before routing, forwarded traffic is not told apart); raw also for
+        # replies from the other direction's failsafe ports (their source port).
+        inbound, outbound = settings.failsafe_inbound_host_ports, settings.failsafe_outbound_host_ports
+        to_failsafe = _failsafe(inbound if direction == INGRESS else outbound, direction, packet)
+        from_failsafe = _failsafe(outbound if direction == INGRESS else inbound, direction, packet, reply=True)
+        if not endpoint.wildcard and (not forwarded or direction == INGRESS) and to_failsafe is from_failsafe is None:
             phases.append(("untracked", [p for p in policies if p.do_not_track]))
-        if direction == INGRESS:
+        if direction == INGRESS and to_failsafe is None:
             phases.append(("pre-DNAT", [p for p in policies if p.pre_dnat]))
         for name, chosen in phases:
             outcome = self._evaluate(chosen, direction, packet, logged, tier_ends=False)
@@ -353,11 +359,13 @@ def _icmp_matches(icmp_type: int, icmp_code: int | None, packet: Packet) -> bool
         (icmp_code is None or packet.icmp_code == icmp_code)
 
 
-def _failsafe(ports: Iterable[ProtoPort], direction: Direction, packet: Packet) -> ProtoPort | None:
-    """The failsafe port `packet` is to, if any (peer: the source inbound, the destination outbound)."""
+def _failsafe(ports: Iterable[ProtoPort], direction: Direction, packet: Packet, *,
+              reply: bool = False) -> ProtoPort | None:
+    """The failsafe port `packet` is to (`reply`: from), if any (peer: the source inbound, the
+    destination outbound)."""
     peer = ipaddress.ip_address(packet.src if direction == INGRESS else packet.dst)
     for fp in ports:
-        if fp.protocol != packet.protocol or fp.port != packet.dst_port:
+        if fp.protocol != packet.protocol or fp.port != (packet.src_port if reply else packet.dst_port):
             continue
         if fp.net is None:
             return fp

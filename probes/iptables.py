@@ -3,7 +3,21 @@ from __future__ import annotations
 
 from weft.model.kernel import PREFIX, Chain, Hooks
 
-BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT")}
+BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("POSTROUTING",), "mangle": ("PREROUTING",),
+           "raw": ("PREROUTING", "OUTPUT")}
+
+
+def table_may_exist(backend: str, table: str, family: int = 4) -> bool:
+    """False when `table` of the legacy backend does not exist in this namespace (then it holds
+    nothing of weft's): `iptables-legacy-save -t TABLE` would create it, reading the file does
+    not. The nft backend's save never creates a table."""
+    if backend != "legacy":
+        return True
+    try:
+        with open("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names") as f:
+            return table in f.read().split()
+    except FileNotFoundError:
+        return False
 
 
 def as_save(listing: str, table: str) -> str:

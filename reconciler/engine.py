@@ -8,6 +8,9 @@ The declared order (reconciler.resource explains the phases):
   filter, filter6   the run's own backend's table per IP family (iptables, ip6tables): one
                     transaction each, which commits the sets' step
   filter@<other>, filter6@<other>   weft's leftovers in the other backend: removed
+  nat, nat6         natOutgoing's chain and hook (renderers.natoutgoing)
+  mangle, mangle6   preDNAT policies' chains and hook (renderers.calico.host_prednat_chains)
+  raw, raw6         doNotTrack policies' chains and hooks (renderers.calico.host_untracked_chains)
   routes            a pod becomes reachable only once its rules are in place
   links             the settings of pods' interfaces
   bird              BIRD's configuration (where BGP is on)
@@ -53,6 +56,9 @@ def kernel_resources(runner: Runner, backend_preference: str = "auto",
         other = other_has_weft(runner, backend, family)
         if other is not None:
             tables.append(Table(f"{FAMILY_TABLES[family]}@{other.name}", other, main=False))
+    for family in families:                                   # natOutgoing, preDNAT (renderers.natoutgoing,
+        for table in ("nat", "mangle", "raw"):                # renderers.calico)
+            tables.append(Table(f"{table}{'6' if family == 6 else ''}", backend, main=False))
     return backend, [IpSets(), *([bpf] if bpf is not None else []), *tables, Routes(), InterfaceSettings()]
 
 

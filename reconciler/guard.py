@@ -10,8 +10,14 @@ What weft may write:
                     nat/raw/mangle) declared, filled, flushed and deleted; their rules jump only to
                     `weft-*` chains or standard targets and match only `weft-*` sets; built-in
                     chains only through the documented hook rules: FORWARD -> weft-FORWARD,
-                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, inserted at the top; weft's
-                    own rules deleted. No policy, no rename, no other table's built-ins.
+                    INPUT -> weft-INPUT and OUTPUT -> weft-OUTPUT, nat POSTROUTING ->
+                    weft-nat-outgoing, mangle PREROUTING -> weft-PREROUTING, raw PREROUTING
+                    -> weft-PREROUTING and raw OUTPUT -> weft-OUTPUT, inserted at the top;
+                    weft's own rules deleted. No policy, no rename, no other built-ins.
+                    NOTRACK only in the raw table.
+                    MASQUERADE and SNAT only in natOutgoing's rules (nat weft-nat-outgoing: from
+                    weft-masq-pools, not to weft-all-pools; weft-masq6-/all6-pools in ip6tables';
+                    TCP/UDP to a port range, SNAT to one IPv4 address).
   ipset restore     only `weft-*` sets created (known types, inet/inet6, sizes within bounds),
                     filled, emptied, swapped with another weft set of the same type and family
                     (a resize), and destroyed; every member valid for its set's type and family.
@@ -44,7 +50,11 @@ from weft.reconciler.resource import BirdWrite, BpfWrite, Restore, RouteWrite, S
 PREFIX = "weft-"
 WEFT_TABLES = ("filter", "nat", "raw", "mangle")
 HOOKS = {("filter", "FORWARD"): "weft-FORWARD", ("filter", "INPUT"): "weft-INPUT",
-         ("filter", "OUTPUT"): "weft-OUTPUT"}      # OUTPUT: only on a node with Calico host endpoints
+         ("filter", "OUTPUT"): "weft-OUTPUT",      # OUTPUT: only on a node with Calico host endpoints
+         ("nat", "POSTROUTING"): "weft-nat-outgoing",          # only while some pool has natOutgoing
+         ("mangle", "PREROUTING"): "weft-PREROUTING",          # only while preDNAT policies apply here
+         ("raw", "PREROUTING"): "weft-PREROUTING", ("raw", "OUTPUT"): "weft-OUTPUT"}    # doNotTrack's
+_NOTRACK = " -j NOTRACK"
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "LOG", "NFLOG", "CONNMARK"})
 IPTABLES_RESTORE = re.compile(r"^ip6?tables-(nft|legacy)-restore$")
 SET_TYPES = frozenset({"hash:ip", "hash:net", "hash:ip,port", "hash:net,port"})
@@ -58,6 +68,12 @@ _SYSCTL = re.compile(r"^net/ipv([46])/conf/([^/]+)/([^/]+)$")
 _HOOK_RULE = re.compile(r'^-I (\S+) (\d{1,3}) -m comment --comment "weft:[A-Za-z0-9_-]{1,32}" -j (\S+)$')
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _V4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+# The only rules with a target other than STANDARD_TARGETS: natOutgoing's (renderers.natoutgoing).
+_PORTS = r"[1-9]\d{0,4}-[1-9]\d{0,4}"
+_MASQUERADE_RULE = re.compile(r"^-A weft-nat-outgoing (?:-p (?:tcp|udp) )?"
+                              r'-m comment --comment "weft:[A-Za-z0-9_-]{1,32}" '
+                              r"-m set --match-set weft-masq(6?)-pools src -m set ! --match-set weft-all\1-pools dst "
+                              rf"-j (?:MASQUERADE(?: --to-ports {_PORTS})?|SNAT --to-source {_V4}(?::{_PORTS})?)$")
 _PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}|0)"
 _PROTO = r"(?:tcp|udp|sctp|udplite)"
 _MEMBER_V4 = {
@@ -184,6 +200,10 @@ def _iptables_line(table: str, line: str) -> str | None:
         if command in ("-X", "-F"):
             return None if len(tokens) == 2 else "deletes or flushes with extra arguments"
         if command in ("-A", "-I", "-D"):
+            if table == "nat" and _MASQUERADE_RULE.match(line):
+                return None
+            if table == "raw" and line.endswith(_NOTRACK):          # doNotTrack's: only in the raw table
+                return _rule_body(line[:-len(_NOTRACK)])
             return _rule_body(line)
         return f"{command} is not a change weft makes to its chains"
     hook = HOOKS.get((table, chain))

@@ -112,6 +112,7 @@ from weft.model.kernel import Chain, Dataplane, Hooks
 from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
 from weft.renderers.iptables import FORWARD_CHAIN, HOOKED, INPUT_CHAIN, WL_GLOB, might_apply, policies_by_endpoint
+from weft.renderers.natoutgoing import NAT_TABLES, SETS
 from weft.renderers.rules import TABLE, TABLE6, Spec, chain_lines
 
 ADDRESSES = 1 << 32
@@ -844,6 +845,10 @@ def host_dataplane(rendered: Dataplane) -> Dataplane:
     kept = {(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()}
     kept.update({key: c for key, c in rendered.chains.items() if key[0] == TABLE6})
     sets = {name: s for name, s in rendered.ipsets.items() if s.family == "inet6"}
+    # natOutgoing (renderers.natoutgoing) is not policy: the nat tables and their sets stay as rendered.
+    hooks.update({key: h for key, h in rendered.hooks.items() if key[0] in NAT_TABLES.values()})
+    kept.update({key: c for key, c in rendered.chains.items() if key[0] in NAT_TABLES.values()})
+    sets.update({name: s for name, s in rendered.ipsets.items() if any(name in pair for pair in SETS.values())})
     return Dataplane(kept, sets, hooks, rendered.routes, rendered.links)
 
 

@@ -25,9 +25,11 @@ the tests hold the kernel's verdicts against):
 
 Host endpoints (host_endpoint_chains): traffic to and from the host through an interface a host
 endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
-what is not rendered yet: forwarded traffic (applyOnForward), preDNAT and doNotTrack policies, host endpoints that name
-their interface by expectedIPs only, and FelixConfiguration's defaultEndpointToHostAction (pod
-to host traffic still ends in the host's own rules).
+traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward),
+preDNAT policies in the mangle table (host_prednat_chains), doNotTrack policies in the raw
+table (host_untracked_chains). What is not rendered yet: host endpoints that name their
+interface by expectedIPs only. (Pods' traffic to their own host, FelixConfiguration's
+defaultEndpointToHostAction, is renderers.iptables'.)
 
 Each IP family's table gets its own rendering (`family`): a rule's nets, sets, protocols, ICMP
 matches and failsafe ports of the other family render nothing there; a rule that can match
@@ -43,6 +45,7 @@ from functools import cache
 from weft.desired.index import Selection
 from weft.model import labels as calico_labels
 from weft.model.cluster import (
+    EGRESS,
     INGRESS,
     Action,
     ClusterState,
@@ -308,7 +311,7 @@ def _not_port_matches(entity: EntityMatch, direction: str, protocol: str | None,
 
 def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
                          chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
-                         direction: Direction = INGRESS, family: int = 4,
+                         direction: Direction = INGRESS, family: int = 4, *, accepted_before: bool = False
                          ) -> tuple[list[Spec], list[tuple[str, list[Spec], str]]]:
     """Calico's host endpoints of `node` for traffic to the host (INGRESS: the rules that end
     weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
@@ -322,9 +325,13 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     pass, invalid ones drop, then the failsafe ports of the direction (FelixConfiguration,
     Felix's defaults: SSH, BGP, DNS, the API server, ...) are accepted whatever the policy,
     then the applicable policies' tiers (normal policies only: preDNAT and doNotTrack policies
-    are not rendered yet), then Allow accepts, and what no policy decided goes to the
-    endpoint's profiles (projectcalico-default-allow, or kns.<namespace> of an existing
-    namespace, accept), else drops: Calico's default for host endpoints.
+    have their own tables, host_prednat_chains and host_untracked_chains), then Allow accepts,
+    and what no policy decided goes to the endpoint's profiles (projectcalico-default-allow, or
+    kns.<namespace> of an existing namespace, accept), else drops: Calico's default for host
+    endpoints. `accepted_before`: a
+    preDNAT or doNotTrack policy may have allowed the packet already (the accept mark:
+    host_prednat_chains, host_untracked_chains): then it is accepted before the host endpoints'
+    chains, as Felix's INPUT and OUTPUT do.
     """
     heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
     if not heps:
@@ -334,6 +341,8 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     wildcard = [h for h in heps if h.wildcard][:1]
     chosen = [h for h in heps if not h.wildcard] + wildcard
     entry = [Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    if accepted_before:
+        entry.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j ACCEPT"))
     chains: list[tuple[str, list[Spec], str]] = []
     rendered: set[str] = set()
     settings = state.felix_settings(node)
@@ -364,9 +373,185 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     return entry, chains
 
 
-def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, family: int) -> list[Spec]:
-    """Failsafe ports as ACCEPT rules, one per (net, protocol) and multiport group, in order;
-    a port's net is the peer's: the source inbound (`peer` "src"), the destination outbound."""
+def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
+                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                        family: int = 4, *, accepted_before: bool = False
+                        ) -> tuple[list[Spec], list[Spec], list[tuple[str, list[Spec], str]]]:
+    """Calico's applyOnForward: traffic the host forwards (to or from its pods, or between its
+    interfaces) through an interface a host endpoint of `node` names passes that endpoint's
+    policies with applyOnForward (ingress where it comes in, egress where it goes out). Returns
+    (the rules of weft-FORWARD before the pods' egress, those after the pods' ingress, the chains
+    to add); nothing when no such policy applies to a host endpoint of the node.
+
+    As Felix does it: no failsafe ports and no profiles for forwarded traffic; a host endpoint
+    that no applyOnForward policy applies to lets it through; where policies apply, their tiers
+    end with the tier's defaultAction, Allow returns to weft-FORWARD (the pods' own policies still
+    apply), and where every tier passed the packet goes on. Established connections and the pods'
+    own interfaces are not host endpoints' forwarded traffic (the dispatch chains return first).
+    `accepted_before`: a packet a preDNAT or doNotTrack policy allowed (the accept mark) skips
+    the ingress applyOnForward policies, as in Felix's FORWARD.
+    """
+    chosen = _chosen_host_endpoints(state, node)
+    applicable = {(hep.name, direction): order([p for p in state.policies if direction in p.types and p.apply_on_forward
+                                                and not p.pre_dnat and not p.do_not_track
+                                                and hep in sets.index.policy_host_endpoints(p)], state.tiers)
+                  for hep in chosen for direction in (INGRESS, EGRESS)}
+    if not any(applicable.values()):
+        return [], [], []
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    entries = []
+    for direction, flag, dispatch, kind in ((INGRESS, "-i", f"{PREFIX}from-hep-fwd", "hfi"),
+                                            (EGRESS, "-o", f"{PREFIX}to-hep-fwd", "hfo")):
+        specs = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j RETURN"),
+                 Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
+        for hep in chosen:
+            match = f"! {flag} lo" if hep.wildcard else f"{flag} {hep.interface}"
+            policies = applicable[(hep.name, direction)]
+            if not policies:
+                specs.append(Spec(match, target="-j RETURN"))
+                continue
+            name = f"{PREFIX}{kind}-{short_hash('host-endpoint-forward', hep.name, length=16)}"
+            specs.append(Spec(match, target=f"-g {name}"))
+            chains.append((name, tiered_specs(tier_specs(policies, direction, state.tiers, chain_name)),
+                           f"forwarded {direction.lower()} through host endpoint {hep.name} "
+                           f"({len(policies)} applyOnForward policies)"))
+            for policy in policies:
+                pname = chain_name(policy, direction)
+                if pname not in rendered:
+                    rendered.add(pname)
+                    chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
+                                   f"{direction.lower()} rules of {policy.origin or policy.key}"))
+        chains.append((dispatch, specs, f"forwarded traffic {'from' if direction == INGRESS else 'to'} host "
+                                        f"endpoints: one branch per interface"))
+        gate = f"-m mark --mark 0x0/{MARK_ACCEPT}" if accepted_before and direction == INGRESS else ""
+        entries.append([Spec(extra=gate, target=f"-j {dispatch}")])
+    return entries[0], entries[1], chains
+
+
+PREROUTING_CHAIN = f"{PREFIX}PREROUTING"     # mangle PREROUTING -> weft-PREROUTING: preDNAT policies
+
+
+def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
+                        chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                        family: int = 4) -> list[tuple[str, list[Spec], str]]:
+    """Calico's preDNAT policies: the mangle table's chains (weft-PREROUTING first, hooked from
+    PREROUTING), or [] when no preDNAT policy applies to a host endpoint of `node`.
+
+    A new connection coming in through a host endpoint's interface (to the host or forwarded:
+    before DNAT, the two are not told apart) passes the failsafe inbound ports first (they skip
+    preDNAT policy, as Felix's failsafe-in chain in mangle does), then the preDNAT policies' tiers
+    (ingress only) without the tiers' default drop: Deny drops here, Allow sets the accept mark
+    (the filter table then accepts the packet to the host and skips the ingress applyOnForward
+    policies of forwarded traffic; the pods' own policies still apply), and a packet no preDNAT
+    rule decided goes on to the normal policies. Established connections and the pods'
+    interfaces return at once.
+    """
+    chosen = _chosen_host_endpoints(state, node)
+    applicable = {hep.name: order([p for p in state.policies if INGRESS in p.types and p.pre_dnat
+                                   and hep in sets.index.policy_host_endpoints(p)], state.tiers) for hep in chosen}
+    if not any(applicable.values()):
+        return []
+    entry = [Spec(extra="-m conntrack --ctstate RELATED,ESTABLISHED", target="-j RETURN"),
+             Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j RETURN"),    # doNotTrack allowed
+             Spec(f"-i {PREFIX.rstrip('-')}+", target="-j RETURN")]
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    failsafes = _failsafe_specs(state.felix_settings(node).failsafe_inbound_host_ports, "src", family, "-j RETURN")
+    for hep in chosen:
+        match = "! -i lo" if hep.wildcard else f"-i {hep.interface}"
+        policies = applicable[hep.name]
+        if not policies:
+            entry.append(Spec(match, target="-j RETURN"))
+            continue
+        name = f"{PREFIX}hd-{short_hash('host-endpoint-prednat', hep.name, length=16)}"
+        entry.append(Spec(match, target=f"-g {name}"))
+        tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]     # no tier's default drop
+                 for chains_ in tier_specs(policies, INGRESS, state.tiers, chain_name)]
+        chains.append((name, failsafes + tiered_specs(tiers),
+                       f"new connections into host endpoint {hep.name}, before DNAT "
+                       f"({len(policies)} preDNAT policies)"))
+        for policy in policies:
+            pname = chain_name(policy, INGRESS)
+            if pname not in rendered:
+                rendered.add(pname)
+                chains.append((pname, policy_specs(policy, INGRESS, sets, family, pods_only=pods_only),
+                               f"ingress rules of {policy.origin or policy.key} (preDNAT)"))
+    return [(PREROUTING_CHAIN, entry, "entry from mangle PREROUTING: host endpoints' preDNAT policies"), *chains]
+
+
+RAW_CHAINS = {INGRESS: f"{PREFIX}PREROUTING", EGRESS: f"{PREFIX}OUTPUT"}     # hooked from raw's namesakes
+
+
+def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
+                          chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
+                          family: int = 4) -> tuple[set[Direction], list[tuple[str, list[Spec], str]]]:
+    """Calico's doNotTrack policies: the raw table's chains, and the directions they police (an
+    empty set and no chains when no doNotTrack policy applies to a host endpoint of `node`).
+
+    raw PREROUTING -> weft-PREROUTING (ingress, to the host or forwarded) and raw OUTPUT ->
+    weft-OUTPUT (egress, from the host's processes), as Felix renders them: weft's mark bits are
+    cleared, the pods' interfaces return, and by interface a host endpoint's chain (weft-hu-* in,
+    weft-hv-* out; not "*" endpoints: Calico applies no untracked policy to them) runs the failsafe
+    ports first (they, and replies to them, skip untracked policy), then the doNotTrack policies'
+    tiers without the tiers' default drop: Deny drops, Allow sets the accept mark, and a packet
+    with the mark is not tracked (NOTRACK); the filter table then accepts it, and forwarded
+    traffic with it skips the ingress applyOnForward policies (the pods' own still apply).
+    """
+    heps = [h for h in _chosen_host_endpoints(state, node) if not h.wildcard]
+    applicable = {(hep.name, d): order([p for p in state.policies if d in p.types and p.do_not_track
+                                        and hep in sets.index.policy_host_endpoints(p)], state.tiers)
+                  for hep in heps for d in (INGRESS, EGRESS)}
+    settings = state.felix_settings(node)
+    inbound, outbound = settings.failsafe_inbound_host_ports, settings.failsafe_outbound_host_ports
+    directions: set[Direction] = set()
+    chains: list[tuple[str, list[Spec], str]] = []
+    rendered: set[str] = set()
+    for direction, flag, kind in ((INGRESS, "-i", "hu"), (EGRESS, "-o", "hv")):
+        if not any(applicable[(hep.name, direction)] for hep in heps):
+            continue
+        directions.add(direction)
+        peer = "src" if direction == INGRESS else "dst"
+        # Failsafe ports of this direction, and replies from the other direction's (source ports).
+        failsafes = _failsafe_specs(inbound if direction == INGRESS else outbound, peer, family, "-j RETURN") + \
+            _failsafe_specs(outbound if direction == INGRESS else inbound, peer, family, "-j RETURN", "--sports")
+        entry = [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}"),
+                 Spec(f"{flag} {PREFIX.rstrip('-')}+", target="-j RETURN")]
+        for hep in heps:
+            policies = applicable[(hep.name, direction)]
+            if not policies:
+                continue
+            name = f"{PREFIX}{kind}-{short_hash('host-endpoint-untracked', hep.name, length=16)}"
+            entry.append(Spec(f"{flag} {hep.interface}", target=f"-j {name}"))
+            tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]     # no tier's default drop
+                     for chains_ in tier_specs(policies, direction, state.tiers, chain_name)]
+            chains.append((name, failsafes + tiered_specs(tiers),
+                           f"untracked {direction.lower()} through host endpoint {hep.name} "
+                           f"({len(policies)} doNotTrack policies)"))
+            for policy in policies:
+                pname = chain_name(policy, direction)
+                if pname not in rendered:
+                    rendered.add(pname)
+                    chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
+                                   f"{direction.lower()} rules of {policy.origin or policy.key} (doNotTrack)"))
+        entry.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j NOTRACK"))
+        chains.insert(0, (RAW_CHAINS[direction], entry,
+                          f"entry from raw {'PREROUTING' if direction == INGRESS else 'OUTPUT'}: host endpoints' "
+                          f"doNotTrack policies"))
+    return directions, chains
+
+
+def _chosen_host_endpoints(state: ClusterState, node: str) -> list:
+    """The node's host endpoints that weft polices: those naming their interface, then the first "*"."""
+    heps = [h for h in state.local_host_endpoints(node) if h.interface is not None]
+    return [h for h in heps if not h.wildcard] + [h for h in heps if h.wildcard][:1]
+
+
+def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, family: int, target: str = "-j ACCEPT",
+                    port_flag: str = "--dports") -> list[Spec]:
+    """Failsafe ports as ACCEPT rules (or `target`), one per (net, protocol) and multiport group,
+    in order; a port's net is the peer's: the source inbound (`peer` "src"), the destination
+    outbound. `port_flag` "--sports": replies from the ports (the raw table's failsafes)."""
     groups: dict[tuple[str, str], list[PortRange]] = {}
     for fp in ports:
         groups.setdefault((fp.net or "", fp.protocol), []).append(PortRange(fp.port, fp.port))
@@ -378,8 +563,7 @@ def _failsafe_specs(ports: tuple[ProtoPort, ...], peer: str, family: int) -> lis
         for ports_text in _numeric_groups(tuple(group)):
             matches = base_matches(src=source, proto=protocol) if peer == "src" else \
                 base_matches(dst=source, proto=protocol)
-            specs.append(Spec(matches, f"-m multiport --dports {ports_text}",
-                              "-j ACCEPT"))
+            specs.append(Spec(matches, f"-m multiport {port_flag} {ports_text}", target))
     return specs
 
 

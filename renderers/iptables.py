@@ -6,10 +6,14 @@ Flow of a forwarded packet (Felix's design, with weft's names):
     from a pod:  weft-from-wl-dispatch -> weft-fw-<iface> (the pod's egress policy)
     to a pod:    weft-to-wl-dispatch   -> weft-tw-<iface> (the pod's ingress policy)
     then ACCEPT. An endpoint chain drops what its policies deny, RETURNs what they allow.
+    Through a Calico host endpoint's interface (renderers.calico.host_forward_chains): its
+    applyOnForward policies, before the pods' egress (coming in) and after their ingress (going out).
   INPUT -> weft-INPUT: traffic from pods to the host passes the pod's egress policy, then
-    RETURNs to the host's own INPUT rules (weft does not override the host firewall); traffic
-    through an interface a Calico host endpoint of this node names goes to that endpoint's
-    chain (renderers.calico: failsafe ports, its policies, its profiles), which accepts or drops.
+    FelixConfiguration's defaultEndpointToHostAction: DROP (Felix's default), ACCEPT, or RETURN
+    to the host's own INPUT rules; traffic through an interface a Calico host endpoint of this
+    node names goes to that endpoint's chain (renderers.calico: failsafe ports, its policies,
+    its profiles), which accepts or drops. preDNAT and doNotTrack policies run earlier, in the
+    mangle and raw tables (renderers.calico), and what they allowed is accepted here.
 
 Endpoint chains walk the tiers in order; in each tier the applicable policies are tried in
 order: an Allow sets the accept mark and returns, Deny drops, Pass sets the pass mark which
@@ -50,8 +54,18 @@ from weft.model.cluster import (
 )
 from weft.model.errors import WeftError
 from weft.model.kernel import PREFIX, Chain, Dataplane, Hooks, IpSet
-from weft.renderers.calico import host_endpoint_chains, policy_specs, tier_specs
+from weft.renderers.calico import (
+    PREROUTING_CHAIN,
+    RAW_CHAINS,
+    host_endpoint_chains,
+    host_forward_chains,
+    host_prednat_chains,
+    host_untracked_chains,
+    policy_specs,
+    tier_specs,
+)
 from weft.renderers.ipsets import SetCatalog, short_hash
+from weft.renderers.natoutgoing import render_nat_outgoing
 from weft.renderers.routes import render_links, render_routes
 from weft.renderers.rules import (
     FAMILIES,
@@ -74,6 +88,8 @@ HOOKED = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
 # router solicitation, neighbour solicitation and advertisement.
 ICMPV6_FROM_POD = (130, 131, 132, 133, 135, 136)
 MATCH_SET = re.compile(r"--match-set (\S+)")     # the sets a rule refers to
+MANGLE_TABLES = {4: "mangle", 6: "mangle6"}   # preDNAT policies (renderers.calico.host_prednat_chains)
+RAW_TABLES = {4: "raw", 6: "raw6"}            # doNotTrack policies (renderers.calico.host_untracked_chains)
 
 
 def policy_chain_name(policy: Policy, direction: str) -> str:
@@ -123,12 +139,23 @@ def _render_filter(state: ClusterState, node: str, sets: SetCatalog, pending: tu
         table = FAMILY_TABLES[family]
         members = tuple(ep for ep in local if family in families_of(ep.ips))
         family_chains = _family_chains(state, node, family, members, applying, sets, reused or {})
-        chains.update(((table, c.name), c) for c in family_chains)
+        chains.update(((c.table, c.name), c) for c in family_chains)
         hooked = {**HOOKED, **({"OUTPUT": OUTPUT_CHAIN} if any(c.name == OUTPUT_CHAIN for c in family_chains) else {})}
         for builtin, target in hooked.items():
             hooks[(table, builtin)] = Hooks(table, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+        for extra, builtin, target in ((MANGLE_TABLES[family], "PREROUTING", PREROUTING_CHAIN),
+                                       (RAW_TABLES[family], "PREROUTING", RAW_CHAINS[INGRESS]),
+                                       (RAW_TABLES[family], "OUTPUT", RAW_CHAINS[EGRESS])):
+            if (extra, target) in chains:
+                hooks[(extra, builtin)] = Hooks(extra, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
+    ipsets = dict(sets.sets)
+    for family in FAMILIES:                                  # the nat tables: renderers.natoutgoing
+        nat_chains, nat_sets, nat_hooks = render_nat_outgoing(state, family, node)
+        chains.update(nat_chains)
+        ipsets.update(nat_sets)
+        hooks.update(nat_hooks)
     # Sets by name: their order does not depend on which rules were rendered and which reused.
-    return Dataplane(chains, dict(sorted(sets.sets.items())), hooks, render_routes(local), render_links(local))
+    return Dataplane(chains, dict(sorted(ipsets.items())), hooks, render_routes(local), render_links(local))
 
 
 def _family_chains(state: ClusterState, node: str, family: int, local: tuple[Endpoint, ...],
@@ -141,16 +168,22 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
     def add(name: str, specs: list[Spec], about: str) -> None:
         chains[name] = Chain(table, name, chain_lines(name, specs), about)
 
-    add(FORWARD_CHAIN, _forward_specs(), "entry from FORWARD: pod traffic through this node")
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
+    prednat = host_prednat_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
+    untracked, raw = host_untracked_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
+    accepted_in = bool(prednat) or INGRESS in untracked      # the accept mark may come from mangle or raw
+    from_hosts, to_hosts, chains_fwd = host_forward_chains(state, node, sets, policy_chain_name, order_policies,
+                                                           pods_only, family, accepted_before=accepted_in)
+    add(FORWARD_CHAIN, _forward_specs(from_hosts, to_hosts), "entry from FORWARD: pod traffic through this node")
     hosts_in, chains_in = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                               family=family)
+                                               family=family, accepted_before=accepted_in)
     hosts_out, chains_out = host_endpoint_chains(state, node, sets, policy_chain_name, order_policies, pods_only,
-                                                 EGRESS, family=family)
-    add(INPUT_CHAIN, _input_specs(family) + hosts_in, "entry from INPUT: pod traffic to this host")
+                                                 EGRESS, family=family, accepted_before=EGRESS in untracked)
+    to_host = state.felix_settings(node).default_endpoint_to_host_action
+    add(INPUT_CHAIN, _input_specs(family, to_host) + hosts_in, "entry from INPUT: pod traffic to this host")
     if hosts_out:
         add(OUTPUT_CHAIN, hosts_out, "entry from OUTPUT: this host's traffic through its host endpoints")
-    for name, specs, about in chains_in + chains_out:
+    for name, specs, about in chains_in + chains_out + chains_fwd:
         if name not in chains:
             add(name, specs, about)
     add(FROM_DISPATCH, _dispatch(local, "-i", "fw"), "pod egress: one branch per local pod interface")
@@ -174,7 +207,8 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
                 elif pname not in chains:
                     add(pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
                         f"{direction.lower()} rules of {policy.origin or policy.key}")
-    return list(chains.values())
+    extra = [(MANGLE_TABLES[family], c) for c in prednat] + [(RAW_TABLES[family], c) for c in raw]
+    return list(chains.values()) + [Chain(table, n, chain_lines(n, specs), about) for table, (n, specs, about) in extra]
 
 
 class SharedInterfaceName(WeftError):
@@ -195,20 +229,27 @@ def refuse_shared_interfaces(local: tuple[Endpoint, ...]) -> None:
                 f"\"<namespace>.<pod>\"): rename one of them; nothing was changed")
 
 
-def _forward_specs() -> list[Spec]:
+def _forward_specs(from_hosts: list[Spec], to_hosts: list[Spec]) -> list[Spec]:
+    """`from_hosts`, `to_hosts`: host endpoints' applyOnForward checks (renderers.calico), around
+    the pods' own, in Felix's order."""
     specs = []
     for flag in ("-i", "-o"):
         specs.append(Spec(f"{flag} {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"))
     for flag in ("-i", "-o"):
         specs.append(Spec(f"{flag} {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"))
+    specs += from_hosts
     specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
     specs.append(Spec(f"-o {WL_GLOB}", target=f"-j {TO_DISPATCH}"))
+    specs += to_hosts
     specs.append(Spec(f"-i {WL_GLOB}", target="-j ACCEPT"))
     specs.append(Spec(f"-o {WL_GLOB}", target="-j ACCEPT"))
     return specs
 
 
-def _input_specs(family: int) -> list[Spec]:
+def _input_specs(family: int, to_host: str = "Drop") -> list[Spec]:
+    """Pod traffic to this host: the pod's egress policy (the dispatch chain drops what it
+    denies), then FelixConfiguration's defaultEndpointToHostAction (Felix's default Drop;
+    Accept; Return: on to the host's own INPUT rules)."""
     specs = [
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate RELATED,ESTABLISHED", "-j ACCEPT"),
         Spec(f"-i {WL_GLOB}", "-m conntrack --ctstate INVALID", "-j DROP"),
@@ -217,6 +258,8 @@ def _input_specs(family: int) -> list[Spec]:
         specs += [Spec(f"-i {WL_GLOB} -p ipv6-icmp", f"-m icmp6 --icmpv6-type {t}", "-j ACCEPT")
                   for t in ICMPV6_FROM_POD]
     specs.append(Spec(f"-i {WL_GLOB}", target=f"-j {FROM_DISPATCH}"))
+    if to_host != "Return":
+        specs.append(Spec(f"-i {WL_GLOB}", target="-j ACCEPT" if to_host == "Accept" else "-j DROP"))
     return specs
 
 

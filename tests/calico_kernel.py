@@ -1,4 +1,4 @@
-"""A real node for Calico semantics tests: weft's rendered filter table in a network namespace,
+"""A real node for Calico semantics tests: weft's rendered tables in a network namespace,
 pods in their own namespaces, an "outside" namespace behind the node, and single packets sent
 between them (tests/calico_probe.py) to read the kernel's verdict.
 
@@ -32,6 +32,10 @@ GATEWAY_IP = "169.254.1.1"
 HOST_SIDE_MAC = "ee:ee:ee:ee:ee:ee"
 OUTSIDE_NEXT_HOP, OUTSIDE_MAC = "169.254.2.2", "ee:ee:ee:00:00:02"
 OUTSIDE_NET = "198.19.0.0/16"
+# Behind the outside too: cluster-internal addresses that are not this node's pods (a peer node's
+# pod, say). Above every pod address, so the outside never sends and receives in one batch.
+INTERNAL_NET = "198.18.7.0/24"
+TABLES = ("filter", "mangle", "raw", "nat")
 _counter = itertools.count()
 _ids = itertools.count(1)
 
@@ -48,16 +52,20 @@ def in_ns(netns: str, *argv: str, stdin: str | None = None, check: bool = True) 
 
 
 def restore_text(dataplane: Dataplane) -> tuple[str, str]:
-    """(iptables-restore input for the filter table, ipset restore input) of a render."""
-    lines = ["*filter"]
-    chains = [c for (table, _), c in sorted(dataplane.chains.items()) if table == "filter"]
-    lines += [f":{c.name} - [0:0]" for c in chains]
-    for c in chains:
-        lines += c.rules
-    for (table, _), hook in sorted(dataplane.hooks.items()):
-        if table == "filter":
-            lines += hook.rules
-    lines.append("COMMIT")
+    """(iptables-restore input for every IPv4 table of a render, ipset restore input)."""
+    lines = []
+    for name in sorted({t for t, _ in dataplane.chains} | {t for t, _ in dataplane.hooks}):
+        if name.endswith("6"):
+            continue                    # the IPv6 family's tables (filter6, ...): this node is IPv4
+        lines.append(f"*{name}")
+        chains = [c for (table, _), c in sorted(dataplane.chains.items()) if table == name]
+        lines += [f":{c.name} - [0:0]" for c in chains]
+        for c in chains:
+            lines += c.rules
+        for (table, _), hook in sorted(dataplane.hooks.items()):
+            if table == name:
+                lines += hook.rules
+        lines.append("COMMIT")
     sets = []
     for s in sorted(dataplane.ipsets.values(), key=lambda s: s.name):
         sets.append(f"create {s.name} {s.type} family {s.family}")
@@ -133,7 +141,8 @@ class KernelNode:
             *([f"addr add {self.host_ip}/32 dev eth0"] if self.host_ip else []),
             f"neigh add {OUTSIDE_NEXT_HOP} lladdr {OUTSIDE_MAC} dev eth0 nud permanent",
             f"route add {OUTSIDE_NET} via {OUTSIDE_NEXT_HOP} dev eth0 onlink",
-            f"route add 198.18.100.0/24 via {OUTSIDE_NEXT_HOP} dev eth0 onlink"]) + "\n")
+            f"route add 198.18.100.0/24 via {OUTSIDE_NEXT_HOP} dev eth0 onlink",
+            f"route add {INTERNAL_NET} via {OUTSIDE_NEXT_HOP} dev eth0 onlink"]) + "\n")
         in_ns(self.outside_ns, "ip", "-batch", "-", stdin="\n".join([
             f"link set eth0 address {OUTSIDE_MAC}", "link set eth0 up",
             f"neigh add {GATEWAY_IP} lladdr {HOST_SIDE_MAC} dev eth0 nud permanent",
@@ -153,8 +162,9 @@ class KernelNode:
         self.state = state
         dataplane = render_node(state, self.node)
         rules, sets = restore_text(dataplane)
-        in_ns(self.node_ns, "iptables", "-F")
-        in_ns(self.node_ns, "iptables", "-X")
+        for table in TABLES:
+            in_ns(self.node_ns, "iptables", "-t", table, "-F")
+            in_ns(self.node_ns, "iptables", "-t", table, "-X")
         in_ns(self.node_ns, "ipset", "destroy")
         in_ns(self.node_ns, "ipset", "restore", stdin=sets)
         in_ns(self.node_ns, "iptables-restore", stdin=rules)
@@ -213,7 +223,13 @@ class KernelNode:
             packet = Packet(probe["src"], probe["dst"], probe["proto"], probe["sport"] if ported else None,
                             probe["dport"] if ported else None, probe["icmp_type"] if icmp else None,
                             probe["icmp_code"] if icmp else None)
-            if "host" in (flow.src, flow.dst):
+            if flow.dst == "host" and flow.src in self.pods:
+                decision = evaluator.to_host(self.pods[flow.src][0], packet)
+                if decision.verdict == Verdict.UNMANAGED:      # Return: the node's own INPUT accepts
+                    decision = Decision(Verdict.ALLOW, decision.by, decision.logged)
+            elif flow.src == "host" and flow.dst in self.pods:
+                decision = evaluator.from_host(self.pods[flow.dst][0], packet)
+            elif "host" in (flow.src, flow.dst):
                 hep = evaluator.host_endpoint_for(self.node, "eth0", [self.host_ip])
                 direction = INGRESS if flow.dst == "host" else EGRESS
                 decision = evaluator.host(hep, direction, packet) if hep else Decision(Verdict.ALLOW, "not policed")
@@ -221,10 +237,27 @@ class KernelNode:
                 decision = evaluator.between(self.pods[flow.src][0], self.pods[flow.dst][0], packet)
             elif flow.src in self.pods:
                 decision = evaluator.workload(self.pods[flow.src][0], EGRESS, packet)
+                decision = self._forwarded(evaluator, EGRESS, packet, decision)
             else:
-                decision = evaluator.workload(self.pods[flow.dst][0], INGRESS, packet)
+                decision = self._forwarded(evaluator, INGRESS, packet)
+                decision = evaluator.workload(self.pods[flow.dst][0], INGRESS, packet) if decision.allowed \
+                    else decision
             result.append(decision.allowed)
         return result
+
+    def _forwarded(self, evaluator: Evaluator, direction, packet: Packet, before: Decision | None = None) -> Decision:
+        """A pod's packet from or to the outside also crosses eth0: its host endpoint's verdict on
+        forwarded traffic (applyOnForward policies); one that leaves it to the next rules (every
+        tier passed) is forwarded here (the node's FORWARD accepts)."""
+        if before is not None and not before.allowed:
+            return before
+        hep = evaluator.host_endpoint_for(self.node, "eth0", [self.host_ip] if self.host_ip else [])
+        if hep is None:
+            return before or Decision(Verdict.ALLOW, "no host endpoint")
+        decision = evaluator.host(hep, direction, packet, forwarded=True)
+        if decision.verdict == Verdict.UNMANAGED:
+            return Decision(Verdict.ALLOW, decision.by, decision.logged)
+        return decision
 
     def mismatches(self, flows: list[Flow]) -> list[str]:
         """Flows where the kernel and the reference evaluator disagree, described."""

@@ -27,6 +27,8 @@ import time
 
 CLONE_NEWNET = 0x40000000
 ETH_P_IP = 0x0800
+SO_RCVBUFFORCE = 33                      # not in the socket module; root may exceed rmem_max
+CAPTURE_BUFFER = 16 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -89,6 +91,9 @@ def main() -> None:
     for netns in spec["captures"]:
         enter(netns)
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        # Every probe is sent before any is read: room for thousands (the default buffer holds a
+        # few hundred small packets; the rest would be lost and read as dropped).
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CAPTURE_BUFFER)
         sock.bind(("eth0", ETH_P_IP))
         sock.setblocking(False)
         captures[sock] = netns

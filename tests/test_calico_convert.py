@@ -357,20 +357,17 @@ def test_every_example_file_loads_on_its_own_or_with_its_cluster(path):
         files = ["tiers"]
     state = example(*files)
     assert not state.ignored_kinds
-    # What the iptables renderer does not enforce yet is said, never silently dropped.
-    expected = {"GlobalNetworkPolicy: spec.applyOnForward (forwarded traffic through host endpoints: not policed yet)",
-                "GlobalNetworkPolicy: spec.preDNAT (not enforced yet)"} if path == "hosts/pre-dnat.yaml" else set()
-    assert set(state.warnings) == expected
+    # Everything the examples use is enforced: no warning.
+    assert set(state.warnings) == set()
 
 
 def test_what_the_renderer_does_not_enforce_yet_is_a_warning():
-    """A host endpoint named by its addresses only, untracked policies and forwarded traffic
-    are not rendered yet: the user is told (once per kind and field), nothing is refused."""
+    """A host endpoint named by its addresses only is not rendered yet: the user is told (once
+    per kind and field), nothing is refused; doNotTrack and applyOnForward are enforced
+    (renderers.calico): no warning."""
     hep = kind("HostEndpoint", "by-ip", {"node": "node1", "expectedIPs": ["198.18.0.1"]})
     untracked = gnp("fast", selector="all()", doNotTrack=True, applyOnForward=True, ingress=[{"action": "Allow"}])
     state = cluster(hep, untracked)
     assert set(state.warnings) == {
-        "HostEndpoint: spec.expectedIPs (without interfaceName: not policed yet)",
-        "GlobalNetworkPolicy: spec.doNotTrack (not enforced yet)",
-        "GlobalNetworkPolicy: spec.applyOnForward (forwarded traffic through host endpoints: not policed yet)"}
+        "HostEndpoint: spec.expectedIPs (without interfaceName: not policed yet)"}
     assert len(state.host_endpoints) == 1 and len(state.policies) == 1

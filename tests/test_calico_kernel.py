@@ -34,10 +34,10 @@ def matrix(node: KernelNode, probes=PROBES, outside=OUTSIDE) -> list[Flow]:
             for src, dst in pairs for proto, dport, sport, itype, icode in probes]
 
 
-def saved_chains(node: KernelNode) -> dict[str, list[str]]:
-    """weft's chains as iptables-save prints them in the node (without counters)."""
+def saved_chains(node: KernelNode, table: str = "filter") -> dict[str, list[str]]:
+    """weft's chains of `table` as iptables-save prints them in the node (without counters)."""
     chains: dict[str, list[str]] = {}
-    for line in in_ns(node.node_ns, "iptables-save", "-t", "filter").splitlines():
+    for line in in_ns(node.node_ns, "iptables-save", "-t", table).splitlines():
         if line.startswith(":weft-"):
             chains.setdefault(line[1:].split()[0], [])
         elif line.startswith("-A weft-"):
@@ -258,7 +258,9 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
     destroy removes it all."""
     policies = []
     for i, case in enumerate([*CASES.values(), random_policies(3), HOST_CASES["tiers-on-a-host"],
-                              HOST_CASES["egress-from-a-host"][2:]]):
+                              HOST_CASES["egress-from-a-host"][2:], FORWARD_CASES["forward-tiers-and-pod-policies"][2:],
+                              PREDNAT_CASES["tiers-log-pass-and-forward-policies"][2:],
+                              UNTRACKED_CASES["untracked-before-pre-dnat-and-normal"][2:]]):
         for d in case:
             if d["kind"] != "Tier":       # the cases reuse names: each gets its own prefix
                 tier_name, dot, name = d["metadata"]["name"].rpartition(".")
@@ -275,15 +277,17 @@ def test_every_calico_rule_field_applies_with_no_drift_and_is_destroyed(tmp_path
         for text in ("--icmp-type 8/1", "! --icmp-type 8", "-p gre", "! -p tcp", "-j LOG --log-prefix"):
             assert text in saved, text
         for text in ("-m multiport ! --dports", "-m set ! --match-set weft-c-", "-m set --match-set weft-c-",
-                     "-i eth0 -m comment", "-j weft-hp-", "-A OUTPUT", "-o eth0 -m comment", "-j weft-hq-"):
+                     "-i eth0 -m comment", "-j weft-hp-", "-A OUTPUT", "-o eth0 -m comment", "-j weft-hq-",
+                     "-j weft-from-hep-fwd", "-g weft-hfi-", "-g weft-hfo-", "-A PREROUTING", "-g weft-hd-",
+                     "-j weft-hu-", "-j weft-hv-", "-j NOTRACK"):
             assert text in saved, text
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         assert "No drift" in node.weft("drift", from_dir=src, expect=0).stdout
-        # Without host endpoints, the OUTPUT hook and the host endpoints' chains go.
+        # Without host endpoints, the OUTPUT and PREROUTING hooks and the host endpoints' chains go.
         nodens.write_manifests(src, [d for d in docs if d["kind"] != "HostEndpoint"])
         node.weft("apply", from_dir=src)
         assert not [line for line in node.save().splitlines() if "OUTPUT" in line and "weft" in line]
-        assert "weft-h" not in node.save()
+        assert "weft-h" not in node.save() and "weft-PREROUTING" not in node.save()
         node.weft("plan", "--detailed-exitcode", from_dir=src, expect=0)
         node.weft("apply", "--destroy")
         assert nodens.weft_names(ns) == []
@@ -362,3 +366,185 @@ def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server():
         out = [Flow("host", "198.19.1.5", "udp", 53), Flow("host", "198.19.1.5", "tcp", 6443),
                Flow("host", "198.19.1.5", "tcp", 80)]
         assert node.delivered(node.probes(out)) == [True, True, False]
+
+
+# --- host endpoints: forwarded traffic (applyOnForward) ----------------------------------------------
+
+FWD = {"applyOnForward": True}
+FORWARD_CASES = {
+    "forward-tiers-and-pod-policies": [
+        HEP, tier("t1", 10, "Pass"),
+        gnp("t1.fwd", tier="t1", selector="role == 'worker'", types=["Ingress", "Egress"], **FWD, ingress=[
+            {"action": "Log", "protocol": "UDP"},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}}],
+            egress=[{"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}}]),
+        gnp("fwd", selector="role == 'worker'", types=["Ingress", "Egress"], **FWD, ingress=[
+            {"action": "Allow", "protocol": "TCP", "destination": {"ports": [80, 443, 8080]}},
+            {"action": "Allow", "protocol": "UDP"}, {"action": "Allow", "protocol": "ICMP", "icmp": {"type": 8}}],
+            egress=[{"action": "Allow", "protocol": "TCP", "destination": {"nets": ["198.19.0.0/16"],
+                                                                           "notPorts": [5432]}},
+                    {"action": "Deny", "protocol": "UDP", "destination": {"selector": "role == 'db'"}},
+                    {"action": "Allow", "protocol": "UDP"}]),
+        gnp("host-only", selector="role == 'worker'", types=["Ingress", "Egress"], ingress=DENY_ALL, egress=DENY_ALL),
+        np("pod-b", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "protocol": "TCP"}]),
+        kind("GlobalNetworkSet", "db", {"nets": ["198.19.66.0/24"]}, role="db")],
+    "star-forward-deny-all": [
+        kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+        gnp("deny-all", selector="role == 'worker'", types=["Ingress", "Egress"], **FWD, ingress=DENY_ALL,
+            egress=DENY_ALL)],
+    "named-endpoint-without-forward-policy": [
+        HEP, kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="all"),
+        gnp("deny-all", selector="role == 'all'", types=["Ingress", "Egress"], **FWD, ingress=DENY_ALL,
+            egress=DENY_ALL),
+        gnp("egress-only", selector="role == 'worker'", types=["Egress"], **FWD, egress=[
+            {"action": "Deny", "protocol": "ICMP"}])],
+}
+
+
+@pytest.mark.parametrize("name", FORWARD_CASES)
+def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name):
+    """Pods to and from the outside cross eth0, a host endpoint: its applyOnForward policies
+    judge that traffic too (others do not); pod to pod traffic is not a host endpoint's."""
+    state = cluster(*BASE, *FORWARD_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        dataplane = node.load(state)
+        rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
+        assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        assert any(n.startswith("weft-hf") for n in rendered), f"{name}: no forward chain rendered"
+        wrong = node.mismatches(matrix(node))
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+
+
+# --- host endpoints: preDNAT policies (mangle PREROUTING) ---------------------------------------------
+
+PRE = {"preDNAT": True, "applyOnForward": True}
+INTERNAL_PEER = "198.18.7.200"          # in the pods' 198.18.4.0/22: cluster-internal
+PREDNAT_CASES = {
+    "documented-protect-hosts": (),          # tests/calico/hosts/pre-dnat.yaml alone
+    "tiers-log-pass-and-forward-policies": (
+        HEP, tier("t1", 10),
+        gnp("t1.pre", tier="t1", selector="role == 'worker'", **PRE, ingress=[
+            {"action": "Log", "protocol": "UDP"}, {"action": "Pass", "protocol": "TCP", "destination": {"ports": [80]}},
+            {"action": "Deny", "protocol": "ICMP", "icmp": {"type": 13}}]),
+        gnp("pre-allow", selector="role == 'worker'", **PRE, ingress=[
+            {"action": "Allow", "protocol": "TCP", "source": {"nets": ["198.19.0.0/16"]},
+             "destination": {"ports": [443, 8080]}},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}}]),
+        gnp("fwd", selector="role == 'worker'", **FWD, ingress=[
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [443, 8080]}}, {"action": "Allow"}]),
+        gnp("host", selector="role == 'worker'", ingress=[{"action": "Allow", "protocol": "TCP",
+                                                          "destination": {"ports": [80]}}]),
+        np("pod-b", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "protocol": "TCP"}])),
+}
+
+
+@pytest.mark.parametrize("name", PREDNAT_CASES)
+def test_pre_dnat_policies_on_the_kernel(name):
+    """New connections into eth0 (a host endpoint), to the host or forwarded to pods, from the
+    outside and from a peer node: preDNAT policies decide first (in mangle), the host's and the
+    forwarded traffic's normal policies after them; the kernel's verdicts equal desired.verdict's."""
+    state = example("hosts/pre-dnat.yaml") if not PREDNAT_CASES[name] else \
+        cluster(*BASE, *PREDNAT_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        dataplane = node.load(state)
+        for table in ("filter", "mangle"):
+            rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
+            assert saved_chains(node, table) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        assert any(t == "mangle" for t, _ in dataplane.chains), f"{name}: no mangle chain rendered"
+        peers = (*HOST_PEERS, INTERNAL_PEER)
+        probes = (*HOST_PROBES, ("tcp", 31852, None, None, None), ("tcp", 443, None, None, None),
+                  ("icmp", None, None, 13, 0))
+        flows = matrix(node, outside=(*OUTSIDE, INTERNAL_PEER))
+        flows += [Flow(peer, "host", *probe) for peer in peers for probe in probes]
+        flows += [Flow("host", peer, *probe) for peer in peers for probe in probes]
+        wrong = node.mismatches(flows)
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+
+
+# --- host endpoints: doNotTrack policies (raw PREROUTING and OUTPUT) ------------------------------------
+
+RAW = {"doNotTrack": True, "applyOnForward": True}
+UNTRACKED_CASES = {
+    "untracked-before-pre-dnat-and-normal": (
+        HEP, tier("t1", 10),
+        gnp("t1.raw", tier="t1", selector="role == 'worker'", types=["Ingress", "Egress"], **RAW, ingress=[
+            {"action": "Log", "protocol": "TCP"},
+            {"action": "Allow", "protocol": "TCP", "source": {"nets": ["198.19.0.0/16"]},
+             "destination": {"ports": [8080, 9090]}},
+            {"action": "Deny", "protocol": "UDP", "source": {"nets": ["198.19.5.0/24"]}},
+            {"action": "Pass", "protocol": "ICMP"}],
+            egress=[{"action": "Allow", "protocol": "TCP", "destination": {"nets": ["198.19.1.0/24"], "ports": [443]}},
+                    {"action": "Deny", "protocol": "UDP", "destination": {"ports": [5000, 68]}}]),
+        gnp("pre", selector="role == 'worker'", **PRE, ingress=[
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [8080, 443]}}]),
+        gnp("fwd", selector="role == 'worker'", **FWD, ingress=[
+            {"action": "Deny", "protocol": "TCP", "destination": {"ports": [9090]}}, {"action": "Allow"}]),
+        gnp("host", selector="role == 'worker'", types=["Ingress", "Egress"],
+            ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80, 9090]}}],
+            egress=[{"action": "Allow", "protocol": "ICMP"}]),
+        np("pod-b", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "protocol": "TCP"}])),
+    "star-endpoint-has-no-untracked-policy": (
+        kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+        gnp("raw", selector="role == 'worker'", types=["Ingress", "Egress"], **RAW, ingress=DENY_ALL, egress=DENY_ALL),
+        gnp("host", selector="role == 'worker'", types=["Ingress", "Egress"], ingress=ALLOW_ALL, egress=ALLOW_ALL)),
+}
+
+
+@pytest.mark.parametrize("name", UNTRACKED_CASES)
+def test_do_not_track_policies_on_the_kernel(name):
+    """doNotTrack policies judge eth0's traffic first (in raw, before conntrack: an allowed
+    packet is not tracked and accepted), then preDNAT, applyOnForward and normal policies; a "*"
+    host endpoint gets none; the kernel's verdicts equal desired.verdict's."""
+    state = cluster(*BASE, *UNTRACKED_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        dataplane = node.load(state)
+        for table in ("filter", "mangle", "raw"):
+            rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
+            assert saved_chains(node, table) == rendered, f"{name}: iptables-save differs from the render (drift)"
+        assert any(t == "raw" for t, _ in dataplane.chains) == (name != "star-endpoint-has-no-untracked-policy")
+        peers = (*HOST_PEERS, INTERNAL_PEER)
+        probes = (*HOST_PROBES, ("tcp", 8080, None, None, None), ("tcp", 9090, None, None, None),
+                  ("tcp", 443, None, None, None), ("udp", 5000, None, None, None))
+        flows = matrix(node, outside=(*OUTSIDE, INTERNAL_PEER))
+        flows += [Flow(peer, "host", *probe) for peer in peers for probe in probes]
+        flows += [Flow("host", peer, *probe) for peer in peers for probe in probes]
+        wrong = node.mismatches(flows)
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+        if name != "star-endpoint-has-no-untracked-policy":      # allowed untracked: not in conntrack
+            in_ns(node.node_ns, "conntrack", "-F", check=False)
+            assert node.delivered(node.probes([Flow("198.19.1.5", "host", "tcp", 8080)])) == [True]
+            tracked = in_ns(node.node_ns, "conntrack", "-L", check=False)
+            assert "dport=8080" not in tracked, tracked
+
+
+# --- FelixConfiguration defaultEndpointToHostAction: pods to their own host ------------------------------
+
+TO_HOST_CASES = {
+    "felix-default-drop": (),
+    "drop": (kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Drop"}),),
+    "accept-with-star-endpoint": (
+        kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Accept"}),
+        kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="worker"),
+        gnp("deny-all", selector="role == 'worker'", types=["Ingress", "Egress"], ingress=DENY_ALL, egress=DENY_ALL)),
+    "return-per-node": (kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Drop"}),
+                        kind("FelixConfiguration", f"node.{NODE}", {"defaultEndpointToHostAction": "Return"})),
+}
+NO_KUBELET = gnp("no-kubelet", selector="app == 'a'", types=["Egress"], egress=[
+    {"action": "Deny", "protocol": "TCP", "destination": {"ports": [10250]}}, {"action": "Allow"}])
+
+
+@pytest.mark.parametrize("name", TO_HOST_CASES)
+def test_pods_to_their_host_on_the_kernel(name):
+    """A pod's packets to its own host pass the pod's egress policy, then the configured
+    defaultEndpointToHostAction (Felix's default: Drop); host endpoints do not apply to them and
+    the host reaches its pods whatever the policy; the kernel's verdicts equal desired.verdict's."""
+    state = cluster(*BASE, NO_KUBELET, *TO_HOST_CASES[name], namespaces=())
+    with KernelNode(state, NODE, "198.18.0.1") as node:
+        node.load(state)
+        flows = [Flow(pod, "host", *probe) for pod in sorted(node.pods) for probe in HOST_PROBES]
+        flows += [Flow("host", pod, *probe) for pod in sorted(node.pods) for probe in HOST_PROBES[:4]]
+        wrong = node.mismatches(flows)
+        assert not wrong, f"{name}: {len(wrong)} flows differ, e.g.\n" + "\n".join(wrong[:15])
+        delivered = node.delivered(node.probes([Flow("ns2/c", "host", "tcp", 22), Flow("ns1/a", "host", "tcp", 10250)]))
+        assert delivered == {"felix-default-drop": [False, False], "drop": [False, False],
+                             "accept-with-star-endpoint": [True, False], "return-per-node": [True, False]}[name]

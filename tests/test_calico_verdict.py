@@ -565,3 +565,22 @@ def test_kubernetes_peers_are_pods_only():
     assert flows("198.18.0.1", "ns1/b") == DENY
     calico = np("peers", "ns1", selector="app == 'b'", ingress=[{"action": "Allow", "source": {"selector": "all()"}}])
     assert Flows(cluster(*docs, calico))("198.19.5.1", "ns1/b") == ALLOW      # Calico's own selectors do
+
+
+def test_failsafe_traffic_skips_untracked_and_pre_dnat_policies_even_when_forwarded():
+    """Felix's raw and mangle chains accept failsafe traffic before their policies, whatever its
+    destination (before routing, forwarded traffic is not told apart), and raw also replies from
+    the other direction's failsafe ports: the normal (here forwarded) policies judge it instead."""
+    host = kind("HostEndpoint", "n1-eth0", {"node": "node1", "interfaceName": "eth0"}, edge="yes")
+    raw = gnp("raw", selector="edge == 'yes'", doNotTrack=True, applyOnForward=True, ingress=DENY_ALL)
+    pre = gnp("pre", selector="edge == 'yes'", preDNAT=True, applyOnForward=True, ingress=DENY_ALL)
+    state = cluster(host, raw, pre)
+    hep = state.host_endpoints[0]
+    reply_from_dns = Packet(OUTSIDE, "198.18.4.9", "udp", 53, 5000)      # outbound failsafe udp:53's reply
+    to_ssh = Packet(OUTSIDE, "198.18.4.9", "tcp", 40000, 22)             # inbound failsafe tcp:22
+    other = Packet(OUTSIDE, "198.18.4.9", "udp", 54, 5000)
+    assert verdict(state, hep, INGRESS, other, forwarded=True).by.startswith("untracked: ")
+    untracked_only = cluster(host, raw)
+    assert verdict(untracked_only, hep, INGRESS, reply_from_dns, forwarded=True).verdict == ALLOW   # no forward policy
+    assert verdict(state, hep, INGRESS, reply_from_dns, forwarded=True).by.startswith("pre-DNAT: ")
+    assert verdict(state, hep, INGRESS, to_ssh, forwarded=True).verdict == ALLOW

@@ -45,7 +45,8 @@ def test_verify_judges_only_what_the_plan_touched(node_ns):
     done = subprocess.run(["ip", "netns", "exec", node_ns, sys.executable, "-c", VERIFY], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"ipsets": [], "filter": ["weft-x"], "filter6": [], "routes": [], "links": []}
+    untouched = {t: [] for t in ("filter6", "nat", "mangle", "raw", "nat6", "mangle6", "raw6")}
+    assert json.loads(done.stdout) == {"ipsets": [], "filter": ["weft-x"], **untouched, "routes": [], "links": []}
     assert "weft-meanwhile" in in_ns(node_ns, "iptables-nft-save", "-t", "filter")
 
 

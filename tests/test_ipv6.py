@@ -47,6 +47,9 @@ LAB_PODS = {"x/a": ("198.18.1.11", "2001:db8:1::11"), "x/b": ("198.18.1.12", "20
             "y/c": ("198.18.1.23", "2001:db8:1::23")}
 LAB_OBJECTS = [
     {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}},
+    # Pods may reach their host (Felix's default is Drop): their egress policy still judges it.
+    {"apiVersion": "crd.projectcalico.org/v1", "kind": "FelixConfiguration", "metadata": {"name": "default"},
+     "spec": {"defaultEndpointToHostAction": "Accept"}},
     namespace("x", ns="x"), namespace("y", ns="y"),
     *(pod(key.split("/")[0], key.split("/")[1], v4, {"pod": key.split("/")[1]}, node=NODE, ip6=v6,
           ports=(("http", 80, "TCP"),))

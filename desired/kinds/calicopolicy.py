@@ -172,11 +172,6 @@ def _policy(check: Checker, raw: dict, ns: str | None) -> Policy | None:
     if (pre_dnat or do_not_track) and not apply_on_forward:
         check.fail("spec.applyOnForward", "must be true when preDNAT or doNotTrack is true (such rules apply to "
                                           "forwarded traffic anyway)")
-    if check.warnings is not None:      # host endpoint phases the iptables renderer does not have yet
-        check.warnings += [f"spec.{name} (not enforced yet)" for name, value in
-                           (("preDNAT", pre_dnat), ("doNotTrack", do_not_track)) if value]
-        if ns is None and apply_on_forward:
-            check.warnings.append("spec.applyOnForward (forwarded traffic through host endpoints: not policed yet)")
     ingress = [_rule(check, r, f"spec.ingress[{i}]", ns) for i, r in enumerate(ingress_raw)]
     egress = [_rule(check, r, f"spec.egress[{i}]", ns) for i, r in enumerate(egress_raw)]
     if len(check.errors) != before:
