@@ -466,18 +466,29 @@ def host_prednat_chains(state: ClusterState, node: str, sets: SetCatalog,
             continue
         name = f"{PREFIX}hd-{short_hash('host-endpoint-prednat', hep.name, length=16)}"
         entry.append(Spec(match, target=f"-g {name}"))
-        tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]     # no tier's default drop
-                 for chains_ in tier_specs(policies, INGRESS, state.tiers, chain_name)]
-        chains.append((name, failsafes + tiered_specs(tiers),
-                       f"new connections into host endpoint {hep.name}, before DNAT "
-                       f"({len(policies)} preDNAT policies)"))
-        for policy in policies:
-            pname = chain_name(policy, INGRESS)
-            if pname not in rendered:
-                rendered.add(pname)
-                chains.append((pname, policy_specs(policy, INGRESS, sets, family, pods_only=pods_only),
-                               f"ingress rules of {policy.origin or policy.key} (preDNAT)"))
+        chains += _undropped_tiers(name, failsafes, f"new connections into host endpoint {hep.name}, before DNAT "
+                                   f"({len(policies)} preDNAT policies)", policies, INGRESS, "preDNAT",
+                                   state, sets, family, pods_only, chain_name, rendered)
     return [(PREROUTING_CHAIN, entry, "entry from mangle PREROUTING: host endpoints' preDNAT policies"), *chains]
+
+
+def _undropped_tiers(name: str, head: list[Spec], about: str, policies: list[Policy], direction: Direction,
+                     kind: str, state: ClusterState, sets: SetCatalog, family: int, pods_only: bool,
+                     chain_name: Callable[[Policy, Direction], str], rendered: set[str]
+                     ) -> list[tuple[str, list[Spec], str]]:
+    """A host endpoint's chain of preDNAT or doNotTrack policies (`kind`): `head` (its failsafe
+    ports), then the policies' tiers without the tiers' default drop (Felix renders these so),
+    and the policies' own chains not yet in `rendered`."""
+    tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]
+             for chains_ in tier_specs(policies, direction, state.tiers, chain_name)]
+    out = [(name, head + tiered_specs(tiers), about)]
+    for policy in policies:
+        pname = chain_name(policy, direction)
+        if pname not in rendered:
+            rendered.add(pname)
+            out.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
+                        f"{direction.lower()} rules of {policy.origin or policy.key} ({kind})"))
+    return out
 
 
 RAW_CHAINS = {INGRESS: f"{PREFIX}PREROUTING", EGRESS: f"{PREFIX}OUTPUT"}     # hooked from raw's namesakes
@@ -523,17 +534,9 @@ def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
                 continue
             name = f"{PREFIX}{kind}-{short_hash('host-endpoint-untracked', hep.name, length=16)}"
             entry.append(Spec(f"{flag} {hep.interface}", target=f"-j {name}"))
-            tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]     # no tier's default drop
-                     for chains_ in tier_specs(policies, direction, state.tiers, chain_name)]
-            chains.append((name, failsafes + tiered_specs(tiers),
-                           f"untracked {direction.lower()} through host endpoint {hep.name} "
-                           f"({len(policies)} doNotTrack policies)"))
-            for policy in policies:
-                pname = chain_name(policy, direction)
-                if pname not in rendered:
-                    rendered.add(pname)
-                    chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
-                                   f"{direction.lower()} rules of {policy.origin or policy.key} (doNotTrack)"))
+            chains += _undropped_tiers(name, failsafes, f"untracked {direction.lower()} through host endpoint "
+                                       f"{hep.name} ({len(policies)} doNotTrack policies)", policies, direction,
+                                       "doNotTrack", state, sets, family, pods_only, chain_name, rendered)
         entry.append(Spec(extra=f"-m mark --mark {MARK_ACCEPT}/{MARK_ACCEPT}", target="-j NOTRACK"))
         chains.insert(0, (RAW_CHAINS[direction], entry,
                           f"entry from raw {'PREROUTING' if direction == INGRESS else 'OUTPUT'}: host endpoints' "
