@@ -24,7 +24,7 @@ import yaml
 
 from tests.matrices import BASE_CLUSTER, NODE, POD_IPS, write_source
 from tests.test_bpf_engine import EbpfNode, lab  # noqa: F401  (the lab fixture)
-from tests.test_bpf_services import SERVER
+from tests.test_bpf_services import SERVER, start_server
 
 NODE_IP, CLIENT_IP = "198.19.200.1", "198.19.200.2"
 VIP = "198.19.0.10"
@@ -107,16 +107,9 @@ def outside(lab, tmp_path):  # noqa: F811
         sh("ip", "-n", client_ns, "link", "set", "lo", "up")
         sh("ip", "-n", client_ns, "addr", "add", f"{REMOTE}/32", "dev", "lo")
         sh("ip", "-n", lab.node_netns, "route", "add", f"{REMOTE}/32", "via", CLIENT_IP, "dev", UPLINK)
-        remote = subprocess.Popen(["nsenter", f"--net=/run/netns/{client_ns}", sys.executable, "-c",
-                                   SERVER.replace('"0.0.0.0"', f'"{REMOTE}"'), "remote"],
-                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
-        servers.append(remote)
-        assert remote.stdout.readline().strip() == "ready"
+        servers.append(start_server(client_ns, SERVER.replace('"0.0.0.0"', f'"{REMOTE}"'), "remote"))
         for key in BACKENDS:
-            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod_ns[key]}", sys.executable, "-c", SERVER, key],
-                                    stdout=subprocess.PIPE, text=True, start_new_session=True)
-            servers.append(proc)
-            assert proc.stdout.readline().strip() == "ready"
+            servers.append(start_server(pod_ns[key], SERVER, key))
 
         def connect(count: int = 30) -> dict[str, list[str]]:
             done = subprocess.run(["nsenter", f"--net=/run/netns/{client_ns}", sys.executable, "-c", CLIENT,

@@ -92,6 +92,16 @@ def manifests(backends=BACKENDS, affinity=False, policy: str = "") -> dict[str, 
     return texts
 
 
+def start_server(netns: str, script: str, *args: str) -> subprocess.Popen:
+    """`script` started in network namespace `netns` (its own session), once it says "ready"."""
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", script, *args],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        pytest.fail(f"the server in {netns} did not start")
+    return proc
+
+
 @pytest.fixture
 def services(lab, tmp_path):  # noqa: F811
     pod_ns = {p.key: lab.pod_netns(p) for p in lab.pods}
@@ -99,10 +109,7 @@ def services(lab, tmp_path):  # noqa: F811
     node = EbpfNode(lab, tmp_path / "state")
     try:
         for key in BACKENDS:
-            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{pod_ns[key]}", sys.executable, "-c", SERVER, key],
-                                    stdout=subprocess.PIPE, text=True, start_new_session=True)
-            servers.append(proc)
-            assert proc.stdout.readline().strip() == "ready"
+            servers.append(start_server(pod_ns[key], SERVER, key))
 
         def connect(count: int = 30) -> dict[str, list[str]]:
             done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['x/a']}", sys.executable, "-c", CLIENT,
