@@ -364,12 +364,7 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
         tiered = tiered_specs(tier_specs(applicable, direction, state.tiers, chain_name))
         chains.append((tiers_name, tiered, f"the {direction.lower()} policies of host endpoint {hep.name} "
                                            f"({len(applicable)})"))
-        for policy in applicable:
-            pname = chain_name(policy, direction)
-            if pname not in rendered:
-                rendered.add(pname)
-                chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
-                               f"{direction.lower()} rules of {policy.origin or policy.key}"))
+        chains += _own_chains(applicable, direction, sets, family, pods_only, chain_name, rendered)
     return entry, chains
 
 
@@ -416,12 +411,7 @@ def host_forward_chains(state: ClusterState, node: str, sets: SetCatalog,
             chains.append((name, tiered_specs(tier_specs(policies, direction, state.tiers, chain_name)),
                            f"forwarded {direction.lower()} through host endpoint {hep.name} "
                            f"({len(policies)} applyOnForward policies)"))
-            for policy in policies:
-                pname = chain_name(policy, direction)
-                if pname not in rendered:
-                    rendered.add(pname)
-                    chains.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
-                                   f"{direction.lower()} rules of {policy.origin or policy.key}"))
+            chains += _own_chains(policies, direction, sets, family, pods_only, chain_name, rendered)
         chains.append((dispatch, specs, f"forwarded traffic {'from' if direction == INGRESS else 'to'} host "
                                         f"endpoints: one branch per interface"))
         gate = f"-m mark --mark 0x0/{MARK_ACCEPT}" if accepted_before and direction == INGRESS else ""
@@ -481,13 +471,21 @@ def _undropped_tiers(name: str, head: list[Spec], about: str, policies: list[Pol
     and the policies' own chains not yet in `rendered`."""
     tiers = [chains_ if TIER_PASSES in chains_ else [*chains_, TIER_PASSES]
              for chains_ in tier_specs(policies, direction, state.tiers, chain_name)]
-    out = [(name, head + tiered_specs(tiers), about)]
+    return [(name, head + tiered_specs(tiers), about),
+            *_own_chains(policies, direction, sets, family, pods_only, chain_name, rendered, f" ({kind})")]
+
+
+def _own_chains(policies: list[Policy], direction: Direction, sets: SetCatalog, family: int, pods_only: bool,
+                chain_name: Callable[[Policy, Direction], str], rendered: set[str], note: str = ""
+                ) -> list[tuple[str, list[Spec], str]]:
+    """The policies' own chains (their rules) not yet in `rendered`, which they join."""
+    out = []
     for policy in policies:
         pname = chain_name(policy, direction)
         if pname not in rendered:
             rendered.add(pname)
             out.append((pname, policy_specs(policy, direction, sets, family, pods_only=pods_only),
-                        f"{direction.lower()} rules of {policy.origin or policy.key} ({kind})"))
+                        f"{direction.lower()} rules of {policy.origin or policy.key}{note}"))
     return out
 
 
