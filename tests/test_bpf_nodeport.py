@@ -16,7 +16,6 @@ import json
 import secrets
 import subprocess
 import sys
-import textwrap
 from collections import Counter
 
 import pytest
@@ -24,7 +23,7 @@ import yaml
 
 from tests.matrices import BASE_CLUSTER, NODE, POD_IPS, write_source
 from tests.test_bpf_engine import EbpfNode, lab  # noqa: F401  (the lab fixture)
-from tests.test_bpf_services import SERVER, start_server
+from tests.test_bpf_services import CLIENT, SERVER, start_server
 
 NODE_IP, CLIENT_IP = "198.19.200.1", "198.19.200.2"
 VIP = "198.19.0.10"
@@ -32,26 +31,6 @@ UPLINK = "up0"
 BACKENDS = ("y/a", "y/b", "y/c")
 REMOTE = "198.18.9.50"                  # a backend on another node: an address of the client's namespace
 
-CLIENT = textwrap.dedent("""
-    import json, socket, sys
-    addr, tcp_port, udp_port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    out = {"tcp": [], "udp": []}
-    for _ in range(count):
-        try:
-            with socket.create_connection((addr, tcp_port), timeout=1) as s:
-                out["tcp"].append(s.recv(100).decode())
-        except OSError as exc:
-            out["tcp"].append(type(exc).__name__)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(1)
-            s.connect((addr, udp_port))          # a reply from any other address is not received
-            s.send(b"?")
-            try:
-                out["udp"].append(s.recv(100).decode())
-            except OSError as exc:
-                out["udp"].append(type(exc).__name__)
-    print(json.dumps(out))
-""")
 
 
 def sources(directory, service_type: str = "NodePort", local: bool = False, backends=BACKENDS,

@@ -49,17 +49,17 @@ SERVER = textwrap.dedent("""
 
 CLIENT = textwrap.dedent("""
     import json, socket, sys
-    vip, count = sys.argv[1], int(sys.argv[2])
+    addr, tcp_port, udp_port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     out = {"tcp": [], "udp": []}
     for _ in range(count):
         try:
-            with socket.create_connection((vip, 80), timeout=1) as s:
+            with socket.create_connection((addr, tcp_port), timeout=1) as s:
                 out["tcp"].append(s.recv(100).decode())
         except OSError as exc:
             out["tcp"].append(type(exc).__name__)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(1)
-            s.connect((vip, 53))                 # a reply from any other address is not received
+            s.connect((addr, udp_port))          # a reply from any other address is not received
             s.send(b"?")
             try:
                 out["udp"].append(s.recv(100).decode())
@@ -113,7 +113,8 @@ def services(lab, tmp_path):  # noqa: F811
 
         def connect(count: int = 30) -> dict[str, list[str]]:
             done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['x/a']}", sys.executable, "-c", CLIENT,
-                                   VIP, str(count)], capture_output=True, text=True, timeout=120, check=True)
+                                   VIP, "80", "53", str(count)],
+                                  capture_output=True, text=True, timeout=120, check=True)
             return json.loads(done.stdout)
         yield node, connect
     finally:
@@ -228,7 +229,7 @@ def test_hairpin_a_backend_reaches_its_own_service_and_itself_through_it(service
     def connect(count: int) -> dict[str, list[str]]:
         node.forget_connections()
         done = subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['y/a']}", sys.executable, "-c", CLIENT, VIP,
-                               str(count)], capture_output=True, text=True, timeout=120, check=True)
+                               "80", "53", str(count)], capture_output=True, text=True, timeout=120, check=True)
         return json.loads(done.stdout)
 
     apply(node, tmp_path, "alone", backends=("y/a",))
