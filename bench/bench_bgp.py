@@ -27,7 +27,7 @@ from bench.installed import compile_weft
 from weft.model.cluster import BGPPeer, Block, ClusterState, IPPool, Node, NodeBGP
 from weft.playbooks.multinode import BLOCK_PREFIX, POOL, MultiNodeLab, block_object
 from weft.probes import bird as probe
-from weft.reconciler.bird import format_bird_change, plan_bird
+from weft.reconciler.bird import format_bird_change, plan_bird, same_instant
 from weft.renderers.bird import render_bird_config
 
 
@@ -96,7 +96,8 @@ def bench_lab(nodes: int, noop_runs: int, new_blocks: int) -> dict:
         for _ in range(noop_runs):
             for node in lab.nodes:
                 reload_commands += sum("configure" in c for c in lab.apply(node))
-        bird_reloads = sum(probe.last_reconfiguration(n.socket) != reloaded_before[n.name] for n in lab.nodes)
+        bird_reloads = sum(not same_instant(probe.last_reconfiguration(n.socket), reloaded_before[n.name])
+                           for n in lab.nodes)
         noop_start = time.perf_counter()
         lab.apply(lab.nodes[0])
         noop = time.perf_counter() - noop_start

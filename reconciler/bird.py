@@ -258,18 +258,20 @@ def _read_after_write(have: BirdState) -> bool:
     return datetime.fromisoformat(have.reconfigured) >= datetime.fromtimestamp(have.written) - BIRD_TIME_JITTER
 
 
-def _same_instant(shown: str, recorded: str) -> bool:
-    """Two of BIRD's printed times for one instant (BIRD_TIME_JITTER)."""
+def same_instant(shown: str | datetime | None, recorded: str | datetime | None) -> bool:
+    """Two of BIRD's printed times for one instant (BIRD_TIME_JITTER); an unknown time is no instant."""
     try:
-        return abs(datetime.fromisoformat(shown) - datetime.fromisoformat(recorded)) < BIRD_TIME_JITTER
+        a = datetime.fromisoformat(shown) if isinstance(shown, str) else shown
+        b = datetime.fromisoformat(recorded) if isinstance(recorded, str) else recorded
     except ValueError:
         return False
+    return a is not None and b is not None and abs(a - b) < BIRD_TIME_JITTER
 
 
 def _not_loaded(have: BirdState) -> str | None:
     """Why BIRD is not known to run the live file (None: it is)."""
     if have.recorded is not None:
-        if have.reconfigured is not None and _same_instant(have.reconfigured, have.recorded):
+        if have.reconfigured is not None and same_instant(have.reconfigured, have.recorded):
             return None
         return (f"BIRD runs a configuration weft did not load (BIRD reconfigured at {have.reconfigured}, weft "
                 f"loaded {os.path.basename(have.path)} at {have.recorded}): it will be reloaded")

@@ -36,7 +36,7 @@ from weft.playbooks.netlab import LabError
 from weft.probes import bird as probe
 from weft.reconciler import bird as birdmod
 from weft.reconciler import status
-from weft.reconciler.bird import BIRD_TIME_JITTER
+from weft.reconciler.bird import same_instant
 from weft.renderers.bird import render_bird_config
 
 pytestmark = pytest.mark.skipif(
@@ -112,20 +112,10 @@ def reconfigured_at(node) -> object:
     return probe.last_reconfiguration(node.socket)
 
 
-def same_time(a, b) -> bool:
-    """BIRD prints its monotonic times converted to wall-clock times, so one instant reads a few
-    milliseconds apart under load (reconciler.bird.BIRD_TIME_JITTER); a session reset or a reload
-    in these tests comes a second or more later."""
-    from datetime import datetime
-    a = datetime.fromisoformat(a) if isinstance(a, str) else a
-    b = datetime.fromisoformat(b) if isinstance(b, str) else b
-    return a is not None and b is not None and abs(a - b) < BIRD_TIME_JITTER
-
-
 def same_sessions(lab: MultiNodeLab, since: dict) -> bool:
     now = {n.name: {name: p.since for name, p in lab.sessions(n).items()} for n in lab.nodes}
     return now.keys() == since.keys() and all(
-        now[n].keys() == since[n].keys() and all(same_time(now[n][k], since[n][k]) for k in since[n]) for n in since)
+        now[n].keys() == since[n].keys() and all(same_instant(now[n][k], since[n][k]) for k in since[n]) for n in since)
 
 
 def apply_all_bird(lab: MultiNodeLab) -> dict[str, list[str]]:
@@ -336,7 +326,7 @@ def test_an_external_router_cannot_cut_pods_off():
                            == {three.block, "198.18.7.0/26"})
         lab.wait_routes(one, ["198.18.7.0/26"])
         assert lab.learned(one)["198.18.7.0/26"] == "Mesh_198_18_0_3"
-        assert same_time(lab.sessions(one)[tor].since, since) and lab.sessions(one)[tor].info == "Established"
+        assert same_instant(lab.sessions(one)[tor].since, since) and lab.sessions(one)[tor].info == "Established"
 
 
 # --- reloads -----------------------------------------------------------------------------------
@@ -348,16 +338,16 @@ def test_changed_peer_reloads_without_resetting_other_sessions_and_no_op_never_r
         before = reconfigured_at(one)
         for _ in range(3):
             assert apply_all_bird(lab) == {"node-1": [], "node-2": []}
-        assert same_time(reconfigured_at(one), before)                        # no reload at all
+        assert same_instant(reconfigured_at(one), before)                        # no reload at all
         lab.write_manifests([bgp_peer("tor", peerIP=TOR_IP, asNumber=TOR_AS, keepaliveTime="20s")])
         commands = apply_all_bird(lab)
-        assert [c for c in commands["node-1"] if "configure" in c] and not same_time(reconfigured_at(one), before)
+        assert [c for c in commands["node-1"] if "configure" in c] and not same_instant(reconfigured_at(one), before)
         lab.wait_established()
-        assert same_time(lab.sessions(one)["Mesh_198_18_0_2"].since, mesh_since)       # untouched by the reload
+        assert same_instant(lab.sessions(one)["Mesh_198_18_0_2"].since, mesh_since)       # untouched by the reload
         lab.write_manifests([])                                              # the ToR peer removed
         apply_all_bird(lab)
         assert "Global_198_18_0_254" not in lab.sessions(one)
-        assert same_time(lab.sessions(one)["Mesh_198_18_0_2"].since, mesh_since)
+        assert same_instant(lab.sessions(one)["Mesh_198_18_0_2"].since, mesh_since)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -378,8 +368,8 @@ def test_invalid_input_is_refused_and_old_config_stays_live(bad, named):
         lab.write_manifests([bad])
         code, err = _run_bird_main(lab, one)
         assert code == 1 and named in err, err
-        assert one.config.read_text() == live and same_time(reconfigured_at(one), loaded)
-        assert same_time(lab.sessions(one)["Mesh_198_18_0_2"].since, since)
+        assert one.config.read_text() == live and same_instant(reconfigured_at(one), loaded)
+        assert same_instant(lab.sessions(one)["Mesh_198_18_0_2"].since, since)
         assert lab.sessions(one)["Mesh_198_18_0_2"].info == "Established"
 
 
@@ -404,11 +394,11 @@ def test_config_bird_rejects_is_reported_and_never_goes_live():
         message = str(info.value)
         assert "Keepalive time must be at most hold time" in message and "BGPPeer tor" in message
         assert "Global_198_18_0_254" in message and "old configuration stays live" in message
-        assert one.config.read_text() == live and same_time(reconfigured_at(one), loaded)
+        assert one.config.read_text() == live and same_instant(reconfigured_at(one), loaded)
         assert not list(one.state_dir.glob(".bird.conf.*"))
         # nothing else of the run was applied either: the same plan is still pending
         assert lab.weft(one, "plan", "--output", "json").stdout == before
-        assert same_time(lab.sessions(one)["Mesh_198_18_0_2"].since, since)
+        assert same_instant(lab.sessions(one)["Mesh_198_18_0_2"].since, since)
         code, err = _run_bird_main(lab, one)
         assert code == 1 and "Keepalive time" in err
 
@@ -452,7 +442,7 @@ def _settled(lab: MultiNodeLab, quiet: float = 1.0, timeout: float = 20.0) -> No
         return {n.name: {name: (p.since, p.info) for name, p in lab.sessions(n).items()} for n in lab.nodes}
 
     def same_session(x: tuple, y: tuple) -> bool:      # `since` within BIRD's print jitter: one instant
-        return x[1] == y[1] and (x[0] == y[0] or same_time(x[0], y[0]))
+        return x[1] == y[1] and (x[0] == y[0] or same_instant(x[0], y[0]))
 
     def same(a: dict, b: dict) -> bool:
         return a.keys() == b.keys() and all(
