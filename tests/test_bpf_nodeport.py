@@ -131,7 +131,7 @@ def test_node_port_balances_outside_connections_with_reverse_nat(lab, outside, t
     drift = node.weft("drift", "--dataplane", "ebpf", source=sources(tmp_path / "np-drift"), expect=None)
     assert drift.returncode != 0 and f"{UPLINK}/ingress" in drift.stdout, drift.stdout + drift.stderr
     node.json("apply", "--dataplane", "ebpf", source=sources(tmp_path / "np-fix"))
-    assert set(Counter(connect(12)["tcp"])) == set(BACKENDS)
+    assert set(Counter(connect()["tcp"])) == set(BACKENDS)
 
     # No node port any more: the uplink's programs go, the node address refuses.
     gone = node.json("apply", "--dataplane", "ebpf", source=sources(tmp_path / "cip", service_type="ClusterIP"))
