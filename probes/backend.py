@@ -134,3 +134,21 @@ def _legacy_tables(family: int) -> set[str]:
             return set(f.read().split())
     except FileNotFoundError:
         return set()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in match.groups()) if match else ()
+
+
+def nat_features(runner: Runner, backend: Backend) -> dict[str, bool]:
+    """Felix's detected NAT features for this node's `backend` (its feature detection:
+    MASQFullyRandom needs iptables >= 1.6.2, both need kernel >= 3.14): whether MASQUERADE and
+    SNAT take `--random-fully`. One `iptables -V`; a tool that cannot say: not supported."""
+    try:
+        tool = _version(runner.run([f"{backend.tool}-{backend.name}", "-V"]))
+    except KernelCommandError:
+        tool = ()
+    kernel = _version(os.uname().release)
+    fully = bool(tool) and tool >= (1, 6, 2) and kernel >= (3, 14, 0)
+    return {"MASQFullyRandom": fully, "SNATFullyRandom": fully}

@@ -27,9 +27,12 @@ Host endpoints (host_endpoint_chains): traffic to and from the host through an i
 endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
 traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward),
 preDNAT policies in the mangle table (host_prednat_chains), doNotTrack policies in the raw
-table (host_untracked_chains). What is not rendered yet: host endpoints that name their
-interface by expectedIPs only. (Pods' traffic to their own host, FelixConfiguration's
-defaultEndpointToHostAction, is renderers.iptables'.)
+table (host_untracked_chains). A host endpoint that names its interface by expectedIPs only is
+rendered on the interface holding one of them: model.cluster.ClusterState.with_host_interfaces
+resolves it from the node's probed addresses (probes.hostaddrs) before the render; one no
+interface holds is not rendered. Host endpoints' named ports (spec.ports, at their expectedIPs)
+are members of rules' named-port sets (renderers.ipsets.set_members). (Pods' traffic to their
+own host, FelixConfiguration's defaultEndpointToHostAction, is renderers.iptables'.)
 
 Each IP family's table gets its own rendering (`family`): a rule's nets, sets, protocols, ICMP
 matches and failsafe ports of the other family render nothing there; a rule that can match
@@ -317,9 +320,9 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
     rules, about), the policies' own chains included. ([], []) when the node has none.
 
-    Only host endpoints with an interfaceName are rendered (one that names its interface by
-    expectedIPs needs the node's addresses, which a pure renderer does not have): the named
-    ones, then the first "*" one for every other interface but `lo` (the host always reaches
+    Only host endpoints with an interface are rendered (one named by expectedIPs has it once
+    ClusterState.with_host_interfaces resolved it on the node's addresses): the named ones,
+    then the first "*" one for every other interface but `lo` (the host always reaches
     itself). Pod interfaces keep their own path (RETURN: the host's rules; the host's traffic
     to its pods is never policed). Each host endpoint's chain: connections already accepted
     pass, invalid ones drop, then the failsafe ports of the direction (FelixConfiguration,
