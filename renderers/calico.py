@@ -497,7 +497,8 @@ RAW_CHAINS = {INGRESS: f"{PREFIX}PREROUTING", EGRESS: f"{PREFIX}OUTPUT"}     # h
 
 def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
                           chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
-                          family: int = 4) -> tuple[set[Direction], list[tuple[str, list[Spec], str]]]:
+                          family: int = 4, *, marks_read: frozenset[Direction] = frozenset()
+                          ) -> tuple[set[Direction], list[tuple[str, list[Spec], str]]]:
     """Calico's doNotTrack policies: the raw table's chains, and the directions they police (an
     empty set and no chains when no doNotTrack policy applies to a host endpoint of `node`).
 
@@ -509,6 +510,13 @@ def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
     tiers without the tiers' default drop: Deny drops, Allow sets the accept mark, and a packet
     with the mark is not tracked (NOTRACK); the filter table then accepts it, and forwarded
     traffic with it skips the ingress applyOnForward policies (the pods' own still apply).
+
+    `marks_read`: directions whose later tables read weft's accept mark before setting it (the
+    mangle table's preDNAT chains, INGRESS): their raw entry chain is rendered even without
+    doNotTrack policies, clearing weft's mark bits first, as Felix's raw PREROUTING always does.
+    Otherwise a mark set on an earlier pass survives into the packet's later tables: a VXLAN
+    packet a host endpoint's policy accepted (the accept mark) is decapsulated in this namespace
+    with its mark, and its inner packet would be taken as accepted by a preDNAT policy.
     """
     heps = [h for h in _chosen_host_endpoints(state, node) if not h.wildcard]
     applicable = {(hep.name, d): order([p for p in state.policies if d in p.types and p.do_not_track
@@ -521,6 +529,10 @@ def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
     rendered: set[str] = set()
     for direction, flag, kind in ((INGRESS, "-i", "hu"), (EGRESS, "-o", "hv")):
         if not any(applicable[(hep.name, direction)] for hep in heps):
+            if direction in marks_read:
+                chains.insert(0, (RAW_CHAINS[direction], [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")],
+                                  f"entry from raw {'PREROUTING' if direction == INGRESS else 'OUTPUT'}: weft's "
+                                  f"mark bits cleared (later tables read the accept mark)"))
             continue
         directions.add(direction)
         peer = "src" if direction == INGRESS else "dst"

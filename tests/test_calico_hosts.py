@@ -171,3 +171,61 @@ def test_weft_follows_the_expected_address_from_interface_to_interface(node_ns, 
 
 
 node_ns = nodens.node_ns
+
+
+# --- weft's mark bits never outlive the packet's pass through weft's tables ------------------------
+
+UNDERLAY = "198.19.1.5"                       # the outside's address: the far end of a VXLAN tunnel
+MARKS = cluster(
+    kind("HostEndpoint", "node1-eth0", {"node": NODE, "interfaceName": "eth0"}, role="worker"),
+    kind("HostEndpoint", "node1-all", {"node": NODE, "interfaceName": "*"}, role="star"),
+    # The tunnel's own packets (UDP 4789) are allowed on eth0: a policy's Allow, the accept mark.
+    gnp("underlay", selector="role == 'worker'", types=["Ingress", "Egress"],
+        ingress=[{"action": "Allow", "protocol": "UDP", "destination": {"ports": [4789]}}],
+        egress=[{"action": "Allow", "protocol": "UDP"}]),
+    # A preDNAT policy: the mangle table reads the accept mark (doNotTrack allowed it), and the
+    # filter table accepts what preDNAT allowed; no doNotTrack policy, so no raw chain of its own.
+    gnp("pre", selector="role == 'worker'", preDNAT=True, applyOnForward=True,
+        ingress=[{"action": "Deny", "protocol": "TCP", "destination": {"ports": [9999]}}]),
+    # What comes out of the tunnel (any other interface: the "*" endpoint) may reach port 80 only.
+    gnp("inner", selector="role == 'star'", ingress=[{"action": "Allow", "protocol": "TCP",
+                                                      "destination": {"ports": [80]}}]),
+    namespaces=())
+
+
+def tunnel(node: KernelNode) -> None:
+    """A VXLAN tunnel between the node (198.18.60.1 on vx0, over eth0's 198.18.0.1) and the
+    outside (198.18.60.2, over 198.19.1.5): both ends in the test's namespaces, static neighbours."""
+    node_mac, outside_mac = "02:00:00:00:60:01", "02:00:00:00:60:02"
+    ends = ((node.node_ns, HOST_IP, UNDERLAY, "198.18.60.1", node_mac, "198.18.60.2", outside_mac),
+            (node.outside_ns, UNDERLAY, HOST_IP, "198.18.60.2", outside_mac, "198.18.60.1", node_mac))
+    for netns, local, remote, inner, mac, peer, peer_mac in ends:
+        in_ns(netns, "ip", "-batch", "-", stdin="\n".join([
+            *([f"addr add {UNDERLAY}/32 dev eth0"] if netns == node.outside_ns else []),
+            f"link add vx0 address {mac} type vxlan id 42 local {local} remote {remote} dstport 4789 dev eth0",
+            f"addr add {inner}/24 dev vx0", "link set vx0 up",
+            f"neigh add {peer} lladdr {peer_mac} dev vx0 nud permanent"]) + "\n")
+
+
+@pytest.mark.skipif(nodens.usable() is not None, reason=str(nodens.usable()))
+def test_no_weft_mark_survives_into_a_decapsulated_packet():
+    """A VXLAN packet eth0's policy allowed carries weft's accept mark; the kernel decapsulates it
+    in the node's namespace with that mark. Its inner packet must still be judged by the "*"
+    endpoint's policy: raw PREROUTING clears weft's mark bits whenever a later table reads the
+    accept mark (here the preDNAT chains in mangle; before, only while doNotTrack chains existed)."""
+    with KernelNode(MARKS, NODE, HOST_IP) as node:
+        dataplane = node.load(MARKS)
+        assert ("mangle", "weft-PREROUTING") in dataplane.chains
+        tunnel(node)
+
+        def arrives(port: int) -> bool:
+            probe = {"id": 40000 + port, "from": node.outside_ns, "to": node.node_ns, "src": "198.18.60.2",
+                     "dst": "198.18.60.1", "proto": 6, "sport": 31000 + port % 1000, "dport": port,
+                     "icmp_type": 0, "icmp_code": 0}
+            return node.delivered([probe]) == [True]
+
+        assert arrives(80), "the tunnel carries what the inner policy allows"
+        assert not arrives(8080), "a decapsulated packet was accepted on its outer packet's mark"
+        assert dataplane.chains[("raw", "weft-PREROUTING")].rules == (
+            dataplane.chains[("raw", "weft-PREROUTING")].rules[0],) and \
+            dataplane.chains[("raw", "weft-PREROUTING")].rules[0].endswith("-j MARK --set-xmark 0x0/0x30000")
