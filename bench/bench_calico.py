@@ -1,22 +1,31 @@
-"""Rendering Calico's policy model at scale, side by side with Kubernetes NetworkPolicy.
+"""Calico's policy model at scale, side by side with Kubernetes NetworkPolicy, in one run.
 
 bench/synthetic.py's cluster (10,000 pods, 100 namespaces, 110 pods on the benchmark's node),
 once with its Kubernetes policies and once with the same count of Calico policies in 5 tiers
 (GlobalNetworkPolicy and namespaced NetworkPolicy, every rule field weft renders: Pass, Log,
 Deny, notNets, notPorts, notSelector, ICMP, named ports, service accounts, network sets).
-For each: the conversion of the manifests, the first render of the node (renderers.iptables,
-every set computed), a no-op render (the previous render's sets reused, as a run whose
-endpoints did not change does), and a render after one policy changed. Pure Python, no kernel:
-the kernel's part is bench/bench_reconcile.py's.
 
-    .venv/bin/python bench/bench_calico.py [--policies 2000] [--pods 10000]
+Runs (as root): the real `weft apply` in a network namespace the benchmark makes (bench_scale's
+machinery, a manifest directory of 1,000 objects a file): the first run (every chain and set
+written), a run with nothing to do, and a run after one policy selecting a local pod changed
+(the median of --repeats runs each). Renders (pure Python, no kernel): the conversion of the
+manifests, the first render of the node, a render with the previous render's sets reused (as a
+run whose endpoints did not change makes it), and a render after one policy changed.
+
+    .venv/bin/python -m bench.bench_calico [--policies 2000] [--pods 10000] [--repeats 3] [--renders-only]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 from bench import synthetic
 from weft.desired.loader import build_cluster_state
@@ -78,7 +87,9 @@ def measure(objs: list[dict], change) -> dict:
             "noop_render_s": round(noop, 2), "one_change_render_s": round(one, 2)}
 
 
-def change_one(kind: str):
+def change_one(kind: str, round: int = 0):
+    """The objects with the first `kind` policy's ingress ports changed (a new port per round);
+    the first of either kind selects the local pod ns-000/pod-00000 (app-0)."""
     def change(objs: list[dict]) -> list[dict]:
         out, done = [], False
         for o in objs:
@@ -86,27 +97,95 @@ def change_one(kind: str):
                 o = json.loads(json.dumps(o))
                 rules = o["spec"]["ingress"]
                 if kind == "NetworkPolicy" and "podSelector" in o["spec"]:
-                    rules[0]["ports"] = [{"port": 8444}]
+                    rules[0]["ports"] = [{"port": 8444 + round}]
                 else:
-                    rules[2]["destination"]["ports"] = ["http", 8444]
+                    rules[2]["destination"]["ports"] = ["http", 8444 + round]
                 done = True
             out.append(o)
         return out
     return change
 
 
-def main() -> None:
+def runs(objs: list[dict], kind: str, work: Path, repeats: int) -> dict:
+    """The first `weft apply`, the median no-op run and the median run after one policy changed."""
+    from bench.bench_scale import ManifestDir, Source, failure
+    files = ManifestDir(work / "manifests", objs, "chunks")
+    source = Source(kind, ["--from", str(files.root)], work / "state", files.put)
+    first = source.run()
+    if not first.ok:
+        raise SystemExit(f"bench_calico: the first `weft apply` ({kind}) failed: {failure(first)}")
+    noop = sorted((source.run() for _ in range(repeats)), key=lambda r: r.wall)[repeats // 2]
+    changed = []
+    for i in range(repeats):
+        for obj in change_one(kind, i + 1)(objs):
+            if obj["kind"] == kind and obj["metadata"]["name"] == _first_name(objs, kind):
+                files.put(obj)
+                break
+        changed.append(source.run())
+    one = sorted(changed, key=lambda r: r.wall)[repeats // 2]
+    if not (noop.ok and one.ok):
+        raise SystemExit(f"bench_calico: a run ({kind}) failed: {failure(noop if not noop.ok else one)}")
+    subprocess.run([sys.executable, "-m", "weft.reconciler.cli", "apply", "--destroy", "--state-dir",
+                    str(work / "state"), "--node", synthetic.NODE], capture_output=True, check=False)
+    return {"first_run_s": round(first.wall, 2), "first_run_MiB": first.rss, "first_kernel_bytes": first.written,
+            "noop_run_s": round(noop.wall, 2), "one_change_run_s": round(one.wall, 2),
+            "one_change_summary": one.summary}
+
+
+def _first_name(objs: list[dict], kind: str) -> str:
+    return next(o["metadata"]["name"] for o in objs if o["kind"] == kind)
+
+
+def table(results: dict[str, dict]) -> str:
+    columns = [("policies", "policies"), ("rules", "rules"), ("sets", "sets"),
+               ("first_run_s", "first run s"), ("noop_run_s", "no-op run s"), ("one_change_run_s", "one change run s"),
+               ("first_run_MiB", "first run MiB"), ("convert_s", "convert s"), ("first_render_s", "first render s"),
+               ("noop_render_s", "no-op render s"), ("one_change_render_s", "one change render s")]
+    shown = [(k, title) for k, title in columns if any(k in r for r in results.values())]
+    lines = ["| | " + " | ".join(title for _, title in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for name, r in results.items():
+        cells = [f"{r[k]:,}" if isinstance(r.get(k), int) else str(r.get(k, "-")) for k, _ in shown]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", type=int, default=2000)
     parser.add_argument("--pods", type=int, default=10_000)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--renders-only", action="store_true", help="no `weft apply` runs (no root needed)")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.renders_only and not args.inside:
+        if os.geteuid() != 0:
+            raise SystemExit("bench_calico: run as root (it makes a network namespace), or with --renders-only")
+        from bench.installed import compile_weft
+        compile_weft()
+        ns = f"weft-bench-{uuid.uuid4().hex[:6]}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        try:
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "bench.bench_calico", "--inside",
+                                   *(argv if argv is not None else sys.argv[1:])]).returncode
+        finally:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    started = time.perf_counter()
+    print(f"{args.pods:,} pods, {args.policies:,} policies of each kind; machine load {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     base = synthetic.cluster(pods=args.pods, policies=0)
-    kubernetes = synthetic.cluster(pods=args.pods, policies=args.policies)
-    calico = base + calico_policies(args.policies, 100)
-    table = {"kubernetes": measure(kubernetes, change_one("NetworkPolicy")),
-             "calico (5 tiers)": measure(calico, change_one("GlobalNetworkPolicy"))}
-    print(json.dumps(table, indent=2))
+    worlds = {"kubernetes": (synthetic.cluster(pods=args.pods, policies=args.policies), "NetworkPolicy"),
+              "calico (5 tiers)": (base + calico_policies(args.policies, 100), "GlobalNetworkPolicy")}
+    results = {}
+    for name, (objs, kind) in worlds.items():
+        results[name] = measure(objs, change_one(kind))
+        if not args.renders_only:
+            with tempfile.TemporaryDirectory(prefix="weft-bench-calico-") as tmp:
+                results[name].update(runs(objs, kind, Path(tmp), args.repeats))
+    print(table(results))
+    print(f"\nbenchmark took {time.perf_counter() - started:.0f} s; machine load now {os.getloadavg()[0]:.1f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -439,6 +439,8 @@ class FelixSettings:
     ipv6_support: bool = True
     nat_outgoing_address: str | None = None
     nat_port_range: PortRange | None = None
+    # Felix's detected features (not configuration): what this node's iptables and kernel support.
+    masq_fully_random: bool = False        # MASQFullyRandom / SNATFullyRandom: `--random-fully`
 
 
 @dataclass(frozen=True)
@@ -462,6 +464,9 @@ class ClusterState:
     warnings: tuple[str, ...] = ()         # "Kind: field": fields of known kinds weft does not use
     services: tuple[Service, ...] = ()                  # model.services: the eBPF plane's load balancing
     endpoint_slices: tuple[EndpointSlice, ...] = ()
+    # (node, feature) for what a node's tools and kernel support (probes.backend.nat_features):
+    # Felix's detected features, part of FelixSettings.
+    node_features: tuple[tuple[str, str], ...] = ()
 
     def local_endpoints(self, node: str) -> tuple[Endpoint, ...]:
         return tuple(sorted((e for e in self.endpoints if e.node == node), key=lambda e: e.iface))
@@ -477,7 +482,46 @@ class ClusterState:
             if config is not None:
                 values.update({f.name: getattr(config, f.name) for f in fields(config)
                                if f.name != "name" and getattr(config, f.name) is not None})
-        return FelixSettings(**values)
+        return FelixSettings(**values, masq_fully_random=(node, "MASQFullyRandom") in self.node_features)
+
+    def with_node_features(self, node: str, features: Mapping[str, bool]) -> ClusterState:
+        """This state with what `node`'s iptables and kernel support (Felix's feature detection,
+        probes.backend.nat_features), in place of what it said before."""
+        kept = tuple(f for f in self.node_features if f[0] != node)
+        return replace(self, node_features=kept + tuple((node, name) for name, on in sorted(features.items()) if on))
+
+    def with_host_interfaces(self, node: str, interfaces: Mapping[str, tuple[str, ...]]) -> ClusterState:
+        """This state with the host endpoints of `node` that name their interface by address only
+        (no interfaceName, expectedIPs) resolved on the node's interfaces (`interfaces`: name ->
+        addresses, as probes.hostaddrs reads them), as Calico applies them: an interface a host
+        endpoint names is that one's; another holding one of an endpoint's expectedIPs is the
+        first such endpoint's (by name, as desired.verdict's host_endpoint_for picks); an endpoint
+        whose addresses no free interface holds stays unresolved (not policed). An endpoint whose
+        addresses are on several interfaces takes the first by name (weft polices one interface
+        per host endpoint)."""
+        mine = self.local_host_endpoints(node)
+        if not any(h.interface is None for h in mine):
+            return self
+        taken = {h.interface for h in mine if h.interface is not None}
+        resolved: dict[str, HostEndpoint] = {}
+        for h in mine:
+            if h.interface is not None:
+                continue
+            wanted = set(h.expected_ips)
+            found = next((name for name, ips in sorted(interfaces.items())
+                          if name not in taken and wanted & set(ips)), None)
+            if found is not None:
+                taken.add(found)
+                resolved[h.name] = replace(h, interface=found)
+        if not resolved:
+            return self
+        return replace(self, host_endpoints=tuple(resolved.get(h.name, h) if h.node == node else h
+                                                  for h in self.host_endpoints))
+
+    def unresolved_host_endpoints(self, node: str) -> tuple[str, ...]:
+        """Names of `node`'s host endpoints without an interface (after with_host_interfaces:
+        none of the node's interfaces holds one of their expectedIPs): not policed."""
+        return tuple(h.name for h in self.local_host_endpoints(node) if h.interface is None)
 
     def with_local_addresses(self, node: str, addresses: Mapping[str, tuple[str, ...]]) -> ClusterState:
         """This state with the addresses this node's IPAM gave its pods ("ns/pod" -> ips): they are

@@ -140,6 +140,8 @@ def _node(obj: dict) -> Any:
     if DATACLASS in obj:
         name, values = obj[DATACLASS], obj.get("v")
         built = _BUILD.get(name) if type(name) is str else None
+        if built is None and type(name) is str and _register_model():
+            built = _BUILD.get(name)
         if built is None or type(values) is not list or len(obj) != 2:
             raise CodecError(f"unknown model type {str(name)[:80]!r}")
         cls, names, direct = built
@@ -190,6 +192,26 @@ def _node(obj: dict) -> Any:
         except TypeError:
             raise CodecError("a mapping has an unhashable key") from None
     raise CodecError(f"unexpected object with keys {sorted(map(repr, obj))[:4]}")
+
+
+# The modules whose types may be in encoded data. A module registers its types when imported, and
+# a process may decode before importing some of them (a no-op run decodes its cached render
+# first: a Calico policy's set meanings hold model.selector's types, and that render was never
+# reused but made anew on every run, ~5 s at 2,000 Calico policies).
+_MODEL_MODULES = ("weft.model.cluster", "weft.model.selector", "weft.model.kernel", "weft.model.services")
+_registered_all = False
+
+
+def _register_model() -> bool:
+    """Import every model module (once): False when that was done already."""
+    global _registered_all
+    if _registered_all:
+        return False
+    _registered_all = True
+    import importlib
+    for module in _MODEL_MODULES:
+        importlib.import_module(module)
+    return True
 
 
 def loads(text: str | bytes) -> Any:

@@ -77,27 +77,78 @@ _TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 
 def _legacy_has_weft(runner: Runner, family: int = 4) -> bool:
-    # Reading the file is free and, unlike running iptables-legacy-save, never loads modules.
-    try:
-        with open(_TABLE_NAMES[family]) as f:
-            if "filter" not in f.read().split():
-                return False
-    except FileNotFoundError:
+    if "filter" not in _legacy_tables(family):
         return False
     return ":weft-" in runner.run(Backend("legacy", family).save + ["-t", "filter"])
 
 
-def other_has_weft(runner: Runner, chosen: Backend, family: int = 4) -> Backend | None:
-    """The other backend (for `family`), if weft's chains are there too (left by a run with the
-    other backend).
+# Where weft's rules in each table see packets: the chains the built-in chains jump to
+# (renderers.iptables, renderers.natoutgoing, renderers.calico; reconciler.guard's HOOKS). A hook
+# rule cannot outlive its chain, so a table without any of these holds nothing of weft's that
+# filters, rewrites or marks a packet (filter's weft-INPUT and weft-OUTPUT come with weft-FORWARD;
+# raw's two come alone, with doNotTrack policies of one direction).
+ENTRY_CHAINS = {"filter": ("weft-FORWARD",), "nat": ("weft-nat-outgoing",),
+                "mangle": ("weft-PREROUTING",), "raw": ("weft-PREROUTING", "weft-OUTPUT")}
 
-    Both backends filter packets, and ipsets are shared by both: such leftovers cannot be ignored.
+
+def other_weft_tables(runner: Runner, chosen: Backend, family: int = 4) -> tuple[Backend, tuple[str, ...]]:
+    """The other backend (for `family`) and those of its tables (filter, nat, mangle, raw) where
+    weft's chains are too (left by a run with the other backend, or by hand).
+
+    Both backends see every packet, and ipsets are shared by both: such leftovers cannot be
+    ignored. The reads start at once and never create a table: legacy's tables are read only
+    when the kernel lists them (their names file, free to read) with one `iptables-legacy-save`;
+    nft's by listing weft's entry chains (`-S CHAIN`: a few ms even beside thousands of foreign
+    rules, where a full dump takes 100+ ms).
     """
     other = Backend("nft" if chosen.name == "legacy" else "legacy", family)
     if other.name == "legacy":
-        return other if _legacy_has_weft(runner, family) else None
+        existing = _legacy_tables(family) & set(ENTRY_CHAINS)
+        if not existing:
+            return other, ()
+        found: set[str] = set()
+        table = ""
+        for line in runner.run(other.save).splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":weft-") and table in existing:
+                found.add(table)
+        return other, tuple(t for t in ENTRY_CHAINS if t in found)
+    found = set()
+    pending = [(table, runner.start(other.list_chain + ["-t", table, "-S", chain]))
+               for table, chains in ENTRY_CHAINS.items() for chain in chains]
+    for table, read in pending:
+        try:
+            read.result()
+        except KernelCommandError:
+            continue
+        found.add(table)
+    return other, tuple(t for t in ENTRY_CHAINS if t in found)
+
+
+def _legacy_tables(family: int) -> set[str]:
+    """The legacy backend's tables in this namespace. Reading the file is free and, unlike running
+    iptables-legacy-save, never loads modules or creates a table."""
     try:
-        runner.run(other.list_chain + ["-t", "filter", "-S", "weft-FORWARD"])
+        with open(_TABLE_NAMES[family]) as f:
+            return set(f.read().split())
+    except FileNotFoundError:
+        return set()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in match.groups()) if match else ()
+
+
+def nat_features(runner: Runner, backend: Backend) -> dict[str, bool]:
+    """Felix's detected NAT features for this node's `backend` (its feature detection:
+    MASQFullyRandom needs iptables >= 1.6.2, both need kernel >= 3.14): whether MASQUERADE and
+    SNAT take `--random-fully`. One `iptables -V`; a tool that cannot say: not supported."""
+    try:
+        tool = _version(runner.run([f"{backend.tool}-{backend.name}", "-V"]))
     except KernelCommandError:
-        return None
-    return other
+        tool = ()
+    kernel = _version(os.uname().release)
+    fully = bool(tool) and tool >= (1, 6, 2) and kernel >= (3, 14, 0)
+    return {"MASQFullyRandom": fully, "SNATFullyRandom": fully}

@@ -11,6 +11,7 @@ The declared order (reconciler.resource explains the phases):
   nat, nat6         natOutgoing's chain and hook (renderers.natoutgoing)
   mangle, mangle6   preDNAT policies' chains and hook (renderers.calico.host_prednat_chains)
   raw, raw6         doNotTrack policies' chains and hooks (renderers.calico.host_untracked_chains)
+  nat@<other>, ..., raw6@<other>   weft's leftovers in those tables of the other backend: removed
   routes            a pod becomes reachable only once its rules are in place
   links             the settings of pods' interfaces
   bird              BIRD's configuration (where BGP is on)
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weft.model.kernel import EMPTY, Dataplane
-from weft.probes.backend import Backend, detect, has_ipv6, other_has_weft
+from weft.probes.backend import Backend, detect, has_ipv6, other_weft_tables
 from weft.probes.runner import Runner
 from weft.reconciler import guard
 from weft.reconciler.apply import Executor
@@ -52,13 +53,16 @@ def kernel_resources(runner: Runner, backend_preference: str = "auto",
     backend = detect(runner, backend_preference)
     families = (4, 6) if has_ipv6() else (4,)
     tables: list[AnyResource] = [Table(FAMILY_TABLES[f], backend, main=True) for f in families]
-    for family in families:
-        other = other_has_weft(runner, backend, family)
-        if other is not None:
+    leftovers = [(family, *other_weft_tables(runner, backend, family)) for family in families]
+    for family, other, found in leftovers:
+        if "filter" in found:
             tables.append(Table(f"{FAMILY_TABLES[family]}@{other.name}", other, main=False))
     for family in families:                                   # natOutgoing, preDNAT (renderers.natoutgoing,
         for table in ("nat", "mangle", "raw"):                # renderers.calico)
             tables.append(Table(f"{table}{'6' if family == 6 else ''}", backend, main=False))
+    for family, other, found in leftovers:                    # weft's nat/mangle/raw left in the other backend
+        tables += [Table(f"{t}{'6' if family == 6 else ''}@{other.name}", other, main=False) for t in found
+                   if t != "filter"]
     return backend, [IpSets(), *([bpf] if bpf is not None else []), *tables, Routes(), InterfaceSettings()]
 
 

@@ -73,7 +73,8 @@ _PORTS = r"[1-9]\d{0,4}-[1-9]\d{0,4}"
 _MASQUERADE_RULE = re.compile(r"^-A weft-nat-outgoing (?:-p (?:tcp|udp) )?"
                               r'-m comment --comment "weft:[A-Za-z0-9_-]{1,32}" '
                               r"-m set --match-set weft-masq(6?)-pools src -m set ! --match-set weft-all\1-pools dst "
-                              rf"-j (?:MASQUERADE(?: --to-ports {_PORTS})?|SNAT --to-source {_V4}(?::{_PORTS})?)$")
+                              rf"-j (?:MASQUERADE(?: --to-ports {_PORTS})?|SNAT --to-source {_V4}(?::{_PORTS})?)"
+                              r"(?: --random-fully)?$")
 _PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}|0)"
 _PROTO = r"(?:tcp|udp|sctp|udplite)"
 _MEMBER_V4 = {

@@ -122,8 +122,9 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     the same read whose BIRD configuration holds (it does not depend on the allocations; making
     it again could ask the API server for Secrets)."""
     addressed = _allocations_digest(allocations)
+    host = _host_interfaces()           # host endpoints named by expectedIPs resolve on these
     key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, opts.bird_log, addressed,
-                                                     opts.dataplane)).encode()).hexdigest()[:16]
+                                                     opts.dataplane, host)).encode()).hexdigest()[:16]
     node = RenderedNode.from_data(reading.cache.rendered_for(opts.node, key))
     if node is not None:
         return node
@@ -151,7 +152,12 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     state = reading.state()
     if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
         print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
-    state = state.with_local_addresses(opts.node, addresses)
+    state = state.with_local_addresses(opts.node, addresses).with_host_interfaces(opts.node, host)
+    if any(p.nat_outgoing for p in state.ippools):       # natOutgoing's rules follow the node's iptables
+        state = state.with_node_features(opts.node, _nat_features(opts))
+    for name in state.unresolved_host_endpoints(opts.node):
+        print(f"weft: warning: host endpoint {name}: no interface of this node holds one of its expectedIPs: "
+              f"not policed", file=sys.stderr)
     last = reading.cache.last_render(opts.node, basis)
     try:
         reuse = ipsets_from_data(last["dataplane"]["ipsets"]) if last else None
@@ -182,6 +188,26 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     reading.cache.keep_render(opts.node, key, kept, basis)
     reading.dirty = True
     return node
+
+
+def _nat_features(opts: Options) -> dict[str, bool]:
+    """Felix's detected NAT features of this node's iptables (probes.backend.nat_features)."""
+    from weft.probes.backend import detect, nat_features
+    from weft.probes.runner import Runner
+    runner = Runner()
+    return nat_features(runner, detect(runner, opts.backend))
+
+
+def _host_interfaces() -> dict[str, tuple[str, ...]]:
+    """This node's interfaces and their addresses (probes.hostaddrs); none when netlink cannot
+    be read (then only host endpoints naming their interface are policed, with a warning each)."""
+    from weft.probes.hostaddrs import host_interface_addresses
+    try:
+        return host_interface_addresses()
+    except OSError as exc:
+        print(f"weft: warning: this node's addresses cannot be read ({exc}): host endpoints named by "
+              f"expectedIPs are not policed", file=sys.stderr)
+        return {}
 
 
 def _since_last(opts: Options, reading: Reading, key: str, addresses: dict[str, tuple[str, ...]]) -> Any:

@@ -1,11 +1,12 @@
 """One iptables table as a resource: weft's `weft-*` chains and its hook rules in built-in chains.
 
 A resource per table label: "filter" is the IPv4 family's table (iptables) of the backend this
-run uses, "filter6" the IPv6 family's (ip6tables' filter table); "filter@legacy" (or
-"filter6@nft", ...) holds weft's leftovers in the other backend, which still filter packets and
-are never wanted, so the plan removes them. A label is the kernel's table name, a "6" for the
-IPv6 family, and "@<backend>" for the other backend; the next waves' tables (nat, nat6) fit the
-same way. Plan text and JSON name a table by its label.
+run uses, "filter6" the IPv6 family's (ip6tables' filter table), "nat", "mangle6", "raw", ... the
+other tables weft writes; "filter@legacy" (or "nat6@nft", "raw@legacy", ...) holds weft's
+leftovers in that table of the other backend (probes.backend.other_weft_tables), which still
+filter, rewrite or mark packets and are never wanted, so the plan removes them. A label is the
+kernel's table name, a "6" for the IPv6 family, and "@<backend>" for the other backend. Plan text
+and JSON name a table by its label.
 
 A table's changes are one `iptables-restore --noflush` transaction: changed chains are declared
 (which flushes them) and refilled, removed chains emptied and deleted, hook rules fixed; the

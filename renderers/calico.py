@@ -27,9 +27,12 @@ Host endpoints (host_endpoint_chains): traffic to and from the host through an i
 endpoint of the node names ("*": every interface but lo and the pods'), failsafe ports first;
 traffic forwarded through such an interface (host_forward_chains: policies with applyOnForward),
 preDNAT policies in the mangle table (host_prednat_chains), doNotTrack policies in the raw
-table (host_untracked_chains). What is not rendered yet: host endpoints that name their
-interface by expectedIPs only. (Pods' traffic to their own host, FelixConfiguration's
-defaultEndpointToHostAction, is renderers.iptables'.)
+table (host_untracked_chains). A host endpoint that names its interface by expectedIPs only is
+rendered on the interface holding one of them: model.cluster.ClusterState.with_host_interfaces
+resolves it from the node's probed addresses (probes.hostaddrs) before the render; one no
+interface holds is not rendered. Host endpoints' named ports (spec.ports, at their expectedIPs)
+are members of rules' named-port sets (renderers.ipsets.set_members). (Pods' traffic to their
+own host, FelixConfiguration's defaultEndpointToHostAction, is renderers.iptables'.)
 
 Each IP family's table gets its own rendering (`family`): a rule's nets, sets, protocols, ICMP
 matches and failsafe ports of the other family render nothing there; a rule that can match
@@ -317,9 +320,9 @@ def host_endpoint_chains(state: ClusterState, node: str, sets: SetCatalog,
     weft-INPUT) or from it (EGRESS: the rules of weft-OUTPUT), and the chains to add: (name,
     rules, about), the policies' own chains included. ([], []) when the node has none.
 
-    Only host endpoints with an interfaceName are rendered (one that names its interface by
-    expectedIPs needs the node's addresses, which a pure renderer does not have): the named
-    ones, then the first "*" one for every other interface but `lo` (the host always reaches
+    Only host endpoints with an interface are rendered (one named by expectedIPs has it once
+    ClusterState.with_host_interfaces resolved it on the node's addresses): the named ones,
+    then the first "*" one for every other interface but `lo` (the host always reaches
     itself). Pod interfaces keep their own path (RETURN: the host's rules; the host's traffic
     to its pods is never policed). Each host endpoint's chain: connections already accepted
     pass, invalid ones drop, then the failsafe ports of the direction (FelixConfiguration,
@@ -494,7 +497,8 @@ RAW_CHAINS = {INGRESS: f"{PREFIX}PREROUTING", EGRESS: f"{PREFIX}OUTPUT"}     # h
 
 def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
                           chain_name: Callable[[Policy, Direction], str], order: Callable, pods_only: bool,
-                          family: int = 4) -> tuple[set[Direction], list[tuple[str, list[Spec], str]]]:
+                          family: int = 4, *, marks_read: frozenset[Direction] = frozenset()
+                          ) -> tuple[set[Direction], list[tuple[str, list[Spec], str]]]:
     """Calico's doNotTrack policies: the raw table's chains, and the directions they police (an
     empty set and no chains when no doNotTrack policy applies to a host endpoint of `node`).
 
@@ -506,6 +510,13 @@ def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
     tiers without the tiers' default drop: Deny drops, Allow sets the accept mark, and a packet
     with the mark is not tracked (NOTRACK); the filter table then accepts it, and forwarded
     traffic with it skips the ingress applyOnForward policies (the pods' own still apply).
+
+    `marks_read`: directions whose later tables read weft's accept mark before setting it (the
+    mangle table's preDNAT chains, INGRESS): their raw entry chain is rendered even without
+    doNotTrack policies, clearing weft's mark bits first, as Felix's raw PREROUTING always does.
+    Otherwise a mark set on an earlier pass survives into the packet's later tables: a VXLAN
+    packet a host endpoint's policy accepted (the accept mark) is decapsulated in this namespace
+    with its mark, and its inner packet would be taken as accepted by a preDNAT policy.
     """
     heps = [h for h in _chosen_host_endpoints(state, node) if not h.wildcard]
     applicable = {(hep.name, d): order([p for p in state.policies if d in p.types and p.do_not_track
@@ -518,6 +529,10 @@ def host_untracked_chains(state: ClusterState, node: str, sets: SetCatalog,
     rendered: set[str] = set()
     for direction, flag, kind in ((INGRESS, "-i", "hu"), (EGRESS, "-o", "hv")):
         if not any(applicable[(hep.name, direction)] for hep in heps):
+            if direction in marks_read:
+                chains.insert(0, (RAW_CHAINS[direction], [Spec(target=f"-j MARK --set-xmark 0x0/{MARK_ALL}")],
+                                  f"entry from raw {'PREROUTING' if direction == INGRESS else 'OUTPUT'}: weft's "
+                                  f"mark bits cleared (later tables read the accept mark)"))
             continue
         directions.add(direction)
         peer = "src" if direction == INGRESS else "dst"

@@ -72,12 +72,21 @@ def set_members(index: EndpointIndex, meaning: tuple, positions: Iterable[int] |
     chosen = index.match(entity) if positions is None else positions
     if kind == PEERS:
         return frozenset(ip for i in chosen for ip in eps[i].ips if _in_family(ip, family))
-    return frozenset(
-        f"{ip},{cp.protocol}:{cp.port}"
-        for i in chosen for cp in eps[i].ports
-        if cp.name == port_name and (protocol is None or cp.protocol == protocol)
-        for ip in eps[i].ips if _in_family(ip, family)
-    )
+    members = {f"{ip},{cp.protocol}:{cp.port}"
+               for i in chosen for cp in eps[i].ports
+               if cp.name == port_name and (protocol is None or cp.protocol == protocol)
+               for ip in eps[i].ips if _in_family(ip, family)}
+    if positions is None and index.state.host_endpoints:
+        # Host endpoints' named ports (spec.ports) at their expectedIPs, as Felix's named-port
+        # index has them (desired.index.named_port_members). Never in an incremental render:
+        # renderers.incremental renders from scratch where host endpoints exist.
+        side = index.side(entity)
+        heps = side.host_endpoints if side is not None else index.state.host_endpoints
+        members |= {f"{ip},{cp.protocol}:{cp.port}"
+                    for h in heps for cp in h.ports
+                    if cp.name == port_name and (protocol is None or cp.protocol == protocol)
+                    for ip in h.expected_ips if _in_family(ip, family)}
+    return frozenset(members)
 
 
 class SetCatalog:

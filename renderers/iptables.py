@@ -170,7 +170,8 @@ def _family_chains(state: ClusterState, node: str, family: int, local: tuple[End
 
     pods_only = not (state.network_sets or state.host_endpoints)     # what selectors can pick
     prednat = host_prednat_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
-    untracked, raw = host_untracked_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family)
+    untracked, raw = host_untracked_chains(state, node, sets, policy_chain_name, order_policies, pods_only, family,
+                                           marks_read=frozenset({INGRESS}) if prednat else frozenset())
     accepted_in = bool(prednat) or INGRESS in untracked      # the accept mark may come from mangle or raw
     from_hosts, to_hosts, chains_fwd = host_forward_chains(state, node, sets, policy_chain_name, order_policies,
                                                            pods_only, family, accepted_before=accepted_in)

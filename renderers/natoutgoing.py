@@ -66,15 +66,21 @@ def render_nat_outgoing(state: ClusterState, family: int = 4, node: str = ""
 def _specs(state: ClusterState, family: int, node: str) -> list[Spec]:
     """Felix's rules (its NATOutgoingChain): MASQUERADE, or SNAT to FelixConfiguration's
     natOutgoingAddress (IPv4 only); with a natPortRange, TCP and UDP first get source ports from
-    that range, then everything else the plain rule."""
+    that range, then everything else the plain rule. Where the node's iptables and kernel support
+    it (Felix's detected features MASQFullyRandom and SNATFullyRandom, named in
+    FelixConfiguration's featureDetectOverride: docs.tigera.io/calico/latest/reference/resources/
+    felixconfig; probes.backend.nat_features detects them as Felix does: iptables >= 1.6.2 and
+    kernel >= 3.14), every rule takes `--random-fully`: source ports are chosen at random, so
+    two pods' connections to one server cannot race for the same masqueraded port."""
     settings = state.felix_settings(node)
     address = settings.nat_outgoing_address if family == 4 else None
-    plain = f"-j SNAT --to-source {address}" if address else "-j MASQUERADE"
+    fully = " --random-fully" if settings.masq_fully_random else ""
+    plain = (f"-j SNAT --to-source {address}" if address else "-j MASQUERADE") + fully
     ports = settings.nat_port_range
     if ports is None:
         return [Spec(extra=masq_match(family), target=plain)]
     span = f"{ports.start}-{ports.end}"
-    ranged = f"-j SNAT --to-source {address}:{span}" if address else f"-j MASQUERADE --to-ports {span}"
+    ranged = (f"-j SNAT --to-source {address}:{span}" if address else f"-j MASQUERADE --to-ports {span}") + fully
     return [Spec(f"-p {protocol}", masq_match(family), ranged) for protocol in ("tcp", "udp")] + \
         [Spec(extra=masq_match(family), target=plain)]
 

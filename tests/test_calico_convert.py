@@ -361,13 +361,12 @@ def test_every_example_file_loads_on_its_own_or_with_its_cluster(path):
     assert set(state.warnings) == set()
 
 
-def test_what_the_renderer_does_not_enforce_yet_is_a_warning():
-    """A host endpoint named by its addresses only is not rendered yet: the user is told (once
-    per kind and field), nothing is refused; doNotTrack and applyOnForward are enforced
+def test_host_endpoint_by_address_and_untracked_policy_are_enforced_without_warning():
+    """A host endpoint named by its addresses only is resolved on the node's interfaces at render
+    time (model.cluster.with_host_interfaces), doNotTrack and applyOnForward are enforced
     (renderers.calico): no warning."""
     hep = kind("HostEndpoint", "by-ip", {"node": "node1", "expectedIPs": ["198.18.0.1"]})
     untracked = gnp("fast", selector="all()", doNotTrack=True, applyOnForward=True, ingress=[{"action": "Allow"}])
     state = cluster(hep, untracked)
-    assert set(state.warnings) == {
-        "HostEndpoint: spec.expectedIPs (without interfaceName: not policed yet)"}
+    assert set(state.warnings) == set()
     assert len(state.host_endpoints) == 1 and len(state.policies) == 1

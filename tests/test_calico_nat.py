@@ -18,6 +18,8 @@ from tests import nodens
 from tests.nodens import WeftNode, namespace, pod, write_manifests
 from weft.desired.loader import build_cluster_state
 from weft.model.names import host_iface_name
+from weft.probes import backend as backend_probe
+from weft.probes.runner import Runner
 from weft.reconciler import guard
 from weft.renderers.iptables import render_node
 from weft.renderers.natoutgoing import ALL_SET, MASQ_SET, NAT_CHAIN, render_nat_outgoing
@@ -253,6 +255,9 @@ def test_natoutgoing_on_the_kernel(node_ns, tmp_path: Path, backend):
         node.weft("apply", from_dir=src)
         assert net.all_seen() == MASQUERADED
         assert nat_part(node)["foreign"] == foreign
+        # Felix's feature detection, as weft runs it on this node: --random-fully where supported.
+        fully = backend_probe.nat_features(Runner(), backend_probe.Backend(backend))["MASQFullyRandom"]
+        assert ("-j MASQUERADE --random-fully" in nat_part(node)["weft"]) == fully, nat_part(node)["weft"]
         node.weft("drift", from_dir=src, expect=0)
         assert node.weft_json("plan", from_dir=src)["summary"] == {"add": 0, "change": 0, "destroy": 0}
 
@@ -310,6 +315,39 @@ def test_natoutgoing_rules_follow_felix_configuration():
                 " -j MASQUERADE --to-ports 1024", " -j DNAT --to-destination 198.18.0.7"):
         with pytest.raises(guard.Refused):
             guard.check_iptables(restore("nat", rules[2].split(" -j ", 1)[0] + bad))
+
+
+def test_random_fully_where_the_node_supports_it():
+    """Felix's MASQFullyRandom / SNATFullyRandom (detected per node: probes.backend.nat_features):
+    every natOutgoing rule takes --random-fully there, and only there; the guard allows it only
+    at the end of natOutgoing's rules."""
+    supported = {"MASQFullyRandom": True, "SNATFullyRandom": True}
+    plain = state_of(POOLS)
+    assert not plain.felix_settings("n1").masq_fully_random
+    chains, _, _ = render_nat_outgoing(plain.with_node_features("n1", supported), 4, "n1")
+    [rule] = chains[("nat", NAT_CHAIN)].rules
+    assert rule.endswith("-j MASQUERADE --random-fully")
+    guard.check_iptables(restore("nat", f":{NAT_CHAIN} - [0:0]", rule))
+    other, _, _ = render_nat_outgoing(plain.with_node_features("n2", supported), 4, "n1")
+    assert not other[("nat", NAT_CHAIN)].rules[0].endswith("--random-fully")
+    shaped = state_of([*POOLS, felix(natOutgoingAddress="198.18.0.7", natPortRange="1024:2047")])
+    chains, _, _ = render_nat_outgoing(shaped.with_node_features("n1", supported), 4, "n1")
+    rules = chains[("nat", NAT_CHAIN)].rules
+    assert [r.split(" -j ", 1)[1] for r in rules] == ["SNAT --to-source 198.18.0.7:1024-2047 --random-fully"] * 2 + \
+        ["SNAT --to-source 198.18.0.7 --random-fully"]
+    guard.check_iptables(restore("nat", f":{NAT_CHAIN} - [0:0]", *rules))
+    v6, _, _ = render_nat_outgoing(shaped.with_node_features("n1", supported), 6, "n1")
+    assert [r.split(" -j ", 1)[1] for r in v6[("nat6", NAT_CHAIN)].rules] == \
+        ["MASQUERADE --to-ports 1024-2047 --random-fully"] * 2 + ["MASQUERADE --random-fully"]
+    for bad in (" --random-fully --random-fully", " --random", " --random-fully -j ACCEPT"):
+        with pytest.raises(guard.Refused):
+            guard.check_iptables(restore("nat", rule.replace(" --random-fully", bad)))
+
+
+def test_nat_features_follow_the_iptables_and_kernel_versions():
+    assert backend_probe._version("iptables v1.8.9 (nf_tables)") == (1, 8, 9)
+    assert backend_probe._version("6.18.44-fc-v1147") == (6, 18, 44)
+    assert backend_probe._version("3.13") == (3, 13, 0) and backend_probe._version("no version") == ()
 
 
 @kernel

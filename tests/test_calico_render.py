@@ -126,3 +126,27 @@ def test_a_render_reusing_the_last_ones_sets_equals_a_fresh_one_with_network_set
         again = render_node(state, NODE, reuse=first.ipsets)
         assert again == render_node(state, NODE)
         assert all(again.ipsets[n] is first.ipsets[n] for n in again.ipsets if n in first.ipsets)
+
+
+def test_a_fresh_process_decodes_a_calico_render_before_importing_the_selector_model():
+    """A run with nothing to do decodes its cached render before anything imports
+    model.selector (the import budget keeps a no-op run lean); a Calico policy's set meanings
+    hold the selector's types. Before, that decode failed ("unknown model type 'Eq'") and every
+    run rendered anew: ~5 s of a 2,000-Calico-policy no-op run went to re-reading and rendering."""
+    import subprocess
+    import sys
+
+    from weft.model import codec
+    from weft.renderers.iptables import render_node_sets
+    state = cluster(pod("a", "ns1", "198.18.4.1", {"app": "a"}),
+                    gnp("p", selector="app == 'a' && has(app)", ingress=[
+                        {"action": "Allow", "protocol": "TCP", "source": {"selector": "app in {'a', 'b'}"},
+                         "destination": {"ports": ["http"]}}]))
+    _, meanings = render_node_sets(state, NODE)
+    assert meanings, "the render has set meanings (they hold selector types)"
+    text = codec.dumps(meanings)
+    code = ("import sys\nfrom weft.model import codec\nassert 'weft.model.selector' not in sys.modules\n"
+            "value = codec.loads(sys.stdin.read())\nprint(len(value))")
+    done = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == len(meanings)

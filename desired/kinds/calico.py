@@ -99,8 +99,6 @@ def host_endpoint(check: Checker, raw: dict) -> HostEndpoint | None:
            enumerate(check.typed(spec.get("expectedIPs"), "spec.expectedIPs", list, "a list of IP addresses", []))]
     if interface is None and not [ip for ip in ips if ip]:
         check.fail("spec.interfaceName", "missing: a host endpoint needs an interface name (or \"*\") or expectedIPs")
-    elif interface is None and check.warnings is not None:
-        check.warnings.append("spec.expectedIPs (without interfaceName: not policed yet)")
     profiles = check.typed(spec.get("profiles"), "spec.profiles", list, "a list of profile names", [])
     for i, profile in enumerate(profiles):
         if not valid_dns_subdomain(profile):
