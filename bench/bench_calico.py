@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from bench import synthetic
@@ -160,16 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.renders_only and not args.inside:
         if os.geteuid() != 0:
             raise SystemExit("bench_calico: run as root (it makes a network namespace), or with --renders-only")
-        from bench.installed import compile_weft
-        compile_weft()
-        ns = f"weft-bench-{uuid.uuid4().hex[:6]}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        try:
-            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "bench.bench_calico", "--inside",
-                                   *(argv if argv is not None else sys.argv[1:])]).returncode
-        finally:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+        from bench.installed import rerun_inside_namespace
+        return rerun_inside_namespace("bench.bench_calico", argv)
     started = time.perf_counter()
     print(f"{args.pods:,} pods, {args.policies:,} policies of each kind; machine load {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")

@@ -42,14 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from bench.installed import compile_weft
+from bench.installed import rerun_inside_namespace
 from bench.synthetic import NODE, cluster, pod_ip
 from tests.kubeapi import FakeKubeAPI
 
@@ -394,16 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return inside(opts)
     if os.geteuid() != 0:
         raise SystemExit("bench_scale: run as root (it makes a network namespace)")
-    compile_weft()
-    ns = f"weft-bench-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        passed = [a for a in (argv if argv is not None else sys.argv[1:])]
-        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "bench.bench_scale", "--inside",
-                               *passed]).returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    return rerun_inside_namespace("bench.bench_scale", argv)
 
 
 def inside(opts) -> int:

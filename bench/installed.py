@@ -15,3 +15,18 @@ def compile_weft() -> None:
     root = Path(weft.model.__file__).resolve().parent.parent        # the installed `weft` package
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(root)], check=True,
                    stdout=subprocess.DEVNULL)
+
+
+def rerun_inside_namespace(module: str, argv: list[str] | None) -> int:
+    """Run `python -m module --inside ARGV` in a network namespace of its own (lo up), removed
+    afterwards: the benchmarks' applies touch no kernel state but the namespace's."""
+    import uuid
+    compile_weft()
+    ns = f"weft-bench-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", module, "--inside",
+                               *(argv if argv is not None else sys.argv[1:])]).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
