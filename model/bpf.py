@@ -163,7 +163,7 @@ _SVC = struct.Struct("=IIII")
 _BACKEND_KEY = struct.Struct("=II")
 _BACKEND = struct.Struct("=4s2s2x")
 NAT_KEY = struct.Struct("=4s4s2s2sB3x")         # source, destination, ports, protocol
-NAT = struct.Struct("=Q4s2s2x")                 # seen, address, port
+NAT = struct.Struct("=Q4s2sH")                  # seen, address, port, kind (0: a service translation)
 AFF_KEY = struct.Struct("=4sI")
 AFF = struct.Struct("=Q4s2sH")
 

@@ -351,7 +351,7 @@ def read_nat(maps_dir: Path) -> list[Translation]:
     with MapHandle(maps_dir / "nat") as handle:
         for key, value in handle.items():
             saddr, daddr, sport, dport, proto = m.NAT_KEY.unpack(key)
-            seen, addr, port = m.NAT.unpack(value)
+            seen, addr, port, _kind = m.NAT.unpack(value)
             out.append(Translation(proto, (socket.inet_ntoa(saddr), int.from_bytes(sport, "big")),
                                    (socket.inet_ntoa(daddr), int.from_bytes(dport, "big")),
                                    (socket.inet_ntoa(addr), int.from_bytes(port, "big")), max(now - seen, 0)))

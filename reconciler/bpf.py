@@ -62,6 +62,7 @@ from weft.reconciler.bpf_apply import (
     diff_maps,
     drop_clsact,
     ensure_bpffs,
+    forget_stale_udp,
     programs_current,
 )
 from weft.reconciler.bpf_apply import _key_text as key_text
@@ -326,6 +327,10 @@ class BpfPlane(Resource[Any, BpfChange]):
             runner.writes.append(f"bpf map {path.parent.name}/{path.name}: {len(write.writes)} written, "
                                  f"{len(write.deletes)} deleted")
             _write_map(path, write)
+            if path.name in ("services", "backends"):
+                forgotten = forget_stale_udp(path.parent)
+                if forgotten:
+                    runner.writes.append(f"bpf nat: {forgotten} UDP translations to removed backends forgotten")
         elif write.op in ("attach", "attach-uplink"):
             self._attach(write, runner)
         elif write.op in ("detach", "detach-uplink"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import socket
 import struct
 from dataclasses import dataclass, field
 from importlib import resources
@@ -303,6 +304,42 @@ def write_maps(maps_dir: Path, changes: MapChanges, ifindex: dict[str, int]) -> 
                 else:
                     writer.delete(m.pack_key(name, key))
     return missing
+
+
+def forget_stale_udp(maps_dir: Path) -> int:
+    """Delete, both ways, the UDP translations whose backend its service no longer has in the
+    pinned maps (or whose service is gone); return how many connections that was. UDP has no
+    opening packet, so without this a client port that sent to a removed backend would keep
+    sending to it; kube-proxy clears UDP conntrack entries of removed endpoints alike. TCP keeps
+    its backend until the connection closes (a terminating backend finishes what it serves).
+
+    A forward translation (client -> service, sent to a backend) is known by its reply entry
+    (backend -> client, given the service address back); replies, hairpin and node-port SNAT
+    entries are left alone."""
+    maps = read_maps(maps_dir)
+    backends = {key: {(b.addr, b.port) for i in range(entry.count)
+                      if (b := maps.backends.get(m.BackendKey(entry.id, i))) is not None}
+                for key, entry in maps.services.items()}
+    with MapHandle(maps_dir / "nat") as handle:
+        entries = dict(handle.items())
+    stale = []
+    for raw_key, raw_value in entries.items():
+        saddr, daddr, sport, dport, proto = m.NAT_KEY.unpack(raw_key)
+        _seen, addr, port, kind = m.NAT.unpack(raw_value)
+        if proto != socket.IPPROTO_UDP or kind != 0:
+            continue
+        reply_key = m.NAT_KEY.pack(addr, saddr, port, sport, proto)
+        reply = entries.get(reply_key)
+        if reply is None or m.NAT.unpack(reply)[1:3] != (daddr, dport):
+            continue                            # not a forward translation
+        service = m.ServiceKey(socket.inet_ntoa(daddr), int.from_bytes(dport, "big"), proto)
+        if (socket.inet_ntoa(addr), int.from_bytes(port, "big")) not in backends.get(service, ()):
+            stale += [raw_key, reply_key]
+    if stale:
+        with MapWriter(maps_dir / "nat") as writer:
+            for raw_key in stale:
+                writer.delete(raw_key)
+    return len(stale) // 2
 
 
 def clear_map(path: Path) -> int:

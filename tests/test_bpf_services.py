@@ -156,6 +156,39 @@ def test_cluster_ip_balances_tcp_and_udp_over_ready_backends(services, tmp_path)
         assert set(Counter(seen[proto])) == set(BACKENDS[:2]), (proto, seen[proto])
 
 
+UDP_FROM_PORT = textwrap.dedent("""
+    import socket, sys
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 40053))
+        s.settimeout(1)
+        s.connect((sys.argv[1], 53))
+        s.send(b"?")
+        print(s.recv(100).decode())
+""")
+
+
+def test_udp_client_port_leaves_a_removed_backend(services, tmp_path):
+    """UDP has no opening packet: a client port keeps its backend while it is one, and is sent
+    to another once the backend leaves the slice (its translation is forgotten, as kube-proxy
+    clears UDP conntrack of removed endpoints)."""
+    node, _ = services
+    from tests.matrices import POD_IPS
+    pod_ns = {p.key: node.lab.pod_netns(p) for p in node.lab.pods}
+
+    def ask() -> str:
+        return subprocess.run(["nsenter", f"--net=/run/netns/{pod_ns['x/a']}", sys.executable, "-c",
+                               UDP_FROM_PORT, VIP], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    apply(node, tmp_path, "three")
+    first = ask()
+    assert first in BACKENDS and {ask() for _ in range(3)} == {first}     # the port keeps its backend
+    apply(node, tmp_path, "two", backends=tuple(b for b in BACKENDS if b != first))
+    assert not [t for t in node.json("bpf", "nat")["translations"]
+                if t["translated_to"] == f"{POD_IPS[first]}:9090"]
+    assert {ask() for _ in range(3)} <= set(BACKENDS) - {first}
+
+
 def test_client_ip_affinity_keeps_one_backend(services, tmp_path):
     node, connect = services
     apply(node, tmp_path, "affinity", affinity=True)
