@@ -120,6 +120,12 @@ class Discovery:
             answers.update(zip(todo, pool.map(lambda r: work(r, True), todo), strict=True))
         return [(r, answers[r]) for r in resources]
 
+    def served(self) -> dict[str, frozenset[str]]:
+        """api_version -> the plurals it serves: the kept discovery where fresh, else discovered
+        now (and not kept: only a discovery that passes check_needed is, in _discover)."""
+        kept = self._kept()
+        return kept if kept is not None else discover_served(self.api)
+
     def _discover(self) -> tuple[Resource, ...]:
         """Discovered now: SourceError when a kind weft needs is served by neither group (then
         nothing is kept: the next run asks again); a newer kind missing is a warning, given
@@ -166,3 +172,12 @@ class Discovery:
         with contextlib.suppress(OSError, UnsafeState):
             if Path(self.state_dir).is_dir():
                 StateDir(self.state_dir, create=False).replace(DISCOVERY_FILE, text)
+
+
+def serving(api: Connection, kinds: tuple[str, ...], state_dir: Path | None = None) -> dict[str, Resource]:
+    """Where this cluster serves each of Calico's `kinds`: kind -> the resource of the first of
+    Calico's groups that serves it (choose_resources), from the kept discovery of `state_dir`
+    where fresh, else discovered now. A kind served by neither group is absent. For commands
+    that need a few kinds only (weft ipam-gc): no kind weft reads is required here."""
+    chosen = choose_resources(Discovery(api, state_dir).served())
+    return {r.kind: r for r in chosen if r.api_version in CALICO_API_GROUPS and r.kind in kinds}
