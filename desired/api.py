@@ -796,11 +796,12 @@ def check_needed(host: str, chosen: tuple[Resource, ...]) -> None:
 
 
 def optional_warning(host: str, chosen: tuple[Resource, ...]) -> str | None:
-    """A one-line warning when a newer kind (OPTIONAL_KINDS) is served by neither group."""
+    """A one-line warning (without "weft: warning:", which the logger adds) when a newer kind
+    (OPTIONAL_KINDS) is served by neither group."""
     missing = unserved(chosen, OPTIONAL_KINDS)
     if not missing:
         return None
-    return (f"weft: warning: the API server at {host} serves no {', '.join(missing)}: weft reads none "
+    return (f"the API server at {host} serves no {', '.join(missing)}: weft reads none "
             f"(policies are in the default tier, Felix's settings are the defaults); to read them, {CRDS_FIX}")
 
 
