@@ -1,0 +1,149 @@
+"""A run's watches share one HTTP/2 connection (desired.h2link), and miss nothing for it.
+
+The usual run on a live cluster is "moved, nothing weft reads changed": it watches every kind
+from its cursor until each goes quiet. Over HTTP/1.1 each of those watches needed a TLS
+connection of its own (a watch ended early cannot give its connection back); over HTTP/2, which
+kube-apiserver offers by ALPN, they are streams of one. FakeKubeAPI with TLS offers h2 as the
+real server does and counts the TCP connections it accepts.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tests.kubeapi import FakeKubeAPI, TLSFiles
+from tests.nodens import namespace, pod, policy
+from weft.desired import sources
+from weft.desired.api import connect, watch_since
+from weft.desired.discovery import Discovery
+from weft.model.errors import SourceError
+
+OBJECTS = [namespace("x"), namespace("y"), pod("x", "a", "198.18.5.1", {"app": "web"}),
+           pod("y", "b", "198.18.5.2"), policy("x", "deny", {"podSelector": {}, "policyTypes": ["Ingress"]})]
+# A quiet moved run: the tiny list (HTTP/1.1) and the watches' one HTTP/2 connection.
+QUIET_RUN_CONNECTIONS = 2
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return TLSFiles.make(tmp_path_factory.mktemp("tls"))
+
+
+def serve(tls, tmp_path, http2: bool = True, crds=True) -> FakeKubeAPI:
+    fake = FakeKubeAPI(copy.deepcopy(OBJECTS), tls=tls, http2=http2, crds=crds)
+    fake.__enter__()
+    fake.kubeconfig = fake.write_kubeconfig(tmp_path / f"kubeconfig-{http2}")
+    return fake
+
+
+def run(fake: FakeKubeAPI, state_dir) -> tuple[sources.Reading, dict]:
+    """One read as `weft apply` makes it (the reading child), and what it cost the server."""
+    before = (len(fake.requests), fake.connections)
+    reading = sources.read(state_dir, None, fake.kubeconfig)
+    state = reading.state()
+    if reading.dirty:
+        sources.commit(state_dir, reading)
+    asked = fake.requests[before[0]:]
+    return reading, {"requests": len(asked), "connections": fake.connections - before[1],
+                     "watches": sum("watch=true" in p for _m, p in asked),
+                     "pods": sorted(e.key for e in state.endpoints)}
+
+
+def lease(n: int) -> dict:
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": f"node-{n}", "namespace": "kube-node-lease"}, "spec": {"leaseDurationSeconds": n}}
+
+
+def test_a_quiet_moved_run_uses_two_connections_not_one_per_kind(tls, tmp_path):
+    figures = {}
+    for http2 in (False, True):
+        fake = serve(tls, tmp_path, http2)
+        try:
+            state_dir = tmp_path / f"state-{http2}"
+            run(fake, state_dir)
+            fake.put(lease(1))
+            _, figures[http2] = run(fake, state_dir)
+        finally:
+            fake.__exit__(None, None, None)
+    kinds = figures[True]["watches"]
+    assert kinds >= 19 and figures[False]["watches"] == kinds
+    # Before (and with a server without HTTP/2): one per watch, and the offer of h2 it declined.
+    assert figures[False]["connections"] == kinds + 1, figures
+    assert figures[True]["connections"] <= QUIET_RUN_CONNECTIONS, figures     # now: the list's, the watches'
+    assert figures[True]["requests"] == figures[False]["requests"] == kinds + 1
+
+
+def test_changes_arrive_over_http2_and_match_a_full_read(tls, tmp_path):
+    fake = serve(tls, tmp_path)
+    try:
+        run(fake, tmp_path / "s")
+        fake.put(pod("y", "c", "198.18.5.3", {"app": "web"}))
+        fake.delete("Pod", "x", "a")
+        _, seen = run(fake, tmp_path / "s")
+        assert seen["pods"] == ["y/b", "y/c"] and seen["connections"] <= QUIET_RUN_CONNECTIONS
+        _, fresh = run(fake, tmp_path / "fresh")
+        assert fresh["pods"] == seen["pods"]
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_an_event_in_flight_when_the_streams_went_quiet_is_found_by_the_next_run(tls, tmp_path):
+    """No change is missed for sharing a connection: a write the watch cache has not delivered
+    when a run's streams go quiet is read by the next run, even if the version never moves."""
+    fake = serve(tls, tmp_path)
+    try:
+        run(fake, tmp_path / "s")
+        fake.put(lease(1))
+        with fake.watch_lag():
+            fake.put(pod("x", "late", "198.18.5.7"))
+            _, seen = run(fake, tmp_path / "s")
+            assert "x/late" not in seen["pods"]
+        _, seen = run(fake, tmp_path / "s")                  # the version did not move since
+        assert "x/late" in seen["pods"] and seen["watches"]
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_a_compacted_history_over_http2_lists_that_kind_again(tls, tmp_path):
+    fake = serve(tls, tmp_path)
+    try:
+        run(fake, tmp_path / "s")
+        fake.put(pod("y", "c", "198.18.5.3"))
+        fake.compact()
+        _, seen = run(fake, tmp_path / "s")
+        assert "y/c" in seen["pods"]
+        assert any("/pods?" in p and "watch" not in p for _m, p in fake.requests[-seen["requests"]:]), "relisted"
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_a_refused_watch_over_http2_names_the_verb(tls, tmp_path):
+    fake = serve(tls, tmp_path)
+    try:
+        with connect(fake.kubeconfig) as api:
+            (pods,) = [r for r in Discovery(api, None).resources() if r.kind == "Pod"]
+            fake.fail("watch=true", 403, "Forbidden", times=1)
+            with pytest.raises(SourceError, match=r"HTTP 403 Forbidden.*needs `watch` on pods"):
+                watch_since(api, pods, fake.resource_version)
+            events, _at = watch_since(api, pods, "1")
+            assert api.watch_session() is not None, "the watches used HTTP/2"
+            assert {o["metadata"]["name"] for _t, o in events} >= {"a", "b"}
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_refused_credentials_on_the_http2_connection_fall_back_to_http1(tls, tmp_path):
+    """A 401 on a stream: the watch is made again over HTTP/1.1, whose path renews credentials
+    (a kept profile's token expired); later watches use HTTP/1.1 too."""
+    fake = serve(tls, tmp_path)
+    try:
+        with connect(fake.kubeconfig) as api:
+            (pods,) = [r for r in Discovery(api, None).resources() if r.kind == "Pod"]
+            assert api.watch_session() is not None
+            fake.fail("watch=true", 401, "Unauthorized", times=1)
+            events, _at = watch_since(api, pods, "1")
+            assert {o["metadata"]["name"] for _t, o in events} >= {"a", "b"}
+            assert api.watch_session() is None
+    finally:
+        fake.__exit__(None, None, None)
