@@ -717,8 +717,12 @@ def _watch_h2(session, watch: _Watch, query: list, quiet: float, timeout: float)
     connection failed before an answer, or the credentials were refused: urllib3's path renews them)."""
     from http import HTTPStatus
     from urllib.parse import urlencode
+
+    from h2.exceptions import TooManyStreamsError
     try:
         stream = session.open(watch.resource.path() + "?" + urlencode(query))
+    except TooManyStreamsError:
+        return None                     # the server's limit of streams at once: this one over HTTP/1.1
     except Exception:  # noqa: BLE001 - the session is unusable (closed, protocol error): HTTP/1.1
         watch.api.drop_watch_session()
         return None

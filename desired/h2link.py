@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-WINDOW = 1 << 24                 # flow-control window asked of the server, per stream and connection
+WINDOW = 1 << 20                 # flow-control window asked of the server, per stream and connection (1 MiB)
 
 
 class Link:
@@ -113,22 +113,46 @@ def _protocol_errors() -> type[Exception]:
 
 class Stream:
     """One request's answer as it arrives: `ready` once the headers are in (or the connection or
-    stream failed: `failed`), then its data in `chunks` (None: the stream ended)."""
+    stream failed: `failed`), then its data in `chunks` (None: the stream ended).
 
-    def __init__(self, stream_id: int):
-        self.id = stream_id
+    Data is acknowledged (the server's flow-control window given back) only as it is taken, so
+    a server cannot make weft hold more than the window (WINDOW, for the whole connection) of
+    answers not read yet."""
+
+    def __init__(self, stream_id: int, ack: Callable[[int, int], None] = lambda sid, n: None):
+        self.id, self._ack = stream_id, ack
         self.ready = threading.Event()
         self.headers: dict[str, str] = {}
-        self.chunks: queue.Queue[bytes | None] = queue.Queue()
+        self.chunks: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
         self.failed: str | None = None
         self.ended = False
+
+    def _take(self, wait: float) -> bytes | None:
+        """The next chunk (None at the end), acknowledged; queue.Empty after `wait` seconds."""
+        item = self.chunks.get(timeout=wait)
+        if item is None:
+            self.chunks.put(None)               # the end stays the end for the next reader
+            return None
+        data, flow = item
+        if flow:
+            self._ack(self.id, flow)
+        return data
+
+    def drain(self) -> None:
+        """Acknowledge what was received and not read (the stream is given up)."""
+        while True:
+            try:
+                if self._take(0) is None:
+                    return
+            except queue.Empty:
+                return
 
     def body(self, limit: int, wait: float) -> bytes:
         """Up to `limit` bytes of the data (an error answer's Status), waiting `wait` at most."""
         out = b""
         try:
             while len(out) < limit:
-                chunk = self.chunks.get(timeout=wait)
+                chunk = self._take(wait)
                 if chunk is None:
                     break
                 out += chunk
@@ -145,7 +169,7 @@ class Stream:
             if left <= 0:
                 return
             try:
-                chunk = self.chunks.get(timeout=min(quiet, left))
+                chunk = self._take(min(quiet, left))
             except queue.Empty:
                 return
             if chunk is None:
@@ -174,7 +198,7 @@ class Session:
 
     def open(self, path: str) -> Stream:
         def send(conn) -> Stream:
-            stream = Stream(conn.get_next_available_stream_id())
+            stream = Stream(conn.get_next_available_stream_id(), self._ack)
             self._streams[stream.id] = stream
             conn.send_headers(stream.id, [(":method", "GET"), (":scheme", "https"), (":authority", self.authority),
                                           (":path", path), *((k.lower(), v) for k, v in self._headers.items())],
@@ -193,6 +217,13 @@ class Session:
             self.link.write(reset)
         except (OSError, _protocol_errors()):
             pass
+        stream.drain()
+
+    def _ack(self, stream_id: int, size: int) -> None:
+        try:
+            self.link.write(lambda conn: conn.acknowledge_received_data(size, stream_id))
+        except (OSError, _protocol_errors()):
+            pass                                # closed: nothing more will come anyway
 
     def close(self) -> None:
         self.link.close()
@@ -204,9 +235,7 @@ class Session:
             stream.headers = {_text(k): _text(v) for k, v in event.headers}
             stream.ready.set()
         elif isinstance(event, h2.events.DataReceived) and stream is not None:
-            stream.chunks.put(event.data)
-            if event.flow_controlled_length:
-                self.link.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            stream.chunks.put((event.data, event.flow_controlled_length))
         elif isinstance(event, h2.events.StreamEnded) and stream is not None:
             stream.ended = True
             stream.chunks.put(None)
@@ -215,6 +244,8 @@ class Session:
             stream.failed = stream.failed or f"the server reset the stream (HTTP/2 error {event.error_code})"
             stream.ready.set()
             stream.chunks.put(None)
+        elif isinstance(event, h2.events.DataReceived):           # a stream given up: its window back
+            self.link.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._closed()
 

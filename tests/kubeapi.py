@@ -183,8 +183,10 @@ class FakeKubeAPI:
 
     def __init__(self, objects: Iterable[dict] = (), *, max_page: int | None = None,
                  crds: bool | Iterable[str] | None = None, token: str | None = DEFAULT_TOKEN,
-                 history: int = 10_000, tls: TLSFiles | None = None, http2: bool = True):
+                 history: int = 10_000, tls: TLSFiles | None = None, http2: bool = True,
+                 http2_streams: int = 250):
         self.max_page, self.token, self.history, self.tls, self.http2 = max_page, token, history, tls, http2
+        self.http2_streams = http2_streams      # streams a client may open at once (kube-apiserver: 250)
         self.requests: list[tuple[str, str]] = []
         self.bytes_sent = 0    # everything written to clients (see the module docstring)
         self.connections = 0   # connections accepted
@@ -690,10 +692,12 @@ def _serve_h2(api: FakeKubeAPI, sock: ssl.SSLSocket) -> None:
     import h2.config
     import h2.connection
     import h2.events
+    import h2.settings
 
     from weft.desired.h2link import Link
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
     conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: api.http2_streams})
     requests: dict[int, _H2Request] = {}
 
     def on_event(event) -> None:

@@ -30,8 +30,8 @@ def tls(tmp_path_factory):
     return TLSFiles.make(tmp_path_factory.mktemp("tls"))
 
 
-def serve(tls, tmp_path, http2: bool = True, crds=True) -> FakeKubeAPI:
-    fake = FakeKubeAPI(copy.deepcopy(OBJECTS), tls=tls, http2=http2, crds=crds)
+def serve(tls, tmp_path, http2: bool = True, **options) -> FakeKubeAPI:
+    fake = FakeKubeAPI(copy.deepcopy(OBJECTS), tls=tls, http2=http2, crds=True, **options)
     fake.__enter__()
     fake.kubeconfig = fake.write_kubeconfig(tmp_path / f"kubeconfig-{http2}")
     return fake
@@ -145,5 +145,34 @@ def test_refused_credentials_on_the_http2_connection_fall_back_to_http1(tls, tmp
             events, _at = watch_since(api, pods, "1")
             assert {o["metadata"]["name"] for _t, o in events} >= {"a", "b"}
             assert api.watch_session() is None
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_a_large_answer_comes_whole_through_the_flow_control_windows(tls, tmp_path):
+    """Megabytes on one stream: the server sends as the window allows, weft gives the window
+    back as it reads (no more than the window is ever held unread)."""
+    fake = serve(tls, tmp_path)
+    try:
+        for n in range(40):
+            fake.put(pod("x", f"big-{n}", f"198.18.6.{n + 1}") | {
+                "metadata": {"name": f"big-{n}", "namespace": "x", "annotations": {"pad": "p" * 60_000}}})
+        with connect(fake.kubeconfig) as api:
+            (pods,) = [r for r in Discovery(api, None).resources() if r.kind == "Pod"]
+            events, _at = watch_since(api, pods, "1", quiet=1.0)
+            assert api.watch_session() is not None
+        assert sum(1 for _t, o in events if o["metadata"]["name"].startswith("big-")) == 40
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_a_server_allowing_fewer_streams_than_kinds_gets_the_rest_over_http1(tls, tmp_path):
+    fake = serve(tls, tmp_path, http2_streams=4)
+    try:
+        run(fake, tmp_path / "s")
+        fake.put(pod("y", "c", "198.18.5.3"))
+        _, seen = run(fake, tmp_path / "s")
+        assert "y/c" in seen["pods"]
+        assert 2 < seen["connections"] < seen["watches"]
     finally:
         fake.__exit__(None, None, None)
