@@ -66,8 +66,12 @@ class Link:
     def run(self) -> None:
         """Read until the peer closes, an error, or close(); then on_close()."""
         try:
-            while not self.closed:
-                if not self.sock.pending():
+            while True:
+                with self.lock:                     # the socket is closed only under the lock
+                    if self.closed:
+                        break
+                    pending = self.sock.pending()
+                if not pending:
                     readable, _w, _x = select.select([self.sock], [], [], 0.05)
                     if not readable:
                         continue
@@ -99,11 +103,11 @@ class Link:
                 self._flush()
             except (OSError, ValueError, _protocol_errors()):
                 pass
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
 
 
 def _protocol_errors() -> type[Exception]:
@@ -127,7 +131,7 @@ class Stream:
         self.failed: str | None = None
         self.ended = False
 
-    def _take(self, wait: float) -> bytes | None:
+    def take(self, wait: float) -> bytes | None:
         """The next chunk (None at the end), acknowledged; queue.Empty after `wait` seconds."""
         item = self.chunks.get(timeout=wait)
         if item is None:
@@ -142,7 +146,7 @@ class Stream:
         """Acknowledge what was received and not read (the stream is given up)."""
         while True:
             try:
-                if self._take(0) is None:
+                if self.take(0) is None:
                     return
             except queue.Empty:
                 return
@@ -152,7 +156,7 @@ class Stream:
         out = b""
         try:
             while len(out) < limit:
-                chunk = self._take(wait)
+                chunk = self.take(wait)
                 if chunk is None:
                     break
                 out += chunk
@@ -169,7 +173,7 @@ class Stream:
             if left <= 0:
                 return
             try:
-                chunk = self._take(min(quiet, left))
+                chunk = self.take(min(quiet, left))
             except queue.Empty:
                 return
             if chunk is None:

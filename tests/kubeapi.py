@@ -757,7 +757,11 @@ class _H2Request(_Handler):
             self._head.append((keyword.lower(), str(value)))
 
     def end_headers(self) -> None:
-        self.link.write(lambda conn: conn.send_headers(self.stream_id, self._head))
+        import h2.exceptions
+        try:
+            self.link.write(lambda conn: conn.send_headers(self.stream_id, self._head))
+        except (OSError, h2.exceptions.H2Error):
+            raise BrokenPipeError("the stream or its connection is closed") from None
 
     def _send(self, code: int, body: bytes) -> None:
         self.send_response(code)
@@ -773,7 +777,7 @@ class _H2Request(_Handler):
         try:
             self.api._watch(self._data, t, ns, query)
             self._data(b"", end=True)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             pass                    # the client reset the stream (its watch went quiet) or left
 
     def _data(self, data: bytes, end: bool = False) -> None:
@@ -793,7 +797,7 @@ class _H2Request(_Handler):
                     last = end and not data
                     self.link.write(lambda c, piece=piece, last=last: c.send_data(self.stream_id, piece,
                                                                                   end_stream=last))
-                except h2.exceptions.H2Error:
+                except (OSError, h2.exceptions.H2Error):
                     raise BrokenPipeError("the stream is closed") from None
                 if not data:
                     return

@@ -21,8 +21,8 @@ from weft.model.errors import SourceError
 
 OBJECTS = [namespace("x"), namespace("y"), pod("x", "a", "198.18.5.1", {"app": "web"}),
            pod("y", "b", "198.18.5.2"), policy("x", "deny", {"podSelector": {}, "policyTypes": ["Ingress"]})]
-# A quiet moved run: the tiny list (HTTP/1.1) and the watches' one HTTP/2 connection.
-QUIET_RUN_CONNECTIONS = 2
+# A quiet moved run: the version probe and every watch are streams of one HTTP/2 connection.
+QUIET_RUN_CONNECTIONS = 1
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def lease(n: int) -> dict:
             "metadata": {"name": f"node-{n}", "namespace": "kube-node-lease"}, "spec": {"leaseDurationSeconds": n}}
 
 
-def test_a_quiet_moved_run_uses_two_connections_not_one_per_kind(tls, tmp_path):
+def test_a_quiet_moved_run_uses_one_connection_not_one_per_kind(tls, tmp_path):
     figures = {}
     for http2 in (False, True):
         fake = serve(tls, tmp_path, http2)
@@ -70,7 +70,7 @@ def test_a_quiet_moved_run_uses_two_connections_not_one_per_kind(tls, tmp_path):
     assert kinds >= 19 and figures[False]["watches"] == kinds
     # Before (and with a server without HTTP/2): one per watch, and the offer of h2 it declined.
     assert figures[False]["connections"] == kinds + 1, figures
-    assert figures[True]["connections"] <= QUIET_RUN_CONNECTIONS, figures     # now: the list's, the watches'
+    assert figures[True]["connections"] == QUIET_RUN_CONNECTIONS, figures     # now: one, shared
     assert figures[True]["requests"] == figures[False]["requests"] == kinds + 1
 
 
@@ -174,5 +174,24 @@ def test_a_server_allowing_fewer_streams_than_kinds_gets_the_rest_over_http1(tls
         _, seen = run(fake, tmp_path / "s")
         assert "y/c" in seen["pods"]
         assert 2 < seen["connections"] < seen["watches"]
+    finally:
+        fake.__exit__(None, None, None)
+
+
+def test_small_gets_over_http2_keep_their_errors_and_bounds(tls, tmp_path, monkeypatch):
+    """The version probe and discovery go as streams too: a refusal names the permission, an
+    answer past the bounds is refused, as over HTTP/1.1."""
+    from weft.desired import api as kube
+    fake = serve(tls, tmp_path)
+    try:
+        with connect(fake.kubeconfig) as api:
+            assert kube.current_resource_version(api) == fake.resource_version
+            assert api.watch_session() is not None and fake.connections == 1, "one HTTP/2 connection"
+            fake.fail("/api/v1/namespaces?limit=1", 403, "Forbidden", times=1)
+            with pytest.raises(SourceError, match=r"HTTP 403 Forbidden.*needs `list` on namespaces"):
+                kube.current_resource_version(api)
+            monkeypatch.setattr(kube, "MAX_RESPONSE_BYTES", 100)
+            with pytest.raises(SourceError, match="answered with more than"):
+                kube.served_plurals(api, kube.CALICO_API_VERSION)
     finally:
         fake.__exit__(None, None, None)
