@@ -17,6 +17,8 @@ times by default: a stopped API server cost 4 x 30 s):
                          accepts connections and never answers fails a request in 10 s);
   ANSWER_TIMEOUT  30 s   for a whole answer to arrive (a trickle is a dead server too);
   a watch reads until the server has been quiet for its `quiet` gap (0.1 s), READ_TIMEOUT at most.
+Over TLS, a run's watches and small GETs are streams of one HTTP/2 connection where the server
+offers h2 (desired.h2link, with the same bounds and checks); everything else is HTTP/1.1.
 Answers are hostile until checked: at most desired.bounds.MAX_RESPONSE_BYTES, JSON nested at
 most MAX_DEPTH deep, no content encoding weft did not ask for, and lists and watch events of the
 shape the callers rely on (objects with a metadata mapping naming them); anything else is a

@@ -17,7 +17,8 @@ gone quiet. So a run that watched records the version it began at, and the cache
 current at a version only once a second run began at the same version and watched too (nothing
 was written in between, and the first run's stragglers have long arrived). A live cluster's
 version moves every few seconds (leases, events), so there every run watches: that costs one
-request per kind with a quiet gap each, and writes only the small cursors file (store.cache).
+request per kind with a quiet gap each, all streams of one HTTP/2 connection where the server
+speaks it (desired.h2link), and writes only the small cursors file (store.cache).
 """
 from __future__ import annotations
 
