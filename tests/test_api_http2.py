@@ -195,3 +195,64 @@ def test_small_gets_over_http2_keep_their_errors_and_bounds(tls, tmp_path, monke
                 kube.served_plurals(api, kube.CALICO_API_VERSION)
     finally:
         fake.__exit__(None, None, None)
+
+
+# --- the same against a real cluster ($KUBECONFIG), counted at the client ----------------------
+
+@pytest.fixture
+def opened(monkeypatch) -> list:
+    """The TCP connections this process opens (urllib3's and desired.h2link's), as they open."""
+    import socket
+
+    import urllib3.util.connection as urllib3_connection
+    seen: list = []
+    for module in (socket, urllib3_connection):
+        real = module.create_connection
+
+        def counting(address, *args, real=real, **kwargs):
+            seen.append(address)
+            return real(address, *args, **kwargs)
+        monkeypatch.setattr(module, "create_connection", counting)
+    return seen
+
+
+@pytest.fixture
+def cluster(tls, tmp_path):
+    """The cluster $KUBECONFIG names when set (as the kube_source tests do), else FakeKubeAPI over
+    TLS offering HTTP/2; a fresh namespace in it either way."""
+    import os
+
+    from tests.kubeapi import KubeSource
+    if os.environ.get("KUBECONFIG"):
+        source = KubeSource(os.environ["KUBECONFIG"], None)
+        try:
+            yield source
+        finally:
+            source.close()
+        return
+    with FakeKubeAPI(copy.deepcopy(OBJECTS), tls=tls, crds=True) as fake:
+        source = KubeSource(fake.write_kubeconfig(tmp_path / "kubeconfig"), fake)
+        try:
+            yield source
+        finally:
+            source.close()
+
+
+def test_a_quiet_moved_run_opens_one_connection_on_this_cluster(cluster, opened, tmp_path):
+    """Counted where weft opens them, so it holds against a real kube-apiserver too: a run after
+    the version moved through something weft does not read opens one connection."""
+    from weft.desired import h2link
+    from weft.desired.api import resolve
+    state_dir = tmp_path / "state"
+    reading = sources.read(state_dir, None, cluster.kubeconfig)
+    sources.commit(state_dir, reading)
+    cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "moved"}})
+    opened.clear()
+    second = sources.read(state_dir, None, cluster.kubeconfig)
+    if len(opened) > QUIET_RUN_CONNECTIONS and cluster.real:
+        session = h2link.connect(resolve(cluster.kubeconfig), None, {}, 5.0)
+        if session is None:
+            pytest.skip("this API server is not reached over TLS with HTTP/2 (a proxy, or plain http)")
+        session.close()
+    assert len(opened) == QUIET_RUN_CONNECTIONS, opened
+    assert second.dirty, "the run took the watching path (the version moved), not the unchanged one"
