@@ -262,17 +262,27 @@ class Connection:
         # As many kept connections as requests run at once (a watch per kind), so none that could
         # serve another request is closed (with TLS, each new one is a handshake).
         args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
-                                "ca_cert_data": profile.ca_pem, "maxsize": len(RESOURCES)}
+                                "maxsize": len(RESOURCES)}
+        self._cert_files = None
         if profile.cert_pem and profile.key_pem:
             files = [_memory_file(profile.cert_pem), _memory_file(profile.key_pem)]
             self._files += files
             self._cert_files = (f"/proc/self/fd/{files[0]}", f"/proc/self/fd/{files[1]}")
-            args["cert_file"], args["key_file"] = self._cert_files
         if profile.assert_hostname is not None:
             args["assert_hostname"] = profile.assert_hostname
         if profile.server_hostname:
             args["server_hostname"] = profile.server_hostname
         self._tls = args["ssl_context"] = _resuming_context(args["cert_reqs"])
+        # The trust roots and the client certificate are loaded once, here: given to urllib3 (as
+        # ca_cert_data, cert_file), it loads them into the shared context at every new connection,
+        # racing the handshakes other threads make with it (lists run on several threads at once:
+        # OpenSSL crashed the interpreter). Without a CA of its own, the system's trust store.
+        if profile.ca_pem:
+            self._tls.load_verify_locations(cadata=profile.ca_pem)
+        else:
+            self._tls.load_default_certs()
+        if self._cert_files:
+            self._tls.load_cert_chain(*self._cert_files)
         if profile.proxy:
             if profile.proxy.startswith("socks"):
                 from urllib3.contrib.socks import SOCKSProxyManager
