@@ -17,6 +17,8 @@ times by default: a stopped API server cost 4 x 30 s):
                          accepts connections and never answers fails a request in 10 s);
   ANSWER_TIMEOUT  30 s   for a whole answer to arrive (a trickle is a dead server too);
   a watch reads until the server has been quiet for its `quiet` gap (0.1 s), READ_TIMEOUT at most.
+Over TLS, a run's watches and small GETs are streams of one HTTP/2 connection where the server
+offers h2 (desired.h2link, with the same bounds and checks); everything else is HTTP/1.1.
 Answers are hostile until checked: at most desired.bounds.MAX_RESPONSE_BYTES, JSON nested at
 most MAX_DEPTH deep, no content encoding weft did not ask for, and lists and watch events of the
 shape the callers rely on (objects with a metadata mapping naming them); anything else is a
@@ -29,7 +31,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +249,8 @@ class Connection:
     def __init__(self, profile: Profile, renew: Callable[[], Profile] | None = None):
         self._renew, self._lock = renew, threading.Lock()
         self._files: list[int] = []             # kept open until close(): pools made earlier use them
+        self._cert_files: tuple[str, str] | None = None
+        self._h2: Any = _UNTRIED                # the watches' HTTP/2 session (desired.h2link), made at the first
         self._use(profile)
 
     def _use(self, profile: Profile) -> None:
@@ -258,16 +262,27 @@ class Connection:
         # As many kept connections as requests run at once (a watch per kind), so none that could
         # serve another request is closed (with TLS, each new one is a handshake).
         args: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED if profile.verify else ssl.CERT_NONE,
-                                "ca_cert_data": profile.ca_pem, "maxsize": len(RESOURCES)}
+                                "maxsize": len(RESOURCES)}
+        self._cert_files = None
         if profile.cert_pem and profile.key_pem:
             files = [_memory_file(profile.cert_pem), _memory_file(profile.key_pem)]
             self._files += files
-            args["cert_file"], args["key_file"] = (f"/proc/self/fd/{fd}" for fd in files)
+            self._cert_files = (f"/proc/self/fd/{files[0]}", f"/proc/self/fd/{files[1]}")
         if profile.assert_hostname is not None:
             args["assert_hostname"] = profile.assert_hostname
         if profile.server_hostname:
             args["server_hostname"] = profile.server_hostname
         self._tls = args["ssl_context"] = _resuming_context(args["cert_reqs"])
+        # The trust roots and the client certificate are loaded once, here: given to urllib3 (as
+        # ca_cert_data, cert_file), it loads them into the shared context at every new connection,
+        # racing the handshakes other threads make with it (lists run on several threads at once:
+        # OpenSSL crashed the interpreter). Without a CA of its own, the system's trust store.
+        if profile.ca_pem:
+            self._tls.load_verify_locations(cadata=profile.ca_pem)
+        else:
+            self._tls.load_default_certs()
+        if self._cert_files:
+            self._tls.load_cert_chain(*self._cert_files)
         if profile.proxy:
             if profile.proxy.startswith("socks"):
                 from urllib3.contrib.socks import SOCKSProxyManager
@@ -281,11 +296,18 @@ class Connection:
             self._headers["Authorization"] = profile.authorization
 
     def request(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
-                body: dict | None = None, timeout: float = READ_TIMEOUT) -> dict:
+                body: dict | None = None, timeout: float = READ_TIMEOUT, http2: bool = False) -> dict:
         """One JSON request; its answer is a JSON object (a mapping). Raises ApiError for a
         non-2xx answer (callers decide what 404, 409 or 410 mean) and SourceError when the
         server cannot be reached, is silent for `timeout` seconds, takes longer than
-        ANSWER_TIMEOUT to answer, or answers beyond the bounds (see the module docstring)."""
+        ANSWER_TIMEOUT to answer, or answers beyond the bounds (see the module docstring).
+        `http2`: a small GET (the version probe, discovery) that goes as a stream of the HTTP/2
+        session the run's watches share, where there is one (one connection for a quiet run);
+        lists stay on HTTP/1.1's pool (pages of megabytes parse faster there than as frames)."""
+        if http2 and method == "GET" and body is None and (session := self.watch_session()) is not None:
+            answer = self._get_h2(session, path, query, timeout)
+            if answer is not None:
+                return answer
         response = self.open(method, path, query=query, body=body,
                              timeout=(min(CONNECT_TIMEOUT, timeout), timeout))
         self._tls.remember(response)
@@ -296,6 +318,65 @@ class Connection:
         if not 200 <= response.status <= 299:
             raise ApiError(response.status, response.reason or "", data[:_CHUNK])
         return self._decode(method, path, data)
+
+    def _get_h2(self, session, path: str, query: list[tuple[str, Any]] | None, timeout: float) -> dict | None:
+        """request() as a stream of `session`; None when it must go over HTTP/1.1 instead (the
+        connection failed before an answer, or the credentials were refused: that path renews them)."""
+        import queue
+        from http import HTTPStatus
+        from urllib.parse import urlencode
+
+        from h2.exceptions import TooManyStreamsError
+        try:
+            stream = session.open(path + ("?" + urlencode(query) if query else ""))
+        except TooManyStreamsError:
+            return None
+        except Exception:  # noqa: BLE001 - the session is unusable (closed, protocol error): HTTP/1.1
+            self.drop_watch_session()
+            return None
+        try:
+            if not stream.ready.wait(timeout):
+                raise SourceError(f"GET {path}: no answer from the API server at {self.host} within {timeout:.0f} s")
+            status = int(stream.headers.get(":status", "0") or 0)
+            if (stream.failed is not None and not stream.headers) or status == 401:
+                self.drop_watch_session()
+                return None
+            encoding = stream.headers.get("content-encoding", "identity")
+            if encoding.lower() != "identity":
+                raise SourceError(f"GET {path}: the API server at {self.host} answered with Content-Encoding "
+                                  f"{encoding[:40]!r}, which weft does not ask for")
+            declared = stream.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+                raise self._too_large("GET", path)
+            deadline = time.monotonic() + ANSWER_TIMEOUT
+            chunks, size = [], 0
+            while True:
+                try:
+                    chunk = stream.take(timeout)
+                except queue.Empty:
+                    raise SourceError(f"GET {path}: no answer from the API server at {self.host}: "
+                                      f"silent for {timeout:.0f} s") from None
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise self._too_large("GET", path)
+                if time.monotonic() > deadline:
+                    raise SourceError(f"GET {path}: the API server at {self.host} took more than "
+                                      f"{ANSWER_TIMEOUT:.0f} s to answer")
+            if stream.failed is not None:
+                raise SourceError(f"GET {path}: no answer from the API server at {self.host}: {stream.failed}")
+        finally:
+            session.cancel(stream)
+        data = b"".join(chunks)
+        if not 200 <= status <= 299:
+            try:
+                reason = HTTPStatus(status).phrase
+            except ValueError:
+                reason = ""
+            raise ApiError(status, reason, data[:_CHUNK])
+        return self._decode("GET", path, data)
 
     def _read_answer(self, method: str, path: str, response) -> bytes:
         """The whole body, within MAX_RESPONSE_BYTES and ANSWER_TIMEOUT."""
@@ -382,7 +463,26 @@ class Connection:
         reason = getattr(e, "reason", None) or e
         return SourceError(f"{method} {path}: no answer from the API server at {self.host}: {str(reason)[:200]}")
 
+    def watch_session(self) -> Any:
+        """The HTTP/2 session all of this connection's watches share (desired.h2link), made at
+        the first watch; None where HTTP/2 is not used (then each watch is an HTTP/1.1 request)."""
+        with self._lock:
+            if self._h2 is _UNTRIED:
+                from weft.desired import h2link
+                self._h2 = h2link.connect(self.profile, self._cert_files, self._headers,
+                                          CONNECT_TIMEOUT)
+            return self._h2
+
+    def drop_watch_session(self) -> None:
+        """Watch over HTTP/1.1 from now on (the session's credentials were refused: urllib3's
+        path renews them)."""
+        with self._lock:
+            session, self._h2 = self._h2, None
+        if session not in (None, _UNTRIED):
+            session.close()
+
     def close(self) -> None:
+        self.drop_watch_session()
         self._pool.clear()
         for fd in self._files:
             os.close(fd)
@@ -393,6 +493,9 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_UNTRIED = object()
 
 
 def _resuming_context(cert_reqs: int):
@@ -620,7 +723,7 @@ class WatchExpired(Exception):
 def current_resource_version(api: Connection, *, timeout: float = READ_TIMEOUT) -> str:
     """The cluster's resourceVersion now: the cheapest list there is (one namespace)."""
     try:
-        page = api.request("GET", "/api/v1/namespaces", query=[("limit", 1)], timeout=timeout)
+        page = api.request("GET", "/api/v1/namespaces", query=[("limit", 1)], timeout=timeout, http2=True)
     except ApiError as e:
         raise _source_error(api, "reading the resourceVersion (/api/v1/namespaces)", e,
                             need=("list", "namespaces", "v1")) from None
@@ -642,59 +745,134 @@ def watch_since(api: Connection, resource: Resource, resource_version: str, *, q
     resourceVersion is that of the last event received, so the next run's watch starts right
     after it. An event that is not JSON, or not of a watch event's shape, is a SourceError. A
     CRD that is not installed has no events, or raises NotServed when not `absent_ok`.
+
+    The watch is a stream of the connection's HTTP/2 session where there is one (all of a run's
+    watches share one connection: desired.h2link), else an HTTP/1.1 request of its own.
     """
     query = [("watch", "true"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
              ("timeoutSeconds", max(1, int(timeout)))]
-    head = {"apiVersion": resource.api_version, "kind": resource.kind}
-    events: list[tuple[str, dict]] = []
-    last = resource_version
-    what = f"watching {resource.kind} ({resource.path()}) from {api.host}"
+    watch = _Watch(api, resource, resource_version, absent_ok)
+    session = api.watch_session()
+    if session is not None:
+        answer = _watch_h2(session, watch, query, quiet, timeout)
+        if answer is not None:
+            return answer
     response = api.open("GET", resource.path(), query=query, timeout=(min(CONNECT_TIMEOUT, timeout), timeout))
     try:
         sock = _socket_of(response)
         if sock is not None:                          # else (no socket found) the deadline ends the watch
             sock.settimeout(quiet)                    # urllib3 sets it anew for the next request
-        if response.status == 410:
-            raise WatchExpired(resource.kind)
-        if response.status == 404 and resource.crd:
-            if not absent_ok:
-                raise NotServed(resource)
+        if not watch.answered(response.status, response.reason or "", lambda: _first_bytes(response),
+                              response.headers.get("Content-Encoding", "identity")):
             return [], resource_version
-        if not 200 <= response.status <= 299:
-            try:
-                body = response.read(_CHUNK, decode_content=False)
-            except _http_errors():
-                body = b""
-            raise _source_error(api, f"watching {resource.kind}", ApiError(response.status, response.reason or "",
-                                                                            body),
-                                need=("watch", resource.plural, resource.api_version))
-        if response.headers.get("Content-Encoding", "identity").lower() != "identity":
-            raise SourceError(f"{what}: answered with a Content-Encoding weft does not ask for")
-        deadline, size, buffer = time.monotonic() + timeout, 0, b""
-        try:
-            for chunk in response.stream(_CHUNK, decode_content=False):   # each chunk as it comes
-                size += len(chunk)
-                *lines, buffer = (buffer + chunk).split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        kind, obj = _watch_event(line, what)
-                        if kind == "ERROR":
-                            if obj.get("code") == 410:
-                                raise WatchExpired(resource.kind)
-                            raise SourceError(f"{what}: {str(obj.get('message', obj))[:300]}")
-                        last = obj["metadata"].get("resourceVersion") or last
-                        if kind != "BOOKMARK":
-                            events.append((kind, head | obj))
-                if len(buffer) > MAX_RESPONSE_BYTES:
-                    raise SourceError(f"{what}: an event of more than {MAX_RESPONSE_BYTES >> 20} MiB")
-                if size > MAX_RESPONSE_BYTES or time.monotonic() > deadline:
-                    break                                  # enough for this run: the rest is read next run
-        except _http_errors():
-            pass                                           # quiet: caught up for this run
+        return watch.read(_h1_chunks(response, time.monotonic() + timeout))
     finally:
         response.close()            # the watch is still open: its connection cannot serve another request
         response.release_conn()
-    return events, last
+
+
+def _first_bytes(response) -> bytes:
+    try:
+        return response.read(_CHUNK, decode_content=False)
+    except _http_errors():
+        return b""
+
+
+def _h1_chunks(response, deadline: float) -> Iterator[bytes]:
+    """An HTTP/1.1 watch's data as it comes, until a quiet gap (the socket's timeout), the
+    answer's end or the deadline."""
+    try:
+        for chunk in response.stream(_CHUNK, decode_content=False):   # each chunk as it comes
+            yield chunk
+            if time.monotonic() > deadline:
+                return                                  # enough for this run: the rest is read next run
+    except _http_errors():
+        return                                          # quiet: caught up for this run
+
+
+def _watch_h2(session, watch: _Watch, query: list, quiet: float, timeout: float) -> tuple[list, str] | None:
+    """The watch as a stream of `session`; None when it must be made over HTTP/1.1 instead (the
+    connection failed before an answer, or the credentials were refused: urllib3's path renews them)."""
+    from http import HTTPStatus
+    from urllib.parse import urlencode
+
+    from h2.exceptions import TooManyStreamsError
+    try:
+        stream = session.open(watch.resource.path() + "?" + urlencode(query))
+    except TooManyStreamsError:
+        return None                     # the server's limit of streams at once: this one over HTTP/1.1
+    except Exception:  # noqa: BLE001 - the session is unusable (closed, protocol error): HTTP/1.1
+        watch.api.drop_watch_session()
+        return None
+    try:
+        if not stream.ready.wait(timeout):
+            raise SourceError(f"GET {watch.resource.path()}: no answer from the API server at {watch.api.host} "
+                              f"within {timeout:.0f} s")
+        if stream.failed is not None and not stream.headers:
+            watch.api.drop_watch_session()
+            return None
+        status = int(stream.headers.get(":status", "0") or 0)
+        if status == 401:
+            watch.api.drop_watch_session()
+            return None
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        if not watch.answered(status, reason, lambda: stream.body(_CHUNK, quiet),
+                              stream.headers.get("content-encoding", "identity")):
+            return [], watch.since
+        return watch.read(stream.data(quiet, time.monotonic() + timeout))
+    finally:
+        session.cancel(stream)
+
+
+class _Watch:
+    """One kind's watch: its answer's status judged, its events read and checked (either protocol)."""
+
+    def __init__(self, api: Connection, resource: Resource, since: str, absent_ok: bool):
+        self.api, self.resource, self.since, self.absent_ok = api, resource, since, absent_ok
+        self.what = f"watching {resource.kind} ({resource.path()}) from {api.host}"
+
+    def answered(self, status: int, reason: str, body: Callable[[], bytes], encoding: str) -> bool:
+        """Whether the answer is a watch to read; False for a CRD not installed (no events)."""
+        resource = self.resource
+        if status == 410:
+            raise WatchExpired(resource.kind)
+        if status == 404 and resource.crd:
+            if not self.absent_ok:
+                raise NotServed(resource)
+            return False
+        if not 200 <= status <= 299:
+            raise _source_error(self.api, f"watching {resource.kind}", ApiError(status, reason, body()),
+                                need=("watch", resource.plural, resource.api_version))
+        if encoding.lower() != "identity":
+            raise SourceError(f"{self.what}: answered with a Content-Encoding weft does not ask for")
+        return True
+
+    def read(self, chunks: Iterator[bytes]) -> tuple[list[tuple[str, dict]], str]:
+        """The events of `chunks` (newline-delimited JSON), and the resourceVersion they end at."""
+        head = {"apiVersion": self.resource.api_version, "kind": self.resource.kind}
+        events: list[tuple[str, dict]] = []
+        last, size, buffer = self.since, 0, b""
+        for chunk in chunks:
+            size += len(chunk)
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    kind, obj = _watch_event(line, self.what)
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            raise WatchExpired(self.resource.kind)
+                        raise SourceError(f"{self.what}: {str(obj.get('message', obj))[:300]}")
+                    last = obj["metadata"].get("resourceVersion") or last
+                    if kind != "BOOKMARK":
+                        events.append((kind, head | obj))
+            if len(buffer) > MAX_RESPONSE_BYTES:
+                raise SourceError(f"{self.what}: an event of more than {MAX_RESPONSE_BYTES >> 20} MiB")
+            if size > MAX_RESPONSE_BYTES:
+                break                                  # enough for this run: the rest is read next run
+        return events, last
 
 
 def _socket_of(response) -> Any:
@@ -743,7 +921,7 @@ def served_plurals(api: Connection, api_version: str, *, timeout: float = READ_T
     (GET /apis/GROUP/VERSION); nothing when the group is not served (404)."""
     path = f"/apis/{api_version}"
     try:
-        doc = api.request("GET", path, timeout=timeout)
+        doc = api.request("GET", path, timeout=timeout, http2=True)
     except ApiError as e:
         if e.status == 404:
             return frozenset()
@@ -796,11 +974,12 @@ def check_needed(host: str, chosen: tuple[Resource, ...]) -> None:
 
 
 def optional_warning(host: str, chosen: tuple[Resource, ...]) -> str | None:
-    """A one-line warning when a newer kind (OPTIONAL_KINDS) is served by neither group."""
+    """A one-line warning (without "weft: warning:", which the logger adds) when a newer kind
+    (OPTIONAL_KINDS) is served by neither group."""
     missing = unserved(chosen, OPTIONAL_KINDS)
     if not missing:
         return None
-    return (f"weft: warning: the API server at {host} serves no {', '.join(missing)}: weft reads none "
+    return (f"the API server at {host} serves no {', '.join(missing)}: weft reads none "
             f"(policies are in the default tier, Felix's settings are the defaults); to read them, {CRDS_FIX}")
 
 

@@ -12,6 +12,10 @@ Like every state-dir file it is read through store.statedir (no link followed, o
 checked, at most DISCOVERY_LIMIT bytes) and then checked field by field: each group's entries
 must be plurals of Calico kinds weft reads. A file that fails any check is ignored with a
 warning and replaced by a fresh discovery: only what the server itself answers is trusted.
+
+Warnings go to the run's `warn` callback (the reconciler's event log, so `--log-format json`
+keeps stderr all JSON: this layer may not import the reconciler), else to stderr as
+`weft: warning: ...` lines.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ _PLURALS = frozenset(plural for _kind, plural, _namespaced in CALICO_KINDS)
 T = TypeVar("T")
 
 
-def _warn(text: str) -> None:
+def print_warning(text: str) -> None:
+    """The default `warn`: one `weft: warning:` line on stderr."""
     print(f"weft: warning: {text}", file=sys.stderr)
 
 
@@ -73,8 +78,9 @@ class Discovery:
     """One run's answer to "which group serves each Calico kind": kept (see the module
     docstring) or discovered. `cached` says whether resources() came from the kept file."""
 
-    def __init__(self, api: Connection, state_dir: Path | None):
+    def __init__(self, api: Connection, state_dir: Path | None, warn: Callable[[str], None] | None = None):
         self.api, self.state_dir = api, state_dir
+        self.warn = warn or print_warning
         self.cached = False
         self._chosen: tuple[Resource, ...] | None = None
 
@@ -120,6 +126,12 @@ class Discovery:
             answers.update(zip(todo, pool.map(lambda r: work(r, True), todo), strict=True))
         return [(r, answers[r]) for r in resources]
 
+    def served(self) -> dict[str, frozenset[str]]:
+        """api_version -> the plurals it serves: the kept discovery where fresh, else discovered
+        now (and not kept: only a discovery that passes check_needed is, in _discover)."""
+        kept = self._kept()
+        return kept if kept is not None else discover_served(self.api)
+
     def _discover(self) -> tuple[Resource, ...]:
         """Discovered now: SourceError when a kind weft needs is served by neither group (then
         nothing is kept: the next run asks again); a newer kind missing is a warning, given
@@ -129,7 +141,7 @@ class Discovery:
         check_needed(self.api.host, chosen)
         warning = optional_warning(self.api.host, chosen)
         if warning:
-            print(warning, file=sys.stderr)
+            self.warn(warning)
         self._keep(served)
         return chosen
 
@@ -142,13 +154,13 @@ class Discovery:
         try:
             data = StateDir(self.state_dir, create=False).read_json(DISCOVERY_FILE, limit=DISCOVERY_LIMIT)
         except (UnsafeState, CorruptState) as e:
-            _warn(f"{e}; ignored: discovering the API server's kinds anew")
+            self.warn(f"{e}; ignored: discovering the API server's kinds anew")
             return None
         if data is None:
             return None
         problem = served_problem(data)
         if problem:
-            _warn(f"{where}: {problem}: not what weft wrote, ignored: discovering the API server's kinds anew")
+            self.warn(f"{where}: {problem}: not what weft wrote, ignored: discovering the API server's kinds anew")
             return None
         if data["server"] != self.api.host or not 0 <= time.time() - data["at"] < DISCOVERY_MAX_AGE:
             return None
@@ -166,3 +178,12 @@ class Discovery:
         with contextlib.suppress(OSError, UnsafeState):
             if Path(self.state_dir).is_dir():
                 StateDir(self.state_dir, create=False).replace(DISCOVERY_FILE, text)
+
+
+def serving(api: Connection, kinds: tuple[str, ...], state_dir: Path | None = None) -> dict[str, Resource]:
+    """Where this cluster serves each of Calico's `kinds`: kind -> the resource of the first of
+    Calico's groups that serves it (choose_resources), from the kept discovery of `state_dir`
+    where fresh, else discovered now. A kind served by neither group is absent. For commands
+    that need a few kinds only (weft ipam-gc): no kind weft reads is required here."""
+    chosen = choose_resources(Discovery(api, state_dir).served())
+    return {r.kind: r for r in chosen if r.api_version in CALICO_API_GROUPS and r.kind in kinds}

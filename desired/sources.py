@@ -17,7 +17,8 @@ gone quiet. So a run that watched records the version it began at, and the cache
 current at a version only once a second run began at the same version and watched too (nothing
 was written in between, and the first run's stragglers have long arrived). A live cluster's
 version moves every few seconds (leases, events), so there every run watches: that costs one
-request per kind with a quiet gap each, and writes only the small cursors file (store.cache).
+request per kind with a quiet gap each, all streams of one HTTP/2 connection where the server
+speaks it (desired.h2link), and writes only the small cursors file (store.cache).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 _WORKERS = 4
 API_PROFILE = "api-connection.json"     # desired.kube.connect keeps the resolved connection there
+Warn = Callable[[str], None]      # where a read's warnings go (see start)
 CURRENT = "*"       # cursors: the cluster version at which the cache is known current ("" when not)
 BEGUN = "~"         # cursors: the cluster version the last run that watched began at
 
@@ -82,17 +84,20 @@ def read(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
 
 
 def start(state_dir: Path, from_dir: str | None, kubeconfig: str | None = None,
-          context: str | None = None, *, overlap: bool = True) -> _Started:
+          context: str | None = None, *, overlap: bool = True, warn: Warn | None = None) -> _Started:
     """Begin a read; `finish()` gives the Reading. With `overlap`, reading the API server begins
     at once in a forked child process, so the caller's own work (starting the kernel dumps)
-    overlaps it; only a single-threaded command (`weft plan/apply/drift`) may ask for that."""
+    overlaps it; only a single-threaded command (`weft plan/apply/drift`) may ask for that.
+    `warn`: where the read's warnings go (the run's event log; default: `weft: warning:` lines
+    on stderr); the child calls it too, writing to the stderr it shares with this process."""
     if from_dir:
         return _Started(lambda: _read_dir(state_dir, Path(from_dir).resolve()))
     cache = cachemod.load(state_dir)
     keep = Path(state_dir) / API_PROFILE
-    asker = _ApiChild(kubeconfig, context, cache, keep) if overlap else _InProcess(kubeconfig, context, cache, keep)
+    asker = _ApiChild(kubeconfig, context, cache, keep, warn) if overlap \
+        else _InProcess(kubeconfig, context, cache, keep, warn)
     asker = asker.__enter__()
-    return _Started(lambda: _read_api(asker, cache, kubeconfig, context, keep), asker)
+    return _Started(lambda: _read_api(asker, cache, kubeconfig, context, keep, warn), asker)
 
 
 class _Started:
@@ -286,13 +291,13 @@ def _dir_state(per_file: dict) -> ClusterState:
 # ---- API server -----------------------------------------------------------------------------
 
 def _read_api(child: _ApiChild | _InProcess, cache: cachemod.DesiredCache | None, kubeconfig: str | None,
-              context: str | None, keep: Path) -> Reading:
+              context: str | None, keep: Path, warn: Warn | None = None) -> Reading:
     """A forked child asks the API server what changed, on the other core, while this process
     goes on with its own work (starting and parsing the kernel's dumps); the child hands back
     only answers. The cached objects are decoded only once the answers show a change."""
     what, source, *rest = child.receive()
     if what == "full":
-        return _list_everything(cachemod.DesiredCache(source, token=""), kubeconfig, context, keep)
+        return _list_everything(cachemod.DesiredCache(source, token=""), kubeconfig, context, keep, warn)
     (now,) = rest
     assert cache is not None            # without a cache the child answers "full" (_ask_api)
     if what == "same":
@@ -302,15 +307,15 @@ def _read_api(child: _ApiChild | _InProcess, cache: cachemod.DesiredCache | None
 
 
 def _list_everything(cache: cachemod.DesiredCache, kubeconfig: str | None, context: str | None,
-                     keep: Path) -> Reading:
+                     keep: Path, warn: Warn | None = None) -> Reading:
     from weft.desired import api as kube
     with kube.connect(kubeconfig, context, keep=keep) as api:
         now = kube.current_resource_version(api)
-        return _full_list(api, cache, now, keep.parent)
+        return _full_list(api, cache, now, keep.parent, warn)
 
 
 def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str | None,
-             cache: cachemod.DesiredCache | None, keep: Path) -> None:
+             cache: cachemod.DesiredCache | None, keep: Path, warn: Warn | None = None) -> None:
     """The child's part: ("full", source) when the cache is of no use (a full list follows, in
     the parent), ("same", source, now) when nothing changed, else ("moved", source, now) and
     then (results,), the watches' (resource, "events"|"list", (items, cursor)) for every kind."""
@@ -325,7 +330,7 @@ def _ask_api(send: Callable[[tuple], None], kubeconfig: str | None, context: str
             send(("same", source, now))
             return
         send(("moved", source, now))
-        send((_watch_all(api, cache.cursors, keep.parent),))
+        send((_watch_all(api, cache.cursors, keep.parent, warn),))
 
 
 class _ApiChild:
@@ -335,8 +340,8 @@ class _ApiChild:
     leaving the block reaps it, killing it first if its answers were not all read."""
 
     def __init__(self, kubeconfig: str | None, context: str | None, cache: cachemod.DesiredCache | None,
-                 keep: Path):
-        self.args = (kubeconfig, context, cache, keep)
+                 keep: Path, warn: Warn | None = None):
+        self.args = (kubeconfig, context, cache, keep, warn)
         self.done = False
 
     def __enter__(self) -> _ApiChild:
@@ -387,8 +392,8 @@ class _InProcess:
     """`_ask_api` run here, at once; its messages are handed back in order, as _ApiChild's are."""
 
     def __init__(self, kubeconfig: str | None, context: str | None, cache: cachemod.DesiredCache | None,
-                 keep: Path):
-        self.args = (kubeconfig, context, cache, keep)
+                 keep: Path, warn: Warn | None = None):
+        self.args = (kubeconfig, context, cache, keep, warn)
         self.messages: list[tuple] = []
 
     def __enter__(self) -> _InProcess:
@@ -454,12 +459,13 @@ def _key(obj: dict) -> tuple:
     return (obj.get("apiVersion"), obj.get("kind"), meta.get("namespace"), meta.get("name"))
 
 
-def _full_list(api, cache: cachemod.DesiredCache, before: str, state_dir: Path | None = None) -> Reading:
+def _full_list(api, cache: cachemod.DesiredCache, before: str, state_dir: Path | None = None,
+               warn: Warn | None = None) -> Reading:
     from weft.desired import api as kube
     from weft.desired.discovery import Discovery
     from weft.desired.loader import convert_object
     # The kinds the cluster serves (API discovery, kept in the state dir: desired.discovery).
-    answers = Discovery(api, state_dir).each(lambda r, absent_ok: kube.list_kind(api, r, absent_ok=absent_ok),
+    answers = Discovery(api, state_dir, warn).each(lambda r, absent_ok: kube.list_kind(api, r, absent_ok=absent_ok),
                                              _WORKERS)
     resources = [r for r, _answer in answers]
     listed = [answer for _r, answer in answers]
@@ -486,7 +492,7 @@ def _cursor(resource) -> str:
     return resource.plural + "." + resource.api_version
 
 
-def _watch_all(api, cursors: dict, state_dir: Path | None = None) -> list:
+def _watch_all(api, cursors: dict, state_dir: Path | None = None, warn: Warn | None = None) -> list:
     """Each kind's events since its cursor; a kind without one, or whose events are no longer
     kept (410), is listed again. Every watch ends with a quiet gap: they run all at once. The
     kinds are those the cluster serves (API discovery, kept in the state dir: each Calico kind
@@ -503,7 +509,7 @@ def _watch_all(api, cursors: dict, state_dir: Path | None = None) -> list:
         except kube.WatchExpired:
             return "list", kube.list_kind(api, resource, absent_ok=absent_ok)
 
-    return [(resource, how, answer) for resource, (how, answer) in Discovery(api, state_dir).each(one)]
+    return [(resource, how, answer) for resource, (how, answer) in Discovery(api, state_dir, warn).each(one)]
 
 
 def _watch_changes(cache: cachemod.DesiredCache, now: str, results: list, kubeconfig: str | None,

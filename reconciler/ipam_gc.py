@@ -19,6 +19,11 @@ its caution:
     a crash in between leaves a block still naming its node, released next time.
 
 The decision (`plan`) is a pure function of what was read and the time; `--dry-run` prints it.
+
+IPAMBlock and BlockAffinity are read and changed in whichever of Calico's groups serves them:
+crd.projectcalico.org/v1 (its CRDs) where served, else projectcalico.org/v3 (Calico's newer CRD
+mode), found by API discovery (desired.discovery.serving) as the node's reads and the CNI's
+claims do. A cluster serving them in neither has no blocks: nothing to release.
 """
 from __future__ import annotations
 
@@ -30,8 +35,7 @@ from weft.reconciler.output import emit
 
 MARK = "weft/orphaned-since"
 DEFAULT_GRACE = 15 * 60.0
-CALICO = "/apis/crd.projectcalico.org/v1"
-KINDS = (("IPAMBlock", f"{CALICO}/ipamblocks"), ("BlockAffinity", f"{CALICO}/blockaffinities"))
+KINDS = ("IPAMBlock", "BlockAffinity")
 EXIT_OK, EXIT_ERROR = 0, 1
 
 
@@ -142,16 +146,19 @@ def _format_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def collect(api) -> tuple[list[Item], set[str], set[str]]:
-    """Read what the plan needs: blocks, affinities, node names, nodes that still have pods."""
+def collect(api) -> tuple[list[Item], set[str], set[str], dict[str, str]]:
+    """Read what the plan needs: blocks, affinities, node names, nodes that still have pods,
+    and the collection path of each IPAM kind in the group that serves it."""
     from weft.desired.api import RESOURCES, list_kind
+    from weft.desired.discovery import serving
     by_kind = {(r.api_version, r.kind): r for r in RESOURCES}
     nodes = {_text((o.get("metadata") or {}).get("name")) for o in list_kind(api, by_kind[("v1", "Node")])[0]}
     pods = list_kind(api, by_kind[("v1", "Pod")])[0]
     pod_nodes = {_text((p.get("spec") or {}).get("nodeName")) for p in pods}
-    blocks = list_kind(api, by_kind[("crd.projectcalico.org/v1", "IPAMBlock")])[0]
-    affinities = list_kind(api, by_kind[("crd.projectcalico.org/v1", "BlockAffinity")])[0]
-    return items(blocks, affinities), nodes - {""}, pod_nodes - {""}
+    ipam = serving(api, KINDS)
+    blocks, affinities = (list_kind(api, ipam[kind])[0] if kind in ipam else [] for kind in KINDS)
+    return (items(blocks, affinities), nodes - {""}, pod_nodes - {""},
+            {kind: resource.path() for kind, resource in ipam.items()})
 
 
 def _text(value: object) -> str:
@@ -159,12 +166,12 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def execute(api, todo: Plan, now: float) -> list[str]:
-    """Carry the plan out; returns what was done, one line each. An object changed since it
-    was read (409) or already gone (404) is skipped: the next run looks again."""
+def execute(api, todo: Plan, now: float, paths: dict[str, str]) -> list[str]:
+    """Carry the plan out (`paths`: each kind's collection path, from collect); returns what was
+    done, one line each. An object changed since it was read (409) or already gone (404) is
+    skipped: the next run looks again."""
     from weft.desired.api import ApiError
     done = []
-    paths = dict(KINDS)
 
     def update(item: Item, mark: str | None) -> None:
         current = api.request("GET", f"{paths[item.kind]}/{item.name}")
@@ -226,9 +233,9 @@ def run(args, now: float | None = None) -> int:
     now = time.time() if now is None else now
     try:
         with connect(args.kubeconfig, args.context) as api:
-            found, nodes, pod_nodes = collect(api)
+            found, nodes, pod_nodes, paths = collect(api)
             todo = plan(found, nodes, pod_nodes, now, args.grace_period)
-            done = None if args.dry_run else execute(api, todo, now)
+            done = None if args.dry_run else execute(api, todo, now, paths)
     except ApiError as exc:
         print(f"weft: error: ipam-gc: the API server answered HTTP {exc.status} {exc.reason}", file=sys.stderr)
         return EXIT_ERROR

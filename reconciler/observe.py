@@ -39,5 +39,14 @@ class Observer:
         if self.log is not None:
             self.log.event(phase, message, **fields)
 
+    def warning(self, message: str, phase: str = "read") -> None:
+        """A warning for the operator: an event of the log when there is one (so JSON logs stay
+        all JSON), else a `weft: warning:` line on stderr."""
+        if self.log is not None:
+            self.log.event(phase, message, level="warning")
+        else:
+            import sys
+            print(f"weft: warning: {message}", file=sys.stderr)
+
 
 QUIET = Observer()

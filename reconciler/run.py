@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -91,7 +90,8 @@ def desired_state(opts: Options, destroy: bool = False, started: Any = None) -> 
     if destroy:
         return DESTROYED
     from weft.desired import sources
-    with started or sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context) as begun:
+    with started or sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context,
+                                  warn=opts.observer.warning) as begun:
         return read_desired(opts, begun).node
 
 
@@ -151,13 +151,13 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
         return node
     state = reading.state()
     if state.warnings:      # fields of Calico's kinds weft does not use: reported once per change, not refused
-        print(f"weft: warning: fields weft does not use, ignored: {'; '.join(state.warnings)}", file=sys.stderr)
+        opts.observer.warning(f"fields weft does not use, ignored: {'; '.join(state.warnings)}")
     state = state.with_local_addresses(opts.node, addresses).with_host_interfaces(opts.node, host)
     if any(p.nat_outgoing for p in state.ippools):       # natOutgoing's rules follow the node's iptables
         state = state.with_node_features(opts.node, _nat_features(opts))
     for name in state.unresolved_host_endpoints(opts.node):
-        print(f"weft: warning: host endpoint {name}: no interface of this node holds one of its expectedIPs: "
-              f"not policed", file=sys.stderr)
+        opts.observer.warning(f"host endpoint {name}: no interface of this node holds one of its expectedIPs: "
+                              f"not policed")
     last = reading.cache.last_render(opts.node, basis)
     try:
         reuse = ipsets_from_data(last["dataplane"]["ipsets"]) if last else None
@@ -452,7 +452,7 @@ def _begin(opts: Options, state_dir: StateDir, runner: Runner, destroy: bool) ->
     if _held_exclusively(state_dir):
         marker = {"running": True}           # a run is writing: the dumps cannot be trusted
     reading: AbstractContextManager[Any] = nullcontext() if destroy else \
-        sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context)
+        sources.start(opts.state_dir, opts.from_dir, opts.kubeconfig, opts.context, warn=opts.observer.warning)
     with reading as started, gc_paused():
         backend, resources = engine.kernel_resources(runner, opts.backend, _bpf_plane(opts, destroy))
         probing = engine.start_probe(resources, runner)

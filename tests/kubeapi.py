@@ -29,6 +29,9 @@ Decisions (documented differences from a real API server):
   what a client reads from it, and `connections` the connections it accepted; `watch_lag()`
   holds back events from watches, as a real server's watch cache delivers a committed write a
   moment after lists and resourceVersions show it.
+- With `tls`, HTTP/2 is offered by ALPN as kube-apiserver does ("h2", then "http/1.1"; `http2=False`:
+  HTTP/1.1 only), and served with desired.h2link's Link: each stream is one request, routed as an
+  HTTP/1.1 request is; a stream the client resets ends its watch.
 """
 from __future__ import annotations
 
@@ -180,8 +183,10 @@ class FakeKubeAPI:
 
     def __init__(self, objects: Iterable[dict] = (), *, max_page: int | None = None,
                  crds: bool | Iterable[str] | None = None, token: str | None = DEFAULT_TOKEN,
-                 history: int = 10_000, tls: TLSFiles | None = None):
-        self.max_page, self.token, self.history, self.tls = max_page, token, history, tls
+                 history: int = 10_000, tls: TLSFiles | None = None, http2: bool = True,
+                 http2_streams: int = 250):
+        self.max_page, self.token, self.history, self.tls, self.http2 = max_page, token, history, tls, http2
+        self.http2_streams = http2_streams      # streams a client may open at once (kube-apiserver: 250)
         self.requests: list[tuple[str, str]] = []
         self.bytes_sent = 0    # everything written to clients (see the module docstring)
         self.connections = 0   # connections accepted
@@ -222,6 +227,7 @@ class FakeKubeAPI:
             context.load_cert_chain(self.tls.server_cert, self.tls.server_key)
             context.load_verify_locations(self.tls.ca)
             context.verify_mode = ssl.CERT_REQUIRED
+            context.set_alpn_protocols(["h2", "http/1.1"] if self.http2 else ["http/1.1"])
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True,
                                                       do_handshake_on_connect=False)
             scheme = "https"
@@ -546,6 +552,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile = _CountingWriter(self.wfile, self.api._count)
         self.api._count(0, connection=True)
 
+    def handle(self) -> None:
+        sock = self.connection
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError):
+                self.close_connection = True
+                return
+            if sock.selected_alpn_protocol() == "h2":
+                _serve_h2(self.api, sock)
+                return
+        super().handle()
+
     def do_GET(self):
         self._serve("GET")
 
@@ -664,8 +683,124 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.api._watch(send, t, ns, query)
             self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:             # the client left (a watch ended at its quiet gap; over TLS: SSLEOFError)
             self.close_connection = True
+
+
+def _serve_h2(api: FakeKubeAPI, sock: ssl.SSLSocket) -> None:
+    """One HTTP/2 connection: each request (a stream) is served on a thread of its own."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    from weft.desired.h2link import Link
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: api.http2_streams})
+    requests: dict[int, _H2Request] = {}
+
+    def on_event(event) -> None:
+        sid = getattr(event, "stream_id", None)
+        if isinstance(event, h2.events.RequestReceived):
+            requests[sid] = _H2Request(api, link, cond, sid, dict(event.headers))
+        elif isinstance(event, h2.events.DataReceived) and sid in requests:
+            requests[sid].rfile.write(event.data)
+            conn.acknowledge_received_data(event.flow_controlled_length, sid)
+        elif isinstance(event, h2.events.StreamReset) and sid in requests:
+            requests.pop(sid).reset = True
+        elif isinstance(event, h2.events.StreamEnded) and sid in requests:     # the request is whole
+            request = requests[sid]
+            request.rfile.seek(0)
+            threading.Thread(target=request.run, name="fake-kube-api-h2", daemon=True).start()
+        cond.notify_all()           # a window grew, a stream was reset: writers look again
+
+    link = Link(sock, conn, on_event, count=api._count)
+    cond = threading.Condition(link.lock)
+    link.write()
+    link.run()
+    with cond:
+        for request in requests.values():
+            request.reset = True
+        cond.notify_all()
+
+
+class _H2Headers(dict):
+    def get(self, key, default=None):
+        return super().get(key.lower(), default)
+
+
+class _H2Request(_Handler):
+    """One HTTP/2 stream served by _Handler's routing (not through BaseHTTPRequestHandler)."""
+
+    def __init__(self, api: FakeKubeAPI, link, cond: threading.Condition, stream_id: int, headers: dict):
+        import io
+        self.api, self.link, self.cond, self.stream_id = api, link, cond, stream_id
+        self.path, self.command = headers.get(":path", "/"), headers.get(":method", "GET")
+        self.headers = _H2Headers({k.lower(): v for k, v in headers.items() if not k.startswith(":")})
+        self.rfile = io.BytesIO()
+        self.reset = False
+        self._head: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        try:
+            {"GET": self.do_GET, "POST": self.do_POST, "PUT": self.do_PUT, "DELETE": self.do_DELETE,
+             "PATCH": self.do_PATCH}.get(self.command, lambda: self._send(405, b"{}"))()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._head = [(":status", str(code))]
+
+    def send_header(self, keyword: str, value) -> None:
+        if keyword.lower() not in ("transfer-encoding", "connection"):
+            self._head.append((keyword.lower(), str(value)))
+
+    def end_headers(self) -> None:
+        import h2.exceptions
+        try:
+            self.link.write(lambda conn: conn.send_headers(self.stream_id, self._head))
+        except (OSError, h2.exceptions.H2Error):
+            raise BrokenPipeError("the stream or its connection is closed") from None
+
+    def _send(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self._data(body, end=True)
+
+    def _stream(self, t: _Type, ns: str | None, query: dict) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        try:
+            self.api._watch(self._data, t, ns, query)
+            self._data(b"", end=True)
+        except OSError:
+            pass                    # the client reset the stream (its watch went quiet) or left
+
+    def _data(self, data: bytes, end: bool = False) -> None:
+        """`data` on the stream as its flow-control window allows; BrokenPipeError once reset."""
+        import h2.exceptions
+        with self.cond:
+            while True:
+                if self.reset or self.link.closed:
+                    raise BrokenPipeError("the client reset the stream")
+                conn = self.link.conn
+                try:
+                    room = min(conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size)
+                    if data and room <= 0:
+                        self.cond.wait(0.5)
+                        continue
+                    piece, data = data[:room], data[room:]
+                    last = end and not data
+                    self.link.write(lambda c, piece=piece, last=last: c.send_data(self.stream_id, piece,
+                                                                                  end_stream=last))
+                except (OSError, h2.exceptions.H2Error):
+                    raise BrokenPipeError("the stream is closed") from None
+                if not data:
+                    return
 
 
 class _CountingWriter:

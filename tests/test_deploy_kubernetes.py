@@ -138,7 +138,8 @@ def test_the_ipam_gc_role_is_what_ipam_gc_uses():
     source = (WEFT / "reconciler/ipam_gc.py").read_text()
     assert set(re.findall(r'api\.request\("(\w+)"', source)) == {"GET", "PUT", "DELETE"}
     assert _grants(role["rules"]) == {("", "nodes", "list"), ("", "pods", "list")} | {
-        (CALICO, r, v) for r in ("ipamblocks", "blockaffinities") for v in ("list", "get", "update", "delete")}
+        (g, r, v) for g in CALICO_GROUPS for r in ("ipamblocks", "blockaffinities")
+        for v in ("list", "get", "update", "delete")}
 
 
 # --- manifests, validated offline against the kubernetes package's models -------------------

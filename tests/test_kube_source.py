@@ -362,7 +362,8 @@ def test_a_runs_watches_resume_the_tls_session_of_its_first_request(tmp_path):
     from tests.kubeapi import TLSFiles
     from weft.desired.api import current_resource_version
 
-    with FakeKubeAPI([namespace("ns1"), pod("a")], tls=TLSFiles.make(tmp_path / "tls")) as fake:
+    # HTTP/1.1 only: over HTTP/2 a run's watches share one connection (tests/test_api_http2.py).
+    with FakeKubeAPI([namespace("ns1"), pod("a")], tls=TLSFiles.make(tmp_path / "tls"), http2=False) as fake:
         with connect(fake.write_kubeconfig(tmp_path / "kc")) as api:
             since = current_resource_version(api)
             fake.put(pod("b"))
