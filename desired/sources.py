@@ -148,6 +148,10 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 # ---- manifest directory --------------------------------------------------------------------
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
+    """The directory's state. Only the changed files' blocks are decoded (to reuse their
+    unchanged documents) and only their changed documents parsed; the other files' objects are
+    decoded only if the state is asked for (a render made from the last one may not need it:
+    reconciler.run), as the API path does."""
     from weft.desired.manifests import manifest_files, read_manifest
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
@@ -157,9 +161,9 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
     if digests == cache.cursors and cache.token:
         return Reading(cache.token, cache, lambda: _dir_state_of(cache, contents), dirty=False)
     changed = [path for path in digests if digests[path] != cache.cursors.get(path)]
-    # Every object is needed to assemble the state: decode them all now (a group that does not
-    # decode makes the cache useless: everything is read again).
-    cached = _decoded(cache) if cache.token else {}
+    # Only the changed files' groups are decoded (a group that does not decode makes the cache
+    # useless: everything is read again).
+    cached = _decoded(cache, [g for g in cache.blobs if g[0] in set(changed)]) if cache.token else None
     if cached is None or not _dir_groups_ok(cached):
         cache, cached, changed = cachemod.DesiredCache(source, token=""), {}, list(digests)
     before = _by_file(cached)
@@ -167,11 +171,86 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
     read = {path: _read_file(path, contents[path], before.get(path, ()), errors) for path in changed}
     if errors:
         raise InvalidDesiredState(errors)
-    per_file = {path: read[path] if path in read else before.get(path, ()) for path in digests}
-    state = _dir_state(per_file)                       # validates across files before caching
+    unchanged = [g for g in cache.blobs if g[0] in digests and g[0] not in read]
+    state = None
+    if not unchanged or _maybe_defined_twice(cache, before, read, unchanged):
+        # Every object is needed (a first read), or one may be defined in two files: the whole
+        # state is assembled now, which says which (validated across files before caching).
+        rest = _decoded(cache, unchanged)
+        if rest is None or not _dir_groups_ok(rest):
+            rest = {}
+            read = read | {path: _read_file(path, contents[path], (), errors)
+                           for path in digests if path not in read}
+            if errors:
+                raise InvalidDesiredState(errors)
+        state = _dir_state(_per_file(digests, read, rest))
     cache.cursors, cache.token = digests, uuid.uuid4().hex
     _keep_blocks(cache, read, [g for g in cache.blobs if g[0] not in digests])
-    return Reading(cache.token, cache, lambda: state, state)
+    if state is not None:
+        return Reading(cache.token, cache, lambda: state, state)
+
+    def build() -> ClusterState:
+        """The whole state: the unchanged files' objects decoded now (or, when they do not
+        decode, those files read again)."""
+        rest = _decoded(cache, unchanged)
+        if rest is None or not _dir_groups_ok(rest):
+            problems: list[ValidationError] = []
+            again = {path: _read_file(path, contents[path], (), problems) for path in digests if path not in read}
+            if problems:
+                raise InvalidDesiredState(problems)
+            whole = _dir_state(_per_file(digests, read | again, {}))
+            for group in unchanged:                 # encoded again: the next run decodes them
+                cache.take(group)
+            _keep_blocks(cache, again, [])
+            return whole
+        return _dir_state(_per_file(digests, read, rest))
+    return Reading(cache.token, cache, build)
+
+
+def _per_file(digests: dict, read: dict[str, tuple], groups: dict) -> dict[str, tuple]:
+    """Each file's documents, in the directory's order: read now, or decoded from its groups."""
+    kept = _by_file(groups)
+    return {path: read[path] if path in read else kept.get(path, ()) for path in digests}
+
+
+def _maybe_defined_twice(cache: cachemod.DesiredCache, before: dict[str, tuple], read: dict[str, tuple],
+                         unchanged: list) -> bool:
+    """Whether an object of the files read again may also be defined in another file. The cache
+    holds no object twice (a read with one fails before it is kept), so only identities new to
+    the files read again can meet one of the other files'; for those, each other group's text is
+    searched for the name as encoded (a name not found there cannot be defined there) and only
+    a group that holds it is decoded. False only when no object is defined twice."""
+    seen: set[tuple] = set()
+    for documents in read.values():
+        for entry in _document_entries(documents):
+            if isinstance(entry, str):
+                continue
+            key = (entry.kind, entry.namespace, entry.name)
+            if key in seen:
+                return True
+            seen.add(key)
+    known = {(e.kind, e.namespace, e.name) for documents in before.values()
+             for e in _document_entries(documents) if not isinstance(e, str)}
+    new = seen - known
+    if len(new) > _MAX_SEARCHED:
+        return True
+    if not new:
+        return False
+    needles = [(kind, codec.dumps(name).encode()) for kind, _namespace, name in new]
+    holding = []
+    for group in unchanged:
+        kinds = cache.kinds.get(group)
+        text = bytes(cache.blobs[group])            # a slice of the loaded file: searched as bytes
+        if any((kinds is None or kind in kinds) and needle in text for kind, needle in needles):
+            holding.append(group)
+    groups = _decoded(cache, holding)
+    if groups is None or not _dir_groups_ok(groups):
+        return True
+    return any((e.kind, e.namespace, e.name) in new
+               for documents in groups.values() for e in _document_entries(documents) if not isinstance(e, str))
+
+
+_MAX_SEARCHED = 32          # more new objects than this: the whole state is assembled at once
 
 
 # A file's documents are kept in blocks, each encoded as one group of the cache, so a changed
