@@ -239,9 +239,12 @@ def _known_documents(cache: cachemod.DesiredCache, changed: list[str]) -> dict[s
 
 
 def _note_ok(note: object) -> bool:
-    return isinstance(note, tuple) and all(
-        isinstance(n, tuple) and len(n) == 4 and isinstance(n[0], str)
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in n[1:]) for n in note)
+    """Whether a block's note is what `_block_note` makes: (digest, count, count, count) each."""
+    if not isinstance(note, tuple) or not note or not all(type(n) is tuple and len(n) == 4 for n in note):
+        return False
+    digests, *counts = zip(*note, strict=True)
+    return all(type(d) is str for d in digests) and \
+        all(type(c) is int for column in counts for c in column) and min(min(column) for column in counts) >= 0
 
 
 def _current_state(cache: cachemod.DesiredCache, fresh: dict, digests: dict) -> ClusterState:
