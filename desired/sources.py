@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from weft.model import codec
 from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
@@ -197,11 +197,11 @@ class _Reread(Exception):
     """A cached group that does not decode to what a directory read keeps: read every file again."""
 
 
-@dataclass(frozen=True)
-class _Known:
+class _Known(NamedTuple):
     """A document of a changed file whose text is the same as last time, as its block's note
     tells (desired.manifests.Piece's counts, and how many objects it holds): not parsed again,
-    and decoded (from `block`, its block's id) only if a block encoded again holds it."""
+    and decoded (from `block`, its block's id) only if a block encoded again holds it. (A tuple:
+    a file of 100,000 documents makes 100,000 of them.)"""
     digest: str
     documents: int
     values: int
@@ -228,8 +228,9 @@ def _known_documents(cache: cachemod.DesiredCache, changed: list[str]) -> dict[s
     for group in [g for g in cache.blobs if isinstance(g, tuple) and g and g[0] in paths]:
         note = cache.note(group)
         if _note_ok(note) and len(group) == 3:
-            known[group[0]].update((digest, _Known(digest, documents, values, objects, str(group[2])))
-                                   for digest, documents, values, objects in note)
+            block = str(group[2])
+            known[group[0]].update({digest: _Known(digest, documents, values, objects, block)
+                                    for digest, documents, values, objects in note})
             continue
         decoded = _decoded(cache, [group])
         if decoded is None or not _dir_groups_ok(decoded):
