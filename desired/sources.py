@@ -28,10 +28,11 @@ import os
 import pickle
 import signal
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from weft.model import codec
 from weft.model.errors import InvalidDesiredState, SourceError, ValidationError
@@ -153,6 +154,11 @@ def _assembled(table: dict) -> Callable[[], ClusterState]:
 # ---- manifest directory --------------------------------------------------------------------
 
 def _read_dir(state_dir: Path, root: Path) -> Reading:
+    """The directory's state, read lazily like the API server's: only the changed files'
+    changed documents are parsed; of the cache, only the notes of the changed files' blocks are
+    read (each document's digest), and only the blocks that are encoded again are decoded (to
+    take their unchanged documents). The other files' objects are decoded only if the state is
+    asked for (a render made from the last one may not need it: reconciler.run)."""
     from weft.desired.manifests import manifest_files, read_manifest
     source = f"dir:{root}"
     cache = cachemod.load(state_dir, source) or cachemod.DesiredCache(source, token="")
@@ -162,21 +168,161 @@ def _read_dir(state_dir: Path, root: Path) -> Reading:
     if digests == cache.cursors and cache.token:
         return Reading(cache.token, cache, lambda: _dir_state_of(cache, contents), dirty=False)
     changed = [path for path in digests if digests[path] != cache.cursors.get(path)]
-    # Every object is needed to assemble the state: decode them all now (a group that does not
-    # decode makes the cache useless: everything is read again).
-    cached = _decoded(cache) if cache.token else {}
-    if cached is None or not _dir_groups_ok(cached):
-        cache, cached, changed = cachemod.DesiredCache(source, token=""), {}, list(digests)
-    before = _by_file(cached)
+    known = _known_documents(cache, changed) if cache.token else None
+    if known is None:               # a cache of no use: everything is read again
+        cache, changed, known = cachemod.DesiredCache(source, token=""), list(digests), {}
     errors: list[ValidationError] = []
-    read = {path: _read_file(path, contents[path], before.get(path, ()), errors) for path in changed}
+    read = {path: _read_file(path, contents[path], known.get(path, {}), errors) for path in changed}
     if errors:
         raise InvalidDesiredState(errors)
-    per_file = {path: read[path] if path in read else before.get(path, ()) for path in digests}
-    state = _dir_state(per_file)                       # validates across files before caching
     cache.cursors, cache.token = digests, uuid.uuid4().hex
-    _keep_blocks(cache, read, [g for g in cache.blobs if g[0] not in digests])
-    return Reading(cache.token, cache, lambda: state, state)
+    try:
+        fresh = _keep_blocks(cache, read, [g for g in cache.blobs if g[0] not in digests])
+        # Every object is needed anyway (nothing else is cached), or one may be defined in two
+        # files: the whole state is assembled now, which says which (validated before caching).
+        eager = all(g in fresh for g in cache.blobs) or _maybe_defined_twice(cache, known, read, fresh)
+        state = _current_state(cache, fresh, digests) if eager else None
+    except _Reread:
+        cache = cachemod.DesiredCache(source, token=uuid.uuid4().hex, cursors=digests)
+        state = _reread(cache, contents)
+    if state is not None:
+        return Reading(cache.token, cache, lambda: state, state)
+
+    def build() -> ClusterState:
+        """The whole state: the unchanged files' objects decoded now (or, when they do not
+        decode, every file read again)."""
+        try:
+            return _current_state(cache, fresh, digests)
+        except _Reread:
+            return _reread(cache, contents)
+    return Reading(cache.token, cache, build)
+
+
+class _Reread(Exception):
+    """A cached group that does not decode to what a directory read keeps: read every file again."""
+
+
+class _Known(NamedTuple):
+    """A document of a changed file whose text is the same as last time, as its block's note
+    tells (desired.manifests.Piece's counts, and how many objects it holds): not parsed again,
+    and decoded (from `block`, its block's id) only if a block encoded again holds it. (A tuple:
+    a file of 100,000 documents makes 100,000 of them.)"""
+    digest: str
+    documents: int
+    values: int
+    objects: int
+    block: str
+
+
+def _block_note(documents: tuple) -> tuple:
+    """A block's note (store.cache): each document's digest, counts and objects, in order."""
+    return tuple((d.digest, d.documents, d.values, _objects(d)) for d in documents)
+
+
+def _objects(document: ManifestDocument | _Known) -> int:
+    if isinstance(document, _Known):
+        return document.objects
+    return sum(not isinstance(e, str) for e in document.entries)
+
+
+def _known_documents(cache: cachemod.DesiredCache, changed: list[str]) -> dict[str, dict] | None:
+    """The changed files' documents as cached: digest -> a _Known (from its block's note) or,
+    for a block without a usable note, the decoded document; None when a block does not decode."""
+    paths = set(changed)
+    known: dict[str, dict] = {path: {} for path in changed}
+    for group in [g for g in cache.blobs if isinstance(g, tuple) and g and g[0] in paths]:
+        note = cache.note(group)
+        if _note_ok(note) and len(group) == 3:
+            block = str(group[2])
+            known[group[0]].update({digest: _Known(digest, documents, values, objects, block)
+                                    for digest, documents, values, objects in note})
+            continue
+        decoded = _decoded(cache, [group])
+        if decoded is None or not _dir_groups_ok(decoded):
+            return None
+        known[group[0]].update((d.digest, d) for d in decoded[group])
+    return known
+
+
+def _note_ok(note: object) -> bool:
+    """Whether a block's note is what `_block_note` makes: (digest, count, count, count) each."""
+    if not isinstance(note, tuple) or not note or not all(type(n) is tuple and len(n) == 4 for n in note):
+        return False
+    digests, *counts = zip(*note, strict=True)
+    return all(type(d) is str for d in digests) and \
+        all(type(c) is int for column in counts for c in column) and min(min(column) for column in counts) >= 0
+
+
+def _current_state(cache: cachemod.DesiredCache, fresh: dict, digests: dict) -> ClusterState:
+    """The state of the cache's groups: those encoded this run as they are (`fresh`), the
+    others decoded now (_Reread when one does not decode)."""
+    rest = _decoded(cache, [g for g in cache.blobs if g not in fresh])
+    if rest is None or not _dir_groups_ok(rest):
+        raise _Reread
+    return _dir_state(_per_file(digests, {}, rest | fresh))
+
+
+def _reread(cache: cachemod.DesiredCache, contents: dict[str, bytes]) -> ClusterState:
+    """Every file read again, from nothing, and kept in `cache` in place of its groups."""
+    errors: list[ValidationError] = []
+    read = {path: _read_file(path, data, {}, errors) for path, data in contents.items()}
+    if errors:
+        raise InvalidDesiredState(errors)
+    for group in list(cache.blobs):
+        cache.take(group)
+    state = _dir_state(read)
+    _keep_blocks(cache, read, [])
+    return state
+
+
+def _per_file(digests: dict, read: dict[str, tuple], groups: dict) -> dict[str, tuple]:
+    """Each file's documents, in the directory's order: read now, or decoded from its groups."""
+    kept = _by_file(groups)
+    return {path: read[path] if path in read else kept.get(path, ()) for path in digests}
+
+
+def _maybe_defined_twice(cache: cachemod.DesiredCache, known: dict[str, dict], read: dict[str, tuple],
+                         fresh: dict) -> bool:
+    """Whether an object may now be defined twice (False only when none is). The cache holds no
+    object twice (a read with one fails before it is kept), so only the objects of documents
+    new to their file can meet another, or a document now found twice in its file. Each other
+    group's text is searched for a new object's name as encoded (a group without it cannot
+    define it), and only a group holding it is decoded; the groups encoded this run (`fresh`,
+    holding every new document) are at hand."""
+    new: set[tuple] = set()
+    for path, documents in read.items():
+        seen: set[str] = set()
+        for document in documents:
+            if document.digest in known.get(path, {}):
+                if document.digest in seen and _objects(document):
+                    return True
+                seen.add(document.digest)
+            elif isinstance(document, ManifestDocument):
+                new |= {(e.kind, e.namespace, e.name) for e in document.entries if not isinstance(e, str)}
+    if len(new) > _MAX_SEARCHED:
+        return True
+    if not new:
+        return False
+    needles = [(kind, codec.dumps(name).encode()) for kind, _namespace, name in new]
+    found: Counter[tuple] = Counter()
+    for group, text in cache.blobs.items():
+        if group in fresh:
+            documents = fresh[group]
+        else:
+            kinds = cache.kinds.get(group)
+            text = bytes(text)                      # a slice of the loaded file: searched as bytes
+            if not any((kinds is None or kind in kinds) and needle in text for kind, needle in needles):
+                continue
+            decoded = _decoded(cache, [group])
+            if decoded is None or not _dir_groups_ok(decoded):
+                return True
+            documents = decoded[group]
+        found.update(key for e in _document_entries(documents) if not isinstance(e, str)
+                     and (key := (e.kind, e.namespace, e.name)) in new)
+    return any(count > 1 for count in found.values())
+
+
+_MAX_SEARCHED = 32          # more new objects than this: the whole state is assembled at once
 
 
 # A file's documents are kept in blocks, each encoded as one group of the cache, so a changed
@@ -198,16 +344,20 @@ def _blocks(documents: tuple) -> list[tuple]:
     return blocks + [tuple(current)] if current else blocks
 
 
-def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: list) -> None:
+def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: list) -> dict:
     """The cache's groups for the files read again ((path, n, block id) -> the block's documents):
-    a block whose documents are the same as before keeps its encoded text; files gone go."""
+    a block whose documents are the same as before keeps its encoded text; files gone go. Gives
+    the groups encoded again, with their documents (a _Known one decoded from its old block;
+    _Reread when that does not decode)."""
     for group in gone:
         cache.take(group)
+    fresh: dict = {}
     for path, documents in read.items():
         old: dict[str, tuple] = {}
         for group in [g for g in cache.blobs if g[0] == path]:
             if (kept := cache.take(group)) is not None:     # always: the group is one of the cache's
                 old[group[2]] = kept
+        taken = dict(old)
         new = {}
         for n, block in enumerate(_blocks(documents)):
             block_id = hashlib.sha256("".join(d.digest for d in block).encode()).hexdigest()[:16]
@@ -215,7 +365,32 @@ def _keep_blocks(cache: cachemod.DesiredCache, read: dict[str, tuple], gone: lis
                 cache.put((path, n, block_id), old.pop(block_id))
             else:
                 new[(path, n, block_id)] = block
-        cache.update_groups(new, entries_of=_document_entries)
+        if any(isinstance(d, _Known) for block in new.values() for d in block):
+            decoded: dict[str, dict] = {}
+            new = {group: tuple(_materialized(d, taken, decoded) for d in block) for group, block in new.items()}
+        cache.update_groups(new, entries_of=_document_entries, note_of=_block_note)
+        fresh.update(new)
+    return fresh
+
+
+def _materialized(document: ManifestDocument | _Known, taken: dict[str, tuple],
+                  decoded: dict[str, dict]) -> ManifestDocument:
+    """`document` itself, or the cached document a _Known one stands for (its old block decoded once)."""
+    if isinstance(document, ManifestDocument):
+        return document
+    if document.block not in decoded:
+        kept = taken.get(document.block)
+        try:
+            block = cachemod.decoded(kept[0]) if kept is not None else None
+        except (codec.CodecError, ValueError, TypeError, RecursionError):
+            block = None
+        if not (isinstance(block, tuple) and all(isinstance(d, ManifestDocument) for d in block)):
+            raise _Reread
+        decoded[document.block] = {d.digest: d for d in block}
+    found = decoded[document.block].get(document.digest)
+    if found is None:
+        raise _Reread
+    return found
 
 
 def _by_file(groups: dict) -> dict[str, tuple]:
@@ -231,7 +406,7 @@ def _dir_state_of(cache: cachemod.DesiredCache, contents: dict[str, bytes]) -> C
     cached = _decoded(cache)
     if cached is None or not _dir_groups_ok(cached):
         errors: list[ValidationError] = []
-        files = {path: _read_file(path, data, (), errors) for path, data in contents.items()}
+        files = {path: _read_file(path, data, {}, errors) for path, data in contents.items()}
         if errors:
             raise InvalidDesiredState(errors)
     else:
@@ -239,19 +414,19 @@ def _dir_state_of(cache: cachemod.DesiredCache, contents: dict[str, bytes]) -> C
     return _dir_state({path: files.get(path, ()) for path in contents})
 
 
-def _read_file(path: str, data: bytes, known: tuple, errors: list[ValidationError]) -> tuple:
+def _read_file(path: str, data: bytes, known: dict, errors: list[ValidationError]) -> tuple:
     """A changed file's documents: those whose text is the same as last time are taken from
-    `known` (parsed and converted then), only the others are parsed and converted."""
+    `known` (digest -> a ManifestDocument parsed and converted then, or a _Known standing for
+    one), only the others are parsed and converted."""
     from weft.desired.loader import convert_object, flatten_lists
     from weft.desired.manifests import manifest_pieces
-    by_digest = {doc.digest: doc for doc in known}
-    pieces = manifest_pieces(path, data, errors, {d: (doc.documents, doc.values) for d, doc in by_digest.items()})
+    pieces = manifest_pieces(path, data, errors, {d: (doc.documents, doc.values) for d, doc in known.items()})
     if pieces is None:
         return ()
     documents = []
     for piece in pieces:
         if piece.loaded is None:
-            documents.append(by_digest[piece.digest])
+            documents.append(known[piece.digest])
             continue
         raw = ((path, doc) for doc in piece.loaded if doc is not None)
         entries = [convert_object(where, obj, errors) for where, obj in flatten_lists(raw)]

@@ -22,8 +22,10 @@ source and the same weft code (every file of the installed `weft` package counts
 unreadable is a cache miss (a full read).
 
 Layout: line 1 is the header {"format", "code", "generation", "source", "token", "cursors",
-"groups": [[group key, digest, kinds], ...], "rendered": [[node, key, basis, inputs], ...]}; then
-one line per group, then one line per render, in the header's order. A render's `inputs` is a
+"groups": [[group key, digest, kinds, noted], ...], "rendered": [[node, key, basis, inputs], ...]};
+then one line per group, then one line per render, then one line per noted group (its note: a
+small summary of the group, read without decoding it, e.g. a manifest block's document digests),
+in the header's order. A render's `inputs` is a
 digest of every group it was rendered from: when it is the loaded groups' own, the groups a run
 changes are exactly what changed since that render, and their text as loaded is kept (for
 `changes_since_load`) so the next render can be made from the last one (reconciler.run).
@@ -44,7 +46,7 @@ from typing import Any
 from weft.model import codec
 from weft.store.statedir import CorruptState, StateDir, UnsafeState
 
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6
 CACHE_FILE = "desired-cache.json"
 CURSORS_FILE = "desired-cursors.json"
 OLD_CACHE_FILES = ("desired.cache",)      # pickles of weft <= 0.1.0: never read, removed
@@ -90,6 +92,11 @@ def _decoded(text: str | bytes | memoryview) -> Any:
         return codec.loads(bytes(text) if isinstance(text, memoryview) else text)
 
 
+def decoded(text: str | bytes | memoryview) -> Any:
+    """A group's text (as `take` gives it), decoded now (the model types must be registered)."""
+    return _decoded(text)
+
+
 def _bytes(text: str | bytes | memoryview) -> bytes | memoryview:
     return text.encode() if isinstance(text, str) else text
 
@@ -121,6 +128,7 @@ class DesiredCache:
     changed: bool = True                         # groups or renders changed since loaded or saved
     loaded: dict | None = None                   # group -> digest as loaded (None: not loaded from a file)
     replaced: dict = field(default_factory=dict)  # group -> its text as loaded, once this run changed or dropped it
+    notes: dict = field(default_factory=dict)    # group -> its encoded note (update_groups' `note_of`), if any
 
     def groups(self) -> dict:
         """The converted objects, by group (decoded now; the model types must be registered)."""
@@ -140,9 +148,11 @@ class DesiredCache:
         for gone in [g for g in self.blobs if g not in groups]:
             self._drop(gone)
 
-    def update_groups(self, changed: Mapping[Any, Any], entries_of: Callable[[Any], Iterable] = _entries) -> None:
+    def update_groups(self, changed: Mapping[Any, Any], entries_of: Callable[[Any], Iterable] = _entries,
+                      note_of: Callable[[Any], Any] | None = None) -> None:
         """Encode the groups in `changed` again (a value of None, or empty, removes its group);
-        the others stay as they are. `entries_of` gives a group's objects (for their kinds)."""
+        the others stay as they are. `entries_of` gives a group's objects (for their kinds);
+        `note_of`, what to keep as its note (see `note`)."""
         for group, value in changed.items():
             entries = () if value is None else list(entries_of(value))
             if not entries:
@@ -152,21 +162,39 @@ class DesiredCache:
             self.blobs[group] = text = _encoded(value).encode()
             self.digests[group] = hashlib.sha256(text).hexdigest()
             self.kinds[group] = frozenset(getattr(e, "kind", "") for e in entries) - {""}
+            if note_of is not None:
+                self.notes[group] = _encoded(note_of(value)).encode()
+            else:
+                self.notes.pop(group, None)
         self.changed = True
+
+    def note(self, group: Any) -> Any:
+        """What was kept as `group`'s note (decoded now: a small value, read without decoding the
+        group), or None when it has none or it does not decode."""
+        text = self.notes.get(group)
+        if text is None:
+            return None
+        try:
+            return _decoded(text)
+        except (codec.CodecError, ValueError, TypeError, RecursionError):
+            return None
 
     def take(self, group: Any) -> tuple | None:
         """Remove `group` and give what is kept of it, still encoded (for `put` under another key)."""
         if group not in self.blobs:
             return None
         self._keep_loaded(group)
-        kept = (self.blobs.pop(group), self.digests.pop(group), self.kinds.pop(group, frozenset()))
+        kept = (self.blobs.pop(group), self.digests.pop(group), self.kinds.pop(group, frozenset()),
+                self.notes.pop(group, None))
         self.changed = True
         return kept
 
     def put(self, group: Any, kept: tuple) -> None:
         """Keep what `take` gave under the key `group`, as it was (nothing encoded again)."""
         self._keep_loaded(group)
-        self.blobs[group], self.digests[group], self.kinds[group] = kept
+        self.blobs[group], self.digests[group], self.kinds[group], note = kept
+        if note is not None:
+            self.notes[group] = note
         self.changed = True
 
     def _keep_loaded(self, group: Any) -> None:
@@ -176,7 +204,7 @@ class DesiredCache:
 
     def _drop(self, group: Any) -> None:
         self._keep_loaded(group)
-        for table in (self.blobs, self.digests, self.kinds):
+        for table in (self.blobs, self.digests, self.kinds, self.notes):
             table.pop(group, None)
         self.changed = True
 
@@ -264,20 +292,25 @@ def load(state_dir: StateDir | Path | str, source: str | None = None) -> Desired
         if source is not None and header.get("source") != source:
             return None
         groups, rendered = header["groups"], header["rendered"]
+        noted = sum(bool(entry[3]) for entry in groups if len(entry) > 3)
         lines, view = [], memoryview(data)     # slices of the file: nothing copied until used
-        for _ in range(len(groups) + len(rendered)):
+        for _ in range(len(groups) + len(rendered) + noted):
             start, end = end + 1, data.index(b"\n", end + 1)
             lines.append(view[start:end])
         cache = DesiredCache(str(header["source"]), str(header["token"]), dict(header["cursors"]),
                              code=header["code"], generation=str(header["generation"]))
-        for (key, digest, kinds), text in zip(groups, lines, strict=False):
+        notes = iter(lines[len(groups) + len(rendered):])
+        for (key, digest, kinds, *noted_flag), text in zip(groups, lines, strict=False):
             group = codec.decode(key)
             cache.blobs[group], cache.digests[group], cache.kinds[group] = text, str(digest), frozenset(kinds)
+            if noted_flag and noted_flag[0]:
+                cache.notes[group] = next(notes)
         for (node, key, basis, *inputs), text in zip(rendered, lines[len(groups):], strict=False):
             cache.rendered[str(node)] = (str(key), text)
             cache.bases[str(node)] = str(basis)
             cache.inputs[str(node)] = str(inputs[0]) if inputs else ""
-    except (ValueError, KeyError, TypeError, codec.CodecError, RecursionError, UnicodeDecodeError):
+    except (ValueError, KeyError, IndexError, StopIteration, TypeError, codec.CodecError, RecursionError,
+            UnicodeDecodeError):
         return None
     newer = _newer_cursors(store, cache)
     if newer is not None:
@@ -317,11 +350,13 @@ def save(state_dir: StateDir | Path | str, cache: DesiredCache) -> None:
     nodes = list(cache.rendered)
     header = {"format": CACHE_FORMAT, "code": cache.code, "generation": cache.generation, "source": cache.source,
               "token": cache.token, "cursors": cache.cursors,
-              "groups": [[codec.encode(g), cache.digests[g], sorted(cache.kinds.get(g, ()))] for g in order],
+              "groups": [[codec.encode(g), cache.digests[g], sorted(cache.kinds.get(g, ())), int(g in cache.notes)]
+                         for g in order],
               "rendered": [[n, cache.rendered[n][0], cache.bases.get(n, ""), cache.inputs.get(n, "")] for n in nodes]}
     lines: list[bytes | memoryview] = [json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()]
     lines += [_bytes(cache.blobs[g]) for g in order]
     lines += [_bytes(cache.rendered[n][1]) for n in nodes]
+    lines += [_bytes(cache.notes[g]) for g in order if g in cache.notes]
     lines.append(b"")
     store.replace(CACHE_FILE, b"\n".join(lines))
     store.remove(CURSORS_FILE)
