@@ -413,6 +413,13 @@ def destroy_bpf(root: Path, runner: Runner | None = None) -> list[str]:
     """Detach weft's programs from every weft interface here and remove the node's pins."""
     runner = runner or Runner()
     removed = detach(runner, weft_interfaces())
+    return removed + remove_pins(root)
+
+
+def remove_pins(root: Path) -> list[str]:
+    """Remove a node's pin directory (programs and maps), and weft's directory once it is the
+    last; attachments are left alone (a namespace's go with its interfaces)."""
+    removed = []
     if root.exists():
         _remove_tree(root)
         removed.append(str(root))

@@ -83,7 +83,7 @@ import hashlib
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, partial
 
@@ -107,7 +107,20 @@ from weft.model.bpf import (
     Verdict,
     VerdictKey,
 )
-from weft.model.cluster import EGRESS, INGRESS, Action, ClusterState, Endpoint, EntityMatch, NamedPort, Policy
+from weft.model.cluster import (
+    EGRESS,
+    INGRESS,
+    Action,
+    ClusterState,
+    Endpoint,
+    EntityMatch,
+    IcmpMatch,
+    NamedPort,
+    Policy,
+    Rule,
+    Tier,
+    protocol_number,
+)
 from weft.model.kernel import Chain, Dataplane, Hooks
 from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
@@ -118,6 +131,8 @@ from weft.renderers.rules import TABLE, TABLE6, Spec, chain_lines
 ADDRESSES = 1 << 32
 PORTS = 1 << 16
 PORT_PROTOCOLS = frozenset({PROTOCOL_NUMBERS["tcp"], PROTOCOL_NUMBERS["udp"], PROTOCOL_NUMBERS["sctp"]})
+ICMP = PROTOCOL_NUMBERS["icmp"]
+ICMPV6 = 58                         # IPv6's: never an IPv4 packet's protocol
 OTHER = -1                          # stands for every protocol no rule of the profile names
 OPEN = DirectionPolicy(PROFILE_OPEN)
 CLOSED = DirectionPolicy(PROFILE_CLOSED, digest=PROFILE_CLOSED)
@@ -143,6 +158,11 @@ class Side:
     pos: tuple[str, ...]                     # atoms the address must be in
     neg: tuple[str, ...]                     # atoms it must not be in
     ports: PortMatch | None                  # None: any port
+    not_ports: PortMatch | None = None       # notPorts: None, or ports the packet's must not be
+
+    @property
+    def ported(self) -> bool:
+        return self.ports is not None or self.not_ports is not None
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,8 @@ class CompiledRule:
     src: Side
     dst: Side
     ident: str
+    not_protos: frozenset[int] = frozenset() # notProtocol (with protos None): every protocol but these
+    icmp: tuple[tuple[int, int], ...] | None = None   # ICMP type << 8 | code intervals (protocol 1 only)
 
 
 class Leaf(tuple):
@@ -230,16 +252,34 @@ class Atoms:
                          lambda: (_net_range(n) for n in normal))
 
     def peers(self, entity: EntityMatch) -> str:
+        """The addresses a side's positive selector picks: pods, host endpoints' expected IPs and
+        network sets' nets (renderers.calico's selection sets)."""
         key = entity_key(entity)
 
         def ranges():
-            eps = self.index.endpoints
-            for i in self.index.match(entity):
-                for ip in eps[i].ips:
-                    if ":" not in ip:
-                        a = _ip4(ip)
-                        yield a, a
+            selection = self.index.side(entity)
+            if selection is None:
+                return
+            if not (selection.host_endpoints or selection.network_sets):
+                eps = self.index.endpoints
+                for i in self.index.match(entity):
+                    for ip in eps[i].ips:
+                        if ":" not in ip:
+                            a = _ip4(ip)
+                            yield a, a
+                return
+            yield from (_net_range(n) for n in selection.nets(self.index, 4))
         return self._add("peers:" + key, "endpoints matching " + key, ranges)
+
+    def not_selected(self, entity: EntityMatch) -> str:
+        """The addresses a side's notSelector picks (anywhere: it is not confined to a namespace)."""
+        assert entity.not_selector is not None
+        key = entity.not_selector.canonical()
+
+        def ranges():
+            selection = self.index.side_not(entity)
+            return () if selection is None else (_net_range(n) for n in selection.nets(self.index, 4))
+        return self._add("not:" + key, "addresses selected by notSelector " + key, ranges)
 
     def named_port(self, entity: EntityMatch, name: str, protocol: str | None) -> tuple[tuple[str, int, int], ...]:
         """One (atom, protocol, port) per number the name has among the matching endpoints (with the
@@ -285,13 +325,62 @@ def _compile_side(entity: EntityMatch, protocol: str | None, atoms: Atoms) -> Si
         neg.append(atoms.nets(not_nets))
     if entity.has_endpoint_constraint:
         pos.append(atoms.peers(entity))
-    ports = None
-    if entity.ports:
-        ranges = _merge((p.start, p.end) for p in entity.ports if not isinstance(p, NamedPort))
-        named = tuple(x for p in entity.ports if isinstance(p, NamedPort)
-                      for x in atoms.named_port(entity, p.name, protocol))
-        ports = PortMatch(ranges, named)
-    return Side(tuple(pos), tuple(neg), ports)
+    if entity.not_selector is not None:
+        neg.append(atoms.not_selected(entity))
+    return Side(tuple(pos), tuple(neg), _port_match(entity.ports, entity, protocol, atoms),
+                _port_match(entity.not_ports, entity, protocol, atoms))
+
+
+def _port_match(ports, entity: EntityMatch, protocol: str | None, atoms: Atoms) -> PortMatch | None:
+    if not ports:
+        return None
+    ranges = _merge((p.start, p.end) for p in ports if not isinstance(p, NamedPort))
+    named = tuple(x for p in ports if isinstance(p, NamedPort) for x in atoms.named_port(entity, p.name, protocol))
+    return PortMatch(ranges, named)
+
+
+def _icmp_ranges(rule: Rule) -> tuple[tuple[int, int], ...] | None:
+    """icmp/notICMP as intervals of the programs' ICMP "destination port" (type << 8 | code)."""
+    if rule.icmp is None and rule.not_icmp is None:
+        return None
+
+    def span(match: IcmpMatch) -> tuple[int, int]:
+        return (match.type << 8 | match.code,) * 2 if match.code is not None else \
+            (match.type << 8, match.type << 8 | 0xff)
+    out = [(0, PORTS - 1)] if rule.icmp is None else [span(rule.icmp)]
+    if rule.not_icmp is not None:
+        out = _subtract(out, [span(rule.not_icmp)])
+    return _merge(out)
+
+
+def _subtract(ranges, holes) -> list[tuple[int, int]]:
+    """Intervals `ranges` without the intervals `holes`."""
+    out = []
+    for lo, hi in ranges:
+        for h_lo, h_hi in sorted(holes):
+            if h_hi < lo or h_lo > hi:
+                continue
+            if h_lo > lo:
+                out.append((lo, h_lo - 1))
+            lo = h_hi + 1
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+def _rule_protocols(rule: Rule) -> tuple[frozenset[int] | None, frozenset[int]] | None:
+    """(protocols, excluded protocols) of an IPv4 rule; None if it can never match IPv4."""
+    if rule.ip_version not in (None, 4):
+        return None
+    protos = None if rule.protocol is None else frozenset({protocol_number(rule.protocol)})
+    excluded = frozenset() if rule.not_protocol is None else frozenset({protocol_number(rule.not_protocol)})
+    if protos is not None and (ICMPV6 in protos or protos <= excluded):
+        return None
+    if protos is None and (rule.icmp is not None or rule.not_icmp is not None):
+        protos = frozenset({ICMP})      # ICMP matches need the ICMP protocol (as iptables' -m icmp)
+    return (protos, frozenset()) if protos is not None else (None, excluded)
 
 
 def rule_ident(policy: Policy, direction: str, index: int) -> str:
@@ -322,19 +411,25 @@ class Profile:
     rules: tuple[str, ...] = ()                          # every rule (and tier end) in evaluation order
 
 
-def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: dict[str, str]) -> Profile:
+def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: dict[str, str],
+                     tier_of: Mapping[str, Tier] | None = None) -> Profile:
     tiers = list(dict.fromkeys(p.tier for p in policies))
+    passing = frozenset(t for t in tiers if tier_of is not None and t in tier_of
+                        and tier_of[t].default_action == Action.PASS)
     rules: list[CompiledRule] = []
     order: list[str] = []
     for position, policy in enumerate(policies):
         for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
+            protocols = _rule_protocols(rule)
+            if protocols is None:
+                continue
             src = _compile_side(rule.source, rule.protocol, atoms)
             dst = _compile_side(rule.destination, rule.protocol, atoms)
             if src is None or dst is None:
                 continue
-            protos = None if rule.protocol is None else frozenset({PROTOCOL_NUMBERS[rule.protocol]})
             ident = rule_ident(policy, direction, i)
-            rules.append(CompiledRule(len(rules), tiers.index(policy.tier), rule.action, protos, src, dst, ident))
+            rules.append(CompiledRule(len(rules), tiers.index(policy.tier), rule.action, protocols[0], src, dst,
+                                      ident, protocols[1], _icmp_ranges(rule)))
             about.setdefault(ident, f"{policy.origin or policy.key} {direction.lower()} rule {i + 1} "
                                     f"({rule.action.value}, tier {policy.tier})")
             order.append(ident)
@@ -343,6 +438,7 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
     for tier in tiers:
         about.setdefault(tier_end_ident(tier, direction),
                          f"end of tier {tier} ({direction.lower()}): no policy allowed or passed")
+    order = [o for o in order if o not in {tier_end_ident(t, direction) for t in passing}]
     about.setdefault(passed_ident(direction), f"every tier passed ({direction.lower()})")
     order.append(passed_ident(direction))
 
@@ -355,12 +451,14 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
     for r in rules:
         if r.protos is not None:
             named_protos |= r.protos
+        named_protos |= r.not_protos
         for side in (r.src, r.dst):
-            if side.ports is not None:
-                named_protos |= {proto for _, proto, _ in side.ports.named}
-                if side.ports.ranges and r.protos is None:
-                    named_protos |= PORT_PROTOCOLS
-    walk = _walker(rules, tiers, direction)
+            for match in (side.ports, side.not_ports):
+                if match is not None:
+                    named_protos |= {proto for _, proto, _ in match.named}
+                    if match.ranges and r.protos is None:
+                        named_protos |= PORT_PROTOCOLS
+    walk = _walker(rules, tiers, direction, passing)
     src_of, dst_of = _candidates(rules, lambda r: r.src), _candidates(rules, lambda r: r.dst)
     src_cand = {sig: src_of(sig) for sig in src_sigs}
     dst_cand = {sig: {r.position for r in dst_of(sig)} for sig in dst_sigs}
@@ -369,15 +467,17 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
         for d_sig, d_rules in dst_cand.items():
             cand = [r for r in s_rules if r.position in d_rules]
             other = _port_function([(r, None, None) for r in cand if r.protos is None
-                                    and r.src.ports is None and r.dst.ports is None], walk)
+                                    and not r.src.ported and not r.dst.ported], walk)
             verdicts[(s_sig, d_sig, None)] = other
             for proto in sorted(named_protos):
                 entries = []
                 for r in cand:
-                    if r.protos is not None and proto not in r.protos:
+                    if r.protos is not None and proto not in r.protos or proto in r.not_protos:
                         continue
-                    sports = _port_set(r.src.ports, s_sig, proto)
-                    dports = _port_set(r.dst.ports, d_sig, proto)
+                    sports = _port_set(r.src, s_sig, proto)
+                    dports = _port_set(r.dst, d_sig, proto)
+                    if r.icmp is not None:
+                        dports = _merge(_intersect(dports or ((0, PORTS - 1),), r.icmp))
                     if sports != () and dports != ():
                         entries.append((r, sports, dports))
                 value = _port_function(entries, walk)
@@ -390,7 +490,11 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
 
 
 def _named_atoms(side: Side) -> tuple[str, ...]:
-    return tuple(a for a, _, _ in side.ports.named) if side.ports is not None else ()
+    return tuple(a for match in (side.ports, side.not_ports) if match is not None for a, _, _ in match.named)
+
+
+def _intersect(a, b) -> list[tuple[int, int]]:
+    return [(max(lo, b_lo), min(hi, b_hi)) for lo, hi in a for b_lo, b_hi in b if max(lo, b_lo) <= min(hi, b_hi)]
 
 
 def _candidates(rules: list[CompiledRule], side: Callable[[CompiledRule], Side]) -> Callable[[frozenset], list]:
@@ -416,14 +520,19 @@ def _candidates(rules: list[CompiledRule], side: Callable[[CompiledRule], Side])
     return of
 
 
-def _port_set(ports: PortMatch | None, sig: frozenset, proto: int):
-    """The ports (intervals) a side's port match admits for `proto` and an address of class `sig`;
-    None for any port, () for none."""
-    if ports is None:
+def _port_set(side: Side, sig: frozenset, proto: int):
+    """The ports (intervals) a side's ports and notPorts admit for `proto` and an address of
+    class `sig`; None for any port, () for none."""
+    if not side.ported:
         return None
-    out = list(ports.ranges) if proto in PORT_PROTOCOLS else []
-    out += [(port, port) for atom, p, port in ports.named if p == proto and atom in sig]
-    return _merge(out)
+
+    def admitted(ports: PortMatch) -> list[tuple[int, int]]:
+        out = list(ports.ranges) if proto in PORT_PROTOCOLS else []
+        return out + [(port, port) for atom, p, port in ports.named if p == proto and atom in sig]
+    allowed = admitted(side.ports) if side.ports is not None else [(0, PORTS - 1)]
+    if side.not_ports is not None:
+        allowed = _subtract(_merge(allowed), _merge(admitted(side.not_ports)))
+    return _merge(allowed)
 
 
 def _classify(atom_ids: tuple[str, ...], atoms: Atoms) -> tuple[list[tuple[int, int, frozenset]], set[frozenset]]:
@@ -457,8 +566,10 @@ def _classify(atom_ids: tuple[str, ...], atoms: Atoms) -> tuple[list[tuple[int, 
     return intervals, sigs
 
 
-def _walker(rules: list[CompiledRule], tiers: list[str], direction: str) -> Callable[[list], Leaf]:
+def _walker(rules: list[CompiledRule], tiers: list[str], direction: str,
+            passing: frozenset[str] = frozenset()) -> Callable[[list], Leaf]:
     ends = [tier_end_ident(t, direction) for t in tiers]
+    passes = [t in passing for t in tiers]
     passed = passed_ident(direction)
 
     def walk(matching: list[CompiledRule]) -> Leaf:
@@ -478,7 +589,7 @@ def _walker(rules: list[CompiledRule], tiers: list[str], direction: str) -> Call
                     passed_tier = True
                     break
                 logs.append(r.ident)
-            if not passed_tier:
+            if not passed_tier and not passes[t]:        # the tier's defaultAction: Deny, or Pass
                 return Leaf((DENY, ends[t], tuple(logs)))
             while i < n and matching[i].tier == t:
                 i += 1
@@ -604,7 +715,7 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
                 continue
             ident = direction + "|" + "|".join(f"{p.tier}/{p.key}" for p in policies)
             if ident not in profiles:
-                profiles[ident] = _compile_profile(direction, policies, atoms, rule_about)
+                profiles[ident] = _compile_profile(direction, policies, atoms, rule_about, state.tiers)
             chosen[ep.iface][direction] = ident
     maps = _materialise(local, chosen, profiles, atoms, rule_about)
     services, backends, about = render_services(state, node, local)

@@ -1,9 +1,13 @@
-"""Calico's policy model in the iptables data plane, on a real kernel: for Calico's documented
+"""Calico's policy model in both data planes, on a real kernel: for Calico's documented
 examples (tests/calico), a table of semantics cases and random tiered policies, every flow of a
 matrix (every pair of pods, pods to and from addresses outside the node, over TCP, UDP, ICMP
 types and codes and a protocol by number) is sent as a real packet through the node namespace
 holding weft's render, and the kernel's verdict must equal the reference evaluator's
 (desired.verdict). The render's text must also read back exactly from iptables-save (no drift).
+
+The `plane` fixture runs a test on the iptables data plane and on the eBPF one (the same
+matrix, the same oracle); the eBPF half shares one pin directory per module, so weft's
+programs are compiled once.
 """
 from __future__ import annotations
 
@@ -14,9 +18,25 @@ import pytest
 
 from tests import nodens
 from tests.calico_cluster import NODE, cluster, example, gnp, kind, namespace, np, pod, service_account, tier
-from tests.calico_kernel import Flow, KernelNode, in_ns
+from tests.calico_kernel import DATAPLANES, Flow, KernelNode, bpf_pins, bpf_usable, in_ns
 
 pytestmark = pytest.mark.skipif(nodens.usable() is not None, reason=str(nodens.usable()))
+
+
+@pytest.fixture(scope="module")
+def pins():
+    """The module's eBPF pin directory (one compile for every eBPF test here), removed after."""
+    yield from bpf_pins("calico")
+
+
+@pytest.fixture(params=DATAPLANES)
+def plane(request) -> dict:
+    """KernelNode's arguments for one data plane."""
+    if request.param == "iptables":
+        return {"dataplane": "iptables"}
+    if why := bpf_usable():
+        pytest.skip(why)
+    return {"dataplane": "ebpf", "bpf_root": request.getfixturevalue("pins")}
 
 OUTSIDE = ("198.19.1.5", "198.19.5.1", "198.19.6.1", "198.19.66.7", "198.19.200.1")
 # (protocol, destination port, source port, icmp type, icmp code)
@@ -45,8 +65,8 @@ def saved_chains(node: KernelNode, table: str = "filter") -> dict[str, list[str]
     return chains
 
 
-def check(state, name: str = "") -> None:
-    with KernelNode(state, NODE) as node:
+def check(state, name: str = "", plane: dict | None = None) -> None:
+    with KernelNode(state, NODE, **(plane or {})) as node:
         dataplane = node.load(state)
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
@@ -67,8 +87,8 @@ EXAMPLES = {
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_documented_example_on_the_kernel(name):
-    check(example(*EXAMPLES[name]), name)
+def test_documented_example_on_the_kernel(name, plane):
+    check(example(*EXAMPLES[name]), name, plane)
 
 
 # --- the semantics table ----------------------------------------------------------------------------
@@ -156,8 +176,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_semantics_case_on_the_kernel(name):
-    check(cluster(*BASE, *CASES[name], namespaces=()), name)
+def test_semantics_case_on_the_kernel(name, plane):
+    check(cluster(*BASE, *CASES[name], namespaces=()), name, plane)
 
 
 # --- random tiered policies -----------------------------------------------------------------------
@@ -225,8 +245,8 @@ def random_policies(seed: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_tiered_policies_on_the_kernel(seed):
-    check(cluster(*BASE, *random_policies(seed), namespaces=()), f"seed {seed}")
+def test_random_tiered_policies_on_the_kernel(seed, plane):
+    check(cluster(*BASE, *random_policies(seed), namespaces=()), f"seed {seed}", plane)
 
 
 # --- Log -----------------------------------------------------------------------------------------
