@@ -42,8 +42,9 @@ The walk (iptables semantics: renderers.iptables endpoint_specs / _rule_specs)
 -----------------------------------------------------------------------------
 For the rules that match the packet, in order (tier, policy, rule): Allow allows; Deny denies;
 Pass ends the tier (its remaining rules and policies are skipped, and so is the tier's end); Log
-is noted and the walk goes on. A tier that neither allowed, denied nor passed denies at its end
-(every tier in a profile has a policy that selects the endpoint). Passing every tier allows.
+is noted and the walk goes on. A tier that neither allowed, denied nor passed ends with its
+defaultAction: Deny, or Pass on to the next tier (every tier in a profile has a policy that
+selects the endpoint). Passing every tier allows.
 An endpoint no policy selects for a direction is open (profile 0); a pod the desired state does
 not know yet is closed (profile 1) where some policy might select it, open where none could.
 Each leaf carries the id of the rule (or tier end) that decided, for counters, and the id of the
@@ -58,8 +59,8 @@ outlives any policy change until conntrack forgets it).
 Where the two planes cannot differ, and how it is checked: tests/test_bpf_policy.py evaluates
 the iptables chains and these maps for every cell of the suite's NetworkPolicy scenarios and for
 random tiered Calico-style policies; tests/test_bpf_dataplane.py runs the scenarios with real
-packets. Kept from renderers.iptables on purpose: only IPv4 is policed (weft renders no ip6tables
-rules yet; an IPv6 classifier would be a second LPM trie keyed the same way); numeric ports
+packets. Kept from renderers.iptables on purpose: the programs police IPv4 only (IPv6 stays with
+ip6tables: host_dataplane; an IPv6 classifier would be a second LPM trie keyed the same way); numeric ports
 without a protocol match TCP, UDP and SCTP (iptables cannot express them; Calico requires a
 protocol); connections the host opens to its pods are not policed. Of a fragmented datagram
 only the first fragment is judged (the later ones carry no ports; without the first they
@@ -70,17 +71,22 @@ Cost, measured on bench/synthetic.py's cluster (10,000 pods, 1,000 policies, 110
 classifies the 10,000 endpoints having it) rendered in a few seconds (bench/bench_bpf.py prints
 it); one changed policy port: 9 keys written, 2 deleted.
 
-Calico's other matches fit the same encoding: notSelector is a negative atom (as notNets is);
-notPorts the complement of a port set; ICMP type/code a destination "port" range under protocol
-1; notProtocol a protocol set whose complement is the "any protocol" entry; ipVersion keeps a
-rule out of the IPv4 (or a future IPv6) classification; serviceAccount selectors are endpoint
-selectors. Only the compilation of a rule into atoms and port sets grows; the maps and the
-programs do not change.
+Calico's other matches, in the same encoding: notSelector is a negative atom (as notNets is;
+selectors pick pods, host endpoints' expected IPs and network sets' nets); notPorts the
+complement of a port set; ICMP type/code a destination "port" (type << 8 | code) under protocol
+1; notProtocol a protocol entry of its own with the rule left out, the rule kept in the "any
+protocol" entry; ipVersion 6 (or ICMPv6) keeps a rule out of the IPv4 classification;
+serviceAccount selectors are endpoint selectors; a tier whose defaultAction is Pass goes on to
+the next tier where iptables' TIER_PASSES does. Only the compilation of a rule into atoms and
+port sets grew; the maps and the programs did not change. tests/test_calico_kernel.py runs
+Calico's documented examples, semantics cases and random tiered policies on both planes against
+the reference evaluator (desired.verdict).
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -121,12 +127,11 @@ from weft.model.cluster import (
     Tier,
     protocol_number,
 )
-from weft.model.kernel import Chain, Dataplane, Hooks
+from weft.model.kernel import PREFIX, Chain, Dataplane
 from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
-from weft.renderers.iptables import FORWARD_CHAIN, HOOKED, INPUT_CHAIN, WL_GLOB, might_apply, policies_by_endpoint
-from weft.renderers.natoutgoing import NAT_TABLES, SETS
-from weft.renderers.rules import TABLE, TABLE6, Spec, chain_lines
+from weft.renderers.iptables import FORWARD_CHAIN, MATCH_SET, WL_GLOB, might_apply, policies_by_endpoint
+from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, chain_lines, rule_id
 
 ADDRESSES = 1 << 32
 PORTS = 1 << 16
@@ -935,32 +940,91 @@ def _lookup_port(maps: BpfMaps, table: int, port: int) -> Verdict | None:
 
 
 def host_dataplane(rendered: Dataplane) -> Dataplane:
-    """What an eBPF node keeps of the iptables render: its routes and interface settings; in the
-    IPv4 table a filter chain that accepts pod traffic (the node's FORWARD policy may be DROP)
-    because the programs on the pods' interfaces judge it, no policy chains, no IPv4 sets; and
-    the IPv6 table and sets whole: the programs judge IPv4 only and pass IPv6 untouched, so a
-    dual-stack pod's IPv6 is enforced by ip6tables as on an iptables node.
+    """What an eBPF node keeps of the iptables render: everything but the pods' own policy.
+
+    The programs on the pods' interfaces judge pod traffic (IPv4); iptables keeps what is not a
+    pod's policy, rendered exactly as on an iptables node, so its semantics are the same by
+    construction:
+
+      * routes and interface settings;
+      * the host endpoints (Calico's eBPF mode puts programs on the host's interfaces; weft keeps
+        its iptables chains instead, a smaller change): traffic to and from the host (weft-INPUT,
+        weft-OUTPUT, the failsafes first), applyOnForward (weft-from-hep-fwd/weft-to-hep-fwd),
+        preDNAT (mangle) and doNotTrack (raw) policies, with the policy chains and sets they use;
+      * defaultEndpointToHostAction for a pod's traffic to its host (weft-INPUT, after the
+        program judged the pod's egress);
+      * natOutgoing (the nat tables and their sets);
+      * the IPv6 table and sets whole: the programs judge IPv4 only and pass IPv6 untouched, so a
+        dual-stack pod's IPv6 is enforced by ip6tables as on an iptables node.
+
+    Removed: the IPv4 dispatch chains, the pods' chains and what only they use; weft-FORWARD and
+    weft-INPUT accept a pod's traffic where they would have dispatched it (the node's FORWARD
+    policy may be DROP), and drop no "INVALID" pod traffic (the programs track pod connections
+    and translate services themselves: the kernel's conntrack may not have seen a connection's
+    start).
 
     A node switched from iptables gets this in the same apply, after the programs are attached
     (reconciler.engine's order), so no pod is open in between."""
-    chains = {
-        FORWARD_CHAIN: chain_lines(FORWARD_CHAIN, [Spec(f"-i {WL_GLOB}", target="-j ACCEPT"),
-                                                   Spec(f"-o {WL_GLOB}", target="-j ACCEPT")]),
-        INPUT_CHAIN: (),
-    }
-    about = {FORWARD_CHAIN: "entry from FORWARD: pod traffic, judged by weft's eBPF programs",
-             INPUT_CHAIN: "entry from INPUT: pod traffic to this host, judged by weft's eBPF programs"}
-    hooks = {(TABLE, builtin): Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-             for builtin, target in HOOKED.items()}
-    hooks.update({key: h for key, h in rendered.hooks.items() if key[0] == TABLE6})
-    kept = {(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()}
-    kept.update({key: c for key, c in rendered.chains.items() if key[0] == TABLE6})
-    sets = {name: s for name, s in rendered.ipsets.items() if s.family == "inet6"}
-    # natOutgoing (renderers.natoutgoing) is not policy: the nat tables and their sets stay as rendered.
-    hooks.update({key: h for key, h in rendered.hooks.items() if key[0] in NAT_TABLES.values()})
-    kept.update({key: c for key, c in rendered.chains.items() if key[0] in NAT_TABLES.values()})
-    sets.update({name: s for name, s in rendered.ipsets.items() if any(name in pair for pair in SETS.values())})
-    return Dataplane(kept, sets, hooks, rendered.routes, rendered.links)
+    pods = (FROM_DISPATCH, TO_DISPATCH)
+    chains: dict = {}
+    for key, chain in rendered.chains.items():
+        table, name = key
+        if table != TABLE:
+            chains[key] = chain
+        elif name not in pods and not name.startswith(POD_CHAIN_PREFIXES):
+            chains[key] = replace(chain, rules=tuple(r for r in chain.rules if not _pod_policy_rule(r)))
+    hooks = dict(rendered.hooks)
+    forward = chains.get((TABLE, FORWARD_CHAIN)) or Chain(TABLE, FORWARD_CHAIN, chain_lines(
+        FORWARD_CHAIN, [Spec(f"-i {WL_GLOB}", target="-j ACCEPT"), Spec(f"-o {WL_GLOB}", target="-j ACCEPT")]))
+    chains[(TABLE, FORWARD_CHAIN)] = _appended(forward, Spec(extra=f"-m mark --mark {NODEPORT_MARK}/{NODEPORT_MARK}",
+                                                             target="-j ACCEPT"))
+    chains = _referenced(chains, hooks)
+    used = {name for c in chains.values() for r in c.rules for name in MATCH_SET.findall(r)}
+    sets = {name: s for name, s in rendered.ipsets.items() if name in used}
+    return Dataplane(chains, sets, hooks, rendered.routes, rendered.links)
+
+
+POD_CHAIN_PREFIXES = (f"{PREFIX}fw-", f"{PREFIX}tw-")
+# policy.c's WEFT_MARK_NODEPORT: the uplink's program sent this packet to a node port's backend
+# (or brought a remote backend's reply back): uplink to uplink for a backend on another node,
+# which the node's FORWARD policy (maybe DROP) must not stop: weft-FORWARD accepts it.
+NODEPORT_MARK = "0x40000"
+
+
+def _appended(chain: Chain, spec: Spec) -> Chain:
+    """`chain` with one more rule at its end (its id chained on the last one, as chain_lines does)."""
+    found = re.search(r'--comment "weft:([^"]+)"', chain.rules[-1]) if chain.rules else None
+    previous = found.group(1) if found else ""
+    body = " ".join(p for p in (spec.matches, spec.extra, spec.target) if p)
+    ident = rule_id(chain.name, previous, body)
+    line = " ".join(p for p in (f"-A {chain.name}", spec.matches, f'-m comment --comment "weft:{ident}"',
+                                spec.extra, spec.target) if p)
+    return replace(chain, rules=(*chain.rules, line))
+
+
+def _pod_policy_rule(rule: str) -> bool:
+    """A rule of weft-FORWARD/weft-INPUT that hands pod traffic to its policy (the programs'
+    job on an eBPF node), or drops a pod's "INVALID" packets."""
+    return any(f"-j {d}" in rule or f"-g {d}" in rule for d in (FROM_DISPATCH, TO_DISPATCH)) or \
+        (f" {WL_GLOB} " in rule and "--ctstate INVALID" in rule)
+
+
+def _referenced(chains: dict, hooks: dict) -> dict:
+    """The chains reachable from the hooks (through -j/-g of kept rules), in each table."""
+    kept: dict = {}
+    todo = [(table, target) for (table, _), h in hooks.items() for r in h.rules for target in _jumps(r)]
+    while todo:
+        key = todo.pop()
+        if key in kept or key not in chains:
+            continue
+        kept[key] = chains[key]
+        todo += [(key[0], target) for r in chains[key].rules for target in _jumps(r)]
+    return {key: chains[key] for key in chains if key in kept}
+
+
+def _jumps(rule: str) -> list[str]:
+    words = rule.split()
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-j", "-g") and words[i + 1].startswith(PREFIX)]
 
 
 def cni_snapshot(maps: BpfMaps, local: Iterable[Endpoint]) -> dict:

@@ -355,8 +355,8 @@ HOST_EXAMPLES = {"deny-all-failsafe": ("hosts/deny-all-failsafe.yaml", NODE, "19
                  "protect-hosts": ("hosts/protect-hosts.yaml", "my-host", "198.18.0.21")}
 
 
-def check_host(state, node_name: str, host_ip: str, name: str) -> None:
-    with KernelNode(state, node_name, host_ip) as node:
+def check_host(state, node_name: str, host_ip: str, name: str, plane: dict) -> None:
+    with KernelNode(state, node_name, host_ip, **plane) as node:
         dataplane = node.load(state)
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
@@ -367,19 +367,19 @@ def check_host(state, node_name: str, host_ip: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", HOST_CASES)
-def test_host_endpoint_case_on_the_kernel(name):
-    check_host(cluster(*BASE, *HOST_CASES[name], namespaces=()), NODE, "198.18.0.1", name)
+def test_host_endpoint_case_on_the_kernel(name, plane):
+    check_host(cluster(*BASE, *HOST_CASES[name], namespaces=()), NODE, "198.18.0.1", name, plane)
 
 
 @pytest.mark.parametrize("name", HOST_EXAMPLES)
-def test_documented_host_example_on_the_kernel(name):
+def test_documented_host_example_on_the_kernel(name, plane):
     path, node_name, host_ip = HOST_EXAMPLES[name]
-    check_host(example(path), node_name, host_ip, name)
+    check_host(example(path), node_name, host_ip, name, plane)
 
 
-def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server():
+def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server(plane):
     state = example("hosts/deny-all-failsafe.yaml")
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         node.load(state)
         flows = [Flow("198.19.1.5", "host", "tcp", port) for port in (22, 179, 6443, 80, 8080)]
         assert node.delivered(node.probes(flows)) == [True, True, True, False, False]
@@ -422,11 +422,11 @@ FORWARD_CASES = {
 
 
 @pytest.mark.parametrize("name", FORWARD_CASES)
-def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name):
+def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name, plane):
     """Pods to and from the outside cross eth0, a host endpoint: its applyOnForward policies
     judge that traffic too (others do not); pod to pod traffic is not a host endpoint's."""
     state = cluster(*BASE, *FORWARD_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         dataplane = node.load(state)
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
@@ -459,13 +459,13 @@ PREDNAT_CASES = {
 
 
 @pytest.mark.parametrize("name", PREDNAT_CASES)
-def test_pre_dnat_policies_on_the_kernel(name):
+def test_pre_dnat_policies_on_the_kernel(name, plane):
     """New connections into eth0 (a host endpoint), to the host or forwarded to pods, from the
     outside and from a peer node: preDNAT policies decide first (in mangle), the host's and the
     forwarded traffic's normal policies after them; the kernel's verdicts equal desired.verdict's."""
     state = example("hosts/pre-dnat.yaml") if not PREDNAT_CASES[name] else \
         cluster(*BASE, *PREDNAT_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         dataplane = node.load(state)
         for table in ("filter", "mangle"):
             rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
@@ -511,12 +511,12 @@ UNTRACKED_CASES = {
 
 
 @pytest.mark.parametrize("name", UNTRACKED_CASES)
-def test_do_not_track_policies_on_the_kernel(name):
+def test_do_not_track_policies_on_the_kernel(name, plane):
     """doNotTrack policies judge eth0's traffic first (in raw, before conntrack: an allowed
     packet is not tracked and accepted), then preDNAT, applyOnForward and normal policies; a "*"
     host endpoint gets none; the kernel's verdicts equal desired.verdict's."""
     state = cluster(*BASE, *UNTRACKED_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         dataplane = node.load(state)
         for table in ("filter", "mangle", "raw"):
             rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
@@ -554,12 +554,12 @@ NO_KUBELET = gnp("no-kubelet", selector="app == 'a'", types=["Egress"], egress=[
 
 
 @pytest.mark.parametrize("name", TO_HOST_CASES)
-def test_pods_to_their_host_on_the_kernel(name):
+def test_pods_to_their_host_on_the_kernel(name, plane):
     """A pod's packets to its own host pass the pod's egress policy, then the configured
     defaultEndpointToHostAction (Felix's default: Drop); host endpoints do not apply to them and
     the host reaches its pods whatever the policy; the kernel's verdicts equal desired.verdict's."""
     state = cluster(*BASE, NO_KUBELET, *TO_HOST_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         node.load(state)
         flows = [Flow(pod, "host", *probe) for pod in sorted(node.pods) for probe in HOST_PROBES]
         flows += [Flow("host", pod, *probe) for pod in sorted(node.pods) for probe in HOST_PROBES[:4]]
