@@ -957,11 +957,12 @@ def host_dataplane(rendered: Dataplane) -> Dataplane:
       * the IPv6 table and sets whole: the programs judge IPv4 only and pass IPv6 untouched, so a
         dual-stack pod's IPv6 is enforced by ip6tables as on an iptables node.
 
-    Removed: the IPv4 dispatch chains, the pods' chains and what only they use; weft-FORWARD and
-    weft-INPUT accept a pod's traffic where they would have dispatched it (the node's FORWARD
-    policy may be DROP), and drop no "INVALID" pod traffic (the programs track pod connections
-    and translate services themselves: the kernel's conntrack may not have seen a connection's
-    start).
+    Removed: the IPv4 dispatch chains, the pods' chains and the IPv4 chains and sets only they
+    used; weft-FORWARD and weft-INPUT accept a pod's traffic where they would have dispatched it
+    (the node's FORWARD policy may be DROP), and drop no "INVALID" pod traffic (the programs
+    track pod connections and translate services themselves: the kernel's conntrack may not have
+    seen a connection's start). weft-FORWARD also accepts what a node port's program translated
+    (NODEPORT_MARK): a backend on another node is reached uplink to uplink.
 
     A node switched from iptables gets this in the same apply, after the programs are attached
     (reconciler.engine's order), so no pod is open in between."""
@@ -980,7 +981,9 @@ def host_dataplane(rendered: Dataplane) -> Dataplane:
                                                              target="-j ACCEPT"))
     chains = _referenced(chains, hooks)
     used = {name for c in chains.values() for r in c.rules for name in MATCH_SET.findall(r)}
-    sets = {name: s for name, s in rendered.ipsets.items() if name in used}
+    # IPv6 sets stay whole: the CNI plugin's IPv6 step programs a new pod from the snapshot with
+    # chains and sets no local pod may use yet.
+    sets = {name: s for name, s in rendered.ipsets.items() if name in used or s.family == "inet6"}
     return Dataplane(chains, sets, hooks, rendered.routes, rendered.links)
 
 
@@ -1010,9 +1013,11 @@ def _pod_policy_rule(rule: str) -> bool:
 
 
 def _referenced(chains: dict, hooks: dict) -> dict:
-    """The chains reachable from the hooks (through -j/-g of kept rules), in each table."""
-    kept: dict = {}
-    todo = [(table, target) for (table, _), h in hooks.items() for r in h.rules for target in _jumps(r)]
+    """The IPv4 filter table's chains reachable from its hooks (through -j/-g of kept rules): the
+    policy chains host endpoints use, not those only the pods' chains did; other tables whole."""
+    kept: dict = {key: c for key, c in chains.items() if key[0] != TABLE}
+    todo = [(table, target) for (table, _), h in hooks.items() if table == TABLE for r in h.rules
+            for target in _jumps(r)]
     while todo:
         key = todo.pop()
         if key in kept or key not in chains:
