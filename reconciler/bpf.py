@@ -34,6 +34,7 @@ before the veth goes; nothing is compiled there.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -496,12 +497,28 @@ def program_endpoint(state_dir: Path | str, iface: str, entry: m.EndpointEntry, 
     if build is None:
         raise BpfApplyError(f"no eBPF programs on this weft's maps are pinned in {root}: `weft apply --dataplane ebpf` "
                             f"must run on this node before pods are added")
-    index = {name: i for i, name in interfaces().items()}.get(iface)
+    index = _ifindex_when_there(iface)
     if index is None:
-        raise WeftError(f"no interface {iface} here")
+        raise WeftError(f"no interface {iface} here (waited {IFACE_WAIT:g} s for the plugin to wire it)")
     with MapWriter(build.maps_dir(root) / "endpoints") as writer:
         writer.update(m.pack_key("endpoints", index), m.pack_value("endpoints", entry))
     return attach(runner, [iface], build.progs_dir(root))
+
+
+# How long an ADD's eBPF step waits for the pod's veth. The plugin wires an eBPF node's pod before
+# its policy step; but an ADD that began on an iptables node runs the step while it wires, and if
+# the node switched to eBPF meanwhile (the step decides under the node lock) the veth may not be
+# there yet: the ADD waits for it rather than failing.
+IFACE_WAIT = 5.0
+
+
+def _ifindex_when_there(iface: str, timeout: float = IFACE_WAIT) -> int | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        index = {name: i for i, name in interfaces().items()}.get(iface)
+        if index is not None or time.monotonic() >= deadline:
+            return index
+        time.sleep(0.02)
 
 
 def forget_endpoint(state_dir: Path | str, iface: str) -> bool:

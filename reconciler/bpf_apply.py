@@ -447,9 +447,45 @@ def apply_bpf(desired: m.BpfMaps, root: Path, runner: Runner | None = None,
 
 
 def destroy_bpf(root: Path, runner: Runner | None = None) -> list[str]:
-    """Detach weft's programs from every weft interface here and remove the node's pins."""
+    """Detach weft's programs from every weft interface here, and this node's node-port programs
+    from its uplinks, and remove the node's pins."""
     runner = runner or Runner()
     removed = detach(runner, weft_interfaces())
+    removed += detach_uplinks(runner, root)
+    return removed + remove_pins(root)
+
+
+def detach_uplinks(runner: Runner, root: Path) -> list[str]:
+    """Remove weft's filter from the hooks of interfaces other than pods' where it runs one of
+    the programs pinned under `root` (any build): another node's or tool's filters stay."""
+    ours = set()
+    if root.exists():
+        for build in root.iterdir():
+            if build.name.startswith("progs-") and build.is_dir():
+                for pin in build.iterdir():
+                    try:
+                        ours.add(prog_info(pin).id)
+                    except (WeftError, OSError):
+                        continue
+    others = sorted(name for name in interfaces().values() if not name.startswith(HOST_IFACE_PREFIX))
+    if not ours or not others:
+        return []
+    removed = []
+    current = read_attachments(runner, others)
+    for iface in others:
+        mine = [hook for hook in HOOKS if current[(iface, hook)].prog_id in ours]
+        for hook in mine:
+            runner.run(["tc", "filter", "del", "dev", iface, hook, "pref", str(FILTER_PREF)], writes=True)
+            removed.append(f"{iface}/{hook}")
+        if mine:
+            drop_clsact(runner, iface)
+    return removed
+
+
+def remove_pins(root: Path) -> list[str]:
+    """Remove a node's pin directory (programs and maps), and weft's directory once it is the
+    last; attachments are left alone (a namespace's go with its interfaces)."""
+    removed = []
     if root.exists():
         _remove_tree(root)
         removed.append(str(root))

@@ -42,8 +42,9 @@ The walk (iptables semantics: renderers.iptables endpoint_specs / _rule_specs)
 -----------------------------------------------------------------------------
 For the rules that match the packet, in order (tier, policy, rule): Allow allows; Deny denies;
 Pass ends the tier (its remaining rules and policies are skipped, and so is the tier's end); Log
-is noted and the walk goes on. A tier that neither allowed, denied nor passed denies at its end
-(every tier in a profile has a policy that selects the endpoint). Passing every tier allows.
+is noted and the walk goes on. A tier that neither allowed, denied nor passed ends with its
+defaultAction: Deny, or Pass on to the next tier (every tier in a profile has a policy that
+selects the endpoint). Passing every tier allows.
 An endpoint no policy selects for a direction is open (profile 0); a pod the desired state does
 not know yet is closed (profile 1) where some policy might select it, open where none could.
 Each leaf carries the id of the rule (or tier end) that decided, for counters, and the id of the
@@ -58,8 +59,8 @@ outlives any policy change until conntrack forgets it).
 Where the two planes cannot differ, and how it is checked: tests/test_bpf_policy.py evaluates
 the iptables chains and these maps for every cell of the suite's NetworkPolicy scenarios and for
 random tiered Calico-style policies; tests/test_bpf_dataplane.py runs the scenarios with real
-packets. Kept from renderers.iptables on purpose: only IPv4 is policed (weft renders no ip6tables
-rules yet; an IPv6 classifier would be a second LPM trie keyed the same way); numeric ports
+packets. Kept from renderers.iptables on purpose: the programs police IPv4 only (IPv6 stays with
+ip6tables: host_dataplane; an IPv6 classifier would be a second LPM trie keyed the same way); numeric ports
 without a protocol match TCP, UDP and SCTP (iptables cannot express them; Calico requires a
 protocol); connections the host opens to its pods are not policed. Of a fragmented datagram
 only the first fragment is judged (the later ones carry no ports; without the first they
@@ -70,20 +71,25 @@ Cost, measured on bench/synthetic.py's cluster (10,000 pods, 1,000 policies, 110
 classifies the 10,000 endpoints having it) rendered in a few seconds (bench/bench_bpf.py prints
 it); one changed policy port: 9 keys written, 2 deleted.
 
-Calico's other matches fit the same encoding: notSelector is a negative atom (as notNets is);
-notPorts the complement of a port set; ICMP type/code a destination "port" range under protocol
-1; notProtocol a protocol set whose complement is the "any protocol" entry; ipVersion keeps a
-rule out of the IPv4 (or a future IPv6) classification; serviceAccount selectors are endpoint
-selectors. Only the compilation of a rule into atoms and port sets grows; the maps and the
-programs do not change.
+Calico's other matches, in the same encoding: notSelector is a negative atom (as notNets is;
+selectors pick pods, host endpoints' expected IPs and network sets' nets); notPorts the
+complement of a port set; ICMP type/code a destination "port" (type << 8 | code) under protocol
+1; notProtocol a protocol entry of its own with the rule left out, the rule kept in the "any
+protocol" entry; ipVersion 6 (or ICMPv6) keeps a rule out of the IPv4 classification;
+serviceAccount selectors are endpoint selectors; a tier whose defaultAction is Pass goes on to
+the next tier where iptables' TIER_PASSES does. Only the compilation of a rule into atoms and
+port sets grew; the maps and the programs did not change. tests/test_calico_kernel.py runs
+Calico's documented examples, semantics cases and random tiered policies on both planes against
+the reference evaluator (desired.verdict).
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import socket
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, partial
 
@@ -107,17 +113,31 @@ from weft.model.bpf import (
     Verdict,
     VerdictKey,
 )
-from weft.model.cluster import EGRESS, INGRESS, Action, ClusterState, Endpoint, EntityMatch, NamedPort, Policy
-from weft.model.kernel import Chain, Dataplane, Hooks
+from weft.model.cluster import (
+    EGRESS,
+    INGRESS,
+    Action,
+    ClusterState,
+    Endpoint,
+    EntityMatch,
+    IcmpMatch,
+    NamedPort,
+    Policy,
+    Rule,
+    Tier,
+    protocol_number,
+)
+from weft.model.kernel import PREFIX, Chain, Dataplane
 from weft.renderers.bpf_services import render_services
 from weft.renderers.ipsets import entity_key
-from weft.renderers.iptables import FORWARD_CHAIN, HOOKED, INPUT_CHAIN, WL_GLOB, might_apply, policies_by_endpoint
-from weft.renderers.natoutgoing import NAT_TABLES, SETS
-from weft.renderers.rules import TABLE, TABLE6, Spec, chain_lines
+from weft.renderers.iptables import FORWARD_CHAIN, MATCH_SET, WL_GLOB, might_apply, policies_by_endpoint
+from weft.renderers.rules import FROM_DISPATCH, TABLE, TO_DISPATCH, Spec, chain_lines, rule_id
 
 ADDRESSES = 1 << 32
 PORTS = 1 << 16
 PORT_PROTOCOLS = frozenset({PROTOCOL_NUMBERS["tcp"], PROTOCOL_NUMBERS["udp"], PROTOCOL_NUMBERS["sctp"]})
+ICMP = PROTOCOL_NUMBERS["icmp"]
+ICMPV6 = 58                         # IPv6's: never an IPv4 packet's protocol
 OTHER = -1                          # stands for every protocol no rule of the profile names
 OPEN = DirectionPolicy(PROFILE_OPEN)
 CLOSED = DirectionPolicy(PROFILE_CLOSED, digest=PROFILE_CLOSED)
@@ -143,6 +163,11 @@ class Side:
     pos: tuple[str, ...]                     # atoms the address must be in
     neg: tuple[str, ...]                     # atoms it must not be in
     ports: PortMatch | None                  # None: any port
+    not_ports: PortMatch | None = None       # notPorts: None, or ports the packet's must not be
+
+    @property
+    def ported(self) -> bool:
+        return self.ports is not None or self.not_ports is not None
 
 
 @dataclass(frozen=True)
@@ -154,6 +179,8 @@ class CompiledRule:
     src: Side
     dst: Side
     ident: str
+    not_protos: frozenset[int] = frozenset() # notProtocol (with protos None): every protocol but these
+    icmp: tuple[tuple[int, int], ...] | None = None   # ICMP type << 8 | code intervals (protocol 1 only)
 
 
 class Leaf(tuple):
@@ -230,16 +257,34 @@ class Atoms:
                          lambda: (_net_range(n) for n in normal))
 
     def peers(self, entity: EntityMatch) -> str:
+        """The addresses a side's positive selector picks: pods, host endpoints' expected IPs and
+        network sets' nets (renderers.calico's selection sets)."""
         key = entity_key(entity)
 
         def ranges():
-            eps = self.index.endpoints
-            for i in self.index.match(entity):
-                for ip in eps[i].ips:
-                    if ":" not in ip:
-                        a = _ip4(ip)
-                        yield a, a
+            selection = self.index.side(entity)
+            if selection is None:
+                return
+            if not (selection.host_endpoints or selection.network_sets):
+                eps = self.index.endpoints
+                for i in self.index.match(entity):
+                    for ip in eps[i].ips:
+                        if ":" not in ip:
+                            a = _ip4(ip)
+                            yield a, a
+                return
+            yield from (_net_range(n) for n in selection.nets(self.index, 4))
         return self._add("peers:" + key, "endpoints matching " + key, ranges)
+
+    def not_selected(self, entity: EntityMatch) -> str:
+        """The addresses a side's notSelector picks (anywhere: it is not confined to a namespace)."""
+        assert entity.not_selector is not None
+        key = entity.not_selector.canonical()
+
+        def ranges():
+            selection = self.index.side_not(entity)
+            return () if selection is None else (_net_range(n) for n in selection.nets(self.index, 4))
+        return self._add("not:" + key, "addresses selected by notSelector " + key, ranges)
 
     def named_port(self, entity: EntityMatch, name: str, protocol: str | None) -> tuple[tuple[str, int, int], ...]:
         """One (atom, protocol, port) per number the name has among the matching endpoints (with the
@@ -285,13 +330,62 @@ def _compile_side(entity: EntityMatch, protocol: str | None, atoms: Atoms) -> Si
         neg.append(atoms.nets(not_nets))
     if entity.has_endpoint_constraint:
         pos.append(atoms.peers(entity))
-    ports = None
-    if entity.ports:
-        ranges = _merge((p.start, p.end) for p in entity.ports if not isinstance(p, NamedPort))
-        named = tuple(x for p in entity.ports if isinstance(p, NamedPort)
-                      for x in atoms.named_port(entity, p.name, protocol))
-        ports = PortMatch(ranges, named)
-    return Side(tuple(pos), tuple(neg), ports)
+    if entity.not_selector is not None:
+        neg.append(atoms.not_selected(entity))
+    return Side(tuple(pos), tuple(neg), _port_match(entity.ports, entity, protocol, atoms),
+                _port_match(entity.not_ports, entity, protocol, atoms))
+
+
+def _port_match(ports, entity: EntityMatch, protocol: str | None, atoms: Atoms) -> PortMatch | None:
+    if not ports:
+        return None
+    ranges = _merge((p.start, p.end) for p in ports if not isinstance(p, NamedPort))
+    named = tuple(x for p in ports if isinstance(p, NamedPort) for x in atoms.named_port(entity, p.name, protocol))
+    return PortMatch(ranges, named)
+
+
+def _icmp_ranges(rule: Rule) -> tuple[tuple[int, int], ...] | None:
+    """icmp/notICMP as intervals of the programs' ICMP "destination port" (type << 8 | code)."""
+    if rule.icmp is None and rule.not_icmp is None:
+        return None
+
+    def span(match: IcmpMatch) -> tuple[int, int]:
+        return (match.type << 8 | match.code,) * 2 if match.code is not None else \
+            (match.type << 8, match.type << 8 | 0xff)
+    out = [(0, PORTS - 1)] if rule.icmp is None else [span(rule.icmp)]
+    if rule.not_icmp is not None:
+        out = _subtract(out, [span(rule.not_icmp)])
+    return _merge(out)
+
+
+def _subtract(ranges, holes) -> list[tuple[int, int]]:
+    """Intervals `ranges` without the intervals `holes`."""
+    out = []
+    for lo, hi in ranges:
+        for h_lo, h_hi in sorted(holes):
+            if h_hi < lo or h_lo > hi:
+                continue
+            if h_lo > lo:
+                out.append((lo, h_lo - 1))
+            lo = h_hi + 1
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+def _rule_protocols(rule: Rule) -> tuple[frozenset[int] | None, frozenset[int]] | None:
+    """(protocols, excluded protocols) of an IPv4 rule; None if it can never match IPv4."""
+    if rule.ip_version not in (None, 4):
+        return None
+    protos = None if rule.protocol is None else frozenset({protocol_number(rule.protocol)})
+    excluded = frozenset() if rule.not_protocol is None else frozenset({protocol_number(rule.not_protocol)})
+    if protos is not None and (ICMPV6 in protos or protos <= excluded):
+        return None
+    if protos is None and (rule.icmp is not None or rule.not_icmp is not None):
+        protos = frozenset({ICMP})      # ICMP matches need the ICMP protocol (as iptables' -m icmp)
+    return (protos, frozenset()) if protos is not None else (None, excluded)
 
 
 def rule_ident(policy: Policy, direction: str, index: int) -> str:
@@ -322,19 +416,25 @@ class Profile:
     rules: tuple[str, ...] = ()                          # every rule (and tier end) in evaluation order
 
 
-def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: dict[str, str]) -> Profile:
+def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about: dict[str, str],
+                     tier_of: Mapping[str, Tier] | None = None) -> Profile:
     tiers = list(dict.fromkeys(p.tier for p in policies))
+    passing = frozenset(t for t in tiers if tier_of is not None and t in tier_of
+                        and tier_of[t].default_action == Action.PASS)
     rules: list[CompiledRule] = []
     order: list[str] = []
     for position, policy in enumerate(policies):
         for i, rule in enumerate(policy.ingress if direction == INGRESS else policy.egress):
+            protocols = _rule_protocols(rule)
+            if protocols is None:
+                continue
             src = _compile_side(rule.source, rule.protocol, atoms)
             dst = _compile_side(rule.destination, rule.protocol, atoms)
             if src is None or dst is None:
                 continue
-            protos = None if rule.protocol is None else frozenset({PROTOCOL_NUMBERS[rule.protocol]})
             ident = rule_ident(policy, direction, i)
-            rules.append(CompiledRule(len(rules), tiers.index(policy.tier), rule.action, protos, src, dst, ident))
+            rules.append(CompiledRule(len(rules), tiers.index(policy.tier), rule.action, protocols[0], src, dst,
+                                      ident, protocols[1], _icmp_ranges(rule)))
             about.setdefault(ident, f"{policy.origin or policy.key} {direction.lower()} rule {i + 1} "
                                     f"({rule.action.value}, tier {policy.tier})")
             order.append(ident)
@@ -343,6 +443,7 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
     for tier in tiers:
         about.setdefault(tier_end_ident(tier, direction),
                          f"end of tier {tier} ({direction.lower()}): no policy allowed or passed")
+    order = [o for o in order if o not in {tier_end_ident(t, direction) for t in passing}]
     about.setdefault(passed_ident(direction), f"every tier passed ({direction.lower()})")
     order.append(passed_ident(direction))
 
@@ -355,12 +456,14 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
     for r in rules:
         if r.protos is not None:
             named_protos |= r.protos
+        named_protos |= r.not_protos
         for side in (r.src, r.dst):
-            if side.ports is not None:
-                named_protos |= {proto for _, proto, _ in side.ports.named}
-                if side.ports.ranges and r.protos is None:
-                    named_protos |= PORT_PROTOCOLS
-    walk = _walker(rules, tiers, direction)
+            for match in (side.ports, side.not_ports):
+                if match is not None:
+                    named_protos |= {proto for _, proto, _ in match.named}
+                    if match.ranges and r.protos is None:
+                        named_protos |= PORT_PROTOCOLS
+    walk = _walker(rules, tiers, direction, passing)
     src_of, dst_of = _candidates(rules, lambda r: r.src), _candidates(rules, lambda r: r.dst)
     src_cand = {sig: src_of(sig) for sig in src_sigs}
     dst_cand = {sig: {r.position for r in dst_of(sig)} for sig in dst_sigs}
@@ -369,15 +472,17 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
         for d_sig, d_rules in dst_cand.items():
             cand = [r for r in s_rules if r.position in d_rules]
             other = _port_function([(r, None, None) for r in cand if r.protos is None
-                                    and r.src.ports is None and r.dst.ports is None], walk)
+                                    and not r.src.ported and not r.dst.ported], walk)
             verdicts[(s_sig, d_sig, None)] = other
             for proto in sorted(named_protos):
                 entries = []
                 for r in cand:
-                    if r.protos is not None and proto not in r.protos:
+                    if r.protos is not None and proto not in r.protos or proto in r.not_protos:
                         continue
-                    sports = _port_set(r.src.ports, s_sig, proto)
-                    dports = _port_set(r.dst.ports, d_sig, proto)
+                    sports = _port_set(r.src, s_sig, proto)
+                    dports = _port_set(r.dst, d_sig, proto)
+                    if r.icmp is not None:
+                        dports = _merge(_intersect(dports or ((0, PORTS - 1),), r.icmp))
                     if sports != () and dports != ():
                         entries.append((r, sports, dports))
                 value = _port_function(entries, walk)
@@ -390,7 +495,11 @@ def _compile_profile(direction: str, policies: list[Policy], atoms: Atoms, about
 
 
 def _named_atoms(side: Side) -> tuple[str, ...]:
-    return tuple(a for a, _, _ in side.ports.named) if side.ports is not None else ()
+    return tuple(a for match in (side.ports, side.not_ports) if match is not None for a, _, _ in match.named)
+
+
+def _intersect(a, b) -> list[tuple[int, int]]:
+    return [(max(lo, b_lo), min(hi, b_hi)) for lo, hi in a for b_lo, b_hi in b if max(lo, b_lo) <= min(hi, b_hi)]
 
 
 def _candidates(rules: list[CompiledRule], side: Callable[[CompiledRule], Side]) -> Callable[[frozenset], list]:
@@ -416,14 +525,19 @@ def _candidates(rules: list[CompiledRule], side: Callable[[CompiledRule], Side])
     return of
 
 
-def _port_set(ports: PortMatch | None, sig: frozenset, proto: int):
-    """The ports (intervals) a side's port match admits for `proto` and an address of class `sig`;
-    None for any port, () for none."""
-    if ports is None:
+def _port_set(side: Side, sig: frozenset, proto: int):
+    """The ports (intervals) a side's ports and notPorts admit for `proto` and an address of
+    class `sig`; None for any port, () for none."""
+    if not side.ported:
         return None
-    out = list(ports.ranges) if proto in PORT_PROTOCOLS else []
-    out += [(port, port) for atom, p, port in ports.named if p == proto and atom in sig]
-    return _merge(out)
+
+    def admitted(ports: PortMatch) -> list[tuple[int, int]]:
+        out = list(ports.ranges) if proto in PORT_PROTOCOLS else []
+        return out + [(port, port) for atom, p, port in ports.named if p == proto and atom in sig]
+    allowed = admitted(side.ports) if side.ports is not None else [(0, PORTS - 1)]
+    if side.not_ports is not None:
+        allowed = _subtract(_merge(allowed), _merge(admitted(side.not_ports)))
+    return _merge(allowed)
 
 
 def _classify(atom_ids: tuple[str, ...], atoms: Atoms) -> tuple[list[tuple[int, int, frozenset]], set[frozenset]]:
@@ -457,8 +571,10 @@ def _classify(atom_ids: tuple[str, ...], atoms: Atoms) -> tuple[list[tuple[int, 
     return intervals, sigs
 
 
-def _walker(rules: list[CompiledRule], tiers: list[str], direction: str) -> Callable[[list], Leaf]:
+def _walker(rules: list[CompiledRule], tiers: list[str], direction: str,
+            passing: frozenset[str] = frozenset()) -> Callable[[list], Leaf]:
     ends = [tier_end_ident(t, direction) for t in tiers]
+    passes = [t in passing for t in tiers]
     passed = passed_ident(direction)
 
     def walk(matching: list[CompiledRule]) -> Leaf:
@@ -478,7 +594,7 @@ def _walker(rules: list[CompiledRule], tiers: list[str], direction: str) -> Call
                     passed_tier = True
                     break
                 logs.append(r.ident)
-            if not passed_tier:
+            if not passed_tier and not passes[t]:        # the tier's defaultAction: Deny, or Pass
                 return Leaf((DENY, ends[t], tuple(logs)))
             while i < n and matching[i].tier == t:
                 i += 1
@@ -604,7 +720,7 @@ def render_bpf(state: ClusterState, node: str, pending: tuple[Endpoint, ...] = (
                 continue
             ident = direction + "|" + "|".join(f"{p.tier}/{p.key}" for p in policies)
             if ident not in profiles:
-                profiles[ident] = _compile_profile(direction, policies, atoms, rule_about)
+                profiles[ident] = _compile_profile(direction, policies, atoms, rule_about, state.tiers)
             chosen[ep.iface][direction] = ident
     maps = _materialise(local, chosen, profiles, atoms, rule_about)
     services, backends, about = render_services(state, node, local)
@@ -824,32 +940,96 @@ def _lookup_port(maps: BpfMaps, table: int, port: int) -> Verdict | None:
 
 
 def host_dataplane(rendered: Dataplane) -> Dataplane:
-    """What an eBPF node keeps of the iptables render: its routes and interface settings; in the
-    IPv4 table a filter chain that accepts pod traffic (the node's FORWARD policy may be DROP)
-    because the programs on the pods' interfaces judge it, no policy chains, no IPv4 sets; and
-    the IPv6 table and sets whole: the programs judge IPv4 only and pass IPv6 untouched, so a
-    dual-stack pod's IPv6 is enforced by ip6tables as on an iptables node.
+    """What an eBPF node keeps of the iptables render: everything but the pods' own policy.
+
+    The programs on the pods' interfaces judge pod traffic (IPv4); iptables keeps what is not a
+    pod's policy, rendered exactly as on an iptables node, so its semantics are the same by
+    construction:
+
+      * routes and interface settings;
+      * the host endpoints (Calico's eBPF mode puts programs on the host's interfaces; weft keeps
+        its iptables chains instead, a smaller change): traffic to and from the host (weft-INPUT,
+        weft-OUTPUT, the failsafes first), applyOnForward (weft-from-hep-fwd/weft-to-hep-fwd),
+        preDNAT (mangle) and doNotTrack (raw) policies, with the policy chains and sets they use;
+      * defaultEndpointToHostAction for a pod's traffic to its host (weft-INPUT, after the
+        program judged the pod's egress);
+      * natOutgoing (the nat tables and their sets);
+      * the IPv6 table and sets whole: the programs judge IPv4 only and pass IPv6 untouched, so a
+        dual-stack pod's IPv6 is enforced by ip6tables as on an iptables node.
+
+    Removed: the IPv4 dispatch chains, the pods' chains and the IPv4 chains and sets only they
+    used; weft-FORWARD and weft-INPUT accept a pod's traffic where they would have dispatched it
+    (the node's FORWARD policy may be DROP), and drop no "INVALID" pod traffic (the programs
+    track pod connections and translate services themselves: the kernel's conntrack may not have
+    seen a connection's start). weft-FORWARD also accepts what a node port's program translated
+    (NODEPORT_MARK): a backend on another node is reached uplink to uplink.
 
     A node switched from iptables gets this in the same apply, after the programs are attached
     (reconciler.engine's order), so no pod is open in between."""
-    chains = {
-        FORWARD_CHAIN: chain_lines(FORWARD_CHAIN, [Spec(f"-i {WL_GLOB}", target="-j ACCEPT"),
-                                                   Spec(f"-o {WL_GLOB}", target="-j ACCEPT")]),
-        INPUT_CHAIN: (),
-    }
-    about = {FORWARD_CHAIN: "entry from FORWARD: pod traffic, judged by weft's eBPF programs",
-             INPUT_CHAIN: "entry from INPUT: pod traffic to this host, judged by weft's eBPF programs"}
-    hooks = {(TABLE, builtin): Hooks(TABLE, builtin, chain_lines(builtin, [Spec(target=f"-j {target}")]))
-             for builtin, target in HOOKED.items()}
-    hooks.update({key: h for key, h in rendered.hooks.items() if key[0] == TABLE6})
-    kept = {(TABLE, name): Chain(TABLE, name, rules, about[name]) for name, rules in chains.items()}
-    kept.update({key: c for key, c in rendered.chains.items() if key[0] == TABLE6})
-    sets = {name: s for name, s in rendered.ipsets.items() if s.family == "inet6"}
-    # natOutgoing (renderers.natoutgoing) is not policy: the nat tables and their sets stay as rendered.
-    hooks.update({key: h for key, h in rendered.hooks.items() if key[0] in NAT_TABLES.values()})
-    kept.update({key: c for key, c in rendered.chains.items() if key[0] in NAT_TABLES.values()})
-    sets.update({name: s for name, s in rendered.ipsets.items() if any(name in pair for pair in SETS.values())})
-    return Dataplane(kept, sets, hooks, rendered.routes, rendered.links)
+    pods = (FROM_DISPATCH, TO_DISPATCH)
+    chains: dict = {}
+    for key, chain in rendered.chains.items():
+        table, name = key
+        if table != TABLE:
+            chains[key] = chain
+        elif name not in pods and not name.startswith(POD_CHAIN_PREFIXES):
+            chains[key] = replace(chain, rules=tuple(r for r in chain.rules if not _pod_policy_rule(r)))
+    hooks = dict(rendered.hooks)
+    forward = chains.get((TABLE, FORWARD_CHAIN)) or Chain(TABLE, FORWARD_CHAIN, chain_lines(
+        FORWARD_CHAIN, [Spec(f"-i {WL_GLOB}", target="-j ACCEPT"), Spec(f"-o {WL_GLOB}", target="-j ACCEPT")]))
+    chains[(TABLE, FORWARD_CHAIN)] = _appended(forward, Spec(extra=f"-m mark --mark {NODEPORT_MARK}/{NODEPORT_MARK}",
+                                                             target="-j ACCEPT"))
+    chains = _referenced(chains, hooks)
+    used = {name for c in chains.values() for r in c.rules for name in MATCH_SET.findall(r)}
+    # IPv6 sets stay whole: the CNI plugin's IPv6 step programs a new pod from the snapshot with
+    # chains and sets no local pod may use yet.
+    sets = {name: s for name, s in rendered.ipsets.items() if name in used or s.family == "inet6"}
+    return Dataplane(chains, sets, hooks, rendered.routes, rendered.links)
+
+
+POD_CHAIN_PREFIXES = (f"{PREFIX}fw-", f"{PREFIX}tw-")
+# policy.c's WEFT_MARK_NODEPORT: the uplink's program sent this packet to a node port's backend
+# (or brought a remote backend's reply back): uplink to uplink for a backend on another node,
+# which the node's FORWARD policy (maybe DROP) must not stop: weft-FORWARD accepts it.
+NODEPORT_MARK = "0x40000"
+
+
+def _appended(chain: Chain, spec: Spec) -> Chain:
+    """`chain` with one more rule at its end (its id chained on the last one, as chain_lines does)."""
+    found = re.search(r'--comment "weft:([^"]+)"', chain.rules[-1]) if chain.rules else None
+    previous = found.group(1) if found else ""
+    body = " ".join(p for p in (spec.matches, spec.extra, spec.target) if p)
+    ident = rule_id(chain.name, previous, body)
+    line = " ".join(p for p in (f"-A {chain.name}", spec.matches, f'-m comment --comment "weft:{ident}"',
+                                spec.extra, spec.target) if p)
+    return replace(chain, rules=(*chain.rules, line))
+
+
+def _pod_policy_rule(rule: str) -> bool:
+    """A rule of weft-FORWARD/weft-INPUT that hands pod traffic to its policy (the programs'
+    job on an eBPF node), or drops a pod's "INVALID" packets."""
+    return any(f"-j {d}" in rule or f"-g {d}" in rule for d in (FROM_DISPATCH, TO_DISPATCH)) or \
+        (f" {WL_GLOB} " in rule and "--ctstate INVALID" in rule)
+
+
+def _referenced(chains: dict, hooks: dict) -> dict:
+    """The IPv4 filter table's chains reachable from its hooks (through -j/-g of kept rules): the
+    policy chains host endpoints use, not those only the pods' chains did; other tables whole."""
+    kept: dict = {key: c for key, c in chains.items() if key[0] != TABLE}
+    todo = [(table, target) for (table, _), h in hooks.items() if table == TABLE for r in h.rules
+            for target in _jumps(r)]
+    while todo:
+        key = todo.pop()
+        if key in kept or key not in chains:
+            continue
+        kept[key] = chains[key]
+        todo += [(key[0], target) for r in chains[key].rules for target in _jumps(r)]
+    return {key: chains[key] for key in chains if key in kept}
+
+
+def _jumps(rule: str) -> list[str]:
+    words = rule.split()
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-j", "-g") and words[i + 1].startswith(PREFIX)]
 
 
 def cni_snapshot(maps: BpfMaps, local: Iterable[Endpoint]) -> dict:

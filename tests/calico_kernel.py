@@ -10,6 +10,12 @@ every namespace is removed when the node is closed, also on failure.
 The node is wired like netlab's (a /32 route per pod to its host-side veth, the pod's default
 route via 169.254.1.1 with a permanent neighbour entry), and weft's render of the state for the
 node (chains, hooks, sets) is loaded whole with iptables-restore and ipset restore.
+
+Either data plane: `dataplane="ebpf"` loads what an eBPF node keeps of the iptables render
+(renderers.bpf_policy.host_dataplane) and puts weft's eBPF programs and policy maps on the pods'
+veths (reconciler.bpf_apply, in the node namespace through setns: never `ip netns exec`, which
+hides bpffs), pinned under `bpf_root`: a pin directory the test owns and removes (tests share
+one per module, so the programs are compiled once).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from weft.desired.verdict import Decision, Evaluator, Packet, Verdict
 from weft.model.cluster import EGRESS, INGRESS, ClusterState, Endpoint
 from weft.model.kernel import Dataplane
 from weft.renderers.iptables import render_node
+
+DATAPLANES = ("iptables", "ebpf")
 
 PROBE = Path(__file__).resolve().parent / "calico_probe.py"
 GATEWAY_IP = "169.254.1.1"
@@ -92,7 +100,11 @@ def _order(probe: dict) -> bool:
 class KernelNode:
     """Namespaces for `state`'s pods on `node`, and the outside."""
 
-    def __init__(self, state: ClusterState, node: str, host_ip: str | None = None):
+    def __init__(self, state: ClusterState, node: str, host_ip: str | None = None, dataplane: str = "iptables",
+                 bpf_root: Path | None = None):
+        assert dataplane in DATAPLANES and (dataplane == "iptables" or bpf_root is not None)
+        self.dataplane = dataplane
+        self.bpf_root = bpf_root
         self.node = node
         self.host_ip = host_ip             # the node's address on eth0 (its host endpoint's), if any
         self.prefix = f"wcal-{os.getpid()}-{next(_counter)}"
@@ -161,6 +173,9 @@ class KernelNode:
         assert {ep.key for ep in state.local_endpoints(self.node)} == set(self.pods), "the pods are fixed"
         self.state = state
         dataplane = render_node(state, self.node)
+        if self.dataplane == "ebpf":
+            from weft.renderers.bpf_policy import host_dataplane
+            dataplane = host_dataplane(dataplane)
         rules, sets = restore_text(dataplane)
         for table in TABLES:
             in_ns(self.node_ns, "iptables", "-t", table, "-F")
@@ -168,8 +183,32 @@ class KernelNode:
         in_ns(self.node_ns, "ipset", "destroy")
         in_ns(self.node_ns, "ipset", "restore", stdin=sets)
         in_ns(self.node_ns, "iptables-restore", stdin=rules)
-        in_ns(self.node_ns, "conntrack", "-F", check=False)
+        if self.dataplane == "ebpf":
+            self.load_bpf(state)
+        self.forget()
         return dataplane
+
+    def load_bpf(self, state: ClusterState):
+        """weft's eBPF plane for `state` on the pods' veths (compiled only if the pin directory
+        has no current build); the maps must read back exactly as rendered."""
+        from weft.playbooks.bpflab import in_netns
+        from weft.probes.bpf import read_maps
+        from weft.reconciler.bpf_apply import apply_bpf, build_for
+        from weft.renderers.bpf_policy import render_bpf
+        assert self.bpf_root is not None
+        maps = render_bpf(state, self.node)
+        in_netns(self.node_ns, apply_bpf, maps, self.bpf_root)
+        found = in_netns(self.node_ns, read_maps, build_for(self.bpf_root).maps_dir(self.bpf_root))
+        assert found == maps, "the eBPF maps read back differ from the render"
+        return maps
+
+    def forget(self) -> None:
+        """Forget every tracked connection: the kernel's, and weft's eBPF conntrack."""
+        in_ns(self.node_ns, "conntrack", "-F", check=False)
+        if self.dataplane == "ebpf":
+            from weft.reconciler.bpf_apply import build_for, clear_map
+            assert self.bpf_root is not None
+            clear_map(build_for(self.bpf_root).maps_dir(self.bpf_root) / "conntrack")
 
     # --- packets -----------------------------------------------------------------------------
 
@@ -210,7 +249,7 @@ class KernelNode:
                 out = run(sys.executable, str(PROBE),
                           stdin=json.dumps({"captures": captures, "local": local, "probes": batch}))
                 arrived |= set(json.loads(out))
-                in_ns(self.node_ns, "conntrack", "-F", check=False)
+                self.forget()
         return [p["id"] in arrived for p in probes]
 
     def expected(self, flows: list[Flow], probes: list[dict]) -> list[bool]:
@@ -265,3 +304,24 @@ class KernelNode:
         got, want = self.delivered(probes), self.expected(flows, probes)
         return [f"{f}: kernel {'passed' if g else 'dropped'}, Calico {'allows' if w else 'denies'}"
                 for f, g, w in zip(flows, got, want, strict=True) if g != w]
+
+
+def bpf_usable() -> str | None:
+    """Why the eBPF plane cannot be loaded here, or None."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "needs bcc (Debian's python3-bpfcc) in the interpreter: see playbooks/setup.sh"
+    return None
+
+
+def bpf_pins(prefix: str):
+    """A pin directory of its own (under weft's, named by this process and `prefix`), removed
+    after, also on failure: a generator for a pytest fixture."""
+    from weft.reconciler.bpf_apply import node_pin_dir, remove_pins
+    root = node_pin_dir(f"/nonexistent/weft-test-{prefix}-{os.getpid()}-{next(_counter)}")
+    try:
+        yield root
+    finally:
+        remove_pins(root)
+        assert not root.exists(), f"pins left behind in {root}"

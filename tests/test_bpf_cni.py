@@ -170,3 +170,33 @@ def test_a_dual_stack_pod_on_an_ebpf_node_gets_ipv4_in_the_maps_and_ipv6_in_ip6t
     cn.ok("DEL", "a")
     assert index not in endpoint_keys(root)
     assert f"weft-fw-{iface}" not in cn.sh("ip6tables-nft-save", "-t", "filter")
+
+
+def test_an_add_begun_on_iptables_waits_for_its_veth_when_the_node_switched_to_ebpf(ebpf):
+    """The plugin chose the iptables order (the policy step while it wires the pod) and the node
+    switched to eBPF before the step took the node lock: the step, deciding under the lock, finds
+    an eBPF node and the pod's veth not there yet. It waits for the veth (reconciler.bpf
+    IFACE_WAIT) and programs it, instead of failing the ADD."""
+    import threading
+    import time
+
+    from weft.model.bpf import PROFILE_CLOSED, DirectionPolicy, EndpointEntry
+    from weft.playbooks.bpflab import in_netns
+    from weft.reconciler import bpf
+    cn, root = ebpf
+    _manifests(cn, {})
+    weft(cn, "apply", "--dataplane", "ebpf")
+    iface = host_iface_name("x", "server")
+    closed = DirectionPolicy(PROFILE_CLOSED, digest=PROFILE_CLOSED)
+    wiring = threading.Timer(0.5, cn.sh, ("ip", "link", "add", iface, "type", "veth", "peer", "name", "wefttest-peer"))
+    started = time.monotonic()
+    wiring.start()
+    try:
+        attached = in_netns(cn.ns, bpf.program_endpoint, cn.state_dir, iface, EndpointEntry(closed, closed))
+        waited = time.monotonic() - started
+        assert sorted(attached) == [f"{iface}/egress", f"{iface}/ingress"], attached
+        assert waited >= 0.4, f"the veth was there after {waited:.2f} s: the test raced nothing"
+        assert ifindex(cn, iface) in endpoint_keys(root), "no endpoint entry for the veth"
+    finally:
+        wiring.join()
+        cn.sh("ip", "link", "del", iface)

@@ -386,3 +386,42 @@ def test_felix_configuration_bpf_enabled_chooses_the_plane(lab, node, tmp_path):
     node.weft("apply", source=off)
     assert not node.root.exists() and not any(node.hooks().values())
     check_matrix(lab, node, PEER.matrix(), "bpfEnabled: false (iptables)")
+
+
+def test_host_endpoints_on_an_ebpf_node_go_through_plan_apply_drift_destroy(lab, node, tmp_path):
+    """An eBPF node keeps weft's iptables chains for its host endpoints
+    (renderers.bpf_policy.host_dataplane): normal, applyOnForward, preDNAT and doNotTrack
+    policies and defaultEndpointToHostAction go in with the programs, the pods' own chains do
+    not; a second plan has nothing to do, drift finds nothing, destroy removes every chain, set
+    and pin."""
+    from tests.calico_cluster import gnp, kind
+    from tests.matrices import NODE as LAB_NODE
+    worker = {"selector": "role == 'worker'", "types": ["Ingress", "Egress"]}
+    docs = [kind("HostEndpoint", "lab-eth9", {"node": LAB_NODE, "interfaceName": "eth9"}, role="worker"),
+            kind("FelixConfiguration", "default", {"defaultEndpointToHostAction": "Drop"}),
+            gnp("host", **worker, ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80]}}],
+                egress=[{"action": "Allow"}]),
+            gnp("fwd", **worker, applyOnForward=True, ingress=[{"action": "Deny", "protocol": "UDP"}],
+                egress=[{"action": "Allow"}]),
+            gnp("pre", selector="role == 'worker'", preDNAT=True, applyOnForward=True,
+                ingress=[{"action": "Deny", "protocol": "TCP", "destination": {"ports": [8080]}}]),
+            gnp("raw", **worker, doNotTrack=True, applyOnForward=True,
+                ingress=[{"action": "Allow", "protocol": "TCP", "destination": {"ports": [9090]}}],
+                egress=[{"action": "Allow", "protocol": "TCP", "source": {"ports": [9090]}}])]
+    source = write_source(tmp_path / "src", SCENARIOS / "pod-selector-peer.yaml",
+                          texts={"hosts.yaml": "\n---\n".join(json.dumps(d) for d in docs)})
+    node.weft("apply", "--dataplane", "ebpf", source=source)
+    saved = lab.node_run(["iptables-nft-save"], check=True).stdout
+    for text in ("-i eth9 -m comment", "-g weft-hi-", "-o eth9 -m comment", "-g weft-ho-", "-j weft-from-hep-fwd",
+                 "-A PREROUTING", "-g weft-hd-", "-j NOTRACK", "-A weft-INPUT -i weft+"):
+        assert text in saved, f"{text!r} not in the eBPF node's iptables:\n{saved}"
+    assert not any("-fw-" in line or "-tw-" in line or "wl-dispatch" in line for line in weft_chains(lab)), \
+        "an eBPF node has pod policy chains"
+    check_matrix(lab, node, PEER.matrix(), "eBPF with host endpoints")
+    node.weft("plan", "--dataplane", "ebpf", "--detailed-exitcode", source=source, expect=0)
+    node.weft("drift", "--dataplane", "ebpf", source=source, expect=0)
+    node.weft("apply", "--destroy")
+    left = [line for line in lab.node_run(["iptables-nft-save"], check=True).stdout.splitlines() if "weft" in line]
+    assert not left, left
+    assert "weft" not in lab.node_run(["ipset", "list", "-n"], check=True).stdout
+    assert not node.root.exists()

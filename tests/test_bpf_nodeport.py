@@ -160,6 +160,28 @@ def test_external_traffic_policy_local_and_cluster_with_remote_backends(lab, out
     assert set(seen["tcp"]) == {"TimeoutError"} and set(seen["udp"]) == {"TimeoutError"}, seen
 
 
+def test_remote_backends_through_a_node_whose_forward_policy_is_drop(lab, outside, tmp_path):  # noqa: F811
+    """externalTrafficPolicy Cluster on a node whose FORWARD policy is DROP: a connection sent to
+    the backend on another node crosses the node uplink to uplink, and its replies come back the
+    same way; weft-FORWARD accepts what the uplink's program translated (its mark). Then the
+    test fallback (bpf_apply.destroy_bpf) takes the uplink's programs away too, not only the
+    pods'."""
+    from weft.playbooks.bpflab import in_netns
+    from weft.reconciler.bpf_apply import destroy_bpf
+    node, connect = outside
+    lab.node_run(["iptables", "-P", "FORWARD", "DROP"], check=True)
+    try:
+        node.weft("apply", "--dataplane", "ebpf", source=sources(tmp_path / "cluster", remote=True))
+        for proto, answers in connect(40).items():
+            assert set(answers) == {*BACKENDS, "remote"}, (proto, Counter(answers))
+    finally:
+        lab.node_run(["iptables", "-P", "FORWARD", "ACCEPT"], check=True)
+    assert "bpf" in uplink_filters(lab)
+    removed = in_netns(lab.node_netns, destroy_bpf, node.root)
+    assert {f"{UPLINK}/ingress", f"{UPLINK}/egress"} <= set(removed), removed
+    assert "bpf" not in uplink_filters(lab) and not node.root.exists()
+
+
 def test_policy_judges_the_backend_with_the_clients_address(lab, outside, tmp_path):  # noqa: F811
     """A policy on y/c admitting only pods: the outside client never reaches it through the node
     port, while y/a and y/b (no policy) answer."""

@@ -5,7 +5,8 @@ ipsets by tests/iptables_eval.py (an interpreter of the rules as the kernel read
 contents by renderers.bpf_policy.judge (the programs' lookups). They must agree for every cell
 the NetworkPolicy scenario matrices probe, and for random Calico-style policies (tiers, orders,
 Allow/Deny/Pass/Log, nets/notNets, selectors, namespace selectors, ports, ranges and named ports
-on either side) on random packets. No root needed: this is the pure half.
+on either side, notSelector, notProtocol, a tier whose defaultAction is Pass) on random packets.
+No root needed: this is the pure half.
 """
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ def entity(draw, numeric_ports: bool):
         namespace_selector=draw(selector) if constraint in ("nssel", "both") else None,
         namespace=draw(st.sampled_from(("a", "b"))) if constraint == "namespace" else None,
         ports=tuple(ports),
+        not_selector=draw(selector) if draw(st.integers(0, 4)) == 0 else None,
     )
 
 
@@ -139,8 +141,10 @@ def entity(draw, numeric_ports: bool):
 def rule(draw):
     protocol = draw(st.sampled_from((None, "tcp", "udp", "sctp")))
     # Numeric ports need a protocol (iptables' multiport does; Calico's validation too).
+    not_protocol = draw(st.sampled_from((None, None, "tcp", "udp"))) if protocol is None else None
     return Rule(action=draw(st.sampled_from(list(Action))), protocol=protocol,
-                source=draw(entity(protocol is not None)), destination=draw(entity(protocol is not None)))
+                source=draw(entity(protocol is not None)), destination=draw(entity(protocol is not None)),
+                not_protocol=not_protocol)
 
 
 @st.composite
@@ -172,7 +176,8 @@ def cluster(draw):
     namespaces = {ns: Namespace(ns, {**draw(labels), "kubernetes.io/metadata.name": ns}) for ns in ("a", "b")}
     return ClusterState(namespaces=namespaces, endpoints=tuple(endpoints),
                         policies=tuple(sorted(policies, key=lambda p: p.key)), nodes={},
-                        tiers={"default": Tier("default", 1_000_000.0), "security": Tier("security", 10.0)})
+                        tiers={"default": Tier("default", 1_000_000.0),
+                               "security": Tier("security", 10.0, draw(st.sampled_from((Action.DENY, Action.PASS))))})
 
 
 packet = st.builds(

@@ -1,9 +1,13 @@
-"""Calico's policy model in the iptables data plane, on a real kernel: for Calico's documented
+"""Calico's policy model in both data planes, on a real kernel: for Calico's documented
 examples (tests/calico), a table of semantics cases and random tiered policies, every flow of a
 matrix (every pair of pods, pods to and from addresses outside the node, over TCP, UDP, ICMP
 types and codes and a protocol by number) is sent as a real packet through the node namespace
 holding weft's render, and the kernel's verdict must equal the reference evaluator's
 (desired.verdict). The render's text must also read back exactly from iptables-save (no drift).
+
+The `plane` fixture runs a test on the iptables data plane and on the eBPF one (the same
+matrix, the same oracle); the eBPF half shares one pin directory per module, so weft's
+programs are compiled once.
 """
 from __future__ import annotations
 
@@ -14,9 +18,25 @@ import pytest
 
 from tests import nodens
 from tests.calico_cluster import NODE, cluster, example, gnp, kind, namespace, np, pod, service_account, tier
-from tests.calico_kernel import Flow, KernelNode, in_ns
+from tests.calico_kernel import DATAPLANES, Flow, KernelNode, bpf_pins, bpf_usable, in_ns
 
 pytestmark = pytest.mark.skipif(nodens.usable() is not None, reason=str(nodens.usable()))
+
+
+@pytest.fixture(scope="module")
+def pins():
+    """The module's eBPF pin directory (one compile for every eBPF test here), removed after."""
+    yield from bpf_pins("calico")
+
+
+@pytest.fixture(params=DATAPLANES)
+def plane(request) -> dict:
+    """KernelNode's arguments for one data plane."""
+    if request.param == "iptables":
+        return {"dataplane": "iptables"}
+    if why := bpf_usable():
+        pytest.skip(why)
+    return {"dataplane": "ebpf", "bpf_root": request.getfixturevalue("pins")}
 
 OUTSIDE = ("198.19.1.5", "198.19.5.1", "198.19.6.1", "198.19.66.7", "198.19.200.1")
 # (protocol, destination port, source port, icmp type, icmp code)
@@ -45,8 +65,8 @@ def saved_chains(node: KernelNode, table: str = "filter") -> dict[str, list[str]
     return chains
 
 
-def check(state, name: str = "") -> None:
-    with KernelNode(state, NODE) as node:
+def check(state, name: str = "", plane: dict | None = None) -> None:
+    with KernelNode(state, NODE, **(plane or {})) as node:
         dataplane = node.load(state)
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
@@ -67,8 +87,8 @@ EXAMPLES = {
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_documented_example_on_the_kernel(name):
-    check(example(*EXAMPLES[name]), name)
+def test_documented_example_on_the_kernel(name, plane):
+    check(example(*EXAMPLES[name]), name, plane)
 
 
 # --- the semantics table ----------------------------------------------------------------------------
@@ -156,8 +176,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_semantics_case_on_the_kernel(name):
-    check(cluster(*BASE, *CASES[name], namespaces=()), name)
+def test_semantics_case_on_the_kernel(name, plane):
+    check(cluster(*BASE, *CASES[name], namespaces=()), name, plane)
 
 
 # --- random tiered policies -----------------------------------------------------------------------
@@ -225,8 +245,8 @@ def random_policies(seed: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_random_tiered_policies_on_the_kernel(seed):
-    check(cluster(*BASE, *random_policies(seed), namespaces=()), f"seed {seed}")
+def test_random_tiered_policies_on_the_kernel(seed, plane):
+    check(cluster(*BASE, *random_policies(seed), namespaces=()), f"seed {seed}", plane)
 
 
 # --- Log -----------------------------------------------------------------------------------------
@@ -335,8 +355,8 @@ HOST_EXAMPLES = {"deny-all-failsafe": ("hosts/deny-all-failsafe.yaml", NODE, "19
                  "protect-hosts": ("hosts/protect-hosts.yaml", "my-host", "198.18.0.21")}
 
 
-def check_host(state, node_name: str, host_ip: str, name: str) -> None:
-    with KernelNode(state, node_name, host_ip) as node:
+def check_host(state, node_name: str, host_ip: str, name: str, plane: dict) -> None:
+    with KernelNode(state, node_name, host_ip, **plane) as node:
         dataplane = node.load(state)
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
@@ -347,19 +367,19 @@ def check_host(state, node_name: str, host_ip: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", HOST_CASES)
-def test_host_endpoint_case_on_the_kernel(name):
-    check_host(cluster(*BASE, *HOST_CASES[name], namespaces=()), NODE, "198.18.0.1", name)
+def test_host_endpoint_case_on_the_kernel(name, plane):
+    check_host(cluster(*BASE, *HOST_CASES[name], namespaces=()), NODE, "198.18.0.1", name, plane)
 
 
 @pytest.mark.parametrize("name", HOST_EXAMPLES)
-def test_documented_host_example_on_the_kernel(name):
+def test_documented_host_example_on_the_kernel(name, plane):
     path, node_name, host_ip = HOST_EXAMPLES[name]
-    check_host(example(path), node_name, host_ip, name)
+    check_host(example(path), node_name, host_ip, name, plane)
 
 
-def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server():
+def test_deny_all_on_every_interface_never_cuts_ssh_bgp_or_the_api_server(plane):
     state = example("hosts/deny-all-failsafe.yaml")
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         node.load(state)
         flows = [Flow("198.19.1.5", "host", "tcp", port) for port in (22, 179, 6443, 80, 8080)]
         assert node.delivered(node.probes(flows)) == [True, True, True, False, False]
@@ -402,11 +422,11 @@ FORWARD_CASES = {
 
 
 @pytest.mark.parametrize("name", FORWARD_CASES)
-def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name):
+def test_forwarded_traffic_through_a_host_endpoint_on_the_kernel(name, plane):
     """Pods to and from the outside cross eth0, a host endpoint: its applyOnForward policies
     judge that traffic too (others do not); pod to pod traffic is not a host endpoint's."""
     state = cluster(*BASE, *FORWARD_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         dataplane = node.load(state)
         rendered = {c.name: list(c.rules) for (table, _), c in dataplane.chains.items() if table == "filter"}
         assert saved_chains(node) == rendered, f"{name}: iptables-save differs from the render (drift)"
@@ -439,13 +459,13 @@ PREDNAT_CASES = {
 
 
 @pytest.mark.parametrize("name", PREDNAT_CASES)
-def test_pre_dnat_policies_on_the_kernel(name):
+def test_pre_dnat_policies_on_the_kernel(name, plane):
     """New connections into eth0 (a host endpoint), to the host or forwarded to pods, from the
     outside and from a peer node: preDNAT policies decide first (in mangle), the host's and the
     forwarded traffic's normal policies after them; the kernel's verdicts equal desired.verdict's."""
     state = example("hosts/pre-dnat.yaml") if not PREDNAT_CASES[name] else \
         cluster(*BASE, *PREDNAT_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         dataplane = node.load(state)
         for table in ("filter", "mangle"):
             rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
@@ -491,12 +511,12 @@ UNTRACKED_CASES = {
 
 
 @pytest.mark.parametrize("name", UNTRACKED_CASES)
-def test_do_not_track_policies_on_the_kernel(name):
+def test_do_not_track_policies_on_the_kernel(name, plane):
     """doNotTrack policies judge eth0's traffic first (in raw, before conntrack: an allowed
     packet is not tracked and accepted), then preDNAT, applyOnForward and normal policies; a "*"
     host endpoint gets none; the kernel's verdicts equal desired.verdict's."""
     state = cluster(*BASE, *UNTRACKED_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         dataplane = node.load(state)
         for table in ("filter", "mangle", "raw"):
             rendered = {c.name: list(c.rules) for (t, _), c in dataplane.chains.items() if t == table}
@@ -534,12 +554,12 @@ NO_KUBELET = gnp("no-kubelet", selector="app == 'a'", types=["Egress"], egress=[
 
 
 @pytest.mark.parametrize("name", TO_HOST_CASES)
-def test_pods_to_their_host_on_the_kernel(name):
+def test_pods_to_their_host_on_the_kernel(name, plane):
     """A pod's packets to its own host pass the pod's egress policy, then the configured
     defaultEndpointToHostAction (Felix's default: Drop); host endpoints do not apply to them and
     the host reaches its pods whatever the policy; the kernel's verdicts equal desired.verdict's."""
     state = cluster(*BASE, NO_KUBELET, *TO_HOST_CASES[name], namespaces=())
-    with KernelNode(state, NODE, "198.18.0.1") as node:
+    with KernelNode(state, NODE, "198.18.0.1", **plane) as node:
         node.load(state)
         flows = [Flow(pod, "host", *probe) for pod in sorted(node.pods) for probe in HOST_PROBES]
         flows += [Flow("host", pod, *probe) for pod in sorted(node.pods) for probe in HOST_PROBES[:4]]

@@ -512,6 +512,9 @@ int weft_to_wl(struct __sk_buff *skb)
  * address as its source would be a martian there) and the node port as its source on the way
  * out. Anything else passes untouched: these programs police nothing. */
 #define WEFT_NAT_SNAT 2             /* weft_nat value `pad`: a node port's SNAT entry */
+/* On a packet this program translated: weft-FORWARD accepts it (renderers.bpf_policy NODEPORT_MARK),
+ * so a backend on another node is reached (uplink to uplink) on a node whose FORWARD policy is DROP. */
+#define WEFT_MARK_NODEPORT 0x40000
 
 int weft_from_up(struct __sk_buff *skb)
 {
@@ -524,10 +527,18 @@ int weft_from_up(struct __sk_buff *skb)
     struct weft_nat *back = weft_nat.lookup(&bk);
     if (back && back->pad == WEFT_NAT_SNAT) {
         back->seen = bpf_ktime_get_ns();
-        return rewrite(skb, &p, 1, back->addr, back->port) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+        if (rewrite(skb, &p, 1, back->addr, back->port) < 0)
+            return TC_ACT_SHOT;
+        skb->mark |= WEFT_MARK_NODEPORT;
+        return TC_ACT_OK;
     }
     int direct = 0;
-    return to_service(skb, &p, bpf_ktime_get_ns(), &direct) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+    int translated = to_service(skb, &p, bpf_ktime_get_ns(), &direct);
+    if (translated < 0)
+        return TC_ACT_SHOT;
+    if (translated > 0)
+        skb->mark |= WEFT_MARK_NODEPORT;
+    return TC_ACT_OK;
 }
 
 static __always_inline int snat_out(struct __sk_buff *skb, struct l4 *p, __u64 now)
