@@ -122,7 +122,7 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     the same read whose BIRD configuration holds (it does not depend on the allocations; making
     it again could ask the API server for Secrets)."""
     addressed = _allocations_digest(allocations)
-    host = _host_interfaces()           # host endpoints named by expectedIPs resolve on these
+    host = _host_interfaces(opts)       # host endpoints named by expectedIPs resolve on these
     key = reading.token + ":" + hashlib.sha256(repr((opts.bird_socket, opts.bird_log, addressed,
                                                      opts.dataplane, host)).encode()).hexdigest()[:16]
     node = RenderedNode.from_data(reading.cache.rendered_for(opts.node, key))
@@ -198,15 +198,15 @@ def _nat_features(opts: Options) -> dict[str, bool]:
     return nat_features(runner, detect(runner, opts.backend))
 
 
-def _host_interfaces() -> dict[str, tuple[str, ...]]:
+def _host_interfaces(opts: Options) -> dict[str, tuple[str, ...]]:
     """This node's interfaces and their addresses (probes.hostaddrs); none when netlink cannot
     be read (then only host endpoints naming their interface are policed, with a warning each)."""
     from weft.probes.hostaddrs import host_interface_addresses
     try:
         return host_interface_addresses()
     except OSError as exc:
-        print(f"weft: warning: this node's addresses cannot be read ({exc}): host endpoints named by "
-              f"expectedIPs are not policed", file=sys.stderr)
+        opts.observer.warning(f"this node's addresses cannot be read ({exc}): host endpoints named by "
+                              f"expectedIPs are not policed")
         return {}
 
 
