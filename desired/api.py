@@ -341,13 +341,8 @@ class Connection:
             if (stream.failed is not None and not stream.headers) or status == 401:
                 self.drop_watch_session()
                 return None
-            encoding = stream.headers.get("content-encoding", "identity")
-            if encoding.lower() != "identity":
-                raise SourceError(f"GET {path}: the API server at {self.host} answered with Content-Encoding "
-                                  f"{encoding[:40]!r}, which weft does not ask for")
-            declared = stream.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-                raise self._too_large("GET", path)
+            self._check_head("GET", path, stream.headers.get("content-encoding", "identity"),
+                             stream.headers.get("content-length", ""))
             deadline = time.monotonic() + ANSWER_TIMEOUT
             chunks, size = [], 0
             while True:
@@ -380,13 +375,8 @@ class Connection:
 
     def _read_answer(self, method: str, path: str, response) -> bytes:
         """The whole body, within MAX_RESPONSE_BYTES and ANSWER_TIMEOUT."""
-        encoding = response.headers.get("Content-Encoding", "identity")
-        if encoding.lower() != "identity":
-            raise SourceError(f"{method} {path}: the API server at {self.host} answered with Content-Encoding "
-                              f"{encoding[:40]!r}, which weft does not ask for")
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-            raise self._too_large(method, path)
+        self._check_head(method, path, response.headers.get("Content-Encoding", "identity"),
+                         response.headers.get("Content-Length", ""))
         deadline = time.monotonic() + ANSWER_TIMEOUT
         chunks, size = [], 0
         try:
@@ -401,6 +391,14 @@ class Connection:
         except _http_errors() as e:
             raise self._unreachable(method, path, e) from None
         return b"".join(chunks)
+
+    def _check_head(self, method: str, path: str, encoding: str, declared: str) -> None:
+        """An answer's body is read only unencoded and within MAX_RESPONSE_BYTES as declared."""
+        if encoding.lower() != "identity":
+            raise SourceError(f"{method} {path}: the API server at {self.host} answered with Content-Encoding "
+                              f"{encoding[:40]!r}, which weft does not ask for")
+        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise self._too_large(method, path)
 
     def _too_large(self, method: str, path: str) -> SourceError:
         return SourceError(f"{method} {path}: the API server at {self.host} answered with more than "

@@ -368,13 +368,14 @@ def attach(runner: Runner, ifaces: list[str], progs_dir: Path) -> list[str]:
     return changed
 
 
-def detach(runner: Runner, ifaces: list[str]) -> list[str]:
-    """Remove weft's filters from the interfaces, and the clsact qdisc of each if nothing else is
-    left on it."""
+def detach(runner: Runner, ifaces: list[str], ours: set[int] | None = None) -> list[str]:
+    """Remove weft's filters from the interfaces (with `ours`, only those running one of these
+    program ids), and the clsact qdisc of each if nothing else is left on it."""
     removed = []
     current = read_attachments(runner, ifaces)
     for iface in ifaces:
-        mine = [hook for hook in HOOKS if current[(iface, hook)].prog_id is not None]
+        mine = [hook for hook in HOOKS if current[(iface, hook)].prog_id is not None
+                and (ours is None or current[(iface, hook)].prog_id in ours)]
         for hook in mine:
             runner.run(["tc", "filter", "del", "dev", iface, hook, "pref", str(FILTER_PREF)], writes=True)
             removed.append(f"{iface}/{hook}")
@@ -470,16 +471,7 @@ def detach_uplinks(runner: Runner, root: Path) -> list[str]:
     others = sorted(name for name in interfaces().values() if not name.startswith(HOST_IFACE_PREFIX))
     if not ours or not others:
         return []
-    removed = []
-    current = read_attachments(runner, others)
-    for iface in others:
-        mine = [hook for hook in HOOKS if current[(iface, hook)].prog_id in ours]
-        for hook in mine:
-            runner.run(["tc", "filter", "del", "dev", iface, hook, "pref", str(FILTER_PREF)], writes=True)
-            removed.append(f"{iface}/{hook}")
-        if mine:
-            drop_clsact(runner, iface)
-    return removed
+    return detach(runner, others, ours)
 
 
 def remove_pins(root: Path) -> list[str]:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from weft.desired.api import CALICO_API_GROUPS, CALICO_API_VERSION, NEEDED_KINDS, RESOURCES
@@ -937,8 +937,9 @@ class KubeSource:
 
 
 @contextlib.contextmanager
-def kube_source(tmp_path) -> Iterator[KubeSource]:
-    """FakeKubeAPI normally; the real cluster that $KUBECONFIG names when it is set."""
+def kube_source(tmp_path, **fake: Any) -> Iterator[KubeSource]:
+    """FakeKubeAPI (made with `fake`'s arguments) normally; the real cluster that $KUBECONFIG
+    names when it is set."""
     if os.environ.get("KUBECONFIG"):
         source = KubeSource(os.environ["KUBECONFIG"], None)
         try:
@@ -946,8 +947,8 @@ def kube_source(tmp_path) -> Iterator[KubeSource]:
         finally:
             source.close()
         return
-    with FakeKubeAPI(crds=True) as fake:
-        source = KubeSource(fake.write_kubeconfig(tmp_path / "kubeconfig"), fake)
+    with FakeKubeAPI(**{"crds": True, **fake}) as api:
+        source = KubeSource(api.write_kubeconfig(tmp_path / "kubeconfig"), api)
         try:
             yield source
         finally:

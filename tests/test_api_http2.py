@@ -220,22 +220,9 @@ def opened(monkeypatch) -> list:
 def cluster(tls, tmp_path):
     """The cluster $KUBECONFIG names when set (as the kube_source tests do), else FakeKubeAPI over
     TLS offering HTTP/2; a fresh namespace in it either way."""
-    import os
-
-    from tests.kubeapi import KubeSource
-    if os.environ.get("KUBECONFIG"):
-        source = KubeSource(os.environ["KUBECONFIG"], None)
-        try:
-            yield source
-        finally:
-            source.close()
-        return
-    with FakeKubeAPI(copy.deepcopy(OBJECTS), tls=tls, crds=True) as fake:
-        source = KubeSource(fake.write_kubeconfig(tmp_path / "kubeconfig"), fake)
-        try:
-            yield source
-        finally:
-            source.close()
+    from tests.kubeapi import kube_source
+    with kube_source(tmp_path, objects=copy.deepcopy(OBJECTS), tls=tls) as source:
+        yield source
 
 
 def test_a_quiet_moved_run_opens_one_connection_on_this_cluster(cluster, opened, tmp_path):

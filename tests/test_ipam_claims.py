@@ -11,6 +11,7 @@ import ipaddress
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -50,6 +51,16 @@ def claim(source, node, pools, made, **kw):
 def test_nodes_racing_for_one_block_exactly_one_wins(cluster):
     source, made = cluster
     contested = 0
+    if source.fake:     # the fake answers the four lists together, so every node sees the block free
+        lists = threading.Barrier(4, timeout=10)
+
+        def together(method: str, path: str) -> None:
+            if method == "GET" and urlsplit(path).path == BLOCKS_PATH:
+                try:
+                    lists.wait()
+                except threading.BrokenBarrierError:
+                    lists.reset()
+        source.fake.on_request = together
     for _round in range(4):
         pool = fresh_pool()
         made.append(str(ipaddress.ip_network(pool["cidr"])))
@@ -74,7 +85,8 @@ def test_nodes_racing_for_one_block_exactly_one_wins(cluster):
             contested += source.fake.requests.count(("POST", BLOCKS_PATH)) > 1
             source.fake.requests.clear()
     if source.fake:
-        assert contested, "no round had two nodes creating the block at once: the race was not run"
+        source.fake.on_request = None
+        assert contested == 4, "a round without two nodes creating the block at once: the race was not run"
 
 
 def test_two_nodes_get_two_blocks_of_a_pool(cluster):
