@@ -174,7 +174,7 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     if ebpf:
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
         from weft.renderers.bpf_services import unserved
-        for line in unserved(state):        # no service silently does nothing
+        for line in unserved(state, opts.node):     # no service silently does nothing
             opts.observer.warning(line)
         bpf = render_bpf(state, opts.node, pending)
         dataplane = host_dataplane(dataplane)

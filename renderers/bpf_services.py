@@ -19,8 +19,8 @@ uplink's programs translate its source); with Local it has backends of its own (
 this node's backends only, none if it has none (its packets are dropped).
 
 Not served (the programs translate IPv4 TCP and UDP): a Service's IPv6 cluster addresses and its
-SCTP ports get no keys, and `unserved` names each such service, for the run to warn about, so
-that no service silently does nothing.
+SCTP ports get no keys, nor do node ports on a node without an IPv4 InternalIP; `unserved` names
+each such service, for the run to warn about, so that no service silently does nothing.
 """
 from __future__ import annotations
 
@@ -98,11 +98,14 @@ def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoin
 SERVED_PROTOCOLS = ("TCP", "UDP")
 
 
-def unserved(state: ClusterState) -> list[str]:
-    """One line per Service the eBPF plane serves only in part or not at all, saying what it does
-    not serve: IPv6 cluster addresses (the programs translate IPv4) and SCTP ports (TCP and UDP
-    only; SCTP's checksum covers the ports, and the programs do not recompute it). A headless
-    Service has nothing to serve and is not named."""
+def unserved(state: ClusterState, node: str = "") -> list[str]:
+    """One line per Service the eBPF plane serves only in part or not at all on `node`, saying
+    what it does not serve: IPv6 cluster addresses (the programs translate IPv4), SCTP ports (TCP
+    and UDP only; SCTP's checksum covers the ports, and the programs do not recompute it), and
+    node ports when the node has no IPv4 InternalIP (node ports are served on those only). A
+    headless Service has nothing to serve and is not named."""
+    me = state.nodes.get(node)
+    node_ipv4 = any(":" not in a for a in (me.addresses if me else ()))
     lines = []
     for svc in sorted(state.services, key=lambda s: s.key):
         if not svc.cluster_ips:
@@ -118,6 +121,10 @@ def unserved(state: ClusterState) -> list[str]:
         if sctp:
             named = ", ".join(f"{p.port}" + (f" (node port {p.node_port})" if p.node_port else "") for p in sctp)
             missing.append(f"its SCTP port{'s' if len(sctp) > 1 else ''} {named} (TCP and UDP only)")
+        node_ports = [str(p.node_port) for p in served if p.node_port]
+        if node_ports and not node_ipv4:
+            missing.append(f"its node port{'s' if len(node_ports) > 1 else ''} {', '.join(node_ports)} (node "
+                           f"{node or '?'} has no IPv4 InternalIP)")
         if missing:
             what = "not served at all" if not ipv4 or not served else "not served"
             lines.append(f"service {svc.key}: {what} by the eBPF data plane: {'; '.join(missing)}")
