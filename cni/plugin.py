@@ -291,6 +291,8 @@ def _add(inv: spec.Invocation, conf: Config, fast: FastPath, namespace: str, pod
                 raise CniError(spec.WIRING_FAILED, "cannot wire the pod", str(exc) + undo) from None
             raise
         failed = policy.join() if policy is not None else _Background(*step).join()
+        if failed is None and not ebpf:
+            failed = _replane(conf, step)
         if failed is not None:
             undo = _undo_add(conf, fast, inv, iface, alias, wired, created, records)
             if isinstance(failed, CniError):
@@ -317,6 +319,28 @@ class _Background:
     def join(self) -> BaseException | None:
         self.thread.join()
         return self.error
+
+
+def _replane(conf: Config, step: tuple) -> BaseException | None:
+    """After an ADD that began on an iptables node wired its pod: if the node switched to eBPF
+    since, run the step again (it now writes the pod's endpoint entry and attaches the pinned
+    programs; nothing is compiled). Returns what that raised, or None.
+
+    The race it closes: the iptables step put the pod's chains in, then a run switched the node
+    to eBPF while the veth was being made; the run removed the pods' IPv4 chains and attached its
+    programs to the veths it found, which did not include this one, and weft-FORWARD accepts pod
+    traffic on an eBPF node: the pod ran open until the next run. The plane is asked under the
+    node lock (shared): a run switching now has either finished (its pins are there) or starts
+    after the veth exists, and then its probe finds the veth and attaches the programs itself."""
+    from weft.reconciler.endpoint import LOCK_TIMEOUT
+    try:
+        with conf.sd.lock(shared=True, timeout=LOCK_TIMEOUT):
+            switched = pinned(conf.state_dir)
+    except UnsafeState as exc:
+        return CniError(spec.DESIRED_STATE, "weft's state dir is not safe to use", _line(exc))
+    except WeftError as exc:
+        return CniError(spec.POLICY_FAILED, "cannot put the pod's policy in place", _line(exc))
+    return _Background(*step).join() if switched else None
 
 
 def _add_endpoint(conf: Config, fast: FastPath, namespace: str, pod: str, iface: str, ips: tuple[str, ...]) -> None:

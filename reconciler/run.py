@@ -173,6 +173,9 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     bpf = None
     if ebpf:
         from weft.renderers.bpf_policy import host_dataplane, render_bpf
+        from weft.renderers.bpf_services import unserved
+        for line in unserved(state, opts.node):     # no service silently does nothing
+            opts.observer.warning(line)
         bpf = render_bpf(state, opts.node, pending)
         dataplane = host_dataplane(dataplane)
     bird_config = bird.bird_config if bird is not None else _bird_config(opts, state)

@@ -17,6 +17,10 @@ translated like one to a cluster address. With externalTrafficPolicy Cluster a n
 service's backends (one on another node gets the connection from this node's address: the
 uplink's programs translate its source); with Local it has backends of its own (another id):
 this node's backends only, none if it has none (its packets are dropped).
+
+Not served (the programs translate IPv4 TCP and UDP): a Service's IPv6 cluster addresses and its
+SCTP ports get no keys, nor do node ports on a node without an IPv4 InternalIP; `unserved` names
+each such service, for the run to warn about, so that no service silently does nothing.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoin
         if not svc.cluster_ips:
             continue
         for port in svc.ports:
+            if port.protocol not in SERVED_PROTOCOLS:
+                continue                        # not translated by the programs: see unserved()
             proto = PROTOCOL_NUMBERS[port.protocol.lower()]
             found = sorted({(address, p.port) for s in slices.get(svc.key, ()) for p in s.ports
                             if p.name == port.name and p.protocol == port.protocol
@@ -87,6 +93,42 @@ def render_services(state: ClusterState, node: str = "", local: Iterable[Endpoin
                                             f"{len(found)} backends" + (f", ClientIP affinity {svc.affinity_seconds} s"
                                                                         if svc.affinity_seconds else ""))
     return services, backends, about
+
+
+SERVED_PROTOCOLS = ("TCP", "UDP")
+
+
+def unserved(state: ClusterState, node: str = "") -> list[str]:
+    """One line per Service the eBPF plane serves only in part or not at all on `node`, saying
+    what it does not serve: IPv6 cluster addresses (the programs translate IPv4), SCTP ports (TCP
+    and UDP only; SCTP's checksum covers the ports, and the programs do not recompute it), and
+    node ports when the node has no IPv4 InternalIP (node ports are served on those only). A
+    headless Service has nothing to serve and is not named."""
+    me = state.nodes.get(node)
+    node_ipv4 = any(":" not in a for a in (me.addresses if me else ()))
+    lines = []
+    for svc in sorted(state.services, key=lambda s: s.key):
+        if not svc.cluster_ips:
+            continue
+        ipv6 = [ip for ip in svc.cluster_ips if ":" in ip]
+        ipv4 = [ip for ip in svc.cluster_ips if ":" not in ip]
+        sctp = [port for port in svc.ports if port.protocol not in SERVED_PROTOCOLS]
+        served = [port for port in svc.ports if port.protocol in SERVED_PROTOCOLS]
+        missing = []
+        if ipv6:
+            missing.append(f"its IPv6 cluster address{'es' if len(ipv6) > 1 else ''} {', '.join(ipv6)} "
+                           f"(IPv4 only)")
+        if sctp:
+            named = ", ".join(f"{p.port}" + (f" (node port {p.node_port})" if p.node_port else "") for p in sctp)
+            missing.append(f"its SCTP port{'s' if len(sctp) > 1 else ''} {named} (TCP and UDP only)")
+        node_ports = [str(p.node_port) for p in served if p.node_port]
+        if node_ports and not node_ipv4:
+            missing.append(f"its node port{'s' if len(node_ports) > 1 else ''} {', '.join(node_ports)} (node "
+                           f"{node or '?'} has no IPv4 InternalIP)")
+        if missing:
+            what = "not served at all" if not ipv4 or not served else "not served"
+            lines.append(f"service {svc.key}: {what} by the eBPF data plane: {'; '.join(missing)}")
+    return lines
 
 
 def _add_backends(backends: dict, about: dict, ident: int, chosen: list, named: str) -> None:

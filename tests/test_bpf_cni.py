@@ -200,3 +200,59 @@ def test_an_add_begun_on_iptables_waits_for_its_veth_when_the_node_switched_to_e
     finally:
         wiring.join()
         cn.sh("ip", "link", "del", iface)
+
+
+def test_an_add_whose_node_switched_to_ebpf_after_its_iptables_step_programs_the_pod_before_it_returns(
+        ebpf, monkeypatch):
+    """The race of a plane switch during ADD: the plugin chose the iptables order, its step put
+    the pod's chains in, then (while the veth was being made) a run switched the node to eBPF:
+    it removed the pods' IPv4 chains and attached programs to the veths it found, not this one,
+    and weft-FORWARD accepts pod traffic on an eBPF node. The plugin asks the plane again once
+    the pod is wired and programs its endpoint then. Ordered with a hook on the wiring: it waits
+    for the step's chains, runs the real switch (`weft apply --dataplane ebpf`), then wires.
+    The plugin runs in this process, in the node's namespace (setns, bpffs visible)."""
+    import time
+
+    from weft.cni import plugin, wiring
+    from weft.playbooks.bpflab import in_netns
+    cn, root = ebpf
+    _manifests(cn, {})
+    weft(cn, "apply")                                     # the iptables plane
+    ips = {name: cn.add(name) for name in ("friend", "stranger")}
+    _manifests(cn, ips)
+    weft(cn, "apply")
+    serve(cn, "server", 80, 81)
+    iface = host_iface_name("x", "server")
+    order = []
+    real_wire = wiring.wire
+
+    def wire_after_the_switch(*args, **kwargs):
+        deadline = time.monotonic() + 60
+        while f":weft-fw-{iface}" not in cn.sh("iptables-nft-save", "-t", "filter"):
+            assert time.monotonic() < deadline, "the ADD's iptables step never put the pod's chains in"
+            time.sleep(0.05)
+        order.append("iptables step")
+        weft(cn, "apply", "--dataplane", "ebpf")          # waits for the step's shared lock, if still held
+        assert root.exists() and f":weft-fw-{iface}" not in cn.sh("iptables-nft-save", "-t", "filter")
+        order.append("switched")
+        return real_wire(*args, **kwargs)
+
+    monkeypatch.setattr(wiring, "wire", wire_after_the_switch)
+    config = json.dumps(cn.config).encode()
+    code, out = in_netns(cn.ns, plugin.run, cn.env("ADD", "server"), config)
+    monkeypatch.setattr(wiring, "wire", real_wire)
+    assert code == 0, out
+    assert order == ["iptables step", "switched"], order
+    ips["server"] = next(ip["address"].split("/")[0] for ip in out["ips"] if "." in ip["address"])
+
+    assert ifindex(cn, iface) in endpoint_keys(root), "the ADD returned with no endpoint entry for its veth"
+    filters = cn.sh("tc", "filter", "show", "dev", iface, "ingress") + cn.sh("tc", "filter", "show", "dev", iface,
+                                                                                "egress")
+    assert filters.count("direct-action") == 2, f"the programs are not on both hooks of {iface}:\n{filters}"
+    assert not reaches(cn, "stranger", ips["server"], 80), "the pod ran open: a peer its policy denies got through"
+    assert not reaches(cn, "friend", ips["server"], 81), "the pod ran open: a port its policy denies got through"
+    assert reaches(cn, "friend", ips["server"], 80), "allowed traffic was dropped"
+    cn.ok("CHECK", "server")
+    for name in ("server", "friend", "stranger"):
+        cn.ok("DEL", name)
+    assert endpoint_keys(root) == set()

@@ -286,3 +286,70 @@ def test_hairpin_a_backend_reaches_its_own_service_and_itself_through_it(service
     apply(node, tmp_path, "no-egress", backends=("y/a",), policy=no_egress)
     for proto, answers in connect(3).items():
         assert "y/a" not in answers, (proto, answers)
+
+
+def unserved_manifests() -> dict[str, str]:
+    """manifests(), plus services the eBPF plane cannot serve whole: `y/dual` (IPv4 and IPv6
+    cluster addresses, TCP 80), `y/six` (an IPv6 cluster address only), `y/diameter` (SCTP 3868 and
+    TCP 3869), `y/calls` (SCTP only, with a node port), `y/np` (a TCP node port: the lab's node has
+    no InternalIP) and `y/headless` (nothing to serve)."""
+    def svc(name: str, ips: list[str], ports: list[dict], kind: str = "ClusterIP") -> str:
+        return json.dumps({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "y"},
+                           "spec": {"type": kind, "clusterIPs": ips, "ports": ports}})
+    texts = manifests()
+    texts["unserved.yaml"] = "\n---\n".join([
+        svc("dual", ["198.19.0.11", "2001:db8:77::11"], [{"port": 80, "targetPort": 9090}]),
+        svc("six", ["2001:db8:77::12"], [{"port": 80, "targetPort": 9090}]),
+        svc("diameter", ["198.19.0.13"], [{"name": "d", "port": 3868, "protocol": "SCTP"},
+                                          {"name": "t", "port": 3869, "protocol": "TCP"}]),
+        svc("calls", ["198.19.0.14"], [{"port": 5060, "protocol": "SCTP", "nodePort": 30060}], kind="NodePort"),
+        svc("np", ["198.19.0.15"], [{"port": 8080, "targetPort": 9090, "nodePort": 30081}], kind="NodePort"),
+        svc("headless", ["None"], [{"port": 80}]),
+    ])
+    return texts
+
+
+UNSERVED = [
+    "service y/calls: not served at all by the eBPF data plane: its SCTP port 5060 (node port 30060) "
+    "(TCP and UDP only)",
+    "service y/diameter: not served by the eBPF data plane: its SCTP port 3868 (TCP and UDP only)",
+    "service y/dual: not served by the eBPF data plane: its IPv6 cluster address 2001:db8:77::11 (IPv4 only)",
+    "service y/np: not served by the eBPF data plane: its node port 30081 (node lab-node has no IPv4 InternalIP)",
+    "service y/six: not served at all by the eBPF data plane: its IPv6 cluster address 2001:db8:77::12 "
+    "(IPv4 only)",
+]
+
+
+def test_what_the_ebpf_plane_cannot_serve_gets_no_keys_and_is_named(tmp_path):
+    """Pure: IPv6 cluster addresses and SCTP ports get no service key (the programs translate
+    IPv4 TCP and UDP only), nor node ports on a node without an IPv4 InternalIP, and
+    renderers.bpf_services.unserved names each such service."""
+    from dataclasses import replace
+
+    from tests.matrices import NODE
+    from weft.desired.loader import build_cluster_state
+    from weft.desired.manifests import load_manifest_dir
+    from weft.renderers.bpf_services import render_services, unserved
+    state = build_cluster_state(load_manifest_dir(write_source(tmp_path / "src", texts=unserved_manifests())))
+    services, _, _ = render_services(state, NODE)
+    served = [(VIP, 53, 17), (VIP, 80, 6), ("198.19.0.11", 80, 6), ("198.19.0.13", 3869, 6), ("198.19.0.15", 8080, 6)]
+    assert sorted((k.addr, k.port, k.proto) for k in services) == served
+    assert unserved(state, NODE) == UNSERVED
+    addressed = replace(state, nodes={**state.nodes, NODE: replace(state.nodes[NODE], addresses=("198.19.200.1",))})
+    services, _, _ = render_services(addressed, NODE)
+    assert sorted((k.addr, k.port, k.proto) for k in services) == sorted([*served, ("198.19.200.1", 30081, 6)])
+    assert unserved(addressed, NODE) == [line for line in UNSERVED if not line.startswith("service y/np:")]
+
+
+def test_a_run_warns_about_each_service_the_ebpf_plane_does_not_serve(services, tmp_path):
+    """The run names them (one warning each) instead of letting them silently do nothing; what
+    it can serve it serves."""
+    node, connect = services
+    done = node.weft("apply", "--dataplane", "ebpf", source=write_source(tmp_path / "src",
+                                                                         texts=unserved_manifests()))
+    warned = [line.removeprefix("weft: warning: ") for line in done.stderr.splitlines() if "eBPF data plane" in line]
+    assert warned == UNSERVED, done.stderr
+    shown = node.json("bpf", "nat")["services"]
+    assert not [s for s in shown if s["protocol"] == "sctp" or ":" in s["address"].rpartition(":")[0]], shown
+    assert "198.19.0.11:80" in {s["address"] for s in shown}, shown
+    assert set(connect(6)["tcp"]) <= set(BACKENDS)
