@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from weft.desired.loader import Converted
 from weft.model import codec
 from weft.model.cluster import Action, Endpoint
 from weft.model.kernel import Chain, IpSet
@@ -60,6 +61,12 @@ def test_many_plain_strings_are_one_string():
     assert json.loads(codec.dumps(broken)) == list(broken) and codec.loads(codec.dumps(broken)) == broken
     endpoint = Endpoint("ns", "pod", "n1", "eth0", ("198.18.0.1",))
     assert json.loads(codec.dumps(endpoint))["v"][:2] == ["ns", "pod"]
+    # What desired.sources and reconciler.run search a cached group's text for: a converted
+    # object's namespace and name, as codec.dumps writes a lone string, whatever it holds besides.
+    converted = Converted("Pod", "ns-1", "pod-1", "f.yaml", "Pod ns-1/pod-1", endpoint, "v1",
+                          tuple(f"spec.x{i}" for i in range(20)))
+    text = codec.dumps((converted,) * 20).encode()
+    assert codec.dumps("ns-1").encode() in text and codec.dumps("pod-1").encode() in text
 
 
 def test_string_subclasses_are_not_joined():

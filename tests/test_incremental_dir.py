@@ -119,9 +119,12 @@ def test_dir_runs_render_pod_and_namespace_changes_without_the_whole_state(first
             write(root / "src", pods, namespaces, policies)
             counted.clear()
             node = render(root / "state", root / "src")
-            # Every address is one pod's and every namespace was there before: nothing needs the
-            # whole state (a shared address or a new namespace would).
-            assert counted.built == [], step
+            # Every address is one pod's and every namespace was there before: a namespace
+            # relabelled never needs the whole state (a shared address or a new namespace would;
+            # so may a pod added or relabelled on this node that needs a set the last render
+            # did not have).
+            if step[0] == "ns":
+                assert counted.built == [], step
             same(node, render(root / f"fresh{number}", root / "src"))
 
 
