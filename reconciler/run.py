@@ -270,8 +270,14 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
         return None
     previous, last, counts, local = found
     touched = set(diff.namespaces)
-    if touched and not cache.source.startswith("api:"):
-        return None                                   # a manifest dir's groups are not per namespace
+    # The pods of the relabelled namespaces: an API read groups them by kind and namespace; a
+    # manifest dir's groups are blocks of a file's documents, any namespace's, and a block can
+    # hold one of those pods only if its text holds the namespace's name as encoded (model.codec
+    # writes a string the same way wherever it is). A block holding the name for another reason
+    # is decoded for nothing: only those namespaces' pods are taken from what is decoded.
+    from weft.model.codec import CodecError, dumps
+    by_namespace = cache.source.startswith("api:")
+    needles = [] if by_namespace else [dumps(n).encode() for n in sorted(touched)]
     changed = {e.key for e in diff.old} | {e.key for e in diff.new}
     mine = {e.key: e for e in local if e.key not in changed} | {e.key: e for e in diff.new if e.node == opts.node}
     # This node's pods are among the changed ones, or in a relabelled namespace: its chains change.
@@ -280,12 +286,17 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     def wanted(group: Any, kinds: frozenset[str]) -> bool:
         if kinds & {"Namespace", "ServiceAccount"}:
             return True
-        pods = isinstance(group, tuple) and len(group) == 3 and group[2] in touched and "Pod" in kinds
-        return pods or whole and kinds != frozenset({"Pod"})
+        if whole and kinds != frozenset({"Pod"}):
+            return True
+        if not touched or "Pod" not in kinds:
+            return False
+        if by_namespace:
+            return isinstance(group, tuple) and len(group) == 3 and group[2] in touched
+        text = bytes(cache.blobs[group])            # (a slice of the loaded file)
+        return any(needle in text for needle in needles)
     from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
     from weft.desired.loader import Converted, assemble
     from weft.model.cluster import ClusterState, Endpoint, Namespace, ServiceAccount
-    from weft.model.codec import CodecError
     from weft.model.errors import InvalidDesiredState
     from weft.renderers.incremental import rerender
     try:

@@ -137,6 +137,8 @@ def rule_specs(rule: Rule, sets: SetCatalog, family: int = 4, prefix: str = "wef
     if rule.protocol is not None and rule.not_protocol is not None and \
             protocol_number(rule.protocol) == protocol_number(rule.not_protocol):
         return []
+    if not (_may_match(rule.source, family) and _may_match(rule.destination, family)):
+        return []                   # (asked first: a side's sets are made only for a rule that is)
     src = _side(rule.source, "src", rule.protocol, sets, family, pods_only)
     dst = _side(rule.destination, "dst", rule.protocol, sets, family, pods_only)
     if src is None or dst is None:
@@ -175,6 +177,14 @@ class _Side:
 
     def __init__(self, net: str, matches: str, ports: tuple[str, ...]):
         self.net, self.matches, self.ports = net, matches, ports
+
+
+def _may_match(entity: EntityMatch, family: int) -> bool:
+    """Whether a rule side's nets leave it able to match a packet of `family` (`_side` is None
+    otherwise)."""
+    if entity.nets and not any(_network(n).version == family for n in entity.nets):
+        return False
+    return not any(_network(n).version == family and _network(n).prefixlen == 0 for n in entity.not_nets)
 
 
 def _side(entity: EntityMatch, direction: str, protocol: str | None, sets: SetCatalog, family: int,

@@ -46,7 +46,7 @@ from typing import Any
 from weft.model import codec
 from weft.store.statedir import CorruptState, StateDir, UnsafeState
 
-CACHE_FORMAT = 6
+CACHE_FORMAT = 7
 CACHE_FILE = "desired-cache.json"
 CURSORS_FILE = "desired-cursors.json"
 OLD_CACHE_FILES = ("desired.cache",)      # pickles of weft <= 0.1.0: never read, removed
