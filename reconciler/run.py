@@ -139,7 +139,7 @@ def _rendered(opts: Options, reading: Reading, allocations: list[Any],
     pending = tuple(Endpoint(a.namespace, a.pod, opts.node, a.iface, tuple(a.ips)) for a in allocations)
     # What set members are computed from: every endpoint (as addressed here) and namespace.
     basis = f"{reading.cache.basis(ENDPOINT_KINDS)}:{opts.node}:{addressed}"
-    # Only pods and namespaces changed since a last render this one can be made from?
+    # Only pods, namespaces and policies changed since a last render this one can be made from?
     diff = _since_last(opts, reading, key, addresses)
     last_render = functools.cache(lambda: _last_render(opts, reading))      # decoded once, if at all
     quick = None if bird is not None or diff is None else \
@@ -214,7 +214,7 @@ def _host_interfaces(opts: Options) -> dict[str, tuple[str, ...]]:
 
 
 def _since_last(opts: Options, reading: Reading, key: str, addresses: dict[str, tuple[str, ...]]) -> Any:
-    """The pods and namespaces changed since the last render (renderers.incremental's
+    """The pods, namespaces and policies changed since the last render (renderers.incremental's
     EndpointChanges), when nothing else changed and that render was made with the same options
     and allocations (the part of its key after the read's token); else None. Only the changed
     groups are decoded."""
@@ -259,7 +259,10 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     (renderers.incremental). When none of this node's pods is among them, the chains and the CNI
     snapshot (but its token) are the last render's too, and only namespaces and service accounts
     are decoded besides; otherwise everything but the other nodes' pods is (this node's pods are
-    kept with the render), and this node's chains are rendered. None when that does not hold."""
+    kept with the render), and this node's chains are rendered. Policies changed (added, changed
+    or removed): likewise everything but the other nodes' pods is decoded, and the chains are
+    rendered, every unchanged policy's chain and every set taken from the last render; a set of a
+    selector that render lacks needs every pod (None then). None when that does not hold."""
     if opts.dataplane == "ebpf" or found is None or found[2] is None or found[3] is None or found[1].snapshot is None:
         return None
     if any(v is None for v in diff.namespaces.values()):
@@ -280,8 +283,10 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     needles = [] if by_namespace else [dumps(n).encode() for n in sorted(touched)]
     changed = {e.key for e in diff.old} | {e.key for e in diff.new}
     mine = {e.key: e for e in local if e.key not in changed} | {e.key: e for e in diff.new if e.node == opts.node}
-    # This node's pods are among the changed ones, or in a relabelled namespace: its chains change.
-    whole = any(e.node == opts.node for e in diff.old + diff.new) or any(e.namespace in touched for e in local)
+    # This node's pods are among the changed ones, or in a relabelled namespace, or policies
+    # changed: its chains change (they are rendered from every policy and this node's pods).
+    whole = any(e.node == opts.node for e in diff.old + diff.new) or any(e.namespace in touched for e in local) \
+        or bool(diff.policies)
 
     def wanted(group: Any, kinds: frozenset[str]) -> bool:
         if kinds & {"Namespace", "ServiceAccount"}:
@@ -310,6 +315,8 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
             state = assemble(read[0].values(), read[1])
         except InvalidDesiredState:
             return None                               # the whole state's checks say what is wrong
+        if state.warnings and diff.policies:          # as a render from the whole state reports them
+            opts.observer.warning(f"fields weft does not use, ignored: {'; '.join(state.warnings)}")
     else:
         namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
         namespaces |= {c.name: c.value for c in read[0].values() if c.kind == "Namespace" and c.value is not None}
@@ -356,10 +363,12 @@ def _incremental(state: ClusterState, node: str, pending: tuple[Any, ...], diff:
 
 
 def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, tuple[str, ...]]) -> Any:
-    """The pods and namespaces that differ between the objects of the changed groups as loaded
-    (`before`) and now, or None when anything else changed (or a group is not what a read keeps)."""
+    """The pods, namespaces and policies (Kubernetes' and Calico's) that differ between the objects
+    of the changed groups as loaded (`before`) and now, or None when anything else changed (or a
+    group is not what a read keeps)."""
     from weft.desired.kinds.kubernetes import BUILTIN_NAMESPACES, NAMESPACE_NAME_LABEL
-    from weft.model.cluster import Endpoint, Namespace
+    from weft.desired.loader import POLICY_KINDS
+    from weft.model.cluster import Endpoint, Namespace, Policy
     from weft.renderers.incremental import EndpointChanges
     one, other = _converted(before), _converted(now)
     if one is None or other is None or one[1] != other[1]:      # an ignored kind came or went
@@ -368,6 +377,7 @@ def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, t
     old: list[Endpoint] = []
     new: list[Endpoint] = []
     namespaces: dict[str, Namespace | None] = {}
+    policies: list[Policy] = []
     for k in was.keys() | has.keys():
         a, b = was.get(k), has.get(k)
         if a is not None and b is not None and a.value == b.value:
@@ -391,9 +401,16 @@ def _endpoint_changes(before: dict, now: dict, node: str, addresses: dict[str, t
             if not (value is None or isinstance(value, Namespace)):
                 return None
             namespaces[name] = value
+        elif kind in POLICY_KINDS:
+            for entry in (a, b):
+                value = None if entry is None else entry.value
+                if value is not None and not isinstance(value, Policy):
+                    return None
+                if value is not None:
+                    policies.append(value)
         elif kind != "Pod":
             return None
-    return EndpointChanges(tuple(old), tuple(new), namespaces)
+    return EndpointChanges(tuple(old), tuple(new), namespaces, tuple(policies))
 
 
 def _converted(groups: dict) -> tuple[dict, list[str]] | None:

@@ -1,4 +1,4 @@
-"""A render after some pods and namespaces changed, made from the previous render.
+"""A render after some pods, namespaces and policies changed, made from the previous render.
 
 A render's chains depend on the policies and on this node's pods (their labels, their
 namespaces' and service accounts' labels); its sets' members depend on every pod. When only pods
@@ -12,6 +12,14 @@ on the policy and its sets' names): only the changed pods' own chains are new. T
 equals a render from scratch (`render_node_sets`); tests/test_render_endpoint_changes.py checks
 that over random sequences of changes.
 
+When policies changed (added, changed or removed), the chains are rendered again (the endpoint
+chains list the policies that apply, in order), each unchanged policy's chain taken from the
+previous render as above, the changed policies' chains rendered from their rules: their sets are
+the previous render's where it has a set of that meaning (its members depend only on the meaning
+and the pods), and a set no chain refers to any more is left out, as a full render leaves it.
+A set of a meaning the previous render lacks is computed from every pod (with `partial`: None,
+the caller renders with the whole state).
+
 This is a pure function: the caller (reconciler.run) vouches that `previous` was rendered from
 the state before these changes, with `meanings` as that render gave them.
 """
@@ -22,19 +30,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from weft.desired.index import EndpointIndex
-from weft.model.cluster import ClusterState, Endpoint, EntityMatch, Namespace
-from weft.model.kernel import Dataplane, IpSet
+from weft.model.cluster import EGRESS, INGRESS, ClusterState, Endpoint, EntityMatch, Namespace, Policy
+from weft.model.kernel import Chain, Dataplane, IpSet
 from weft.renderers.ipsets import NAMED_PORT, PEERS, SET_FAMILY, set_members, set_prefix
-from weft.renderers.iptables import render_node_sets
+from weft.renderers.iptables import policy_chain_name, render_node_sets
 
 
 @dataclass(frozen=True)
 class EndpointChanges:
     """What changed since the previous render: pods (as endpoints, addressed as the render saw
-    them) and namespaces."""
+    them), namespaces and policies."""
     old: tuple[Endpoint, ...]                   # previous versions of pods changed or gone
     new: tuple[Endpoint, ...]                   # current versions of pods changed or added
     namespaces: Mapping[str, Namespace | None]  # changed namespaces' previous versions (None: it did not exist)
+    policies: tuple[Policy, ...] = ()           # previous and current versions of policies changed, added or gone
 
 
 def valid_meanings(meanings: object, sets: Mapping[str, IpSet]) -> dict[str, tuple] | None:
@@ -126,13 +135,22 @@ def rerender(state: ClusterState, node: str, pending: tuple[Endpoint, ...], prev
 
     try:
         sets = {name: updated(s, checked[name]) if name in checked else s for name, s in previous.ipsets.items()}
-        if not local:
+        if not local and not changes.policies:
             return replace(previous, ipsets=sets), dict(checked), counts
-        dataplane, made = render_node_sets(state, node, pending, sets, chains=previous.chains, meanings=checked,
-                                           index=_not_whole if partial else None)
+        dataplane, made = render_node_sets(state, node, pending, sets, chains=_unchanged(previous, changes.policies),
+                                           meanings=checked, index=_not_whole if partial else None)
     except Partial:
         return None
     return dataplane, made, counts
+
+
+def _unchanged(previous: Dataplane, policies: tuple[Policy, ...]) -> Mapping[tuple[str, str], Chain]:
+    """The previous render's chains but those of `policies` (a policy's chain is named after its
+    tier and key, not its rules: a changed policy's old chain has its new chain's name)."""
+    if not policies:
+        return previous.chains
+    stale = {policy_chain_name(p, d) for p in policies for d in (INGRESS, EGRESS)}
+    return {k: c for k, c in previous.chains.items() if k[1] not in stale}
 
 
 def _moved(counts: Counter[str], gone: Counter[str], came: Counter[str]) -> Counter[str]:
