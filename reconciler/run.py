@@ -315,8 +315,6 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
             state = assemble(read[0].values(), read[1])
         except InvalidDesiredState:
             return None                               # the whole state's checks say what is wrong
-        if state.warnings and diff.policies:          # as a render from the whole state reports them
-            opts.observer.warning(f"fields weft does not use, ignored: {'; '.join(state.warnings)}")
     else:
         namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
         namespaces |= {c.name: c.value for c in read[0].values() if c.kind == "Namespace" and c.value is not None}
@@ -341,6 +339,8 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     made = rerender(state, opts.node, pending, last.dataplane, previous.get("sets"), diff, counts, partial=True)
     if made is None:
         return None
+    if state.warnings and diff.policies:              # as a render from the whole state reports them
+        opts.observer.warning(f"fields weft does not use, ignored: {'; '.join(state.warnings)}")
     dataplane, meanings, counts = made
     if whole:
         from weft.renderers.endpoint import make_snapshot

@@ -267,6 +267,40 @@ def start_world() -> World:
                  {("a", "p0"): web, ("b", "p1"): web}, {})
 
 
+def write_by_kind(src: Path, objects: list[dict]) -> None:
+    """A manifest directory with a file per kind: a policy edit leaves the pods' file as it was."""
+    src.mkdir(exist_ok=True)
+    by_kind: dict[str, list] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    for old in src.glob("*.yaml"):
+        if old.stem not in by_kind:
+            old.unlink()
+    for kind, objs in by_kind.items():
+        (src / f"{kind}.yaml").write_text(yaml.safe_dump_all(objs, sort_keys=False))
+
+
+def test_a_policy_edit_reports_unused_fields_as_a_full_render_does(tmp_path: Path, monkeypatch, capsys):
+    """Fields of Calico's kinds weft does not use are reported by a run that renders after a
+    policy edit, from the last render as from scratch: once, on one line."""
+    calls = []
+    real = incremental.rerender
+    monkeypatch.setattr(incremental, "rerender", lambda *a, **k: calls.append(r := real(*a, **k)) or r)
+    world = start_world()
+    world.calico[("gnp", None, "g0")] = {"selector": "all()", "types": ["Ingress"], "futureField": {"x": 1},
+                                         "ingress": [{"action": "Allow", "protocol": "TCP"}]}
+    write_by_kind(tmp_path / "src", world.objects())
+    options = run.Options(node=NODE, state_dir=tmp_path / "state", from_dir=str(tmp_path / "src"))
+    line = "weft: warning: fields weft does not use, ignored: GlobalNetworkPolicy: spec.futureField"
+    run.desired_state(options)
+    assert capsys.readouterr().err.splitlines() == [line]
+    world.apply(STEPS[0][0])
+    write_by_kind(tmp_path / "src", world.objects())
+    run.desired_state(options)
+    assert calls and calls[-1] is not None
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
 @pytest.mark.parametrize("source", ["api", "dir"])
 def test_runs_render_policy_edits_without_the_whole_state(tmp_path: Path, monkeypatch, source):
     """Through the state dir's cache, from the API server and from a manifest directory: each
@@ -294,17 +328,8 @@ def test_runs_render_policy_edits_without_the_whole_state(tmp_path: Path, monkey
                     api.put(obj)
                 for group, kind, ns, name in gone - identities():
                     api.delete(kind, ns, name, api_version=group)
-            else:                   # a file per kind: a policy edit leaves the pods' file as it was
-                src = tmp_path / "src"
-                src.mkdir(exist_ok=True)
-                by_kind: dict[str, list] = {}
-                for obj in world.objects(version):
-                    by_kind.setdefault(obj["kind"], []).append(obj)
-                for old in src.glob("*.yaml"):
-                    if old.stem not in by_kind:
-                        old.unlink()
-                for kind, objs in by_kind.items():
-                    (src / f"{kind}.yaml").write_text(yaml.safe_dump_all(objs, sort_keys=False))
+            else:
+                write_by_kind(tmp_path / "src", world.objects(version))
 
         def identities() -> set[tuple]:
             return {(o["apiVersion"], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
