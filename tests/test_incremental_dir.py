@@ -4,9 +4,10 @@ without assembling the whole desired state, and end exactly where a fresh read d
 A directory's cache groups are blocks of a file's documents, not one namespace's pods: for a
 relabelled namespace, reconciler.run decodes the blocks whose text names it (issue #14: before,
 any namespace change from a directory decoded every cached object and assembled the whole
-state). Checked over random sequences of namespace relabels and pod changes, with the pods of
-one namespace spread over files and blocks, each run compared with a fresh read of the same
-files; and on a fixed layout, that only the blocks naming the namespace are decoded.
+state). Checked over random sequences of namespace relabels, pod changes and policy edits (which
+render from the last render too), with the pods of one namespace spread over files and blocks,
+each run compared with a fresh read of the same files; and on a fixed layout, that only the
+blocks naming the namespace are decoded.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from tests.nodens import namespace, pod, policy, write_manifests
 from tests.test_render import kernel_input
 from tests.test_render_endpoint_changes import LABELS, NS_LABELS, objects
-from tests.test_render_incremental import POLICIES
+from tests.test_render_incremental import POLICIES, SPEC
 from weft.desired import sources
 from weft.reconciler import run
 from weft.store import cache
@@ -32,6 +33,8 @@ CHANGE = st.one_of(
     st.tuples(st.just("relabel"), st.integers(0, 9), LABELS),
     st.tuples(st.just("add"), st.sampled_from("abc"), st.tuples(LABELS, st.sampled_from([NODE, "n2"]))),
     st.tuples(st.just("remove"), st.integers(0, 9), st.none()),
+    st.tuples(st.just("policy"), st.tuples(st.sampled_from("abc"), st.sampled_from(["p0", "p1", "p2", "p3"])),
+              st.one_of(st.none(), SPEC)),                 # a policy added, changed or removed (None)
 )
 
 
@@ -85,10 +88,15 @@ def same(node, fresh) -> None:
     assert (node.bird_config, node.ipam, node.ignored) == (fresh.bird_config, fresh.ipam, fresh.ignored)
 
 
-def change(pods: dict, namespaces: dict, step: tuple, number: int) -> None:
+def change(pods: dict, namespaces: dict, step: tuple, number: int, policies: dict | None = None) -> None:
     what, target, arg = step
     keys = sorted(k for k in pods if k != ANCHOR)
-    if what == "ns":
+    if what == "policy" and policies is not None:
+        if arg is None:
+            policies.pop(target, None)
+        else:
+            policies[target] = arg
+    elif what == "ns":
         namespaces[target] = arg
     elif what == "add":
         labels, node = arg
@@ -105,6 +113,7 @@ def change(pods: dict, namespaces: dict, step: tuple, number: int) -> None:
 @given(st.lists(st.tuples(st.sampled_from("abc"), LABELS, st.sampled_from([NODE, "n2", "n2"])), max_size=8),
        POLICIES, st.lists(CHANGE, min_size=1, max_size=5))
 def test_dir_runs_render_pod_and_namespace_changes_without_the_whole_state(first, policies, steps):
+    policies = dict(policies)
     pods = {(ns, f"p{i}"): (labels, node, i + 1, None) for i, (ns, labels, node) in enumerate(first)}
     pods[ANCHOR] = ({}, "n2", 100, None)
     namespaces = {"a": {"team": "a"}, "b": {"team": "b", "env": "prod"}, "c": {"env": "prod"}}
@@ -115,7 +124,7 @@ def test_dir_runs_render_pod_and_namespace_changes_without_the_whole_state(first
         write(root / "src", pods, namespaces, policies)
         render(root / "state", root / "src")
         for number, step in enumerate(steps, start=101):
-            change(pods, namespaces, step, number)
+            change(pods, namespaces, step, number, policies)
             write(root / "src", pods, namespaces, policies)
             counted.clear()
             node = render(root / "state", root / "src")
