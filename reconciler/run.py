@@ -315,6 +315,8 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
             state = assemble(read[0].values(), read[1])
         except InvalidDesiredState:
             return None                               # the whole state's checks say what is wrong
+        if any(p.nat_outgoing for p in state.ippools):    # its chains are rendered: as `_rendered` does
+            state = state.with_node_features(opts.node, _nat_features(opts))
     else:
         namespaces = {n: Namespace(n, {NAMESPACE_NAME_LABEL: n}) for n in BUILTIN_NAMESPACES}
         namespaces |= {c.name: c.value for c in read[0].values() if c.kind == "Namespace" and c.value is not None}

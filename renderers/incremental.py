@@ -34,6 +34,9 @@ from weft.model.cluster import EGRESS, INGRESS, ClusterState, Endpoint, EntityMa
 from weft.model.kernel import Chain, Dataplane, IpSet
 from weft.renderers.ipsets import NAMED_PORT, PEERS, SET_FAMILY, set_members, set_prefix
 from weft.renderers.iptables import policy_chain_name, render_node_sets
+from weft.renderers.natoutgoing import SETS
+
+NAT_SETS = frozenset(name for names in SETS.values() for name in names)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ def valid_meanings(meanings: object, sets: Mapping[str, IpSet]) -> dict[str, tup
     for name, ipset in sets.items():
         if any(name.startswith(set_prefix("n", f)) for f in SET_FAMILY):
             continue                              # nets: their members are the policy's own
+        if name in NAT_SETS:
+            continue                              # natOutgoing's: the IP pools' CIDRs
         meaning = meanings.get(name)
         if not (isinstance(meaning, tuple | list) and len(meaning) == 5):
             return None

@@ -353,3 +353,31 @@ def test_runs_render_policy_edits_without_the_whole_state(tmp_path: Path, monkey
             assert {k: v for k, v in cached.snapshot.items() if k != "token"} == \
                 {k: v for k, v in fresh.snapshot.items() if k != "token"}
             assert (cached.bird_config, cached.ipam, cached.ignored) == (fresh.bird_config, fresh.ipam, fresh.ignored)
+
+
+def test_with_natoutgoing_pools_edits_render_from_the_last_render(tmp_path: Path, monkeypatch):
+    """An IP pool with natOutgoing (Calico's default pool has it) gives the render sets of the
+    pools' CIDRs, which no selector means: pod and policy edits are still rendered from the last
+    render (before, such a render was refused: every run rendered in full), the nat chains with
+    this node's detected features as in a render from scratch."""
+    calls = []
+    real = incremental.rerender
+    monkeypatch.setattr(incremental, "rerender", lambda *a, **k: calls.append(r := real(*a, **k)) or r)
+    world = start_world()
+    pool = {"apiVersion": CALICO, "kind": "IPPool", "metadata": {"name": "masq"},
+            "spec": {"cidr": "198.18.0.0/24", "natOutgoing": True}}
+    steps = [STEPS[0][0], ("relabel", 2, {"tier": "db"}), ("relabel", 1, {"tier": "db"}), STEPS[1][0]]
+    write_by_kind(tmp_path / "src", [*world.objects(), pool])
+    options = run.Options(node=NODE, state_dir=tmp_path / "state", from_dir=str(tmp_path / "src"))
+    first = run.desired_state(options)
+    assert any(name == "weft-masq-pools" for name in first.dataplane.ipsets)
+    for i, change in enumerate(steps):
+        world.apply(change)
+        write_by_kind(tmp_path / "src", [*world.objects(), pool])
+        calls.clear()
+        cached = run.desired_state(options)
+        assert calls and calls[-1] is not None, change
+        fresh = run.desired_state(run.Options(node=NODE, state_dir=tmp_path / f"fresh{i}",
+                                              from_dir=str(tmp_path / "src")))
+        assert cached.dataplane == fresh.dataplane
+        assert kernel_input(cached.dataplane) == kernel_input(fresh.dataplane)
