@@ -26,7 +26,7 @@ from tests.test_render import kernel_input
 from tests.test_render_endpoint_changes import CHANGE, LABELS, NODE, PORTS, apply_change, changes_between
 from tests.test_render_incremental import POLICIES, SPEC, same_render
 from weft.desired.loader import build_cluster_state
-from weft.model.cluster import ClusterState
+from weft.model.cluster import ClusterState, Endpoint
 from weft.reconciler import run
 from weft.renderers import incremental
 from weft.renderers.incremental import EndpointChanges, address_counts, rerender
@@ -138,6 +138,11 @@ class World:
             apply_change(self.pods, self.namespaces, change)
 
 
+# A pod the CNI plugin wired that the desired state does not show yet: its chains are closed
+# where a policy of its namespace (or a global one) might apply, which policy edits change.
+PENDING = (Endpoint("b", "wired", NODE, "weftpending0", ("198.18.0.99",)),)
+
+
 def changes_with_policies(before: ClusterState, after: ClusterState) -> EndpointChanges:
     """What the run's cache diff gives, policies included (their previous and current versions)."""
     was = {p.key: p for p in before.policies}
@@ -160,14 +165,14 @@ def test_policy_edits_render_as_a_full_render(first, kube, calico, changes):
     world = World({(ns, f"p{i}"): (labels, node, v4, v6) for i, (ns, labels, node, v4, v6) in enumerate(first)},
                   dict(kube), dict(calico))
     state = world.state()
-    rendered, meanings = render_node_sets(state, NODE)
+    rendered, meanings = render_node_sets(state, NODE, PENDING)
     counts = address_counts(state.endpoints)
     for change in changes:
         world.apply(change)
         after = world.state()
         diff = changes_with_policies(state, after)
-        made = rerender(after, NODE, (), rendered, meanings, diff, counts)
-        full, full_meanings = render_node_sets(after, NODE)
+        made = rerender(after, NODE, PENDING, rendered, meanings, diff, counts)
+        full, full_meanings = render_node_sets(after, NODE, PENDING)
         if made is None:
             assert selection_sets(rendered)          # refused only where the meanings cannot say
             state, rendered, meanings, counts = after, full, full_meanings, address_counts(after.endpoints)
@@ -179,7 +184,7 @@ def test_policy_edits_render_as_a_full_render(first, kube, calico, changes):
         # every pod): the same render, or None where a set must be computed from every pod.
         touched = replace(after, endpoints=tuple(e for e in after.endpoints
                                                  if e.namespace in diff.namespaces or e.node == NODE))
-        partly = rerender(touched, NODE, (), rendered, meanings, diff, counts, partial=True)
+        partly = rerender(touched, NODE, PENDING, rendered, meanings, diff, counts, partial=True)
         if partly is not None:
             same_render(partly[0], full)
             assert partly[1].keys() == made[1].keys() and partly[2] == made[2]
