@@ -287,10 +287,27 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     # changed: its chains change (they are rendered from every policy and this node's pods).
     whole = any(e.node == opts.node for e in diff.old + diff.new) or any(e.namespace in touched for e in local) \
         or bool(diff.policies)
+    # From the API server, when only namespaced policies changed: a namespaced policy selects only
+    # its namespace's pods, so the policies of a namespace holding none of this node's pods (known
+    # or wired by the CNI plugin) nor a changed policy cannot change this node's chains, and their
+    # groups are not decoded; what the CNI snapshot says of such a namespace is the last render's
+    # (and their unused Calico fields, reported when they changed, are not reported again).
+    from weft.desired.loader import POLICY_KINDS
+    closed_before = (last.snapshot or {}).get("closed")
+    keep: set[str] | None = None
+    if by_namespace and diff.policies and all(p.namespace is not None for p in diff.policies) \
+            and isinstance(closed_before, dict) and all(isinstance(v, list) and len(v) == 2 and
+                                                        all(isinstance(b, bool) for b in v)
+                                                        for v in closed_before.values()):
+        keep = {e.namespace for e in mine.values()} | {e.namespace for e in pending} | \
+            {str(p.namespace) for p in diff.policies} | touched
 
     def wanted(group: Any, kinds: frozenset[str]) -> bool:
         if kinds & {"Namespace", "ServiceAccount"}:
             return True
+        if keep is not None and kinds and kinds <= POLICY_KINDS and isinstance(group, tuple) and len(group) == 3 \
+                and group[2] is not None and group[2] not in keep:
+            return False
         if whole and kinds != frozenset({"Pod"}):
             return True
         if not touched or "Pod" not in kinds:
@@ -347,6 +364,11 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     if whole:
         from weft.renderers.endpoint import make_snapshot
         snapshot = make_snapshot(state, opts.node, dataplane, key)
+        if keep is not None:                          # the namespaces whose policies were not decoded
+            assert isinstance(closed_before, dict)
+            if any(n not in keep and n not in closed_before for n in snapshot["closed"]):
+                return None
+            snapshot["closed"] = {n: v if n in keep else closed_before[n] for n, v in snapshot["closed"].items()}
     else:
         snapshot = {**(last.snapshot or {}), "token": key}
     node = RenderedNode(dataplane, last.ignored, snapshot, last.bird_config, last.ipam, addressed, None)

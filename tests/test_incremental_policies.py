@@ -386,3 +386,54 @@ def test_with_natoutgoing_pools_edits_render_from_the_last_render(tmp_path: Path
                                               from_dir=str(tmp_path / "src")))
         assert cached.dataplane == fresh.dataplane
         assert kernel_input(cached.dataplane) == kernel_input(fresh.dataplane)
+
+
+def test_api_policy_edits_decode_only_the_policies_of_this_nodes_namespaces(tmp_path: Path, monkeypatch):
+    """From the API server, a namespaced policy edited: the policies of namespaces holding none
+    of this node's pods (nor the edited policy) are not decoded (they select no pod of this node);
+    the CNI snapshot's word on those namespaces is the last render's. A global policy edited:
+    every policy is decoded (it changes what the snapshot says of every namespace). Each run ends
+    where a fresh one does."""
+    from tests.kubeapi import FakeKubeAPI
+    from weft.store import cache as cachemod
+    asked: list = []
+    group = cachemod.DesiredCache.group
+    monkeypatch.setattr(cachemod.DesiredCache, "group", lambda self, g: asked.append(g) or group(self, g))
+    world = World({("a", "l1"): ({"app": "x"}, NODE, 1, None), ("b", "r1"): ({"tier": "web"}, "n2", 2, None),
+                   ("c", "r2"): ({}, "n2", 3, None)},
+                  {(ns, "p0"): {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 80}]}]}
+                   for ns in "abc"}, {})
+    world.kube[("c", "p1")] = {"podSelector": {}, "policyTypes": ["Egress"], "egress": []}
+    steps = [  # (change, the namespaces whose policies are decoded)
+        (("k8s", ("b", "p0"), {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 81}]}]}),
+         {"a", "b"}),
+        (("k8s", ("b", "p0"), {"podSelector": {}, "policyTypes": ["Egress"], "egress": []}), {"a", "b"}),
+        (("k8s", ("a", "p0"), {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}), {"a"}),
+        (("k8s", ("c", "p1"), None), {"a", "c"}),
+        (("calico", ("gnp", None, "g0"), {"selector": "all()", "types": ["Egress"], "egress": []}), {"a", "b", "c"}),
+    ]
+    with FakeKubeAPI(world.objects(STORED)) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kc")
+        options = run.Options(node=NODE, state_dir=tmp_path / "state", kubeconfig=kubeconfig)
+        run.desired_state(options)
+        def by_identity() -> dict[tuple, dict]:
+            return {(o["apiVersion"], o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+                    for o in world.objects(STORED)}
+
+        for i, (change, decoded) in enumerate(steps):
+            before = by_identity()
+            world.apply(change)
+            after = by_identity()
+            for k in after:                         # only what changed: a watch's events name it alone
+                if before.get(k) != after[k]:
+                    api.put(after[k])
+            for version, kind, ns, name in before.keys() - after.keys():
+                api.delete(kind, ns, name, api_version=version)
+            asked.clear()
+            cached = run.desired_state(options)
+            assert {g[2] for g in asked if g[1] == "NetworkPolicy" and g[2] is not None} == decoded, change
+            fresh = run.desired_state(run.Options(node=NODE, state_dir=tmp_path / f"fresh{i}", kubeconfig=kubeconfig))
+            assert cached.dataplane == fresh.dataplane
+            assert kernel_input(cached.dataplane) == kernel_input(fresh.dataplane)
+            assert {k: v for k, v in cached.snapshot.items() if k != "token"} == \
+                {k: v for k, v in fresh.snapshot.items() if k != "token"}
