@@ -287,15 +287,15 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     # changed: its chains change (they are rendered from every policy and this node's pods).
     whole = any(e.node == opts.node for e in diff.old + diff.new) or any(e.namespace in touched for e in local) \
         or bool(diff.policies)
-    # From the API server, when only namespaced policies changed: a namespaced policy selects only
-    # its namespace's pods, so the policies of a namespace holding none of this node's pods (known
-    # or wired by the CNI plugin) nor a changed policy cannot change this node's chains, and their
+    # From the API server, when no global policy changed: a namespaced policy selects only its
+    # namespace's pods, so the policies of a namespace holding none of this node's pods (known or
+    # wired by the CNI plugin) nor a changed policy cannot change this node's chains, and their
     # groups are not decoded; what the CNI snapshot says of such a namespace is the last render's
     # (and their unused Calico fields, reported when they changed, are not reported again).
     from weft.desired.loader import POLICY_KINDS
     closed_before = (last.snapshot or {}).get("closed")
     keep: set[str] | None = None
-    if by_namespace and diff.policies and all(p.namespace is not None for p in diff.policies) \
+    if by_namespace and all(p.namespace is not None for p in diff.policies) \
             and isinstance(closed_before, dict) and all(isinstance(v, list) and len(v) == 2 and
                                                         all(isinstance(b, bool) for b in v)
                                                         for v in closed_before.values()):

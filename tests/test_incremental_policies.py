@@ -389,8 +389,9 @@ def test_with_natoutgoing_pools_edits_render_from_the_last_render(tmp_path: Path
 
 
 def test_api_policy_edits_decode_only_the_policies_of_this_nodes_namespaces(tmp_path: Path, monkeypatch):
-    """From the API server, a namespaced policy edited: the policies of namespaces holding none
-    of this node's pods (nor the edited policy) are not decoded (they select no pod of this node);
+    """From the API server, a namespaced policy edited (or this node's pod relabelled): the
+    policies of namespaces holding none of this node's pods (nor an edited policy) are not
+    decoded (they select no pod of this node);
     the CNI snapshot's word on those namespaces is the last render's. A global policy edited:
     every policy is decoded (it changes what the snapshot says of every namespace). Each run ends
     where a fresh one does."""
@@ -410,6 +411,8 @@ def test_api_policy_edits_decode_only_the_policies_of_this_nodes_namespaces(tmp_
         (("k8s", ("b", "p0"), {"podSelector": {}, "policyTypes": ["Egress"], "egress": []}), {"a", "b"}),
         (("k8s", ("a", "p0"), {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}), {"a"}),
         (("k8s", ("c", "p1"), None), {"a", "c"}),
+        (("relabel", 0, {"app": "y"}), {"a"}),         # this node's pod: its chains are rendered again
+        (("relabel", 1, {"tier": "db"}), set()),       # another node's: no chain is
         (("calico", ("gnp", None, "g0"), {"selector": "all()", "types": ["Egress"], "egress": []}), {"a", "b", "c"}),
     ]
     with FakeKubeAPI(world.objects(STORED)) as api:
