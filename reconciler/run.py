@@ -262,7 +262,9 @@ def _without_state(opts: Options, reading: Reading, pending: tuple[Any, ...], ke
     kept with the render), and this node's chains are rendered. Policies changed (added, changed
     or removed): likewise everything but the other nodes' pods is decoded, and the chains are
     rendered, every unchanged policy's chain and every set taken from the last render; a set of a
-    selector that render lacks needs every pod (None then). None when that does not hold."""
+    selector that render lacks needs every pod (None then). From the API server, the policies of
+    namespaces holding none of this node's pods are not decoded either, unless a global policy
+    changed (see `keep`). None when that does not hold."""
     if opts.dataplane == "ebpf" or found is None or found[2] is None or found[3] is None or found[1].snapshot is None:
         return None
     if any(v is None for v in diff.namespaces.values()):
