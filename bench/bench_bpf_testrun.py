@@ -17,9 +17,13 @@ changed) with the interfaces a real packet has (`ifindex`, `ingress_ifindex`):
 
 This is the per-packet figure that must not grow with the rules. Each figure is the median of
 `--rounds` rounds (each: `--runs` single runs for syn/egress, one run of `--repeat` for est),
-the rounds of every count interleaved so that the machine's drift falls on all of them alike.
+the rounds of every count interleaved (every other round in reverse order) so that the machine's
+drift falls on all of them alike. With `--connections N`, each case of a round first attaches the
+count's pinned programs to both veths (tc filter replace, as weft's apply does) and times N real
+connections (bench_bpf_rules' client): the three policies stay in place in their own pin
+directories, so no apply runs between the cases and only the maps differ.
 
-Run as root:  .venv/bin/python -m bench.bench_bpf_testrun [--counts 0,1000,10000] [--rounds 7]
+Run as root:  .venv/bin/python -m bench.bench_bpf_testrun [--counts 0,1000,10000] [--rounds N] [--connections N]
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 from bench.bench_bpf import CLIENT_IP, NODE, SERVER_IP
+from bench.bench_bpf_rules import connections as bench_connections
 from bench.bench_bpf_rules import manifests, weft
 from bench.installed import compile_weft
 
@@ -144,11 +149,23 @@ def inside(pin_dir: Path, client_if: str, server_if: str, runs: int, repeat: int
             "cold": statistics.median(figures["cold"]), "est": est}
 
 
-def measure(counts: tuple[int, ...], rounds: int, runs: int, repeat: int) -> dict:
+def attach(lab, progs: Path) -> None:
+    """Both pods' veths run the programs pinned in `progs` (weft's own filter, replaced in place),
+    and the node forgets its connections, as before every case of bench_bpf_rules."""
+    from weft.model.names import host_iface_name
+    from weft.reconciler.bpf_apply import FILTER_HANDLE, FILTER_PREF, HOOKS
+    commands = [f"tc filter replace dev {host_iface_name('bench', pod)} {hook} pref {FILTER_PREF} handle "
+                f"{FILTER_HANDLE} bpf direct-action object-pinned {progs / prog}"
+                for pod in ("client", "server") for hook, prog in HOOKS.items()]
+    subprocess.run(["nsenter", f"--net=/run/netns/{lab.node_netns}", "sh", "-ec",
+                    " && ".join(commands) + " && conntrack -F 2>/dev/null || true"], check=True, timeout=60)
+
+
+def measure(counts: tuple[int, ...], rounds: int, runs: int, repeat: int, connections: int = 0) -> dict:
     from weft.model.names import host_iface_name
     from weft.playbooks.netlab import NodeLab, pods_from_manifests
     from weft.reconciler.bpf_pins import node_pin_dir
-    results: dict[int, dict[str, list[float]]] = {rules: {"syn": [], "egress": [], "est": [], "cold": []}
+    results: dict[int, dict[str, list[float]]] = {rules: {"syn": [], "egress": [], "est": [], "cold": [], "p50": []}
                                                    for rules in counts}
     with tempfile.TemporaryDirectory(prefix="weft-bench-testrun-") as tmp:
         tmp_dir = Path(tmp)
@@ -160,8 +177,13 @@ def measure(counts: tuple[int, ...], rounds: int, runs: int, repeat: int) -> dic
                 for rules in counts:
                     weft(lab.node_netns, ["apply", "--dataplane", "ebpf"], states[rules],
                          manifests(tmp_dir / f"src-{rules}", rules))
-                for _ in range(rounds):
-                    for rules in counts:
+                for round_ in range(rounds):
+                    for rules in counts if round_ % 2 == 0 else counts[::-1]:
+                        if connections:
+                            # The same node and the same programs, only the maps differ: no apply
+                            # between the cases, so nothing but the policy's maps tells them apart.
+                            attach(lab, next(node_pin_dir(states[rules]).glob("progs-*")))
+                            results[rules]["p50"].append(bench_connections(lab, connections)["p50"])
                         done = subprocess.run(
                             ["nsenter", f"--net=/run/netns/{lab.node_netns}", sys.executable, "-m",
                              "bench.bench_bpf_testrun", "--inside", str(node_pin_dir(states[rules])),
@@ -174,7 +196,9 @@ def measure(counts: tuple[int, ...], rounds: int, runs: int, repeat: int) -> dic
                         for name, value in one.items():
                             results[rules][name].append(value)
                         print(f"  {rules:>6} rules: syn {one['syn']:.0f} ns, cold {one['cold']:.0f} ns, est "
-                              f"{one['est']:.0f} ns, egress {one['egress']:.0f} ns", file=sys.stderr, flush=True)
+                              f"{one['est']:.0f} ns, egress {one['egress']:.0f} ns" +
+                              (f", connection p50 {results[rules]['p50'][-1]:.0f} us" if connections else ""),
+                              file=sys.stderr, flush=True)
             finally:
                 for state in states.values():
                     if state.exists():
@@ -197,6 +221,14 @@ def table(results: dict, counts: tuple[int, ...], rounds: int, runs: int, repeat
             value, zero = statistics.median(row[name]), statistics.median(base[name])
             cells.append(f"{value:>16.0f} {value / zero - 1:>+6.0%}")
         lines.append(f"{rules:>6} | " + " | ".join(cells))
+    if all(results[rules]["p50"] for rules in counts):
+        def p50(rules: int) -> str:
+            runs, zero = results[rules]["p50"], base["p50"]
+            per_round = statistics.median(a / b for a, b in zip(runs, zero, strict=True)) - 1
+            return (f"{rules} rules {statistics.median(runs):.0f} us (per-round ratio to {counts[0]} rules "
+                    f"{per_round:+.1%}, best round to best {min(runs) / min(zero) - 1:+.1%})")
+        lines.append("Connections (bench_bpf_rules' client, the count's pinned programs attached in turn, no apply "
+                     "between cases): p50 " + ", ".join(p50(rules) for rules in counts))
     return "\n".join(lines)
 
 
@@ -210,10 +242,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--runs", type=int, default=2000, help="judged SYNs a round (default 2000)")
     parser.add_argument("--repeat", type=int, default=100_000, help="repeats of the tracked packet (default 100000)")
+    parser.add_argument("--connections", type=int, default=0,
+                        help="also this many connections a case and round through the count's programs (default 0)")
     args = parser.parse_args()
     counts = tuple(int(c) for c in args.counts.split(","))
     compile_weft()
-    print(table(measure(counts, args.rounds, args.runs, args.repeat), counts, args.rounds, args.runs, args.repeat))
+    print(table(measure(counts, args.rounds, args.runs, args.repeat, args.connections), counts, args.rounds,
+                args.runs, args.repeat))
 
 
 if __name__ == "__main__":
