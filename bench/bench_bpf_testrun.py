@@ -12,6 +12,8 @@ changed) with the interfaces a real packet has (`ifindex`, `ingress_ifindex`):
   * syn:   the client's SYN to the server on the server's veth (to_wl: a new connection, judged by
            the policy: endpoint, two classifications, verdict, port table), a new client port
            each run so that every run is judged (its tracked entry is deleted after each run);
+  * cold:  one such SYN in COLD_EVERY, run after a pass over more memory than the last-level
+           cache holds (a connection on a node where other work ran since the last one);
   * est:   a packet of that connection once tracked (to_wl: the connection-tracking path);
   * egress: the client's SYN on the client's veth (from_wl: no policy selects the client).
 
