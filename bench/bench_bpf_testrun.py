@@ -45,6 +45,7 @@ from bench.bench_bpf import CLIENT_IP, NODE, SERVER_IP
 from bench.bench_bpf_rules import connections as bench_connections
 from bench.bench_bpf_rules import manifests, weft
 from bench.installed import compile_weft
+from tests.calico_probe import checksum
 
 COUNTS = (0, 1_000, 10_000)
 PROG_TEST_RUN = 10
@@ -52,15 +53,6 @@ SKB_SIZE = 192                  # sizeof(struct __sk_buff)
 SKB_INGRESS_IFINDEX, SKB_IFINDEX = 36, 40
 EVICT_BYTES = 64 << 20          # written over before a cold run: more than any last-level cache here
 COLD_EVERY = 10                 # one cold run every this many judged runs
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
